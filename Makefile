@@ -1,0 +1,37 @@
+# modelzip — everything a new machine needs goes through these targets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint samples clean
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU build on disk instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	bash sample_models/demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.run
+
+lint: install
+	$(BIN)/ruff check modelzip_cli tests bench sample_models
+
+samples: install
+	$(BIN)/pip install -q -e '.[dev,samples]'
+	$(BIN)/python sample_models/build.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

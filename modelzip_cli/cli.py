@@ -1,0 +1,216 @@
+"""The Typer app: thin commands that parse options, call one library function, and render the result.
+
+Nothing heavy is imported at module level: `modelzip --help` must not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from modelzip_cli import __version__
+from modelzip_cli.errors import EXIT_INTERNAL, ModelzipError, UsageError, exit_code_for
+
+if TYPE_CHECKING:
+    from modelzip_cli.report import Report
+    from modelzip_cli.runner import CommonOptions
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make PyTorch models smaller and faster: distill, prune, quantize, lowrank, chain.")
+
+# --------------------------------------------------------------------------------------------------
+# Options shared by commands (CONTRACT.md, "Options that every transforming command takes")
+
+Input = Annotated[Path, typer.Argument(help="checkpoint (.safetensors, .pt, .pth, .bin)", show_default=False)]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: INPUT stem + .COMMAND + suffix")]
+ReportPath = Annotated[Path | None, typer.Option("--report", help="default: the output path with .json")]
+Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
+Seed = Annotated[int, typer.Option("--seed", help="same inputs and seed → same output tensors")]
+Arch = Annotated[str | None, typer.Option("--arch", help="architecture of a raw state dict: zoo:NAME or pkg.mod:fn")]
+ArchKwargs = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON object of architecture kwargs")]
+TrustCode = Annotated[bool, typer.Option("--trust-code", help="allow unpickling a full nn.Module (runs code)")]
+InputShape = Annotated[str | None, typer.Option("--input-shape", help="example input shape, e.g. 1,64")]
+InputDtype = Annotated[str | None, typer.Option("--input-dtype", help="float or long (token ids)")]
+EvalData = Annotated[Path | None, typer.Option("--eval-data", help="measure accuracy/latency before and after")]
+MaxDrop = Annotated[float | None, typer.Option("--max-accuracy-drop",
+                                                help="with --eval-data: exit 1 above this many points")]
+Threads = Annotated[int | None, typer.Option("--threads", help="threads for latency (default: all usable cores)")]
+Json = Annotated[bool, typer.Option("--json", help="print the report JSON to stdout")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary or progress on stderr")]
+Include = Annotated[list[str] | None, typer.Option("--include", help="module name glob to select (repeatable)")]
+Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="module name glob to skip (repeatable)")]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def parse_json_object(text: str | None, flag: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} is not valid JSON: {exc.msg} at char {exc.pos}",
+                         hint=f"quote it, e.g. {flag} '{{\"hidden_sizes\": [64, 32]}}'") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_shape(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        shape = [int(s) for s in text.replace("x", ",").split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r} is not a list of integers", hint="e.g. --input-shape 1,64") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape {text!r} must be positive integers", hint="e.g. --input-shape 1,64")
+    return shape
+
+
+def parse_dtype(text: str | None) -> str | None:
+    if text is not None and text not in {"float", "long"}:
+        raise UsageError(f"--input-dtype must be float or long, got {text!r}")
+    return text
+
+
+def common_options(*, output=None, report=None, force=False, seed=0, arch=None, arch_kwargs=None,
+                   trust_code=False, input_shape=None, input_dtype=None, eval_data=None,
+                   max_accuracy_drop=None, threads=None) -> CommonOptions:
+    from modelzip_cli.runner import CommonOptions
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be ≥ 1, got {threads}")
+    return CommonOptions(output=output, report=report, force=force, seed=seed, arch=arch,
+                         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"), trust_code=trust_code,
+                         input_shape=parse_shape(input_shape), input_dtype=parse_dtype(input_dtype),
+                         eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+
+
+class _RichBar:
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def advance(self, steps: int = 1, **fields: Any) -> None:
+        text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        self.progress.update(self.task, advance=steps, status=text)
+
+
+def progress_factory(quiet: bool):
+    """A Context.progress backed by a rich progress bar on stderr (silent with --quiet)."""
+    from modelzip_cli.context import null_progress
+
+    if quiet:
+        return null_progress
+
+    @contextlib.contextmanager
+    def factory(description: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+                      console=_console(), transient=False) as progress:
+            yield _RichBar(progress, progress.add_task(description, total=total, status=""))
+
+    return factory
+
+
+def emit(report: Report, *, as_json: bool, quiet: bool) -> None:
+    """Summary to stderr, JSON to stdout; exit 1 when a quality gate failed (the output is written)."""
+    if not quiet:
+        from modelzip_cli.report import render
+
+        render(report, _console())
+    if as_json:
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+    if report.gate is not None and not report.gate["passed"]:
+        from modelzip_cli.errors import QualityGateFailed
+
+        raise QualityGateFailed(f"quality gate failed: accuracy dropped {report.gate['accuracy_drop']:.2f} points "
+                                f"(max {report.gate['max_accuracy_drop']}); output and report were written")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"modelzip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                                 help="print the version and exit")] = False) -> None:
+    """modelzip reads a checkpoint, writes a new checkpoint plus a JSON report. Exit codes: 0 ok,
+    1 quality gate failed, 2 bad usage or input (nothing written), 3 internal error."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+def inspect(model: Input, trust_code: TrustCode = False, sha256: Annotated[bool, typer.Option(
+        "--sha256", help="also hash the whole file (reads all of it)")] = False,
+        as_json: Json = False, quiet: Quiet = False) -> None:
+    """Parameters, bytes, format, edit history and a per-layer table — from the header alone."""
+    from modelzip_cli.inspection import inspect_checkpoint
+
+    emit(inspect_checkpoint(model, trust_code=trust_code, hash_file=sha256), as_json=as_json, quiet=quiet)
+
+
+@app.command("eval")
+def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="labelled data file")],
+          batch_size: Annotated[int, typer.Option("--batch-size", help="N for the batch-N latency")] = 256,
+          threads: Threads = None, arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False,
+          input_shape: InputShape = None, input_dtype: InputDtype = None,
+          as_json: Json = False, quiet: Quiet = False) -> None:
+    """Accuracy, loss, median latency at batch 1 and batch N, size."""
+    from modelzip_cli.evaluate import evaluate_checkpoint
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    opts = common_options(arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code, input_shape=input_shape,
+                          input_dtype=input_dtype, threads=threads)
+    emit(evaluate_checkpoint(model, data, opts, batch_n=batch_size), as_json=as_json, quiet=quiet)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point: the one place exceptions become exit codes.
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; exceptions become one line on stderr (CONTRACT.md)."""
+    try:
+        app(args=argv, prog_name="modelzip")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        print("modelzip: interrupted", file=sys.stderr)
+        return 130
+    except ModelzipError as exc:
+        if os.environ.get("MODELZIP_DEBUG") == "1":
+            raise
+        print(f"modelzip: error: {exc.line()}", file=sys.stderr)
+        return exit_code_for(exc)
+    except Exception as exc:  # a bug: say so in one line
+        if os.environ.get("MODELZIP_DEBUG") == "1":
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; rerun with "
+              f"MODELZIP_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,44 @@
+"""What a technique may use besides its config: seed, example input, data, and a progress sink.
+
+Techniques never print or touch files; they report progress through `Context.progress`, which the CLI
+backs with a rich progress bar on stderr and tests leave silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from modelzip_cli.data import Dataset
+
+
+class Bar(Protocol):
+    def advance(self, steps: int = 1, **fields: Any) -> None: ...
+
+
+class _NullBar:
+    def advance(self, steps: int = 1, **fields: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def null_progress(description: str, total: int) -> Iterator[Bar]:
+    yield _NullBar()
+
+
+@dataclass
+class Context:
+    seed: int = 0
+    example_input: torch.Tensor | None = None  # batch of 1, from the manifest or the data
+    data: Dataset | None = None  # training / fine-tuning data
+    val_data: Dataset | None = None
+    calib_data: Dataset | None = None
+    progress: Callable[[str, int], contextlib.AbstractContextManager[Bar]] = null_progress
+    notes: list[str] = field(default_factory=list)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)

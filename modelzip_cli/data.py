@@ -1,0 +1,99 @@
+"""Dataset files → validated tensors and loaders (CONTRACT.md, Data files)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelzip_cli.errors import InputError
+
+
+@dataclass
+class Dataset:
+    inputs: torch.Tensor  # (N, ...) float32, or int64 token ids
+    targets: torch.Tensor | None  # (N,) int64
+    path: Path
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None):
+        """(inputs, targets, indices) per batch; indices let callers look up cached per-sample values."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield self.inputs[idx], (self.targets[idx] if self.targets is not None else None), idx
+
+
+def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:
+    """Read `inputs` and `targets` from .safetensors, .pt (weights_only) or .npz; validate them."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data file {path}: no such file", hint="check the path")
+    if path.is_dir():
+        raise InputError(f"data file {path} is a directory", hint="pass a .safetensors, .pt or .npz file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            raw = load_file(str(path))
+        elif path.suffix in {".pt", ".pth"}:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                raw = {k: torch.from_numpy(z[k]) for k in z.files}
+        else:
+            raise InputError(f"data file {path}: unknown suffix {path.suffix!r}",
+                             hint="use .safetensors, .pt or .npz")
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"data file {path} is not readable ({str(exc).splitlines()[0]})",
+                         hint="the file may be truncated, corrupt or hold pickled objects") from None
+    if not isinstance(raw, dict) or "inputs" not in raw:
+        raise InputError(f"data file {path} has no 'inputs' tensor",
+                         hint="store the samples under the key 'inputs' (and labels under 'targets')")
+    inputs = torch.as_tensor(raw["inputs"])
+    if inputs.ndim < 2 or inputs.shape[0] == 0:
+        raise InputError(f"data file {path}: 'inputs' must be N×… with N ≥ 1, got shape {tuple(inputs.shape)}")
+    inputs = inputs.long() if not inputs.is_floating_point() and inputs.dtype != torch.bool else inputs.float()
+    targets = raw.get("targets")
+    if targets is None:
+        if require_targets:
+            raise InputError(f"data file {path} has no 'targets' tensor",
+                             hint="store int64 class labels under the key 'targets'")
+    else:
+        targets = torch.as_tensor(targets)
+        if targets.is_floating_point() or targets.ndim != 1:
+            raise InputError(f"data file {path}: 'targets' must be N integer labels, "
+                             f"got {targets.dtype} of shape {tuple(targets.shape)}")
+        targets = targets.long()
+        if targets.shape[0] != inputs.shape[0]:
+            raise InputError(f"data file {path}: {inputs.shape[0]} inputs but {targets.shape[0]} targets",
+                             hint="inputs and targets must have the same length")
+    return Dataset(inputs=inputs.contiguous(), targets=targets, path=path)
+
+
+def check_fits(model: nn.Module, data: Dataset, input_shape: list[int] | None = None) -> int:
+    """Check the data fits the model; return the model's number of outputs."""
+    feature = list(data.inputs.shape[1:])
+    if input_shape and list(input_shape[1:]) != feature:
+        raise InputError(f"data file {data.path}: samples of shape {feature} do not fit the model, "
+                         f"which takes {list(input_shape[1:])}", hint="pass data made for this model")
+    try:
+        with torch.inference_mode():
+            out = model(data.inputs[:2])
+    except Exception as exc:
+        raise InputError(f"data file {data.path}: samples of shape {feature} do not fit the model "
+                         f"({str(exc).splitlines()[0]})", hint="pass data made for this model") from None
+    if out.ndim != 2:
+        raise InputError(f"the model outputs shape {tuple(out.shape)}, not (N, classes)")
+    classes = out.shape[1]
+    if data.targets is not None and int(data.targets.max()) >= classes:
+        raise InputError(f"data file {data.path}: label {int(data.targets.max())} but the model has "
+                         f"{classes} outputs", hint="pass data made for this model")
+    return classes

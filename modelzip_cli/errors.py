@@ -1,0 +1,61 @@
+"""Domain exceptions and the one table that turns them into exit codes.
+
+Code deep in the library raises these; only `cli.main` catches them. Every message is one line that
+says what is wrong and what to do (the hint).
+"""
+
+from __future__ import annotations
+
+
+class ModelzipError(Exception):
+    """Base class: a message plus an optional hint."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def line(self) -> str:
+        return f"{self.message}" + (f" ({self.hint})" if self.hint else "")
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+class UsageError(ModelzipError):
+    """Bad options or a bad combination of them. Nothing is written."""
+
+    exit_code = 2
+
+
+class InputError(UsageError):
+    """A file that cannot be read, or that does not fit (model, data, recipe). Nothing is written."""
+
+
+class UntrustedCodeError(UsageError):
+    """Loading would run code the user has not said they trust."""
+
+
+class OutputError(UsageError):
+    """The output cannot be written where asked (exists, equals the input, unwritable)."""
+
+
+class QualityGateFailed(ModelzipError):
+    """The output was written, but a quality gate (--max-accuracy-drop) failed."""
+
+    exit_code = 1
+
+
+EXIT_OK = 0
+EXIT_GATE = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The one mapping from exception to exit code (CONTRACT.md, Exit codes)."""
+    if isinstance(exc, ModelzipError):
+        return exc.exit_code
+    return EXIT_INTERNAL

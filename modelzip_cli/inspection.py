@@ -1,0 +1,126 @@
+"""`inspect`: describe a checkpoint from its header and manifest, without reading its tensor data.
+
+For .safetensors this never imports torch: the JSON header holds every name, shape and dtype, and a
+modelzip manifest holds the per-layer table. A .pt file is memory-mapped, which reads no tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelzip_cli.errors import InputError
+from modelzip_cli.report import Report, file_info
+
+SEP = "::"  # as checkpoint.SEP: stored parts of an encoded tensor are NAME::PART
+MANIFEST_KEY = "modelzip"
+SUFFIXES = {".safetensors", ".pt", ".pth", ".bin"}
+# Buffers that are state, not parameters (BatchNorm statistics, quantization observers).
+_NOT_PARAMS = ("running_mean", "running_var", "num_batches_tracked", "scale", "zero_point")
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: list[int]
+    dtype: str
+    bytes: int
+
+
+def check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file", hint="check the path")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a checkpoint file", hint="pass a file")
+    if path.suffix not in SUFFIXES:
+        raise InputError(f"{path}: unknown checkpoint suffix {path.suffix!r}",
+                         hint="use .safetensors, .pt, .pth or .bin")
+
+
+def _safetensors_header(path: Path) -> tuple[list[TensorInfo], dict | None]:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(100_000_000, size - 8):
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None) or {}
+        infos = [TensorInfo(k, v["shape"], v["dtype"].lower(), v["data_offsets"][1] - v["data_offsets"][0])
+                 for k, v in header.items()]
+        end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc})",
+                         hint="the file may be truncated or corrupt") from None
+    if end > size:
+        raise InputError(f"{path}: truncated (the header promises {end} bytes, the file has {size})",
+                         hint="the file is incomplete; copy it again")
+    return infos, (json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else None)
+
+
+def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], dict | None]:
+    from modelzip_cli.checkpoint import TENSORS_KEY, read_torch, unwrap_state_dict
+
+    obj = read_torch(path, trust_code=trust_code, mmap=True)
+    manifest = None
+    if isinstance(obj, dict) and isinstance(obj.get(MANIFEST_KEY), str):
+        manifest, obj = json.loads(obj[MANIFEST_KEY]), obj.get(TENSORS_KEY, {})
+    elif hasattr(obj, "state_dict") and callable(obj.state_dict):
+        obj = obj.state_dict()
+    state = unwrap_state_dict(obj) or {}
+    infos = [TensorInfo(k, list(v.shape), str(v.dtype).removeprefix("torch."), v.numel() * v.element_size())
+             for k, v in state.items()]
+    return infos, manifest
+
+
+def read_header(path: Path, *, trust_code: bool = False) -> tuple[list[TensorInfo], dict | None]:
+    """Every tensor's name, shape, dtype and stored bytes, plus the manifest, without reading data."""
+    check_readable(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_header(path)
+    return _torch_header(path, trust_code)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _layers_from_header(infos: list[TensorInfo]) -> list[dict]:
+    """Group tensors by owning module. A raw file's sparsity is unknown without reading every tensor."""
+    by_module: dict[str, list[TensorInfo]] = defaultdict(list)
+    for info in infos:
+        base = info.name.split(SEP)[0]
+        by_module[base.rsplit(".", 1)[0] if "." in base else "(root)"].append(info)
+    rows = []
+    for name, tensors in by_module.items():
+        weight = next((t for t in tensors if t.name.endswith("weight")), tensors[0])
+        params = sum(_numel(t.shape) for t in tensors if not t.name.endswith(_NOT_PARAMS))
+        rows.append({"name": name, "type": "-", "shape": weight.shape, "scheme": weight.dtype,
+                     "params": params, "nonzero": None, "sparsity": None,
+                     "bytes": sum(t.bytes for t in tensors)})
+    return rows
+
+
+def inspect_checkpoint(path: Path, *, trust_code: bool = False, hash_file: bool = False) -> Report:
+    infos, manifest = read_header(path, trust_code=trust_code)
+    report = Report(command="inspect")
+    if manifest is not None and "layers" in manifest:
+        layers = manifest["layers"]
+        fmt = f"modelzip {path.suffix.lstrip('.')} v{manifest.get('format_version')}"
+    else:
+        layers = _layers_from_header(infos)
+        fmt = f"raw state dict ({path.suffix.lstrip('.')})"
+        report.warnings.append("no modelzip manifest: sparsity is not known without reading every tensor")
+    params = sum(row.get("params") or 0 for row in layers)
+    report.input = file_info(path, params, hash_file=hash_file)
+    manifest = manifest or {}
+    report.model = {"format": fmt, "arch": manifest.get("arch"), "arch_kwargs": manifest.get("arch_kwargs", {}),
+                    "input_shape": manifest.get("input_shape"), "parameters": params,
+                    "edits": manifest.get("edits", []), "layers": layers}
+    return report

@@ -1,0 +1,177 @@
+"""Measurements: parameters, bytes, sparsity, per-layer tables, accuracy and latency.
+
+Figures are what was measured. Latency is a median over repeated runs after warm-up, at a fixed
+thread count that is reported beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzip_cli.data import Dataset
+
+DEFAULT_BATCH_N = 256
+
+
+def default_threads() -> int:
+    """One thread per core we may use (the report records it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _logical_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own weight-like tensors, dense, whatever their storage (float, sparse, quantized)."""
+    out: dict[str, torch.Tensor] = {}
+    logical = getattr(module, "logical_weights", None)  # modelzip's own packed modules
+    if callable(logical):
+        return logical()
+    for attr in ("weight", "bias"):  # torch.ao quantized modules expose weight()/bias() methods
+        fn = getattr(module, attr, None)
+        if callable(fn) and not isinstance(fn, nn.Module):
+            with contextlib.suppress(Exception):
+                t = fn()
+                if isinstance(t, torch.Tensor):
+                    out[attr] = t.dequantize() if t.is_quantized else t
+    for name, p in module.named_parameters(recurse=False):
+        out[name] = p.detach()
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(t.numel() for m in model.modules() for t in _logical_weights(m).values())
+
+
+def _scheme(module: nn.Module, state: dict) -> str:
+    scheme = getattr(module, "scheme", None)
+    if isinstance(scheme, str):
+        return scheme
+    for v in state.values():
+        if isinstance(v, torch.Tensor) and v.is_quantized:
+            return str(v.dtype).removeprefix("torch.")
+        if isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor) and v[0].is_quantized:
+            return str(v[0].dtype).removeprefix("torch.")
+    for v in state.values():
+        if isinstance(v, torch.Tensor):
+            return str(v.dtype).removeprefix("torch.")
+    return "-"
+
+
+def stored_bytes(state: dict) -> int:
+    """Bytes the checkpoint codecs would store for this state (sparse and quantized encodings included)."""
+    from modelzip_cli.checkpoint import encode_state
+
+    tensors, _, _ = encode_state(state)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def layer_table(model: nn.Module, names: set[str] | None = None) -> list[dict]:
+    """One row per module that owns weights: name, type, shape, scheme, params, nonzeros, sparsity, bytes."""
+    rows = []
+    for name, module in model.named_modules():
+        if names is not None and name not in names:
+            continue
+        weights = _logical_weights(module)
+        if not weights:
+            continue
+        state = {k: v for k, v in module.state_dict().items() if "." not in k or k.startswith("_packed_params")}
+        w = weights.get("weight", next(iter(weights.values())))
+        nnz = int(torch.count_nonzero(w))
+        rows.append({
+            "name": name or "(root)", "type": type(module).__name__, "shape": list(w.shape),
+            "scheme": _scheme(module, state),
+            "params": sum(t.numel() for t in weights.values()),
+            "nonzero": nnz, "sparsity": round(1 - nnz / max(1, w.numel()), 6),
+            "bytes": stored_bytes(state),
+        })
+    return rows
+
+
+def sparsity(tensors: list[torch.Tensor]) -> float:
+    total = sum(t.numel() for t in tensors)
+    zeros = sum(int(t.numel() - torch.count_nonzero(t)) for t in tensors)
+    return zeros / max(1, total)
+
+
+def gzip_bytes(path: Path) -> int:
+    """Size after gzip level 6: how small the file is for transfer (zeros compress)."""
+    c = gzip.compress(Path(path).read_bytes(), compresslevel=6)
+    return len(c)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> dict:
+    """Accuracy (0–1) and mean cross-entropy on a labelled dataset."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for x, y, _ in data.batches(batch_size):
+        logits = model(x).float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    n = len(data)
+    return {"accuracy": correct / n, "loss": loss_sum / n, "samples": n}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(inputs[i:i + batch_size]).float() for i in range(0, inputs.shape[0], batch_size)])
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, example: torch.Tensor, *, threads: int, warmup: int = 3,
+               min_repeats: int = 10, min_seconds: float = 0.3) -> float:
+    """Median wall time of one forward pass on `example`, in milliseconds."""
+    model.eval()
+    with num_threads(threads):
+        for _ in range(warmup):
+            model(example)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < min_repeats or (time.perf_counter() - start < min_seconds and len(times) < 1000):
+            t0 = time.perf_counter()
+            model(example)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def batch_of(example_source: torch.Tensor, batch: int) -> torch.Tensor:
+    """A batch of `batch` samples cut (and tiled if needed) from real inputs."""
+    reps = -(-batch // example_source.shape[0])
+    return example_source.repeat(reps, *[1] * (example_source.ndim - 1))[:batch].contiguous()
+
+
+def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int = DEFAULT_BATCH_N,
+                  threads: int | None = None, size_bytes: int | None = None) -> dict:
+    """The report's metrics block for one model on one dataset."""
+    threads = threads or default_threads()
+    m = evaluate(model, data) if data.targets is not None else {"samples": len(data)}
+    m["latency_ms"] = {
+        "batch_1": latency_ms(model, data.inputs[:1], threads=threads),
+        "batch_n": latency_ms(model, batch_of(data.inputs, batch_n), threads=threads),
+        "n": batch_n, "threads": threads,
+    }
+    m["parameters"] = count_parameters(model)
+    if size_bytes is not None:
+        m["bytes"] = size_bytes
+    return m

@@ -1,0 +1,132 @@
+"""The one report schema for every command, its JSON Schema, and its rich rendering on stderr."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from modelzip_cli import __version__
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Step:
+    """One technique applied once: its full config, before/after figures, per-layer table, notes."""
+
+    op: str
+    config: dict
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    duration_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    command: str
+    input: dict | None = None  # path, sha256, parameters, bytes
+    output: dict | None = None
+    steps: list[Step] = field(default_factory=list)
+    metrics: dict[str, dict] = field(default_factory=dict)  # label (input, output, model path) → figures
+    model: dict | None = None  # inspect: format, manifest, edits, layers
+    summary: dict | None = None  # chain/compare: final comparison
+    gate: dict | None = None  # --max-accuracy-drop: limit, measured drop, passed
+    warnings: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_jsonable)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"not JSON-able: {type(obj).__name__}")
+
+
+def file_info(path: Path, parameters: int | None = None, *, hash_file: bool = True) -> dict:
+    """Path, sha256 (streamed, 1 MB at a time), parameters and bytes of a file."""
+    digest = None
+    if hash_file:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+    return {"path": str(path), "sha256": digest, "parameters": parameters, "bytes": path.stat().st_size}
+
+
+def schema() -> dict:
+    return json.loads(resources.files("modelzip_cli").joinpath("report.schema.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering (stderr)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_acc(m: dict) -> str:
+    return f"{m['accuracy'] * 100:.2f}%" if "accuracy" in m else "-"
+
+
+def render(report: Report, console) -> None:
+    """A short human summary; the JSON report is the full record."""
+    from rich.table import Table
+
+    if report.model is not None:
+        m = report.model
+        console.print(f"[bold]{report.input['path']}[/]  {m['format']}  arch={m.get('arch')}  "
+                      f"params={m['parameters']:,}  bytes={report.input['bytes']:,}")
+        for e in m.get("edits", []):
+            console.print(f"  edit: {e.get('kind')}")
+        t = Table("layer", "type", "shape", "dtype/scheme", "sparsity", "bytes")
+        for row in m["layers"]:
+            sp = row.get("sparsity")
+            t.add_row(row["name"], row.get("type", "-"), "×".join(map(str, row["shape"])) or "scalar",
+                      row["scheme"], "-" if sp is None else f"{sp:.1%}", _fmt_bytes(row["bytes"]))
+        console.print(t)
+    for step in report.steps:
+        console.print(f"[bold]{step.op}[/] {json.dumps(step.config, default=str)[:200]}  ({step.duration_s:.1f}s)")
+        for note in step.notes:
+            console.print(f"  note: {note}")
+    if report.metrics:
+        t = Table("model", "accuracy", "loss", "params", "bytes", "batch 1 ms", "batch N ms")
+        for label, m in report.metrics.items():
+            lat = m.get("latency_ms", {})
+            t.add_row(label, _fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-",
+                      f"{m.get('parameters', 0):,}", _fmt_bytes(m.get("bytes")),
+                      f"{lat.get('batch_1', 0):.3f}", f"{lat.get('batch_n', 0):.3f} (N={lat.get('n', '-')})")
+        console.print(t)
+    if report.input and report.output:
+        i, o = report.input, report.output
+        console.print(f"{i['path']} ({_fmt_bytes(i['bytes'])}, {i['parameters']:,} params) → "
+                      f"{o['path']} ({_fmt_bytes(o['bytes'])}, {o['parameters']:,} params), "
+                      f"{i['bytes'] / max(1, o['bytes']):.2f}× smaller on disk")
+    if report.gate:
+        g = report.gate
+        status = "[green]passed[/]" if g["passed"] else "[red]FAILED[/]"
+        console.print(f"quality gate: accuracy drop {g['accuracy_drop']:.2f} pts (max {g['max_accuracy_drop']}) "
+                      f"{status}")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")

@@ -1,0 +1,1 @@
+"""One module per technique. Importing this package registers every edit kind's replay function."""

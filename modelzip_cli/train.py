@@ -1,0 +1,113 @@
+"""The one training loop: distillation, fine-tuning after pruning or factorization, and QAT all use it.
+
+Loss functions get (logits, targets, sample indices) so a caller can look up per-sample cached values
+(the teacher's logits in distillation) instead of recomputing them every batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzip_cli.context import Context, null_progress
+from modelzip_cli.data import Dataset
+from modelzip_cli.errors import UsageError
+from modelzip_cli.measure import evaluate
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    patience: int | None = None  # early stopping on validation loss; None = run every epoch
+    schedule: str = "cosine"  # cosine | constant
+
+    def validate(self) -> TrainConfig:
+        if self.epochs < 0:
+            raise UsageError(f"epochs must be ≥ 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise UsageError(f"learning rate must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch size must be ≥ 1, got {self.batch_size}")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"patience must be ≥ 1, got {self.patience}")
+        if self.schedule not in {"cosine", "constant"}:
+            raise UsageError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None, idx: torch.Tensor):
+    loss = F.cross_entropy(logits, targets)
+    return loss, {}
+
+
+def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | None = None,
+          loss_fn: LossFn = cross_entropy, val: Dataset | None = None, description: str = "train",
+          seed_offset: int = 0) -> list[dict]:
+    """Train `model` in place; return the per-epoch history. With `cfg.patience` and `val`, stop early
+    and keep the weights of the epoch with the lowest validation loss."""
+    cfg.validate()
+    ctx = ctx or Context()
+    progress = ctx.progress if ctx.progress is not None else null_progress
+    torch.manual_seed(ctx.seed + seed_offset)
+    gen = ctx.generator(seed_offset)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
+                                                                                  / total_steps)))
+             if cfg.schedule == "cosine" else None)
+    history: list[dict] = []
+    best_loss, best_state, bad_epochs = math.inf, None, 0
+    with progress(description, cfg.epochs) as bar:
+        for epoch in range(cfg.epochs):
+            model.train()
+            loss_sum, correct, seen, parts_sum = 0.0, 0, 0, {}
+            for x, y, idx in data.batches(cfg.batch_size, shuffle=True, generator=gen):
+                logits = model(x)
+                loss, parts = loss_fn(logits, y, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                n = x.shape[0]
+                loss_sum += float(loss.detach()) * n
+                seen += n
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v * n
+                if y is not None:
+                    correct += int((logits.argmax(1) == y).sum())
+            row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen}
+            row.update({k: v / seen for k, v in parts_sum.items()})
+            if val is not None:
+                m = evaluate(model, val)
+                row.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
+            history.append(row)
+            bar.advance(1, loss=row["loss"], acc=row["train_accuracy"],
+                        **({"val_acc": row["val_accuracy"]} if val is not None else {}))
+            if val is not None and cfg.patience is not None:
+                if row["val_loss"] < best_loss - 1e-6:
+                    best_loss, best_state, bad_epochs = row["val_loss"], copy.deepcopy(model.state_dict()), 0
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= cfg.patience:
+                        break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
