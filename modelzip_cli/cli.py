@@ -184,6 +184,57 @@ def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="label
     emit(evaluate_checkpoint(model, data, opts, batch_n=batch_size), as_json=as_json, quiet=quiet)
 
 
+def transform(command: str, model: Path, opts: CommonOptions, cfg, *, as_json: bool, quiet: bool,
+              data: Path | None = None, val_data: Path | None = None, calib_data: Path | None = None,
+              gzip_output: bool = False) -> None:
+    """The body every technique command shares: run it through the runner, then render the report."""
+    from modelzip_cli.context import Context
+    from modelzip_cli.runner import apply_technique, check_applicable, load_step_data, run_transform
+
+    def prepare(loaded, ctx) -> None:
+        check_applicable(command, loaded)
+        load_step_data(loaded, ctx, data=data, val_data=val_data, calib_data=calib_data)
+
+    report = run_transform(command, model, opts, lambda loaded, ctx: [apply_technique(command, cfg, loaded, ctx)],
+                           context=Context(progress=progress_factory(quiet)), prepare=prepare,
+                           gzip_output=gzip_output)
+    emit(report, as_json=as_json, quiet=quiet)
+
+
+Data = Annotated[Path | None, typer.Option("--data", help="training data: fine-tune after pruning")]
+FinetuneEpochs = Annotated[int, typer.Option("--finetune-epochs", help="with --data: epochs of fine-tuning")]
+Lr = Annotated[float, typer.Option("--lr", help="fine-tuning learning rate")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="training batch size")]
+
+
+@app.command()
+def prune(
+    model: Input,
+    ratio: Annotated[float, typer.Option("--ratio", help="fraction to remove, in [0, 1)")],
+    method: Annotated[str, typer.Option("--method", help="magnitude | structured | gradual")] = "magnitude",
+    scope: Annotated[str, typer.Option("--scope", help="magnitude: global (one threshold) | layer")] = "global",
+    granularity: Annotated[str, typer.Option("--granularity",
+                                             help="gradual: unstructured (magnitude) | structured")] = "unstructured",
+    steps: Annotated[int, typer.Option("--steps", help="gradual: pruning steps on the cubic schedule")] = 5,
+    data: Data = None, finetune_epochs: FinetuneEpochs = 3, lr: Lr = 5e-4, batch_size: BatchSize = 64,
+    include: Include = None, exclude: Exclude = None,
+    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
+    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
+    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
+    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+) -> None:
+    """Remove weights (magnitude), whole units (structured), or reach the ratio over steps (gradual)."""
+    from modelzip_cli.techniques.prune import PruneConfig
+
+    cfg = PruneConfig(ratio=ratio, method=method, scope=scope, granularity=granularity, steps=steps,
+                      finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, include=include,
+                      exclude=exclude).validate()
+    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
+                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
+                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+    transform("prune", model, opts, cfg, as_json=as_json, quiet=quiet, data=data, gzip_output=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point: the one place exceptions become exit codes.
 

@@ -16,8 +16,8 @@ import torch
 from modelzip_cli.checkpoint import Loaded, atomic_write_text, check_output, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context
 from modelzip_cli.data import Dataset, check_fits, load_data
-from modelzip_cli.errors import UsageError
-from modelzip_cli.measure import count_parameters, layer_table, model_metrics, stored_bytes
+from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.measure import count_parameters, gzip_bytes, layer_table, model_metrics, stored_bytes
 from modelzip_cli.report import Report, Step, file_info
 
 OUTPUT_TAGS = {"prune": "pruned", "quantize": "quantized", "lowrank": "lowrank", "distill": "distilled",
@@ -101,9 +101,48 @@ def timed_step(op: str, config: dict, model_before: torch.nn.Module,
 Apply = Callable[[Loaded, Context], list[Step]]
 
 
+def is_quantized(manifest) -> bool:
+    return any(e.get("kind", "").startswith("quantize") for e in manifest.edits)
+
+
+def check_applicable(op: str, loaded: Loaded) -> None:
+    from modelzip_cli.techniques import TECHNIQUES
+
+    if TECHNIQUES[op].float_only and is_quantized(loaded.manifest):
+        raise InputError(f"{loaded.path or 'the model'} is already quantized; {op} works on float models",
+                         hint=f"run {op} before quantize, on the float checkpoint")
+
+
+def apply_technique(op: str, cfg, loaded: Loaded, ctx: Context) -> Step:
+    """Run one technique on the in-memory model; record its edits in the manifest. Used by every command
+    and by every chain step, so there is one implementation of each technique's bookkeeping."""
+    from modelzip_cli.techniques import TECHNIQUES
+
+    technique = TECHNIQUES[op]
+    check_applicable(op, loaded)
+    result: dict = {}
+
+    def run() -> tuple[torch.nn.Module, Step]:
+        model, step, edits = technique.apply(loaded.model, cfg, ctx, loaded.manifest)
+        result["edits"] = edits
+        return model, step
+
+    loaded.model, step = timed_step(op, cfg.to_dict(), loaded.model, run)
+    loaded.manifest.edits.extend(result["edits"])
+    return step
+
+
+def load_step_data(loaded: Loaded, ctx: Context, *, data: Path | None = None, val_data: Path | None = None,
+                   calib_data: Path | None = None, require_targets: bool = True) -> None:
+    """Read and check a technique's own data files before any work."""
+    ctx.data = load_dataset(data, loaded, require_targets=require_targets) if data else ctx.data
+    ctx.val_data = load_dataset(val_data, loaded) if val_data else ctx.val_data
+    ctx.calib_data = load_dataset(calib_data, loaded, require_targets=False) if calib_data else ctx.calib_data
+
+
 def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Apply, *,
                   context: Context | None = None, prepare: Callable[[Loaded, Context], None] | None = None,
-                  extra_inputs: list[Path] = ()) -> Report:
+                  extra_inputs: list[Path] = (), gzip_output: bool = False) -> Report:
     """Run one transforming command end to end. `apply` mutates `loaded` (model and manifest)."""
     output, report_path = resolve_outputs(command, [input_path, *extra_inputs], opts)
     loaded = load_input(input_path, opts)
@@ -125,6 +164,8 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     report.warnings += ctx.notes
     save_checkpoint(loaded.model, loaded.manifest, output)
     report.output = file_info(output, count_parameters(loaded.model))
+    if gzip_output:
+        report.output["gzip_bytes"] = gzip_bytes(output)
     if eval_data is not None:
         report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
                                                  size_bytes=report.output["bytes"])

@@ -56,9 +56,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None, idx: torch
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | None = None,
           loss_fn: LossFn = cross_entropy, val: Dataset | None = None, description: str = "train",
-          seed_offset: int = 0) -> list[dict]:
+          seed_offset: int = 0, after_step: Callable[[], None] | None = None) -> list[dict]:
     """Train `model` in place; return the per-epoch history. With `cfg.patience` and `val`, stop early
-    and keep the weights of the epoch with the lowest validation loss."""
+    and keep the weights of the epoch with the lowest validation loss. `after_step` runs after every
+    optimizer step (pruning uses it to keep removed weights at zero)."""
     cfg.validate()
     ctx = ctx or Context()
     progress = ctx.progress if ctx.progress is not None else null_progress
@@ -85,6 +86,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | N
                 opt.step()
                 if sched is not None:
                     sched.step()
+                if after_step is not None:  # e.g. re-apply pruning masks
+                    after_step()
                 n = x.shape[0]
                 loss_sum += float(loss.detach()) * n
                 seen += n

@@ -1,1 +1,26 @@
-"""One module per technique. Importing this package registers every edit kind's replay function."""
+"""One module per technique, and the registry that maps an op name to its config and function.
+
+Importing this package also registers every edit kind's replay function with the checkpoint module.
+Every technique function has the same shape:
+    apply(model, config, ctx, manifest) -> (model, Step, edits for the manifest)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modelzip_cli.techniques import prune
+
+
+@dataclass(frozen=True)
+class Technique:
+    config: type
+    apply: Callable
+    float_only: bool = True  # refuses an already-quantized model
+    needs: tuple[str, ...] = ()  # data the technique cannot run without: "data", "calib_data"
+
+
+TECHNIQUES: dict[str, Technique] = {
+    "prune": Technique(prune.PruneConfig, prune.apply),
+}

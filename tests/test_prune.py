@@ -1,0 +1,217 @@
+"""prune: magnitude, structured and gradual, on the real sample models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelzip_cli.checkpoint import build_arch, load_checkpoint, save_model
+from modelzip_cli.techniques import prune as prune_mod
+from modelzip_cli.techniques.prune import cubic_schedule, kth_magnitude, zero_smallest
+
+from .conftest import (
+    DIGITS_TEACHER,
+    DIGITS_TEST,
+    DIGITS_TRAIN,
+    MNIST1D_TEACHER,
+    MNIST1D_TEST,
+    MNIST1D_TRAIN,
+    MNIST1D_TRANSFORMER,
+    fresh_outputs,
+    one_line_error,
+    same_process_outputs,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=4), st.floats(0.001, 0.999), st.integers(0, 3),
+       st.booleans())
+def test_kth_magnitude_matches_a_full_sort(sizes, frac, seed, with_ties):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=g) for n in sizes]
+    if with_ties:
+        tensors = [torch.round(t * 2) / 2 for t in tensors]  # many equal magnitudes
+    flat = torch.cat(tensors).abs()
+    k = max(1, min(flat.numel(), round(frac * flat.numel())))
+    threshold, ties = kth_magnitude(tensors, k)
+    assert threshold == float(torch.sort(flat).values[k - 1])
+    assert ties == k - int((flat < threshold).sum())
+    zero_smallest(tensors, k)
+    assert int((torch.cat(tensors) == 0).sum()) >= k
+    assert int((torch.cat(tensors) == 0).sum()) == max(k, int((flat == 0).sum()))
+
+
+def test_kth_magnitude_in_chunks_and_narrowing(monkeypatch):
+    monkeypatch.setattr(prune_mod, "CHUNK", 1000)  # force many chunks
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(3_000_000, generator=g), torch.randn(1234, 77, generator=g)]  # > 1M: histogram path
+    flat = torch.cat([t.flatten() for t in tensors]).abs()
+    for k in (1, 12345, flat.numel() // 2, flat.numel()):
+        assert kth_magnitude(tensors, k)[0] == float(torch.kthvalue(flat, k).values)
+
+
+def test_cubic_schedule():
+    s = cubic_schedule(0.9, 5)
+    assert len(s) == 5 and s[-1] == pytest.approx(0.9) and all(a < b for a, b in zip(s, s[1:], strict=False))
+    assert s[0] == pytest.approx(0.9 * (1 - (1 - 1 / 5) ** 3))
+
+
+def _selected_sparsity(model, names=None) -> float:
+    ws = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)
+          and (names is None or n in names)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def test_magnitude_global_half_on_digits(cli, tmp_path):
+    out = tmp_path / "p.safetensors"
+    r = cli("prune", DIGITS_TEACHER, "--ratio", "0.5", "-o", out, "--eval-data", DIGITS_TEST, "--json", "--quiet")
+    assert r.code == 0, r.stderr
+    rep = r.json
+    model = load_checkpoint(out).model
+    assert _selected_sparsity(model) == pytest.approx(0.5, abs=0.01)
+    assert rep["steps"][0]["after"]["selected_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert DIGITS_TEACHER.stat().st_size / out.stat().st_size >= 1.7
+    drop = (rep["metrics"]["input"]["accuracy"] - rep["metrics"]["output"]["accuracy"]) * 100
+    assert drop <= 1.0
+    assert any("no faster" in n for n in rep["steps"][0]["notes"])
+    assert rep["output"]["gzip_bytes"] > 0
+    assert torch.equal(fresh_outputs(out, DIGITS_TEST, tmp_path), same_process_outputs(model, DIGITS_TEST))
+    assert load_checkpoint(out).manifest.edits[0]["kind"] == "prune_magnitude"
+
+
+def test_magnitude_layer_scope_hits_the_ratio_in_every_layer(cli, tmp_path):
+    out = tmp_path / "p.pt"
+    assert cli("prune", DIGITS_TEACHER, "--ratio", "0.3", "--scope", "layer", "-o", out, "--quiet").code == 0
+    model = load_checkpoint(out).model
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert _selected_sparsity(model, {name}) == pytest.approx(0.3, abs=0.002), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher,train,test,max_drop,tune", [
+    (DIGITS_TEACHER, DIGITS_TRAIN, DIGITS_TEST, 1.5, ["--finetune-epochs", "5"]),
+    # the 12k-parameter CNN loses half its channels: it needs the learning rate it was trained with
+    (MNIST1D_TEACHER, MNIST1D_TRAIN, MNIST1D_TEST, 3.0, ["--finetune-epochs", "30", "--lr", "0.02"]),
+])
+def test_structured_half_shrinks_layers_and_fine_tunes_back(cli, tmp_path, teacher, train, test, max_drop, tune):
+    before = load_checkpoint(teacher).model
+    out = tmp_path / "s.safetensors"
+    r = cli("prune", teacher, "--ratio", "0.5", "--method", "structured", "--data", train, *tune,
+            "-o", out, "--eval-data", test, "--json", "--quiet")
+    assert r.code == 0, r.stderr
+    after = load_checkpoint(out).model
+    widths = {n: (m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels)
+              for n, m in after.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)}
+    original = {n: (m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels)
+                for n, m in before.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)}
+    head = list(original)[-1]
+    for name, width in original.items():
+        assert widths[name] == (width if name == head else width // 2), name
+    p_before = sum(p.numel() for p in before.parameters())
+    p_after = sum(p.numel() for p in after.parameters())
+    if teacher == DIGITS_TEACHER:
+        assert p_before / p_after >= 2.5
+    rep = r.json
+    drop = (rep["metrics"]["input"]["accuracy"] - rep["metrics"]["output"]["accuracy"]) * 100
+    assert drop <= max_drop, drop
+    assert rep["steps"][0]["after"]["parameters"] == p_after
+    assert torch.equal(fresh_outputs(out, test, tmp_path), same_process_outputs(after, test))
+
+
+def test_transformer_magnitude_and_structured_reload_identically(cli, tmp_path):
+    mag = tmp_path / "tm.safetensors"
+    r = cli("prune", MNIST1D_TRANSFORMER, "--ratio", "0.5", "-o", mag, "--eval-data", MNIST1D_TEST, "--json", "-q")
+    assert r.code == 0, r.stderr
+    assert r.json["metrics"]["output"]["accuracy"] > 0.5
+    model = load_checkpoint(mag).model
+    assert torch.equal(fresh_outputs(mag, MNIST1D_TEST, tmp_path), same_process_outputs(model, MNIST1D_TEST))
+
+    st_out = tmp_path / "ts.pt"
+    r = cli("prune", MNIST1D_TRANSFORMER, "--ratio", "0.3", "--method", "structured", "--include", "blocks.*.mlp.0",
+            "-o", st_out, "--eval-data", MNIST1D_TEST, "--json", "-q")
+    assert r.code == 0, r.stderr
+    model = load_checkpoint(st_out).model
+    for block in model.blocks:
+        assert block.mlp[0].out_features == 128 - round(0.3 * 128) == block.mlp[2].in_features
+    assert torch.equal(fresh_outputs(st_out, MNIST1D_TEST, tmp_path), same_process_outputs(model, MNIST1D_TEST))
+
+
+def test_structured_default_selection_on_transformer_skips_tied_layers_with_notes(cli, tmp_path):
+    r = cli("prune", MNIST1D_TRANSFORMER, "--ratio", "0.25", "--method", "structured", "-o",
+            tmp_path / "t.safetensors", "--json", "-q")
+    assert r.code == 0, r.stderr
+    notes = " ".join(r.json["steps"][0]["notes"])
+    assert "attention heads" in notes and "tied to pos" in notes
+    rows = {row["name"]: row for row in r.json["steps"][0]["layers"]}
+    assert rows["blocks.0.attn.q"]["shape"] == rows["blocks.0.attn.q"]["shape_before"]
+    assert rows["blocks.0.mlp.0"]["shape"][0] == 96
+
+
+@pytest.mark.slow
+def test_gradual_keeps_more_accuracy_than_one_shot(cli, tmp_path):
+    args = ["--ratio", "0.9", "--eval-data", DIGITS_TEST, "--json", "-q", "--seed", "0"]
+    one = cli("prune", DIGITS_TEACHER, *args, "-o", tmp_path / "one.pt")
+    grad = cli("prune", DIGITS_TEACHER, *args, "--method", "gradual", "--steps", "5", "--data", DIGITS_TRAIN,
+               "--finetune-epochs", "2", "-o", tmp_path / "grad.pt")
+    assert one.code == 0 and grad.code == 0, grad.stderr
+    acc_one = one.json["metrics"]["output"]["accuracy"]
+    acc_grad = grad.json["metrics"]["output"]["accuracy"]
+    assert acc_grad > acc_one
+    assert _selected_sparsity(load_checkpoint(tmp_path / "grad.pt").model) == pytest.approx(0.9, abs=0.01)
+    history = grad.json["steps"][0]["after"]["finetune_history"]
+    assert [h["step"] for h in history] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_gradual_structured(cli, tmp_path):
+    out = tmp_path / "gs.safetensors"
+    r = cli("prune", DIGITS_TEACHER, "--ratio", "0.5", "--method", "gradual", "--granularity", "structured",
+            "--steps", "3", "--data", DIGITS_TRAIN, "--finetune-epochs", "1", "-o", out, "--json", "-q")
+    assert r.code == 0, r.stderr
+    model = load_checkpoint(out).model
+    assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)] == [256, 128, 64, 10]
+
+
+def test_prune_bad_inputs_exit_2_and_write_nothing(cli, tmp_path):
+    tiny = build_arch("zoo:mlp", {"input_size": 64, "hidden_sizes": [4], "num_classes": 10})
+    save_model(tiny, tmp_path / "tiny.safetensors")
+    cases = {
+        "ratio 1": [DIGITS_TEACHER, "--ratio", "1"],
+        "ratio negative": [DIGITS_TEACHER, "--ratio", "-0.1"],
+        "removes every unit": [tmp_path / "tiny.safetensors", "--ratio", "0.9", "--method", "structured"],
+        "unknown method": [DIGITS_TEACHER, "--ratio", "0.5", "--method", "random"],
+        "include matches nothing": [DIGITS_TEACHER, "--ratio", "0.5", "--include", "encoder.*"],
+        "steps 0": [DIGITS_TEACHER, "--ratio", "0.5", "--method", "gradual", "--steps", "0"],
+        "data of wrong size": [DIGITS_TEACHER, "--ratio", "0.5", "--data", MNIST1D_TRAIN],
+    }
+    before = set(tmp_path.iterdir())
+    for what, args in cases.items():
+        r = cli("prune", *args, "-o", tmp_path / "out.safetensors")
+        assert r.code == 2, f"{what}: {r.code} {r.stderr}"
+        one_line_error(r)
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_output_equal_to_input_and_existing_output(cli, tmp_path):
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(DIGITS_TEACHER.read_bytes())
+    assert cli("prune", src, "--ratio", "0.5", "-o", src).code == 2
+    assert src.read_bytes() == DIGITS_TEACHER.read_bytes()
+    assert cli("prune", src, "--ratio", "0.5", "-q").code == 0  # default name m.pruned.safetensors
+    assert (tmp_path / "m.pruned.safetensors").exists() and (tmp_path / "m.pruned.json").exists()
+    r = cli("prune", src, "--ratio", "0.5", "-q")
+    assert r.code == 2 and "--force" in r.stderr
+    assert cli("prune", src, "--ratio", "0.5", "-q", "--force").code == 0
+
+
+def test_quality_gate_exit_1_with_output_written(cli, tmp_path):
+    out = tmp_path / "g.safetensors"
+    r = cli("prune", DIGITS_TEACHER, "--ratio", "0.95", "-o", out, "--eval-data", DIGITS_TEST,
+            "--max-accuracy-drop", "0.5", "--json", "-q")
+    assert r.code == 1
+    assert out.exists() and r.json["gate"]["passed"] is False
+    assert math.isclose(r.json["gate"]["max_accuracy_drop"], 0.5)
