@@ -18,6 +18,7 @@ CASES = {
     # case name → module in bench/ with `run() -> dict` (the figures) and `summary(dict) -> str` (markdown)
     "startup": "bench.bench_startup",
     "inspect_large": "bench.bench_inspect_large",
+    "prune": "bench.bench_prune",
 }
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,8 +190,8 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
     constants: dict[str, Any] = {}
     seen_storage: set[int] = set()
     for name, value in state.items():
-        if isinstance(value, torch.dtype):
-            constants[name] = {"dtype": str(value).removeprefix("torch.")}
+        if isinstance(value, (torch.dtype, torch.qscheme)):  # e.g. torch.qint8, torch.per_channel_affine
+            constants[name] = {"torch": str(value).removeprefix("torch.")}
             continue
         if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) or v is None for v in value):
             encodings[name] = {"codec": "tuple", "length": len(value),
@@ -215,8 +216,11 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
                 enc.update(qscheme="per_tensor", scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
             else:
                 enc.update(qscheme="per_channel", axis=int(t.q_per_channel_axis()))
-                tensors[f"{name}{SEP}scale"] = t.q_per_channel_scales().to(torch.float64).contiguous()
-                tensors[f"{name}{SEP}zero_point"] = t.q_per_channel_zero_points().to(torch.int64).contiguous()
+                scales, zps = t.q_per_channel_scales(), t.q_per_channel_zero_points()
+                if torch.equal(scales.float().double(), scales.double()):  # float32 holds them exactly
+                    scales = scales.float()
+                tensors[f"{name}{SEP}scale"] = scales.contiguous()
+                tensors[f"{name}{SEP}zero_point"] = zps.to(torch.int32).contiguous()
             encodings[name] = enc
             continue
         if t.is_floating_point() and t.numel() >= 256:
@@ -256,11 +260,15 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
             if enc["qscheme"] == "per_tensor":
                 return torch._make_per_tensor_quantized_tensor(ints, enc["scale"], enc["zero_point"])
             q = torch._make_per_channel_quantized_tensor(
-                ints, tensors[f"{name}{SEP}scale"], tensors[f"{name}{SEP}zero_point"], enc["axis"])
-            return q if q.dtype == dtype else q  # dtype follows the int repr (int8→qint8, uint8→quint8)
+                ints, tensors[f"{name}{SEP}scale"].double(), tensors[f"{name}{SEP}zero_point"].long(), enc["axis"])
+            if q.dtype != dtype:
+                raise InputError(f"tensor {name!r}: stored as {q.dtype}, manifest says {dtype}")
+            return q
         if codec == "tuple":
-            return tuple(None if i in enc["none"] else decode_one(f"{name}{SEP}{i}", encodings[f"{name}{SEP}{i}"])
-                         for i in range(enc["length"]))
+            parts = [f"{name}{SEP}{i}" for i in range(enc["length"])]
+            return tuple(None if i in enc["none"] else
+                         decode_one(key, encodings[key]) if key in encodings else tensors[key]
+                         for i, key in enumerate(parts))
         raise InputError(f"tensor {name!r} has unknown codec {codec!r}", hint="upgrade modelzip")
 
     for name, enc in encodings.items():
@@ -268,7 +276,7 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
             continue
         state[name] = decode_one(name, enc)
     for name, const in constants.items():
-        state[name] = getattr(torch, const["dtype"]) if "dtype" in const else const["value"]
+        state[name] = getattr(torch, const["torch"]) if "torch" in const else const["value"]
     return state
 
 
@@ -360,7 +368,9 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: d
                              hint="drop --arch")
         model = build_arch(manifest.arch, manifest.arch_kwargs, trusted=(arch == manifest.arch))
         model = replay_edits(model, manifest)
-        state = decode_state(tensors, manifest_dict.get("encodings", {}), manifest_dict.get("constants", {}))
+        state = OrderedDict(decode_state(tensors, manifest_dict.get("encodings", {}),
+                                         manifest_dict.get("constants", {})))
+        state._metadata = OrderedDict(manifest_dict.get("state_versions", {}))  # as torch.save would keep it
         _load_strict(model, state, f"{manifest.arch} as the manifest rebuilds it")
         source = "modelzip"
     elif pickled is not None:
@@ -453,11 +463,15 @@ def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path) -> N
     if manifest.arch is None:
         raise UsageError("the model's architecture is unknown, so the checkpoint could not be rebuilt",
                          hint="pass --arch REF (and --arch-kwargs) naming the architecture")
-    tensors, encodings, constants = encode_state(model.state_dict())
+    state = model.state_dict()
+    tensors, encodings, constants = encode_state(state)
     from modelzip_cli.measure import layer_table
 
     # The layer table travels in the manifest, so `inspect` needs the header only, whatever the file size.
-    full = {**manifest.to_dict(), "encodings": encodings, "constants": constants, "layers": layer_table(model)}
+    # Per-module serialization versions: torch.ao's quantized modules read their state differently by version.
+    versions = {k: v for k, v in (getattr(state, "_metadata", None) or {}).items() if v.get("version") is not None}
+    full = {**manifest.to_dict(), "encodings": encodings, "constants": constants, "state_versions": versions,
+            "layers": layer_table(model)}
     text = json.dumps(full, sort_keys=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

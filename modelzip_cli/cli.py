@@ -235,12 +235,50 @@ def prune(
     transform("prune", model, opts, cfg, as_json=as_json, quiet=quiet, data=data, gzip_output=True)
 
 
+@app.command()
+def quantize(
+    model: Input,
+    method: Annotated[str, typer.Option("--method", help="dynamic | static | qat | weight-only")],
+    bits: Annotated[int, typer.Option("--bits", help="weight-only: 8 or 4 (int4 packed two per byte)")] = 8,
+    group_size: Annotated[int, typer.Option("--group-size",
+                                            help="weight-only: input channels per scale (0 = per channel)")] = 128,
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data")] = None,
+    calib_batches: Annotated[int, typer.Option("--calib-batches", help="static: batches to calibrate on")] = 100,
+    data: Annotated[Path | None, typer.Option("--data", help="qat: training data")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="qat: fine-tuning epochs")] = 3,
+    lr: Annotated[float, typer.Option("--lr", help="qat: learning rate")] = 1e-4, batch_size: BatchSize = 64,
+    include: Include = None, exclude: Exclude = None,
+    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
+    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
+    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
+    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+) -> None:
+    """int8 dynamic / static / QAT on torch.ao's x86 kernels, or int8/int4 weight-only."""
+    from modelzip_cli.techniques.quantize import QuantizeConfig
+
+    cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
+                         lr=lr, batch_size=batch_size, include=include, exclude=exclude).validate()
+    if "calib_data" in cfg.required_data() and calib_data is None:
+        raise UsageError(f"--method {method} needs --calib-data", hint="pass --calib-data FILE (e.g. training data)")
+    if "data" in cfg.required_data() and data is None:
+        raise UsageError(f"--method {method} needs --data to fine-tune on", hint="pass --data FILE")
+    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
+                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
+                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+    transform("quantize", model, opts, cfg, as_json=as_json, quiet=quiet, data=data, calib_data=calib_data)
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point: the one place exceptions become exit codes.
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; exceptions become one line on stderr (CONTRACT.md)."""
+    import warnings
+
+    # torch.ao's quantized ops warn of their deprecation on every use; that is ours to handle, not the user's.
+    warnings.filterwarnings("ignore", message=r"(?s).*(quantiz|torch\.ao).*deprecated")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app(args=argv, prog_name="modelzip")
     except SystemExit as exc:

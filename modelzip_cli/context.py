@@ -39,6 +39,7 @@ class Context:
     calib_data: Dataset | None = None
     progress: Callable[[str, int], contextlib.AbstractContextManager[Bar]] = null_progress
     notes: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # training history of the last step that trained
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

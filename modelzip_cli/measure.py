@@ -175,3 +175,11 @@ def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int = DEFAULT_BAT
     if size_bytes is not None:
         m["bytes"] = size_bytes
     return m
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `test` against `reference`, in dB (higher is better)."""
+    noise = (reference.float() - test.float()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(reference.float().pow(2).sum() / noise))

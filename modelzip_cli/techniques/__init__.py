@@ -10,17 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modelzip_cli.techniques import prune
+from modelzip_cli.techniques import prune, quantize
 
 
 @dataclass(frozen=True)
 class Technique:
     config: type
     apply: Callable
-    float_only: bool = True  # refuses an already-quantized model
-    needs: tuple[str, ...] = ()  # data the technique cannot run without: "data", "calib_data"
+    float_only: bool = True  # refuses an already-quantized model (quantize too: no double quantization)
 
 
 TECHNIQUES: dict[str, Technique] = {
     "prune": Technique(prune.PruneConfig, prune.apply),
+    "quantize": Technique(quantize.QuantizeConfig, quantize.apply),
 }

@@ -1,0 +1,136 @@
+"""quantize: dynamic, static, qat and weight-only on the real sample models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.techniques.quantize import WeightOnlyLinear
+
+from .conftest import (
+    DIGITS_TEACHER,
+    DIGITS_TEST,
+    DIGITS_TRAIN,
+    MNIST1D_TEACHER,
+    MNIST1D_TEST,
+    MNIST1D_TRAIN,
+    MNIST1D_TRANSFORMER,
+    fresh_outputs,
+    one_line_error,
+    same_process_outputs,
+)
+
+METHODS = {
+    "dynamic": [],
+    "static": ["--calib-data", DIGITS_TRAIN],
+    "qat": ["--data", DIGITS_TRAIN],
+    "weight-only": [],
+    "weight-only-4": ["--bits", "4"],
+}
+
+
+def _drop(rep: dict) -> float:
+    return (rep["metrics"]["input"]["accuracy"] - rep["metrics"]["output"]["accuracy"]) * 100
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_digits_accuracy_size_and_fresh_reload(cli, tmp_path, method):
+    out = tmp_path / f"{method}.safetensors"
+    r = cli("quantize", DIGITS_TEACHER, "--method", method.removesuffix("-4"), *METHODS[method], "-o", out,
+            "--eval-data", DIGITS_TEST, "--json", "-q")
+    assert r.code == 0, r.stderr
+    rep = r.json
+    ratio = DIGITS_TEACHER.stat().st_size / out.stat().st_size
+    if method == "weight-only-4":
+        assert ratio >= 6.0
+        assert _drop(rep) <= 1.0
+    else:
+        assert ratio >= 3.5
+        assert _drop(rep) <= 0.5
+    assert rep["steps"][0]["after"]["sqnr_db"] > 15
+    schemes = {row["scheme"] for row in rep["steps"][0]["layers"]}
+    assert not schemes & {"float32"}, schemes  # every Linear is quantized
+    model = load_checkpoint(out).model
+    assert torch.equal(fresh_outputs(out, DIGITS_TEST, tmp_path), same_process_outputs(model, DIGITS_TEST))
+
+
+def test_pt_output_is_plain_integer_tensors(cli, tmp_path):
+    out = tmp_path / "d.pt"
+    assert cli("quantize", DIGITS_TEACHER, "--method", "dynamic", "-o", out, "-q").code == 0
+    archive = torch.load(out, weights_only=True)
+    tensors = archive["tensors"]
+    assert all(isinstance(t, torch.Tensor) and not t.is_quantized for t in tensors.values())
+    assert any(t.dtype == torch.int8 for t in tensors.values())
+
+
+def test_int4_is_packed_two_per_byte():
+    lin = torch.nn.Linear(64, 8)
+    q = WeightOnlyLinear.from_float(lin, 4, 32)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (8, 32)
+    err = (q.dequantized_weight() - lin.weight).abs().max()
+    assert err <= q.scales.max() / 2 + 1e-6  # within half a quantization step
+    odd = WeightOnlyLinear.from_float(torch.nn.Linear(13, 3), 4, 0)  # odd width, per channel
+    assert odd.dequantized_weight().shape == (3, 13)
+
+
+@pytest.mark.slow
+def test_mnist1d_static_loses_at_most_one_point(cli, tmp_path):
+    r = cli("quantize", MNIST1D_TEACHER, "--method", "static", "--calib-data", MNIST1D_TRAIN, "-o",
+            tmp_path / "s.safetensors", "--eval-data", MNIST1D_TEST, "--json", "-q")
+    assert r.code == 0, r.stderr
+    assert _drop(r.json) <= 1.0
+    model = load_checkpoint(tmp_path / "s.safetensors").model
+    assert torch.equal(fresh_outputs(tmp_path / "s.safetensors", MNIST1D_TEST, tmp_path),
+                       same_process_outputs(model, MNIST1D_TEST))
+
+
+@pytest.mark.parametrize("method", ["dynamic", "weight-only"])
+def test_transformer_every_block_linear_quantized(cli, tmp_path, method):
+    out = tmp_path / f"t-{method}.safetensors"
+    r = cli("quantize", MNIST1D_TRANSFORMER, "--method", method, "-o", out, "--eval-data", MNIST1D_TEST,
+            "--json", "-q")
+    assert r.code == 0, r.stderr
+    assert _drop(r.json) <= 1.0
+    rows = {row["name"]: row for row in r.json["steps"][0]["layers"]}
+    float_model = load_checkpoint(MNIST1D_TRANSFORMER).model
+    block_linears = [n for n, m in float_model.named_modules() if n.startswith("blocks.")
+                     and isinstance(m, torch.nn.Linear)]
+    assert len(block_linears) == 12
+    for name in block_linears:
+        assert rows[name]["scheme"] != "float32", rows[name]
+    model = load_checkpoint(out).model
+    assert torch.equal(fresh_outputs(out, MNIST1D_TEST, tmp_path), same_process_outputs(model, MNIST1D_TEST))
+
+
+def test_quantize_bad_inputs_exit_2_and_write_nothing(cli, tmp_path):
+    q = tmp_path / "q.safetensors"
+    assert cli("quantize", DIGITS_TEACHER, "--method", "dynamic", "-o", q, "-q").code == 0
+    cases = {
+        "static without calibration data": [DIGITS_TEACHER, "--method", "static"],
+        "qat without data": [DIGITS_TEACHER, "--method", "qat"],
+        "bits 3": [DIGITS_TEACHER, "--method", "weight-only", "--bits", "3"],
+        "int4 dynamic": [DIGITS_TEACHER, "--method", "dynamic", "--bits", "4"],
+        "nothing quantizable": [DIGITS_TEACHER, "--method", "dynamic", "--include", "layers.1"],
+        "calibration data of the wrong shape": [DIGITS_TEACHER, "--method", "static", "--calib-data",
+                                                MNIST1D_TRAIN],
+        "already quantized": [q, "--method", "weight-only"],
+        "unknown method": [DIGITS_TEACHER, "--method", "fp8"],
+    }
+    before = set(tmp_path.iterdir())
+    for what, args in cases.items():
+        r = cli("quantize", *args, "-o", tmp_path / "out.safetensors")
+        assert r.code == 2, f"{what}: {r.code} {r.stderr}"
+        one_line_error(r)
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_no_deprecation_warning_reaches_the_terminal(tmp_path):
+    from .conftest import run_modelzip
+
+    r = run_modelzip("quantize", DIGITS_TEACHER, "--method", "static", "--calib-data", DIGITS_TRAIN, "-o",
+                     tmp_path / "s.pt", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "deprecat" not in r.stderr.lower() and "warn" not in r.stderr.lower(), r.stderr
+    r = run_modelzip("eval", tmp_path / "s.pt", "--data", DIGITS_TEST, "-q")
+    assert r.returncode == 0 and "deprecat" not in r.stderr.lower(), r.stderr
