@@ -19,6 +19,8 @@ CASES = {
     "startup": "bench.bench_startup",
     "inspect_large": "bench.bench_inspect_large",
     "prune": "bench.bench_prune",
+    "quantize": "bench.bench_quantize",
+    "lowrank": "bench.bench_lowrank",
 }
 
 

@@ -268,6 +268,33 @@ def quantize(
     transform("quantize", model, opts, cfg, as_json=as_json, quiet=quiet, data=data, calib_data=calib_data)
 
 
+@app.command()
+def lowrank(
+    model: Input,
+    rank_ratio: Annotated[float | None, typer.Option("--rank-ratio", help="r = R · min(out, in)")] = None,
+    energy: Annotated[float | None, typer.Option("--energy", help="smallest r keeping E of Σs²")] = None,
+    params_ratio: Annotated[float | None, typer.Option("--params-ratio",
+                                                      help="whole-model parameter budget, shared by energy")] = None,
+    svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized")] = "auto",
+    data: Data = None, finetune_epochs: FinetuneEpochs = 3, lr: Lr = 5e-4, batch_size: BatchSize = 64,
+    include: Include = None, exclude: Exclude = None,
+    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
+    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
+    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
+    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+) -> None:
+    """Factorize Linear layers by truncated SVD into two smaller Linears."""
+    from modelzip_cli.techniques.lowrank import LowRankConfig
+
+    cfg = LowRankConfig(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd,
+                        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, include=include,
+                        exclude=exclude).validate()
+    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
+                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
+                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+    transform("lowrank", model, opts, cfg, as_json=as_json, quiet=quiet, data=data)
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point: the one place exceptions become exit codes.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modelzip_cli.techniques import prune, quantize
+from modelzip_cli.techniques import lowrank, prune, quantize
 
 
 @dataclass(frozen=True)
@@ -23,4 +23,5 @@ class Technique:
 TECHNIQUES: dict[str, Technique] = {
     "prune": Technique(prune.PruneConfig, prune.apply),
     "quantize": Technique(quantize.QuantizeConfig, quantize.apply),
+    "lowrank": Technique(lowrank.LowRankConfig, lowrank.apply),
 }

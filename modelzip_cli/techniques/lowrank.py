@@ -1,0 +1,203 @@
+"""Low-rank factorization: each selected Linear (out×in) becomes Linear(in→r, no bias) → Linear(r→out).
+
+W ≈ U_r·diag(s_r)·V_rᵀ from a truncated SVD, split evenly: first = diag(√s_r)·V_rᵀ, second = U_r·diag(√s_r).
+Large layers at a small rank use the seeded randomized SVD (`torch.svd_lowrank`); the rest the exact SVD.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from modelzip_cli.checkpoint import Manifest, register_edit
+from modelzip_cli.context import Context
+from modelzip_cli.errors import UsageError
+from modelzip_cli.report import Step
+from modelzip_cli.techniques.select import matches, output_layer, select_modules
+
+RANDOMIZED_MIN_DIM = 1024  # below this the exact SVD is fast enough
+RANDOMIZED_MAX_FRACTION = 0.25  # randomized only when r ≤ this fraction of min(out, in)
+
+
+@dataclass
+class LowRankConfig:
+    rank_ratio: float | None = None  # r = ratio · min(out, in)
+    energy: float | None = None  # smallest r keeping this fraction of Σs²
+    params_ratio: float | None = None  # whole-model parameter budget, shared out by singular-value energy
+    svd: str = "auto"  # auto | exact | randomized
+    niter: int = 4  # randomized SVD power iterations
+    oversample: int = 16  # randomized SVD extra columns
+    finetune_epochs: int = 3
+    lr: float = 5e-4
+    batch_size: int = 64
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    def validate(self) -> LowRankConfig:
+        given = {k: v for k, v in (("--rank-ratio", self.rank_ratio), ("--energy", self.energy),
+                                   ("--params-ratio", self.params_ratio)) if v is not None}
+        if len(given) != 1:
+            raise UsageError("give exactly one of --rank-ratio, --energy, --params-ratio" +
+                             (f" (got {', '.join(given)})" if given else ""))
+        for flag, value in given.items():
+            if not 0 < value <= 1:
+                raise UsageError(f"{flag} must be in (0, 1], got {value}")
+        if self.svd not in {"auto", "exact", "randomized"}:
+            raise UsageError(f"--svd must be auto, exact or randomized, got {self.svd!r}")
+        if self.finetune_epochs < 0 or not self.lr > 0:
+            raise UsageError("--finetune-epochs must be ≥ 0 and --lr > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def factorized(in_features: int, out_features: int, rank: int, bias: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias))
+
+
+def break_even(out_features: int, in_features: int) -> float:
+    """Rank at which the two factors hold as many parameters as the dense weight."""
+    return out_features * in_features / (out_features + in_features)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@register_edit("lowrank")
+def _replay(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    for name, rank in edit["ranks"].items():
+        m = model.get_submodule(name)
+        _replace(model, name, factorized(m.in_features, m.out_features, rank, m.bias is not None))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rank choice
+
+
+def _energy_rank(s: torch.Tensor, energy: float) -> int:
+    cum = torch.cumsum(s.double() ** 2, 0)
+    return int(torch.searchsorted(cum, energy * cum[-1] * (1 - 1e-12))) + 1
+
+
+def _budget_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int) -> dict:
+    """Share `budget` parameters among layers: repeatedly give one more rank to the layer whose next
+    singular value keeps the most of its layer's energy per parameter spent."""
+    ranks = {n: 0 for n in spectra}
+    totals = {n: float((s.double() ** 2).sum()) for n, s in spectra.items()}
+    spent = 0
+    heap = [(-(float(s[0]) ** 2) / totals[n] / sum(shapes[n]), n) for n, s in spectra.items() if totals[n] > 0]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        cost = sum(shapes[n])  # one more rank: one row of the first factor, one column of the second
+        if spent + cost > budget:
+            continue
+        spent += cost
+        ranks[n] += 1
+        k = ranks[n]
+        if k < len(spectra[n]):
+            heapq.heappush(heap, (-(float(spectra[n][k]) ** 2) / totals[n] / sum(shapes[n]), n))
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------------
+# Factorization
+
+
+def _svd(w: torch.Tensor, rank: int, cfg: LowRankConfig, seed: int) -> tuple[torch.Tensor, ...]:
+    """(U_r, s_r, V_r, path) of the rank-r truncation of w."""
+    small = min(w.shape)
+    randomized = cfg.svd == "randomized" or (
+        cfg.svd == "auto" and small >= RANDOMIZED_MIN_DIM and rank <= RANDOMIZED_MAX_FRACTION * small)
+    if randomized:
+        torch.manual_seed(seed)  # svd_lowrank draws its test matrix from the global generator
+        u, s, v = torch.svd_lowrank(w, q=min(rank + cfg.oversample, small), niter=cfg.niter)
+        return u[:, :rank], s[:rank], v[:, :rank], "randomized"
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank].T, "exact"
+
+
+@torch.no_grad()
+def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> tuple[nn.Module, Step, list[dict]]:
+    cfg.validate()
+    layers = select_modules(model, include=cfg.include, exclude=cfg.exclude, types=(nn.Linear,), what="Linear")
+    notes: list[str] = []
+    head = output_layer(model, ctx.example_input) if ctx.example_input is not None else None
+    if head and not (cfg.include and matches(head, cfg.include)) and len(layers) > 1:
+        # A low-rank classifier head caps the logits to an r-dimensional subspace: keep it unless asked.
+        layers = [(n, m) for n, m in layers if n != head]
+        notes.append(f"{head} (the output layer) left as it was; name it in --include to factorize it")
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers}
+    spectra: dict[str, torch.Tensor] = {}
+    if cfg.energy is not None or cfg.params_ratio is not None:
+        spectra = {n: torch.linalg.svdvals(m.weight.float()) for n, m in layers}
+    if cfg.rank_ratio is not None:
+        ranks = {n: max(1, round(cfg.rank_ratio * min(shapes[n]))) for n in shapes}
+    elif cfg.energy is not None:
+        ranks = {n: _energy_rank(s, cfg.energy) for n, s in spectra.items()}
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        fixed = total - sum(m.weight.numel() for _, m in layers)  # everything that stays dense, biases included
+        budget = int(cfg.params_ratio * total) - fixed
+        if budget < sum(sum(s) for s in shapes.values()):
+            raise UsageError(f"--params-ratio {cfg.params_ratio} leaves {max(budget, 0):,} parameters for the "
+                             f"selected weights, less than rank 1 everywhere needs",
+                             hint="raise --params-ratio or select fewer layers")
+        ranks = _budget_ranks(spectra, shapes, budget)
+
+    rows, edit_ranks = [], {}
+    for i, (name, m) in enumerate(layers):
+        out_f, in_f = shapes[name]
+        r = ranks[name]
+        row = {"name": name, "type": "Linear", "shape": [out_f, in_f], "scheme": "float32",
+               "params_before": m.weight.numel() + (out_f if m.bias is not None else 0), "rank": None,
+               "energy_kept": 1.0, "relative_error": 0.0, "svd": None}
+        if r >= break_even(out_f, in_f) or r >= min(out_f, in_f):
+            notes.append(f"{name} ({out_f}×{in_f}) left as it was: rank {r} ≥ {break_even(out_f, in_f):.1f}, "
+                         "where two factors would hold as many parameters as the dense weight")
+            row.update(params=row["params_before"], bytes=row["params_before"] * m.weight.element_size())
+            rows.append(row)
+            continue
+        w = m.weight.float()
+        u, s, v, path = _svd(w, r, cfg, ctx.seed + i)
+        root = s.sqrt()
+        new = factorized(in_f, out_f, r, m.bias is not None).to(m.weight.dtype)
+        new[0].weight.copy_(root[:, None] * v.T)  # (r, in)
+        new[1].weight.copy_(u * root[None, :])  # (out, r)
+        if m.bias is not None:
+            new[1].bias.copy_(m.bias)
+        approx = new[1].weight.float() @ new[0].weight.float()
+        rel_err = float(torch.linalg.norm(w - approx) / torch.linalg.norm(w).clamp(min=1e-30))
+        full = spectra.get(name)
+        energy = (float((full[:r].double() ** 2).sum() / (full.double() ** 2).sum()) if full is not None
+                  else 1 - rel_err ** 2)
+        _replace(model, name, new)
+        edit_ranks[name] = r
+        params = sum(p.numel() for p in new.parameters())
+        row.update(rank=r, energy_kept=round(energy, 6), relative_error=round(rel_err, 6), svd=path,
+                   params=params, bytes=params * m.weight.element_size())
+        rows.append(row)
+    if not edit_ranks:
+        notes.append("no layer was factorized: every selected layer's rank is at or above its break-even")
+    history = []
+    if ctx.data is not None and cfg.finetune_epochs > 0 and edit_ranks:
+        from modelzip_cli.train import TrainConfig, train
+
+        with torch.enable_grad():
+            history = train(model, ctx.data, TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr,
+                                                         batch_size=cfg.batch_size), ctx=ctx, description="fine-tune")
+    step = Step(op="lowrank", config=cfg.to_dict(), layers=rows, notes=notes)
+    if history:
+        step.after["finetune_history"] = history
+    return model, step, ([{"kind": "lowrank", "ranks": edit_ranks}] if edit_ranks else [])
+
+
+def apply(model: nn.Module, cfg: LowRankConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, list]:
+    return lowrank(model, cfg, ctx)
