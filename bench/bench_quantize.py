@@ -23,9 +23,8 @@ def _modelzip(model, method: str, example, calib, path):
     from modelzip_cli.techniques.quantize import QuantizeConfig, apply
 
     manifest = Manifest(arch="zoo:mlp", arch_kwargs=MLP, input_shape=[1, 1024])
-    q, _, edits = apply(copy.deepcopy(model), QuantizeConfig(method=method),
-                        Context(example_input=example, calib_data=calib), manifest)
-    manifest.edits = edits
+    q, _, manifest = apply(copy.deepcopy(model), QuantizeConfig(method=method),
+                           Context(example_input=example, calib_data=calib), manifest)
     save_checkpoint(q, manifest, path)
     return load_checkpoint(path).model
 

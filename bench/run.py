@@ -21,6 +21,7 @@ CASES = {
     "prune": "bench.bench_prune",
     "quantize": "bench.bench_quantize",
     "lowrank": "bench.bench_lowrank",
+    "distill": "bench.bench_distill",
 }
 
 

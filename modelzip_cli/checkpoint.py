@@ -70,6 +70,12 @@ class Manifest:
     def copy(self) -> Manifest:
         return copy.deepcopy(self)
 
+    def with_edits(self, edits: list[dict]) -> Manifest:
+        """A new manifest with `edits` appended to the edit log."""
+        new = self.copy()
+        new.edits.extend(copy.deepcopy(edits))
+        return new
+
     def example_input(self, batch: int = 1) -> torch.Tensor:
         if not self.input_shape:
             raise UsageError("no example input shape is known for this model",
@@ -404,7 +410,8 @@ def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
 # Writing
 
 
-def check_output(output: Path, *, inputs: list[Path], force: bool) -> None:
+def check_output(output: Path, *, inputs: list[Path], force: bool,
+                 suffixes: tuple[str, ...] = (".safetensors", ".pt", ".json")) -> None:
     """Refuse an output that would clobber an input or an existing file, or that cannot be written.
 
     Called before any work so that a bad output path costs nothing and writes nothing.
@@ -414,8 +421,8 @@ def check_output(output: Path, *, inputs: list[Path], force: bool) -> None:
         if inp.exists() and out == inp.resolve():
             raise OutputError(f"output {output} is the input; modelzip never modifies its input",
                               hint="pass a different -o/--output")
-    if output.suffix not in {".safetensors", ".pt", ".json"}:
-        raise OutputError(f"output {output}: unknown suffix {output.suffix!r}", hint="use .safetensors or .pt")
+    if output.suffix not in suffixes:
+        raise OutputError(f"output {output}: unknown suffix {output.suffix!r}", hint="use " + " or ".join(suffixes))
     if output.is_dir():
         raise OutputError(f"output {output} is a directory", hint="pass a file path")
     if output.exists() and not force:

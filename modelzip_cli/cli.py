@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -186,18 +187,22 @@ def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="label
 
 def transform(command: str, model: Path, opts: CommonOptions, cfg, *, as_json: bool, quiet: bool,
               data: Path | None = None, val_data: Path | None = None, calib_data: Path | None = None,
-              gzip_output: bool = False) -> None:
+              gzip_output: bool = False, require_targets: bool = True, extra_inputs: tuple[Path, ...] = (),
+              after: Callable[[Report], None] | None = None) -> None:
     """The body every technique command shares: run it through the runner, then render the report."""
     from modelzip_cli.context import Context
     from modelzip_cli.runner import apply_technique, check_applicable, load_step_data, run_transform
 
     def prepare(loaded, ctx) -> None:
         check_applicable(command, loaded)
-        load_step_data(loaded, ctx, data=data, val_data=val_data, calib_data=calib_data)
+        load_step_data(loaded, ctx, data=data, val_data=val_data, calib_data=calib_data,
+                       require_targets=require_targets)
 
     report = run_transform(command, model, opts, lambda loaded, ctx: [apply_technique(command, cfg, loaded, ctx)],
                            context=Context(progress=progress_factory(quiet)), prepare=prepare,
-                           gzip_output=gzip_output)
+                           gzip_output=gzip_output, extra_inputs=list(extra_inputs))
+    if after is not None:
+        after(report)
     emit(report, as_json=as_json, quiet=quiet)
 
 
@@ -293,6 +298,48 @@ def lowrank(
                           trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
                           eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
     transform("lowrank", model, opts, cfg, as_json=as_json, quiet=quiet, data=data)
+
+
+@app.command()
+def distill(
+    teacher: Input,
+    student: Annotated[str, typer.Option("--student", help="zoo:NAME / pkg.mod:fn, or a checkpoint to start from")],
+    data: Annotated[Path, typer.Option("--data", help="training data")],
+    student_kwargs: Annotated[str | None, typer.Option("--student-kwargs", help="JSON kwargs of the student")] = None,
+    val_data: Annotated[Path | None, typer.Option("--val-data", help="validation data (early stopping)")] = None,
+    epochs: Annotated[int, typer.Option("--epochs")] = 20,
+    temperature: Annotated[float, typer.Option("--temperature", help="softmax temperature T")] = 4.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="weight of the soft (teacher) loss")] = 0.7,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW, cosine schedule")] = 1e-2, batch_size: BatchSize = 64,
+    patience: Annotated[int | None, typer.Option("--patience", help="with --val-data: early stopping")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline", help="also train the student on labels alone")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="write the training curves as a PNG")] = None,
+    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
+    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
+    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
+    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+) -> None:
+    """Train a small student to match the teacher: alpha·T²·KL + (1−alpha)·CE."""
+    from modelzip_cli.techniques.distill import DistillConfig, is_checkpoint_path
+
+    cfg = DistillConfig(student=student, student_kwargs=parse_json_object(student_kwargs, "--student-kwargs"),
+                        epochs=epochs, temperature=temperature, alpha=alpha, lr=lr, batch_size=batch_size,
+                        patience=patience, baseline=baseline).validate()
+    if patience is not None and val_data is None:
+        raise UsageError("--patience needs --val-data to stop on", hint="pass --val-data FILE")
+    if plot is not None:
+        from modelzip_cli.checkpoint import check_output
+        from modelzip_cli.plot import plot_history, require_matplotlib
+
+        require_matplotlib()
+        check_output(plot, inputs=[teacher], force=force, suffixes=(".png",))
+    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
+                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
+                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+    student_path = (Path(student),) if is_checkpoint_path(student) else ()
+    transform("distill", teacher, opts, cfg, as_json=as_json, quiet=quiet, data=data, val_data=val_data,
+              require_targets=cfg.needs_targets(), extra_inputs=student_path,
+              after=(lambda rep: plot_history(rep.steps[0].after, plot)) if plot is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------

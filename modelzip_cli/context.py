@@ -37,6 +37,7 @@ class Context:
     data: Dataset | None = None  # training / fine-tuning data
     val_data: Dataset | None = None
     calib_data: Dataset | None = None
+    eval_data: Dataset | None = None  # held-out data for figures only (never trained or stopped on)
     progress: Callable[[str, int], contextlib.AbstractContextManager[Bar]] = null_progress
     notes: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)  # training history of the last step that trained

@@ -22,12 +22,19 @@ class Dataset:
         return self.inputs.shape[0]
 
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None):
-        """(inputs, targets, indices) per batch; indices let callers look up cached per-sample values."""
+        """(inputs, targets, indices) per batch; indices let callers look up cached per-sample values.
+
+        Shuffling gathers the whole dataset once per epoch, so each batch is a slice, not a gather."""
         n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if shuffle:
+            order = torch.randperm(n, generator=generator)
+            inputs = self.inputs[order]
+            targets = self.targets[order] if self.targets is not None else None
+        else:
+            order, inputs, targets = torch.arange(n), self.inputs, self.targets
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            yield self.inputs[idx], (self.targets[idx] if self.targets is not None else None), idx
+            end = start + batch_size
+            yield inputs[start:end], (targets[start:end] if targets is not None else None), order[start:end]
 
 
 def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:

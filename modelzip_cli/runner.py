@@ -123,12 +123,11 @@ def apply_technique(op: str, cfg, loaded: Loaded, ctx: Context) -> Step:
     result: dict = {}
 
     def run() -> tuple[torch.nn.Module, Step]:
-        model, step, edits = technique.apply(loaded.model, cfg, ctx, loaded.manifest)
-        result["edits"] = edits
+        model, step, result["manifest"] = technique.apply(loaded.model, cfg, ctx, loaded.manifest)
         return model, step
 
     loaded.model, step = timed_step(op, cfg.to_dict(), loaded.model, run)
-    loaded.manifest.edits.extend(result["edits"])
+    loaded.manifest = result["manifest"]
     return step
 
 
@@ -149,6 +148,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     ctx = context or Context()
     ctx.seed = opts.seed
     eval_data = load_dataset(opts.eval_data, loaded)
+    ctx.eval_data = eval_data
     if prepare is not None:
         prepare(loaded, ctx)  # load and check the technique's own data before any work
     if ctx.example_input is None and loaded.manifest.input_shape:

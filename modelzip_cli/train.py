@@ -20,7 +20,8 @@ from modelzip_cli.data import Dataset
 from modelzip_cli.errors import UsageError
 from modelzip_cli.measure import evaluate
 
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+# (logits, targets, sample indices) → (loss, named parts of the loss as detached 0-d tensors)
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -69,34 +70,35 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | N
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
-    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
-                                                                                  / total_steps)))
-             if cfg.schedule == "cosine" else None)
+    step_count = 0
     history: list[dict] = []
     best_loss, best_state, bad_epochs = math.inf, None, 0
     with progress(description, cfg.epochs) as bar:
         for epoch in range(cfg.epochs):
             model.train()
-            loss_sum, correct, seen, parts_sum = 0.0, 0, 0, {}
+            # Sums stay tensors until the epoch ends: a float() per batch would cost as much as a small model.
+            loss_sum, correct, seen, parts_sum = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, {}
             for x, y, idx in data.batches(cfg.batch_size, shuffle=True, generator=gen):
                 logits = model(x)
                 loss, parts = loss_fn(logits, y, idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if sched is not None:
-                    sched.step()
+                step_count += 1
+                if cfg.schedule == "cosine":  # set directly: LambdaLR's bookkeeping costs as much as a tiny model
+                    opt.param_groups[0]["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step_count, total_steps)
+                                                                            / total_steps))
                 if after_step is not None:  # e.g. re-apply pruning masks
                     after_step()
                 n = x.shape[0]
-                loss_sum += float(loss.detach()) * n
+                loss_sum += loss.detach() * n
                 seen += n
                 for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v * n
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() * n
                 if y is not None:
-                    correct += int((logits.argmax(1) == y).sum())
-            row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen}
-            row.update({k: v / seen for k, v in parts_sum.items()})
+                    correct += (logits.detach().argmax(1) == y).sum()
+            row = {"epoch": epoch + 1, "loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen}
+            row.update({k: float(v) / seen for k, v in parts_sum.items()})
             if val is not None:
                 m = evaluate(model, val)
                 row.update(val_loss=m["loss"], val_accuracy=m["accuracy"])

@@ -2,7 +2,7 @@
 
 Importing this package also registers every edit kind's replay function with the checkpoint module.
 Every technique function has the same shape:
-    apply(model, config, ctx, manifest) -> (model, Step, edits for the manifest)
+    apply(model, config, ctx, manifest) -> (model, Step, the manifest that describes the new model)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modelzip_cli.techniques import lowrank, prune, quantize
+from modelzip_cli.techniques import distill, lowrank, prune, quantize
 
 
 @dataclass(frozen=True)
@@ -24,4 +24,5 @@ TECHNIQUES: dict[str, Technique] = {
     "prune": Technique(prune.PruneConfig, prune.apply),
     "quantize": Technique(quantize.QuantizeConfig, quantize.apply),
     "lowrank": Technique(lowrank.LowRankConfig, lowrank.apply),
+    "distill": Technique(distill.DistillConfig, distill.apply),
 }

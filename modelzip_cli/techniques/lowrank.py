@@ -199,5 +199,6 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> tuple[nn.Modu
     return model, step, ([{"kind": "lowrank", "ranks": edit_ranks}] if edit_ranks else [])
 
 
-def apply(model: nn.Module, cfg: LowRankConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, list]:
-    return lowrank(model, cfg, ctx)
+def apply(model: nn.Module, cfg: LowRankConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, Manifest]:
+    model, step, edits = lowrank(model, cfg, ctx)
+    return model, step, manifest.with_edits(edits)

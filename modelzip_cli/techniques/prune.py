@@ -364,5 +364,6 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[nn.Module, 
     return model, step, edits
 
 
-def apply(model: nn.Module, cfg: PruneConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, list[dict]]:
-    return prune(model, cfg, ctx)
+def apply(model: nn.Module, cfg: PruneConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, Manifest]:
+    model, step, edits = prune(model, cfg, ctx)
+    return model, step, manifest.with_edits(edits)

@@ -260,7 +260,7 @@ NOTES = {
 }
 
 
-def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, list]:
+def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, Manifest]:
     cfg.validate()
     for need in sorted(cfg.required_data()):
         if getattr(ctx, need) is None:
@@ -280,6 +280,6 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         step.notes.append("SQNR measured on random inputs (no data given): pass --calib-data for a real figure")
     with backend.quiet():
         step.after["sqnr_db"] = round(sqnr_db(predict(reference, x), predict(quantized, x)), 3)
-    if getattr(ctx, "history", None):
+    if cfg.method == "qat":
         step.after["qat_history"] = ctx.history
-    return quantized, step, edits
+    return quantized, step, manifest.with_edits(edits)

@@ -1,0 +1,154 @@
+"""Knowledge distillation: train a student to match a frozen teacher.
+
+loss = alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha)·CE(student, y)
+
+The teacher is frozen in eval mode and its logits are computed once for the whole (fixed) training
+set, so an epoch costs only the student's forward and backward passes. `baseline` trains the same
+student from the same initialization on cross-entropy alone, with the same budget, and reports the gain.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzip_cli.checkpoint import Manifest, build_arch, load_checkpoint
+from modelzip_cli.context import Context
+from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.measure import count_parameters, evaluate, predict
+from modelzip_cli.report import Step
+from modelzip_cli.train import TrainConfig, train
+
+
+@dataclass
+class DistillConfig:
+    student: str  # zoo:NAME / package.module:callable, or a checkpoint path to start from
+    student_kwargs: dict | None = None
+    epochs: int = 20
+    temperature: float = 4.0
+    alpha: float = 0.7
+    lr: float = 1e-2  # a small student from scratch: a high rate, cosine-decayed
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    patience: int | None = None  # early stopping on validation loss (needs val data)
+    baseline: bool = False
+
+    def validate(self) -> DistillConfig:
+        if not self.temperature > 0:
+            raise UsageError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
+        self.train_config().validate()
+        return self
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                           weight_decay=self.weight_decay, patience=self.patience)
+
+    def required_data(self) -> set[str]:
+        return {"data"}
+
+    def needs_targets(self) -> bool:
+        return self.alpha < 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_checkpoint_path(ref: str) -> bool:
+    return Path(ref).suffix in {".safetensors", ".pt", ".pth", ".bin"}
+
+
+def load_student(cfg: DistillConfig, teacher_manifest: Manifest, seed: int) -> tuple[nn.Module, Manifest]:
+    """The student module and the manifest that will describe it."""
+    if is_checkpoint_path(cfg.student):
+        if cfg.student_kwargs:
+            raise UsageError("--student-kwargs applies to an architecture, not to a checkpoint student")
+        loaded = load_checkpoint(cfg.student)
+        if any(e.get("kind", "").startswith("quantize") for e in loaded.manifest.edits):
+            raise InputError(f"student {cfg.student} is quantized and cannot be trained", hint="start from float")
+        return loaded.model, loaded.manifest
+    torch.manual_seed(seed)
+    model = build_arch(cfg.student, cfg.student_kwargs, trusted=True)
+    shape = teacher_manifest.input_shape
+    return model, Manifest(arch=cfg.student, arch_kwargs=dict(cfg.student_kwargs or {}), input_shape=shape,
+                           input_dtype=teacher_manifest.input_dtype)
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:
+    with torch.no_grad():
+        t_out = teacher.eval()(example)
+        try:
+            s_out = student.eval()(example)
+        except Exception as exc:
+            raise InputError(f"the student cannot take the teacher's inputs of shape {list(example.shape[1:])}: "
+                             f"{str(exc).splitlines()[0][:200]}", hint="check --student-kwargs") from None
+    if s_out.shape != t_out.shape:
+        raise InputError(f"the student outputs {list(s_out.shape[1:])} but the teacher {list(t_out.shape[1:])}",
+                         hint="give the student as many outputs as the teacher (num_classes)")
+
+
+def distill_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float):
+    """The loss for the training loop. The teacher's soft targets, log softmax(teacher/T), are computed once
+    for the whole dataset and looked up by sample index."""
+    t = temperature
+    soft_targets = F.log_softmax(teacher_logits / t, dim=1)  # (N, classes)
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor | None, idx: torch.Tensor):
+        soft = F.kl_div(F.log_softmax(logits / t, dim=1), soft_targets[idx], log_target=True,
+                        reduction="batchmean") * (t * t)
+        if alpha < 1:
+            hard = F.cross_entropy(logits, targets)
+            return alpha * soft + (1 - alpha) * hard, {"soft_loss": soft.detach(), "hard_loss": hard.detach()}
+        return soft, {"soft_loss": soft.detach()}
+
+    return loss_fn
+
+
+def apply(teacher: nn.Module, cfg: DistillConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, Manifest]:
+    cfg.validate()
+    if ctx.data is None:
+        raise UsageError("distill needs --data to train the student on")
+    if cfg.needs_targets() and ctx.data.targets is None:
+        raise InputError(f"data file {ctx.data.path} has no 'targets', which --alpha {cfg.alpha} < 1 needs",
+                         hint="add targets, or pass --alpha 1 to learn from the teacher alone")
+    student, student_manifest = load_student(cfg, manifest, ctx.seed)
+    example = ctx.example_input if ctx.example_input is not None else ctx.data.inputs[:1]
+    check_compatible(teacher, student, example)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    cached = predict(teacher, ctx.data.inputs, batch_size=1024)  # (N, classes), once for all epochs
+    initial = copy.deepcopy(student.state_dict())
+    history = train(student, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data, description="distill",
+                    loss_fn=distill_loss(cached, cfg.temperature, cfg.alpha))
+    step = Step(op="distill", config=cfg.to_dict())
+    t_params, s_params = count_parameters(teacher), count_parameters(student)
+    step.before = {"teacher_parameters": t_params}
+    step.after = {"student_parameters": s_params, "compression_ratio": round(t_params / max(1, s_params), 3),
+                  "history": history, "epochs_run": len(history)}
+    measure_on = ctx.eval_data or ctx.val_data
+    if measure_on is not None:
+        step.after["teacher_accuracy"] = evaluate(teacher, measure_on)["accuracy"]
+        step.after["student_accuracy"] = evaluate(student, measure_on)["accuracy"]
+    if cfg.baseline:
+        scratch = copy.deepcopy(student)
+        scratch.load_state_dict(initial)  # the same initialization
+        base_history = train(scratch, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data,
+                             description="baseline (cross-entropy only)")
+        step.after["baseline_history"] = base_history
+        if measure_on is not None:
+            scratch_acc = evaluate(scratch, measure_on)["accuracy"]
+            step.after["baseline_accuracy"] = scratch_acc
+            step.after["distillation_gain"] = round((step.after["student_accuracy"] - scratch_acc) * 100, 4)
+            step.notes.append(f"distillation gain on {measure_on.path.name}: "
+                              f"{step.after['distillation_gain']:+.2f} accuracy points against the same student "
+                              "trained on labels alone")
+        else:
+            step.notes.append("--baseline trained, but no --eval-data or --val-data to compare the two on")
+    return student.eval(), step, student_manifest
