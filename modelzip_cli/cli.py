@@ -51,7 +51,8 @@ Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="module nam
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    # Piped or captured stderr (CI logs, make) gets a wide fixed width instead of rich's 80 columns.
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def parse_json_object(text: str | None, flag: str) -> dict | None:
@@ -340,6 +341,56 @@ def distill(
     transform("distill", teacher, opts, cfg, as_json=as_json, quiet=quiet, data=data, val_data=val_data,
               require_targets=cfg.needs_targets(), extra_inputs=student_path,
               after=(lambda rep: plot_history(rep.steps[0].after, plot)) if plot is not None else None)
+
+
+@app.command()
+def chain(
+    model: Input,
+    recipe: Annotated[Path, typer.Option("--recipe", help="TOML or JSON recipe: [[steps]] with op and options")],
+    data: Annotated[Path | None, typer.Option("--data", help="training data for steps that train or calibrate")] = None,
+    keep_intermediate: Annotated[Path | None, typer.Option("--keep-intermediate",
+                                                           help="also write each step's checkpoint here")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list each step's modules; change nothing")] = False,
+    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
+    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
+    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
+    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+) -> None:
+    """Run a recipe of steps (distill, prune, lowrank, quantize) in one process, with one report."""
+    from modelzip_cli.chain import check_data_needs, parse_recipe
+
+    steps = parse_recipe(recipe)  # the whole recipe is checked before any weight is loaded
+    check_data_needs(steps, data)
+    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
+                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
+                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+    if dry_run:
+        from modelzip_cli.chain import dry_run_report
+
+        emit(dry_run_report(model, steps, opts), as_json=as_json, quiet=quiet)
+        return
+    from modelzip_cli.chain import run_chain
+
+    rep = run_chain(model, steps, opts, data=data, progress=progress_factory(quiet),
+                    keep_intermediate=keep_intermediate)
+    emit(rep, as_json=as_json, quiet=quiet)
+
+
+@app.command()
+def compare(
+    models: Annotated[list[Path], typer.Argument(help="two or more checkpoints; the first is the reference")],
+    data: Annotated[Path, typer.Option("--data", help="labelled data file")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="N for the batch-N latency")] = 256,
+    threads: Threads = None, arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False,
+    as_json: Json = False, quiet: Quiet = False,
+) -> None:
+    """Size, parameters, accuracy, latency and agreement with the first model, side by side."""
+    from modelzip_cli.compare import compare_checkpoints
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    opts = common_options(arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code, threads=threads)
+    emit(compare_checkpoints(models, data, opts, batch_n=batch_size), as_json=as_json, quiet=quiet)
 
 
 # --------------------------------------------------------------------------------------------------

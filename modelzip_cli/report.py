@@ -106,18 +106,34 @@ def render(report: Report, console) -> None:
             t.add_row(row["name"], row.get("type", "-"), "×".join(map(str, row["shape"])) or "scalar",
                       row["scheme"], "-" if sp is None else f"{sp:.1%}", _fmt_bytes(row["bytes"]))
         console.print(t)
+    per_step = [s for s in report.steps if "metrics" in s.after]
     for step in report.steps:
         console.print(f"[bold]{step.op}[/] {json.dumps(step.config, default=str)[:200]}  ({step.duration_s:.1f}s)")
         for note in step.notes:
             console.print(f"  note: {note}")
+    if per_step:
+        t = Table("step", "op", "params", "bytes", "accuracy", "batch 1 ms", "batch N ms")
+        for s in per_step:
+            m, lat = s.after["metrics"], s.after["metrics"]["latency_ms"]
+            t.add_row(str(s.config.get("step", "")), s.op, f"{s.after['parameters']:,}", _fmt_bytes(s.after["bytes"]),
+                      _fmt_acc(m), f"{lat['batch_1']:.3f}", f"{lat['batch_n']:.3f}")
+        console.print(t)
     if report.metrics:
-        t = Table("model", "accuracy", "loss", "params", "bytes", "batch 1 ms", "batch N ms")
+        agreement = any("top1_agreement" in m for m in report.metrics.values())
+        t = Table("model", "accuracy", "loss", "params", "bytes", "batch 1 ms", "batch N ms",
+                  *(["top-1 agree", "max |Δlogit|"] if agreement else []))
         for label, m in report.metrics.items():
             lat = m.get("latency_ms", {})
-            t.add_row(label, _fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-",
+            extra = [f"{m['top1_agreement']:.2%}", f"{m['max_abs_logit_diff']:.4g}"] if agreement else []
+            t.add_row(Path(label).name, _fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-",
                       f"{m.get('parameters', 0):,}", _fmt_bytes(m.get("bytes")),
-                      f"{lat.get('batch_1', 0):.3f}", f"{lat.get('batch_n', 0):.3f} (N={lat.get('n', '-')})")
+                      f"{lat.get('batch_1', 0):.3f}", f"{lat.get('batch_n', 0):.3f} (N={lat.get('n', '-')})", *extra)
         console.print(t)
+    if report.summary and "compression_ratio" in report.summary:
+        sm = report.summary
+        drop = f", accuracy drop {sm['accuracy_drop']:.2f} pts" if "accuracy_drop" in sm else ""
+        console.print(f"size −{sm['size_reduction_pct']:.1f}%, parameters −{sm['parameter_reduction_pct']:.1f}%, "
+                      f"compression {sm['compression_ratio']:.1f}×{drop}")
     if report.input and report.output:
         i, o = report.input, report.output
         console.print(f"{i['path']} ({_fmt_bytes(i['bytes'])}, {i['parameters']:,} params) → "

@@ -176,5 +176,18 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             if not report.gate["passed"]:
                 report.warnings.append(f"quality gate failed: accuracy dropped {drop:.2f} points, more than "
                                        f"--max-accuracy-drop {opts.max_accuracy_drop}")
+    report.summary = final_comparison(report)
     atomic_write_text(report_path, report.to_json())
     return report
+
+
+def final_comparison(report: Report) -> dict:
+    """The seed's closing figures: size and parameter reduction, compression ratio, accuracy drop."""
+    i, o = report.input, report.output
+    summary = {"size_reduction_pct": round(100 * (1 - o["bytes"] / i["bytes"]), 3),
+               "parameter_reduction_pct": round(100 * (1 - o["parameters"] / max(1, i["parameters"])), 3),
+               "compression_ratio": round(i["bytes"] / max(1, o["bytes"]), 3)}
+    if "accuracy" in report.metrics.get("input", {}) and "accuracy" in report.metrics.get("output", {}):
+        summary["accuracy_drop"] = round(100 * (report.metrics["input"]["accuracy"]
+                                                - report.metrics["output"]["accuracy"]), 4)
+    return summary
