@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from modelzip_cli import __version__
-from modelzip_cli.errors import InputError, OutputError, UntrustedCodeError, UsageError
+from modelzip_cli.errors import InputError, ModelzipError, OutputError, UntrustedCodeError, UsageError
 from modelzip_cli.inspection import SEP, check_readable
 from modelzip_cli.zoo import ZOO
 
@@ -306,7 +308,9 @@ def read_torch(path: Path, *, trust_code: bool, mmap: bool = False) -> Any:
     """torch.load with weights_only=True; unpickling code only with trust_code."""
     mmap = mmap and zipfile.is_zipfile(path)  # only the zip archive format can be memory-mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about legacy pickle protocols; the refusal below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise InputError(f"{path}: not a readable torch file ({str(exc).splitlines()[0]})",
@@ -333,9 +337,9 @@ def unwrap_state_dict(obj: Any) -> dict | None:
     return None
 
 
-def _load_strict(model: nn.Module, state: dict[str, Any], what: str) -> None:
+def _load_strict(model: nn.Module, state: dict[str, Any], what: str, *, assign: bool = False) -> None:
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())
         raise InputError(f"the tensors do not fit {what}: {first[:400]}",
@@ -361,6 +365,34 @@ def read_raw(path: Path, *, trust_code: bool) -> tuple[dict[str, torch.Tensor] |
                      hint="pass a checkpoint written by modelzip, or a state dict with --arch")
 
 
+# Replays that only build modules and never run the model: safe on the meta device.
+META_SAFE_EDITS = {"prune_magnitude", "lowrank", "quantize_weight_only"}
+
+
+def rebuild(manifest: Manifest, state: dict[str, Any], *, trusted: bool, what: str) -> nn.Module:
+    """Build the module tree the manifest describes and load `state` into it strictly.
+
+    When no replay has to run the model, the tree is built on the meta device and the loaded tensors are
+    assigned rather than copied: no random initialization, and one copy of the weights in memory instead
+    of two. Anything the state does not cover (a non-persistent buffer) sends it down the ordinary path.
+    """
+    if all(e.get("kind") in META_SAFE_EDITS for e in manifest.edits):
+        try:
+            with torch.device("meta"):
+                model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), manifest)
+        except ModelzipError:
+            raise
+        except Exception:  # user code that cannot be built on meta: build it for real below
+            model = None
+        if model is not None:
+            _load_strict(model, state, what, assign=True)
+            if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+                return model
+    model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), manifest)
+    _load_strict(model, state, what)
+    return model
+
+
 def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
                     trust_code: bool = False, input_shape: list[int] | None = None,
                     input_dtype: str | None = None) -> Loaded:
@@ -372,12 +404,11 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: d
         if arch is not None and arch != manifest.arch:
             raise UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; --arch {arch} contradicts it",
                              hint="drop --arch")
-        model = build_arch(manifest.arch, manifest.arch_kwargs, trusted=(arch == manifest.arch))
-        model = replay_edits(model, manifest)
         state = OrderedDict(decode_state(tensors, manifest_dict.get("encodings", {}),
                                          manifest_dict.get("constants", {})))
         state._metadata = OrderedDict(manifest_dict.get("state_versions", {}))  # as torch.save would keep it
-        _load_strict(model, state, f"{manifest.arch} as the manifest rebuilds it")
+        model = rebuild(manifest, state, trusted=(arch == manifest.arch),
+                        what=f"{manifest.arch} as the manifest rebuilds it")
         source = "modelzip"
     elif pickled is not None:
         model = pickled
@@ -388,10 +419,9 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: d
         if arch is None:
             raise UsageError(f"{path} is a plain state dict and does not say which architecture it is",
                              hint="pass --arch zoo:NAME or --arch package.module:callable, with --arch-kwargs")
-        model = build_arch(arch, arch_kwargs, trusted=True)
-        _load_strict(model, tensors, arch)
         manifest = Manifest(arch=arch, arch_kwargs=dict(arch_kwargs or {}),
                             input_shape=default_input_shape(arch, arch_kwargs or {}))
+        model = rebuild(manifest, tensors, trusted=True, what=arch)
         source = "state-dict"
     if input_shape is not None:
         manifest.input_shape = list(input_shape)

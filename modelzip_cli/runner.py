@@ -169,6 +169,12 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     if eval_data is not None:
         report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
                                                  size_bytes=report.output["bytes"])
+        lat_in, lat_out = report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"]
+        for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {lat_out['n']}")):
+            before, after = lat_in[key], lat_out[key]
+            if after > before * 1.05:  # say so when the "compressed" model is measurably slower
+                report.warnings.append(f"the output is slower than the input at {label}: {after:.3f} ms vs "
+                                       f"{before:.3f} ms (median, {lat_out['threads']} threads)")
         if opts.max_accuracy_drop is not None:
             drop = (report.metrics["input"]["accuracy"] - report.metrics["output"]["accuracy"]) * 100
             report.gate = {"max_accuracy_drop": opts.max_accuracy_drop, "accuracy_drop": round(drop, 4),
