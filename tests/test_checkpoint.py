@@ -161,3 +161,16 @@ def test_manifest_records_architecture_and_input(tmp_path):
     assert loaded.manifest.arch == "zoo:mlp"
     assert loaded.manifest.input_shape == [1, 64]
     assert Manifest.from_dict(loaded.manifest.to_dict()) == loaded.manifest
+
+
+def test_changing_a_loaded_model_never_touches_its_file(tmp_path):
+    import hashlib
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(DIGITS_TEACHER.read_bytes())
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = load_checkpoint(path).model  # tensors may be memory-mapped from the file
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before

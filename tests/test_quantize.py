@@ -134,3 +134,32 @@ def test_no_deprecation_warning_reaches_the_terminal(tmp_path):
     assert "deprecat" not in r.stderr.lower() and "warn" not in r.stderr.lower(), r.stderr
     r = run_modelzip("eval", tmp_path / "s.pt", "--data", DIGITS_TEST, "-q")
     assert r.returncode == 0 and "deprecat" not in r.stderr.lower(), r.stderr
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+        self.gru = torch.nn.GRU(16, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):  # (B, T, 8) → (B, 4)
+        y, _ = self.lstm(x)
+        y, _ = self.gru(y)
+        return self.head(y[:, -1])
+
+
+def test_dynamic_quantizes_lstm_and_gru_when_present():
+    from modelzip_cli.checkpoint import Manifest
+    from modelzip_cli.context import Context
+    from modelzip_cli.techniques.quantize import QuantizeConfig, apply
+
+    torch.manual_seed(0)
+    model = _Recurrent().eval()
+    x = torch.randn(4, 5, 8)
+    q, step, manifest = apply(model, QuantizeConfig(method="dynamic"), Context(example_input=x[:1]),
+                              Manifest(arch="tests:recurrent", input_shape=[1, 5, 8]))
+    assert manifest.edits[0]["modules"] == ["lstm", "gru", "head"]
+    kinds = {type(m).__module__ for n, m in q.named_modules() if n in {"lstm", "gru", "head"}}
+    assert all("quantized" in k for k in kinds), kinds
+    assert step.after["sqnr_db"] > 20
