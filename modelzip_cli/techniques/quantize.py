@@ -20,7 +20,7 @@ from torch import nn
 from modelzip_cli.checkpoint import Manifest, register_edit
 from modelzip_cli.context import Context
 from modelzip_cli.errors import InputError, UsageError
-from modelzip_cli.measure import predict, sqnr_db
+from modelzip_cli.measure import layer_table, predict, sqnr_db
 from modelzip_cli.report import Step
 from modelzip_cli.techniques import quant_backend as backend
 from modelzip_cli.techniques.select import WEIGHTED, select_modules
@@ -269,7 +269,12 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
     reference = copy.deepcopy(model).eval()
     quantized, edits = QUANTIZERS[cfg.method](model, cfg, ctx)
     quantized.eval()
-    step = Step(op="quantize", config=cfg.to_dict(), notes=[NOTES[cfg.method]])
+    step = Step(op="quantize", config=cfg.to_dict(), notes=[NOTES[cfg.method]], layers=layer_table(quantized))
+    selected = set(edits[0]["modules"])
+    still_float = [r["name"] for r in step.layers if r["scheme"].startswith("float")
+                   and (r["name"] in selected or r["name"].rsplit(".", 1)[0] in selected)]
+    if still_float:  # e.g. torch.ao keeps a conv whose input is not quantized as a float "reference" module
+        step.notes.append(f"left in float by the backend (no int8 kernel on this path): {', '.join(still_float)}")
     source = ctx.calib_data or ctx.data
     if source is not None:
         x = source.inputs[:1024]
