@@ -184,7 +184,6 @@ def replay_edits(model: nn.Module, manifest: Manifest) -> nn.Module:
 # Tensor codecs: state dict ⇄ plain tensors + an encodings table for the manifest.
 
 
-
 def _sparse_pays(t: torch.Tensor, nnz: int) -> bool:
     """Bitmask (1 bit/elem) + values beats dense by at least 10%."""
     n = t.numel()
@@ -440,8 +439,7 @@ def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
 # Writing
 
 
-def check_output(output: Path, *, inputs: list[Path], force: bool,
-                 suffixes: tuple[str, ...] = (".safetensors", ".pt", ".json")) -> None:
+def check_output(output: Path, *, inputs: list[Path], force: bool, suffixes: tuple[str, ...]) -> None:
     """Refuse an output that would clobber an input or an existing file, or that cannot be written.
 
     Called before any work so that a bad output path costs nothing and writes nothing.

@@ -54,12 +54,8 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions) 
         raise UsageError("--max-accuracy-drop needs --eval-data to measure the drop")
     if opts.max_accuracy_drop is not None and opts.max_accuracy_drop < 0:
         raise UsageError(f"--max-accuracy-drop must be ≥ 0, got {opts.max_accuracy_drop}")
-    check_output(output, inputs=input_paths, force=opts.force)
-    if output.suffix == ".json":
-        raise UsageError(f"output {output} must be a checkpoint (.safetensors or .pt)")
-    if report.resolve() == output.resolve():
-        raise UsageError("--report and --output name the same file", hint="pass a different --report")
-    check_output(report, inputs=input_paths, force=opts.force)
+    check_output(output, inputs=input_paths, force=opts.force, suffixes=(".safetensors", ".pt"))
+    check_output(report, inputs=input_paths, force=opts.force, suffixes=(".json",))
     return output, report
 
 

@@ -215,3 +215,24 @@ def test_quality_gate_exit_1_with_output_written(cli, tmp_path):
     assert r.code == 1
     assert out.exists() and r.json["gate"]["passed"] is False
     assert math.isclose(r.json["gate"]["max_accuracy_drop"], 0.5)
+
+
+def small_net(width: int = 32) -> torch.nn.Module:
+    """A user architecture (not in the zoo), referenced as tests.test_prune:small_net."""
+    return torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
+
+
+def test_user_architecture_needs_an_input_shape_for_structured_pruning(cli, tmp_path):
+    torch.manual_seed(0)
+    raw = tmp_path / "user.pt"
+    torch.save(small_net(32).state_dict(), raw)
+    ref = "tests.test_prune:small_net"
+    r = cli("prune", raw, "--arch", ref, "--ratio", "0.5", "--method", "structured", "-o", tmp_path / "o.pt")
+    assert r.code == 2 and "--input-shape" in one_line_error(r)
+    out = tmp_path / "o.safetensors"
+    r = cli("prune", raw, "--arch", ref, "--ratio", "0.5", "--method", "structured", "--input-shape", "1,64",
+            "-o", out, "-q")
+    assert r.code == 0, r.stderr
+    loaded = load_checkpoint(out, arch=ref)  # naming the architecture is what trusts it
+    assert loaded.manifest.input_shape == [1, 64] and loaded.manifest.arch == ref
+    assert loaded.model[0].out_features == 16
