@@ -123,3 +123,16 @@ def test_inspect_of_raw_pt_and_json_pipes(cli, tmp_path):
     r = cli("inspect", DIGITS_TEACHER, "--json", "--quiet")
     json.loads(r.stdout)
     assert r.stderr == ""
+
+
+def test_a_bug_is_exit_3_with_one_line(cli, monkeypatch, tmp_path):
+    import modelzip_cli.evaluate as evaluate
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(evaluate, "model_metrics", boom)
+    r = cli("eval", DIGITS_TEACHER, "--data", DIGITS_TEST)
+    assert r.code == 3
+    line = one_line_error(r)
+    assert "internal error" in line and "MODELZIP_DEBUG=1" in line
