@@ -190,6 +190,21 @@ def _sparse_pays(t: torch.Tensor, nnz: int) -> bool:
     return n >= 256 and (n / 8 + nnz * t.element_size()) <= 0.9 * n * t.element_size()
 
 
+def _store(name: str, t: torch.Tensor, tensors: dict, encodings: dict) -> None:
+    """Store one plain tensor: as a bitmask plus its non-zero values when that is smaller, else dense.
+    Applies to float weights zeroed by pruning and to the integer weights they become once quantized."""
+    if t.dtype != torch.bool and t.numel() >= 256:
+        nnz = int(torch.count_nonzero(t))
+        if _sparse_pays(t, nnz):
+            mask = (t != 0).flatten().numpy()
+            encodings[name] = {"codec": "bitmask", "shape": list(t.shape),
+                               "dtype": str(t.dtype).removeprefix("torch."), "nnz": nnz}
+            tensors[f"{name}{SEP}mask"] = torch.from_numpy(np.packbits(mask))  # uint8, 8 elements per byte
+            tensors[f"{name}{SEP}values"] = t.flatten()[torch.from_numpy(mask)].contiguous()
+            return
+    tensors[name] = t.contiguous()
+
+
 def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, Any]]:
     """Split a state dict into stored tensors, per-tensor encodings and JSON constants."""
     tensors: dict[str, torch.Tensor] = {}
@@ -218,7 +233,7 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
         if t.is_quantized:
             qscheme = t.qscheme()
             enc = {"codec": "qtensor", "dtype": str(t.dtype).removeprefix("torch.")}
-            tensors[f"{name}{SEP}int"] = t.int_repr().contiguous()
+            _store(f"{name}{SEP}int", t.int_repr(), tensors, encodings)
             if qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
                 enc.update(qscheme="per_tensor", scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
             else:
@@ -230,21 +245,12 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
                 tensors[f"{name}{SEP}zero_point"] = zps.to(torch.int32).contiguous()
             encodings[name] = enc
             continue
-        if t.is_floating_point() and t.numel() >= 256:
-            nnz = int(torch.count_nonzero(t))
-            if _sparse_pays(t, nnz):
-                mask = (t != 0).flatten().numpy()
-                encodings[name] = {"codec": "bitmask", "shape": list(t.shape),
-                                   "dtype": str(t.dtype).removeprefix("torch."), "nnz": nnz}
-                tensors[f"{name}{SEP}mask"] = torch.from_numpy(np.packbits(mask))  # uint8, 8 elements/byte
-                tensors[f"{name}{SEP}values"] = t.flatten()[torch.from_numpy(mask)].contiguous()
-                continue
         # safetensors refuses tensors that share storage (tied weights): store a copy.
         ptr = t.untyped_storage().data_ptr() if t.numel() else 0
         if ptr and ptr in seen_storage:
             t = t.clone()
         seen_storage.add(ptr)
-        tensors[name] = t.contiguous()
+        _store(name, t, tensors, encodings)
     return tensors, encodings, constants
 
 
@@ -252,6 +258,9 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
                  constants: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `encode_state`."""
     state: dict[str, Any] = {k: v for k, v in tensors.items() if SEP not in k}
+
+    def part(key: str) -> torch.Tensor:
+        return decode_one(key, encodings[key]) if key in encodings else tensors[key]
 
     def decode_one(name: str, enc: dict) -> torch.Tensor | tuple:
         codec = enc.get("codec")
@@ -263,7 +272,7 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
             dense[mask] = tensors[f"{name}{SEP}values"]
             return dense.reshape(shape)
         if codec == "qtensor":
-            ints, dtype = tensors[f"{name}{SEP}int"], getattr(torch, enc["dtype"])
+            ints, dtype = part(f"{name}{SEP}int"), getattr(torch, enc["dtype"])
             if enc["qscheme"] == "per_tensor":
                 return torch._make_per_tensor_quantized_tensor(ints, enc["scale"], enc["zero_point"])
             q = torch._make_per_channel_quantized_tensor(
@@ -273,13 +282,11 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
             return q
         if codec == "tuple":
             parts = [f"{name}{SEP}{i}" for i in range(enc["length"])]
-            return tuple(None if i in enc["none"] else
-                         decode_one(key, encodings[key]) if key in encodings else tensors[key]
-                         for i, key in enumerate(parts))
+            return tuple(None if i in enc["none"] else part(key) for i, key in enumerate(parts))
         raise InputError(f"tensor {name!r} has unknown codec {codec!r}", hint="upgrade modelzip")
 
     for name, enc in encodings.items():
-        if SEP in name:  # part of a tuple, decoded with its parent
+        if SEP in name:  # a part of an encoded tensor: decoded with its parent
             continue
         state[name] = decode_one(name, enc)
     for name, const in constants.items():

@@ -163,3 +163,16 @@ def test_dynamic_quantizes_lstm_and_gru_when_present():
     kinds = {type(m).__module__ for n, m in q.named_modules() if n in {"lstm", "gru", "head"}}
     assert all("quantized" in k for k in kinds), kinds
     assert step.after["sqnr_db"] > 20
+
+
+def test_pruned_then_quantized_weights_stay_compact(cli, tmp_path):
+    dense_q = tmp_path / "q.safetensors"
+    pruned = tmp_path / "p.safetensors"
+    sparse_q = tmp_path / "pq.safetensors"
+    assert cli("quantize", DIGITS_TEACHER, "--method", "dynamic", "-o", dense_q, "-q").code == 0
+    assert cli("prune", DIGITS_TEACHER, "--ratio", "0.7", "-o", pruned, "-q").code == 0
+    assert cli("quantize", pruned, "--method", "dynamic", "-o", sparse_q, "-q").code == 0
+    # int8 zeros are stored as a bitmask too: 70% zeros → well under the dense int8 file
+    assert sparse_q.stat().st_size < 0.6 * dense_q.stat().st_size
+    model = load_checkpoint(sparse_q).model
+    assert torch.equal(fresh_outputs(sparse_q, DIGITS_TEST, tmp_path), same_process_outputs(model, DIGITS_TEST))
