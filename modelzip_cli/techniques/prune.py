@@ -212,6 +212,7 @@ class StructuredPruner:
         """Why removing this group's units would be wrong, or None. Tied widths (residual streams) shrink
         layers the user did not select; attention inputs would be cut across heads."""
         tied = set()
+        param_names = {id(p): n for n, p in self.model.named_parameters()}
         for dep, _ in group:
             if not self.graph.is_out_channel_pruning_fn(dep.handler):
                 continue
@@ -219,7 +220,7 @@ class StructuredPruner:
             if "ScaledDotProduct" in str(dep.target.grad_fn) or "Attention" in str(dep.target.grad_fn):
                 return "its outputs feed attention heads, which unit pruning would cut across"
             if isinstance(target, nn.Parameter):
-                tied.add(self.graph._param_to_name.get(target, "a parameter"))
+                tied.add(param_names.get(id(target), "a parameter"))
             elif isinstance(target, WEIGHTED) and self.names.get(id(target)) not in selected:
                 tied.add(self.names.get(id(target), type(target).__name__))
         if tied:
