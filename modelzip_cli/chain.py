@@ -139,34 +139,27 @@ def check_data_needs(steps: list[RecipeStep], data: Path | None) -> None:
 
 
 def plan(steps: list[RecipeStep], loaded) -> list[dict]:
-    """--dry-run: per step, the modules it will touch and the ones it will skip (nothing is changed)."""
+    """--dry-run: per step, the modules it will touch and the ones it will skip (nothing is changed).
+    Each technique answers for itself (`Technique.plan`), with the same selection code it runs with."""
     from torch import nn
 
+    from modelzip_cli.techniques import TECHNIQUES
     from modelzip_cli.techniques.distill import load_student
-    from modelzip_cli.techniques.quantize import DYNAMIC_TYPES
-    from modelzip_cli.techniques.select import WEIGHTED, matches, output_layer
+    from modelzip_cli.techniques.select import WEIGHTED
 
     model, manifest, rows = loaded.model, loaded.manifest, []
     for step in steps:
-        cfg = step.config
         if step.op == "distill":
-            model, manifest = load_student(cfg, manifest, 0)
-            rows.append({"step": step.index, "op": "distill", "touch": [f"replaces the model with {cfg.student} "
-                         f"({sum(p.numel() for p in model.parameters()):,} parameters)"], "skip": []})
+            model, manifest = load_student(step.config, manifest, 0)
+            rows.append({"step": step.index, "op": "distill", "touch": [f"replaces the model with "
+                         f"{step.config.student} ({sum(p.numel() for p in model.parameters()):,} parameters)"],
+                         "skip": []})
             continue
-        kinds = {"prune": WEIGHTED, "lowrank": (nn.Linear,)}.get(step.op)
-        if step.op == "quantize":
-            kinds = {"dynamic": DYNAMIC_TYPES, "weight-only": (nn.Linear,)}.get(cfg.method, WEIGHTED)
-        candidates = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
-        touch = [n for n in candidates if (not cfg.include or matches(n, cfg.include))
-                 and not (cfg.exclude and matches(n, cfg.exclude))]
-        keeps_head = step.op == "lowrank" or (step.op == "prune" and (
-            cfg.method == "structured" or (cfg.method == "gradual" and cfg.granularity == "structured")))
-        if keeps_head and manifest.input_shape:
-            head = output_layer(model, manifest.example_input())
-            touch = [n for n in touch if n != head or (step.op == "lowrank" and cfg.include)]
-        rows.append({"step": step.index, "op": step.op, "touch": touch,
-                     "skip": [n for n in candidates if n not in touch]})
+        example = manifest.example_input() if manifest.input_shape else None
+        touch = TECHNIQUES[step.op].plan(model, step.config, example)
+        skip = [n for n, m in model.named_modules()
+                if n and isinstance(m, (*WEIGHTED, nn.LSTM, nn.GRU)) and n not in touch]
+        rows.append({"step": step.index, "op": step.op, "touch": touch, "skip": skip})
     return rows
 
 
@@ -200,6 +193,7 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
     from modelzip_cli.runner import apply_technique, load_step_data, run_transform
 
     step_ctx: list[Context] = []
+    datasets: dict = {}  # each data file is read and checked once, however many steps use it
 
     def prepare(loaded, ctx) -> None:
         if keep_intermediate is not None:
@@ -209,7 +203,8 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
             trains = step.op != "quantize" or step.config.method == "qat"
             calib = step.calib_data or (step.data or data if step.op == "quantize" else None)
             load_step_data(loaded, c, data=(step.data or data) if trains else None, val_data=step.val_data,
-                           calib_data=calib, require_targets=getattr(step.config, "needs_targets", lambda: True)())
+                           calib_data=calib, require_targets=getattr(step.config, "needs_targets", lambda: True)(),
+                           cache=datasets)
             step_ctx.append(c)
 
     def apply(loaded, ctx) -> list:

@@ -40,7 +40,6 @@ class Context:
     eval_data: Dataset | None = None  # held-out data for figures only (never trained or stopped on)
     progress: Callable[[str, int], contextlib.AbstractContextManager[Bar]] = null_progress
     notes: list[str] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)  # training history of the last step that trained
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

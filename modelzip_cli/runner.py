@@ -81,19 +81,6 @@ def model_figures(model: torch.nn.Module) -> dict:
     return {"parameters": count_parameters(model), "bytes": stored_bytes(model.state_dict())}
 
 
-def timed_step(op: str, config: dict, model_before: torch.nn.Module,
-               apply: Callable[[], tuple[torch.nn.Module, Step]]) -> tuple[torch.nn.Module, Step]:
-    before = model_figures(model_before)
-    t0 = time.perf_counter()
-    model, step = apply()
-    step.duration_s = round(time.perf_counter() - t0, 4)
-    step.before = {**before, **step.before}
-    step.after = {**model_figures(model), **step.after}
-    if not step.layers:
-        step.layers = layer_table(model)
-    return model, step
-
-
 Apply = Callable[[Loaded, Context], list[Step]]
 
 
@@ -116,23 +103,33 @@ def apply_technique(op: str, cfg, loaded: Loaded, ctx: Context) -> Step:
 
     technique = TECHNIQUES[op]
     check_applicable(op, loaded)
-    result: dict = {}
-
-    def run() -> tuple[torch.nn.Module, Step]:
-        model, step, result["manifest"] = technique.apply(loaded.model, cfg, ctx, loaded.manifest)
-        return model, step
-
-    loaded.model, step = timed_step(op, cfg.to_dict(), loaded.model, run)
-    loaded.manifest = result["manifest"]
+    before = model_figures(loaded.model)
+    t0 = time.perf_counter()
+    loaded.model, step, loaded.manifest = technique.apply(loaded.model, cfg, ctx, loaded.manifest)
+    step.duration_s = round(time.perf_counter() - t0, 4)
+    step.before = {**before, **step.before}
+    step.after = {**model_figures(loaded.model), **step.after}
+    if not step.layers:
+        step.layers = layer_table(loaded.model)
     return step
 
 
 def load_step_data(loaded: Loaded, ctx: Context, *, data: Path | None = None, val_data: Path | None = None,
-                   calib_data: Path | None = None, require_targets: bool = True) -> None:
-    """Read and check a technique's own data files before any work."""
-    ctx.data = load_dataset(data, loaded, require_targets=require_targets) if data else ctx.data
-    ctx.val_data = load_dataset(val_data, loaded) if val_data else ctx.val_data
-    ctx.calib_data = load_dataset(calib_data, loaded, require_targets=False) if calib_data else ctx.calib_data
+                   calib_data: Path | None = None, require_targets: bool = True,
+                   cache: dict | None = None) -> None:
+    """Read and check a technique's own data files before any work. `cache` (path, needs targets) →
+    Dataset lets a chain read each file once however many steps use it."""
+    cache = {} if cache is None else cache
+
+    def read(path: Path, targets: bool) -> Dataset:
+        key = (Path(path).resolve(), targets)
+        if key not in cache:
+            cache[key] = load_dataset(path, loaded, require_targets=targets)
+        return cache[key]
+
+    ctx.data = read(data, require_targets) if data else ctx.data
+    ctx.val_data = read(val_data, True) if val_data else ctx.val_data
+    ctx.calib_data = read(calib_data, False) if calib_data else ctx.calib_data
 
 
 def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Apply, *,
@@ -172,7 +169,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
                 report.warnings.append(f"the output is slower than the input at {label}: {after:.3f} ms vs "
                                        f"{before:.3f} ms (median, {lat_out['threads']} threads)")
         if opts.max_accuracy_drop is not None:
-            drop = (report.metrics["input"]["accuracy"] - report.metrics["output"]["accuracy"]) * 100
+            drop = accuracy_drop(report.metrics)
             report.gate = {"max_accuracy_drop": opts.max_accuracy_drop, "accuracy_drop": round(drop, 4),
                            "passed": drop <= opts.max_accuracy_drop}
             if not report.gate["passed"]:
@@ -189,7 +186,15 @@ def final_comparison(report: Report) -> dict:
     summary = {"size_reduction_pct": round(100 * (1 - o["bytes"] / i["bytes"]), 3),
                "parameter_reduction_pct": round(100 * (1 - o["parameters"] / max(1, i["parameters"])), 3),
                "compression_ratio": round(i["bytes"] / max(1, o["bytes"]), 3)}
-    if "accuracy" in report.metrics.get("input", {}) and "accuracy" in report.metrics.get("output", {}):
-        summary["accuracy_drop"] = round(100 * (report.metrics["input"]["accuracy"]
-                                                - report.metrics["output"]["accuracy"]), 4)
+    drop = accuracy_drop(report.metrics)
+    if drop is not None:
+        summary["accuracy_drop"] = round(drop, 4)
     return summary
+
+
+def accuracy_drop(metrics: dict) -> float | None:
+    """Accuracy points lost from input to output, or None without labelled eval data."""
+    before, after = metrics.get("input", {}), metrics.get("output", {})
+    if "accuracy" not in before or "accuracy" not in after:
+        return None
+    return (before["accuracy"] - after["accuracy"]) * 100

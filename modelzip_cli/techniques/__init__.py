@@ -18,11 +18,12 @@ class Technique:
     config: type
     apply: Callable
     float_only: bool = True  # refuses an already-quantized model (quantize too: no double quantization)
+    plan: Callable | None = None  # (model, config, example input) → names of the modules it would change
 
 
 TECHNIQUES: dict[str, Technique] = {
-    "prune": Technique(prune.PruneConfig, prune.apply),
-    "quantize": Technique(quantize.QuantizeConfig, quantize.apply),
-    "lowrank": Technique(lowrank.LowRankConfig, lowrank.apply),
+    "prune": Technique(prune.PruneConfig, prune.apply, plan=prune.plan),
+    "quantize": Technique(quantize.QuantizeConfig, quantize.apply, plan=quantize.plan),
+    "lowrank": Technique(lowrank.LowRankConfig, lowrank.apply, plan=lowrank.plan),
     "distill": Technique(distill.DistillConfig, distill.apply),
 }

@@ -124,16 +124,25 @@ def _svd(w: torch.Tensor, rank: int, cfg: LowRankConfig, seed: int) -> tuple[tor
     return u[:, :rank], s[:rank], vh[:rank].T, "exact"
 
 
+def select(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor | None) -> tuple[list, list[str]]:
+    """The Linears to factorize, and notes on what was left out."""
+    layers = select_modules(model, include=cfg.include, exclude=cfg.exclude, types=(nn.Linear,), what="Linear")
+    head = output_layer(model, example) if example is not None else None
+    if head and not (cfg.include and matches(head, cfg.include)) and len(layers) > 1:
+        # A low-rank classifier head caps the logits to an r-dimensional subspace: keep it unless asked.
+        return ([(n, m) for n, m in layers if n != head],
+                [f"{head} (the output layer) left as it was; name it in --include to factorize it"])
+    return layers, []
+
+
+def plan(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor | None) -> list[str]:
+    return [n for n, _ in select(model, cfg, example)[0]]
+
+
 @torch.no_grad()
 def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> tuple[nn.Module, Step, list[dict]]:
     cfg.validate()
-    layers = select_modules(model, include=cfg.include, exclude=cfg.exclude, types=(nn.Linear,), what="Linear")
-    notes: list[str] = []
-    head = output_layer(model, ctx.example_input) if ctx.example_input is not None else None
-    if head and not (cfg.include and matches(head, cfg.include)) and len(layers) > 1:
-        # A low-rank classifier head caps the logits to an r-dimensional subspace: keep it unless asked.
-        layers = [(n, m) for n, m in layers if n != head]
-        notes.append(f"{head} (the output layer) left as it was; name it in --include to factorize it")
+    layers, notes = select(model, cfg, ctx.example_input)
     shapes = {n: (m.out_features, m.in_features) for n, m in layers}
     spectra: dict[str, torch.Tensor] = {}
     if cfg.energy is not None or cfg.params_ratio is not None:

@@ -286,6 +286,13 @@ def _structured_layers(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list
     return layers
 
 
+def plan(model: nn.Module, cfg: PruneConfig, example: torch.Tensor | None) -> list[str]:
+    """Names of the modules this config would prune (for `chain --dry-run`)."""
+    if cfg.method == "structured" or (cfg.method == "gradual" and cfg.granularity == "structured"):
+        return [n for n, _ in _structured_layers(model, cfg, Context(example_input=example))]
+    return list(_selected_weights(model, cfg))
+
+
 def prune_magnitude(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[list[dict], list[dict]]:
     weights = _selected_weights(model, cfg)
     magnitude_prune(weights, cfg.ratio, cfg.scope)

@@ -169,16 +169,23 @@ def _replay_weight_only(model: nn.Module, edit: dict, manifest: Manifest) -> nn.
 
 
 # ---------------------------------------------------------------------------------------------------
-# Methods: (model, cfg, ctx) → (quantized model, edits)
+# Methods: (model, cfg, ctx) → (quantized model, edits, training history)
+
+
+def plan(model: nn.Module, cfg: QuantizeConfig, example: torch.Tensor | None) -> list[str]:
+    """Names of the modules this config would quantize (for `chain --dry-run`)."""
+    types, what = {"dynamic": (DYNAMIC_TYPES, "Linear, LSTM or GRU"),
+                   "weight-only": ((nn.Linear,), "Linear")}.get(cfg.method, (WEIGHTED, "Linear or Conv"))
+    return _names(model, cfg, types, what)
 
 
 def _names(model: nn.Module, cfg: QuantizeConfig, types: tuple[type, ...], what: str) -> list[str]:
     return [n for n, _ in select_modules(model, include=cfg.include, exclude=cfg.exclude, types=types, what=what)]
 
 
-def quantize_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list[dict]]:
+def quantize_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list, list]:
     names = _names(model, cfg, DYNAMIC_TYPES, "Linear, LSTM or GRU")
-    return backend.dynamic(model, set(names)), [{"kind": "quantize_dynamic", "modules": names}]
+    return backend.dynamic(model, set(names)), [{"kind": "quantize_dynamic", "modules": names}], []
 
 
 def _static_skip(model: nn.Module, cfg: QuantizeConfig) -> tuple[list[str], set[str]]:
@@ -211,7 +218,7 @@ def _convert(prepared: nn.Module, example: torch.Tensor) -> nn.Module:
     return quantized
 
 
-def quantize_static(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list[dict]]:
+def quantize_static(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list, list]:
     names, skip, prepared = _prepare(model, cfg, ctx, qat=False)
     batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
     with ctx.progress("calibrate", batches) as bar, torch.no_grad():
@@ -221,29 +228,30 @@ def quantize_static(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tupl
             prepared(x)
             bar.advance()
     return _convert(prepared, ctx.example_input), [{"kind": "quantize_static", "modules": names,
-                                                   "skip": sorted(skip), "qat": False, "engine": backend.ENGINE}]
+                                                   "skip": sorted(skip), "qat": False, "engine": backend.ENGINE}], []
 
 
-def quantize_qat(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list[dict]]:
+def quantize_qat(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list, list]:
     from modelzip_cli.train import TrainConfig, train
 
     names, skip, prepared = _prepare(model, cfg, ctx, qat=True)
     with backend.quiet():
-        ctx.history = train(prepared, ctx.data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size),
-                            ctx=ctx, description="qat")
-    return _convert(prepared, ctx.example_input), [{"kind": "quantize_static", "modules": names,
-                                                   "skip": sorted(skip), "qat": True, "engine": backend.ENGINE}]
+        history = train(prepared, ctx.data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size),
+                        ctx=ctx, description="qat")
+    edit = {"kind": "quantize_static", "modules": names, "skip": sorted(skip), "qat": True, "engine": backend.ENGINE}
+    return _convert(prepared, ctx.example_input), [edit], history
 
 
-def quantize_weight_only(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list[dict]]:
+def quantize_weight_only(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list, list]:
     names = _names(model, cfg, (nn.Linear,), "Linear")
     for name in names:
         _replace(model, name, WeightOnlyLinear.from_float(model.get_submodule(name), cfg.bits, cfg.group_size))
     return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
-                    "group_size": cfg.group_size}]
+                    "group_size": cfg.group_size}], []
 
 
-QUANTIZERS: dict[str, Callable[[nn.Module, QuantizeConfig, Context], tuple[nn.Module, list[dict]]]] = {
+# method → (model, config, ctx) → (quantized model, edits for the manifest, training history)
+QUANTIZERS: dict[str, Callable[[nn.Module, QuantizeConfig, Context], tuple[nn.Module, list[dict], list[dict]]]] = {
     "dynamic": quantize_dynamic,
     "static": quantize_static,
     "qat": quantize_qat,
@@ -267,7 +275,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
             flag = "--calib-data" if need == "calib_data" else "--data"
             raise UsageError(f"--method {cfg.method} needs {flag}", hint=f"pass {flag} FILE")
     reference = copy.deepcopy(model).eval()
-    quantized, edits = QUANTIZERS[cfg.method](model, cfg, ctx)
+    quantized, edits, history = QUANTIZERS[cfg.method](model, cfg, ctx)
     quantized.eval()
     step = Step(op="quantize", config=cfg.to_dict(), notes=[NOTES[cfg.method]], layers=layer_table(quantized))
     selected = set(edits[0]["modules"])
@@ -285,6 +293,6 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         step.notes.append("SQNR measured on random inputs (no data given): pass --calib-data for a real figure")
     with backend.quiet():
         step.after["sqnr_db"] = round(sqnr_db(predict(reference, x), predict(quantized, x)), 3)
-    if cfg.method == "qat":
-        step.after["qat_history"] = ctx.history
+    if history:
+        step.after["qat_history"] = history
     return quantized, step, manifest.with_edits(edits)
