@@ -26,8 +26,10 @@ bench: install
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
 
+# ruff, then the layer order (pyproject.toml, [tool.importlinter]): nothing imports a layer above it.
 lint: install
 	$(BIN)/ruff check modelzip_cli tests bench sample_models
+	$(BIN)/lint-imports --no-cache
 
 samples: install
 	$(BIN)/pip install -q -e '.[dev,samples]'

@@ -63,7 +63,7 @@ def run_case(teacher_name: str, data_name: str, arch: str, kwargs: dict, threads
     ours_s, seed_s, ours_acc, seed_acc = [], [], [], []
     for _ in range(ROUNDS):
         t0 = time.perf_counter()
-        student, _, _ = apply(teacher.model, cfg, Context(seed=0, data=train), teacher.manifest)
+        student = apply(teacher.model, cfg, Context(seed=0, data=train), teacher.manifest).model
         ours_s.append(time.perf_counter() - t0)
         ours_acc.append(evaluate(student, test)["accuracy"])
         torch.manual_seed(0)

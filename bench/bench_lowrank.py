@@ -51,8 +51,9 @@ def run() -> dict:
     model = build_arch("zoo:mlp", MLP).eval()
     dense = build_arch("zoo:mlp", MLP).eval()
     dense.load_state_dict(model.state_dict())
-    factored, step, _ = lowrank(model, LowRankConfig(rank_ratio=0.125, include=["layers.*"]),
-                                Context(example_input=torch.randn(1, 1024)))
+    step = lowrank(model, LowRankConfig(rank_ratio=0.125, include=["layers.*"]),
+                   Context(example_input=torch.randn(1, 1024)))
+    factored = step.model
     x = torch.randn(64, 1024)
     lat = [(latency_ms(dense, x, threads=threads), latency_ms(factored, x, threads=threads)) for _ in range(5)]
     d, f = statistics.median(r[0] for r in lat), statistics.median(r[1] for r in lat)

@@ -19,12 +19,12 @@ from modelzip_cli.checkpoint import load_checkpoint
 from modelzip_cli.context import Context
 from modelzip_cli.data import load_data
 from modelzip_cli.measure import batch_of, latency_ms
-from modelzip_cli.techniques.prune import PruneConfig, prune
+from modelzip_cli.techniques.prune import StructuredConfig, apply
 loaded = load_checkpoint(sys.argv[2])
 x = batch_of(load_data(sys.argv[3]).inputs, 256)
 dense = load_checkpoint(sys.argv[2]).model
-pruned, _, _ = prune(loaded.model, PruneConfig(ratio=0.5, method="structured"),
-                     Context(example_input=loaded.manifest.example_input()))
+pruned = apply(loaded.model, StructuredConfig(ratio=0.5), Context(example_input=loaded.manifest.example_input()),
+               loaded.manifest).model
 rows = []
 for _ in range(5):  # interleaved, so machine noise hits both alike
     rows.append((latency_ms(dense, x, threads=1, min_seconds=0.5), latency_ms(pruned, x, threads=1, min_seconds=0.5)))
@@ -41,7 +41,7 @@ with torch.no_grad():
 MODELZIP = """
 import sys, torch
 from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.techniques.prune import PruneConfig, magnitude_prune
+from modelzip_cli.techniques.prune import magnitude_prune
 from modelzip_cli.techniques.select import select_modules
 model = load_checkpoint(sys.argv[2]).model
 import time; t0 = time.perf_counter()

@@ -20,12 +20,13 @@ MLP = {"input_size": 1024, "hidden_sizes": [4096, 4096], "num_classes": 1024, "d
 def _modelzip(model, method: str, example, calib, path):
     from modelzip_cli.checkpoint import Manifest, load_checkpoint, save_checkpoint
     from modelzip_cli.context import Context
-    from modelzip_cli.techniques.quantize import QuantizeConfig, apply
+    from modelzip_cli.techniques import make_config
+    from modelzip_cli.techniques.quantize import apply
 
     manifest = Manifest(arch="zoo:mlp", arch_kwargs=MLP, input_shape=[1, 1024])
-    q, _, manifest = apply(copy.deepcopy(model), QuantizeConfig(method=method),
-                           Context(example_input=example, calib_data=calib), manifest)
-    save_checkpoint(q, manifest, path)
+    result = apply(copy.deepcopy(model), make_config("quantize", method, {}),
+                   Context(example_input=example, calib_data=calib), manifest)
+    save_checkpoint(result.model, manifest.with_edits(result.edits), path)
     return load_checkpoint(path).model
 
 
@@ -36,7 +37,7 @@ def run() -> dict:
     from modelzip_cli.context import Context
     from modelzip_cli.data import Dataset, load_data
     from modelzip_cli.measure import batch_of, default_threads, latency_ms
-    from modelzip_cli.techniques.quantize import QuantizeConfig, apply
+    from modelzip_cli.techniques.quantize import StaticConfig, apply
 
     warnings.simplefilter("ignore")
     threads = default_threads()
@@ -74,8 +75,8 @@ def run() -> dict:
     teacher = ROOT / "sample_models" / "mnist1d_teacher.safetensors"
     loaded = load_checkpoint(teacher)
     train = load_data(ROOT / "sample_models" / "mnist1d_train.safetensors")
-    cnn_q, _, _ = apply(copy.deepcopy(loaded.model), QuantizeConfig(method="static"),
-                        Context(example_input=loaded.manifest.example_input(), calib_data=train), loaded.manifest)
+    cnn_q = apply(copy.deepcopy(loaded.model), StaticConfig(),
+                  Context(example_input=loaded.manifest.example_input(), calib_data=train), loaded.manifest).model
     x = batch_of(train.inputs, 256)
     rows = [(latency_ms(loaded.model, x, threads=threads), latency_ms(cnn_q, x, threads=threads))
             for _ in range(ROUNDS)]

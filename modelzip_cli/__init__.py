@@ -6,7 +6,7 @@ so `modelzip --help` stays fast.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from modelzip_cli.version import __version__
 
 __all__ = ["__version__", "load_model", "save_model"]
 

@@ -1,65 +1,47 @@
 """`chain`: a recipe of technique steps, validated whole before any weight is loaded, run in one process.
 
-Recipe (TOML or JSON): a list `steps`, each a table with `op` (distill, prune, lowrank, quantize) and that
-command's options under the same names (`ratio`, `method`, `finetune-epochs` or `finetune_epochs`, …).
-A step may name its own `data`, `val-data` or `calib-data` file (relative to the recipe); otherwise it uses
-the chain's `--data`. Steps call the same technique functions as the single commands.
+Recipe (TOML or JSON): a list `steps`, each a table with `op` (distill, prune, lowrank, quantize), an
+optional `method`, and that command's options under the same names (`ratio`, `finetune-epochs` or
+`finetune_epochs`, …). An option that does not belong to the step's method is an error. A step may name
+its own `data`, `val-data` or `calib-data` file (relative to the recipe); otherwise it uses the chain's
+`--data`. Steps call the same technique functions as the single commands.
+
+A recipe is a file, and files are untrusted: an architecture a step names (a distill student) must be
+built in or listed in MODELZIP_TRUSTED_MODULES, checked here before anything is imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tomllib
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelzip_cli.checkpoint import check_trusted
 from modelzip_cli.errors import InputError, ModelzipError, UsageError
+from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs, make_config
+from modelzip_cli.techniques.distill import is_checkpoint_path
 
-OPS = ("distill", "prune", "lowrank", "quantize")
-DATA_KEYS = {"data": "data", "val_data": "val_data", "calib_data": "calib_data"}
+DATA_KEYS = ("data", "val_data", "calib_data")
 
 
 @dataclass
 class RecipeStep:
     index: int  # 1-based, as users count
-    op: str
-    config: object
+    config: MethodConfig
     data: Path | None = None
     val_data: Path | None = None
     calib_data: Path | None = None
+
+    @property
+    def op(self) -> str:
+        return self.config.op
 
     def label(self) -> str:
         return f"step {self.index} ({self.op})"
 
 
-def _config_class(op: str):
-    from modelzip_cli.techniques import TECHNIQUES
-
-    return TECHNIQUES[op].config
-
-
-def _check_type(value, hint, where: str, key: str) -> None:
-    """Reject a value of the wrong JSON type for a config field (the dataclasses do not check)."""
-    origin = typing.get_origin(hint)
-    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
-    def ok(v, t) -> bool:
-        if t is type(None):
-            return v is None
-        base = typing.get_origin(t) or t
-        if base is float:
-            return isinstance(v, int | float) and not isinstance(v, bool)
-        if base is int:
-            return isinstance(v, int) and not isinstance(v, bool)
-        return isinstance(v, base)
-    if not any(ok(value, t) for t in allowed):
-        raise UsageError(f"{where}: {key} = {value!r} has the wrong type", hint=f"expected {hint}")
-
-
-def parse_recipe(path: Path) -> list[RecipeStep]:
-    """Read and validate a whole recipe: ops, keys, types, values, order. No weight is loaded."""
+def _read(path: Path) -> list:
     if not path.exists() or path.is_dir():
         raise InputError(f"recipe {path}: no such file", hint="pass a .toml or .json recipe")
     try:
@@ -73,65 +55,70 @@ def parse_recipe(path: Path) -> list[RecipeStep]:
                          hint="a recipe has one list, `steps`")
     if not isinstance(items, list) or not items:
         raise UsageError(f"recipe {path} has no steps", hint="add [[steps]] tables with op = \"prune\" …")
-    steps: list[RecipeStep] = []
-    for i, item in enumerate(items, 1):
-        where = f"step {i}"
-        if not isinstance(item, dict):
-            raise UsageError(f"{where} is not a table of options")
-        op = item.get("op")
-        if op not in OPS:
-            raise UsageError(f"{where}: unknown op {op!r}", hint="use one of " + ", ".join(OPS))
-        where = f"step {i} ({op})"
-        cls = _config_class(op)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        kwargs, files = {}, {}
-        for key, value in item.items():
-            if key == "op":
-                continue
-            name = key.replace("-", "_")
-            if name in DATA_KEYS:
-                files[DATA_KEYS[name]] = (path.parent / value) if isinstance(value, str) else None
-                if files[DATA_KEYS[name]] is None:
-                    raise UsageError(f"{where}: {key} must be a file path")
-                continue
-            if name not in fields:
-                raise UsageError(f"{where}: unknown key {key!r}",
-                                 hint="known: " + ", ".join(sorted(k.replace("_", "-") for k in fields)))
-            _check_type(value, hints[name], where, key)
-            kwargs[name] = value
-        try:
-            config = cls(**kwargs).validate()
-        except TypeError as exc:
-            raise UsageError(f"{where}: {exc}") from None
-        except ModelzipError as exc:
-            raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
-        steps.append(RecipeStep(index=i, op=op, config=config, **files))
+    return items
+
+
+def parse_step(index: int, item: object, folder: Path) -> RecipeStep:
+    """One recipe table → a validated step. Errors name the step."""
+    where = f"step {index}"
+    if not isinstance(item, dict):
+        raise UsageError(f"{where} is not a table of options")
+    values = {str(k).replace("-", "_"): v for k, v in item.items()}
+    op = values.pop("op", None)
+    if op not in OPS:
+        raise UsageError(f"{where}: unknown op {op!r}", hint="use one of " + ", ".join(OPS))
+    where = f"step {index} ({op})"
+    files = {}
+    for key in DATA_KEYS:
+        if key in values:
+            value = values.pop(key)
+            if not isinstance(value, str):
+                raise UsageError(f"{where}: {key.replace('_', '-')} must be a file path")
+            files[key] = folder / value
+    method = values.pop("method", None)
+    if method is not None and not isinstance(method, str):
+        raise UsageError(f"{where}: method = {method!r} has the wrong type", hint="a method name, in quotes")
+    try:
+        config = make_config(op, method, values, where=f"{where}: ")
+    except ModelzipError as exc:
+        raise type(exc)(exc.message, hint=exc.hint) from None
+    student = getattr(config, "student", None)
+    if student is not None and not is_checkpoint_path(student):
+        check_trusted(student, what=f"recipe {where}")
+    return RecipeStep(index=index, config=config, **files)
+
+
+def parse_recipe(path: Path) -> list[RecipeStep]:
+    """Read and validate a whole recipe: ops, keys, types, values, order, trust. No weight is loaded."""
+    steps = [parse_step(i, item, path.parent) for i, item in enumerate(_read(path), 1)]
     check_order(steps)
     return steps
 
 
 def check_order(steps: list[RecipeStep]) -> None:
     """A float-only step cannot follow quantize: the integer model has no float weights to work on."""
-    from modelzip_cli.techniques import TECHNIQUES
-
     quantized_at = None
     for step in steps:
-        if quantized_at is not None and TECHNIQUES[step.op].float_only:
+        if quantized_at is not None and OPS[step.op].float_only:
             raise UsageError(f"{step.label()} cannot follow {quantized_at.label()}: {step.op} works on float "
                              "models", hint="move quantize to the end of the recipe")
         if step.op == "quantize":
             quantized_at = step
 
 
-def check_data_needs(steps: list[RecipeStep], data: Path | None) -> None:
+def step_files(step: RecipeStep, data: Path | None) -> dict[str, Path | None]:
+    """The data files a step reads: its own, else the chain's --data. A quantize step calibrates (and
+    measures its SQNR) on that data and trains on it only for QAT."""
+    if step.op == "quantize":
+        trains = "data" in step.config.required_data()
+        return {"data": (step.data or data) if trains else None, "val_data": step.val_data,
+                "calib_data": step.calib_data or step.data or data}
+    return {"data": step.data or data, "val_data": step.val_data, "calib_data": None}
+
+
+def check_data_needs_all(steps: list[RecipeStep], data: Path | None) -> None:
     for step in steps:
-        needs = step.config.required_data() if hasattr(step.config, "required_data") else set()
-        if "data" in needs and step.data is None and data is None:
-            raise UsageError(f"{step.label()} needs training data", hint="pass --data, or give the step `data`")
-        if "calib_data" in needs and step.calib_data is None and step.data is None and data is None:
-            raise UsageError(f"{step.label()} needs calibration data",
-                             hint="pass --data (used for calibration), or give the step `calib-data`")
+        check_data_needs(step.config, step_files(step, data), where=step.label())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,10 +127,9 @@ def check_data_needs(steps: list[RecipeStep], data: Path | None) -> None:
 
 def plan(steps: list[RecipeStep], loaded) -> list[dict]:
     """--dry-run: per step, the modules it will touch and the ones it will skip (nothing is changed).
-    Each technique answers for itself (`Technique.plan`), with the same selection code it runs with."""
+    Each technique answers for itself (`Op.plan`), with the same selection code it runs with."""
     from torch import nn
 
-    from modelzip_cli.techniques import TECHNIQUES
     from modelzip_cli.techniques.distill import load_student
     from modelzip_cli.techniques.select import WEIGHTED
 
@@ -156,7 +142,7 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
                          "skip": []})
             continue
         example = manifest.example_input() if manifest.input_shape else None
-        touch = TECHNIQUES[step.op].plan(model, step.config, example)
+        touch = OPS[step.op].plan(model, step.config, example)
         skip = [n for n, m in model.named_modules()
                 if n and isinstance(m, (*WEIGHTED, nn.LSTM, nn.GRU)) and n not in touch]
         rows.append({"step": step.index, "op": step.op, "touch": touch, "skip": skip})
@@ -183,7 +169,7 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
 
 
 def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | None, progress,
-              keep_intermediate: Path | None = None):
+              recipe: Path | None = None, keep_intermediate: Path | None = None):
     """Run every step on the in-memory model; one report with a row per step and the final comparison."""
     import torch
 
@@ -200,10 +186,7 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
             keep_intermediate.mkdir(parents=True, exist_ok=True)
         for step in steps:  # read and check every data file now, before any step runs
             c = Context(seed=opts.seed, progress=progress, eval_data=ctx.eval_data)
-            trains = step.op != "quantize" or step.config.method == "qat"
-            calib = step.calib_data or (step.data or data if step.op == "quantize" else None)
-            load_step_data(loaded, c, data=(step.data or data) if trains else None, val_data=step.val_data,
-                           calib_data=calib, require_targets=getattr(step.config, "needs_targets", lambda: True)(),
+            load_step_data(loaded, c, **step_files(step, data), require_targets=step.config.needs_targets(),
                            cache=datasets)
             step_ctx.append(c)
 
@@ -212,16 +195,17 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
         for step, c in zip(steps, step_ctx, strict=True):
             torch.manual_seed(opts.seed)  # each step starts where the single command would
             c.example_input = loaded.manifest.example_input() if loaded.manifest.input_shape else ctx.example_input
-            record = apply_technique(step.op, step.config, loaded, c)
+            record = apply_technique(step.config, loaded, c)
             record.config = {"step": step.index, **record.config}
             if ctx.eval_data is not None:
                 record.after["metrics"] = model_metrics(loaded.model, ctx.eval_data, threads=opts.threads)
-            ctx.notes.extend(f"{step.label()}: {n}" for n in c.notes)
             if keep_intermediate is not None:
                 path = keep_intermediate / f"step{step.index}_{step.op}{input_path.suffix}"
-                save_checkpoint(loaded.model, loaded.manifest, path)
+                save_checkpoint(loaded.model, loaded.manifest, path, encoded=loaded.encoded)
                 record.notes.append(f"intermediate checkpoint: {path}")
             records.append(record)
         return records
 
-    return run_transform("chain", input_path, opts, apply, context=Context(progress=progress), prepare=prepare)
+    others = [p for p in (recipe, data) if p is not None]
+    return run_transform("chain", input_path, opts, apply, ops=[s.op for s in steps],
+                         context=Context(progress=progress), prepare=prepare, extra_inputs=others)

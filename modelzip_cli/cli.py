@@ -6,27 +6,29 @@ Nothing heavy is imported at module level: `modelzip --help` must not import tor
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from modelzip_cli import __version__
-from modelzip_cli.errors import EXIT_INTERNAL, ModelzipError, UsageError, exit_code_for
+from modelzip_cli.version import __version__
+from modelzip_cli.errors import INTERNAL_ERROR, ModelzipError, UsageError, exit_code_for
 
 if TYPE_CHECKING:
     from modelzip_cli.report import Report
     from modelzip_cli.runner import CommonOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make PyTorch models smaller and faster: distill, prune, quantize, lowrank, chain.")
+                  help="Make PyTorch models smaller and faster from the shell.")
 
 # --------------------------------------------------------------------------------------------------
-# Options shared by commands (CONTRACT.md, "Options that every transforming command takes")
+# Options shared by commands, declared once each and attached by `command(...)` (README, "Commands")
 
 Input = Annotated[Path, typer.Argument(help="checkpoint (.safetensors, .pt, .pth, .bin)", show_default=False)]
 Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: INPUT stem + .COMMAND + suffix")]
@@ -46,6 +48,49 @@ Json = Annotated[bool, typer.Option("--json", help="print the report JSON to std
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary or progress on stderr")]
 Include = Annotated[list[str] | None, typer.Option("--include", help="module name glob to select (repeatable)")]
 Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="module name glob to skip (repeatable)")]
+Data = Annotated[Path | None, typer.Option("--data", help="training data: fine-tune after the step")]
+FinetuneEpochs = Annotated[int | None, typer.Option("--finetune-epochs", help="with --data: epochs (default 3)")]
+Lr = Annotated[float | None, typer.Option("--lr", help="fine-tuning learning rate (default 5e-4)")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="training batch size (default 64)")]
+LatencyBatch = Annotated[int, typer.Option("--batch-size", help="N for the batch-N latency")]
+
+
+def _options(**spec: tuple[Any, Any]) -> list[inspect.Parameter]:
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+            for name, (annotation, default) in spec.items()]
+
+
+MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trust_code=(TrustCode, False),
+                         input_shape=(InputShape, None), input_dtype=(InputDtype, None))
+OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
+                          eval_data=(EvalData, None), max_accuracy_drop=(MaxDrop, None))
+RUN_OPTIONS = _options(threads=(Threads, None), as_json=(Json, False), quiet=(Quiet, False))
+SELECT_OPTIONS = _options(include=(Include, None), exclude=(Exclude, None))
+FINETUNE_OPTIONS = _options(data=(Data, None), finetune_epochs=(FinetuneEpochs, None), lr=(Lr, None),
+                            batch_size=(BatchSize, None))
+TRANSFORM_OPTIONS = [*MODEL_OPTIONS, *OUTPUT_OPTIONS, *RUN_OPTIONS]
+
+
+def command(*groups: list[inspect.Parameter], name: str | None = None):
+    """Register a command whose options are its own parameters plus the shared groups. The function
+    receives the groups' values as one namespace, `shared`."""
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "shared"]
+        shared = [p for group in groups for p in group]
+        names = {p.name for p in shared}
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            mine = {k: v for k, v in kwargs.items() if k not in names}
+            return fn(**mine, shared=SimpleNamespace(**{k: v for k, v in kwargs.items() if k in names}))
+
+        params = own + shared
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return app.command(name)(wrapper)
+
+    return decorate
 
 
 def _console():
@@ -86,17 +131,23 @@ def parse_dtype(text: str | None) -> str | None:
     return text
 
 
-def common_options(*, output=None, report=None, force=False, seed=0, arch=None, arch_kwargs=None,
-                   trust_code=False, input_shape=None, input_dtype=None, eval_data=None,
-                   max_accuracy_drop=None, threads=None) -> CommonOptions:
+def common_options(shared: SimpleNamespace) -> CommonOptions:
+    """The runner's options from whichever shared groups a command has."""
     from modelzip_cli.runner import CommonOptions
 
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be ≥ 1, got {threads}")
-    return CommonOptions(output=output, report=report, force=force, seed=seed, arch=arch,
-                         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"), trust_code=trust_code,
-                         input_shape=parse_shape(input_shape), input_dtype=parse_dtype(input_dtype),
-                         eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+    g = vars(shared)
+    if g.get("threads") is not None and g["threads"] < 1:
+        raise UsageError(f"--threads must be ≥ 1, got {g['threads']}")
+    fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data",
+                                "max_accuracy_drop", "threads", "arch") if k in g}
+    return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
+                         input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user actually gave (technique options default to None on the command line, so an
+    option that does not apply to the chosen method can be refused by name)."""
+    return {k: v for k, v in values.items() if v is not None and v != [] and v != ()}
 
 
 class _RichBar:
@@ -127,13 +178,13 @@ def progress_factory(quiet: bool):
     return factory
 
 
-def emit(report: Report, *, as_json: bool, quiet: bool) -> None:
+def emit(report: Report, shared: SimpleNamespace) -> None:
     """Summary to stderr, JSON to stdout; exit 1 when a quality gate failed (the output is written)."""
-    if not quiet:
+    if not shared.quiet:
         from modelzip_cli.report import render
 
         render(report, _console())
-    if as_json:
+    if shared.as_json:
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()
     if report.gate is not None and not report.gate["passed"]:
@@ -141,6 +192,20 @@ def emit(report: Report, *, as_json: bool, quiet: bool) -> None:
 
         raise QualityGateFailed(f"quality gate failed: accuracy dropped {report.gate['accuracy_drop']:.2f} points "
                                 f"(max {report.gate['max_accuracy_drop']}); output and report were written")
+
+
+def technique(op: str, method: str | None, model: Path, shared: SimpleNamespace, values: dict[str, Any], *,
+              files: dict[str, Path | None], gzip_output: bool = False, extra_inputs: tuple[Path, ...] = (),
+              trusted_refs: frozenset[str] = frozenset()) -> Report:
+    """The body every technique command shares: build the config, run it, render the report."""
+    from modelzip_cli.runner import run_technique
+    from modelzip_cli.techniques import make_config
+
+    cfg = make_config(op, method, values)
+    report = run_technique(cfg, model, common_options(shared), files=files, progress=progress_factory(shared.quiet),
+                           extra_inputs=extra_inputs, gzip_output=gzip_output, trusted_refs=trusted_refs)
+    emit(report, shared)
+    return report
 
 
 def version_callback(value: bool) -> None:
@@ -160,190 +225,130 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=version_ca
 # Commands
 
 
-@app.command()
-def inspect(model: Input, trust_code: TrustCode = False, sha256: Annotated[bool, typer.Option(
-        "--sha256", help="also hash the whole file (reads all of it)")] = False,
-        as_json: Json = False, quiet: Quiet = False) -> None:
+@command(_options(trust_code=(TrustCode, False)), RUN_OPTIONS[1:], name="inspect")
+def inspect_(model: Input, sha256: Annotated[bool, typer.Option(
+        "--sha256", help="also hash the whole file (reads all of it)")] = False, *, shared) -> None:
     """Parameters, bytes, format, edit history and a per-layer table — from the header alone."""
     from modelzip_cli.inspection import inspect_checkpoint
 
-    emit(inspect_checkpoint(model, trust_code=trust_code, hash_file=sha256), as_json=as_json, quiet=quiet)
+    emit(inspect_checkpoint(model, trust_code=shared.trust_code, hash_file=sha256), shared)
 
 
-@app.command("eval")
+@command(MODEL_OPTIONS, RUN_OPTIONS, name="eval")
 def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="labelled data file")],
-          batch_size: Annotated[int, typer.Option("--batch-size", help="N for the batch-N latency")] = 256,
-          threads: Threads = None, arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False,
-          input_shape: InputShape = None, input_dtype: InputDtype = None,
-          as_json: Json = False, quiet: Quiet = False) -> None:
+          batch_size: LatencyBatch = 256, *, shared) -> None:
     """Accuracy, loss, median latency at batch 1 and batch N, size."""
     from modelzip_cli.evaluate import evaluate_checkpoint
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
-    opts = common_options(arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code, input_shape=input_shape,
-                          input_dtype=input_dtype, threads=threads)
-    emit(evaluate_checkpoint(model, data, opts, batch_n=batch_size), as_json=as_json, quiet=quiet)
+    emit(evaluate_checkpoint(model, data, common_options(shared), batch_n=batch_size), shared)
 
 
-def transform(command: str, model: Path, opts: CommonOptions, cfg, *, as_json: bool, quiet: bool,
-              data: Path | None = None, val_data: Path | None = None, calib_data: Path | None = None,
-              gzip_output: bool = False, require_targets: bool = True, extra_inputs: tuple[Path, ...] = (),
-              after: Callable[[Report], None] | None = None) -> None:
-    """The body every technique command shares: run it through the runner, then render the report."""
-    from modelzip_cli.context import Context
-    from modelzip_cli.runner import apply_technique, check_applicable, load_step_data, run_transform
-
-    def prepare(loaded, ctx) -> None:
-        check_applicable(command, loaded)
-        load_step_data(loaded, ctx, data=data, val_data=val_data, calib_data=calib_data,
-                       require_targets=require_targets)
-
-    report = run_transform(command, model, opts, lambda loaded, ctx: [apply_technique(command, cfg, loaded, ctx)],
-                           context=Context(progress=progress_factory(quiet)), prepare=prepare,
-                           gzip_output=gzip_output, extra_inputs=list(extra_inputs))
-    if after is not None:
-        after(report)
-    emit(report, as_json=as_json, quiet=quiet)
-
-
-Data = Annotated[Path | None, typer.Option("--data", help="training data: fine-tune after pruning")]
-FinetuneEpochs = Annotated[int, typer.Option("--finetune-epochs", help="with --data: epochs of fine-tuning")]
-Lr = Annotated[float, typer.Option("--lr", help="fine-tuning learning rate")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="training batch size")]
-
-
-@app.command()
+@command(SELECT_OPTIONS, FINETUNE_OPTIONS, TRANSFORM_OPTIONS)
 def prune(
     model: Input,
     ratio: Annotated[float, typer.Option("--ratio", help="fraction to remove, in [0, 1)")],
     method: Annotated[str, typer.Option("--method", help="magnitude | structured | gradual")] = "magnitude",
-    scope: Annotated[str, typer.Option("--scope", help="magnitude: global (one threshold) | layer")] = "global",
-    granularity: Annotated[str, typer.Option("--granularity",
-                                             help="gradual: unstructured (magnitude) | structured")] = "unstructured",
-    steps: Annotated[int, typer.Option("--steps", help="gradual: pruning steps on the cubic schedule")] = 5,
-    data: Data = None, finetune_epochs: FinetuneEpochs = 3, lr: Lr = 5e-4, batch_size: BatchSize = 64,
-    include: Include = None, exclude: Exclude = None,
-    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
-    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
-    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
-    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+    scope: Annotated[str | None, typer.Option("--scope", help="magnitude, gradual: global (one threshold) | "
+                                              "layer (default global)")] = None,
+    granularity: Annotated[str | None, typer.Option("--granularity", help="gradual: unstructured (magnitude) | "
+                                                    "structured (default unstructured)")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="gradual: steps on the cubic schedule "
+                                              "(default 5)")] = None,
+    *, shared,
 ) -> None:
     """Remove weights (magnitude), whole units (structured), or reach the ratio over steps (gradual)."""
-    from modelzip_cli.techniques.prune import PruneConfig
-
-    cfg = PruneConfig(ratio=ratio, method=method, scope=scope, granularity=granularity, steps=steps,
-                      finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, include=include,
-                      exclude=exclude).validate()
-    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
-                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
-                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
-    transform("prune", model, opts, cfg, as_json=as_json, quiet=quiet, data=data, gzip_output=True)
+    values = given(ratio=ratio, scope=scope, granularity=granularity, steps=steps, include=shared.include,
+                   exclude=shared.exclude, finetune_epochs=shared.finetune_epochs, lr=shared.lr,
+                   batch_size=shared.batch_size)
+    technique("prune", method, model, shared, values, files={"data": shared.data}, gzip_output=True)
 
 
-@app.command()
+@command(SELECT_OPTIONS, TRANSFORM_OPTIONS)
 def quantize(
     model: Input,
     method: Annotated[str, typer.Option("--method", help="dynamic | static | qat | weight-only")],
-    bits: Annotated[int, typer.Option("--bits", help="weight-only: 8 or 4 (int4 packed two per byte)")] = 8,
-    group_size: Annotated[int, typer.Option("--group-size",
-                                            help="weight-only: input channels per scale (0 = per channel)")] = 128,
+    bits: Annotated[int | None, typer.Option("--bits", help="weight-only: 8 or 4 (int4 packed two per byte) "
+                                             "(default 8)")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only: input channels per scale, "
+                                                   "0 = per channel (default 128)")] = None,
     calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data")] = None,
-    calib_batches: Annotated[int, typer.Option("--calib-batches", help="static: batches to calibrate on")] = 100,
+    calib_batches: Annotated[int | None, typer.Option("--calib-batches", help="static: batches to calibrate on "
+                                                      "(default 100)")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="qat: training data")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="qat: fine-tuning epochs")] = 3,
-    lr: Annotated[float, typer.Option("--lr", help="qat: learning rate")] = 1e-4, batch_size: BatchSize = 64,
-    include: Include = None, exclude: Exclude = None,
-    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
-    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
-    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
-    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="qat: fine-tuning epochs (default 3)")] = None,
+    freeze_epochs: Annotated[int | None, typer.Option("--freeze-epochs", help="qat: final epochs with observers "
+                                                      "and BatchNorm statistics frozen (default a third)")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="qat: learning rate (default 1e-4)")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="qat: batch size (default 64)")] = None,
+    *, shared,
 ) -> None:
     """int8 dynamic / static / QAT on torch.ao's x86 kernels, or int8/int4 weight-only."""
-    from modelzip_cli.techniques.quantize import QuantizeConfig
-
-    cfg = QuantizeConfig(method=method, bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
-                         lr=lr, batch_size=batch_size, include=include, exclude=exclude).validate()
-    if "calib_data" in cfg.required_data() and calib_data is None:
-        raise UsageError(f"--method {method} needs --calib-data", hint="pass --calib-data FILE (e.g. training data)")
-    if "data" in cfg.required_data() and data is None:
-        raise UsageError(f"--method {method} needs --data to fine-tune on", hint="pass --data FILE")
-    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
-                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
-                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
-    transform("quantize", model, opts, cfg, as_json=as_json, quiet=quiet, data=data, calib_data=calib_data)
+    values = given(bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
+                   freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, include=shared.include,
+                   exclude=shared.exclude)
+    technique("quantize", method, model, shared, values, files={"data": data, "calib_data": calib_data})
 
 
-@app.command()
+@command(SELECT_OPTIONS, FINETUNE_OPTIONS, TRANSFORM_OPTIONS)
 def lowrank(
     model: Input,
     rank_ratio: Annotated[float | None, typer.Option("--rank-ratio", help="r = R · min(out, in)")] = None,
     energy: Annotated[float | None, typer.Option("--energy", help="smallest r keeping E of Σs²")] = None,
     params_ratio: Annotated[float | None, typer.Option("--params-ratio",
                                                       help="whole-model parameter budget, shared by energy")] = None,
-    svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized")] = "auto",
-    data: Data = None, finetune_epochs: FinetuneEpochs = 3, lr: Lr = 5e-4, batch_size: BatchSize = 64,
-    include: Include = None, exclude: Exclude = None,
-    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
-    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
-    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
-    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+    svd: Annotated[str | None, typer.Option("--svd", help="auto | exact | randomized (default auto)")] = None,
+    *, shared,
 ) -> None:
     """Factorize Linear layers by truncated SVD into two smaller Linears."""
-    from modelzip_cli.techniques.lowrank import LowRankConfig
-
-    cfg = LowRankConfig(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd,
-                        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, include=include,
-                        exclude=exclude).validate()
-    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
-                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
-                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
-    transform("lowrank", model, opts, cfg, as_json=as_json, quiet=quiet, data=data)
+    values = given(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd, include=shared.include,
+                   exclude=shared.exclude, finetune_epochs=shared.finetune_epochs, lr=shared.lr,
+                   batch_size=shared.batch_size)
+    technique("lowrank", None, model, shared, values, files={"data": shared.data})
 
 
-@app.command()
+@command(TRANSFORM_OPTIONS)
 def distill(
     teacher: Input,
     student: Annotated[str, typer.Option("--student", help="zoo:NAME / pkg.mod:fn, or a checkpoint to start from")],
     data: Annotated[Path, typer.Option("--data", help="training data")],
     student_kwargs: Annotated[str | None, typer.Option("--student-kwargs", help="JSON kwargs of the student")] = None,
     val_data: Annotated[Path | None, typer.Option("--val-data", help="validation data (early stopping)")] = None,
-    epochs: Annotated[int, typer.Option("--epochs")] = 20,
-    temperature: Annotated[float, typer.Option("--temperature", help="softmax temperature T")] = 4.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="weight of the soft (teacher) loss")] = 0.7,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW, cosine schedule")] = 1e-2, batch_size: BatchSize = 64,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="training epochs (default 20)")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="softmax temperature T "
+                                                      "(default 4)")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="weight of the soft (teacher) loss "
+                                                "(default 0.7)")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW, cosine schedule (default 1e-2)")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="batch size (default 64)")] = None,
     patience: Annotated[int | None, typer.Option("--patience", help="with --val-data: early stopping")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="also train the student on labels alone")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="write the training curves as a PNG")] = None,
-    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
-    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
-    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
-    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+    *, shared,
 ) -> None:
     """Train a small student to match the teacher: alpha·T²·KL + (1−alpha)·CE."""
-    from modelzip_cli.techniques.distill import DistillConfig, is_checkpoint_path
+    from modelzip_cli.techniques.distill import is_checkpoint_path
 
-    cfg = DistillConfig(student=student, student_kwargs=parse_json_object(student_kwargs, "--student-kwargs"),
-                        epochs=epochs, temperature=temperature, alpha=alpha, lr=lr, batch_size=batch_size,
-                        patience=patience, baseline=baseline).validate()
-    if patience is not None and val_data is None:
-        raise UsageError("--patience needs --val-data to stop on", hint="pass --val-data FILE")
+    values = given(student=student, student_kwargs=parse_json_object(student_kwargs, "--student-kwargs"),
+                   epochs=epochs, temperature=temperature, alpha=alpha, lr=lr, batch_size=batch_size,
+                   patience=patience, baseline=baseline or None)
     if plot is not None:
-        from modelzip_cli.checkpoint import check_output
-        from modelzip_cli.plot import plot_history, require_matplotlib
+        from modelzip_cli.files import check_output
+        from modelzip_cli.plot import require_matplotlib
 
         require_matplotlib()
-        check_output(plot, inputs=[teacher], force=force, suffixes=(".png",))
-    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
-                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
-                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+        check_output(plot, inputs=[teacher], force=shared.force, suffixes=(".png",))
     student_path = (Path(student),) if is_checkpoint_path(student) else ()
-    transform("distill", teacher, opts, cfg, as_json=as_json, quiet=quiet, data=data, val_data=val_data,
-              require_targets=cfg.needs_targets(), extra_inputs=student_path,
-              after=(lambda rep: plot_history(rep.steps[0].after, plot)) if plot is not None else None)
+    report = technique("distill", None, teacher, shared, values, files={"data": data, "val_data": val_data},
+                       extra_inputs=student_path, trusted_refs=frozenset({student}))
+    if plot is not None:
+        from modelzip_cli.plot import plot_history
+
+        plot_history(report.steps[0].after, plot)
 
 
-@app.command()
+@command(TRANSFORM_OPTIONS)
 def chain(
     model: Input,
     recipe: Annotated[Path, typer.Option("--recipe", help="TOML or JSON recipe: [[steps]] with op and options")],
@@ -351,46 +356,34 @@ def chain(
     keep_intermediate: Annotated[Path | None, typer.Option("--keep-intermediate",
                                                            help="also write each step's checkpoint here")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list each step's modules; change nothing")] = False,
-    output: Output = None, report: ReportPath = None, force: Force = False, seed: Seed = 0, arch: Arch = None,
-    arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False, input_shape: InputShape = None,
-    input_dtype: InputDtype = None, eval_data: EvalData = None, max_accuracy_drop: MaxDrop = None,
-    threads: Threads = None, as_json: Json = False, quiet: Quiet = False,
+    *, shared,
 ) -> None:
     """Run a recipe of steps (distill, prune, lowrank, quantize) in one process, with one report."""
-    from modelzip_cli.chain import check_data_needs, parse_recipe
+    from modelzip_cli.chain import check_data_needs_all, dry_run_report, parse_recipe, run_chain
 
     steps = parse_recipe(recipe)  # the whole recipe is checked before any weight is loaded
-    check_data_needs(steps, data)
-    opts = common_options(output=output, report=report, force=force, seed=seed, arch=arch, arch_kwargs=arch_kwargs,
-                          trust_code=trust_code, input_shape=input_shape, input_dtype=input_dtype,
-                          eval_data=eval_data, max_accuracy_drop=max_accuracy_drop, threads=threads)
+    check_data_needs_all(steps, data)
+    opts = common_options(shared)
     if dry_run:
-        from modelzip_cli.chain import dry_run_report
-
-        emit(dry_run_report(model, steps, opts), as_json=as_json, quiet=quiet)
+        emit(dry_run_report(model, steps, opts), shared)
         return
-    from modelzip_cli.chain import run_chain
-
-    rep = run_chain(model, steps, opts, data=data, progress=progress_factory(quiet),
-                    keep_intermediate=keep_intermediate)
-    emit(rep, as_json=as_json, quiet=quiet)
+    emit(run_chain(model, steps, opts, data=data, recipe=recipe, progress=progress_factory(shared.quiet),
+                   keep_intermediate=keep_intermediate), shared)
 
 
-@app.command()
+@command(MODEL_OPTIONS, RUN_OPTIONS)
 def compare(
     models: Annotated[list[Path], typer.Argument(help="two or more checkpoints; the first is the reference")],
     data: Annotated[Path, typer.Option("--data", help="labelled data file")],
-    batch_size: Annotated[int, typer.Option("--batch-size", help="N for the batch-N latency")] = 256,
-    threads: Threads = None, arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_code: TrustCode = False,
-    as_json: Json = False, quiet: Quiet = False,
+    batch_size: LatencyBatch = 256,
+    *, shared,
 ) -> None:
     """Size, parameters, accuracy, latency and agreement with the first model, side by side."""
     from modelzip_cli.compare import compare_checkpoints
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
-    opts = common_options(arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code, threads=threads)
-    emit(compare_checkpoints(models, data, opts, batch_n=batch_size), as_json=as_json, quiet=quiet)
+    emit(compare_checkpoints(models, data, common_options(shared), batch_n=batch_size), shared)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,7 +391,7 @@ def compare(
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; exceptions become one line on stderr (CONTRACT.md)."""
+    """Run the CLI and return its exit code; exceptions become one line on stderr (README, "Exit codes")."""
     import warnings
 
     # torch.ao's quantized ops warn of their deprecation on every use; that is ours to handle, not the user's.
@@ -422,7 +415,7 @@ def run(argv: list[str] | None = None) -> int:
         detail = str(exc).splitlines()[0] if str(exc) else ""
         print(f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; rerun with "
               f"MODELZIP_DEBUG=1 for the traceback and report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return INTERNAL_ERROR
     return 0
 
 

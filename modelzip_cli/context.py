@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -39,7 +39,8 @@ class Context:
     calib_data: Dataset | None = None
     eval_data: Dataset | None = None  # held-out data for figures only (never trained or stopped on)
     progress: Callable[[str, int], contextlib.AbstractContextManager[Bar]] = null_progress
-    notes: list[str] = field(default_factory=list)
+    trusted_refs: frozenset[str] = frozenset()  # architectures the user named on the command line
+    trust_code: bool = False  # --trust-code: pickled modules the technique reads may be unpickled
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

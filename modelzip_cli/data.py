@@ -1,4 +1,4 @@
-"""Dataset files → validated tensors and loaders (CONTRACT.md, Data files)."""
+"""Dataset files → validated tensors and loaders (docs/FORMAT.md, "Data files")."""
 
 from __future__ import annotations
 

@@ -1,16 +1,18 @@
 """Domain exceptions and the one table that turns them into exit codes.
 
-Code deep in the library raises these; only `cli.main` catches them. Every message is one line that
-says what is wrong and what to do (the hint).
+Code deep in the library raises these; only `cli.run` catches them. Every message is one line that
+says what is wrong and what to do (the hint). Exit codes are documented in README.md.
 """
 
 from __future__ import annotations
+
+INTERNAL_ERROR = 3  # anything that is not a ModelzipError is a bug
 
 
 class ModelzipError(Exception):
     """Base class: a message plus an optional hint."""
 
-    exit_code = 3
+    exit_code = INTERNAL_ERROR
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -48,14 +50,8 @@ class QualityGateFailed(ModelzipError):
     exit_code = 1
 
 
-EXIT_OK = 0
-EXIT_GATE = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 3
-
-
 def exit_code_for(exc: BaseException) -> int:
-    """The one mapping from exception to exit code (CONTRACT.md, Exit codes)."""
+    """The one mapping from exception to exit code: 1 gate, 2 usage/input, 3 a bug."""
     if isinstance(exc, ModelzipError):
         return exc.exit_code
-    return EXIT_INTERNAL
+    return INTERNAL_ERROR

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelzip_cli.errors import InputError
+from modelzip_cli.files import check_readable
+from modelzip_cli.format import CHECKPOINT_SUFFIXES, MANIFEST_KEY, SEP
 from modelzip_cli.report import Report, file_info
 
-SEP = "::"  # as checkpoint.SEP: stored parts of an encoded tensor are NAME::PART
-MANIFEST_KEY = "modelzip"
-SUFFIXES = {".safetensors", ".pt", ".pth", ".bin"}
 # Buffers that are state, not parameters (BatchNorm statistics, quantization observers).
 _NOT_PARAMS = ("running_mean", "running_var", "num_batches_tracked", "scale", "zero_point")
 
@@ -28,16 +27,6 @@ class TensorInfo:
     shape: list[int]
     dtype: str
     bytes: int
-
-
-def check_readable(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: no such file", hint="check the path")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not a checkpoint file", hint="pass a file")
-    if path.suffix not in SUFFIXES:
-        raise InputError(f"{path}: unknown checkpoint suffix {path.suffix!r}",
-                         hint="use .safetensors, .pt, .pth or .bin")
 
 
 def _safetensors_header(path: Path) -> tuple[list[TensorInfo], dict | None]:
@@ -62,7 +51,8 @@ def _safetensors_header(path: Path) -> tuple[list[TensorInfo], dict | None]:
 
 
 def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], dict | None]:
-    from modelzip_cli.checkpoint import TENSORS_KEY, read_torch, unwrap_state_dict
+    from modelzip_cli.checkpoint import read_torch, unwrap_state_dict
+    from modelzip_cli.format import TENSORS_KEY
 
     obj = read_torch(path, trust_code=trust_code, mmap=True)
     manifest = None
@@ -78,7 +68,7 @@ def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], dict 
 
 def read_header(path: Path, *, trust_code: bool = False) -> tuple[list[TensorInfo], dict | None]:
     """Every tensor's name, shape, dtype and stored bytes, plus the manifest, without reading data."""
-    check_readable(path)
+    check_readable(path, CHECKPOINT_SUFFIXES)
     if path.suffix == ".safetensors":
         return _safetensors_header(path)
     return _torch_header(path, trust_code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelzip_cli.data import Dataset
+from modelzip_cli.format import Encoded, encode_module, encode_state
 
 DEFAULT_BATCH_N = 256
 
@@ -79,14 +81,22 @@ def _scheme(module: nn.Module, state: dict) -> str:
 
 def stored_bytes(state: dict) -> int:
     """Bytes the checkpoint codecs would store for this state (sparse and quantized encodings included)."""
-    from modelzip_cli.checkpoint import encode_state
-
     tensors, _, _ = encode_state(state)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def layer_table(model: nn.Module, names: set[str] | None = None) -> list[dict]:
-    """One row per module that owns weights: name, type, shape, scheme, params, nonzeros, sparsity, bytes."""
+def _own_state_keys(module: nn.Module) -> list[str]:
+    """The module's own state keys (not its children's); torch.ao keeps packed weights one level down."""
+    return [k for k in module.state_dict() if "." not in k or k.startswith("_packed_params")]
+
+
+def layer_table(model: nn.Module, names: set[str] | None = None, encoded: Encoded | None = None, *,
+                with_bytes: bool = True) -> list[dict]:
+    """One row per module that owns weights: name, type, shape, scheme, params, nonzeros, sparsity, bytes.
+
+    Bytes come from one encoding of the whole model (`encoded`, made here when not given); without
+    `with_bytes` the rows have no bytes and nothing is encoded."""
+    sizes = (encoded or encode_module(model)).sizes() if with_bytes else None
     rows = []
     for name, module in model.named_modules():
         if names is not None and name not in names:
@@ -94,29 +104,45 @@ def layer_table(model: nn.Module, names: set[str] | None = None) -> list[dict]:
         weights = _logical_weights(module)
         if not weights:
             continue
-        state = {k: v for k, v in module.state_dict().items() if "." not in k or k.startswith("_packed_params")}
+        keys = _own_state_keys(module)
+        state = module.state_dict()
         w = weights.get("weight", next(iter(weights.values())))
         nnz = int(torch.count_nonzero(w))
+        prefix = f"{name}." if name else ""
         rows.append({
             "name": name or "(root)", "type": type(module).__name__, "shape": list(w.shape),
-            "scheme": _scheme(module, state),
+            "scheme": _scheme(module, {k: state[k] for k in keys}),
             "params": sum(t.numel() for t in weights.values()),
             "nonzero": nnz, "sparsity": round(1 - nnz / max(1, w.numel()), 6),
-            "bytes": stored_bytes(state),
         })
+        if sizes is not None:
+            rows[-1]["bytes"] = sum(sizes.get(prefix + k, 0) for k in keys)
     return rows
 
 
-def sparsity(tensors: list[torch.Tensor]) -> float:
-    total = sum(t.numel() for t in tensors)
-    zeros = sum(int(t.numel() - torch.count_nonzero(t)) for t in tensors)
-    return zeros / max(1, total)
+def model_figures(model: nn.Module, encoded: Encoded | None = None) -> dict:
+    """Parameters and stored bytes: the before/after figures every step records."""
+    return {"parameters": count_parameters(model), "bytes": (encoded or encode_module(model)).total_bytes()}
 
 
 def gzip_bytes(path: Path) -> int:
-    """Size after gzip level 6: how small the file is for transfer (zeros compress)."""
-    c = gzip.compress(Path(path).read_bytes(), compresslevel=6)
-    return len(c)
+    """Size after gzip level 6: how small the file is for transfer (zeros compress). Streamed in 1 MB
+    chunks, so a multi-GB checkpoint costs no more memory than a small one."""
+
+    class _Count:
+        n = 0
+
+        def write(self, b) -> int:
+            self.n += len(b)
+            return len(b)
+
+        def flush(self) -> None:
+            pass
+
+    sink = _Count()
+    with open(path, "rb") as src, gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz:
+        shutil.copyfileobj(src, gz, 1 << 20)
+    return sink.n
 
 
 @torch.inference_mode()

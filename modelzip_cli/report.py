@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from modelzip_cli import __version__
+from modelzip_cli.version import __version__
 
 SCHEMA_VERSION = 1
 

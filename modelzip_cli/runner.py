@@ -13,20 +13,22 @@ from pathlib import Path
 
 import torch
 
-from modelzip_cli.checkpoint import Loaded, atomic_write_text, check_output, load_checkpoint, save_checkpoint
-from modelzip_cli.context import Context
+from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
+from modelzip_cli.context import Context, null_progress
 from modelzip_cli.data import Dataset, check_fits, load_data
 from modelzip_cli.errors import InputError, UsageError
-from modelzip_cli.measure import count_parameters, gzip_bytes, layer_table, model_metrics, stored_bytes
+from modelzip_cli.files import atomic_write_text, check_distinct, check_output
+from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
+from modelzip_cli.measure import count_parameters, gzip_bytes, layer_table, model_figures, model_metrics
 from modelzip_cli.report import Report, Step, file_info
+from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs
 
-OUTPUT_TAGS = {"prune": "pruned", "quantize": "quantized", "lowrank": "lowrank", "distill": "distilled",
-               "chain": "chained"}
+CHAIN_TAG = "chained"
 
 
 @dataclass
 class CommonOptions:
-    """Options every transforming command takes (CONTRACT.md)."""
+    """Options every transforming command takes (README, "Commands")."""
 
     output: Path | None = None
     report: Path | None = None
@@ -42,9 +44,13 @@ class CommonOptions:
     threads: int | None = None
 
 
+def output_tag(command: str) -> str:
+    return OPS[command].tag if command in OPS else CHAIN_TAG
+
+
 def default_output(input_path: Path, command: str) -> Path:
     """model.pt → model.pruned.pt, beside the input."""
-    return input_path.with_name(f"{input_path.stem}.{OUTPUT_TAGS[command]}{input_path.suffix}")
+    return input_path.with_name(f"{input_path.stem}.{output_tag(command)}{input_path.suffix}")
 
 
 def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions) -> tuple[Path, Path]:
@@ -54,7 +60,8 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions) 
         raise UsageError("--max-accuracy-drop needs --eval-data to measure the drop")
     if opts.max_accuracy_drop is not None and opts.max_accuracy_drop < 0:
         raise UsageError(f"--max-accuracy-drop must be ≥ 0, got {opts.max_accuracy_drop}")
-    check_output(output, inputs=input_paths, force=opts.force, suffixes=(".safetensors", ".pt"))
+    check_distinct({"output": output, "report": report})
+    check_output(output, inputs=input_paths, force=opts.force, suffixes=OUTPUT_SUFFIXES)
     check_output(report, inputs=input_paths, force=opts.force, suffixes=(".json",))
     return output, report
 
@@ -76,42 +83,30 @@ def load_dataset(path: Path | None, loaded: Loaded, *, require_targets: bool = T
     return data
 
 
-def model_figures(model: torch.nn.Module) -> dict:
-    """Before/after figures every step records."""
-    return {"parameters": count_parameters(model), "bytes": stored_bytes(model.state_dict())}
-
-
-Apply = Callable[[Loaded, Context], list[Step]]
-
-
-def is_quantized(manifest) -> bool:
-    return any(e.get("kind", "").startswith("quantize") for e in manifest.edits)
-
-
 def check_applicable(op: str, loaded: Loaded) -> None:
-    from modelzip_cli.techniques import TECHNIQUES
-
-    if TECHNIQUES[op].float_only and is_quantized(loaded.manifest):
+    if OPS[op].float_only and loaded.manifest.is_quantized():
         raise InputError(f"{loaded.path or 'the model'} is already quantized; {op} works on float models",
                          hint=f"run {op} before quantize, on the float checkpoint")
 
 
-def apply_technique(op: str, cfg, loaded: Loaded, ctx: Context) -> Step:
-    """Run one technique on the in-memory model; record its edits in the manifest. Used by every command
-    and by every chain step, so there is one implementation of each technique's bookkeeping."""
-    from modelzip_cli.techniques import TECHNIQUES
-
-    technique = TECHNIQUES[op]
-    check_applicable(op, loaded)
-    before = model_figures(loaded.model)
+def apply_technique(cfg: MethodConfig, loaded: Loaded, ctx: Context) -> Step:
+    """Run one technique on the in-memory model and turn its result into a report step. Used by every
+    command and every chain step, so there is one implementation of each technique's bookkeeping.
+    The model is encoded once after the step; the figures, the layer table and the saved file share it."""
+    before = model_figures(loaded.model, loaded.encoded)
     t0 = time.perf_counter()
-    loaded.model, step, loaded.manifest = technique.apply(loaded.model, cfg, ctx, loaded.manifest)
-    step.duration_s = round(time.perf_counter() - t0, 4)
-    step.before = {**before, **step.before}
-    step.after = {**model_figures(loaded.model), **step.after}
-    if not step.layers:
-        step.layers = layer_table(loaded.model)
-    return step
+    result = OPS[cfg.op].apply(loaded.model, cfg, ctx, loaded.manifest)
+    duration = round(time.perf_counter() - t0, 4)
+    loaded.model = result.model
+    loaded.manifest = result.manifest or loaded.manifest.with_edits(result.edits)
+    loaded.encoded = encode_module(loaded.model)
+    rows = result.layers
+    if rows is None:
+        rows = [{**row, **result.layer_extra.get(row["name"], {})}
+                for row in layer_table(loaded.model, encoded=loaded.encoded)]
+    return Step(op=cfg.op, config=cfg.to_dict(), before={**before, **result.before},
+                after={**model_figures(loaded.model, loaded.encoded), **result.after}, layers=rows,
+                duration_s=duration, notes=result.notes)
 
 
 def load_step_data(loaded: Loaded, ctx: Context, *, data: Path | None = None, val_data: Path | None = None,
@@ -132,14 +127,37 @@ def load_step_data(loaded: Loaded, ctx: Context, *, data: Path | None = None, va
     ctx.calib_data = read(calib_data, False) if calib_data else ctx.calib_data
 
 
-def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Apply, *,
+Apply = Callable[[Loaded, Context], list[Step]]
+
+
+def run_technique(cfg: MethodConfig, model: Path, opts: CommonOptions, *, files: dict[str, Path | None],
+                  progress=null_progress, extra_inputs: tuple[Path, ...] = (), gzip_output: bool = False,
+                  trusted_refs: frozenset[str] = frozenset()) -> Report:
+    """One technique command end to end: its data needs checked first, then `run_transform`.
+    `trusted_refs`: architectures named on the command line (a distill student)."""
+    check_data_needs(cfg, files, where=f"--method {cfg.method}" if cfg.method else cfg.op)
+
+    def prepare(loaded: Loaded, ctx: Context) -> None:
+        load_step_data(loaded, ctx, data=files.get("data"), val_data=files.get("val_data"),
+                       calib_data=files.get("calib_data"), require_targets=cfg.needs_targets())
+
+    return run_transform(cfg.op, model, opts, lambda loaded, ctx: [apply_technique(cfg, loaded, ctx)],
+                         ops=[cfg.op], context=Context(progress=progress, trusted_refs=trusted_refs), prepare=prepare,
+                         gzip_output=gzip_output, extra_inputs=[*extra_inputs, *(f for f in files.values() if f)])
+
+
+def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Apply, *, ops: list[str] = (),
                   context: Context | None = None, prepare: Callable[[Loaded, Context], None] | None = None,
                   extra_inputs: list[Path] = (), gzip_output: bool = False) -> Report:
-    """Run one transforming command end to end. `apply` mutates `loaded` (model and manifest)."""
-    output, report_path = resolve_outputs(command, [input_path, *extra_inputs], opts)
+    """Run one transforming command end to end. `apply` mutates `loaded` (model and manifest).
+    `extra_inputs`: every other file the run reads (data, recipe, student), which no output may be."""
+    inputs = [input_path, *extra_inputs, *([opts.eval_data] if opts.eval_data else [])]
+    output, report_path = resolve_outputs(command, inputs, opts)
     loaded = load_input(input_path, opts)
+    for op in ops:
+        check_applicable(op, loaded)
     ctx = context or Context()
-    ctx.seed = opts.seed
+    ctx.seed, ctx.trust_code = opts.seed, opts.trust_code
     eval_data = load_dataset(opts.eval_data, loaded)
     ctx.eval_data = eval_data
     if prepare is not None:
@@ -147,37 +165,45 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     if ctx.example_input is None and loaded.manifest.input_shape:
         ctx.example_input = loaded.manifest.example_input()
     report = Report(command=command)
-    in_params = count_parameters(loaded.model)
-    report.input = file_info(input_path, in_params)
+    report.input = file_info(input_path, count_parameters(loaded.model))
     if eval_data is not None:
         report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
                                                 size_bytes=report.input["bytes"])
     torch.manual_seed(opts.seed)
     report.steps = apply(loaded, ctx)
-    report.warnings += ctx.notes
-    save_checkpoint(loaded.model, loaded.manifest, output)
+    save_checkpoint(loaded.model, loaded.manifest, output, encoded=loaded.encoded)
     report.output = file_info(output, count_parameters(loaded.model))
     if gzip_output:
         report.output["gzip_bytes"] = gzip_bytes(output)
     if eval_data is not None:
         report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
                                                  size_bytes=report.output["bytes"])
-        lat_in, lat_out = report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"]
-        for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {lat_out['n']}")):
-            before, after = lat_in[key], lat_out[key]
-            if after > before * 1.05:  # say so when the "compressed" model is measurably slower
-                report.warnings.append(f"the output is slower than the input at {label}: {after:.3f} ms vs "
-                                       f"{before:.3f} ms (median, {lat_out['threads']} threads)")
-        if opts.max_accuracy_drop is not None:
-            drop = accuracy_drop(report.metrics)
-            report.gate = {"max_accuracy_drop": opts.max_accuracy_drop, "accuracy_drop": round(drop, 4),
-                           "passed": drop <= opts.max_accuracy_drop}
-            if not report.gate["passed"]:
-                report.warnings.append(f"quality gate failed: accuracy dropped {drop:.2f} points, more than "
-                                       f"--max-accuracy-drop {opts.max_accuracy_drop}")
+        _latency_warnings(report)
+        _gate(report, opts)
     report.summary = final_comparison(report)
     atomic_write_text(report_path, report.to_json())
     return report
+
+
+def _latency_warnings(report: Report) -> None:
+    """Say so when the "compressed" model is measurably slower."""
+    lat_in, lat_out = report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"]
+    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {lat_out['n']}")):
+        before, after = lat_in[key], lat_out[key]
+        if after > before * 1.05:
+            report.warnings.append(f"the output is slower than the input at {label}: {after:.3f} ms vs "
+                                   f"{before:.3f} ms (median, {lat_out['threads']} threads)")
+
+
+def _gate(report: Report, opts: CommonOptions) -> None:
+    if opts.max_accuracy_drop is None:
+        return
+    drop = accuracy_drop(report.metrics)
+    report.gate = {"max_accuracy_drop": opts.max_accuracy_drop, "accuracy_drop": round(drop, 4),
+                   "passed": drop <= opts.max_accuracy_drop}
+    if not report.gate["passed"]:
+        report.warnings.append(f"quality gate failed: accuracy dropped {drop:.2f} points, more than "
+                               f"--max-accuracy-drop {opts.max_accuracy_drop}")
 
 
 def final_comparison(report: Report) -> dict:

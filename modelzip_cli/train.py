@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 0.0
     patience: int | None = None  # early stopping on validation loss; None = run every epoch
-    schedule: str = "cosine"  # cosine | constant
 
     def validate(self) -> TrainConfig:
         if self.epochs < 0:
@@ -42,12 +41,7 @@ class TrainConfig:
             raise UsageError(f"batch size must be ≥ 1, got {self.batch_size}")
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"patience must be ≥ 1, got {self.patience}")
-        if self.schedule not in {"cosine", "constant"}:
-            raise UsageError(f"schedule must be cosine or constant, got {self.schedule!r}")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None, idx: torch.Tensor):
@@ -66,10 +60,13 @@ def _adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimize
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | None = None,
           loss_fn: LossFn = cross_entropy, val: Dataset | None = None, description: str = "train",
-          seed_offset: int = 0, after_step: Callable[[], None] | None = None) -> list[dict]:
+          seed_offset: int = 0, after_step: Callable[[], None] | None = None,
+          on_epoch: Callable[[int], None] | None = None) -> list[dict]:
     """Train `model` in place; return the per-epoch history. With `cfg.patience` and `val`, stop early
     and keep the weights of the epoch with the lowest validation loss. `after_step` runs after every
-    optimizer step (pruning uses it to keep removed weights at zero)."""
+    optimizer step (pruning uses it to keep removed weights at zero); `on_epoch(epoch)` at the start of
+    every epoch, after the model is put in training mode (QAT freezes observers there). The learning
+    rate follows a cosine schedule over all steps."""
     cfg.validate()
     ctx = ctx or Context()
     progress = ctx.progress if ctx.progress is not None else null_progress
@@ -85,6 +82,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | N
     with progress(description, cfg.epochs) as bar:
         for epoch in range(cfg.epochs):
             model.train()
+            if on_epoch is not None:
+                on_epoch(epoch)
             # Sums stay tensors until the epoch ends: a float() per batch would cost as much as a small model.
             loss_sum, correct, seen, parts_sum = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, {}
             for x, y, idx in data.batches(cfg.batch_size, shuffle=True, generator=gen):
@@ -94,9 +93,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | N
                 loss.backward()
                 opt.step()
                 step_count += 1
-                if cfg.schedule == "cosine":  # set directly: LambdaLR's bookkeeping costs as much as a tiny model
-                    opt.param_groups[0]["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step_count, total_steps)
-                                                                            / total_steps))
+                # cosine, set directly: LambdaLR's bookkeeping costs as much as a tiny model
+                opt.param_groups[0]["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step_count, total_steps)
+                                                                        / total_steps))
                 if after_step is not None:  # e.g. re-apply pruning masks
                     after_step()
                 n = x.shape[0]

@@ -8,8 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from modelzip_cli.checkpoint import Manifest, build_arch, decode_state, encode_state, load_checkpoint, save_model
+from modelzip_cli.checkpoint import Manifest, build_arch, load_checkpoint, save_model
 from modelzip_cli.errors import InputError, UntrustedCodeError, UsageError
+from modelzip_cli.format import decode_state, encode_state
 from modelzip_cli.zoo import ZOO
 
 from .conftest import DIGITS_TEACHER, run_fresh, run_modelzip

@@ -43,10 +43,10 @@ def test_same_seed_same_loss_history():
     teacher = load_checkpoint(DIGITS_TEACHER)
     data = load_data(DIGITS_TRAIN)
     cfg = DistillConfig(student="zoo:mlp", student_kwargs={"hidden_sizes": [32]}, epochs=3)
-    runs = [apply(teacher.model, cfg, Context(seed=7, data=data), teacher.manifest)[1].after["history"]
+    runs = [apply(teacher.model, cfg, Context(seed=7, data=data), teacher.manifest).after["history"]
             for _ in range(2)]
     assert runs[0] == runs[1]
-    other = apply(teacher.model, cfg, Context(seed=8, data=data), teacher.manifest)[1].after["history"]
+    other = apply(teacher.model, cfg, Context(seed=8, data=data), teacher.manifest).after["history"]
     assert other != runs[0]
 
 
@@ -54,11 +54,20 @@ def test_student_from_checkpoint_and_early_stopping(cli, tmp_path):
     start = tmp_path / "start.safetensors"
     assert cli("distill", DIGITS_TEACHER, *STUDENT, "--data", DIGITS_TRAIN, "--epochs", "1", "-o", start,
                "-q").code == 0
+    out = tmp_path / "s2.safetensors"
     r = cli("distill", DIGITS_TEACHER, "--student", start, "--data", DIGITS_TRAIN, "--val-data", DIGITS_TEST,
-            "--epochs", "30", "--patience", "2", "--lr", "0.05", "-o", tmp_path / "s2.safetensors", "--json", "-q")
+            "--epochs", "30", "--patience", "2", "--lr", "0.05", "-o", out, "--json", "-q")
     assert r.code == 0, r.stderr
     after = r.json["steps"][0]["after"]
-    assert after["epochs_run"] <= 30 and "val_loss" in after["history"][0]
+    history = after["history"]
+    assert after["epochs_run"] == len(history) < 30, "early stopping never stopped"
+    best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    assert best == len(history) - 1 - 2, "it stops `patience` epochs after the best one"
+    # the best epoch's weights are what was written, not the last epoch's
+    e = cli("eval", out, "--data", DIGITS_TEST, "--json", "-q")
+    assert e.code == 0
+    assert e.json["metrics"][str(out)]["loss"] == pytest.approx(history[best]["val_loss"], abs=1e-6)
+    assert history[-1]["val_loss"] > history[best]["val_loss"]
 
 
 def test_plot_writes_a_png(cli, tmp_path):

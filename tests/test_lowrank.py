@@ -72,7 +72,8 @@ def test_transformer_blocks_factorized_or_skipped_with_notes(cli, tmp_path):
 
 def test_layer_that_would_not_shrink_is_left_alone():
     lin = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    model, step, edits = lowrank(lin, LowRankConfig(rank_ratio=0.75), Context(example_input=torch.rand(1, 16)))
+    result = lowrank(lin, LowRankConfig(rank_ratio=0.75), Context(example_input=torch.rand(1, 16)))
+    model, step, edits = result.model, result, result.edits
     assert isinstance(model[0], torch.nn.Linear) and edits == []
     assert any("left as it was" in n and "0 (16×16)" in n for n in step.notes)
 
@@ -89,7 +90,7 @@ def test_randomized_path_is_seeded_and_close_to_exact():
         for _ in range(2):
             m = torch.nn.Sequential(torch.nn.Linear(1100, 1200), torch.nn.Linear(1200, 4))
             m[0].weight.data.copy_(w)
-            _, step, _ = lowrank(m, LowRankConfig(rank_ratio=0.1, svd=path, include=["0"]), Context(seed=3))
+            step = lowrank(m, LowRankConfig(rank_ratio=0.1, svd=path, include=["0"]), Context(seed=3))
             runs.append((m[0][0].weight.clone(), step.layers[0]))
         assert torch.equal(runs[0][0], runs[1][0])  # same seed, same factors
         results[path] = runs[0][1]
@@ -127,3 +128,10 @@ def test_lowrank_bad_inputs_exit_2_and_write_nothing(cli, tmp_path):
         assert r.code == 2, f"{what}: {r.code} {r.stderr}"
         one_line_error(r)
     assert set(tmp_path.iterdir()) == before
+
+
+def test_parameter_budget_never_leaves_a_layer_at_rank_0():
+    # the weak layer's first singular value is worth less per parameter than the strong one's later ones
+    spectra = {"strong": torch.tensor([10.0, 9.0, 8.0, 7.0]), "weak": torch.tensor([0.01, 0.001, 0.0, 0.0])}
+    ranks = _budget_ranks(spectra, {"strong": (4, 4), "weak": (4, 4)}, budget=8 * 3)
+    assert ranks["weak"] >= 1 and sum(ranks.values()) == 3

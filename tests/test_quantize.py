@@ -152,13 +152,14 @@ class _Recurrent(torch.nn.Module):
 def test_dynamic_quantizes_lstm_and_gru_when_present():
     from modelzip_cli.checkpoint import Manifest
     from modelzip_cli.context import Context
-    from modelzip_cli.techniques.quantize import QuantizeConfig, apply
+    from modelzip_cli.techniques.quantize import DynamicConfig, apply
 
     torch.manual_seed(0)
     model = _Recurrent().eval()
     x = torch.randn(4, 5, 8)
-    q, step, manifest = apply(model, QuantizeConfig(method="dynamic"), Context(example_input=x[:1]),
-                              Manifest(arch="tests:recurrent", input_shape=[1, 5, 8]))
+    step = apply(model, DynamicConfig(), Context(example_input=x[:1]),
+                 Manifest(arch="tests:recurrent", input_shape=[1, 5, 8]))
+    q, manifest = step.model, Manifest(arch="tests:recurrent").with_edits(step.edits)
     assert manifest.edits[0]["modules"] == ["lstm", "gru", "head"]
     kinds = {type(m).__module__ for n, m in q.named_modules() if n in {"lstm", "gru", "head"}}
     assert all("quantized" in k for k in kinds), kinds

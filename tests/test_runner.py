@@ -12,7 +12,7 @@ from modelzip_cli.errors import OutputError, UsageError
 from modelzip_cli.report import Step
 from modelzip_cli.runner import CommonOptions, default_output, run_transform
 
-from .conftest import DIGITS_TEACHER, DIGITS_TEST, validate_report
+from .conftest import DIGITS_TEACHER, DIGITS_TEST, one_line_error, validate_report
 
 
 def identity(loaded, ctx):
@@ -59,9 +59,11 @@ def test_bad_outputs_are_refused_before_any_work(tmp_path, case):
         opts.output = tmp_path / "missing" / "o.safetensors"
     else:
         opts.report = opts.output
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as caught:
         run_transform("prune", DIGITS_TEACHER, opts, apply)
     assert not called
+    if case == "report equals output":  # refused as a collision, not by accident of its suffix
+        assert "same file" in str(caught.value), caught.value
     if case == "exists":
         assert opts.output.read_bytes() == b"precious"
         opts.force = True
@@ -69,8 +71,14 @@ def test_bad_outputs_are_refused_before_any_work(tmp_path, case):
         assert opts.output.read_bytes() != b"precious"
 
 
-def test_output_error_is_a_usage_error():
-    assert issubclass(OutputError, UsageError)
+def test_an_output_error_is_exit_2_with_one_line_and_nothing_written(cli, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"precious")
+    r = cli("prune", DIGITS_TEACHER, "--ratio", "0.5", "-o", out)
+    assert r.code == 2 and "already exists" in one_line_error(r) and "--force" in r.stderr
+    assert out.read_bytes() == b"precious" and not (tmp_path / "o.json").exists()
+    with pytest.raises(OutputError):  # the library raises the domain error; the CLI maps it
+        run_transform("prune", DIGITS_TEACHER, CommonOptions(output=out), identity)
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):

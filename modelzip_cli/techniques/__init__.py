@@ -1,29 +1,34 @@
-"""One module per technique, and the registry that maps an op name to its config and function.
+"""The techniques, and the one registry that maps an op name to its configs, function and dry-run plan.
 
-Importing this package also registers every edit kind's replay function with the checkpoint module.
-Every technique function has the same shape:
-    apply(model, config, ctx, manifest) -> (model, Step, the manifest that describes the new model)
+Every technique module defines its config classes (one per method) and an `OP` entry; this is the only
+list of ops. Every technique function has the same shape:
+    apply(model, config, ctx, manifest) -> Result
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from modelzip_cli.errors import UsageError
 from modelzip_cli.techniques import distill, lowrank, prune, quantize
+from modelzip_cli.techniques.base import DATA_FLAGS, MethodConfig, Op, Result
+
+OPS: dict[str, Op] = {op.name: op for op in (distill.OP, prune.OP, lowrank.OP, quantize.OP)}
+
+__all__ = ["OPS", "MethodConfig", "Op", "Result", "make_config", "check_data_needs"]
 
 
-@dataclass(frozen=True)
-class Technique:
-    config: type
-    apply: Callable
-    float_only: bool = True  # refuses an already-quantized model (quantize too: no double quantization)
-    plan: Callable | None = None  # (model, config, example input) → names of the modules it would change
+def make_config(op: str, method: str | None, values: dict[str, Any], *, where: str = "") -> MethodConfig:
+    """The validated config of `op`/`method` from user values (CLI flags or a recipe step)."""
+    if op not in OPS:
+        raise UsageError(f"{where}unknown op {op!r}", hint="use one of " + ", ".join(OPS))
+    return OPS[op].config(method, values, where=where)
 
 
-TECHNIQUES: dict[str, Technique] = {
-    "prune": Technique(prune.PruneConfig, prune.apply, plan=prune.plan),
-    "quantize": Technique(quantize.QuantizeConfig, quantize.apply, plan=quantize.plan),
-    "lowrank": Technique(lowrank.LowRankConfig, lowrank.apply, plan=lowrank.plan),
-    "distill": Technique(distill.DistillConfig, distill.apply),
-}
+def check_data_needs(cfg: MethodConfig, given: dict[str, Path | None], *, where: str) -> None:
+    """Refuse, before any work, a method whose data files are missing. `given`: key → file or None."""
+    for need in sorted(cfg.required_data()):
+        if given.get(need) is None:
+            what, flag = DATA_FLAGS[need]
+            raise UsageError(f"{where} needs {what}", hint=f"pass {flag} FILE")

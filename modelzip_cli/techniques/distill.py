@@ -10,71 +10,65 @@ student from the same initialization on cross-entropy alone, with the same budge
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from modelzip_cli.checkpoint import Manifest, build_arch, load_checkpoint
+from modelzip_cli.checkpoint import build_arch, load_checkpoint
 from modelzip_cli.context import Context
 from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.format import CHECKPOINT_SUFFIXES, Manifest
 from modelzip_cli.measure import count_parameters, evaluate, predict
-from modelzip_cli.report import Step
+from modelzip_cli.techniques.base import MethodConfig, Op, Result
 from modelzip_cli.train import TrainConfig, train
 
 
-@dataclass
-class DistillConfig:
+class DistillConfig(MethodConfig):
+    op: ClassVar[str] = "distill"
     student: str  # zoo:NAME / package.module:callable, or a checkpoint path to start from
-    student_kwargs: dict | None = None
-    epochs: int = 20
-    temperature: float = 4.0
-    alpha: float = 0.7
-    lr: float = 1e-2  # a small student from scratch: a high rate, cosine-decayed
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    patience: int | None = None  # early stopping on validation loss (needs val data)
+    student_kwargs: dict[str, Any] | None = None
+    epochs: int = Field(20, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) loss
+    lr: float = Field(1e-2, gt=0)  # a small student from scratch: a high rate, cosine-decayed
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int | None = Field(None, ge=1)  # early stopping on validation loss (needs val data)
     baseline: bool = False
-
-    def validate(self) -> DistillConfig:
-        if not self.temperature > 0:
-            raise UsageError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
-        self.train_config().validate()
-        return self
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                            weight_decay=self.weight_decay, patience=self.patience)
 
     def required_data(self) -> set[str]:
-        return {"data"}
+        return {"data", "val_data"} if self.patience is not None else {"data"}
 
     def needs_targets(self) -> bool:
-        return self.alpha < 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return self.alpha < 1 or self.baseline  # the baseline trains on labels alone
 
 
 def is_checkpoint_path(ref: str) -> bool:
-    return Path(ref).suffix in {".safetensors", ".pt", ".pth", ".bin"}
+    return Path(ref).suffix in CHECKPOINT_SUFFIXES
 
 
-def load_student(cfg: DistillConfig, teacher_manifest: Manifest, seed: int) -> tuple[nn.Module, Manifest]:
-    """The student module and the manifest that will describe it."""
+def load_student(cfg: DistillConfig, teacher_manifest: Manifest, seed: int,
+                 ctx: Context | None = None) -> tuple[nn.Module, Manifest]:
+    """The student module and the manifest that will describe it. An architecture is imported only when
+    the user named it on the command line (`ctx.trusted_refs`) or it passes the trust gate."""
+    ctx = ctx or Context()
     if is_checkpoint_path(cfg.student):
         if cfg.student_kwargs:
             raise UsageError("--student-kwargs applies to an architecture, not to a checkpoint student")
-        loaded = load_checkpoint(cfg.student)
-        if any(e.get("kind", "").startswith("quantize") for e in loaded.manifest.edits):
+        loaded = load_checkpoint(cfg.student, trust_code=ctx.trust_code)
+        if loaded.manifest.is_quantized():
             raise InputError(f"student {cfg.student} is quantized and cannot be trained", hint="start from float")
         return loaded.model, loaded.manifest
     torch.manual_seed(seed)
-    model = build_arch(cfg.student, cfg.student_kwargs, trusted=True)
+    model = build_arch(cfg.student, cfg.student_kwargs, trusted=cfg.student in ctx.trusted_refs)
     shape = teacher_manifest.input_shape
     return model, Manifest(arch=cfg.student, arch_kwargs=dict(cfg.student_kwargs or {}), input_shape=shape,
                            input_dtype=teacher_manifest.input_dtype)
@@ -110,14 +104,13 @@ def distill_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float)
     return loss_fn
 
 
-def apply(teacher: nn.Module, cfg: DistillConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, Manifest]:
-    cfg.validate()
+def apply(teacher: nn.Module, cfg: DistillConfig, ctx: Context, manifest: Manifest) -> Result:
     if ctx.data is None:
         raise UsageError("distill needs --data to train the student on")
     if cfg.needs_targets() and ctx.data.targets is None:
         raise InputError(f"data file {ctx.data.path} has no 'targets', which --alpha {cfg.alpha} < 1 needs",
                          hint="add targets, or pass --alpha 1 to learn from the teacher alone")
-    student, student_manifest = load_student(cfg, manifest, ctx.seed)
+    student, student_manifest = load_student(cfg, manifest, ctx.seed, ctx)
     example = ctx.example_input if ctx.example_input is not None else ctx.data.inputs[:1]
     check_compatible(teacher, student, example)
     teacher.eval()
@@ -127,28 +120,35 @@ def apply(teacher: nn.Module, cfg: DistillConfig, ctx: Context, manifest: Manife
     initial = copy.deepcopy(student.state_dict())
     history = train(student, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data, description="distill",
                     loss_fn=distill_loss(cached, cfg.temperature, cfg.alpha))
-    step = Step(op="distill", config=cfg.to_dict())
     t_params, s_params = count_parameters(teacher), count_parameters(student)
-    step.before = {"teacher_parameters": t_params}
-    step.after = {"student_parameters": s_params, "compression_ratio": round(t_params / max(1, s_params), 3),
-                  "history": history, "epochs_run": len(history)}
+    result = Result(student.eval(), manifest=student_manifest, before={"teacher_parameters": t_params})
+    result.after = {"student_parameters": s_params, "compression_ratio": round(t_params / max(1, s_params), 3),
+                    "history": history, "epochs_run": len(history)}
     measure_on = ctx.eval_data or ctx.val_data
     if measure_on is not None:
-        step.after["teacher_accuracy"] = evaluate(teacher, measure_on)["accuracy"]
-        step.after["student_accuracy"] = evaluate(student, measure_on)["accuracy"]
+        result.after["teacher_accuracy"] = evaluate(teacher, measure_on)["accuracy"]
+        result.after["student_accuracy"] = evaluate(student, measure_on)["accuracy"]
     if cfg.baseline:
-        scratch = copy.deepcopy(student)
-        scratch.load_state_dict(initial)  # the same initialization
-        base_history = train(scratch, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data,
-                             description="baseline (cross-entropy only)")
-        step.after["baseline_history"] = base_history
-        if measure_on is not None:
-            scratch_acc = evaluate(scratch, measure_on)["accuracy"]
-            step.after["baseline_accuracy"] = scratch_acc
-            step.after["distillation_gain"] = round((step.after["student_accuracy"] - scratch_acc) * 100, 4)
-            step.notes.append(f"distillation gain on {measure_on.path.name}: "
-                              f"{step.after['distillation_gain']:+.2f} accuracy points against the same student "
-                              "trained on labels alone")
-        else:
-            step.notes.append("--baseline trained, but no --eval-data or --val-data to compare the two on")
-    return student.eval(), step, student_manifest
+        _baseline(result, student, initial, cfg, ctx, measure_on)
+    return result
+
+
+def _baseline(result: Result, student: nn.Module, initial: dict, cfg: DistillConfig, ctx: Context,
+              measure_on) -> None:
+    """The same student from the same initialization, trained on labels alone with the same budget."""
+    scratch = copy.deepcopy(student)
+    scratch.load_state_dict(initial)
+    base_history = train(scratch, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data,
+                         description="baseline (cross-entropy only)")
+    result.after["baseline_history"] = base_history
+    if measure_on is None:
+        result.notes.append("--baseline trained, but no --eval-data or --val-data to compare the two on")
+        return
+    scratch_acc = evaluate(scratch, measure_on)["accuracy"]
+    result.after["baseline_accuracy"] = scratch_acc
+    result.after["distillation_gain"] = round((result.after["student_accuracy"] - scratch_acc) * 100, 4)
+    result.notes.append(f"distillation gain on {measure_on.path.name}: {result.after['distillation_gain']:+.2f} "
+                        "accuracy points against the same student trained on labels alone")
+
+
+OP = Op("distill", "distilled", {"": DistillConfig}, apply)

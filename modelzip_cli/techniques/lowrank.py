@@ -7,74 +7,47 @@ Large layers at a small rank use the seeded randomized SVD (`torch.svd_lowrank`)
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from modelzip_cli.checkpoint import Manifest, register_edit
 from modelzip_cli.context import Context
+from modelzip_cli.edits import factorized, replace_module
 from modelzip_cli.errors import UsageError
-from modelzip_cli.report import Step
+from modelzip_cli.format import Manifest
+from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import matches, output_layer, select_modules
 
 RANDOMIZED_MIN_DIM = 1024  # below this the exact SVD is fast enough
 RANDOMIZED_MAX_FRACTION = 0.25  # randomized only when r ≤ this fraction of min(out, in)
 
 
-@dataclass
-class LowRankConfig:
-    rank_ratio: float | None = None  # r = ratio · min(out, in)
-    energy: float | None = None  # smallest r keeping this fraction of Σs²
-    params_ratio: float | None = None  # whole-model parameter budget, shared out by singular-value energy
-    svd: str = "auto"  # auto | exact | randomized
-    niter: int = 4  # randomized SVD power iterations
-    oversample: int = 16  # randomized SVD extra columns
-    finetune_epochs: int = 3
-    lr: float = 5e-4
-    batch_size: int = 64
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+class LowRankConfig(MethodConfig, Selection, FineTune):
+    """Exactly one of rank_ratio, energy, params_ratio chooses each layer's rank."""
 
-    def validate(self) -> LowRankConfig:
-        given = {k: v for k, v in (("--rank-ratio", self.rank_ratio), ("--energy", self.energy),
-                                   ("--params-ratio", self.params_ratio)) if v is not None}
+    op: ClassVar[str] = "lowrank"
+    rank_ratio: float | None = Field(None, gt=0, le=1)  # r = ratio · min(out, in)
+    energy: float | None = Field(None, gt=0, le=1)  # smallest r keeping this fraction of Σs²
+    params_ratio: float | None = Field(None, gt=0, le=1)  # whole-model parameter budget, shared by energy
+    svd: Literal["auto", "exact", "randomized"] = "auto"
+    niter: int = Field(4, ge=0)  # randomized SVD power iterations
+    oversample: int = Field(16, ge=0)  # randomized SVD extra columns
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> LowRankConfig:
+        given = [f for f, v in (("--rank-ratio", self.rank_ratio), ("--energy", self.energy),
+                                ("--params-ratio", self.params_ratio)) if v is not None]
         if len(given) != 1:
             raise UsageError("give exactly one of --rank-ratio, --energy, --params-ratio" +
                              (f" (got {', '.join(given)})" if given else ""))
-        for flag, value in given.items():
-            if not 0 < value <= 1:
-                raise UsageError(f"{flag} must be in (0, 1], got {value}")
-        if self.svd not in {"auto", "exact", "randomized"}:
-            raise UsageError(f"--svd must be auto, exact or randomized, got {self.svd!r}")
-        if self.finetune_epochs < 0 or not self.lr > 0:
-            raise UsageError("--finetune-epochs must be ≥ 0 and --lr > 0")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def factorized(in_features: int, out_features: int, rank: int, bias: bool) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias))
 
 
 def break_even(out_features: int, in_features: int) -> float:
     """Rank at which the two factors hold as many parameters as the dense weight."""
     return out_features * in_features / (out_features + in_features)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-@register_edit("lowrank")
-def _replay(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
-    for name, rank in edit["ranks"].items():
-        m = model.get_submodule(name)
-        _replace(model, name, factorized(m.in_features, m.out_features, rank, m.bias is not None))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,12 +60,14 @@ def _energy_rank(s: torch.Tensor, energy: float) -> int:
 
 
 def _budget_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int) -> dict:
-    """Share `budget` parameters among layers: repeatedly give one more rank to the layer whose next
-    singular value keeps the most of its layer's energy per parameter spent."""
-    ranks = {n: 0 for n in spectra}
+    """Share `budget` parameters among layers: every layer gets rank 1 first (a rank-0 layer would be a
+    bias alone), then one more rank at a time goes to the layer whose next singular value keeps the most
+    of its layer's energy per parameter spent."""
+    ranks = {n: 1 for n in spectra}
     totals = {n: float((s.double() ** 2).sum()) for n, s in spectra.items()}
-    spent = 0
-    heap = [(-(float(s[0]) ** 2) / totals[n] / sum(shapes[n]), n) for n, s in spectra.items() if totals[n] > 0]
+    spent = sum(sum(shapes[n]) for n in spectra)
+    heap = [(-(float(s[1]) ** 2) / totals[n] / sum(shapes[n]), n) for n, s in spectra.items()
+            if totals[n] > 0 and len(s) > 1]
     heapq.heapify(heap)
     while heap:
         _, n = heapq.heappop(heap)
@@ -105,6 +80,26 @@ def _budget_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
         if k < len(spectra[n]):
             heapq.heappush(heap, (-(float(spectra[n][k]) ** 2) / totals[n] / sum(shapes[n]), n))
     return ranks
+
+
+def choose_ranks(model: nn.Module, cfg: LowRankConfig, layers: list) -> tuple[dict[str, int], dict]:
+    """Each selected layer's rank by the config's one rule, and the singular values computed on the way."""
+    shapes = {n: (m.out_features, m.in_features) for n, m in layers}
+    spectra: dict[str, torch.Tensor] = {}
+    if cfg.energy is not None or cfg.params_ratio is not None:
+        spectra = {n: torch.linalg.svdvals(m.weight.float()) for n, m in layers}
+    if cfg.rank_ratio is not None:
+        return {n: max(1, round(cfg.rank_ratio * min(shapes[n]))) for n in shapes}, spectra
+    if cfg.energy is not None:
+        return {n: _energy_rank(s, cfg.energy) for n, s in spectra.items()}, spectra
+    total = sum(p.numel() for p in model.parameters())
+    fixed = total - sum(m.weight.numel() for _, m in layers)  # everything that stays dense, biases included
+    budget = int(cfg.params_ratio * total) - fixed
+    if budget < sum(sum(s) for s in shapes.values()):
+        raise UsageError(f"--params-ratio {cfg.params_ratio} leaves {max(budget, 0):,} parameters for the "
+                         f"selected weights, less than rank 1 everywhere needs",
+                         hint="raise --params-ratio or select fewer layers")
+    return _budget_ranks(spectra, shapes, budget), spectra
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,26 +135,10 @@ def plan(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor | None) -> 
 
 
 @torch.no_grad()
-def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> tuple[nn.Module, Step, list[dict]]:
-    cfg.validate()
+def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> Result:
     layers, notes = select(model, cfg, ctx.example_input)
     shapes = {n: (m.out_features, m.in_features) for n, m in layers}
-    spectra: dict[str, torch.Tensor] = {}
-    if cfg.energy is not None or cfg.params_ratio is not None:
-        spectra = {n: torch.linalg.svdvals(m.weight.float()) for n, m in layers}
-    if cfg.rank_ratio is not None:
-        ranks = {n: max(1, round(cfg.rank_ratio * min(shapes[n]))) for n in shapes}
-    elif cfg.energy is not None:
-        ranks = {n: _energy_rank(s, cfg.energy) for n, s in spectra.items()}
-    else:
-        total = sum(p.numel() for p in model.parameters())
-        fixed = total - sum(m.weight.numel() for _, m in layers)  # everything that stays dense, biases included
-        budget = int(cfg.params_ratio * total) - fixed
-        if budget < sum(sum(s) for s in shapes.values()):
-            raise UsageError(f"--params-ratio {cfg.params_ratio} leaves {max(budget, 0):,} parameters for the "
-                             f"selected weights, less than rank 1 everywhere needs",
-                             hint="raise --params-ratio or select fewer layers")
-        ranks = _budget_ranks(spectra, shapes, budget)
+    ranks, spectra = choose_ranks(model, cfg, layers)
 
     rows, edit_ranks = [], {}
     for i, (name, m) in enumerate(layers):
@@ -187,7 +166,7 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> tuple[nn.Modu
         full = spectra.get(name)
         energy = (float((full[:r].double() ** 2).sum() / (full.double() ** 2).sum()) if full is not None
                   else 1 - rel_err ** 2)
-        _replace(model, name, new)
+        replace_module(model, name, new)
         edit_ranks[name] = r
         params = sum(p.numel() for p in new.parameters())
         row.update(rank=r, energy_kept=round(energy, 6), relative_error=round(rel_err, 6), svd=path,
@@ -202,12 +181,12 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> tuple[nn.Modu
         with torch.enable_grad():
             history = train(model, ctx.data, TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr,
                                                          batch_size=cfg.batch_size), ctx=ctx, description="fine-tune")
-    step = Step(op="lowrank", config=cfg.to_dict(), layers=rows, notes=notes)
-    if history:
-        step.after["finetune_history"] = history
-    return model, step, ([{"kind": "lowrank", "ranks": edit_ranks}] if edit_ranks else [])
+    return Result(model, [{"kind": "lowrank", "ranks": edit_ranks}] if edit_ranks else [], notes=notes,
+                  layers=rows, after={"finetune_history": history} if history else {})
 
 
-def apply(model: nn.Module, cfg: LowRankConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, Manifest]:
-    model, step, edits = lowrank(model, cfg, ctx)
-    return model, step, manifest.with_edits(edits)
+def apply(model: nn.Module, cfg: LowRankConfig, ctx: Context, manifest: Manifest) -> Result:
+    return lowrank(model, cfg, ctx)
+
+
+OP = Op("lowrank", "lowrank", {"": LowRankConfig}, apply, plan=plan)

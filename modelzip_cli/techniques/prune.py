@@ -11,59 +11,55 @@ BatchNorm, a flatten feeding a Linear). Its pruning history is the edit the mani
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from modelzip_cli.checkpoint import Manifest, register_edit
 from modelzip_cli.context import Context
+from modelzip_cli.edits import dependency_graph, quiet_pruning
 from modelzip_cli.errors import UsageError
+from modelzip_cli.format import Manifest
 from modelzip_cli.measure import layer_table
-from modelzip_cli.report import Step
+from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_modules
 
 CHUNK = 1 << 22  # elements per temporary (16 MB of float32): bounds extra memory whatever the model size
 BINS = 4096
 
 
-@dataclass
-class PruneConfig:
-    ratio: float
-    method: str = "magnitude"  # magnitude | structured | gradual
-    scope: str = "global"  # magnitude: one threshold over all selected weights, or the ratio in every layer
-    granularity: str = "unstructured"  # gradual: unstructured (magnitude) | structured
-    steps: int = 5  # gradual: number of pruning steps
-    finetune_epochs: int = 3  # with --data: after pruning (one-shot) or after each step (gradual)
-    lr: float = 5e-4  # fine-tuning learning rate: lower than training, the weights are already good
-    batch_size: int = 64
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+class _PruneConfig(MethodConfig, Selection, FineTune):
+    op: ClassVar[str] = "prune"
+    ratio: float = Field(ge=0, lt=1)  # fraction of weights (magnitude) or units (structured) to remove
 
-    def validate(self) -> PruneConfig:
-        if not 0 <= self.ratio < 1:
-            raise UsageError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.method not in PRUNERS:
-            raise UsageError(f"unknown prune method {self.method!r}", hint="use " + ", ".join(PRUNERS))
-        if self.scope not in {"global", "layer"}:
-            raise UsageError(f"--scope must be global or layer, got {self.scope!r}")
-        if self.granularity not in {"unstructured", "structured"}:
-            raise UsageError(f"--granularity must be unstructured or structured, got {self.granularity!r}")
-        if self.steps < 1:
-            raise UsageError(f"--steps must be ≥ 1, got {self.steps}")
-        if self.finetune_epochs < 0:
-            raise UsageError(f"--finetune-epochs must be ≥ 0, got {self.finetune_epochs}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, got {self.lr}")
-        return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+class MagnitudeConfig(_PruneConfig):
+    """Zero the smallest |w|: one threshold over all selected weights (global), or the ratio in every layer."""
+
+    method: ClassVar[str] = "magnitude"
+    scope: Literal["global", "layer"] = "global"
+
+
+class StructuredConfig(_PruneConfig):
+    """Remove whole units (neurons, channels) by L2 norm; layers physically shrink."""
+
+    method: ClassVar[str] = "structured"
+
+
+class GradualConfig(_PruneConfig):
+    """Reach the ratio over `steps` on a cubic schedule, fine-tuning between steps."""
+
+    method: ClassVar[str] = "gradual"
+    granularity: Literal["unstructured", "structured"] = "unstructured"
+    scope: Literal["global", "layer"] = "global"  # unstructured granularity only
+    steps: int = Field(5, ge=1)
+
+
+PruneConfig = MagnitudeConfig | StructuredConfig | GradualConfig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,21 +138,6 @@ def magnitude_prune(weights: dict[str, torch.Tensor], ratio: float, scope: str) 
 # Structured: remove whole units, with Torch-Pruning's dependency graph
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Torch-Pruning prints and warns while tracing; keep the user's terminal clean."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _dependency_graph(model: nn.Module, example: torch.Tensor):
-    import torch_pruning as tp
-
-    with _quiet(), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-
-
 def _units(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
@@ -171,7 +152,7 @@ class StructuredPruner:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.graph = _dependency_graph(self.model, self.example)
+        self.graph = dependency_graph(self.model, self.example)
         self.original = {n: _units(m) for n, m in self.layers}
         self.names = {id(m): n for n, m in self.model.named_modules()}
         self.skipped: set[str] = set()
@@ -198,14 +179,14 @@ class StructuredPruner:
             score = m.weight.detach().flatten(1).norm(dim=1)  # L2 norm of each unit's weights
             idxs = torch.argsort(score, stable=True)[:remove].tolist()
             fn = tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels
-            with _quiet():
+            with quiet_pruning():
                 group = self.graph.get_pruning_group(m, fn, idxs)
             reason = self._blocker(group, selected)
             if reason:
                 self.skipped.add(name)
                 self.notes.append(f"{name} left as it was: {reason}")
                 continue
-            with _quiet():
+            with quiet_pruning():
                 group.prune()
 
     def _blocker(self, group, selected: set[str]) -> str | None:
@@ -230,19 +211,6 @@ class StructuredPruner:
 
     def history(self) -> list:
         return [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in self.graph.pruning_history()]
-
-
-@register_edit("prune_structured")
-def _replay_structured(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
-    graph = _dependency_graph(model, manifest.example_input())
-    with _quiet():
-        graph.load_pruning_history([tuple(h) for h in edit["history"]])
-    return model
-
-
-@register_edit("prune_magnitude")
-def _replay_magnitude(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
-    return model  # zeros live in the tensors themselves; the edit is history only
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,11 +242,11 @@ def _selected_weights(model: nn.Module, cfg: PruneConfig) -> dict[str, torch.Ten
     return {n: m.weight for n, m in select_modules(model, include=cfg.include, exclude=cfg.exclude)}
 
 
-def _structured_layers(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[tuple[str, nn.Module]]:
-    if ctx.example_input is None:
+def _structured_layers(model: nn.Module, cfg: PruneConfig, example: torch.Tensor | None) -> list:
+    if example is None:
         raise UsageError("structured pruning traces the model and needs an example input",
                          hint="pass --input-shape (e.g. 1,64) or --data")
-    head = output_layer(model, ctx.example_input)
+    head = output_layer(model, example)
     layers = [(n, m) for n, m in select_modules(model, include=cfg.include, exclude=cfg.exclude) if n != head]
     if not layers:
         raise UsageError("only the output layer is selected, and it keeps its size",
@@ -286,30 +254,37 @@ def _structured_layers(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list
     return layers
 
 
+def _is_structured(cfg: PruneConfig) -> bool:
+    return isinstance(cfg, StructuredConfig) or (isinstance(cfg, GradualConfig) and cfg.granularity == "structured")
+
+
 def plan(model: nn.Module, cfg: PruneConfig, example: torch.Tensor | None) -> list[str]:
     """Names of the modules this config would prune (for `chain --dry-run`)."""
-    if cfg.method == "structured" or (cfg.method == "gradual" and cfg.granularity == "structured"):
-        return [n for n, _ in _structured_layers(model, cfg, Context(example_input=example))]
+    if _is_structured(cfg):
+        return [n for n, _ in _structured_layers(model, cfg, example)]
     return list(_selected_weights(model, cfg))
 
 
-def prune_magnitude(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[list[dict], list[dict]]:
+ZEROES_ONLY = ("only zeroes weights: dense kernels run no faster; the file shrinks because zeros are stored as "
+               "a bitmask")
+
+
+def prune_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> Result:
     weights = _selected_weights(model, cfg)
     magnitude_prune(weights, cfg.ratio, cfg.scope)
     history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label="fine-tune")
-    ctx.notes.append("magnitude pruning only zeroes weights: dense kernels run no faster; the file shrinks "
-                     "because zeros are stored as a bitmask")
-    return [{"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights)}], history
+    edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights)}
+    return Result(model, [edit], notes=[f"magnitude pruning {ZEROES_ONLY}"], after=_history(history))
 
 
-def prune_structured(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[list[dict], list[dict]]:
-    pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx))
+def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> Result:
+    pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input))
     pruner.prune_to(cfg.ratio)
-    ctx.notes.extend(pruner.notes)
-    ctx.notes.append(f"structured pruning removed whole units: {len(pruner.history())} layer groups physically "
-                     "shrunk, so dense inference does less work")
+    notes = [*pruner.notes, f"structured pruning removed whole units: {len(pruner.history())} layer groups "
+             "physically shrunk, so dense inference does less work"]
     history = _fine_tune(model, cfg, ctx, masks=None, label="fine-tune")
-    return [{"kind": "prune_structured", "ratio": cfg.ratio, "history": pruner.history()}], history
+    edit = {"kind": "prune_structured", "ratio": cfg.ratio, "history": pruner.history()}
+    return Result(model, [edit], notes=notes, after=_history(history))
 
 
 def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
@@ -317,11 +292,11 @@ def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float
     return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
 
 
-def prune_gradual(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[list[dict], list[dict]]:
+def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     schedule = cubic_schedule(cfg.ratio, cfg.steps)
     structured = cfg.granularity == "structured"
     if structured:
-        pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx))
+        pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input))
         pruner.check(cfg.ratio)
     else:
         weights = _selected_weights(model, cfg)
@@ -335,43 +310,38 @@ def prune_gradual(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[lis
                           label=f"step {t}/{cfg.steps} → {target:.1%}", seed_offset=t)
         history += [{**r, "step": t, "target": round(target, 6)} for r in rows]
     if structured:
-        ctx.notes.extend(dict.fromkeys(pruner.notes))
-        return [{"kind": "prune_structured", "ratio": cfg.ratio, "schedule": schedule,
-                 "history": pruner.history()}], history
-    ctx.notes.append("gradual unstructured pruning only zeroes weights: dense kernels run no faster; the file "
-                     "shrinks because zeros are stored as a bitmask")
-    return [{"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights),
-             "schedule": schedule}], history
+        edit = {"kind": "prune_structured", "ratio": cfg.ratio, "schedule": schedule, "history": pruner.history()}
+        return Result(model, [edit], notes=list(dict.fromkeys(pruner.notes)), after=_history(history))
+    edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights),
+            "schedule": schedule}
+    return Result(model, [edit], notes=[f"gradual unstructured pruning {ZEROES_ONLY}"], after=_history(history))
 
 
-PRUNERS: dict[str, Callable[[nn.Module, PruneConfig, Context], tuple[list[dict], list[dict]]]] = {
-    "magnitude": prune_magnitude,
-    "structured": prune_structured,
-    "gradual": prune_gradual,
+def _history(history: list[dict]) -> dict:
+    return {"finetune_history": history} if history else {}
+
+
+PRUNERS: dict[type, Callable[..., Result]] = {
+    MagnitudeConfig: prune_magnitude,
+    StructuredConfig: prune_structured,
+    GradualConfig: prune_gradual,
 }
 
 
-def prune(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[nn.Module, Step, list[dict]]:
-    """Prune `model` in place. Returns it, the step record, and the edits for the manifest."""
-    cfg.validate()
-    before = {row["name"]: row for row in layer_table(model)}
-    edits, history = PRUNERS[cfg.method](model, cfg, ctx)
-    after = layer_table(model)
-    rows = [{**row, "shape_before": before.get(row["name"], {}).get("shape"),
-             "params_before": before.get(row["name"], {}).get("params")} for row in after]
-    selected = [r for r in after if r["name"] in set(edits[0].get("layers", []))]
-    notes = list(ctx.notes)
-    ctx.notes.clear()
-    step = Step(op="prune", config=cfg.to_dict(), layers=rows, notes=notes)
+def apply(model: nn.Module, cfg: PruneConfig, ctx: Context, manifest: Manifest) -> Result:
+    """Prune `model` in place; the result's layer rows also say each layer's shape and size before."""
+    before = {row["name"]: row for row in layer_table(model, with_bytes=False)}
+    result = PRUNERS[type(cfg)](model, cfg, ctx)
+    after = layer_table(model, with_bytes=False)
+    result.layer_extra = {row["name"]: {"shape_before": before.get(row["name"], {}).get("shape"),
+                                        "params_before": before.get(row["name"], {}).get("params")} for row in after}
+    chosen = set(result.edits[0].get("layers", []))
+    selected = [r for r in after if r["name"] in chosen]
     if selected:
         nnz = sum(r["nonzero"] for r in selected)
         total = sum(math.prod(r["shape"]) for r in selected)  # the weight tensors (biases are not pruned)
-        step.after["selected_sparsity"] = round(1 - nnz / max(1, total), 6)
-    if history:
-        step.after["finetune_history"] = history
-    return model, step, edits
+        result.after["selected_sparsity"] = round(1 - nnz / max(1, total), 6)
+    return result
 
 
-def apply(model: nn.Module, cfg: PruneConfig, ctx: Context, manifest: Manifest) -> tuple[nn.Module, Step, Manifest]:
-    model, step, edits = prune(model, cfg, ctx)
-    return model, step, manifest.with_edits(edits)
+OP = Op("prune", "pruned", {c.method: c for c in PRUNERS}, apply, plan=plan, default_method="magnitude")

@@ -68,7 +68,16 @@ def convert_static(prepared: nn.Module) -> nn.Module:
 
 
 def freeze_observers(prepared: nn.Module) -> None:
-    """QAT: stop updating BatchNorm statistics and observer ranges (the last fine-tuning epochs)."""
+    """QAT: stop updating observer ranges and BatchNorm statistics (the last fine-tuning epochs).
+
+    Fused Conv+BN modules keep the flag across `train()`; plain BatchNorm layers are put in eval mode,
+    which the training loop's `model.train()` undoes, so this runs at the start of every frozen epoch."""
+    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
     from torch.ao.quantization import disable_observer
 
-    prepared.apply(disable_observer)
+    with quiet():
+        prepared.apply(disable_observer)
+        prepared.apply(freeze_bn_stats)
+    for m in prepared.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

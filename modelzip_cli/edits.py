@@ -1,0 +1,200 @@
+"""Replayable module surgery: the modules techniques put in place, and the registry that rebuilds them.
+
+Every structural change a technique makes is recorded in the manifest as a plain-data edit
+(`{"kind": ..., ...}`). Loading builds the architecture afresh and replays the edits, in order, with the
+functions registered here, before the stored tensors are loaded strictly. Techniques (a higher layer) use
+the same surgery functions, so there is one implementation of each change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzip_cli import quant_backend as backend
+from modelzip_cli.errors import InputError
+from modelzip_cli.format import Manifest
+
+ReplayFn = Callable[[nn.Module, dict, Manifest], nn.Module]
+EDIT_REPLAYS: dict[str, ReplayFn] = {}
+
+# Replays that only build modules and never run the model: safe on the meta device.
+META_SAFE_EDITS = {"prune_magnitude", "lowrank", "quantize_weight_only"}
+
+
+def register_edit(kind: str) -> Callable[[ReplayFn], ReplayFn]:
+    def decorate(fn: ReplayFn) -> ReplayFn:
+        EDIT_REPLAYS[kind] = fn
+        return fn
+
+    return decorate
+
+
+def replay_edits(model: nn.Module, manifest: Manifest) -> nn.Module:
+    """Apply the manifest's edits, in order, to a freshly built model. Returns the (possibly new) model."""
+    for i, edit in enumerate(manifest.edits):
+        kind = edit.get("kind")
+        if kind not in EDIT_REPLAYS:
+            raise InputError(f"edit {i + 1} of the manifest has unknown kind {kind!r}",
+                             hint="the file was written by a newer modelzip; upgrade")
+        model = EDIT_REPLAYS[kind](model, edit, manifest)
+    return model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pruning: magnitude zeros live in the tensors; structured pruning replays Torch-Pruning's history.
+
+
+@contextlib.contextmanager
+def quiet_pruning() -> Iterator[None]:
+    """Torch-Pruning prints and warns while tracing; keep the user's terminal clean."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor):
+    """Torch-Pruning's dependency graph: which layers must shrink together."""
+    import torch_pruning as tp
+
+    with quiet_pruning(), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+
+
+@register_edit("prune_structured")
+def _replay_structured(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    graph = dependency_graph(model, manifest.example_input())
+    with quiet_pruning():
+        graph.load_pruning_history([tuple(h) for h in edit["history"]])
+    return model
+
+
+@register_edit("prune_magnitude")
+def _replay_magnitude(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    return model  # zeros live in the tensors themselves; the edit is history only
+
+
+# ---------------------------------------------------------------------------------------------------
+# Low rank: Linear(in→out) becomes Linear(in→r, no bias) → Linear(r→out)
+
+
+def factorized(in_features: int, out_features: int, rank: int, bias: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias))
+
+
+@register_edit("lowrank")
+def _replay_lowrank(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    for name, rank in edit["ranks"].items():
+        m = model.get_submodule(name)
+        replace_module(model, name, factorized(m.in_features, m.out_features, rank, m.bias is not None))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight-only quantization: integer weights + scales + zero points, float compute
+
+
+class WeightOnlyLinear(nn.Module):
+    """A Linear whose weight is stored as int8, or int4 packed two per byte, with per-group scales."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if 0 < group_size < in_features else in_features
+        groups = math.ceil(in_features / self.group_size)
+        padded = groups * self.group_size
+        cols = padded if bits == 8 else math.ceil(padded / 2)
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8 else torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups))
+        self.register_buffer("zero_points", torch.zeros(out_features, groups, dtype=torch.int8))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scheme = f"int{bits} weight-only (group {self.group_size})"
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, group_size: int) -> WeightOnlyLinear:
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
+        w = linear.weight.detach().float()
+        pad = q.scales.shape[1] * q.group_size - q.in_features
+        g = F.pad(w, (0, pad)).reshape(q.out_features, -1, q.group_size)  # (out, groups, group)
+        if bits == 8:  # symmetric: zero point 0, range ±127
+            scale = g.abs().amax(-1).clamp(min=1e-12) / 127
+            ints = torch.clamp(torch.round(g / scale[..., None]), -127, 127)
+            zp = torch.zeros_like(scale, dtype=torch.int8)
+            q.qweight.copy_(ints.reshape(q.out_features, -1).to(torch.int8))
+        else:  # asymmetric: 0..15 with a zero point per group
+            lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            zp = torch.clamp(torch.round(-lo / scale), 0, 15)
+            ints = torch.clamp(torch.round(g / scale[..., None]) + zp[..., None], 0, 15).to(torch.uint8)
+            ints = ints.reshape(q.out_features, -1)
+            if ints.shape[1] % 2:
+                ints = F.pad(ints, (0, 1))
+            q.qweight.copy_(ints[:, 0::2] | (ints[:, 1::2] << 4))  # two 4-bit values per byte
+            zp = zp.to(torch.int8)
+        q.scales.copy_(scale)
+        q.zero_points.copy_(zp)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.bits == 8:
+            ints = self.qweight.float()
+        else:
+            ints = torch.stack([self.qweight & 0x0F, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
+            ints = ints[:, : self.scales.shape[1] * self.group_size].float()
+        g = ints.reshape(self.out_features, -1, self.group_size)  # (out, groups, group)
+        w = (g - self.zero_points.float()[..., None]) * self.scales[..., None]
+        return w.reshape(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def logical_weights(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.dequantized_weight()}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.scheme}"
+
+
+@register_edit("quantize_weight_only")
+def _replay_weight_only(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    for name in edit["modules"]:
+        m = model.get_submodule(name)
+        replace_module(model, name, WeightOnlyLinear(m.in_features, m.out_features, m.bias is not None,
+                                                     edit["bits"], edit["group_size"]))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# int8 dynamic / static: rebuild the backend's quantized module tree on a fresh float model
+
+
+@register_edit("quantize_dynamic")
+def _replay_dynamic(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    return backend.dynamic(model, set(edit["modules"]))
+
+
+@register_edit("quantize_static")
+def _replay_static(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    example = manifest.example_input()
+    prepared = backend.prepare_static(model, example, set(edit["skip"]), qat=edit.get("qat", False))
+    with torch.no_grad():
+        prepared.eval()(example)  # give observers a range; the stored scales replace it on load
+    return backend.convert_static(prepared)
