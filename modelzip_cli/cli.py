@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from modelzip_cli.version import __version__
 from modelzip_cli.errors import INTERNAL_ERROR, ModelzipError, UsageError, exit_code_for
+from modelzip_cli.version import __version__
 
 if TYPE_CHECKING:
     from modelzip_cli.report import Report

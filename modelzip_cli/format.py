@@ -15,8 +15,8 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from modelzip_cli.version import __version__
 from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.version import __version__
 
 if TYPE_CHECKING:
     import torch
