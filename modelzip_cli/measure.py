@@ -22,6 +22,7 @@ from modelzip_cli.data import Dataset
 from modelzip_cli.format import Encoded, encode_module, encode_state
 
 DEFAULT_BATCH_N = 256
+DEFAULT_BATCH_N_TOKENS = 32
 
 
 def default_threads() -> int:
@@ -187,10 +188,12 @@ def batch_of(example_source: torch.Tensor, batch: int) -> torch.Tensor:
     return example_source.repeat(reps, *[1] * (example_source.ndim - 1))[:batch].contiguous()
 
 
-def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int = DEFAULT_BATCH_N,
+def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int | None = None,
                   threads: int | None = None, size_bytes: int | None = None) -> dict:
-    """The report's metrics block for one model on one dataset."""
+    """The report's metrics block for one model on one dataset. Batch N defaults to 256 samples, or 32
+    sequences for token inputs (a sequence costs as much as hundreds of small samples)."""
     threads = threads or default_threads()
+    batch_n = batch_n or (DEFAULT_BATCH_N_TOKENS if data.inputs.dtype == torch.long else DEFAULT_BATCH_N)
     m = evaluate(model, data) if data.targets is not None else {"samples": len(data)}
     m["latency_ms"] = {
         "batch_1": latency_ms(model, data.inputs[:1], threads=threads),
@@ -201,6 +204,26 @@ def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int = DEFAULT_BAT
     if size_bytes is not None:
         m["bytes"] = size_bytes
     return m
+
+
+def outputs_class_logits(model: nn.Module) -> bool:
+    """Whether the model's compared output is class logits (modelzip's own models are classifiers; a
+    Hugging Face adapter says for itself)."""
+    return bool(getattr(model, "outputs_class_logits", True))
+
+
+def fidelity(reference: torch.Tensor, outputs: torch.Tensor, *, class_logits: bool = True) -> dict:
+    """How closely `outputs` follow `reference` (the input model's outputs on the same samples): cosine per
+    sample (mean and minimum), top-1 agreement when the outputs are class logits (N, classes), max |Δ|."""
+    ref, out = reference.float().flatten(1), outputs.float().flatten(1)  # (N, features)
+    cosine = F.cosine_similarity(ref, out, dim=1, eps=1e-12)
+    both_zero = (ref.norm(dim=1) == 0) & (out.norm(dim=1) == 0)
+    cosine = torch.where(both_zero, torch.ones_like(cosine), cosine)
+    result = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+              "max_abs_diff": float((ref - out).abs().max()), "samples": int(ref.shape[0])}
+    if class_logits and reference.ndim == 2:
+        result["top1_agreement"] = float((reference.argmax(1) == outputs.argmax(1)).float().mean())
+    return result
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from modelzip_cli.files import disk_bytes, files_of
 from modelzip_cli.version import __version__
 
 SCHEMA_VERSION = 1
@@ -57,15 +58,19 @@ def _jsonable(obj: Any) -> Any:
 
 
 def file_info(path: Path, parameters: int | None = None, *, hash_file: bool = True) -> dict:
-    """Path, sha256 (streamed, 1 MB at a time), parameters and bytes of a file."""
+    """Path, sha256 (streamed, 1 MB at a time), parameters and bytes of a file — or of a model directory,
+    whose hash covers every file's relative name and contents in order."""
     digest = None
     if hash_file:
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        for item in files_of(path):
+            if path.is_dir():
+                h.update(str(item.relative_to(path)).encode() + b"\0")
+            with open(item, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(chunk)
         digest = h.hexdigest()
-    return {"path": str(path), "sha256": digest, "parameters": parameters, "bytes": path.stat().st_size}
+    return {"path": str(path), "sha256": digest, "parameters": parameters, "bytes": disk_bytes(path)}
 
 
 def schema() -> dict:
@@ -88,6 +93,13 @@ def _fmt_bytes(n: int | None) -> str:
 
 def _fmt_acc(m: dict) -> str:
     return f"{m['accuracy'] * 100:.2f}%" if "accuracy" in m else "-"
+
+
+def _fmt_fidelity(f: dict | None) -> list[str]:
+    if not f:
+        return ["-", "-", "-"]
+    agree = f"{f['top1_agreement']:.2%}" if "top1_agreement" in f else "-"
+    return [f"{f['cosine_mean']:.4f} / {f['cosine_min']:.4f}", agree, f"{f['max_abs_diff']:.4g}"]
 
 
 def render(report: Report, console) -> None:
@@ -119,12 +131,12 @@ def render(report: Report, console) -> None:
                       _fmt_acc(m), f"{lat['batch_1']:.3f}", f"{lat['batch_n']:.3f}")
         console.print(t)
     if report.metrics:
-        agreement = any("top1_agreement" in m for m in report.metrics.values())
+        fidelity = any("fidelity" in m for m in report.metrics.values())
         t = Table("model", "accuracy", "loss", "params", "bytes", "batch 1 ms", "batch N ms",
-                  *(["top-1 agree", "max |Δlogit|"] if agreement else []))
+                  *(["cosine mean/min", "top-1 agree", "max |Δ|"] if fidelity else []))
         for label, m in report.metrics.items():
             lat = m.get("latency_ms", {})
-            extra = [f"{m['top1_agreement']:.2%}", f"{m['max_abs_logit_diff']:.4g}"] if agreement else []
+            extra = _fmt_fidelity(m.get("fidelity")) if fidelity else []
             t.add_row(Path(label).name, _fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-",
                       f"{m.get('parameters', 0):,}", _fmt_bytes(m.get("bytes")),
                       f"{lat.get('batch_1', 0):.3f}", f"{lat.get('batch_n', 0):.3f} (N={lat.get('n', '-')})", *extra)
@@ -142,7 +154,9 @@ def render(report: Report, console) -> None:
     if report.gate:
         g = report.gate
         status = "[green]passed[/]" if g["passed"] else "[red]FAILED[/]"
-        console.print(f"quality gate: accuracy drop {g['accuracy_drop']:.2f} pts (max {g['max_accuracy_drop']}) "
-                      f"{status}")
+        parts = ([f"accuracy drop {g['accuracy_drop']:.2f} pts (max {g['max_accuracy_drop']})"]
+                 if "accuracy_drop" in g else []) + ([f"fidelity {g['fidelity']:.4f} (min {g['min_fidelity']})"]
+                                                     if "fidelity" in g else [])
+        console.print(f"quality gate: {', '.join(parts)} {status}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")

@@ -19,7 +19,16 @@ from modelzip_cli.data import Dataset, check_fits, load_data
 from modelzip_cli.errors import InputError, UsageError
 from modelzip_cli.files import atomic_write_text, check_distinct, check_output
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
-from modelzip_cli.measure import count_parameters, gzip_bytes, layer_table, model_figures, model_metrics
+from modelzip_cli.measure import (
+    count_parameters,
+    fidelity,
+    gzip_bytes,
+    layer_table,
+    model_figures,
+    model_metrics,
+    outputs_class_logits,
+    predict,
+)
 from modelzip_cli.report import Report, Step, file_info
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs
 
@@ -41,7 +50,10 @@ class CommonOptions:
     input_dtype: str | None = None
     eval_data: Path | None = None
     max_accuracy_drop: float | None = None
+    min_fidelity: float | None = None
     threads: int | None = None
+    task: str | None = None  # a Hugging Face directory's task (its Auto class)
+    output_key: str | None = None  # which output to compare, when the model's output is not one tensor
 
 
 def output_tag(command: str) -> str:
@@ -58,8 +70,12 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions) 
     report = opts.report or output.with_suffix(".json")
     if opts.max_accuracy_drop is not None and opts.eval_data is None:
         raise UsageError("--max-accuracy-drop needs --eval-data to measure the drop")
-    if opts.max_accuracy_drop is not None and opts.max_accuracy_drop < 0:
-        raise UsageError(f"--max-accuracy-drop must be ≥ 0, got {opts.max_accuracy_drop}")
+    if opts.max_accuracy_drop is not None and not opts.max_accuracy_drop >= 0:  # NaN fails too
+        raise UsageError(f"--max-accuracy-drop must be a number ≥ 0, got {opts.max_accuracy_drop}")
+    if opts.min_fidelity is not None and opts.eval_data is None:
+        raise UsageError("--min-fidelity needs --eval-data to measure fidelity on")
+    if opts.min_fidelity is not None and not -1 <= opts.min_fidelity <= 1:
+        raise UsageError(f"--min-fidelity is a cosine in [-1, 1], got {opts.min_fidelity}")
     check_distinct({"output": output, "report": report})
     check_output(output, inputs=input_paths, force=opts.force, suffixes=OUTPUT_SUFFIXES)
     check_output(report, inputs=input_paths, force=opts.force, suffixes=(".json",))
@@ -68,7 +84,8 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions) 
 
 def load_input(path: Path, opts: CommonOptions) -> Loaded:
     return load_checkpoint(path, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_code=opts.trust_code,
-                           input_shape=opts.input_shape, input_dtype=opts.input_dtype)
+                           input_shape=opts.input_shape, input_dtype=opts.input_dtype, task=opts.task,
+                           output_key=opts.output_key)
 
 
 def load_dataset(path: Path | None, loaded: Loaded, *, require_targets: bool = True) -> Dataset | None:
@@ -77,9 +94,10 @@ def load_dataset(path: Path | None, loaded: Loaded, *, require_targets: bool = T
         return None
     data = load_data(path, require_targets=require_targets)
     check_fits(loaded.model, data, loaded.manifest.input_shape)
-    if loaded.manifest.input_shape is None:
+    tokens = data.inputs.dtype == torch.long  # token lengths vary: the data's own is the better example
+    if loaded.manifest.input_shape is None or tokens:
         loaded.manifest.input_shape = [1, *data.inputs.shape[1:]]
-        loaded.manifest.input_dtype = "long" if data.inputs.dtype == torch.long else "float"
+        loaded.manifest.input_dtype = "long" if tokens else "float"
     return data
 
 
@@ -158,7 +176,8 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         check_applicable(op, loaded)
     ctx = context or Context()
     ctx.seed, ctx.trust_code = opts.seed, opts.trust_code
-    eval_data = load_dataset(opts.eval_data, loaded)
+    # labels are needed only to measure an accuracy drop; fidelity needs inputs alone
+    eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
     ctx.eval_data = eval_data
     if prepare is not None:
         prepare(loaded, ctx)  # load and check the technique's own data before any work
@@ -166,11 +185,14 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         ctx.example_input = loaded.manifest.example_input()
     report = Report(command=command)
     report.input = file_info(input_path, count_parameters(loaded.model))
+    reference = None
     if eval_data is not None:
         report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
                                                 size_bytes=report.input["bytes"])
+        reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
     torch.manual_seed(opts.seed)
     report.steps = apply(loaded, ctx)
+    check_runs(loaded, command)
     save_checkpoint(loaded.model, loaded.manifest, output, encoded=loaded.encoded)
     report.output = file_info(output, count_parameters(loaded.model))
     if gzip_output:
@@ -178,11 +200,27 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     if eval_data is not None:
         report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
                                                  size_bytes=report.output["bytes"])
+        report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
+                                                        class_logits=outputs_class_logits(loaded.model))
         _latency_warnings(report)
         _gate(report, opts)
     report.summary = final_comparison(report)
     atomic_write_text(report_path, report.to_json())
     return report
+
+
+def check_runs(loaded: Loaded, command: str) -> None:
+    """Never write a model whose forward fails (a width that breaks an attention layout, say): run it on
+    the example input before saving."""
+    if not loaded.manifest.input_shape:
+        return
+    try:
+        with torch.inference_mode():
+            loaded.model.eval()(loaded.manifest.example_input(2))
+    except Exception as exc:
+        raise InputError(f"the {command} result cannot run its forward, so nothing was written: "
+                         f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+                         hint="leave the offending layers out with --exclude") from None
 
 
 def _latency_warnings(report: Report) -> None:
@@ -196,14 +234,24 @@ def _latency_warnings(report: Report) -> None:
 
 
 def _gate(report: Report, opts: CommonOptions) -> None:
-    if opts.max_accuracy_drop is None:
+    """The quality gates: --max-accuracy-drop (labelled data) and --min-fidelity (any data)."""
+    if opts.max_accuracy_drop is None and opts.min_fidelity is None:
         return
-    drop = accuracy_drop(report.metrics)
-    report.gate = {"max_accuracy_drop": opts.max_accuracy_drop, "accuracy_drop": round(drop, 4),
-                   "passed": drop <= opts.max_accuracy_drop}
-    if not report.gate["passed"]:
-        report.warnings.append(f"quality gate failed: accuracy dropped {drop:.2f} points, more than "
-                               f"--max-accuracy-drop {opts.max_accuracy_drop}")
+    report.gate = {"passed": True}
+    if opts.max_accuracy_drop is not None:
+        drop = accuracy_drop(report.metrics)
+        report.gate.update(max_accuracy_drop=opts.max_accuracy_drop, accuracy_drop=round(drop, 4))
+        if not drop <= opts.max_accuracy_drop:
+            report.gate["passed"] = False
+            report.warnings.append(f"quality gate failed: accuracy dropped {drop:.2f} points, more than "
+                                   f"--max-accuracy-drop {opts.max_accuracy_drop}")
+    if opts.min_fidelity is not None:
+        cosine = report.metrics["output"]["fidelity"]["cosine_mean"]
+        report.gate.update(min_fidelity=opts.min_fidelity, fidelity=cosine)
+        if not cosine >= opts.min_fidelity:
+            report.gate["passed"] = False
+            report.warnings.append(f"quality gate failed: fidelity (mean cosine to the input model) {cosine:.4f}, "
+                                   f"below --min-fidelity {opts.min_fidelity}")
 
 
 def final_comparison(report: Report) -> dict:

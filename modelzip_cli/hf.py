@@ -1,0 +1,204 @@
+"""Hugging Face models: a model directory as an input, and `hf:TASK` architectures built from a config.
+
+A transformers model takes keyword inputs and returns a `ModelOutput`; modelzip's techniques and
+measurements call `model(x)` and compare one tensor. `HFModel` bridges the two:
+
+- in: int64 token ids (N, L), or (N, 2, L) with the attention mask stacked under the ids (how a data file's
+  `attention_mask` travels through batching, shuffling and slicing), or float images (N, C, H, W);
+- out: the compared tensor — `logits` when the output has them, else the attention-masked mean of
+  `last_hidden_state` (the sentence-embedding convention), else its first tensor; `output_key` overrides.
+
+Models are built with transformers' Auto classes from the config, never with remote code; the manifest
+keeps the whole config, so a modelzip checkpoint of an HF model loads without the original directory.
+transformers is an optional extra (`pip install 'modelzip[hf]'`), imported only here and only when used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelzip_cli.errors import InputError, UsageError
+
+# --task → the Auto class that builds it
+TASKS = {
+    "feature-extraction": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
+    "image-classification": "AutoModelForImageClassification",
+}
+# the suffix of a config's `architectures` entry → its task
+_ARCH_SUFFIXES = (("ForSequenceClassification", "sequence-classification"),
+                  ("ForTokenClassification", "token-classification"), ("ForMaskedLM", "masked-lm"),
+                  ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
+                  ("ForImageClassification", "image-classification"))
+EXAMPLE_TOKENS = 32  # example sequence length when nothing else says
+
+
+def require_transformers():
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights come from the user's files
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("Hugging Face models need the transformers package",
+                         hint="pip install 'modelzip[hf]'") from None
+    transformers.logging.set_verbosity_error()  # its warnings are not the user's business here
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def task_for(config: dict, task: str | None = None) -> str:
+    """`--task`, else the task the config's `architectures` names, else feature extraction."""
+    if task is not None:
+        if task not in TASKS:
+            raise UsageError(f"unknown --task {task!r}", hint="use one of " + ", ".join(TASKS))
+        return task
+    for arch in config.get("architectures") or []:
+        for suffix, name in _ARCH_SUFFIXES:
+            if str(arch).endswith(suffix):
+                return name
+    return "feature-extraction"
+
+
+def select_output(out: Any, mask: torch.Tensor | None, key: str | None = None) -> torch.Tensor:
+    """The one tensor modelzip compares from a model's output (module docstring)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        if key is not None:
+            if key not in out or not isinstance(out[key], torch.Tensor):
+                raise InputError(f"the model's output has no tensor {key!r}",
+                                 hint="--output-key one of " + ", ".join(k for k, v in out.items()
+                                                                        if isinstance(v, torch.Tensor)))
+            value = out[key]
+            return _pool(value, mask) if key == "last_hidden_state" else value
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        if isinstance(out.get("last_hidden_state"), torch.Tensor):
+            return _pool(out["last_hidden_state"], mask)
+        values = list(out.values())
+    else:
+        values = list(out) if isinstance(out, (tuple, list)) else []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise InputError(f"the model's output ({type(out).__name__}) holds no tensor to compare")
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if hidden.ndim == 4:  # (B, C, H, W) feature maps: global average pool
+        return hidden.mean(dim=(2, 3))
+    if hidden.ndim != 3:
+        return hidden.flatten(1)
+    if mask is None:
+        return hidden.mean(dim=1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)  # (B, D)
+
+
+class HFModel(nn.Module):
+    """A transformers model as modelzip sees it: one tensor in, one tensor out (module docstring)."""
+
+    def __init__(self, model: nn.Module, output_key: str | None = None, task: str = "feature-extraction"):
+        super().__init__()
+        self.model = model
+        self.output_key = output_key
+        # class logits (N, classes) get a top-1 agreement; embeddings and per-token outputs do not
+        self.outputs_class_logits = task in {"sequence-classification", "image-classification"} and (
+            output_key in (None, "logits"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if x.is_floating_point():
+            out = self.model(pixel_values=x)  # (B, C, H, W) images
+        else:
+            if x.ndim == 3:  # (B, 2, L): ids over mask
+                x, mask = x[:, 0], x[:, 1]
+            out = self.model(input_ids=x, attention_mask=mask)
+        return select_output(out, mask, self.output_key)
+
+
+def build(task: str, config: dict, output_key: str | None = None) -> HFModel:
+    """The `hf:TASK` architecture: a freshly initialised model of this config."""
+    transformers = require_transformers()
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise InputError("the Hugging Face config has no model_type", hint="pass a config.json of a transformers model")
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **config)
+        auto = getattr(transformers, TASKS[task_for({}, task)])
+        model = auto.from_config(cfg, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"transformers cannot build a {model_type} model for {task}: {str(exc).splitlines()[0]}",
+                         hint="check config.json and --task") from None
+    return HFModel(model, output_key, task)
+
+
+def example_shape(config: dict, task: str) -> tuple[list[int], str]:
+    """A batch-1 example input from the config: token ids, or an image of the configured size."""
+    if task == "image-classification" or "num_channels" in config or config.get("model_type") in {"resnet", "vit"}:
+        size = config.get("image_size", 224)
+        return [1, config.get("num_channels", 3), size, size], "float"
+    length = min(EXAMPLE_TOKENS, config.get("max_position_embeddings") or config.get("n_positions") or EXAMPLE_TOKENS)
+    return [1, length], "long"
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}/config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InputError(f"{path}/config.json is not a transformers config (no model_type)")
+    return config
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFModel, dict]:
+    """An HF model directory through transformers' own loader (shards, renamed keys, tied weights, the stored
+    dtype), offline and without remote code. `pytorch_model.bin` is read with weights_only=True by
+    transformers; a weight the model needs but the files lack is an error, not a random initialisation."""
+    config = read_config(path)
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise InputError(f"{path} has a config.json but no weights", hint="expected " + ", ".join(WEIGHT_FILES))
+    transformers = require_transformers()
+    task = task_for(config, task)
+    auto = getattr(transformers, TASKS[task])
+    try:
+        model, info = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype="auto",
+                                           output_loading_info=True)
+    except Exception as exc:  # transformers raises many types for corrupt or mismatched files
+        raise InputError(f"{path}: transformers cannot load it as {task} ({str(exc).splitlines()[0][:300]})",
+                         hint="check the files, or --task") from None
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing:
+        raise InputError(f"{path}: the weights lack {len(missing)} tensor(s) that {task} needs, e.g. {missing[0]}",
+                         hint="pass the --task the checkpoint was trained for")
+    config = model.config.to_dict()
+    config.pop("transformers_version", None)
+    return HFModel(model.float() if not _float_dtype(model) else model, output_key, task).eval(), config
+
+
+def _float_dtype(model: nn.Module) -> bool:
+    """Whether the model's parameters share one float dtype (as stored); mixed dtypes become float32."""
+    return len({p.dtype for p in model.parameters() if p.is_floating_point()}) <= 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers module inside an HFModel (what `load_model` returns); other models as they are."""
+    return model.model if isinstance(model, HFModel) else model

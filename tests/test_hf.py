@@ -1,0 +1,171 @@
+"""Hugging Face model directories as inputs: every technique on small random configs of six families,
+the compared-output rule, bf16 kept, and the pretrained all-MiniLM-L6-v2 when its package is installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face extra is not installed")
+
+from modelzip_cli.checkpoint import load_checkpoint, load_model  # noqa: E402
+from modelzip_cli.hf import select_output  # noqa: E402
+
+from .conftest import one_line_error, run_fresh  # noqa: E402
+
+FAMILIES = {  # name: (Auto class, model_type, small config, data kind)
+    "bert": ("AutoModelForSequenceClassification", "bert",
+             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
+                  max_position_embeddings=64, num_labels=3), "text"),
+    "gpt2": ("AutoModelForCausalLM", "gpt2", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                                   bos_token_id=0, eos_token_id=0), "tokens"),
+    "vit": ("AutoModelForImageClassification", "vit",
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                 patch_size=8, num_labels=10), "images"),
+    "distilbert": ("AutoModel", "distilbert", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100,
+                                                   max_position_embeddings=64), "tokens"),
+    "resnet": ("AutoModelForImageClassification", "resnet",
+               dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10), "images"),
+    "mobilenet_v2": ("AutoModelForImageClassification", "mobilenet_v2",
+                     dict(depth_multiplier=0.25, num_labels=10, image_size=32), "images"),
+}
+TECHNIQUES = {
+    "prune-magnitude": ["prune", "--ratio", "0.3"],
+    "prune-structured": ["prune", "--ratio", "0.3", "--method", "structured"],
+    "lowrank": ["lowrank", "--rank-ratio", "0.5"],
+    "dynamic": ["quantize", "--method", "dynamic"],
+    "weight-only-8": ["quantize", "--method", "weight-only"],
+    "weight-only-4": ["quantize", "--method", "weight-only", "--bits", "4"],
+    "static": ["quantize", "--method", "static", "--calib-data", "{data}"],
+}
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Each family saved as transformers saves it (config.json + model.safetensors), with data to match."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (48, 16))
+    mask = torch.ones_like(ids)
+    mask[::2, 12:] = 0  # half the sequences padded
+    save_file({"inputs": ids, "attention_mask": mask, "targets": torch.randint(0, 3, (48,))},
+              str(root / "text.safetensors"))
+    save_file({"inputs": ids, "attention_mask": mask}, str(root / "tokens.safetensors"))
+    save_file({"inputs": torch.randn(48, 3, 32, 32), "targets": torch.randint(0, 10, (48,))},
+              str(root / "images.safetensors"))
+    for name, (auto, model_type, config, _) in FAMILIES.items():
+        model = getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(model_type, **config))
+        model.save_pretrained(root / name)
+    return root
+
+
+RESULTS: dict[str, tuple] = {}  # output file → (data file, outputs in this process), checked fresh below
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("technique", list(TECHNIQUES))
+def test_every_technique_on_every_family(cli, hf_dirs, family, technique):
+    data = hf_dirs / f"{FAMILIES[family][3]}.safetensors"
+    args = [a.format(data=data) for a in TECHNIQUES[technique]]
+    out = hf_dirs / f"{family}-{technique}.safetensors"
+    r = cli(args[0], hf_dirs / family, *args[1:], "-o", out, "--force", "-q")
+    assert r.code in (0, 2), f"{family} {technique}: exit {r.code}: {r.stderr}"
+    if r.code == 2:
+        line = one_line_error(r)
+        assert not out.exists(), line
+        return
+    loaded = load_checkpoint(out)
+    assert loaded.manifest.arch.startswith("hf:") and loaded.manifest.arch_kwargs["config"]["model_type"]
+    from modelzip_cli.data import load_data
+
+    with torch.inference_mode():
+        RESULTS[str(out)] = (str(data), loaded.model(load_data(data, require_targets=False).inputs[:8]))
+
+
+def test_outputs_reload_identically_in_a_fresh_process(hf_dirs):
+    assert RESULTS, "the matrix wrote nothing"
+    code = """
+import json, sys, torch
+from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.data import load_data
+out = {}
+for path, data in json.loads(sys.argv[1]).items():
+    with torch.inference_mode():
+        out[path] = load_checkpoint(path).model(load_data(data, require_targets=False).inputs[:8])
+torch.save(out, sys.argv[2])
+"""
+    dest = hf_dirs / "fresh.pt"
+    proc = run_fresh(code, json.dumps({k: v[0] for k, v in RESULTS.items()}), str(dest))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = torch.load(dest, weights_only=True)
+    for path, (_, outputs) in RESULTS.items():
+        assert torch.equal(fresh[path], outputs), path
+
+
+def test_load_model_returns_the_transformers_module(hf_dirs):
+    model = load_model(hf_dirs / "bert")
+    assert isinstance(model, transformers.PreTrainedModel) and not model.training
+
+
+def test_compared_output_rule():
+    hidden = torch.tensor([[[1.0, 1.0], [3.0, 5.0], [100.0, 100.0]]])  # (1, 3, 2); the last token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    out = transformers.modeling_outputs.BaseModelOutput(last_hidden_state=hidden)
+    assert torch.equal(select_output(out, mask), torch.tensor([[2.0, 3.0]]))  # masked mean
+    logits = torch.randn(1, 4)
+    both = transformers.modeling_outputs.SequenceClassifierOutput(logits=logits, hidden_states=(hidden,))
+    assert select_output(both, mask) is logits
+    assert torch.equal(select_output((hidden, logits), None), hidden)  # a tuple: its first tensor
+    assert torch.equal(select_output(out, mask, "last_hidden_state"), torch.tensor([[2.0, 3.0]]))
+
+
+def test_output_key_and_task_choose_what_is_compared(cli, hf_dirs, tmp_path):
+    out = tmp_path / "b.safetensors"
+    r = cli("prune", hf_dirs / "bert", "--ratio", "0.2", "--task", "feature-extraction", "--output-key",
+            "pooler_output", "-o", out, "-q")
+    assert r.code == 0, r.stderr
+    manifest = load_checkpoint(out).manifest
+    assert manifest.arch == "hf:feature-extraction" and manifest.arch_kwargs["output_key"] == "pooler_output"
+    r = cli("prune", hf_dirs / "bert", "--ratio", "0.2", "--output-key", "nothing", "-o", tmp_path / "c.safetensors")
+    assert r.code == 2 and "nothing" in one_line_error(r)
+    r = cli("prune", hf_dirs / "bert", "--ratio", "0.2", "--task", "translation", "-o", tmp_path / "d.safetensors")
+    assert r.code == 2 and "--task" in one_line_error(r)
+
+
+def test_fidelity_and_its_gate_on_unlabelled_tokens(cli, hf_dirs, tmp_path):
+    data = hf_dirs / "tokens.safetensors"
+    out = tmp_path / "q.safetensors"
+    r = cli("quantize", hf_dirs / "distilbert", "--method", "weight-only", "--bits", "4", "--eval-data", data,
+            "--min-fidelity", "0.5", "-o", out, "--json", "-q")
+    assert r.code == 0, r.stderr
+    f = r.json["metrics"]["output"]["fidelity"]
+    assert 0.5 < f["cosine_min"] <= f["cosine_mean"] <= 1.0 and "top1_agreement" not in f  # embeddings
+    assert r.json["gate"]["passed"] is True and r.json["metrics"]["output"]["latency_ms"]["n"] == 32
+    r = cli("quantize", hf_dirs / "distilbert", "--method", "weight-only", "--bits", "4", "--eval-data", data,
+            "--min-fidelity", "0.99999999", "-o", tmp_path / "q2.safetensors", "--json", "-q")
+    assert r.code == 1 and (tmp_path / "q2.safetensors").exists() and r.json["gate"]["passed"] is False
+
+
+def test_bf16_directory_stays_bf16(cli, hf_dirs, tmp_path):
+    model = load_model(hf_dirs / "bert").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bert16")
+    out = tmp_path / "p.safetensors"
+    r = cli("prune", tmp_path / "bert16", "--ratio", "0.3", "-o", out, "-q")
+    assert r.code == 0, r.stderr
+    reloaded = load_model(out)
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+
+
+def test_a_directory_without_weights_or_config_is_exit_2(cli, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    r = cli("prune", tmp_path / "m", "--ratio", "0.3", "-o", tmp_path / "o.safetensors")
+    assert r.code == 2 and "no weights" in one_line_error(r)
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    r = cli("prune", tmp_path / "m", "--ratio", "0.3", "-o", tmp_path / "o.safetensors")
+    assert r.code == 2 and "config.json" in one_line_error(r)
+    assert not (tmp_path / "o.safetensors").exists()
