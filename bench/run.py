@@ -22,6 +22,7 @@ CASES = {
     "quantize": "bench.bench_quantize",
     "lowrank": "bench.bench_lowrank",
     "distill": "bench.bench_distill",
+    "hf_load": "bench.bench_hf_load",
 }
 
 
