@@ -22,6 +22,7 @@ CASES = {
     "quantize": "bench.bench_quantize",
     "lowrank": "bench.bench_lowrank",
     "distill": "bench.bench_distill",
+    "ddp": "bench.bench_ddp",
 }
 
 
