@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import ROOT
 
-EPOCHS = 20
+EPOCHS = 10
 ROUNDS = 3
 SAMPLES = ROOT / "sample_models"
 ARGS = ["distill", SAMPLES / "mnist1d_teacher.safetensors", "--student", "zoo:cnn1d",
@@ -55,6 +55,7 @@ def run() -> dict:
     from modelzip_cli.data import load_data
 
     n = len(load_data(SAMPLES / "mnist1d_train.safetensors"))
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     cases = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, (prefix, env) in SETUPS.items():
@@ -67,12 +68,13 @@ def run() -> dict:
     for c in cases.values():
         c["vs_one_process"] = c["samples_per_s"] / base
     return {"epochs": EPOCHS, "train_samples": n, "rounds": ROUNDS, "cpus": len(os.sched_getaffinity(0)),
-            "cases": cases}
+            "load_average_1min": [load_before, os.getloadavg()[0]], "cases": cases}
 
 
 def summary(r: dict) -> str:
     lines = [f"MNIST-1D distillation, zoo:cnn1d [8, 8, 8] student, {r['epochs']} epochs of {r['train_samples']} "
-             f"samples, global batch 64, {r['cpus']} CPUs; median of {r['rounds']} runs of the distill step.", "",
+             f"samples, global batch 64, {r['cpus']} CPUs (1-minute load average {r['load_average_1min'][0]:.1f} "
+             f"before, {r['load_average_1min'][1]:.1f} after); median of {r['rounds']} runs of the distill step.", "",
              "| setup | device / world size / backend | step s | samples/s | vs 1 process | test accuracy |",
              "|---|---|---|---|---|---|"]
     for label, c in r["cases"].items():
