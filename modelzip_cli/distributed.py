@@ -165,12 +165,15 @@ def all_gather_rows(part: torch.Tensor, n: int) -> torch.Tensor:
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """`model` in DistributedDataParallel when there are several ranks (gradients averaged over ranks in
-    backward), else `model` itself."""
+    backward), else `model` itself. The graph is static (every step uses the same parameters): DDP then
+    learns in the first step which parameters the loss does not reach (a Hugging Face pooler the compared
+    output ignores) instead of failing on them, and searches for them in no later step."""
     if world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True)
 
 
 # --------------------------------------------------------------------------------------------------

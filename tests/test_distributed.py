@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 # A user architecture (named on the command line, so trusted) that misbehaves on purpose under torchrun:
 # at its 5th training step it writes its PID to $PROBE_MARKER.<rank>, and raises there on rank $PROBE_FAIL_RANK.
+# It has a parameter its output does not use, which DDP must be told of (or step 2 fails).
 PROBE = '''
 import os
 
@@ -41,6 +42,7 @@ class Probe(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.unused = nn.Linear(4, 4)  # like a Hugging Face pooler the compared output does not use
         self.steps = 0
 
     def forward(self, x):
