@@ -22,7 +22,11 @@ CASES = {
     "quantize": "bench.bench_quantize",
     "lowrank": "bench.bench_lowrank",
     "distill": "bench.bench_distill",
+<<<<<<< HEAD
     "hf_load": "bench.bench_hf_load",
+=======
+    "ddp": "bench.bench_ddp",
+>>>>>>> wip-16-ddp
 }
 
 

@@ -175,6 +175,7 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
 
     from modelzip_cli.checkpoint import save_checkpoint
     from modelzip_cli.context import Context
+    from modelzip_cli.distributed import is_main
     from modelzip_cli.measure import model_metrics
     from modelzip_cli.runner import apply_technique, load_step_data, run_transform
 
@@ -182,10 +183,10 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
     datasets: dict = {}  # each data file is read and checked once, however many steps use it
 
     def prepare(loaded, ctx) -> None:
-        if keep_intermediate is not None:
+        if keep_intermediate is not None and is_main():
             keep_intermediate.mkdir(parents=True, exist_ok=True)
         for step in steps:  # read and check every data file now, before any step runs
-            c = Context(seed=opts.seed, progress=progress, eval_data=ctx.eval_data)
+            c = Context(seed=opts.seed, progress=progress, eval_data=ctx.eval_data, device=ctx.device)
             load_step_data(loaded, c, **step_files(step, data), require_targets=step.config.needs_targets(),
                            cache=datasets)
             step_ctx.append(c)
@@ -197,9 +198,10 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
             c.example_input = loaded.manifest.example_input() if loaded.manifest.input_shape else ctx.example_input
             record = apply_technique(step.config, loaded, c)
             record.config = {"step": step.index, **record.config}
-            if ctx.eval_data is not None:
-                record.after["metrics"] = model_metrics(loaded.model, ctx.eval_data, threads=opts.threads)
-            if keep_intermediate is not None:
+            if ctx.eval_data is not None and is_main():
+                record.after["metrics"] = model_metrics(loaded.model, ctx.eval_data, threads=opts.threads,
+                                                        device=ctx.device)
+            if keep_intermediate is not None and is_main():
                 path = keep_intermediate / f"step{step.index}_{step.op}{input_path.suffix}"
                 save_checkpoint(loaded.model, loaded.manifest, path, encoded=loaded.encoded)
                 record.notes.append(f"intermediate checkpoint: {path}")

@@ -52,6 +52,8 @@ EvalData = Annotated[Path | None, typer.Option("--eval-data", help="measure accu
 MaxDrop = Annotated[float | None, typer.Option("--max-accuracy-drop",
                                                 help="with --eval-data: exit 1 above this many points")]
 Threads = Annotated[int | None, typer.Option("--threads", help="threads for latency (default: all usable cores)")]
+Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto: where the model trains and is "
+                                     "measured (under torchrun, cuda is each process's cuda:LOCAL_RANK)")]
 Json = Annotated[bool, typer.Option("--json", help="print the report JSON to stdout")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary or progress on stderr")]
 Include = Annotated[list[str] | None, typer.Option("--include", help="module name glob to select (repeatable)")]
@@ -71,7 +73,7 @@ def _options(**spec: tuple[Any, Any]) -> list[inspect.Parameter]:
 
 MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trust_code=(TrustCode, False),
                          input_shape=(InputShape, None), input_dtype=(InputDtype, None), task=(Task, None),
-                         output_key=(OutputKey, None))
+                         output_key=(OutputKey, None), device=(Device, "cpu"))
 OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
                           eval_data=(EvalData, None), max_accuracy_drop=(MaxDrop, None),
                           min_fidelity=(MinFidelity, None))
@@ -150,7 +152,7 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
     if g.get("threads") is not None and g["threads"] < 1:
         raise UsageError(f"--threads must be ≥ 1, got {g['threads']}")
     fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data", "max_accuracy_drop",
-                                "min_fidelity", "threads", "arch", "task", "output_key") if k in g}
+                                "min_fidelity", "threads", "arch", "task", "output_key", "device") if k in g}
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
                          input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
 
@@ -173,8 +175,9 @@ class _RichBar:
 def progress_factory(quiet: bool):
     """A Context.progress backed by a rich progress bar on stderr (silent with --quiet)."""
     from modelzip_cli.context import null_progress
+    from modelzip_cli.distributed import is_main
 
-    if quiet:
+    if quiet or not is_main():  # under torchrun, rank 0 alone shows progress
         return null_progress
 
     @contextlib.contextmanager
@@ -189,8 +192,11 @@ def progress_factory(quiet: bool):
     return factory
 
 
-def emit(report: Report, shared: SimpleNamespace) -> None:
-    """Summary to stderr, JSON to stdout; exit 1 when a quality gate failed (the output is written)."""
+def emit(report: Report | None, shared: SimpleNamespace) -> None:
+    """Summary to stderr, JSON to stdout; exit 1 when a quality gate failed (the output is written).
+    Under torchrun, ranks other than 0 have no report: rank 0 writes and reports."""
+    if report is None:
+        return
     if not shared.quiet:
         from modelzip_cli.report import render
 
@@ -207,7 +213,7 @@ def emit(report: Report, shared: SimpleNamespace) -> None:
 
 def technique(op: str, method: str | None, model: Path, shared: SimpleNamespace, values: dict[str, Any], *,
               files: dict[str, Path | None], gzip_output: bool = False, extra_inputs: tuple[Path, ...] = (),
-              trusted_refs: frozenset[str] = frozenset()) -> Report:
+              trusted_refs: frozenset[str] = frozenset()) -> Report | None:
     """The body every technique command shares: build the config, run it, render the report."""
     from modelzip_cli.runner import run_technique
     from modelzip_cli.techniques import make_config
@@ -353,7 +359,7 @@ def distill(
     student_path = (Path(student),) if is_checkpoint_path(student) else ()
     report = technique("distill", None, teacher, shared, values, files={"data": data, "val_data": val_data},
                        extra_inputs=student_path, trusted_refs=frozenset({student}))
-    if plot is not None:
+    if plot is not None and report is not None:  # None: a torchrun rank other than 0
         from modelzip_cli.plot import plot_history
 
         plot_history(report.steps[0].after, plot)
@@ -457,6 +463,18 @@ def data_images(
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; exceptions become one line on stderr (README, "Exit codes")."""
+    from modelzip_cli import distributed
+
+    if distributed.launched():  # under torchrun every rank runs the command; one of them says how it ended
+        return distributed.run_on_every_rank(lambda: _outcome(argv))
+    code, line = _outcome(argv)
+    if line:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
+    """The exit code and the one error line (not yet printed) of one run of the app."""
     import warnings
 
     # torch.ao's quantized ops warn of their deprecation on every use; that is ours to handle, not the user's.
@@ -465,23 +483,20 @@ def run(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="modelzip")
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)), None
     except KeyboardInterrupt:
-        print("modelzip: interrupted", file=sys.stderr)
-        return 130
+        return 130, "modelzip: interrupted"
     except ModelzipError as exc:
         if os.environ.get("MODELZIP_DEBUG") == "1":
             raise
-        print(f"modelzip: error: {exc.line()}", file=sys.stderr)
-        return exit_code_for(exc)
+        return exit_code_for(exc), f"modelzip: error: {exc.line()}"
     except Exception as exc:  # a bug: say so in one line
         if os.environ.get("MODELZIP_DEBUG") == "1":
             raise
         detail = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; rerun with "
-              f"MODELZIP_DEBUG=1 for the traceback and report it)", file=sys.stderr)
-        return INTERNAL_ERROR
-    return 0
+        return INTERNAL_ERROR, (f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; rerun "
+                                "with MODELZIP_DEBUG=1 for the traceback and report it)")
+    return 0, None
 
 
 def main() -> None:

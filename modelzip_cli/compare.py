@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.errors import UsageError
 from modelzip_cli.files import disk_bytes
 from modelzip_cli.measure import count_parameters, fidelity, model_metrics, outputs_class_logits, predict
@@ -15,6 +16,7 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
                         batch_n: int | None = None) -> Report:
     if len(paths) < 2:
         raise UsageError("compare needs at least two checkpoints", hint="modelzip compare A B [C …] --data TEST")
+    device = resolve_device(opts.device)
     loaded = [load_input(p, opts) for p in paths]  # all read (and validated) before any measuring
     data = load_dataset(data_path, loaded[0], require_targets=False)
     for other in loaded[1:]:
@@ -24,12 +26,14 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
     reference = predict(loaded[0].model, data.inputs)  # (N, classes), or (N, …) features
     for path, item in zip(paths, loaded, strict=True):
         outputs = predict(item.model, data.inputs)
-        m = model_metrics(item.model, data, batch_n=batch_n, threads=opts.threads, size_bytes=disk_bytes(path))
+        m = model_metrics(item.model, data, batch_n=batch_n, threads=opts.threads, size_bytes=disk_bytes(path),
+                          device=device)
         m["fidelity"] = fidelity(reference, outputs, class_logits=outputs_class_logits(loaded[0].model))
         if "top1_agreement" in m["fidelity"]:
             m["top1_agreement"] = m["fidelity"]["top1_agreement"]
         m["max_abs_logit_diff"] = m["fidelity"]["max_abs_diff"]
         report.metrics[str(path)] = m
     report.summary = {"reference": str(paths[0]), "data": str(data_path), "samples": len(data)}
+    report.runtime = runtime(device)
     return report
 

@@ -1,4 +1,4 @@
-"""What a technique may use besides its config: seed, example input, data, and a progress sink.
+"""What a technique may use besides its config: seed, example input, data, device, and a progress sink.
 
 Techniques never print or touch files; they report progress through `Context.progress`, which the CLI
 backs with a rich progress bar on stderr and tests leave silent.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -41,6 +41,7 @@ class Context:
     progress: Callable[[str, int], contextlib.AbstractContextManager[Bar]] = null_progress
     trusted_refs: frozenset[str] = frozenset()  # architectures the user named on the command line
     trust_code: bool = False  # --trust-code: pickled modules the technique reads may be unpickled
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where training runs (--device)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

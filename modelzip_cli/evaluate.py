@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.measure import count_parameters, model_metrics, outputs_class_logits
 from modelzip_cli.report import Report, file_info
 from modelzip_cli.runner import CommonOptions, load_dataset, load_input
@@ -11,11 +12,13 @@ from modelzip_cli.runner import CommonOptions, load_dataset, load_input
 
 def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
                         batch_n: int | None = None) -> Report:
+    device = resolve_device(opts.device)
     loaded = load_input(path, opts)
     # a classifier is evaluated on labels; a model of embeddings or token outputs on its inputs alone
     data = load_dataset(data_path, loaded, require_targets=outputs_class_logits(loaded.model))
     report = Report(command="eval")
     report.input = file_info(path, count_parameters(loaded.model))
     report.metrics[str(path)] = model_metrics(loaded.model, data, batch_n=batch_n, threads=opts.threads,
-                                              size_bytes=report.input["bytes"])
+                                              size_bytes=report.input["bytes"], device=device)
+    report.runtime = runtime(device)
     return report

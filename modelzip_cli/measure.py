@@ -146,13 +146,27 @@ def gzip_bytes(path: Path) -> int:
     return sink.n
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's tensors are (CPU for a model without parameters or buffers)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def cpu_only(model: nn.Module) -> bool:
+    """torch.ao's quantized int8 modules have CPU kernels only."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> dict:
-    """Accuracy (0–1) and mean cross-entropy on a labelled dataset."""
+    """Accuracy (0–1) and mean cross-entropy on a labelled dataset, computed where the model is."""
     model.eval()
+    device = device_of(model)
     correct, loss_sum = 0, 0.0
     for x, y, _ in data.batches(batch_size):
-        logits = model(x).float()
+        logits = model(x.to(device)).float()
+        y = y.to(device)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     n = len(data)
@@ -161,23 +175,32 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> dict:
 
 @torch.inference_mode()
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The model's outputs for `inputs`, computed and returned where the model is."""
     model.eval()
-    return torch.cat([model(inputs[i:i + batch_size]).float() for i in range(0, inputs.shape[0], batch_size)])
+    device = device_of(model)
+    return torch.cat([model(inputs[i:i + batch_size].to(device)).float()
+                      for i in range(0, inputs.shape[0], batch_size)])
 
 
 @torch.inference_mode()
 def latency_ms(model: nn.Module, example: torch.Tensor, *, threads: int, warmup: int = 3,
                min_repeats: int = 10, min_seconds: float = 0.3) -> float:
-    """Median wall time of one forward pass on `example`, in milliseconds."""
+    """Median wall time of one forward pass on `example`, in milliseconds, where the model is (on a GPU,
+    from launch to the kernels' end)."""
     model.eval()
+    device = device_of(model)
+    example = example.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with num_threads(threads):
         for _ in range(warmup):
             model(example)
+        sync()
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < min_repeats or (time.perf_counter() - start < min_seconds and len(times) < 1000):
             t0 = time.perf_counter()
             model(example)
+            sync()
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000
 
@@ -189,17 +212,28 @@ def batch_of(example_source: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int | None = None,
-                  threads: int | None = None, size_bytes: int | None = None) -> dict:
+                  threads: int | None = None, size_bytes: int | None = None,
+                  device: torch.device | None = None) -> dict:
     """The report's metrics block for one model on one dataset. Batch N defaults to 256 samples, or 32
-    sequences for token inputs (a sequence costs as much as hundreds of small samples)."""
+    sequences for token inputs (a sequence costs as much as hundreds of small samples). Measured on
+    `device` (default: where the model is); a model whose kernels exist on CPU only is measured there, and
+    the block says so."""
     threads = threads or default_threads()
     batch_n = batch_n or (DEFAULT_BATCH_N_TOKENS if data.inputs.dtype == torch.long else DEFAULT_BATCH_N)
-    m = evaluate(model, data) if data.targets is not None else {"samples": len(data)}
-    m["latency_ms"] = {
-        "batch_1": latency_ms(model, data.inputs[:1], threads=threads),
-        "batch_n": latency_ms(model, batch_of(data.inputs, batch_n), threads=threads),
-        "n": batch_n, "threads": threads,
-    }
+    home = device_of(model)
+    device = torch.device(device) if device is not None else home
+    if device.type != "cpu" and cpu_only(model):
+        device = torch.device("cpu")
+    model.to(device)
+    try:
+        m = evaluate(model, data) if data.targets is not None else {"samples": len(data)}
+        m["latency_ms"] = {
+            "batch_1": latency_ms(model, data.inputs[:1], threads=threads),
+            "batch_n": latency_ms(model, batch_of(data.inputs, batch_n), threads=threads),
+            "n": batch_n, "threads": threads, "device": str(device),
+        }
+    finally:
+        model.to(home)
     m["parameters"] = count_parameters(model)
     if size_bytes is not None:
         m["bytes"] = size_bytes

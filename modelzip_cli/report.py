@@ -38,6 +38,7 @@ class Report:
     model: dict | None = None  # inspect: format, manifest, edits, layers
     summary: dict | None = None  # chain/compare: final comparison
     gate: dict | None = None  # --max-accuracy-drop: limit, measured drop, passed
+    runtime: dict | None = None  # device, world_size (torchrun processes) and backend of the run
     warnings: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     tool_version: str = __version__

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from modelzip_cli import distributed
 from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context, null_progress
 from modelzip_cli.data import Dataset, check_fits, load_data
@@ -52,6 +53,7 @@ class CommonOptions:
     max_accuracy_drop: float | None = None
     min_fidelity: float | None = None
     threads: int | None = None
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto: where models train and are measured
     task: str | None = None  # a Hugging Face directory's task (its Auto class)
     output_key: str | None = None  # which output to compare, when the model's output is not one tensor
 
@@ -150,7 +152,7 @@ Apply = Callable[[Loaded, Context], list[Step]]
 
 def run_technique(cfg: MethodConfig, model: Path, opts: CommonOptions, *, files: dict[str, Path | None],
                   progress=null_progress, extra_inputs: tuple[Path, ...] = (), gzip_output: bool = False,
-                  trusted_refs: frozenset[str] = frozenset()) -> Report:
+                  trusted_refs: frozenset[str] = frozenset()) -> Report | None:
     """One technique command end to end: its data needs checked first, then `run_transform`.
     `trusted_refs`: architectures named on the command line (a distill student)."""
     check_data_needs(cfg, files, where=f"--method {cfg.method}" if cfg.method else cfg.op)
@@ -166,15 +168,19 @@ def run_technique(cfg: MethodConfig, model: Path, opts: CommonOptions, *, files:
 
 def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Apply, *, ops: list[str] = (),
                   context: Context | None = None, prepare: Callable[[Loaded, Context], None] | None = None,
-                  extra_inputs: list[Path] = (), gzip_output: bool = False) -> Report:
+                  extra_inputs: list[Path] = (), gzip_output: bool = False) -> Report | None:
     """Run one transforming command end to end. `apply` mutates `loaded` (model and manifest).
-    `extra_inputs`: every other file the run reads (data, recipe, student), which no output may be."""
+    `extra_inputs`: every other file the run reads (data, recipe, student), which no output may be.
+
+    Under torchrun every rank runs this with the same inputs and trains together inside `apply`; rank 0
+    alone measures, writes the checkpoint and the report, and the other ranks return None."""
     inputs = [input_path, *extra_inputs, *([opts.eval_data] if opts.eval_data else [])]
     output, report_path = resolve_outputs(command, inputs, opts)
+    ctx = context or Context()
+    ctx.device = distributed.resolve_device(opts.device)
     loaded = load_input(input_path, opts)
     for op in ops:
         check_applicable(op, loaded)
-    ctx = context or Context()
     ctx.seed, ctx.trust_code = opts.seed, opts.trust_code
     # labels are needed only to measure an accuracy drop; fidelity needs inputs alone
     eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
@@ -186,12 +192,15 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     report = Report(command=command)
     report.input = file_info(input_path, count_parameters(loaded.model))
     reference = None
-    if eval_data is not None:
+    if eval_data is not None and distributed.is_main():
         report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
-                                                size_bytes=report.input["bytes"])
+                                                size_bytes=report.input["bytes"], device=ctx.device)
         reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
     torch.manual_seed(opts.seed)
     report.steps = apply(loaded, ctx)
+    if not distributed.is_main():  # rank 0 writes; the others' part was the training inside `apply`
+        return None
+    report.runtime = distributed.runtime(ctx.device)
     check_runs(loaded, command)
     save_checkpoint(loaded.model, loaded.manifest, output, encoded=loaded.encoded)
     report.output = file_info(output, count_parameters(loaded.model))
@@ -199,7 +208,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         report.output["gzip_bytes"] = gzip_bytes(output)
     if eval_data is not None:
         report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
-                                                 size_bytes=report.output["bytes"])
+                                                 size_bytes=report.output["bytes"], device=ctx.device)
         report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
                                                         class_logits=outputs_class_logits(loaded.model))
         _latency_warnings(report)

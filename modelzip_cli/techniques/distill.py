@@ -22,9 +22,9 @@ from modelzip_cli.checkpoint import build_arch, load_checkpoint
 from modelzip_cli.context import Context
 from modelzip_cli.errors import InputError, UsageError
 from modelzip_cli.format import CHECKPOINT_SUFFIXES, Manifest
-from modelzip_cli.measure import count_parameters, evaluate, predict
+from modelzip_cli.measure import count_parameters, evaluate
 from modelzip_cli.techniques.base import MethodConfig, Op, Result
-from modelzip_cli.train import TrainConfig, train
+from modelzip_cli.train import TrainConfig, cached_outputs, train
 
 
 class DistillConfig(MethodConfig):
@@ -116,7 +116,7 @@ def apply(teacher: nn.Module, cfg: DistillConfig, ctx: Context, manifest: Manife
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    cached = predict(teacher, ctx.data.inputs, batch_size=1024)  # (N, classes), once for all epochs
+    cached = cached_outputs(teacher, ctx.data.inputs, ctx.device)  # (N, classes), once for all epochs (and ranks)
     initial = copy.deepcopy(student.state_dict())
     history = train(student, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data, description="distill",
                     loss_fn=distill_loss(cached, cfg.temperature, cfg.alpha))
