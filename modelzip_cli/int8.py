@@ -1,0 +1,528 @@
+"""Plain-int8 quantized modules: int8 weights and float scales held as ordinary tensors.
+
+Nothing here uses torch.ao or quantized dtypes: every buffer is a plain int8, int32 or float32 tensor,
+so a state dict of these modules is what the checkpoint stores, and it loads on any torch that has
+int8 tensors. Numerics, for every method:
+
+- weights: int8, symmetric per output channel, range ±127 (zero point 0);
+- dynamic activations: symmetric int8 per token (per row) or per tensor, scales computed at each call;
+- static activations: affine int8 [-128, 127] per tensor, scale and zero point calibrated by an observer;
+- QAT: the same static numerics simulated in float (straight-through estimator) while training.
+
+How the integer product is computed is a kernel choice that does not change the numerics beyond float
+rounding. `torch._int_mm` reaches oneDNN's int8 GEMM only on CPUs with AVX512-VNNI; elsewhere ATen runs
+it as a scalar loop, 30–300× slower than an fp32 matmul (measured on this project's AVX2 machine; see
+`_int_mm_out_cpu` in ATen's LinearAlgebra.cpp). There the integers are multiplied in float instead,
+against a cached dequantized copy of the weight: exact while |accumulator| < 2**24 (K ≤ 1040 at full
+range), the same product rounded like any fp32 matmul beyond that. `MODELZIP_INT8_KERNEL=int_mm|float`
+overrides the choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzip_cli.errors import UsageError
+
+KERNEL_ENV = "MODELZIP_INT8_KERNEL"
+KERNELS = ("auto", "int_mm", "float")
+ACTIVATIONS = ("per-token", "per-tensor")  # dynamic activation granularity
+WMAX = 127  # weights and dynamic activations: symmetric, -128 unused so that negation stays exact
+AMIN, AMAX = -128, 127  # static activations: affine, full int8 range
+EPS = torch.finfo(torch.float32).tiny
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel choice
+
+
+@functools.cache
+def int_mm_is_fast() -> bool:
+    """Whether `torch._int_mm` on CPU runs oneDNN's int8 GEMM (AVX512-VNNI) rather than a scalar loop."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # the check ATen itself makes
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and vnni and vnni())
+
+
+def kernel() -> str:
+    """The kernel int8 products run on now: "int_mm" (int8×int8→int32) or "float" (integers in fp32)."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNELS:
+        raise UsageError(f"{KERNEL_ENV}={choice!r} is not a kernel", hint="use " + ", ".join(KERNELS))
+    if choice == "auto":
+        return "int_mm" if int_mm_is_fast() else "float"
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization arithmetic (plain tensor ops only)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 tensor shaped like w, float32 scales (out,))."""
+    w = w.detach().float()
+    scale = w.flatten(1).abs().amax(1).clamp_min(EPS) / WMAX  # (out,)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = torch.clamp(torch.round(w / scale.reshape(shape)), -WMAX, WMAX).to(torch.int8)
+    return q, scale
+
+
+def affine_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """(scale, zero point) mapping [lo, hi] (widened to include 0, so that 0 is exact) onto [-128, 127]."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / (AMAX - AMIN), EPS)
+    zero_point = int(min(AMAX, max(AMIN, round(AMIN - lo / scale))))
+    return scale, zero_point
+
+
+def _row_scales(x: torch.Tensor, act: str) -> torch.Tensor:
+    """Dynamic symmetric scales of a (M, K) float tensor: (M, 1) per token, or (1, 1) per tensor."""
+    amax = x.abs().amax(1, keepdim=True) if act == "per-token" else x.abs().amax().reshape(1, 1)
+    return amax.clamp_min(EPS) / WMAX
+
+
+class _Derived:
+    """Tensors derived from a module's buffers (a dequantized weight, row sums), rebuilt when those buffers
+    are replaced; copies and pickles as empty."""
+
+    def __init__(self):
+        self.values: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def get(self, name: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:
+        key = tuple((t.data_ptr(), t.device, t.dtype) for t in sources)
+        hit = self.values.get(name)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable with autograd later
+                hit = self.values[name] = (key, build())
+        return hit[1]
+
+    def __deepcopy__(self, memo) -> _Derived:
+        return _Derived()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+
+
+class _Int8Weighted(nn.Module):
+    """int8 weight + per-channel scales + optional float bias, and the derived tensors kernels need."""
+
+    scheme = "int8"
+
+    def _init_weight(self, shape: tuple[int, ...], bias: bool, dtype: torch.dtype) -> None:
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(shape[0], dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(shape[0], dtype=dtype), requires_grad=False) if bias else None
+        self._derived = _Derived()
+
+    def _copy_weight(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.qweight.copy_(q)
+            self.weight_scale.copy_(scale)
+            if bias is not None:
+                self.bias.copy_(bias.detach())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 weight = qweight · scale, computed once and kept until the buffers change."""
+        shape = (-1,) + (1,) * (self.qweight.ndim - 1)
+        return self._derived.get("weight", (self.qweight, self.weight_scale),
+                                 lambda: self.qweight.float() * self.weight_scale.float().reshape(shape))
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: derived tensors must follow
+        self._derived = _Derived()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._derived = _Derived()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _bias_f32(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.float()
+
+    def logical_weights(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.dequantized_weight()}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach()
+        return out
+
+
+class DynamicInt8Linear(_Int8Weighted):
+    """Linear with int8 weights; activations quantized to int8 at each call, per token or per tensor."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "per-token",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise UsageError(f"unknown activation granularity {act!r}", hint="use " + " or ".join(ACTIVATIONS))
+        self.in_features, self.out_features, self.act = in_features, out_features, act
+        self._init_weight((out_features, in_features), bias, dtype)
+        self.scheme = f"int8 dynamic ({act} activations)"
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act: str = "per-token") -> DynamicInt8Linear:
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, act, linear.weight.dtype)
+        m._copy_weight(*quantize_weight(linear.weight), linear.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()  # (..., K) → (M, K)
+        s = _row_scales(rows, self.act)  # (M, 1) or (1, 1)
+        q = torch.round(rows / s)  # integers in [-127, 127]
+        if kernel() == "int_mm":
+            acc = torch._int_mm(q.to(torch.int8), self.qweight.t()).float()  # (M, N), exact int32
+            y = acc * (s * self.weight_scale.float())
+            y = y if self.bias is None else y + self.bias.float()
+        else:
+            y = F.linear(q, self.dequantized_weight()) * s
+            y = y if self.bias is None else y + self.bias.float()
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.scheme}"
+
+
+class _StaticInput(_Int8Weighted):
+    """Calibrated affine int8 input: one scale and zero point for the whole activation tensor."""
+
+    def _init_input(self) -> None:
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+
+    def _copy_input(self, scale: float, zero_point: int) -> None:
+        with torch.no_grad():
+            self.input_scale.fill_(scale)
+            self.input_zero_point.fill_(zero_point)
+
+    def input_qparams(self) -> tuple[float, int]:
+        return float(self.input_scale), int(self.input_zero_point)
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The float values the int8 input stands for: (clamp(round(x/s) + zp) − zp)·s."""
+        scale, zp = self.input_qparams()
+        return torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, AMIN, AMAX)
+
+
+class StaticInt8Linear(_StaticInput):
+    """Linear with int8 weights and a calibrated int8 input (per-tensor scale and zero point)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_weight((out_features, in_features), bias, dtype)
+        self._init_input()
+        self.scheme = "int8 static (per-tensor activations)"
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_scale: float, input_zero_point: int,
+                   weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> StaticInt8Linear:
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+        m._copy_weight(*(weight or quantize_weight(linear.weight)), linear.bias)
+        m._copy_input(input_scale, input_zero_point)
+        return m
+
+    def _row_sums(self) -> torch.Tensor:
+        """Σ_k qweight[n, k] as int32 (N,): the zero-point correction of the integer product."""
+        return self._derived.get("row_sums", (self.qweight,), lambda: self.qweight.sum(1, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (..., K) → (M, K)
+        if kernel() == "int_mm":
+            scale, zp = self.input_qparams()
+            # the integers fake_quant_input stands for, so that both kernels round every input alike
+            q = (torch.round(self.fake_quant_input(rows) / scale) + zp).to(torch.int8)
+            acc = torch._int_mm(q, self.qweight.t()) - zp * self._row_sums()  # (M, N): Σ (q − zp)·w
+            y = acc.float() * (scale * self.weight_scale.float())
+            y = y if self.bias is None else y + self.bias.float()
+        else:
+            y = F.linear(self.fake_quant_input(rows), self.dequantized_weight(), self._bias_f32())
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.scheme}"
+
+
+class StaticInt8Conv(_StaticInput):
+    """Conv1d/Conv2d with int8 weights and a calibrated int8 input, computed from the int8 weights in float.
+
+    (im2col + `_int_mm` would need the unfolded input materialized as int8 and a zero-point-padded
+    border; on CPUs where `_int_mm` is fast it is left for later, see the module docstring.)
+    """
+
+    def __init__(self, dims: int, in_channels: int, out_channels: int, kernel_size: tuple[int, ...],
+                 stride: tuple[int, ...], padding: tuple[int, ...] | str, dilation: tuple[int, ...], groups: int,
+                 bias: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if dims not in (1, 2):
+            raise UsageError(f"int8 convolution supports Conv1d and Conv2d, not {dims}-d")
+        self.dims, self.in_channels, self.out_channels = dims, in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), padding
+        self.dilation, self.groups = tuple(dilation), groups
+        self._init_weight((out_channels, in_channels // groups, *self.kernel_size), bias, dtype)
+        self._init_input()
+        self.scheme = "int8 static (per-tensor activations)"
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv1d | nn.Conv2d, input_scale: float, input_zero_point: int,
+                   weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> StaticInt8Conv:
+        check_conv(conv)
+        m = cls(conv.weight.ndim - 2, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.weight.dtype)
+        m._copy_weight(*(weight or quantize_weight(conv.weight)), conv.bias)
+        m._copy_input(input_scale, input_zero_point)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        y = conv(self.fake_quant_input(x), self.dequantized_weight(), self._bias_f32(), self.stride, self.padding,
+                 self.dilation, self.groups)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {self.scheme}"
+
+
+def check_conv(conv: nn.Module) -> None:
+    if getattr(conv, "padding_mode", "zeros") != "zeros":
+        raise UsageError(f"int8 convolution supports zero padding only, not {conv.padding_mode!r}",
+                         hint="exclude this layer with --exclude")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Observers: the range of a layer's input over calibration (or QAT) batches
+
+
+class MinMaxObserver(nn.Module):
+    """Running min and max over every batch seen (ema=None), or their moving average (QAT)."""
+
+    def __init__(self, ema: float | None = None):
+        super().__init__()
+        self.ema = ema
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = x.detach().float().aminmax()
+        if self.ema is None or not self.seen():
+            self.min_val.copy_(torch.minimum(self.min_val, lo))
+            self.max_val.copy_(torch.maximum(self.max_val, hi))
+        else:
+            self.min_val.lerp_(lo, self.ema)
+            self.max_val.lerp_(hi, self.ema)
+        return x
+
+    def seen(self) -> bool:
+        return bool(torch.isfinite(self.min_val))
+
+    def qparams(self) -> tuple[float, int]:
+        return affine_qparams(float(self.min_val), float(self.max_val))
+
+
+class PercentileObserver(nn.Module):
+    """The mean over batches of each batch's low and high percentiles: clips rare outliers."""
+
+    def __init__(self, percentile: float = 99.99):
+        super().__init__()
+        self.q = percentile / 100
+        self.register_buffer("lo_sum", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("hi_sum", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("batches", torch.tensor(0))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().float().flatten()
+        if flat.numel() > 1 << 24:  # torch.quantile's limit: subsample evenly
+            flat = flat[:: flat.numel() // (1 << 24) + 1]
+        lo, hi = torch.quantile(flat, torch.tensor([1 - self.q, self.q]))
+        self.lo_sum += lo
+        self.hi_sum += hi
+        self.batches += 1
+        return x
+
+    def seen(self) -> bool:
+        return int(self.batches) > 0
+
+    def qparams(self) -> tuple[float, int]:
+        n = int(self.batches)
+        return affine_qparams(float(self.lo_sum) / n, float(self.hi_sum) / n)
+
+
+OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver}
+
+
+# ---------------------------------------------------------------------------------------------------
+# QAT: float weights trained through fake quantization (straight-through estimator)
+
+
+class FakeQuantLinear(nn.Linear):
+    """A Linear whose input and weight pass through the static int8 numerics while it trains."""
+
+    def __init__(self, *args, ema: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.observer = MinMaxObserver(ema=ema)
+        self.observe = True  # False freezes the input range (the last fine-tuning epochs)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> FakeQuantLinear:
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                dtype=linear.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
+
+
+class FakeQuantConv(nn.Module):
+    """A Conv1d/Conv2d whose input and weight pass through the static int8 numerics while it trains."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, ema: float = 0.01):
+        super().__init__()
+        check_conv(conv)
+        self.conv = conv
+        self.observer = MinMaxObserver(ema=ema)
+        self.observe = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return c._conv_forward(_fake_quant_input(self, x), fake_quant_weight(c.weight), c.bias)
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per-channel symmetric int8 fake quantization; gradients pass straight through (inside the range)."""
+    scale = w.detach().flatten(1).abs().amax(1).float().clamp_min(EPS) / WMAX  # (out,)
+    zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -WMAX, WMAX)
+
+
+def _fake_quant_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if module.training and module.observe:
+        module.observer(x)
+    if not module.observer.seen():  # nothing observed yet: no range to quantize to
+        return x
+    scale, zp = module.observer.qparams()
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp, AMIN, AMAX)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole-model transforms: module names in, the same model (changed in place) out
+
+
+class Observed(nn.Module):
+    """A float layer with an observer on its input, for calibration before `convert`."""
+
+    def __init__(self, module: nn.Module, observer: nn.Module):
+        super().__init__()
+        self.module, self.observer = module, observer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(self.observer(x))
+
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _layer(model: nn.Module, name: str, types: tuple[type, ...]) -> nn.Module:
+    m = model.get_submodule(name)
+    if not isinstance(m, types):
+        raise UsageError(f"layer {name!r} is a {type(m).__name__}; int8 supports "
+                         + ", ".join(t.__name__ for t in types))
+    return m
+
+
+def quantize_dynamic(model: nn.Module, names: list[str], act: str = "per-token") -> nn.Module:
+    """Replace each named Linear by a DynamicInt8Linear."""
+    for name in names:
+        _replace(model, name, DynamicInt8Linear.from_float(_layer(model, name, (nn.Linear,)), act))
+    return model
+
+
+def prepare_static(model: nn.Module, names: list[str], observer: str = "minmax") -> nn.Module:
+    """Wrap each named Linear/Conv in an observer; run calibration batches through the model next."""
+    if observer not in OBSERVERS:
+        raise UsageError(f"unknown observer {observer!r}", hint="use " + ", ".join(OBSERVERS))
+    for name in names:
+        layer = _layer(model, name, QUANTIZABLE)
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            check_conv(layer)
+        _replace(model, name, Observed(layer, OBSERVERS[observer]()))
+    return model
+
+
+def prepare_qat(model: nn.Module, names: list[str]) -> nn.Module:
+    """Replace each named Linear/Conv by its fake-quant twin (same float weights); fine-tune next."""
+    for name in names:
+        layer = _layer(model, name, QUANTIZABLE)
+        _replace(model, name, FakeQuantLinear.from_float(layer) if isinstance(layer, nn.Linear)
+                 else FakeQuantConv(layer))
+    return model
+
+
+def freeze_observers(model: nn.Module) -> None:
+    """QAT: stop updating input ranges."""
+    for m in model.modules():
+        if isinstance(m, (FakeQuantLinear, FakeQuantConv)):
+            m.observe = False
+
+
+def _qat_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 weight and scales that `fake_quant_weight(w)` stands for, exactly."""
+    w = w.detach()
+    scale = w.flatten(1).abs().amax(1).float().clamp_min(EPS) / WMAX  # as fake_quant_weight computes it
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    return torch.round(fake_quant_weight(w).float() / scale.reshape(shape)).to(torch.int8), scale
+
+
+def _float_twin(m: FakeQuantLinear) -> nn.Linear:
+    plain = nn.Linear(m.in_features, m.out_features, m.bias is not None, dtype=m.weight.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(m.weight)
+        if m.bias is not None:
+            plain.bias.copy_(m.bias)
+    return plain
+
+
+def convert(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Observed and fake-quant layers → static int8 layers. Returns the model and the names of the layers
+    that saw no data (left in float: they have no input range)."""
+    unseen = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Observed):
+            layer, weight = m.module, None
+        elif isinstance(m, FakeQuantLinear):
+            layer, weight = _float_twin(m), _qat_weight(m.weight)
+        elif isinstance(m, FakeQuantConv):
+            layer, weight = m.conv, _qat_weight(m.conv.weight)
+        else:
+            continue
+        if not m.observer.seen():
+            unseen.append(name)
+            _replace(model, name, layer)
+            continue
+        scale, zp = m.observer.qparams()
+        cls = StaticInt8Linear if isinstance(layer, nn.Linear) else StaticInt8Conv
+        _replace(model, name, cls.from_float(layer, scale, zp, weight))
+    return model, unseen
+
+
+def modules_of(model: nn.Module) -> dict[str, str]:
+    """name → scheme of every plain-int8 module in the model."""
+    return {n: m.scheme for n, m in model.named_modules() if isinstance(m, _Int8Weighted)}
