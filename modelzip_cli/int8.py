@@ -9,13 +9,20 @@ int8 tensors. Numerics, for every method:
 - static activations: affine int8 [-128, 127] per tensor, scale and zero point calibrated by an observer;
 - QAT: the same static numerics simulated in float (straight-through estimator) while training.
 
-How the integer product is computed is a kernel choice that does not change the numerics beyond float
-rounding. `torch._int_mm` reaches oneDNN's int8 GEMM only on CPUs with AVX512-VNNI; elsewhere ATen runs
-it as a scalar loop, 30–300× slower than an fp32 matmul (measured on this project's AVX2 machine; see
-`_int_mm_out_cpu` in ATen's LinearAlgebra.cpp). There the integers are multiplied in float instead,
-against a cached dequantized copy of the weight: exact while |accumulator| < 2**24 (K ≤ 1040 at full
-range), the same product rounded like any fp32 matmul beyond that. `MODELZIP_INT8_KERNEL=int_mm|float`
-overrides the choice.
+How the integer product is computed is a kernel choice. `torch._int_mm` reaches oneDNN's int8 GEMM only
+on CPUs with AVX512-VNNI; elsewhere ATen runs it as a scalar loop, 30–300× slower than an fp32 matmul
+(measured on this project's AVX2 machine; see `_int_mm_out_cpu` in ATen's LinearAlgebra.cpp). There the
+"float" kernel multiplies in fp32 against a dequantized copy of the weight, built once per module and
+kept (4 bytes per weight in memory; the file stays int8):
+
+- static and QAT keep their numerics exactly: the input is rounded to its calibrated int8 grid, then
+  multiplied in float (exact while |accumulator| < 2**24, i.e. K ≤ 1040 at full range; rounded like any
+  fp32 matmul beyond);
+- dynamic leaves activations in float: without an int8 GEMM, rounding them at run time would cost time
+  (several small ops per layer, 3× the fp32 latency of the digits MLP at batch 1) and accuracy, and buy
+  nothing. Its results are then those of int8 weight-only quantization.
+
+`MODELZIP_INT8_KERNEL=int_mm|float` overrides the choice.
 """
 
 from __future__ import annotations
@@ -157,7 +164,8 @@ class _Int8Weighted(nn.Module):
 
 
 class DynamicInt8Linear(_Int8Weighted):
-    """Linear with int8 weights; activations quantized to int8 at each call, per token or per tensor."""
+    """Linear with int8 weights; with the int_mm kernel, activations quantized to int8 at each call, per
+    token or per tensor."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "per-token",
                  dtype: torch.dtype = torch.float32):
@@ -175,16 +183,13 @@ class DynamicInt8Linear(_Int8Weighted):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernel() == "float":  # no int8 GEMM: activations stay float (see the module docstring)
+            return F.linear(x.float(), self.dequantized_weight(), self._bias_f32()).to(x.dtype)
         rows = x.reshape(-1, self.in_features).float()  # (..., K) → (M, K)
         s = _row_scales(rows, self.act)  # (M, 1) or (1, 1)
-        q = torch.round(rows / s)  # integers in [-127, 127]
-        if kernel() == "int_mm":
-            acc = torch._int_mm(q.to(torch.int8), self.qweight.t()).float()  # (M, N), exact int32
-            y = acc * (s * self.weight_scale.float())
-            y = y if self.bias is None else y + self.bias.float()
-        else:
-            y = F.linear(q, self.dequantized_weight()) * s
-            y = y if self.bias is None else y + self.bias.float()
+        q = torch.round(rows / s).to(torch.int8)  # |q| ≤ 127
+        y = torch._int_mm(q, self.qweight.t()).float() * (s * self.weight_scale.float())  # (M, N)
+        y = y if self.bias is None else y + self.bias.float()
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -235,16 +240,14 @@ class StaticInt8Linear(_StaticInput):
         return self._derived.get("row_sums", (self.qweight,), lambda: self.qweight.sum(1, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # (..., K) → (M, K)
-        if kernel() == "int_mm":
-            scale, zp = self.input_qparams()
-            # the integers fake_quant_input stands for, so that both kernels round every input alike
-            q = (torch.round(self.fake_quant_input(rows) / scale) + zp).to(torch.int8)
-            acc = torch._int_mm(q, self.qweight.t()) - zp * self._row_sums()  # (M, N): Σ (q − zp)·w
-            y = acc.float() * (scale * self.weight_scale.float())
-            y = y if self.bias is None else y + self.bias.float()
-        else:
-            y = F.linear(self.fake_quant_input(rows), self.dequantized_weight(), self._bias_f32())
+        if kernel() == "float":
+            return F.linear(self.fake_quant_input(x), self.dequantized_weight(), self._bias_f32()).to(x.dtype)
+        scale, zp = self.input_qparams()
+        rows = self.fake_quant_input(x.reshape(-1, self.in_features))  # (..., K) → (M, K)
+        q = (torch.round(rows / scale) + zp).to(torch.int8)  # the integers the float kernel rounds to, exactly
+        acc = torch._int_mm(q, self.qweight.t()) - zp * self._row_sums()  # (M, N): Σ (q − zp)·w
+        y = acc.float() * (scale * self.weight_scale.float())
+        y = y if self.bias is None else y + self.bias.float()
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
