@@ -20,6 +20,7 @@ CASES = {
     "inspect_large": "bench.bench_inspect_large",
     "prune": "bench.bench_prune",
     "quantize": "bench.bench_quantize",
+    "int8": "bench.bench_int8",
     "lowrank": "bench.bench_lowrank",
     "distill": "bench.bench_distill",
 }

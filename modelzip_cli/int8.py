@@ -22,13 +22,16 @@ kept (4 bytes per weight in memory; the file stays int8):
   (several small ops per layer, 3× the fp32 latency of the digits MLP at batch 1) and accuracy, and buy
   nothing. Its results are then those of int8 weight-only quantization.
 
-`MODELZIP_INT8_KERNEL=int_mm|float` overrides the choice.
+`MODELZIP_INT8_KERNEL=int_mm|float` overrides the choice for a process, `use_kernel()` inside one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import operator
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +58,35 @@ def int_mm_is_fast() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and vnni and vnni())
 
 
-def kernel() -> str:
-    """The kernel int8 products run on now: "int_mm" (int8×int8→int32) or "float" (integers in fp32)."""
-    choice = os.environ.get(KERNEL_ENV, "auto")
+_forced: str | None = None  # set by use_kernel()
+
+
+@functools.cache
+def _default_kernel() -> str:
+    choice = os.environ.get(KERNEL_ENV, "auto")  # read once: forward passes must not pay for it
     if choice not in KERNELS:
         raise UsageError(f"{KERNEL_ENV}={choice!r} is not a kernel", hint="use " + ", ".join(KERNELS))
     if choice == "auto":
         return "int_mm" if int_mm_is_fast() else "float"
     return choice
+
+
+def kernel() -> str:
+    """The kernel int8 products run on now: "int_mm" (int8×int8→int32) or "float" (fp32, see above)."""
+    return _forced or _default_kernel()
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Run the int8 modules on `name` ("auto", "int_mm" or "float") inside the block."""
+    global _forced
+    if name not in KERNELS:
+        raise UsageError(f"{name!r} is not an int8 kernel", hint="use " + ", ".join(KERNELS))
+    old, _forced = _forced, (None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _forced = old
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,18 +117,18 @@ def _row_scales(x: torch.Tensor, act: str) -> torch.Tensor:
 
 
 class _Derived:
-    """Tensors derived from a module's buffers (a dequantized weight, row sums), rebuilt when those buffers
-    are replaced; copies and pickles as empty."""
+    """Float tensors derived from a module's buffers (dequantized weight, float bias, row sums), kept while
+    those buffers are the same tensors (load_state_dict and .to() also clear it); copies and pickles as
+    empty."""
 
     def __init__(self):
-        self.values: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.values: dict[str, tuple[tuple, object]] = {}
 
-    def get(self, name: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:
-        key = tuple((t.data_ptr(), t.device, t.dtype) for t in sources)
+    def get(self, name: str, sources: tuple, build):
         hit = self.values.get(name)
-        if hit is None or hit[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable with autograd later
-                hit = self.values[name] = (key, build())
+        if hit is None or not all(map(operator.is_, hit[0], sources)):
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable with autograd later
+                hit = self.values[name] = (sources, build())
         return hit[1]
 
     def __deepcopy__(self, memo) -> _Derived:
@@ -139,11 +163,18 @@ class _Int8Weighted(nn.Module):
             if bias is not None:
                 self.bias.copy_(bias.detach())
 
+    def float_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float32 weight = qweight · scale, float32 bias), computed once and kept until the buffers change."""
+        q, scale, bias = self._buffers["qweight"], self._buffers["weight_scale"], self._parameters["bias"]
+
+        def build():
+            w = q.float() * scale.float().reshape((-1,) + (1,) * (q.ndim - 1))
+            return w, None if bias is None else bias.float()
+
+        return self._derived.get("float", (q, scale, bias), build)
+
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 weight = qweight · scale, computed once and kept until the buffers change."""
-        shape = (-1,) + (1,) * (self.qweight.ndim - 1)
-        return self._derived.get("weight", (self.qweight, self.weight_scale),
-                                 lambda: self.qweight.float() * self.weight_scale.float().reshape(shape))
+        return self.float_params()[0]
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: derived tensors must follow
         self._derived = _Derived()
@@ -152,9 +183,6 @@ class _Int8Weighted(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._derived = _Derived()
         super()._load_from_state_dict(*args, **kwargs)
-
-    def _bias_f32(self) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.float()
 
     def logical_weights(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.dequantized_weight()}
@@ -184,7 +212,8 @@ class DynamicInt8Linear(_Int8Weighted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernel() == "float":  # no int8 GEMM: activations stay float (see the module docstring)
-            return F.linear(x.float(), self.dequantized_weight(), self._bias_f32()).to(x.dtype)
+            w, b = self.float_params()
+            return F.linear(x, w, b) if x.dtype == torch.float32 else F.linear(x.float(), w, b).to(x.dtype)
         rows = x.reshape(-1, self.in_features).float()  # (..., K) → (M, K)
         s = _row_scales(rows, self.act)  # (M, 1) or (1, 1)
         q = torch.round(rows / s).to(torch.int8)  # |q| ≤ 127
@@ -237,11 +266,12 @@ class StaticInt8Linear(_StaticInput):
 
     def _row_sums(self) -> torch.Tensor:
         """Σ_k qweight[n, k] as int32 (N,): the zero-point correction of the integer product."""
-        return self._derived.get("row_sums", (self.qweight,), lambda: self.qweight.sum(1, dtype=torch.int32))
+        q = self._buffers["qweight"]
+        return self._derived.get("row_sums", (q,), lambda: q.sum(1, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernel() == "float":
-            return F.linear(self.fake_quant_input(x), self.dequantized_weight(), self._bias_f32()).to(x.dtype)
+            return F.linear(self.fake_quant_input(x), *self.float_params()).to(x.dtype)
         scale, zp = self.input_qparams()
         rows = self.fake_quant_input(x.reshape(-1, self.in_features))  # (..., K) → (M, K)
         q = (torch.round(rows / scale) + zp).to(torch.int8)  # the integers the float kernel rounds to, exactly
@@ -286,8 +316,8 @@ class StaticInt8Conv(_StaticInput):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d
-        y = conv(self.fake_quant_input(x), self.dequantized_weight(), self._bias_f32(), self.stride, self.padding,
-                 self.dilation, self.groups)
+        w, b = self.float_params()
+        y = conv(self.fake_quant_input(x), w, b, self.stride, self.padding, self.dilation, self.groups)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

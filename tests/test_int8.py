@@ -22,10 +22,10 @@ KERNELS = ["float", "int_mm"]
 
 
 @pytest.fixture(params=KERNELS)
-def kernel(request, monkeypatch):
+def kernel(request):
     """Run the test once per kernel: the int_mm path is exercised even where auto would not pick it."""
-    monkeypatch.setenv(int8.KERNEL_ENV, request.param)
-    return request.param
+    with int8.use_kernel(request.param):
+        yield request.param
 
 
 def _calibrated(model: nn.Module, names: list[str], batches, observer: str = "minmax") -> nn.Module:
@@ -90,10 +90,10 @@ def test_kernels_agree():
     dyn = int8.DynamicInt8Linear.from_float(lin)
     static = _calibrated(nn.Sequential(copy.deepcopy(lin)), ["0"], [torch.randn(64, 300) * 3])
     outputs = {}
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+    with torch.no_grad():
         for k in KERNELS:
-            mp.setenv(int8.KERNEL_ENV, k)
-            outputs[k] = (dyn(x), static(x))
+            with int8.use_kernel(k):
+                outputs[k] = (dyn(x), static(x))
     assert torch.allclose(outputs["float"][1], outputs["int_mm"][1], rtol=1e-5, atol=1e-5)  # static: same numerics
     assert sqnr_db(outputs["float"][0], outputs["int_mm"][0]) > 35  # dynamic: float activations on "float"
     assert not torch.equal(outputs["float"][0], outputs["int_mm"][0])
@@ -132,8 +132,7 @@ def test_derived_weight_follows_new_state():
     a, b = nn.Linear(16, 4), nn.Linear(16, 4)
     qa, qb = int8.DynamicInt8Linear.from_float(a), int8.DynamicInt8Linear.from_float(b)
     x = torch.randn(3, 16)
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setenv(int8.KERNEL_ENV, "float")
+    with int8.use_kernel("float"), torch.no_grad():
         before = qa(x)  # builds qa's cached dequantized weight
         copied = copy.deepcopy(qa)
         qa.load_state_dict(qb.state_dict())  # copies into the same storage
@@ -151,9 +150,16 @@ def test_bad_settings_are_usage_errors(monkeypatch):
         int8.prepare_static(nn.Sequential(nn.Linear(2, 2)), ["0"], observer="histogram")
     with pytest.raises(UsageError):
         int8.quantize_dynamic(nn.Sequential(nn.ReLU()), ["0"])
-    monkeypatch.setenv(int8.KERNEL_ENV, "fbgemm")
     with pytest.raises(UsageError):
-        int8.kernel()
+        int8.use_kernel("fbgemm").__enter__()
+    monkeypatch.setenv(int8.KERNEL_ENV, "fbgemm")
+    int8._default_kernel.cache_clear()
+    try:
+        with pytest.raises(UsageError):
+            int8.kernel()
+    finally:
+        monkeypatch.delenv(int8.KERNEL_ENV)
+        int8._default_kernel.cache_clear()
 
 
 def test_a_layer_calibration_never_reached_stays_float():
@@ -248,11 +254,11 @@ def test_qat_converts_to_what_it_trained(teacher, train_file, test_file):
         simulated = qat(test.inputs)
     converted, unseen = int8.convert(copy.deepcopy(qat))
     assert unseen == [] and set(int8.modules_of(converted)) == set(names)
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setenv(int8.KERNEL_ENV, "float")  # the same float arithmetic as the fake-quant forward
-        assert torch.allclose(converted(test.inputs), simulated, rtol=1e-5, atol=1e-5)
-        mp.setenv(int8.KERNEL_ENV, "int_mm")  # exact integer sums: an input on a rounding tie may land one step off
-        assert sqnr_db(simulated, converted(test.inputs)) > 60
+    with torch.no_grad():
+        with int8.use_kernel("float"):  # the same float arithmetic as the fake-quant forward
+            assert torch.allclose(converted(test.inputs), simulated, rtol=1e-5, atol=1e-5)
+        with int8.use_kernel("int_mm"):  # exact integer sums: an input on a rounding tie may land one step off
+            assert sqnr_db(simulated, converted(test.inputs)) > 60
     assert (base - evaluate(converted, test)["accuracy"]) * 100 <= 1.0
 
 
