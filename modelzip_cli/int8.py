@@ -28,6 +28,7 @@ kept (4 bytes per weight in memory; the file stays int8):
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import operator
 import os
@@ -397,41 +398,68 @@ OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver}
 # QAT: float weights trained through fake quantization (straight-through estimator)
 
 
-class FakeQuantLinear(nn.Linear):
-    """A Linear whose input and weight pass through the static int8 numerics while it trains."""
+class _FakeQuant:
+    """Mixin for a float layer whose input and weight pass through the static int8 numerics while it trains."""
 
-    def __init__(self, *args, ema: float = 0.01, **kwargs):
-        super().__init__(*args, **kwargs)
+    scheme = "int8 fake-quant (QAT)"
+    observer: MinMaxObserver
+
+    def _setup(self, ema: float) -> None:
         self.observer = MinMaxObserver(ema=ema)
         self.observe = True  # False freezes the input range (the last fine-tuning epochs)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> FakeQuantLinear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
-                dtype=linear.weight.dtype)
+    def from_float(cls, layer: nn.Module, ema: float = 0.01):
+        if isinstance(layer, nn.Linear):
+            m = cls(layer.in_features, layer.out_features, layer.bias is not None, ema=ema,
+                    device=layer.weight.device, dtype=layer.weight.dtype)
+        else:
+            check_conv(layer)
+            m = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                    layer.dilation, layer.groups, layer.bias is not None, ema=ema, device=layer.weight.device,
+                    dtype=layer.weight.dtype)
         with torch.no_grad():
-            m.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                m.bias.copy_(linear.bias)
+            m.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                m.bias.copy_(layer.bias)
         return m
+
+    def float_twin(self) -> nn.Module:
+        """The same layer as a plain torch module (for a layer that saw no data)."""
+        twin = copy.deepcopy(self)
+        del twin.observer, twin.observe
+        twin.__class__ = next(base for base, fq in FAKE_QUANT.items() if isinstance(self, fq))
+        return twin
+
+
+class FakeQuantLinear(_FakeQuant, nn.Linear):
+    def __init__(self, *args, ema: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(ema)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
 
 
-class FakeQuantConv(nn.Module):
-    """A Conv1d/Conv2d whose input and weight pass through the static int8 numerics while it trains."""
-
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d, ema: float = 0.01):
-        super().__init__()
-        check_conv(conv)
-        self.conv = conv
-        self.observer = MinMaxObserver(ema=ema)
-        self.observe = True
+class FakeQuantConv1d(_FakeQuant, nn.Conv1d):
+    def __init__(self, *args, ema: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(ema)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        return c._conv_forward(_fake_quant_input(self, x), fake_quant_weight(c.weight), c.bias)
+        return self._conv_forward(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
+
+
+class FakeQuantConv2d(_FakeQuant, nn.Conv2d):
+    def __init__(self, *args, ema: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup(ema)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
+
+
+FAKE_QUANT = {nn.Linear: FakeQuantLinear, nn.Conv1d: FakeQuantConv1d, nn.Conv2d: FakeQuantConv2d}
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
@@ -504,15 +532,15 @@ def prepare_qat(model: nn.Module, names: list[str]) -> nn.Module:
     """Replace each named Linear/Conv by its fake-quant twin (same float weights); fine-tune next."""
     for name in names:
         layer = _layer(model, name, QUANTIZABLE)
-        _replace(model, name, FakeQuantLinear.from_float(layer) if isinstance(layer, nn.Linear)
-                 else FakeQuantConv(layer))
+        fake_quant = next(fq for base, fq in FAKE_QUANT.items() if isinstance(layer, base))
+        _replace(model, name, fake_quant.from_float(layer))
     return model
 
 
 def freeze_observers(model: nn.Module) -> None:
     """QAT: stop updating input ranges."""
     for m in model.modules():
-        if isinstance(m, (FakeQuantLinear, FakeQuantConv)):
+        if isinstance(m, _FakeQuant):
             m.observe = False
 
 
@@ -524,15 +552,6 @@ def _qat_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(fake_quant_weight(w).float() / scale.reshape(shape)).to(torch.int8), scale
 
 
-def _float_twin(m: FakeQuantLinear) -> nn.Linear:
-    plain = nn.Linear(m.in_features, m.out_features, m.bias is not None, dtype=m.weight.dtype)
-    with torch.no_grad():
-        plain.weight.copy_(m.weight)
-        if m.bias is not None:
-            plain.bias.copy_(m.bias)
-    return plain
-
-
 def convert(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """Observed and fake-quant layers → static int8 layers. Returns the model and the names of the layers
     that saw no data (left in float: they have no input range)."""
@@ -540,10 +559,8 @@ def convert(model: nn.Module) -> tuple[nn.Module, list[str]]:
     for name, m in list(model.named_modules()):
         if isinstance(m, Observed):
             layer, weight = m.module, None
-        elif isinstance(m, FakeQuantLinear):
-            layer, weight = _float_twin(m), _qat_weight(m.weight)
-        elif isinstance(m, FakeQuantConv):
-            layer, weight = m.conv, _qat_weight(m.conv.weight)
+        elif isinstance(m, _FakeQuant):
+            layer, weight = m.float_twin(), _qat_weight(m.weight)
         else:
             continue
         if not m.observer.seen():

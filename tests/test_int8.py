@@ -162,14 +162,20 @@ def test_bad_settings_are_usage_errors(monkeypatch):
         int8._default_kernel.cache_clear()
 
 
-def test_a_layer_calibration_never_reached_stays_float():
-    model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
-    prepared = int8.prepare_static(model, ["used", "unused"])
+@pytest.mark.parametrize("prepare", [int8.prepare_static, int8.prepare_qat])
+def test_a_layer_no_data_reached_stays_float(prepare):
+    model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4), "conv": nn.Conv1d(2, 2, 3)})
+    original = copy.deepcopy(model)
+    prepared = prepare(model, ["used", "unused", "conv"]).train()
     with torch.no_grad():
         prepared["used"](torch.randn(2, 4))
     converted, unseen = int8.convert(prepared)
-    assert unseen == ["unused"]
-    assert type(converted["unused"]) is nn.Linear and isinstance(converted["used"], int8.StaticInt8Linear)
+    assert unseen == ["unused", "conv"]
+    assert isinstance(converted["used"], int8.StaticInt8Linear)
+    assert type(converted["unused"]) is nn.Linear and type(converted["conv"]) is nn.Conv1d
+    for name in unseen:
+        assert converted[name].state_dict().keys() == original[name].state_dict().keys()
+        assert all(torch.equal(v, original[name].state_dict()[k]) for k, v in converted[name].state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------------
