@@ -23,6 +23,13 @@ kept (4 bytes per weight in memory; the file stays int8):
   nothing. Its results are then those of int8 weight-only quantization.
 
 `MODELZIP_INT8_KERNEL=int_mm|float` overrides the choice for a process, `use_kernel()` inside one.
+
+Backends. "plain" runs only the kernels above. A module that can reach a faster int8 GEMM registers it
+in ACCELERATORS (quant_backend.py registers torch.ao's fbgemm kernels, the only fast int8 GEMM on an AVX2
+CPU, built from these same int8 tensors); "torch-ao" uses it for every layer it covers, "auto" (the
+default) only for products large enough to gain from it (AUTO_MIN_MACS, AUTO_MIN_WEIGHTS: measured in
+bench/bench_int8.py), and both fall back to the plain kernels when it is missing or cannot be imported.
+`use_backend()` chooses.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import copy
 import functools
 import operator
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +97,34 @@ def use_kernel(name: str) -> Iterator[None]:
         _forced = old
 
 
+BACKENDS = ("auto", "plain", "torch-ao")
+_backend = "auto"  # set by use_backend()
+# name → builder(module) → a callable computing module(x), or None where it cannot (unavailable, unsupported)
+ACCELERATORS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]] = {}
+# Below these sizes an accelerated call's fixed cost loses to the fp32 matmul (bench/results/int8.json: the
+# digits MLP's 64→512 layer at batch 64 is slower on torch.ao; its 512→256 layer, and any layer at batch 1
+# whose fp32 weight no longer fits in cache, are faster).
+AUTO_MIN_MACS = 4_000_000  # rows · in · out per call
+AUTO_MIN_WEIGHTS = 1_000_000  # in · out
+
+
+def backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the int8 modules on backend `name` (auto, plain or torch-ao) inside the block."""
+    global _backend
+    if name not in BACKENDS:
+        raise UsageError(f"unknown int8 backend {name!r}", hint="use " + ", ".join(BACKENDS))
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
+
+
 # ---------------------------------------------------------------------------------------------------
 # Quantization arithmetic (plain tensor ops only)
 
@@ -103,11 +138,15 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def affine_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """(scale, zero point) mapping [lo, hi] (widened to include 0, so that 0 is exact) onto [-128, 127]."""
+def affine_qparams(lo: float, hi: float, reduced: bool = False) -> tuple[float, int]:
+    """(scale, zero point) mapping [lo, hi] (widened to include 0, so that 0 is exact) onto [-128, 127], or
+    with `reduced` onto [-128, -1]: 7 bits, what fbgemm's u8×s8 products need on a CPU without VNNI, where
+    two 8-bit products overflow the int16 they are summed in (20 dB SQNR on the digits MLP's first layer).
+    Values beyond the calibrated range then still have the rest of the int8 range before they clip."""
+    top = AMIN + 127 if reduced else AMAX
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / (AMAX - AMIN), EPS)
-    zero_point = int(min(AMAX, max(AMIN, round(AMIN - lo / scale))))
+    scale = max((hi - lo) / (top - AMIN), EPS)
+    zero_point = int(min(top, max(AMIN, round(AMIN - lo / scale))))
     return scale, zero_point
 
 
@@ -177,6 +216,17 @@ class _Int8Weighted(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.float_params()[0]
 
+    def accelerated(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The accelerated kernel for a call on `rows` rows, or None to run the plain kernels."""
+        if _backend == "plain" or "torch-ao" not in ACCELERATORS:
+            return None
+        k, n = self.qweight.shape[1], self.qweight.shape[0]
+        if _backend == "auto" and rows * k * n < AUTO_MIN_MACS and k * n < AUTO_MIN_WEIGHTS:
+            return None
+        sources = (self._buffers["qweight"], self._buffers["weight_scale"], self._parameters["bias"],
+                   *(self._buffers.get(b) for b in ("input_scale", "input_zero_point")))
+        return self._derived.get("torch-ao", sources, lambda: ACCELERATORS["torch-ao"](self))
+
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: derived tensors must follow
         self._derived = _Derived()
         return super()._apply(fn, recurse)
@@ -212,6 +262,9 @@ class DynamicInt8Linear(_Int8Weighted):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.accelerated(x.numel() // self.in_features)
+        if fast is not None:
+            return fast(x)
         if kernel() == "float":  # no int8 GEMM: activations stay float (see the module docstring)
             w, b = self.float_params()
             return F.linear(x, w, b) if x.dtype == torch.float32 else F.linear(x.float(), w, b).to(x.dtype)
@@ -229,7 +282,9 @@ class DynamicInt8Linear(_Int8Weighted):
 class _StaticInput(_Int8Weighted):
     """Calibrated affine int8 input: one scale and zero point for the whole activation tensor."""
 
-    def _init_input(self) -> None:
+    def _init_input(self, reduced_range: bool) -> None:
+        self.reduced_range = reduced_range  # calibrated to 7 bits (see affine_qparams): safe for fbgemm
+        self.scheme = "int8 static (per-tensor activations" + (", 7-bit range)" if reduced_range else ")")
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
 
@@ -250,17 +305,18 @@ class _StaticInput(_Int8Weighted):
 class StaticInt8Linear(_StaticInput):
     """Linear with int8 weights and a calibrated int8 input (per-tensor scale and zero point)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
+                 reduced_range: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_weight((out_features, in_features), bias, dtype)
-        self._init_input()
-        self.scheme = "int8 static (per-tensor activations)"
+        self._init_input(reduced_range)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, input_scale: float, input_zero_point: int,
-                   weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> StaticInt8Linear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype)
+                   weight: tuple[torch.Tensor, torch.Tensor] | None = None, reduced_range: bool = False
+                   ) -> StaticInt8Linear:
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, reduced_range)
         m._copy_weight(*(weight or quantize_weight(linear.weight)), linear.bias)
         m._copy_input(input_scale, input_zero_point)
         return m
@@ -271,6 +327,9 @@ class StaticInt8Linear(_StaticInput):
         return self._derived.get("row_sums", (q,), lambda: q.sum(1, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.accelerated(x.numel() // self.in_features)
+        if fast is not None:
+            return fast(x)
         if kernel() == "float":
             return F.linear(self.fake_quant_input(x), *self.float_params()).to(x.dtype)
         scale, zp = self.input_qparams()
@@ -294,7 +353,7 @@ class StaticInt8Conv(_StaticInput):
 
     def __init__(self, dims: int, in_channels: int, out_channels: int, kernel_size: tuple[int, ...],
                  stride: tuple[int, ...], padding: tuple[int, ...] | str, dilation: tuple[int, ...], groups: int,
-                 bias: bool = True, dtype: torch.dtype = torch.float32):
+                 bias: bool = True, dtype: torch.dtype = torch.float32, reduced_range: bool = False):
         super().__init__()
         if dims not in (1, 2):
             raise UsageError(f"int8 convolution supports Conv1d and Conv2d, not {dims}-d")
@@ -302,15 +361,15 @@ class StaticInt8Conv(_StaticInput):
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), padding
         self.dilation, self.groups = tuple(dilation), groups
         self._init_weight((out_channels, in_channels // groups, *self.kernel_size), bias, dtype)
-        self._init_input()
-        self.scheme = "int8 static (per-tensor activations)"
+        self._init_input(reduced_range)
 
     @classmethod
     def from_float(cls, conv: nn.Conv1d | nn.Conv2d, input_scale: float, input_zero_point: int,
-                   weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> StaticInt8Conv:
+                   weight: tuple[torch.Tensor, torch.Tensor] | None = None, reduced_range: bool = False
+                   ) -> StaticInt8Conv:
         check_conv(conv)
         m = cls(conv.weight.ndim - 2, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.weight.dtype)
+                conv.padding, conv.dilation, conv.groups, conv.bias is not None, conv.weight.dtype, reduced_range)
         m._copy_weight(*(weight or quantize_weight(conv.weight)), conv.bias)
         m._copy_input(input_scale, input_zero_point)
         return m
@@ -338,9 +397,9 @@ def check_conv(conv: nn.Module) -> None:
 class MinMaxObserver(nn.Module):
     """Running min and max over every batch seen (ema=None), or their moving average (QAT)."""
 
-    def __init__(self, ema: float | None = None):
+    def __init__(self, ema: float | None = None, reduced: bool = False):
         super().__init__()
-        self.ema = ema
+        self.ema, self.reduced = ema, reduced
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
@@ -359,15 +418,15 @@ class MinMaxObserver(nn.Module):
         return bool(torch.isfinite(self.min_val))
 
     def qparams(self) -> tuple[float, int]:
-        return affine_qparams(float(self.min_val), float(self.max_val))
+        return affine_qparams(float(self.min_val), float(self.max_val), self.reduced)
 
 
 class PercentileObserver(nn.Module):
     """The mean over batches of each batch's low and high percentiles: clips rare outliers."""
 
-    def __init__(self, percentile: float = 99.99):
+    def __init__(self, percentile: float = 99.99, reduced: bool = False):
         super().__init__()
-        self.q = percentile / 100
+        self.q, self.reduced = percentile / 100, reduced
         self.register_buffer("lo_sum", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("hi_sum", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("batches", torch.tensor(0))
@@ -388,7 +447,7 @@ class PercentileObserver(nn.Module):
 
     def qparams(self) -> tuple[float, int]:
         n = int(self.batches)
-        return affine_qparams(float(self.lo_sum) / n, float(self.hi_sum) / n)
+        return affine_qparams(float(self.lo_sum) / n, float(self.hi_sum) / n, self.reduced)
 
 
 OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver}
@@ -404,19 +463,20 @@ class _FakeQuant:
     scheme = "int8 fake-quant (QAT)"
     observer: MinMaxObserver
 
-    def _setup(self, ema: float) -> None:
-        self.observer = MinMaxObserver(ema=ema)
+    def _setup(self, ema: float, reduced: bool) -> None:
+        self.observer = MinMaxObserver(ema=ema, reduced=reduced)
         self.observe = True  # False freezes the input range (the last fine-tuning epochs)
 
     @classmethod
-    def from_float(cls, layer: nn.Module, ema: float = 0.01):
+    def from_float(cls, layer: nn.Module, ema: float = 0.01, reduced: bool = False):
         if isinstance(layer, nn.Linear):
-            m = cls(layer.in_features, layer.out_features, layer.bias is not None, ema=ema,
+            m = cls(layer.in_features, layer.out_features, layer.bias is not None, ema=ema, reduced=reduced,
                     device=layer.weight.device, dtype=layer.weight.dtype)
         else:
             check_conv(layer)
             m = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                    layer.dilation, layer.groups, layer.bias is not None, ema=ema, device=layer.weight.device,
+                    layer.dilation, layer.groups, layer.bias is not None, ema=ema, reduced=reduced,
+                    device=layer.weight.device,
                     dtype=layer.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(layer.weight)
@@ -433,27 +493,27 @@ class _FakeQuant:
 
 
 class FakeQuantLinear(_FakeQuant, nn.Linear):
-    def __init__(self, *args, ema: float = 0.01, **kwargs):
+    def __init__(self, *args, ema: float = 0.01, reduced: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._setup(ema)
+        self._setup(ema, reduced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
 
 
 class FakeQuantConv1d(_FakeQuant, nn.Conv1d):
-    def __init__(self, *args, ema: float = 0.01, **kwargs):
+    def __init__(self, *args, ema: float = 0.01, reduced: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._setup(ema)
+        self._setup(ema, reduced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
 
 
 class FakeQuantConv2d(_FakeQuant, nn.Conv2d):
-    def __init__(self, *args, ema: float = 0.01, **kwargs):
+    def __init__(self, *args, ema: float = 0.01, reduced: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._setup(ema)
+        self._setup(ema, reduced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
@@ -516,24 +576,25 @@ def quantize_dynamic(model: nn.Module, names: list[str], act: str = "per-token")
     return model
 
 
-def prepare_static(model: nn.Module, names: list[str], observer: str = "minmax") -> nn.Module:
-    """Wrap each named Linear/Conv in an observer; run calibration batches through the model next."""
+def prepare_static(model: nn.Module, names: list[str], observer: str = "minmax", reduced: bool = False) -> nn.Module:
+    """Wrap each named Linear/Conv in an observer; run calibration batches through the model next.
+    `reduced`: 7-bit activation ranges (see affine_qparams)."""
     if observer not in OBSERVERS:
         raise UsageError(f"unknown observer {observer!r}", hint="use " + ", ".join(OBSERVERS))
     for name in names:
         layer = _layer(model, name, QUANTIZABLE)
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
             check_conv(layer)
-        _replace(model, name, Observed(layer, OBSERVERS[observer]()))
+        _replace(model, name, Observed(layer, OBSERVERS[observer](reduced=reduced)))
     return model
 
 
-def prepare_qat(model: nn.Module, names: list[str]) -> nn.Module:
+def prepare_qat(model: nn.Module, names: list[str], reduced: bool = False) -> nn.Module:
     """Replace each named Linear/Conv by its fake-quant twin (same float weights); fine-tune next."""
     for name in names:
         layer = _layer(model, name, QUANTIZABLE)
         fake_quant = next(fq for base, fq in FAKE_QUANT.items() if isinstance(layer, base))
-        _replace(model, name, fake_quant.from_float(layer))
+        _replace(model, name, fake_quant.from_float(layer, reduced=reduced))
     return model
 
 
@@ -569,8 +630,23 @@ def convert(model: nn.Module) -> tuple[nn.Module, list[str]]:
             continue
         scale, zp = m.observer.qparams()
         cls = StaticInt8Linear if isinstance(layer, nn.Linear) else StaticInt8Conv
-        _replace(model, name, cls.from_float(layer, scale, zp, weight))
+        _replace(model, name, cls.from_float(layer, scale, zp, weight, m.observer.reduced))
     return model, unseen
+
+
+KERNEL_NAMES_NOTE = ("torch-ao: torch.ao's fbgemm int8 GEMM; int_mm: torch._int_mm; "
+                     "float: fp32 matmul on the int8 weights")
+
+
+def kernels_for(model: nn.Module, rows: int) -> dict[str, str]:
+    """name → the kernel each plain-int8 layer runs for a call on `rows` rows, under the current backend."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, DynamicInt8Linear | StaticInt8Linear):
+            out[name] = "torch-ao" if m.accelerated(rows) is not None else kernel()
+        elif isinstance(m, _Int8Weighted):
+            out[name] = "float"
+    return out
 
 
 def modules_of(model: nn.Module) -> dict[str, str]:
