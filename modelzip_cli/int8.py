@@ -599,10 +599,13 @@ def prepare_qat(model: nn.Module, names: list[str], reduced: bool = False) -> nn
 
 
 def freeze_observers(model: nn.Module) -> None:
-    """QAT: stop updating input ranges."""
+    """QAT's last epochs: stop updating input ranges and BatchNorm statistics. (`model.train()` puts BatchNorm
+    back in training mode: call this at the start of every frozen epoch.)"""
     for m in model.modules():
         if isinstance(m, _FakeQuant):
             m.observe = False
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def _qat_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

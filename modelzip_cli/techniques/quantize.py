@@ -144,9 +144,6 @@ def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Mod
     def on_epoch(epoch: int) -> None:  # epoch is 0-based; runs after the loop puts the model in train mode
         if epoch >= freeze_from:
             int8.freeze_observers(prepared)
-            for m in prepared.modules():  # BatchNorm statistics too (train mode would update them)
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
 
     history = train(prepared, ctx.data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size),
                     ctx=ctx, description="qat", on_epoch=on_epoch)
