@@ -1,11 +1,11 @@
-"""int8 without torch.ao: modelzip's plain-int8 modules against fp32, torch.ao, torchao and weight-only, one run.
+"""int8 without torch.ao: modelzip's plain-int8 modules on each backend against fp32, the first wave's torch.ao
+paths, torchao's eager int8 and weight-only, one run.
 
 MLP 1024→4096→4096→1024 (random inputs, random calibration) and the digits teacher (its own test and
-train data), batch 1 and 64. Every model is timed in interleaved rounds (machine noise hits all alike)
-and the median is reported with its ratio to fp32 and its SQNR against fp32 on the timed batch. The
-plain modules run on the kernel `int8.kernel()` picks here ("auto") and, named as such, on `_int_mm`
-forced. Models slower than fp32 by far (a scalar int8 loop) are timed with fewer repeats, as noted.
-"""
+train data), batch 1 and 64, 2 threads. Every model is timed in interleaved rounds (machine noise hits
+all alike) and the median is reported with its ratio to fp32 and its SQNR against fp32 on the timed
+batch. The plain modules run under each backend (auto, plain, torch-ao) and, named as such, on
+`_int_mm` forced. Models far slower than fp32 (a scalar int8 loop) are timed with fewer repeats."""
 
 from __future__ import annotations
 
@@ -22,28 +22,36 @@ MLP = {"input_size": 1024, "hidden_sizes": [4096, 4096], "num_classes": 1024, "d
 
 
 def _models(fp32, calib, example) -> dict:
-    """name → (model, forced plain kernel or None)."""
+    """name → (model, backend, forced plain kernel or None)."""
     import torch
     from torch import nn
 
-    from modelzip_cli import int8, quant_backend
+    from modelzip_cli import int8
     from modelzip_cli.edits import WeightOnlyLinear
 
     names = [n for n, m in fp32.named_modules() if isinstance(m, nn.Linear)]
 
-    def plain_static():
-        prepared = int8.prepare_static(copy.deepcopy(fp32), names)
+    def plain_static(reduced: bool):
+        prepared = int8.prepare_static(copy.deepcopy(fp32), names, reduced=reduced)
         with torch.no_grad():
             for x in calib:
                 prepared(x)
         return int8.convert(prepared)[0].eval()
 
+    def ao_dynamic():  # the first wave's path: torch.ao.quantization directly
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(fp32), set(names), dtype=torch.qint8)
+
     def ao_static():
-        prepared = quant_backend.prepare_static(copy.deepcopy(fp32), example, set())
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        prepared = prepare_fx(copy.deepcopy(fp32), get_default_qconfig_mapping("x86"), (example,))
         with torch.no_grad():
             for x in calib:
                 prepared(x)
-        return quant_backend.convert_static(prepared)
+        return convert_fx(prepared)
 
     def weight_only(bits):
         m = copy.deepcopy(fp32)
@@ -54,27 +62,31 @@ def _models(fp32, calib, example) -> dict:
         return m.eval()
 
     dyn = {act: int8.quantize_dynamic(copy.deepcopy(fp32), names, act).eval() for act in int8.ACTIVATIONS}
-    static = plain_static()
+    static8, static7 = plain_static(False), plain_static(True)
     models = {
-        "fp32": (fp32, None),
-        "plain dynamic int8 (auto kernel)": (dyn["per-token"], None),
-        "plain dynamic int8 per-token (_int_mm)": (dyn["per-token"], "int_mm"),
-        "plain dynamic int8 per-tensor (_int_mm)": (dyn["per-tensor"], "int_mm"),
-        "plain static int8 (auto kernel)": (static, None),
-        "plain static int8 (_int_mm)": (static, "int_mm"),
-        "torch.ao dynamic int8": (quant_backend.dynamic(copy.deepcopy(fp32), set(names)), None),
-        "torch.ao static int8": (ao_static(), None),
+        "fp32": (fp32, "auto", None),
+        "modelzip dynamic, backend auto": (dyn["per-token"], "auto", None),
+        "modelzip dynamic, backend plain": (dyn["per-token"], "plain", None),
+        "modelzip dynamic per-token, plain on _int_mm": (dyn["per-token"], "plain", "int_mm"),
+        "modelzip dynamic per-tensor, plain on _int_mm": (dyn["per-tensor"], "plain", "int_mm"),
+        "modelzip dynamic, backend torch-ao": (dyn["per-token"], "torch-ao", None),
+        "modelzip static (7-bit), backend auto": (static7, "auto", None),
+        "modelzip static (8-bit), backend plain": (static8, "plain", None),
+        "modelzip static (8-bit), plain on _int_mm": (static8, "plain", "int_mm"),
+        "modelzip static (7-bit), backend torch-ao": (static7, "torch-ao", None),
+        "torch.ao quantize_dynamic (first wave)": (ao_dynamic(), "auto", None),
+        "torch.ao FX static x86 (first wave)": (ao_static(), "auto", None),
     }
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
         ao = copy.deepcopy(fp32)
         quantize_(ao, Int8DynamicActivationInt8WeightConfig())
-        models["torchao Int8DynamicActivationInt8Weight (eager)"] = (ao, None)
+        models["torchao Int8DynamicActivationInt8Weight (eager)"] = (ao, "auto", None)
     except Exception as exc:  # report, do not hide
-        models[f"torchao failed: {type(exc).__name__}: {exc}"[:200]] = (None, None)
-    models["weight-only int8 (group 128)"] = (weight_only(8), None)
-    models["weight-only int4 (group 128)"] = (weight_only(4), None)
+        models[f"torchao failed: {type(exc).__name__}: {exc}"[:200]] = (None, "auto", None)
+    models["weight-only int8 (group 128)"] = (weight_only(8), "auto", None)
+    models["weight-only int4 (group 128)"] = (weight_only(4), "auto", None)
     return models
 
 
@@ -99,10 +111,10 @@ def _compare(fp32, calib, example, inputs, threads: int) -> dict:
         rows: dict = {}
         with torch.inference_mode(), num_threads(threads):
             reference = fp32(x)
-            for name, (m, k) in models.items():
+            for name, (m, b, k) in models.items():
                 if m is None:
                     continue
-                with int8.use_kernel(k or "auto"):
+                with int8.use_backend(b), int8.use_kernel(k or "auto"):
                     t0 = time.perf_counter()
                     y = m(x)
                     once = time.perf_counter() - t0
@@ -113,15 +125,15 @@ def _compare(fp32, calib, example, inputs, threads: int) -> dict:
             for name, row in rows.items():
                 if row["slow"] and r > 0:
                     continue
-                m, k = models[name]
-                with int8.use_kernel(k or "auto"):
+                m, b, k = models[name]
+                with int8.use_backend(b), int8.use_kernel(k or "auto"):
                     row["ms"].append(_time(m, x, threads, row["slow"]))
         fp32_ms = statistics.median(rows["fp32"]["ms"])
         for row in rows.values():
             row["ms"] = statistics.median(row["ms"])
             row["speedup_vs_fp32"] = fp32_ms / row["ms"]
         out[f"batch_{batch}"] = rows
-    out["failed"] = [name for name, (m, _) in models.items() if m is None]
+    out["failed"] = [name for name, (m, _, _) in models.items() if m is None]
     return out
 
 
