@@ -276,3 +276,51 @@ def test_mnist1d_cnn_static_loses_at_most_one_point():
     q = _calibrated(model, names, [x for x, _, _ in train.batches(32)][:16])
     assert {type(q.get_submodule(n)) for n in names} == {int8.StaticInt8Conv, int8.StaticInt8Linear}
     assert (base - evaluate(q, test)["accuracy"]) * 100 <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backends: torch.ao's kernels built from the same integers, where torch.ao imports
+
+
+def _torch_ao():
+    from modelzip_cli import quant_backend
+
+    if not quant_backend.available():
+        pytest.skip("torch.ao cannot be imported here (the plain backend is tested above)")
+    return quant_backend
+
+
+def test_torch_ao_backend_runs_the_stored_integers():
+    backend = _torch_ao()
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512)
+    x = torch.randn(64, 256).relu()
+    dyn = int8.DynamicInt8Linear.from_float(lin)
+    prepared = int8.prepare_static(nn.Sequential(copy.deepcopy(lin)), ["0"], reduced=True)
+    with torch.no_grad():
+        prepared(torch.randn(64, 256).relu())
+    static7 = int8.convert(prepared)[0][0]
+    static8 = _calibrated(nn.Sequential(copy.deepcopy(lin)), ["0"], [torch.randn(64, 256).relu()])[0]
+    with backend.quiet():
+        assert torch.equal(backend._torch_ao_linear(dyn).weight().int_repr(), dyn.qweight)
+    with torch.no_grad():
+        with int8.use_backend("plain"):
+            plain_static = static7(x)
+        with int8.use_backend("torch-ao"):
+            assert int8.kernels_for(nn.Sequential(dyn, static7, static8), 64) == {
+                "0": "torch-ao", "1": "torch-ao", "2": int8.kernel()}  # 8-bit static: fbgemm would overflow
+            assert sqnr_db(lin(x), dyn(x)) > 30
+            assert sqnr_db(plain_static, static7(x)) > 50  # the same numerics, to float rounding
+            assert dyn(x[None]).shape == (1, 64, 512)
+
+
+def test_auto_uses_torch_ao_only_where_it_measured_faster():
+    _torch_ao()
+    teacher = load_model(DIGITS_TEACHER)
+    q = int8.quantize_dynamic(teacher, _linear_names(teacher))
+    with int8.use_backend("auto"):
+        assert set(int8.kernels_for(q, 1).values()) == {int8.kernel()}  # batch 1: tiny products, plain
+        assert int8.kernels_for(q, 256)["layers.3"] == "torch-ao"  # 256·512·256 MACs
+        assert int8.kernels_for(q, 256)["layers.9"] == int8.kernel()  # 128 → 10
+    with int8.use_backend("plain"):
+        assert set(int8.kernels_for(q, 256).values()) == {int8.kernel()}
