@@ -194,7 +194,8 @@ class _Int8Weighted(nn.Module):
     def _init_weight(self, shape: tuple[int, ...], bias: bool, dtype: torch.dtype) -> None:
         self.register_buffer("qweight", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(shape[0], dtype=torch.float32))
-        self.bias = nn.Parameter(torch.zeros(shape[0], dtype=dtype), requires_grad=False) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(shape[0], dtype=dtype), requires_grad=False)
+                                if bias else None)
         self._derived = _Derived()
 
     def _copy_weight(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:

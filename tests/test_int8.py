@@ -111,6 +111,21 @@ def test_weights_are_within_half_a_step_and_counted_like_float():
     assert q.scheme == "int8 dynamic (per-token activations)"
 
 
+def test_layers_without_bias(kernel):
+    torch.manual_seed(0)
+    lin, conv = nn.Linear(16, 8, bias=False), nn.Conv1d(2, 4, 3, bias=False)
+    x, xc = torch.randn(4, 16), torch.randn(4, 2, 9)
+    dyn = int8.DynamicInt8Linear.from_float(lin)
+    static = _calibrated(nn.Sequential(copy.deepcopy(lin)), ["0"], [x])
+    sc = _calibrated(nn.Sequential(copy.deepcopy(conv)), ["0"], [xc])
+    assert "bias" not in dyn.state_dict() and "0.bias" not in static.state_dict()
+    with torch.no_grad():
+        assert sqnr_db(lin(x), dyn(x)) > 30 and sqnr_db(lin(x), static[0](x)) > 30
+        assert sqnr_db(conv(xc), sc(xc)) > 30
+    with int8.use_backend("torch-ao"), torch.no_grad():
+        assert dyn(x).shape == (4, 8)
+
+
 def test_half_precision_inputs_keep_their_dtype(kernel):
     lin = nn.Linear(32, 8).to(torch.bfloat16)
     q = int8.DynamicInt8Linear.from_float(lin)
