@@ -220,10 +220,12 @@ class _Int8Weighted(nn.Module):
 
     def accelerated(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The accelerated kernel for a call on `rows` rows, or None to run the plain kernels."""
-        if _backend == "plain" or "torch-ao" not in ACCELERATORS:
+        if _backend == "plain":
             return None
-        k, n = self.qweight.shape[1], self.qweight.shape[0]
-        if _backend == "auto" and rows * k * n < AUTO_MIN_MACS and k * n < AUTO_MIN_WEIGHTS:
+        weights = self.in_features * self.out_features  # (Linear layers only call this)
+        if _backend == "auto" and rows * weights < AUTO_MIN_MACS and weights < AUTO_MIN_WEIGHTS:
+            return None
+        if "torch-ao" not in ACCELERATORS:
             return None
         sources = (self._buffers["qweight"], self._buffers["weight_scale"], self._parameters["bias"],
                    *(self._buffers.get(b) for b in ("input_scale", "input_zero_point")))
