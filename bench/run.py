@@ -20,13 +20,11 @@ CASES = {
     "inspect_large": "bench.bench_inspect_large",
     "prune": "bench.bench_prune",
     "quantize": "bench.bench_quantize",
+    "int8": "bench.bench_int8",
     "lowrank": "bench.bench_lowrank",
     "distill": "bench.bench_distill",
-<<<<<<< HEAD
     "hf_load": "bench.bench_hf_load",
-=======
     "ddp": "bench.bench_ddp",
->>>>>>> wip-16-ddp
 }
 
 

@@ -17,13 +17,14 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from modelzip_cli import legacy
 from modelzip_cli.edits import META_SAFE_EDITS, replay_edits
 from modelzip_cli.errors import InputError, ModelzipError, OutputError, UntrustedCodeError, UsageError
 from modelzip_cli.files import atomic_write, check_readable
@@ -267,11 +268,14 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         if arch is not None and arch != manifest.arch:
             raise UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; --arch {arch} contradicts it",
                              hint="drop --arch")
-        state = OrderedDict(decode_state(tensors, manifest_dict.get("encodings", {}),
-                                         manifest_dict.get("constants", {})))
+        state = decode_state(tensors, manifest_dict.get("encodings", {}), manifest_dict.get("constants", {}))
+        trusted = arch == manifest.arch
+        if legacy.needs_upgrade(manifest_dict):  # a first-wave file: torch.ao layouts → plain int8 modules
+            manifest, state = legacy.upgrade(manifest, state, lambda edits: replay_edits(
+                build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), replace(manifest, edits=edits)))
+        state = OrderedDict(state)
         state._metadata = OrderedDict(manifest_dict.get("state_versions", {}))  # as torch.save would keep it
-        model = rebuild(manifest, state, trusted=(arch == manifest.arch),
-                        what=f"{manifest.arch} as the manifest rebuilds it")
+        model = rebuild(manifest, state, trusted=trusted, what=f"{manifest.arch} as the manifest rebuilds it")
         source = "modelzip"
     elif pickled is not None:
         model = pickled

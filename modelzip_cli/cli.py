@@ -299,13 +299,23 @@ def quantize(
                                                       "and BatchNorm statistics frozen (default a third)")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="qat: learning rate (default 1e-4)")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="qat: batch size (default 64)")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="dynamic/static/qat: what runs the int8 layers: "
+                                                "plain | torch-ao | auto (torch.ao's kernels where they measured "
+                                                "faster and torch.ao imports; default auto)")] = None,
+    activations: Annotated[str | None, typer.Option("--activations", help="dynamic: per-token | per-tensor "
+                                                    "activation scales (default per-token)")] = None,
+    observer: Annotated[str | None, typer.Option("--observer", help="static: minmax | percentile "
+                                                 "(default minmax)")] = None,
     *, shared,
 ) -> None:
-    """int8 dynamic / static / QAT on torch.ao's x86 kernels, or int8/int4 weight-only."""
+    """int8 dynamic / static / QAT on plain int8 tensors, or int8/int4 weight-only."""
+    from modelzip_cli import int8
+
     values = given(bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
-                   freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, include=shared.include,
-                   exclude=shared.exclude)
-    technique("quantize", method, model, shared, values, files={"data": data, "calib_data": calib_data})
+                   freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, backend=backend,
+                   activations=activations, observer=observer, include=shared.include, exclude=shared.exclude)
+    with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):  # the report's latencies too
+        technique("quantize", method, model, shared, values, files={"data": data, "calib_data": calib_data})
 
 
 @command(SELECT_OPTIONS, FINETUNE_OPTIONS, TRANSFORM_OPTIONS)

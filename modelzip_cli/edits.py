@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli import quant_backend as backend
+from modelzip_cli import (
+    int8,
+    quant_backend,  # noqa: F401  (registers the optional torch.ao accelerator)
+)
 from modelzip_cli.errors import InputError
 from modelzip_cli.format import Manifest
 
@@ -26,7 +29,7 @@ ReplayFn = Callable[[nn.Module, dict, Manifest], nn.Module]
 EDIT_REPLAYS: dict[str, ReplayFn] = {}
 
 # Replays that only build modules and never run the model: safe on the meta device.
-META_SAFE_EDITS = {"prune_magnitude", "lowrank", "quantize_weight_only"}
+META_SAFE_EDITS = {"prune_magnitude", "lowrank", "quantize_weight_only", "quantize_dynamic", "quantize_static"}
 
 
 def register_edit(kind: str) -> Callable[[ReplayFn], ReplayFn]:
@@ -183,18 +186,36 @@ def _replay_weight_only(model: nn.Module, edit: dict, manifest: Manifest) -> nn.
 
 
 # ---------------------------------------------------------------------------------------------------
-# int8 dynamic / static: rebuild the backend's quantized module tree on a fresh float model
+# int8 dynamic / static / QAT: modelzip's plain-int8 modules (int8.py) in place of the float layers
+
+
+def plain_int8(layer: nn.Module, kind: str, activations: str = "per-token", reduced_range: bool = False
+               ) -> nn.Module:
+    """An empty plain-int8 module shaped like the float `layer` (the stored tensors fill it)."""
+    if kind == "dynamic":
+        return int8.DynamicInt8Linear(layer.in_features, layer.out_features, layer.bias is not None, activations,
+                                      layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        return int8.StaticInt8Linear(layer.in_features, layer.out_features, layer.bias is not None, layer.weight.dtype,
+                                     reduced_range)
+    int8.check_conv(layer)
+    return int8.StaticInt8Conv(layer.weight.ndim - 2, layer.in_channels, layer.out_channels, layer.kernel_size,
+                               layer.stride, layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                               layer.weight.dtype, reduced_range)
 
 
 @register_edit("quantize_dynamic")
 def _replay_dynamic(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
-    return backend.dynamic(model, set(edit["modules"]))
+    for name in edit["modules"]:
+        replace_module(model, name, plain_int8(model.get_submodule(name), "dynamic", edit["activations"]))
+    return model
 
 
 @register_edit("quantize_static")
 def _replay_static(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
-    example = manifest.example_input()
-    prepared = backend.prepare_static(model, example, set(edit["skip"]), qat=edit.get("qat", False))
-    with torch.no_grad():
-        prepared.eval()(example)  # give observers a range; the stored scales replace it on load
-    return backend.convert_static(prepared)
+    for name in edit["modules"]:
+        replace_module(model, name, plain_int8(model.get_submodule(name), "static",
+                                               reduced_range=edit.get("reduced_range", False)))
+    for name in edit.get("folded", []):  # BatchNorms a first-wave file folded into the conv before them
+        replace_module(model, name, nn.Identity())
+    return model

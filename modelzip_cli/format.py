@@ -1,9 +1,11 @@
 """The checkpoint format: keys, the manifest, and the tensor codecs (docs/FORMAT.md describes them).
 
-A modelzip checkpoint is a set of plain tensors plus a JSON manifest. Tensors that a plain
-safetensors/weights-only file cannot hold, or that would waste space, go through a codec: torch quantized
-tensors become integer tensors plus scales and zero points; sparse tensors become a bitmask plus their
-non-zero values.
+A modelzip checkpoint is a set of plain tensors plus a JSON manifest. Tensors that would waste space go
+through a codec: sparse tensors become a bitmask plus their non-zero values. Quantized models are
+modelzip's plain-int8 modules, whose state is ordinary int8/uint8/int32/float tensors; torch quantized
+tensors are never written. Format 1 files (the first wave) stored torch.ao modules' quantized tensors with
+the "qtensor" codec; reading one yields `QInts` (integers, scales, zero points as plain values) that
+legacy.py turns into the plain modules' state.
 
 This is the lowest layer: it imports nothing of modelzip but errors, and imports torch only inside the
 functions that need it, so reading a header (`inspect`) never pays for torch.
@@ -21,7 +23,7 @@ from modelzip_cli.version import __version__
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized layers are plain-int8 modules (int8.py); 1: torch.ao layouts
 MANIFEST_KEY = "modelzip"  # safetensors metadata key / .pt archive key holding the manifest JSON
 TENSORS_KEY = "tensors"  # .pt archive key holding the tensors
 SEP = "::"  # stored parts of an encoded tensor are NAME::PART
@@ -111,21 +113,22 @@ def _store(name: str, t: torch.Tensor, tensors: dict, encodings: dict) -> None:
     tensors[name] = t.contiguous()
 
 
-def _encode_qtensor(name: str, t: torch.Tensor, tensors: dict, encodings: dict) -> None:
-    import torch
+@dataclass
+class QInts:
+    """A format-1 "qtensor" as plain values: integers, and per-tensor (float, int) or per-channel (tensors
+    along `axis`) scales and zero points. The value stands for (ints − zero_point) · scale."""
 
-    enc = {"codec": "qtensor", "dtype": str(t.dtype).removeprefix("torch.")}
-    _store(f"{name}{SEP}int", t.int_repr(), tensors, encodings)
-    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        enc.update(qscheme="per_tensor", scale=float(t.q_scale()), zero_point=int(t.q_zero_point()))
-    else:
-        enc.update(qscheme="per_channel", axis=int(t.q_per_channel_axis()))
-        scales, zps = t.q_per_channel_scales(), t.q_per_channel_zero_points()
-        if torch.equal(scales.float().double(), scales.double()):  # float32 holds them exactly
-            scales = scales.float()
-        tensors[f"{name}{SEP}scale"] = scales.contiguous()
-        tensors[f"{name}{SEP}zero_point"] = zps.to(torch.int32).contiguous()
-    encodings[name] = enc
+    ints: torch.Tensor
+    scale: float | torch.Tensor
+    zero_point: int | torch.Tensor
+    axis: int | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        if self.axis is None:
+            return (self.ints.float() - self.zero_point) * self.scale
+        shape = [1] * self.ints.ndim
+        shape[self.axis] = -1
+        return (self.ints.float() - self.zero_point.float().reshape(shape)) * self.scale.float().reshape(shape)
 
 
 def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, Any]]:
@@ -156,8 +159,8 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
             raise UsageError(f"cannot store {name!r} of type {type(value).__name__} in a checkpoint")
         t = value.detach().cpu()
         if t.is_quantized:
-            _encode_qtensor(name, t, tensors, encodings)
-            continue
+            raise UsageError(f"{name!r} is a torch quantized tensor, which modelzip no longer stores",
+                             hint="quantize with modelzip quantize (plain int8 tensors)")
         # safetensors refuses tensors that share storage (tied weights): store a copy.
         ptr = t.untyped_storage().data_ptr() if t.numel() else 0
         if ptr and ptr in seen_storage:
@@ -178,7 +181,7 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
     def part(key: str) -> torch.Tensor:
         return decode_one(key, encodings[key]) if key in encodings else tensors[key]
 
-    def decode_one(name: str, enc: dict) -> torch.Tensor | tuple:
+    def decode_one(name: str, enc: dict) -> torch.Tensor | QInts | tuple:
         codec = enc.get("codec")
         if codec == "bitmask":
             shape, mask_bytes = enc["shape"], tensors[f"{name}{SEP}mask"].numpy()
@@ -187,15 +190,11 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
             dense = torch.zeros(n, dtype=getattr(torch, enc["dtype"]))
             dense[mask] = tensors[f"{name}{SEP}values"]
             return dense.reshape(shape)
-        if codec == "qtensor":
-            ints, dtype = part(f"{name}{SEP}int"), getattr(torch, enc["dtype"])
+        if codec == "qtensor":  # format 1 only
+            ints = part(f"{name}{SEP}int")
             if enc["qscheme"] == "per_tensor":
-                return torch._make_per_tensor_quantized_tensor(ints, enc["scale"], enc["zero_point"])
-            q = torch._make_per_channel_quantized_tensor(
-                ints, tensors[f"{name}{SEP}scale"].double(), tensors[f"{name}{SEP}zero_point"].long(), enc["axis"])
-            if q.dtype != dtype:
-                raise InputError(f"tensor {name!r}: stored as {q.dtype}, manifest says {dtype}")
-            return q
+                return QInts(ints, float(enc["scale"]), int(enc["zero_point"]))
+            return QInts(ints, tensors[f"{name}{SEP}scale"], tensors[f"{name}{SEP}zero_point"], int(enc["axis"]))
         if codec == "tuple":
             parts = [f"{name}{SEP}{i}" for i in range(enc["length"])]
             return tuple(None if i in enc["none"] else part(key) for i, key in enumerate(parts))

@@ -1,21 +1,30 @@
-"""The one place that calls a quantization backend.
+"""torch.ao's fbgemm int8 kernels, as an optional accelerator of modelzip's plain-int8 modules.
 
-Measured on this machine (2 CPUs, torch 2.13): torch.ao.quantization's x86 int8 kernels beat fp32 by
-3–4× on Linear layers at batch 64, while torchao 0.18's eager int8 path reached only 1.25× (see
-bench/results/quantize.json). torch.ao is deprecated, so every call to it lives here, with its
-deprecation warnings silenced, ready to be swapped when it is removed.
+The one module of modelzip that touches torch.ao, and nothing depends on it: importing it only registers
+a builder in `int8.ACCELERATORS`, and torch.ao itself is imported when a layer first asks for it. Where
+torch.ao cannot be imported (a torch without it, or the test switch that blocks it) the builder answers
+None and the plain kernels run.
+
+Why it is still here: on a CPU without AVX512-VNNI (this project's machines are AVX2), fbgemm is the only
+int8 GEMM PyTorch reaches, and it reaches it only through torch.ao's quantized ops. Built from the plain
+module's own integers (an observer that reports the stored scales, so no integer moves), a dynamic
+Linear runs about 3× faster than fp32 at batch 64 and a static one likewise (bench/results/int8.json).
+Convolutions are not accelerated: torch.ao's static int8 conv measured no faster than fp32 here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-ENGINE = "x86"
+from modelzip_cli import int8
+
+ENGINE = "fbgemm"
 
 
 @contextlib.contextmanager
@@ -26,58 +35,70 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def _engine() -> None:
-    if ENGINE in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = ENGINE
+@functools.cache
+def available() -> bool:
+    """torch.ao's dynamic Linear importable and fbgemm compiled in."""
+    try:
+        with quiet():
+            import torch.ao.nn.quantized.dynamic  # noqa: F401
+            from torch.ao.quantization.observer import PerChannelMinMaxObserver  # noqa: F401
+    except Exception:  # ImportError, or a torch whose torch.ao is gone or broken
+        return False
+    return ENGINE in torch.backends.quantized.supported_engines
 
 
-def dynamic(model: nn.Module, names: set[str]) -> nn.Module:
-    """int8 weights, activations quantized per batch at run time (Linear, LSTM, GRU)."""
-    from torch.ao.quantization import quantize_dynamic
+def _torch_ao_linear(module: nn.Module) -> nn.Module:
+    """torch.ao's dynamic Linear holding exactly `module`'s int8 weight, scales and bias."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+    from torch.ao.quantization import PlaceholderObserver, QConfig
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
-    _engine()
+    class StoredScales(PerChannelMinMaxObserver):
+        """Reports the plain module's scales instead of measuring: every stored integer stays as it is."""
+
+        def calculate_qparams(self):
+            scale = module.weight_scale.detach().double()
+            return scale, torch.zeros(scale.shape, dtype=torch.int64)
+
+    w, b = module.float_params()  # qweight · scale: re-quantized by the same scale, the integers come back
+    float_linear = nn.Linear(module.in_features, module.out_features, b is not None)
+    with torch.no_grad():
+        float_linear.weight.copy_(w)
+        if b is not None:
+            float_linear.bias.copy_(b)
+    float_linear.qconfig = QConfig(
+        activation=PlaceholderObserver.with_args(dtype=torch.quint8, is_dynamic=True),
+        weight=StoredScales.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    torch.backends.quantized.engine = ENGINE
+    return nnqd.Linear.from_float(float_linear)
+
+
+def accelerate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """int8.ACCELERATORS["torch-ao"]: a fbgemm forward for a plain int8 Linear, or None."""
+    static = isinstance(module, int8.StaticInt8Linear)
+    if not available() or not (isinstance(module, int8.DynamicInt8Linear) or static and module.reduced_range):
+        return None  # a full 8-bit static input would overflow fbgemm's int16 sums (int8.affine_qparams)
     with quiet():
-        return quantize_dynamic(model, qconfig_spec=set(names), dtype=torch.qint8, inplace=False)
+        linear = _torch_ao_linear(module)
+    k, n = module.in_features, module.out_features
+    if isinstance(module, int8.DynamicInt8Linear):  # activations: per tensor, 7 bits (fbgemm's reduce_range)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = linear(x.reshape(-1, k).float())  # (..., K) → (M, N)
+            return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+        return forward
+
+    packed = linear._packed_params._packed_params
+    scale, zp = module.input_qparams()
+    zp_u8 = zp - int8.AMIN  # the plain int8 grid [-128, 127] is fbgemm's uint8 grid shifted by 128
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+
+    def forward_static(x: torch.Tensor) -> torch.Tensor:
+        y = op(x.reshape(-1, k).float().contiguous(), scale, zp_u8, packed)  # (..., K) → (M, N), float
+        return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+    return forward_static
 
 
-def _qconfig_mapping(skip: set[str], qat: bool):
-    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
-
-    mapping = get_default_qat_qconfig_mapping(ENGINE) if qat else get_default_qconfig_mapping(ENGINE)
-    for name in sorted(skip):
-        mapping.set_module_name(name, None)
-    return mapping
-
-
-def prepare_static(model: nn.Module, example: torch.Tensor, skip: set[str], *, qat: bool = False) -> nn.Module:
-    """Trace the model (torch.fx), fuse Conv/Linear + BatchNorm + ReLU, insert observers (or fake-quant for QAT)."""
-    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
-
-    _engine()
-    with quiet():
-        if qat:
-            return prepare_qat_fx(model.train(), _qconfig_mapping(skip, qat=True), (example,))
-        return prepare_fx(model.eval(), _qconfig_mapping(skip, qat=False), (example,))
-
-
-def convert_static(prepared: nn.Module) -> nn.Module:
-    from torch.ao.quantization.quantize_fx import convert_fx
-
-    with quiet():
-        return convert_fx(prepared.eval())
-
-
-def freeze_observers(prepared: nn.Module) -> None:
-    """QAT: stop updating observer ranges and BatchNorm statistics (the last fine-tuning epochs).
-
-    Fused Conv+BN modules keep the flag across `train()`; plain BatchNorm layers are put in eval mode,
-    which the training loop's `model.train()` undoes, so this runs at the start of every frozen epoch."""
-    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-    from torch.ao.quantization import disable_observer
-
-    with quiet():
-        prepared.apply(disable_observer)
-        prepared.apply(freeze_bn_stats)
-    for m in prepared.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+int8.ACCELERATORS["torch-ao"] = accelerate

@@ -12,6 +12,52 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+BLOCK_TORCH_AO = "MODELZIP_BLOCK_TORCH_AO"
+
+
+def _block_torch_ao() -> None:
+    """MODELZIP_BLOCK_TORCH_AO=1: run as on a torch whose legacy quantization is gone. torch.ao.quantization,
+    torch.ao's quantized modules (and their torch.quantization / torch.nn.quantized aliases) and torchao
+    cannot be imported; the functions that make quantized-dtype tensors and torch.ops.quantized raise."""
+    import importlib.abc
+
+    import torch
+
+    blocked = ("torch.ao.quantization", "torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+               "torch.ao.nn.quantizable", "torch.ao.nn.sparse.quantized", "torch.quantization", "torch.nn.quantized",
+               "torchao")
+
+    def is_blocked(name: str) -> bool:
+        return any(name == b or name.startswith(b + ".") for b in blocked)
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if is_blocked(name):
+                raise ImportError(f"{name} is blocked ({BLOCK_TORCH_AO}=1)")
+            return None
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"quantized dtypes are blocked ({BLOCK_TORCH_AO}=1)")
+
+    class NoOps:
+        def __getattr__(self, name):
+            raise RuntimeError(f"torch.ops.quantized is blocked ({BLOCK_TORCH_AO}=1)")
+
+    sys.meta_path.insert(0, Blocker())
+    for name in [m for m in sys.modules if is_blocked(m)]:  # `import torch` imported some of them already
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules and getattr(sys.modules[parent], child, None) is sys.modules[name]:
+            delattr(sys.modules[parent], child)
+        del sys.modules[name]
+    for fn in ("quantize_per_tensor", "quantize_per_channel", "quantize_per_tensor_dynamic",
+               "_make_per_tensor_quantized_tensor", "_make_per_channel_quantized_tensor"):
+        setattr(torch, fn, refuse)
+    torch.ops.__dict__["quantized"] = NoOps()
+
+
+if os.environ.get(BLOCK_TORCH_AO) == "1":
+    _block_torch_ao()
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 DIGITS_TEACHER = SAMPLES / "digits_teacher.safetensors"
@@ -71,14 +117,26 @@ def cli(capsys, tmp_path):
     return invoke
 
 
+def _blocked_too(code: str) -> str:
+    """Under MODELZIP_BLOCK_TORCH_AO=1, child interpreters are blocked as this one is."""
+    if os.environ.get(BLOCK_TORCH_AO) != "1":
+        return code
+    return (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.conftest import _block_torch_ao; "
+            f"_block_torch_ao()\n{code}")
+
+
 def run_fresh(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter (a new process: nothing cached from this one)."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", _blocked_too(code), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
 def run_modelzip(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "modelzip_cli", *map(str, args)], capture_output=True, text=True,
+    command = [sys.executable, "-m", "modelzip_cli"]
+    if os.environ.get(BLOCK_TORCH_AO) == "1":
+        command = [sys.executable, "-c", _blocked_too("import runpy; sys.argv[0] = 'modelzip'; "
+                                                       "runpy.run_module('modelzip_cli', run_name='__main__')")]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 

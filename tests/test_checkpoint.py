@@ -136,25 +136,29 @@ def test_untrusted_architecture_in_manifest_is_refused(tmp_path):
     assert ok2.returncode == 0, ok2.stderr
 
 
-def test_codecs_round_trip_sparse_and_quantized():
+def test_codecs_round_trip_sparse_and_read_first_wave_quantized_tensors_as_plain_integers():
+    from modelzip_cli.format import SEP, QInts
+
     torch.manual_seed(0)
     w = torch.randn(64, 64)
     w[torch.rand_like(w) < 0.7] = 0
-    q = torch.quantize_per_channel(torch.randn(8, 16), torch.rand(8) + 0.01, torch.zeros(8, dtype=torch.long), 0,
-                                   torch.qint8)
-    qt = torch.quantize_per_tensor(torch.randn(4, 4), 0.05, 3, torch.quint8)
-    state = {"w": w, "q": q, "qt": qt, "pair": (q, None), "dt": torch.qint8, "n": 3}
+    ints = torch.randint(-128, 128, (8, 16), dtype=torch.int8)
+    state = {"w": w, "ints": ints, "pair": (w, None), "dt": torch.qint8, "n": 3}
     tensors, enc, const = encode_state(state)
     assert enc["w"]["codec"] == "bitmask"
     assert sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith("w::")) < 0.45 * w.numel() * 4
-    for t in tensors.values():
-        assert not t.is_quantized
     back = decode_state(tensors, enc, const)
-    assert torch.equal(back["w"], w)
-    assert torch.equal(back["q"].int_repr(), q.int_repr()) and torch.equal(back["q"].dequantize(), q.dequantize())
-    assert back["qt"].q_scale() == qt.q_scale() and torch.equal(back["qt"].int_repr(), qt.int_repr())
-    assert back["pair"][1] is None and torch.equal(back["pair"][0].dequantize(), q.dequantize())
+    assert torch.equal(back["w"], w) and torch.equal(back["ints"], ints)
     assert back["dt"] is torch.qint8 and back["n"] == 3
+    assert back["pair"][1] is None and torch.equal(back["pair"][0], w)
+    # format 1's "qtensor" codec reads as plain integers, scales and zero points (no quantized dtype)
+    scales, zps = torch.rand(8) + 0.01, torch.zeros(8, dtype=torch.int32)
+    old = {f"q{SEP}int": ints, f"q{SEP}scale": scales, f"q{SEP}zero_point": zps, f"qt{SEP}int": ints}
+    old_enc = {"q": {"codec": "qtensor", "dtype": "qint8", "qscheme": "per_channel", "axis": 0},
+               "qt": {"codec": "qtensor", "dtype": "qint8", "qscheme": "per_tensor", "scale": 0.05, "zero_point": 3}}
+    back = decode_state(old, old_enc, {})
+    assert isinstance(back["q"], QInts) and torch.equal(back["q"].dequantize(), ints.float() * scales[:, None])
+    assert torch.equal(back["qt"].dequantize(), (ints.float() - 3) * 0.05)
 
 
 def test_manifest_records_architecture_and_input(tmp_path):

@@ -149,7 +149,8 @@ class _Recurrent(torch.nn.Module):
         return self.head(y[:, -1])
 
 
-def test_dynamic_quantizes_lstm_and_gru_when_present():
+def test_dynamic_quantizes_the_linears_of_a_recurrent_model_and_says_lstm_and_gru_stay_float():
+    from modelzip_cli import int8
     from modelzip_cli.checkpoint import Manifest
     from modelzip_cli.context import Context
     from modelzip_cli.techniques.quantize import DynamicConfig, apply
@@ -160,9 +161,10 @@ def test_dynamic_quantizes_lstm_and_gru_when_present():
     step = apply(model, DynamicConfig(), Context(example_input=x[:1]),
                  Manifest(arch="tests:recurrent", input_shape=[1, 5, 8]))
     q, manifest = step.model, Manifest(arch="tests:recurrent").with_edits(step.edits)
-    assert manifest.edits[0]["modules"] == ["lstm", "gru", "head"]
-    kinds = {type(m).__module__ for n, m in q.named_modules() if n in {"lstm", "gru", "head"}}
-    assert all("quantized" in k for k in kinds), kinds
+    assert manifest.edits[0]["modules"] == ["head"]
+    assert isinstance(q.head, int8.DynamicInt8Linear)
+    assert type(q.lstm) is torch.nn.LSTM and type(q.gru) is torch.nn.GRU
+    assert any("lstm, gru" in n and "float" in n for n in step.notes), step.notes
     assert step.after["sqnr_db"] > 20
 
 

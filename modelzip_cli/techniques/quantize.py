@@ -1,9 +1,13 @@
 """Quantization: dynamic, static (calibrated), QAT and weight-only int8/int4.
 
-dynamic, static and qat run on torch.ao's x86 int8 kernels (see quant_backend.py for why). weight-only
-is modelzip's own: integer weights with per-channel or per-group scales and zero points, int4 packed
-two per byte, dequantized to float at run time. Every method records an edit that loading replays on
-a fresh float model before the integer tensors are loaded.
+dynamic, static and qat put modelzip's plain-int8 modules in place (int8.py: int8 weights and float scales
+as ordinary tensors, no torch.ao needed to write, read or run them). `--backend` chooses what runs them:
+plain (int8.py's own kernels), torch-ao (torch.ao's fbgemm kernels built from the same integers, where
+torch.ao can be imported; see quant_backend.py) or auto (torch.ao's kernels for the layers and batch sizes
+where they measured faster, plain elsewhere, never needing torch.ao). The file is the same whichever runs
+it. weight-only is modelzip's own too: integer weights with per-channel or per-group scales and zero
+points, int4 packed two per byte, dequantized to float at run time. Every method records an edit that
+loading replays on a fresh float model before the integer tensors are loaded.
 """
 
 from __future__ import annotations
@@ -17,16 +21,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import quant_backend as backend
+from modelzip_cli import int8
 from modelzip_cli.context import Context
 from modelzip_cli.edits import WeightOnlyLinear, replace_module
-from modelzip_cli.errors import InputError, UsageError
 from modelzip_cli.format import Manifest
-from modelzip_cli.measure import layer_table, predict, sqnr_db
+from modelzip_cli.measure import predict, sqnr_db
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules
 
-DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
+Backend = Literal["auto", "plain", "torch-ao"]
 
 
 class _QuantizeConfig(MethodConfig, Selection):
@@ -34,15 +37,19 @@ class _QuantizeConfig(MethodConfig, Selection):
 
 
 class DynamicConfig(_QuantizeConfig):
-    """int8 weights; activations quantized per batch at run time."""
+    """int8 weights; activations quantized at run time (per token or per tensor) where an int8 GEMM runs."""
 
     method: ClassVar[str] = "dynamic"
+    backend: Backend = "auto"
+    activations: Literal["per-token", "per-tensor"] = "per-token"
 
 
 class StaticConfig(_QuantizeConfig):
     """int8 weights and activations, activation ranges calibrated on data."""
 
     method: ClassVar[str] = "static"
+    backend: Backend = "auto"
+    observer: Literal["minmax", "percentile"] = "minmax"  # minmax measured better on the digits model
     calib_batches: int = Field(100, ge=1)  # batches of calibration data run through the observers
     calib_batch_size: int = Field(32, ge=1)
 
@@ -54,6 +61,7 @@ class QATConfig(_QuantizeConfig):
     """Fake-quantization fine-tuning, then the same int8 conversion as static."""
 
     method: ClassVar[str] = "qat"
+    backend: Backend = "auto"
     epochs: int = Field(3, ge=1)
     lr: float = Field(1e-4, gt=0)  # small: the float weights are already trained
     batch_size: int = Field(64, ge=1)
@@ -87,52 +95,35 @@ QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig
 
 def plan(model: nn.Module, cfg: QuantizeConfig, example: torch.Tensor | None) -> list[str]:
     """Names of the modules this config would quantize (for `chain --dry-run`)."""
-    types, what = {DynamicConfig: (DYNAMIC_TYPES, "Linear, LSTM or GRU"),
-                   WeightOnlyConfig: ((nn.Linear,), "Linear")}.get(type(cfg), (WEIGHTED, "Linear or Conv"))
-    return _names(model, cfg, types, what)
+    return _names(model, cfg, *_types(cfg))
 
 
 def _names(model: nn.Module, cfg: QuantizeConfig, types: tuple[type, ...], what: str) -> list[str]:
     return [n for n, _ in select_modules(model, include=cfg.include, exclude=cfg.exclude, types=types, what=what)]
 
 
-def quantize_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list, list]:
-    names = _names(model, cfg, DYNAMIC_TYPES, "Linear, LSTM or GRU")
-    return backend.dynamic(model, set(names)), [{"kind": "quantize_dynamic", "modules": names}], []
+def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tuple[nn.Module, list, list]:
+    names = _names(model, cfg, *_types(cfg))
+    edit = {"kind": "quantize_dynamic", "modules": names, "activations": cfg.activations}
+    return int8.quantize_dynamic(model, names, cfg.activations), [edit], []
 
 
-def _static_skip(model: nn.Module, cfg: QuantizeConfig) -> tuple[list[str], set[str]]:
-    names = _names(model, cfg, WEIGHTED, "Linear or Conv")
-    skip = {n for n, m in model.named_modules() if isinstance(m, WEIGHTED) and n not in names}
-    return names, skip
+def _converted(prepared: nn.Module, names: list[str], qat: bool, observer: str, reduced: bool
+               ) -> tuple[nn.Module, list]:
+    quantized, unseen = int8.convert(prepared)
+    edit = {"kind": "quantize_static", "modules": [n for n in names if n not in unseen], "qat": qat,
+            "observer": observer, "reduced_range": reduced}
+    return quantized, [edit]
 
 
-def _prepare(model: nn.Module, cfg: QuantizeConfig, ctx: Context, qat: bool):
-    if ctx.example_input is None:
-        raise UsageError("static quantization traces the model and needs an example input",
-                         hint="pass --input-shape or calibration data")
-    names, skip = _static_skip(model, cfg)
-    try:
-        prepared = backend.prepare_static(model, ctx.example_input, skip, qat=qat)
-    except Exception as exc:  # torch.fx cannot trace data-dependent control flow and the like
-        raise InputError(f"static quantization cannot trace this model's forward: {str(exc).splitlines()[0][:300]}",
-                         hint="use --method dynamic or weight-only, which need no tracing") from None
-    return names, skip, prepared
+def _reduced(cfg: StaticConfig | QATConfig) -> bool:
+    """7-bit activation ranges unless only the plain kernels will ever run the file (int8.affine_qparams)."""
+    return cfg.backend != "plain"
 
 
-def _convert(prepared: nn.Module, example: torch.Tensor) -> nn.Module:
-    try:
-        quantized = backend.convert_static(prepared)
-        with torch.no_grad():
-            quantized(example)
-    except Exception as exc:
-        raise InputError(f"the int8 model cannot run this model's forward: {str(exc).splitlines()[0][:300]}",
-                         hint="exclude the offending layers with --exclude, or use --method dynamic") from None
-    return quantized
-
-
-def quantize_static(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tuple[nn.Module, list, list]:
-    names, skip, prepared = _prepare(model, cfg, ctx, qat=False)
+def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[nn.Module, list, list]:
+    names = _names(model, cfg, *_types(cfg))
+    prepared = int8.prepare_static(model, names, cfg.observer, _reduced(cfg))
     batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
     with ctx.progress("calibrate", batches) as bar, torch.no_grad():
         for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size)):
@@ -140,31 +131,29 @@ def quantize_static(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> tupl
                 break
             prepared(x)
             bar.advance()
-    return _convert(prepared, ctx.example_input), [{"kind": "quantize_static", "modules": names,
-                                                   "skip": sorted(skip), "qat": False, "engine": backend.ENGINE}], []
+    return (*_converted(prepared, names, False, cfg.observer, _reduced(cfg)), [])
 
 
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module, list, list]:
     from modelzip_cli.train import TrainConfig, train
 
-    names, skip, prepared = _prepare(model, cfg, ctx, qat=True)
+    names = _names(model, cfg, *_types(cfg))
+    prepared = int8.prepare_qat(model, names, _reduced(cfg))
     freeze_from = cfg.epochs - cfg.frozen_epochs()
 
     def on_epoch(epoch: int) -> None:  # epoch is 0-based; runs after the loop puts the model in train mode
         if epoch >= freeze_from:
-            backend.freeze_observers(prepared)
+            int8.freeze_observers(prepared)
 
-    with backend.quiet():
-        history = train(prepared, ctx.data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size),
-                        ctx=ctx, description="qat", on_epoch=on_epoch)
+    history = train(prepared, ctx.data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size),
+                    ctx=ctx, description="qat", on_epoch=on_epoch)
     for row in history:
         row["observers_frozen"] = row["epoch"] > freeze_from
-    edit = {"kind": "quantize_static", "modules": names, "skip": sorted(skip), "qat": True, "engine": backend.ENGINE}
-    return _convert(prepared, ctx.example_input), [edit], history
+    return (*_converted(prepared.eval(), names, True, "minmax (moving average)", _reduced(cfg)), history)
 
 
 def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> tuple[nn.Module, list, list]:
-    names = _names(model, cfg, (nn.Linear,), "Linear")
+    names = _names(model, cfg, *_types(cfg))
     for name in names:
         replace_module(model, name, WeightOnlyLinear.from_float(model.get_submodule(name), cfg.bits, cfg.group_size))
     return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
@@ -180,13 +169,25 @@ QUANTIZERS: dict[type, Callable[..., tuple[nn.Module, list[dict], list[dict]]]] 
 }
 
 NOTES = {
-    "dynamic": "int8 weights; activations are quantized per batch at run time (Linear layers run int8 kernels)",
-    "static": "int8 weights and activations with calibrated scales; ops without int8 kernels run in float "
-              "between dequantize/quantize pairs",
-    "qat": "fake-quantization fine-tuning, then the same int8 conversion as static",
+    "dynamic": "int8 weights (per channel); activations quantized at run time where an int8 GEMM runs them "
+               "(torch.ao's fbgemm, or _int_mm on AVX512-VNNI), float elsewhere",
+    "static": "int8 weights and int8 activations with calibrated per-tensor scales; each layer takes and gives "
+              "float, rounding its input to the calibrated grid",
+    "qat": "fake-quantization fine-tuning, then the same int8 layers as static",
     "weight-only": "smaller file and memory; compute stays float (weights are dequantized at each call), so "
                    "expect no speed-up",
 }
+
+
+def _backend_note(model: nn.Module, backend: str, rows: tuple[int, ...]) -> str:
+    """Which kernel runs which int8 layer, at each batch size the report measures."""
+    parts = []
+    for n in rows:
+        by_kernel: dict[str, list[str]] = {}
+        for name, kernel in int8.kernels_for(model, n).items():
+            by_kernel.setdefault(kernel, []).append(name)
+        parts.append(f"batch {n}: " + "; ".join(f"{k} for {', '.join(v)}" for k, v in sorted(by_kernel.items())))
+    return f"backend {backend} (" + int8.KERNEL_NAMES_NOTE + "): " + " | ".join(parts)
 
 
 def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
@@ -205,24 +206,35 @@ def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
 
 
 def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifest) -> Result:
-    reference = copy.deepcopy(model).eval()
-    quantized, edits, history = QUANTIZERS[type(cfg)](model, cfg, ctx)
-    quantized.eval()
-    notes = [NOTES[cfg.method]]
-    selected = set(edits[0]["modules"])
-    still_float = [r["name"] for r in layer_table(quantized, with_bytes=False) if r["scheme"].startswith("float")
-                   and (r["name"] in selected or r["name"].rsplit(".", 1)[0] in selected)]
-    if still_float:  # e.g. torch.ao keeps a conv whose input is not quantized as a float "reference" module
-        notes.append(f"left in float by the backend (no int8 kernel on this path): {', '.join(still_float)}")
-    after: dict = {}
-    x, note = _probe_inputs(ctx)
-    notes.append(note)
-    if x is not None:
-        with backend.quiet():
+    backend = getattr(cfg, "backend", "plain")  # weight-only has one backend: its own
+    with int8.use_backend(backend):
+        reference = copy.deepcopy(model).eval()
+        quantized, edits, history = QUANTIZERS[type(cfg)](model, cfg, ctx)
+        quantized.eval()
+        notes = [NOTES[cfg.method]]
+        selected = set(edits[0]["modules"])
+        still_float = [n for n in _names(reference, cfg, *_types(cfg)) if n not in selected]
+        if still_float:
+            notes.append(f"left in float (no calibration or training batch reached them): {', '.join(still_float)}")
+        recurrent = [n for n, m in reference.named_modules() if isinstance(m, nn.RNNBase)]
+        if recurrent and isinstance(cfg, DynamicConfig):
+            notes.append(f"left in float (the plain int8 runtime has no recurrent kernel): {', '.join(recurrent)}")
+        after: dict = {}
+        x, note = _probe_inputs(ctx)
+        notes.append(note)
+        if x is not None:
             after["sqnr_db"] = round(sqnr_db(predict(reference, x), predict(quantized, x)), 3)
+        if int8.modules_of(quantized):
+            notes.append(_backend_note(quantized, backend, (1, 256)))
     if history:
         after["qat_history"] = history
     return Result(quantized, edits, notes=notes, after=after)
+
+
+def _types(cfg: QuantizeConfig) -> tuple[tuple[type, ...], str]:
+    if isinstance(cfg, DynamicConfig | WeightOnlyConfig):
+        return (nn.Linear,), "Linear"
+    return WEIGHTED, "Linear or Conv"
 
 
 OP = Op("quantize", "quantized", {c.method: c for c in QUANTIZERS}, apply, plan=plan)
