@@ -11,13 +11,21 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from modelzip_cli.errors import INTERNAL_ERROR, ModelzipError, UsageError, exit_code_for
+from modelzip_cli.errors import (
+    INTERNAL_ERROR,
+    CodeRanWarning,
+    Interrupted,
+    ModelzipError,
+    UsageError,
+    exit_code_for,
+)
 from modelzip_cli.version import __version__
 
 if TYPE_CHECKING:
@@ -235,7 +243,8 @@ def version_callback(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
                                                  help="print the version and exit")] = False) -> None:
     """modelzip reads a checkpoint, writes a new checkpoint plus a JSON report. Exit codes: 0 ok,
-    1 quality gate failed, 2 bad usage or input (nothing written), 3 internal error."""
+    1 quality gate failed, 2 bad usage or input (nothing written), 3 internal error, 130 / 143 interrupted
+    (SIGINT / SIGTERM; nothing written)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,6 +480,61 @@ def data_images(
 # Entry point: the one place exceptions become exit codes.
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread, so every `finally` on the way out runs
+    (temporaries are removed) before one line says so. A second signal during that cleanup is ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def handler(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _one_line(text: str) -> str:
+    """Control characters a file put into a message (a forged name, say) are escaped: one line stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _route_warnings(fallback):
+    """`CodeRanWarning` is one line on stderr; any other warning goes where it went before."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CodeRanWarning):
+            print(f"modelzip: warning: {_one_line(str(message))}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _parse_error_line(exc: typer.TyperException) -> str:
+    """Typer's parse errors as one line: the message, and where the command's help is."""
+    text = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    return text + (f" (see '{ctx.command_path} --help')" if ctx is not None else "")
+
+
+@functools.cache
+def _click_command():
+    """The Click command Typer builds from `app`, built once: reading every command's signature costs more
+    than a small command's work, and tests and workers call `run` many times in one process."""
+    return typer.main.get_command(app)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; exceptions become one line on stderr (README, "Exit codes")."""
     from modelzip_cli import distributed
@@ -487,26 +551,37 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
     """The exit code and the one error line (not yet printed) of one run of the app."""
     import warnings
 
-    # torch.ao's quantized ops warn of their deprecation on every use; that is ours to handle, not the user's.
-    warnings.filterwarnings("ignore", message=r"(?s).*(quantiz|torch\.ao).*deprecated")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        app(args=argv, prog_name="modelzip")
-    except SystemExit as exc:
-        return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)), None
-    except KeyboardInterrupt:
-        return 130, "modelzip: interrupted"
-    except ModelzipError as exc:
-        if os.environ.get("MODELZIP_DEBUG") == "1":
-            raise
-        return exit_code_for(exc), f"modelzip: error: {exc.line()}"
-    except Exception as exc:  # a bug: say so in one line
-        if os.environ.get("MODELZIP_DEBUG") == "1":
-            raise
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        return INTERNAL_ERROR, (f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; rerun "
-                                "with MODELZIP_DEBUG=1 for the traceback and report it)")
-    return 0, None
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    debug = os.environ.get("MODELZIP_DEBUG") == "1"
+    with warnings.catch_warnings():  # restores the filters and showwarning on the way out
+        # Libraries' warnings (torch.ao's deprecations, torch's notes on meta tensors) are ours to handle, not
+        # the user's: they would break the one-line output. MODELZIP_DEBUG=1 shows them.
+        if not debug:
+            warnings.simplefilter("ignore")
+        warnings.simplefilter("always", CodeRanWarning)
+        warnings.showwarning = _route_warnings(warnings.showwarning)
+        try:
+            with _signals_interrupt():
+                code = _click_command().main(args=args, prog_name="modelzip", standalone_mode=False)
+            return (code if isinstance(code, int) else 0), None
+        except SystemExit as exc:
+            return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)), None
+        except Interrupted as exc:
+            return exit_code_for(exc), "modelzip: interrupted"
+        except (KeyboardInterrupt, typer.Abort):  # outside the main thread; end of input at a prompt
+            return 130, "modelzip: interrupted"
+        except typer.TyperException as exc:  # a parse error: one line, as every other error
+            return getattr(exc, "exit_code", 2), f"modelzip: error: {_one_line(_parse_error_line(exc))}"
+        except ModelzipError as exc:
+            if debug:
+                raise
+            return exit_code_for(exc), f"modelzip: error: {_one_line(exc.line())}"
+        except Exception as exc:  # a bug: say so in one line
+            if debug:
+                raise
+            detail = _one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
+            return INTERNAL_ERROR, (f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; "
+                                    "rerun with MODELZIP_DEBUG=1 for the traceback and report it)")
 
 
 def main() -> None:

@@ -50,8 +50,21 @@ class QualityGateFailed(ModelzipError):
     exit_code = 1
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: the run stops, its temporaries are removed, exit 128 + the signal number
+    (130 / 143). A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+class CodeRanWarning(UserWarning):
+    """--trust-code unpickled a file, which ran its code. The CLI prints it whatever --quiet says."""
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The one mapping from exception to exit code: 1 gate, 2 usage/input, 3 a bug."""
-    if isinstance(exc, ModelzipError):
+    if isinstance(exc, ModelzipError | Interrupted):
         return exc.exit_code
     return INTERNAL_ERROR
