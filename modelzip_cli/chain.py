@@ -168,25 +168,37 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
     return report
 
 
+def intermediate_paths(steps: list[RecipeStep], folder: Path, suffix: str) -> dict[str, Path]:
+    """--keep-intermediate: role → where each step's checkpoint goes."""
+    return {f"intermediate of {step.label()}": folder / f"step{step.index}_{step.op}{suffix}" for step in steps}
+
+
 def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | None, progress,
               recipe: Path | None = None, keep_intermediate: Path | None = None):
-    """Run every step on the in-memory model; one report with a row per step and the final comparison."""
+    """Run every step on the in-memory model; one report with a row per step and the final comparison.
+    Intermediates are staged with the output and report: checked like them before any work (inputs,
+    --force), and written only if the whole chain succeeds."""
     import torch
 
     from modelzip_cli.checkpoint import save_checkpoint
     from modelzip_cli.context import Context
     from modelzip_cli.distributed import is_main
+    from modelzip_cli.files import Outputs
     from modelzip_cli.measure import model_metrics
     from modelzip_cli.runner import apply_technique, load_step_data, run_transform
 
+    if keep_intermediate is not None and keep_intermediate.exists() and not keep_intermediate.is_dir():
+        raise UsageError(f"--keep-intermediate {keep_intermediate} is not a folder", hint="pass a folder path")
+    intermediates = (intermediate_paths(steps, keep_intermediate, input_path.suffix)
+                     if keep_intermediate is not None else {})
+    outputs = Outputs()
     step_ctx: list[Context] = []
     datasets: dict = {}  # each data file is read and checked once, however many steps use it
 
     def prepare(loaded, ctx) -> None:
-        if keep_intermediate is not None and is_main():
-            keep_intermediate.mkdir(parents=True, exist_ok=True)
         for step in steps:  # read and check every data file now, before any step runs
-            c = Context(seed=opts.seed, progress=progress, eval_data=ctx.eval_data, device=ctx.device)
+            c = Context(seed=opts.seed, progress=progress, eval_data=ctx.eval_data, device=ctx.device,
+                        trust_code=opts.trust_code)
             load_step_data(loaded, c, **step_files(step, data), require_targets=step.config.needs_targets(),
                            cache=datasets)
             step_ctx.append(c)
@@ -196,18 +208,25 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
         for step, c in zip(steps, step_ctx, strict=True):
             torch.manual_seed(opts.seed)  # each step starts where the single command would
             c.example_input = loaded.manifest.example_input() if loaded.manifest.input_shape else ctx.example_input
-            record = apply_technique(step.config, loaded, c)
+            try:
+                record = apply_technique(step.config, loaded, c)
+            except ModelzipError as exc:
+                raise type(exc)(f"{step.label()}: {exc.message}", hint=exc.hint) from None
             record.config = {"step": step.index, **record.config}
             if ctx.eval_data is not None and is_main():
                 record.after["metrics"] = model_metrics(loaded.model, ctx.eval_data, threads=opts.threads,
                                                         device=ctx.device)
             if keep_intermediate is not None and is_main():
-                path = keep_intermediate / f"step{step.index}_{step.op}{input_path.suffix}"
-                save_checkpoint(loaded.model, loaded.manifest, path, encoded=loaded.encoded)
+                path = intermediates[f"intermediate of {step.label()}"]
+                outputs.folder(keep_intermediate)
+                save_checkpoint(loaded.model, loaded.manifest, path, encoded=loaded.encoded, outputs=outputs)
                 record.notes.append(f"intermediate checkpoint: {path}")
             records.append(record)
         return records
 
-    others = [p for p in (recipe, data) if p is not None]
+    step_inputs = [f for step in steps for f in (step.data, step.val_data, step.calib_data) if f is not None]
+    step_inputs += [Path(s.config.student) for s in steps if s.op == "distill" and is_checkpoint_path(s.config.student)]
+    others = [p for p in (recipe, data, *step_inputs) if p is not None]
     return run_transform("chain", input_path, opts, apply, ops=[s.op for s in steps],
-                         context=Context(progress=progress), prepare=prepare, extra_inputs=others)
+                         context=Context(progress=progress), prepare=prepare, extra_inputs=others,
+                         outputs=outputs, extra_outputs=intermediates)

@@ -27,7 +27,7 @@ from torch import nn
 from modelzip_cli import legacy
 from modelzip_cli.edits import META_SAFE_EDITS, replay_edits
 from modelzip_cli.errors import InputError, ModelzipError, OutputError, UntrustedCodeError, UsageError
-from modelzip_cli.files import atomic_write, check_readable
+from modelzip_cli.files import Outputs, atomic_write, check_readable
 from modelzip_cli.format import (
     CHECKPOINT_SUFFIXES,
     MANIFEST_KEY,
@@ -326,9 +326,10 @@ def load_model(path: str | Path, **kwargs: Any) -> nn.Module:
 
 
 def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path, *,
-                    encoded: Encoded | None = None) -> None:
+                    encoded: Encoded | None = None, outputs: Outputs | None = None) -> None:
     """Write `model` with `manifest` as a modelzip checkpoint, atomically. No pickled code, ever.
-    `encoded` is the model's state already encoded (the runner encodes once for figures and file)."""
+    `encoded` is the model's state already encoded (the runner encodes once for figures and file);
+    `outputs` stages the file with the run's other outputs (renamed together at the end)."""
     path = Path(path)
     if manifest.arch is None:
         raise UsageError("the model's architecture is unknown, so the checkpoint could not be rebuilt",
@@ -341,11 +342,18 @@ def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path, *,
     tensors = encoded.tensors
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={MANIFEST_KEY: text}))
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp), metadata={MANIFEST_KEY: text})
     elif path.suffix in {".pt", ".pth", ".bin"}:
-        atomic_write(path, lambda tmp: torch.save({MANIFEST_KEY: text, TENSORS_KEY: tensors}, tmp))
+        def write(tmp: Path) -> None:
+            torch.save({MANIFEST_KEY: text, TENSORS_KEY: tensors}, tmp)
     else:
         raise OutputError(f"output {path}: unknown suffix {path.suffix!r}", hint="use .safetensors or .pt")
+    if outputs is not None:
+        outputs.write(path, write)
+    else:
+        atomic_write(path, write)
 
 
 def save_model(model: nn.Module, path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,

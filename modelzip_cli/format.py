@@ -28,7 +28,8 @@ MANIFEST_KEY = "modelzip"  # safetensors metadata key / .pt archive key holding 
 TENSORS_KEY = "tensors"  # .pt archive key holding the tensors
 SEP = "::"  # stored parts of an encoded tensor are NAME::PART
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # what modelzip reads
-OUTPUT_SUFFIXES = (".safetensors", ".pt")  # what modelzip writes
+# What modelzip writes: .pth and .bin are the same torch archive as .pt (a .pth input's default output is .pth).
+OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 QUANTIZE_EDIT_PREFIX = "quantize"
 
 

@@ -58,20 +58,23 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON-able: {type(obj).__name__}")
 
 
-def file_info(path: Path, parameters: int | None = None, *, hash_file: bool = True) -> dict:
+def file_info(path: Path, parameters: int | None = None, *, hash_file: bool = True,
+              read_from: Path | None = None) -> dict:
     """Path, sha256 (streamed, 1 MB at a time), parameters and bytes of a file — or of a model directory,
-    whose hash covers every file's relative name and contents in order."""
+    whose hash covers every file's relative name and contents in order. `read_from`: where its bytes are
+    now (an output staged under a temporary name until the run commits)."""
     digest = None
+    source = Path(read_from or path)
     if hash_file:
         h = hashlib.sha256()
-        for item in files_of(path):
-            if path.is_dir():
-                h.update(str(item.relative_to(path)).encode() + b"\0")
+        for item in files_of(source):
+            if source.is_dir():
+                h.update(str(item.relative_to(source)).encode() + b"\0")
             with open(item, "rb") as f:
                 for chunk in iter(lambda f=f: f.read(1 << 20), b""):
                     h.update(chunk)
         digest = h.hexdigest()
-    return {"path": str(path), "sha256": digest, "parameters": parameters, "bytes": disk_bytes(path)}
+    return {"path": str(path), "sha256": digest, "parameters": parameters, "bytes": disk_bytes(source)}
 
 
 def schema() -> dict:

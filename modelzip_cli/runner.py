@@ -18,7 +18,7 @@ from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context, null_progress
 from modelzip_cli.data import Dataset, check_fits, load_data
 from modelzip_cli.errors import InputError, UsageError
-from modelzip_cli.files import atomic_write_text, check_distinct, check_output
+from modelzip_cli.files import Outputs, check_distinct, check_output
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.measure import (
     count_parameters,
@@ -67,9 +67,14 @@ def default_output(input_path: Path, command: str) -> Path:
     return input_path.with_name(f"{input_path.stem}.{output_tag(command)}{input_path.suffix}")
 
 
-def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions) -> tuple[Path, Path]:
+def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions,
+                    extra_outputs: dict[str, Path] | None = None) -> tuple[Path, Path]:
+    """The output and report paths, every output checked against every input of the run (symlinks
+    resolved), against each other, and against existing files (--force) before any work.
+    `extra_outputs`: role → path of other files the run writes (chain intermediates)."""
     output = opts.output or default_output(input_paths[0], command)
     report = opts.report or output.with_suffix(".json")
+    extra_outputs = extra_outputs or {}
     if opts.max_accuracy_drop is not None and opts.eval_data is None:
         raise UsageError("--max-accuracy-drop needs --eval-data to measure the drop")
     if opts.max_accuracy_drop is not None and not opts.max_accuracy_drop >= 0:  # NaN fails too
@@ -78,9 +83,12 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions) 
         raise UsageError("--min-fidelity needs --eval-data to measure fidelity on")
     if opts.min_fidelity is not None and not -1 <= opts.min_fidelity <= 1:
         raise UsageError(f"--min-fidelity is a cosine in [-1, 1], got {opts.min_fidelity}")
-    check_distinct({"output": output, "report": report})
+    check_distinct({"output": output, "report": report, **extra_outputs})
     check_output(output, inputs=input_paths, force=opts.force, suffixes=OUTPUT_SUFFIXES)
-    check_output(report, inputs=input_paths, force=opts.force, suffixes=(".json",))
+    check_output(report, inputs=input_paths, force=opts.force, suffixes=(".json",), role="report")
+    for role, path in extra_outputs.items():
+        check_output(path, inputs=input_paths, force=opts.force, suffixes=OUTPUT_SUFFIXES, role=role,
+                     folder_may_be_made=True)
     return output, report
 
 
@@ -168,53 +176,59 @@ def run_technique(cfg: MethodConfig, model: Path, opts: CommonOptions, *, files:
 
 def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Apply, *, ops: list[str] = (),
                   context: Context | None = None, prepare: Callable[[Loaded, Context], None] | None = None,
-                  extra_inputs: list[Path] = (), gzip_output: bool = False) -> Report | None:
+                  extra_inputs: list[Path] = (), gzip_output: bool = False, outputs: Outputs | None = None,
+                  extra_outputs: dict[str, Path] | None = None) -> Report | None:
     """Run one transforming command end to end. `apply` mutates `loaded` (model and manifest).
     `extra_inputs`: every other file the run reads (data, recipe, student), which no output may be.
+    Every file is staged in `outputs` and renamed into place only when the whole run has succeeded: an
+    error or an interrupt leaves nothing behind. `extra_outputs`: files `apply` stages there itself.
 
     Under torchrun every rank runs this with the same inputs and trains together inside `apply`; rank 0
     alone measures, writes the checkpoint and the report, and the other ranks return None."""
     inputs = [input_path, *extra_inputs, *([opts.eval_data] if opts.eval_data else [])]
-    output, report_path = resolve_outputs(command, inputs, opts)
-    ctx = context or Context()
-    ctx.device = distributed.resolve_device(opts.device)
-    loaded = load_input(input_path, opts)
-    for op in ops:
-        check_applicable(op, loaded)
-    ctx.seed, ctx.trust_code = opts.seed, opts.trust_code
-    # labels are needed only to measure an accuracy drop; fidelity needs inputs alone
-    eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
-    ctx.eval_data = eval_data
-    if prepare is not None:
-        prepare(loaded, ctx)  # load and check the technique's own data before any work
-    if ctx.example_input is None and loaded.manifest.input_shape:
-        ctx.example_input = loaded.manifest.example_input()
-    report = Report(command=command)
-    report.input = file_info(input_path, count_parameters(loaded.model))
-    reference = None
-    if eval_data is not None and distributed.is_main():
-        report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
-                                                size_bytes=report.input["bytes"], device=ctx.device)
-        reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
-    torch.manual_seed(opts.seed)
-    report.steps = apply(loaded, ctx)
-    if not distributed.is_main():  # rank 0 writes; the others' part was the training inside `apply`
-        return None
-    report.runtime = distributed.runtime(ctx.device)
-    check_runs(loaded, command)
-    save_checkpoint(loaded.model, loaded.manifest, output, encoded=loaded.encoded)
-    report.output = file_info(output, count_parameters(loaded.model))
-    if gzip_output:
-        report.output["gzip_bytes"] = gzip_bytes(output)
-    if eval_data is not None:
-        report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
-                                                 size_bytes=report.output["bytes"], device=ctx.device)
-        report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
-                                                        class_logits=outputs_class_logits(loaded.model))
-        _latency_warnings(report)
-        _gate(report, opts)
-    report.summary = final_comparison(report)
-    atomic_write_text(report_path, report.to_json())
+    output, report_path = resolve_outputs(command, inputs, opts, extra_outputs)
+    with outputs or Outputs() as staged:
+        ctx = context or Context()
+        ctx.device = distributed.resolve_device(opts.device)
+        loaded = load_input(input_path, opts)
+        for op in ops:
+            check_applicable(op, loaded)
+        ctx.seed, ctx.trust_code = opts.seed, opts.trust_code
+        # labels are needed only to measure an accuracy drop; fidelity needs inputs alone
+        eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
+        ctx.eval_data = eval_data
+        if prepare is not None:
+            prepare(loaded, ctx)  # load and check the technique's own data before any work
+        if ctx.example_input is None and loaded.manifest.input_shape:
+            ctx.example_input = loaded.manifest.example_input()
+        report = Report(command=command)
+        report.input = file_info(input_path, count_parameters(loaded.model))
+        reference = None
+        if eval_data is not None and distributed.is_main():
+            report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
+                                                    size_bytes=report.input["bytes"], device=ctx.device)
+            reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
+        torch.manual_seed(opts.seed)
+        report.steps = apply(loaded, ctx)
+        if not distributed.is_main():  # rank 0 writes; the others' part was the training inside `apply`
+            return None
+        report.runtime = distributed.runtime(ctx.device)
+        check_runs(loaded, command)
+        save_checkpoint(loaded.model, loaded.manifest, output, encoded=loaded.encoded, outputs=staged)
+        written = staged.staged(output)
+        report.output = file_info(output, count_parameters(loaded.model), read_from=written)
+        if gzip_output:
+            report.output["gzip_bytes"] = gzip_bytes(written)
+        if eval_data is not None:
+            report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
+                                                     size_bytes=report.output["bytes"], device=ctx.device)
+            report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
+                                                            class_logits=outputs_class_logits(loaded.model))
+            _latency_warnings(report)
+            _gate(report, opts)
+        report.summary = final_comparison(report)
+        staged.write(report_path, lambda tmp: tmp.write_text(report.to_json()))
+        staged.commit()
     return report
 
 
