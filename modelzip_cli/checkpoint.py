@@ -25,17 +25,27 @@ import torch
 from torch import nn
 
 from modelzip_cli import legacy
-from modelzip_cli.edits import META_SAFE_EDITS, replay_edits
-from modelzip_cli.errors import InputError, ModelzipError, OutputError, UntrustedCodeError, UsageError
+from modelzip_cli.edits import META_SAFE_EDITS, replay_edits, validated_edits
+from modelzip_cli.errors import (
+    CodeRanWarning,
+    InputError,
+    ModelzipError,
+    OutputError,
+    UntrustedCodeError,
+    UsageError,
+    first_line,
+)
 from modelzip_cli.files import Outputs, atomic_write, check_readable
 from modelzip_cli.format import (
     CHECKPOINT_SUFFIXES,
+    CORRUPT,
     MANIFEST_KEY,
     TENSORS_KEY,
     Encoded,
     Manifest,
     decode_state,
     encode_module,
+    parse_manifest,
 )
 from modelzip_cli.measure import layer_table
 from modelzip_cli.zoo import ZOO
@@ -78,9 +88,11 @@ def check_trusted(ref: str, *, trusted: bool = False, what: str = "the checkpoin
         + f"set {TRUST_ENV}={module_name.split('.')[0]} if you trust that code")
 
 
-def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False) -> nn.Module:
+def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
+               kwargs_label: str = "--arch-kwargs") -> nn.Module:
     """Instantiate `zoo:NAME` or `package.module:callable` with kwargs, after the trust gate
-    (`check_trusted`): user code is imported only when trusted."""
+    (`check_trusted`): user code is imported only when trusted. `kwargs_label` names where the kwargs came
+    from in errors (the flag, or a manifest's field)."""
     kwargs = dict(kwargs or {})
     check_trusted(ref, trusted=trusted)
     if ref.startswith("zoo:"):
@@ -104,10 +116,10 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False) -
                              hint="check the module is importable (PYTHONPATH)") from None
     try:
         model = factory(**kwargs)
-    except TypeError as exc:
-        raise UsageError(f"--arch-kwargs do not fit {ref}: {exc}") from None
-    except ValueError as exc:
-        raise UsageError(f"--arch-kwargs do not fit {ref}: {exc}") from None
+    except ModelzipError:
+        raise
+    except Exception as exc:  # wrong names, types or values: a zoo class raises TypeError, ValueError, RuntimeError
+        raise InputError(f"{kwargs_label} do not fit {ref}: {first_line(exc)}", hint=f"check {kwargs_label}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"architecture {ref!r} did not return an nn.Module")
     model._modelzip_arch = (ref, kwargs)  # so save_model knows how to rebuild it
@@ -149,7 +161,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of corruption
-        raise InputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})",
+        raise InputError(f"{path}: not a readable safetensors file ({first_line(exc)})",
                          hint="the file may be truncated or corrupt") from None
     return tensors, metadata
 
@@ -163,19 +175,23 @@ def read_torch(path: Path, *, trust_code: bool, mmap: bool = False) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
-            raise InputError(f"{path}: not a readable torch file ({str(exc).splitlines()[0]})",
+            raise InputError(f"{path}: not a readable torch file ({first_line(exc)})",
                              hint="the file may be truncated or corrupt") from None
         if not trust_code:
             raise UntrustedCodeError(
                 f"{path} holds pickled Python objects, and loading them would run code",
                 hint="pass --trust-code only if you trust where the file came from") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable torch file ({str(exc).splitlines()[0]})",
+        raise InputError(f"{path}: not a readable torch file ({first_line(exc)})",
                          hint="the file may be truncated or corrupt") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise InputError(f"{path}: could not unpickle ({exc})") from None
+        raise InputError(f"{path}: could not unpickle ({first_line(exc)})") from None
+    warnings.warn(f"--trust-code: ran the pickled code in {path}", CodeRanWarning, stacklevel=2)
+    return obj
 
 
 def unwrap_state_dict(obj: Any) -> dict | None:
@@ -187,25 +203,28 @@ def unwrap_state_dict(obj: Any) -> dict | None:
     return None
 
 
-def _load_strict(model: nn.Module, state: dict[str, Any], what: str, *, assign: bool = False) -> None:
+def _load_strict(model: nn.Module, state: dict[str, Any], what: str, *, assign: bool = False,
+                 hint: str = "check --arch and --arch-kwargs") -> None:
     try:
         model.load_state_dict(state, strict=True, assign=assign)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())
-        raise InputError(f"the tensors do not fit {what}: {first[:400]}",
-                         hint="check --arch and --arch-kwargs") from None
+    except Exception as exc:  # size mismatches, missing keys; a forged state can also trip torch.ao's loaders
+        first = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(f"the tensors do not fit {what}: {first[:400]}", hint=hint) from None
 
 
-def read_raw(path: Path, *, trust_code: bool) -> tuple[dict[str, torch.Tensor] | None, dict | None, Any]:
-    """(tensors, manifest dict or None, pickled object or None) of any supported file."""
+def read_raw(path: Path, *, trust_code: bool) -> tuple[dict[str, torch.Tensor] | None, str | None, Any]:
+    """(tensors, manifest text or None, pickled object or None) of any supported file."""
     check_readable(path, CHECKPOINT_SUFFIXES)
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
-        manifest = json.loads(metadata[MANIFEST_KEY]) if MANIFEST_KEY in metadata else None
-        return tensors, manifest, None
+        return tensors, metadata.get(MANIFEST_KEY), None
     obj = read_torch(path, trust_code=trust_code)
     if isinstance(obj, dict) and isinstance(obj.get(MANIFEST_KEY), str):
-        return obj.get(TENSORS_KEY, {}), json.loads(obj[MANIFEST_KEY]), None
+        tensors = obj.get(TENSORS_KEY)
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise InputError(f"{path}: its {TENSORS_KEY!r} entry is not a table of tensors", hint=CORRUPT)
+        return tensors, obj[MANIFEST_KEY], None
     state = unwrap_state_dict(obj)
     if state is not None:
         return state, None, None
@@ -215,32 +234,116 @@ def read_raw(path: Path, *, trust_code: bool) -> tuple[dict[str, torch.Tensor] |
                      hint="pass a checkpoint written by modelzip, or a state dict with --arch")
 
 
-def rebuild(manifest: Manifest, state: dict[str, Any], *, trusted: bool, what: str) -> nn.Module:
+def _values(state: dict[str, Any]) -> int:
+    """How many values the stored state holds (tensors, the tensors inside tuples, a first-wave file's integers)."""
+    n = 0
+    for v in state.values():
+        for t in (v if isinstance(v, tuple) else (v,)):
+            t = getattr(t, "ints", t)  # QInts
+            n += t.numel() if isinstance(t, torch.Tensor) else 0
+    return n
+
+
+def _meta_checked(manifest: Manifest, edits: list[dict], state: dict[str, Any], *, trusted: bool, where: str,
+                  kwargs_label: str) -> tuple[nn.Module | None, int]:
+    """The architecture built on the meta device (nothing allocated) with the leading edits that replay there,
+    and how many did: (None, 0) for a Hugging Face model or user code that cannot be built on meta. A model
+    that declares more than twice the values the file stores is refused before anything is allocated."""
+    if manifest.arch is None or manifest.arch.startswith("hf:"):  # transformers ties weights as it builds
+        return None, 0
+    try:
+        with torch.device("meta"):
+            model = build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted, kwargs_label=kwargs_label)
+    except ModelzipError:
+        if manifest.arch.startswith("zoo:"):  # built-in classes build on meta: the kwargs are wrong
+            raise
+        return None, 0
+    done = 0
+    while done < len(edits) and edits[done]["kind"] in META_SAFE_EDITS:
+        done += 1
+    with torch.device("meta"):
+        model = replay_edits(model, manifest, edits[:done])
+    declared, stored = sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers())), _values(state)
+    if declared > 2 * stored + (1 << 20):
+        raise InputError(f"{where}: {kwargs_label} and the edits declare a model of {declared:,} values, but the "
+                         f"file stores {stored:,}; nothing was allocated", hint=CORRUPT)
+    return model, done
+
+
+def _upgrade_first_wave(manifest: Manifest, state: dict[str, Any], *, trusted: bool,
+                        where: str) -> tuple[Manifest, dict[str, Any]]:
+    """A format-1 file's torch.ao layouts → the plain int8 modules' (legacy.py), once the model its other
+    edits describe has been checked on meta against what the file stores."""
+    others = [e for e in manifest.edits if e.get("kind") not in legacy.V1_KINDS]
+    _meta_checked(replace(manifest, edits=others), validated_edits(replace(manifest, edits=others)), state,
+                  trusted=trusted, where=where, kwargs_label="the manifest's arch_kwargs")
+    try:
+        return legacy.upgrade(manifest, state, lambda edits: replay_edits(
+            build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), replace(manifest, edits=edits)))
+    except ModelzipError:
+        raise
+    except Exception as exc:  # a forged first-wave layout
+        raise InputError(f"{where}: its first-wave (format 1) layout cannot be read: {first_line(exc)}",
+                         hint=CORRUPT) from None
+
+
+def rebuild(manifest: Manifest, state: dict[str, Any], *, trusted: bool, where: str,
+            kwargs_label: str = "the manifest's arch_kwargs") -> nn.Module:
     """Build the module tree the manifest describes and load `state` into it strictly.
 
-    When no replay has to run the model, the tree is built on the meta device and the loaded tensors are
-    assigned rather than copied: no random initialization, and one copy of the weights in memory instead
-    of two. Anything the state does not cover (a non-persistent buffer) sends it down the ordinary path.
+    The tree is built on the meta device first and checked against the stored tensors before anything is
+    allocated: a manifest cannot make modelzip allocate more than what its file holds. The loaded tensors are
+    then assigned (no random initialization, one copy of the weights, their stored dtype kept). A Hugging
+    Face model, user code that cannot be built on meta, or a module with state the file does not hold (a
+    non-persistent buffer) is built for real.
     """
-    meta_safe = manifest.arch is not None and not manifest.arch.startswith("hf:")  # HF ties weights on build
-    if meta_safe and all(e.get("kind") in META_SAFE_EDITS for e in manifest.edits):
-        try:
-            with torch.device("meta"):
-                model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), manifest)
-        except ModelzipError:
-            raise
-        except Exception:  # user code that cannot be built on meta: build it for real below
-            model = None
-        if model is not None:
-            _load_strict(model, state, what, assign=True)
-            if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-                return model
-    model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), manifest)
+    edits = validated_edits(manifest)
+    what = f"{manifest.arch} as {kwargs_label} and the edits build it"
+    hint = "check --arch and --arch-kwargs" if kwargs_label.startswith("--") else CORRUPT
+    model, done = _meta_checked(manifest, edits, state, trusted=trusted, where=where, kwargs_label=kwargs_label)
+    if model is not None and done == len(edits):
+        _load_strict(model, state, what, assign=True, hint=hint)
+        if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+            return model
+    model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted, kwargs_label=kwargs_label),
+                         manifest, edits)
     dtype = float_dtype(state)
     if dtype is not None and dtype != torch.float32:
         model.to(dtype)  # the output keeps the input's float dtype
-    _load_strict(model, state, what)
+    _load_strict(model, state, what, hint=hint)
     return model
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Non-finite weights make every technique fail or write garbage: refuse them, naming the tensors."""
+    bad = [name for name, t in model.state_dict().items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        raise InputError(f"{where}: non-finite values (NaN or ±inf) in {', '.join(bad[:6])}{more}",
+                         hint="the checkpoint is corrupt, or the training that made it diverged")
+
+
+def _check_pickled(model: nn.Module, ref: str, kwargs: dict, where: str) -> None:
+    """A pickled module must be what its recorded (or --arch) architecture builds, or its output could not
+    be rebuilt: compare names and shapes with the architecture built on meta."""
+    try:
+        with torch.device("meta"):
+            expected = build_arch(ref, kwargs, trusted=True).state_dict()
+    except ModelzipError:
+        if ref.startswith("zoo:"):
+            raise
+        return  # user code that cannot be built on meta: its own load will tell
+    actual = model.state_dict()
+    for name in sorted(set(expected) | set(actual)):
+        a, e = actual.get(name), expected.get(name)
+        a_shape = list(a.shape) if isinstance(a, torch.Tensor) else None
+        e_shape = list(e.shape) if isinstance(e, torch.Tensor) else None
+        if a_shape != e_shape:
+            found = "missing" if a is None else f"of shape {a_shape}"
+            raise InputError(f"{where}: the pickled module does not match {ref} with --arch-kwargs "
+                             f"{json.dumps(kwargs)}: {name} is {found}, the architecture has "
+                             f"{'none' if e is None else e_shape}", hint="pass the --arch-kwargs it was built with")
 
 
 def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
@@ -262,24 +365,27 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
 
     if hf.is_model_dir(path):
         return _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
-    tensors, manifest_dict, pickled = read_raw(path, trust_code=trust_code)
-    if manifest_dict is not None:
-        manifest = Manifest.from_dict(manifest_dict)
+    where = str(path)
+    tensors, manifest_text, pickled = read_raw(path, trust_code=trust_code)
+    if manifest_text is not None:
+        schema = parse_manifest(manifest_text, where)
+        manifest = schema.manifest()
         if arch is not None and arch != manifest.arch:
             raise UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; --arch {arch} contradicts it",
                              hint="drop --arch")
-        state = decode_state(tensors, manifest_dict.get("encodings", {}), manifest_dict.get("constants", {}))
+        state = decode_state(tensors, schema.codecs(), schema.constant_values(), where=where)
         trusted = arch == manifest.arch
-        if legacy.needs_upgrade(manifest_dict):  # a first-wave file: torch.ao layouts → plain int8 modules
-            manifest, state = legacy.upgrade(manifest, state, lambda edits: replay_edits(
-                build_arch(manifest.arch, manifest.arch_kwargs, trusted=trusted), replace(manifest, edits=edits)))
+        if legacy.needs_upgrade({"format_version": schema.format_version, "edits": manifest.edits}):
+            manifest, state = _upgrade_first_wave(manifest, state, trusted=trusted, where=where)
         state = OrderedDict(state)
-        state._metadata = OrderedDict(manifest_dict.get("state_versions", {}))  # as torch.save would keep it
-        model = rebuild(manifest, state, trusted=trusted, what=f"{manifest.arch} as the manifest rebuilds it")
+        state._metadata = OrderedDict(schema.versions())  # as torch.save would keep it
+        model = rebuild(manifest, state, trusted=trusted, where=where)
         source = "modelzip"
     elif pickled is not None:
         model = pickled
         ref, kwargs = getattr(model, "_modelzip_arch", (arch, arch_kwargs or {}))
+        if ref is not None and not ref.startswith("hf:"):
+            _check_pickled(model, ref, kwargs, where)
         manifest = Manifest(arch=ref, arch_kwargs=kwargs, input_shape=default_input_shape(ref, kwargs))
         source = "pickled-module"
     else:
@@ -289,8 +395,9 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         manifest = Manifest(arch=arch, arch_kwargs=dict(arch_kwargs or {}),
                             input_shape=default_input_shape(arch, arch_kwargs or {}),
                             input_dtype=default_input_dtype(arch, arch_kwargs or {}))
-        model = rebuild(manifest, tensors, trusted=True, what=arch)
+        model = rebuild(manifest, tensors, trusted=True, where=where, kwargs_label="--arch-kwargs")
         source = "state-dict"
+    check_finite(model, where)
     if input_shape is not None:
         manifest.input_shape = list(input_shape)
     if input_dtype is not None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelzip_cli.errors import InputError
+from modelzip_cli.errors import InputError, first_line
 
 
 @dataclass
@@ -59,7 +59,7 @@ def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"data file {path} is not readable ({str(exc).splitlines()[0]})",
+        raise InputError(f"data file {path} is not readable ({first_line(exc)})",
                          hint="the file may be truncated, corrupt or hold pickled objects") from None
     if not isinstance(raw, dict) or "inputs" not in raw:
         raise InputError(f"data file {path} has no 'inputs' tensor",
@@ -68,6 +68,11 @@ def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:
     if inputs.ndim < 2 or inputs.shape[0] == 0:
         raise InputError(f"data file {path}: 'inputs' must be N×… with N ≥ 1, got shape {tuple(inputs.shape)}")
     inputs = inputs.long() if not inputs.is_floating_point() and inputs.dtype != torch.bool else inputs.float()
+    if inputs.is_floating_point():
+        bad = int((~torch.isfinite(inputs)).sum())  # float64 values beyond float32's range count too
+        if bad:
+            raise InputError(f"data file {path}: 'inputs' holds {bad} non-finite value{'s' * (bad != 1)} "
+                             "(NaN or ±inf)", hint="remove or impute them")
     targets = raw.get("targets")
     if targets is None:
         if require_targets:
@@ -82,6 +87,9 @@ def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:
         if targets.shape[0] != inputs.shape[0]:
             raise InputError(f"data file {path}: {inputs.shape[0]} inputs but {targets.shape[0]} targets",
                              hint="inputs and targets must have the same length")
+        if int(targets.min()) < 0:
+            raise InputError(f"data file {path}: label {int(targets.min())} is negative",
+                             hint="labels are class indices 0 … classes − 1")
     mask = raw.get("attention_mask")
     if mask is not None:
         inputs = _with_mask(path, inputs, torch.as_tensor(mask))
@@ -102,6 +110,21 @@ def _with_mask(path: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return torch.stack([ids, mask.long()], dim=1)  # (N, 2, L)
 
 
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating parameter, else buffer (quantized modules
+    keep float32 scales beside parameters of the model's dtype), else float32."""
+    for tensors in (model.parameters(), model.buffers()):
+        for t in tensors:
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32
+
+
+def as_model_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float inputs cast to the model's dtype (fp16, bf16, fp64 models); token ids stay integers."""
+    return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+
 def check_fits(model: nn.Module, data: Dataset, input_shape: list[int] | None = None) -> int:
     """Check the data fits the model; return the model's number of outputs."""
     feature = list(data.inputs.shape[1:])
@@ -110,10 +133,10 @@ def check_fits(model: nn.Module, data: Dataset, input_shape: list[int] | None = 
                          f"which takes {list(input_shape[1:])}", hint="pass data made for this model")
     try:
         with torch.inference_mode():
-            out = model(data.inputs[:2])
+            out = model(as_model_input(data.inputs[:2], float_dtype(model)))
     except Exception as exc:
         raise InputError(f"data file {data.path}: samples of shape {feature} do not fit the model "
-                         f"({str(exc).splitlines()[0]})", hint="pass data made for this model") from None
+                         f"({first_line(exc)})", hint="pass data made for this model") from None
     if data.targets is None:
         return out.shape[-1]
     if out.ndim != 2:

@@ -13,42 +13,99 @@ import io
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 from modelzip_cli import (
     int8,
     quant_backend,  # noqa: F401  (registers the optional torch.ao accelerator)
 )
-from modelzip_cli.errors import InputError
-from modelzip_cli.format import Manifest
+from modelzip_cli.errors import InputError, ModelzipError, first_line
+from modelzip_cli.format import CORRUPT, Manifest, NonNegInt, describe_error
 
 ReplayFn = Callable[[nn.Module, dict, Manifest], nn.Module]
 EDIT_REPLAYS: dict[str, ReplayFn] = {}
+EDIT_SCHEMAS: dict[str, type[BaseModel]] = {}
 
-# Replays that only build modules and never run the model: safe on the meta device.
-META_SAFE_EDITS = {"prune_magnitude", "lowrank", "quantize_weight_only", "quantize_dynamic", "quantize_static"}
+# Every replay only builds modules (Torch-Pruning traces shapes only): the model a manifest describes is built
+# on the meta device and checked against the stored tensors without allocating anything.
+META_SAFE_EDITS = {"prune_magnitude", "prune_structured", "lowrank", "quantize_weight_only", "quantize_dynamic",
+                   "quantize_static"}
 
 
-def register_edit(kind: str) -> Callable[[ReplayFn], ReplayFn]:
+class EditSchema(BaseModel):
+    """The fields of one edit kind, checked before its replay (a manifest is read from an untrusted file)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    kind: str
+
+
+def register_edit(kind: str, schema: type[EditSchema]) -> Callable[[ReplayFn], ReplayFn]:
     def decorate(fn: ReplayFn) -> ReplayFn:
         EDIT_REPLAYS[kind] = fn
+        EDIT_SCHEMAS[kind] = schema
         return fn
 
     return decorate
 
 
-def replay_edits(model: nn.Module, manifest: Manifest) -> nn.Module:
-    """Apply the manifest's edits, in order, to a freshly built model. Returns the (possibly new) model."""
-    for i, edit in enumerate(manifest.edits):
+def validated_edits(manifest: Manifest) -> list[dict]:
+    """Every edit of the manifest checked against its kind's schema; errors name the edit and the field."""
+    out = []
+    for i, edit in enumerate(manifest.edits, 1):
         kind = edit.get("kind")
         if kind not in EDIT_REPLAYS:
-            raise InputError(f"edit {i + 1} of the manifest has unknown kind {kind!r}",
-                             hint="the file was written by a newer modelzip; upgrade")
-        model = EDIT_REPLAYS[kind](model, edit, manifest)
+            raise InputError(f"edit {i} of the manifest has unknown kind {kind!r}",
+                             hint="the file was written by a newer modelzip, or is corrupt")
+        try:
+            out.append(EDIT_SCHEMAS[kind].model_validate(edit).model_dump())
+        except ValidationError as exc:
+            raise InputError(f"edit {i} ({kind}) of the manifest: {describe_error(exc.errors()[0])}",
+                             hint=CORRUPT) from None
+    return out
+
+
+def replay_edits(model: nn.Module, manifest: Manifest, edits: list[dict] | None = None) -> nn.Module:
+    """Apply `edits` (default: all the manifest's, validated), in order, to a freshly built model. Returns the
+    (possibly new) model. An edit that does not fit the model is one line naming it."""
+    for i, edit in enumerate(validated_edits(manifest) if edits is None else edits, 1):
+        kind = edit["kind"]
+        try:
+            model = EDIT_REPLAYS[kind](model, edit, manifest)
+        except ModelzipError as exc:
+            raise type(exc)(f"edit {i} ({kind}) of the manifest: {exc.message}", hint=exc.hint) from None
+        except Exception as exc:  # a forged edit that the checks below did not foresee
+            raise InputError(f"edit {i} ({kind}) of the manifest does not fit {manifest.arch}: "
+                             f"{first_line(exc)}",
+                             hint=CORRUPT) from None
     return model
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a model's float tensors to `dtype` (a technique's result back to its input's dtype), except the
+    scales of modelzip's quantized modules (int8, weight-only), which stay float32: they compute in float32
+    and give their output in the input's dtype."""
+    keep = [(m, name, b) for m in model.modules() if callable(getattr(m, "logical_weights", None))
+            for name, b in m.named_buffers(recurse=False) if b.is_floating_point()]
+    model.to(dtype)
+    for m, name, b in keep:
+        setattr(m, name, b)
+    return model
+
+
+def submodule(model: nn.Module, name: str, types: tuple[type, ...], what: str) -> nn.Module:
+    """The submodule an edit names, which must exist and be one of `types`."""
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise InputError(f"there is no module {name!r} in the model", hint=CORRUPT) from None
+    if not isinstance(m, types):
+        raise InputError(f"module {name!r} is a {type(m).__name__}, not a {what}", hint=CORRUPT)
+    return m
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -77,15 +134,45 @@ def dependency_graph(model: nn.Module, example: torch.Tensor):
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
 
 
-@register_edit("prune_structured")
+class StructuredEdit(EditSchema):
+    ratio: float = Field(ge=0, lt=1)
+    history: list[list[Any]]  # Torch-Pruning's pruning history: [layer name, output side?, unit indices]
+    schedule: list[float] | None = None
+
+    @field_validator("history")
+    @classmethod
+    def _history_rows(cls, rows: list[list[Any]]) -> list[list[Any]]:
+        for row in rows:
+            if not (len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], bool) and isinstance(row[2], list)
+                    and all(type(i) is int and i >= 0 for i in row[2])):
+                raise ValueError("each row must be [layer name, true/false, [unit indices ≥ 0]]")
+        return rows
+
+
+class MagnitudeEdit(EditSchema):
+    ratio: float = Field(ge=0, lt=1)
+    scope: Literal["global", "layer"]
+    layers: list[str]
+    schedule: list[float] | None = None
+
+
+@register_edit("prune_structured", StructuredEdit)
 def _replay_structured(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
-    graph = dependency_graph(model, manifest.example_input())
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    for name, out_channels, idxs in edit["history"]:
+        m = submodule(model, name, (nn.Module,), "module")
+        dim = 0 if out_channels else 1  # output units, or input features
+        width = next((t.shape[dim] for t in m.parameters(recurse=False) if t.ndim > dim), None)
+        if width is not None and idxs and max(idxs) >= width:
+            raise InputError(f"the pruning history removes unit {max(idxs)} of {name!r}, which has {width}",
+                             hint=CORRUPT)
+    graph = dependency_graph(model, manifest.example_input().to(device))
     with quiet_pruning():
         graph.load_pruning_history([tuple(h) for h in edit["history"]])
     return model
 
 
-@register_edit("prune_magnitude")
+@register_edit("prune_magnitude", MagnitudeEdit)
 def _replay_magnitude(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     return model  # zeros live in the tensors themselves; the edit is history only
 
@@ -98,10 +185,17 @@ def factorized(in_features: int, out_features: int, rank: int, bias: bool) -> nn
     return nn.Sequential(nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=bias))
 
 
-@register_edit("lowrank")
+class LowRankEdit(EditSchema):
+    ranks: dict[str, Annotated[int, Field(ge=1)]]
+
+
+@register_edit("lowrank", LowRankEdit)
 def _replay_lowrank(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     for name, rank in edit["ranks"].items():
-        m = model.get_submodule(name)
+        m = submodule(model, name, (nn.Linear,), "Linear")
+        if rank > min(m.in_features, m.out_features):  # never larger than the layer: it would only allocate
+            raise InputError(f"rank {rank:,} of {name!r} exceeds its size {m.out_features}×{m.in_features}",
+                             hint=CORRUPT)
         replace_module(model, name, factorized(m.in_features, m.out_features, rank, m.bias is not None))
     return model
 
@@ -160,11 +254,11 @@ class WeightOnlyLinear(nn.Module):
             ints = torch.stack([self.qweight & 0x0F, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
             ints = ints[:, : self.scales.shape[1] * self.group_size].float()
         g = ints.reshape(self.out_features, -1, self.group_size)  # (out, groups, group)
-        w = (g - self.zero_points.float()[..., None]) * self.scales[..., None]
+        w = (g - self.zero_points.float()[..., None]) * self.scales.float()[..., None]
         return w.reshape(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
     def logical_weights(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.dequantized_weight()}
@@ -176,10 +270,16 @@ class WeightOnlyLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.scheme}"
 
 
-@register_edit("quantize_weight_only")
+class WeightOnlyEdit(EditSchema):
+    modules: list[str]
+    bits: Literal[4, 8]
+    group_size: NonNegInt
+
+
+@register_edit("quantize_weight_only", WeightOnlyEdit)
 def _replay_weight_only(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     for name in edit["modules"]:
-        m = model.get_submodule(name)
+        m = submodule(model, name, (nn.Linear,), "Linear")
         replace_module(model, name, WeightOnlyLinear(m.in_features, m.out_features, m.bias is not None,
                                                      edit["bits"], edit["group_size"]))
     return model
@@ -204,18 +304,33 @@ def plain_int8(layer: nn.Module, kind: str, activations: str = "per-token", redu
                                layer.weight.dtype, reduced_range)
 
 
-@register_edit("quantize_dynamic")
+class DynamicEdit(EditSchema):
+    modules: list[str]
+    activations: Literal[int8.ACTIVATIONS]
+
+
+class StaticEdit(EditSchema):
+    modules: list[str]
+    qat: bool = False
+    observer: str = "minmax"  # how the input ranges were calibrated (a record; replays ignore it)
+    reduced_range: bool = False
+    folded: list[str] = []
+
+
+@register_edit("quantize_dynamic", DynamicEdit)
 def _replay_dynamic(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     for name in edit["modules"]:
-        replace_module(model, name, plain_int8(model.get_submodule(name), "dynamic", edit["activations"]))
+        layer = submodule(model, name, (nn.Linear,), "Linear")
+        replace_module(model, name, plain_int8(layer, "dynamic", edit["activations"]))
     return model
 
 
-@register_edit("quantize_static")
+@register_edit("quantize_static", StaticEdit)
 def _replay_static(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     for name in edit["modules"]:
-        replace_module(model, name, plain_int8(model.get_submodule(name), "static",
-                                               reduced_range=edit.get("reduced_range", False)))
-    for name in edit.get("folded", []):  # BatchNorms a first-wave file folded into the conv before them
+        layer = submodule(model, name, (nn.Linear, nn.Conv1d, nn.Conv2d), "Linear or Conv")
+        replace_module(model, name, plain_int8(layer, "static", reduced_range=edit["reduced_range"]))
+    for name in edit["folded"]:  # BatchNorms a first-wave file folded into the conv before them
+        submodule(model, name, (nn.modules.batchnorm._BatchNorm,), "BatchNorm")
         replace_module(model, name, nn.Identity())
     return model

@@ -63,6 +63,12 @@ class CodeRanWarning(UserWarning):
     """--trust-code unpickled a file, which ran its code. The CLI prints it whatever --quiet says."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to one line (its type's name when it has no message)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The one mapping from exception to exit code: 1 gate, 2 usage/input, 3 a bug."""
     if isinstance(exc, ModelzipError | Interrupted):

@@ -14,8 +14,12 @@ functions that need it, so reading a header (`inspect`) never pays for torch.
 from __future__ import annotations
 
 import copy
+import json
+import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelzip_cli.errors import InputError, UsageError
 from modelzip_cli.version import __version__
@@ -52,15 +56,9 @@ class Manifest:
                 **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Manifest:
-        if d.get("format") != "modelzip":
-            raise InputError("the manifest is not a modelzip manifest")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise InputError(f"checkpoint format version {d['format_version']} is newer than this modelzip "
-                             f"reads ({FORMAT_VERSION})", hint="upgrade modelzip")
-        return cls(arch=d.get("arch"), arch_kwargs=d.get("arch_kwargs") or {},
-                   input_shape=d.get("input_shape"), input_dtype=d.get("input_dtype", "float"),
-                   edits=list(d.get("edits") or []))
+    def from_dict(cls, d: Any, where: str = "the checkpoint") -> Manifest:
+        """A manifest read from a file, validated (`validate_manifest`)."""
+        return validate_manifest(d, where).manifest()
 
     def copy(self) -> Manifest:
         return copy.deepcopy(self)
@@ -82,8 +80,172 @@ class Manifest:
                              hint="pass --input-shape, e.g. --input-shape 1,64")
         shape = [batch, *self.input_shape[1:]]
         if self.input_dtype == "long":
-            return torch.zeros(shape, dtype=torch.long)
-        return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            return torch.zeros(shape, dtype=torch.long, device="cpu")
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0), device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation. A manifest comes from a file, and files are untrusted: every field's type and range is checked
+# here (pydantic models, as the technique configs), every size against the bytes actually stored in
+# `decode_state`, and the architecture and edits against the stored tensors on the meta device in
+# checkpoint.py, all before anything is allocated. Every failure is one line naming the field.
+
+MAX_EXAMPLE_VALUES = 1 << 24  # the largest example input a manifest may declare: 16M values per sample
+STORED_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+QUANTIZED_DTYPES = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}  # → the stored integer dtype
+TORCH_CONSTANTS = (*QUANTIZED_DTYPES, *STORED_DTYPES, "per_tensor_affine", "per_tensor_symmetric",
+                   "per_channel_affine", "per_channel_symmetric", "per_channel_affine_float_qparams")
+CORRUPT = "the file is corrupt or was not written by modelzip"
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class BitmaskCodec(_Strict):
+    codec: Literal["bitmask"]
+    shape: list[NonNegInt] = Field(max_length=8)
+    dtype: Literal[STORED_DTYPES]
+    nnz: NonNegInt
+
+
+class QTensorCodec(_Strict):
+    codec: Literal["qtensor"]
+    dtype: Literal[tuple(QUANTIZED_DTYPES)]
+    qscheme: Literal["per_tensor", "per_channel"]
+    scale: float | None = Field(None, gt=0, allow_inf_nan=False)
+    zero_point: int | None = None
+    axis: NonNegInt | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_the_scheme(self) -> QTensorCodec:
+        if self.qscheme == "per_tensor" and (self.scale is None or self.zero_point is None):
+            raise ValueError("per_tensor needs a scale and a zero_point")
+        if self.qscheme == "per_channel" and self.axis is None:
+            raise ValueError("per_channel needs an axis")
+        return self
+
+
+class TupleCodec(_Strict):
+    codec: Literal["tuple"]
+    length: int = Field(ge=0, le=16)
+    none: list[NonNegInt] = []
+
+    @model_validator(mode="after")
+    def _none_in_range(self) -> TupleCodec:
+        if any(i >= self.length for i in self.none):
+            raise ValueError(f"none names an element beyond length {self.length}")
+        return self
+
+
+class TorchConstant(_Strict):
+    torch: Literal[TORCH_CONSTANTS]
+
+
+class ValueConstant(_Strict):
+    value: bool | int | float | str | None
+
+
+class EditRecord(BaseModel):
+    """An edit's kind; each kind's own fields are checked by its replay's schema (edits.py)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    kind: str
+
+
+class StateVersion(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    version: int | None = None
+
+
+class LayerRow(BaseModel):
+    """A row of the per-layer table `inspect` shows from the header."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str
+    type: str = "-"
+    shape: list[int]
+    scheme: str
+    params: NonNegInt | None = None
+    nonzero: NonNegInt | None = None
+    sparsity: float | None = None
+    bytes: NonNegInt | None = None
+
+
+class ManifestSchema(BaseModel):
+    """The manifest as stored (docs/FORMAT.md, "Manifest"). Keys a newer writer adds are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    format: Literal["modelzip"]
+    format_version: int = Field(ge=1)
+    tool_version: str | None = None
+    arch: str = Field(min_length=1)
+    arch_kwargs: dict[str, Any] = {}
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=8)
+    input_dtype: Literal["float", "long"] = "float"
+    edits: list[EditRecord] = []
+    encodings: dict[str, Annotated[BitmaskCodec | QTensorCodec | TupleCodec, Field(discriminator="codec")]] = {}
+    constants: dict[str, TorchConstant | ValueConstant] = {}
+    state_versions: dict[str, StateVersion] = {}
+    layers: list[LayerRow] | None = None
+
+    @field_validator("input_shape")
+    @classmethod
+    def _bounded_example(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and math.prod(shape[1:]) > MAX_EXAMPLE_VALUES:
+            raise ValueError(f"declares {math.prod(shape[1:]):,} values per sample, more than the "
+                             f"{MAX_EXAMPLE_VALUES:,} an example input may have")
+        return shape
+
+    def manifest(self) -> Manifest:
+        return Manifest(arch=self.arch, arch_kwargs=dict(self.arch_kwargs), input_shape=self.input_shape,
+                        input_dtype=self.input_dtype, edits=[e.model_dump() for e in self.edits])
+
+    def codecs(self) -> dict[str, dict]:
+        return {k: v.model_dump(exclude_none=True) for k, v in self.encodings.items()}
+
+    def constant_values(self) -> dict[str, dict]:
+        return {k: v.model_dump() for k, v in self.constants.items()}
+
+    def versions(self) -> dict[str, dict]:
+        return {k: v.model_dump(exclude_none=True) for k, v in self.state_versions.items()}
+
+
+def describe_error(error: dict) -> str:
+    """One pydantic error as `field a.b.0: what is wrong, got VALUE`."""
+    loc = ".".join(str(p) for p in error.get("loc", ()) if p not in ("bitmask", "qtensor", "tuple"))
+    value = repr(error.get("input"))
+    value = value if len(value) <= 60 else value[:57] + "..."
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"field {loc or '(top level)'}: {msg[0].lower() + msg[1:]}, got {value}"
+
+
+def parse_manifest(text: str | bytes, where: str) -> ManifestSchema:
+    """The manifest's JSON text → a validated manifest, or one line naming what is wrong."""
+    try:
+        raw = json.loads(text)
+    except RecursionError:
+        raise InputError(f"{where}: the manifest is not valid JSON (nested too deeply)", hint=CORRUPT) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{where}: the manifest is not valid JSON ({exc})", hint=CORRUPT) from None
+    return validate_manifest(raw, where)
+
+
+def validate_manifest(raw: Any, where: str) -> ManifestSchema:
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: the manifest is a JSON {type(raw).__name__}, not an object", hint=CORRUPT)
+    version = raw.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:
+        raise InputError(f"{where}: checkpoint format version {version} is newer than this modelzip reads "
+                         f"({FORMAT_VERSION})", hint="upgrade modelzip")
+    try:
+        return ManifestSchema.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(f"{where}: manifest {describe_error(exc.errors()[0])}", hint=CORRUPT) from None
+    except RecursionError:
+        raise InputError(f"{where}: the manifest is nested too deeply", hint=CORRUPT) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,36 +333,80 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, encodings, constants
 
 
-def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict],
-                 constants: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `encode_state`."""
+def _dtype_name(t: Any) -> str:
+    return str(getattr(t, "dtype", type(t).__name__)).removeprefix("torch.")
+
+
+def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict], constants: dict[str, Any],
+                 where: str = "the checkpoint") -> dict[str, Any]:
+    """Inverse of `encode_state`. `encodings` and `constants` come validated (`ManifestSchema`); every size
+    they declare is checked against the tensors actually stored before anything is allocated."""
     import numpy as np
     import torch
 
-    state: dict[str, Any] = {k: v for k, v in tensors.items() if SEP not in k}
+    def fail(message: str):
+        raise InputError(f"{where}: {message}", hint=CORRUPT)
 
-    def part(key: str) -> torch.Tensor:
-        return decode_one(key, encodings[key]) if key in encodings else tensors[key]
+    def stored(key: str) -> torch.Tensor:
+        t = tensors.get(key)
+        if not isinstance(t, torch.Tensor):
+            fail(f"tensor {key!r}, which the manifest's encodings name, is missing")
+        return t
+
+    def part(key: str) -> torch.Tensor | tuple:
+        return decode_one(key, encodings[key]) if key in encodings else stored(key)
+
+    def bitmask(name: str, enc: dict) -> torch.Tensor:
+        shape, n = enc["shape"], math.prod(enc["shape"])
+        mask, values = stored(f"{name}{SEP}mask"), stored(f"{name}{SEP}values")
+        if mask.dtype != torch.uint8 or mask.ndim != 1 or mask.numel() != (n + 7) // 8:
+            fail(f"tensor {name!r}: its encoding's shape {shape} declares {n:,} values, but its mask holds "
+                 f"{mask.numel():,} {_dtype_name(mask)} values, not {(n + 7) // 8:,} bytes")
+        if values.ndim != 1 or values.numel() != enc["nnz"] or _dtype_name(values) != enc["dtype"]:
+            fail(f"tensor {name!r}: its values are {values.numel():,} {_dtype_name(values)}, its encoding "
+                 f"declares nnz {enc['nnz']:,} {enc['dtype']}")
+        bits = torch.from_numpy(np.unpackbits(mask.numpy(), count=n).astype(bool))
+        if int(bits.sum()) != enc["nnz"]:
+            fail(f"tensor {name!r}: its mask marks {int(bits.sum()):,} values, its encoding's nnz says "
+                 f"{enc['nnz']:,}")
+        dense = torch.zeros(n, dtype=values.dtype)
+        dense[bits] = values
+        return dense.reshape(shape)
+
+    def qtensor(name: str, enc: dict) -> QInts:  # format 1 only
+        ints, want = part(f"{name}{SEP}int"), QUANTIZED_DTYPES[enc["dtype"]]
+        if not isinstance(ints, torch.Tensor) or _dtype_name(ints) != want:
+            fail(f"tensor {name!r}: its integers are {_dtype_name(ints)}, its encoding's dtype {enc['dtype']} "
+                 f"needs {want}")
+        info = torch.iinfo(ints.dtype)
+        if enc["qscheme"] == "per_tensor":
+            if not info.min <= enc["zero_point"] <= info.max:
+                fail(f"tensor {name!r}: zero_point {enc['zero_point']} is outside {want}")
+            return QInts(ints, float(enc["scale"]), int(enc["zero_point"]))
+        axis = enc["axis"]
+        if axis >= ints.ndim:
+            fail(f"tensor {name!r}: axis {axis} of a {ints.ndim}-d tensor")
+        channels = ints.shape[axis]
+        scale, zero_point = stored(f"{name}{SEP}scale"), stored(f"{name}{SEP}zero_point")
+        if (not scale.is_floating_point() or tuple(scale.shape) != (channels,) or not bool(torch.isfinite(scale).all())
+                or bool((scale <= 0).any())):
+            fail(f"tensor {name!r}: its scale must be {channels} finite positive floats")
+        if (zero_point.is_floating_point() or tuple(zero_point.shape) != (channels,)
+                or bool((zero_point < info.min).any()) or bool((zero_point > info.max).any())):
+            fail(f"tensor {name!r}: its zero_point must be {channels} integers within {want}")
+        return QInts(ints, scale, zero_point, axis)
 
     def decode_one(name: str, enc: dict) -> torch.Tensor | QInts | tuple:
         codec = enc.get("codec")
         if codec == "bitmask":
-            shape, mask_bytes = enc["shape"], tensors[f"{name}{SEP}mask"].numpy()
-            n = int(np.prod(shape)) if shape else 1
-            mask = torch.from_numpy(np.unpackbits(mask_bytes, count=n).astype(bool))
-            dense = torch.zeros(n, dtype=getattr(torch, enc["dtype"]))
-            dense[mask] = tensors[f"{name}{SEP}values"]
-            return dense.reshape(shape)
-        if codec == "qtensor":  # format 1 only
-            ints = part(f"{name}{SEP}int")
-            if enc["qscheme"] == "per_tensor":
-                return QInts(ints, float(enc["scale"]), int(enc["zero_point"]))
-            return QInts(ints, tensors[f"{name}{SEP}scale"], tensors[f"{name}{SEP}zero_point"], int(enc["axis"]))
+            return bitmask(name, enc)
+        if codec == "qtensor":
+            return qtensor(name, enc)
         if codec == "tuple":
-            parts = [f"{name}{SEP}{i}" for i in range(enc["length"])]
-            return tuple(None if i in enc["none"] else part(key) for i, key in enumerate(parts))
-        raise InputError(f"tensor {name!r} has unknown codec {codec!r}", hint="upgrade modelzip")
+            return tuple(None if i in enc["none"] else part(f"{name}{SEP}{i}") for i in range(enc["length"]))
+        fail(f"tensor {name!r} has unknown codec {codec!r}")
 
+    state: dict[str, Any] = {k: v for k, v in tensors.items() if SEP not in k}
     for name, enc in encodings.items():
         if SEP in name:  # a part of an encoded tensor: decoded with its parent
             continue

@@ -11,10 +11,11 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelzip_cli.errors import InputError
 from modelzip_cli.files import check_readable
-from modelzip_cli.format import CHECKPOINT_SUFFIXES, MANIFEST_KEY, SEP
+from modelzip_cli.format import CHECKPOINT_SUFFIXES, MANIFEST_KEY, SEP, ManifestSchema, parse_manifest
 from modelzip_cli.report import Report, file_info
 
 # Buffers that are state, not parameters (BatchNorm statistics, quantization observers).
@@ -29,7 +30,15 @@ class TensorInfo:
     bytes: int
 
 
-def _safetensors_header(path: Path) -> tuple[list[TensorInfo], dict | None]:
+def _tensor_info(name: str, entry: Any) -> TensorInfo:
+    shape, dtype, (start, end) = entry["shape"], entry["dtype"], entry["data_offsets"]
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(dtype, str)
+            and type(start) is int and type(end) is int and 0 <= start <= end):
+        raise ValueError(f"tensor {name!r} has a malformed entry")
+    return TensorInfo(name, shape, dtype.lower(), end - start)
+
+
+def _safetensors_header(path: Path) -> tuple[list[TensorInfo], ManifestSchema | None]:
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -37,27 +46,30 @@ def _safetensors_header(path: Path) -> tuple[list[TensorInfo], dict | None]:
             if n > min(100_000_000, size - 8):
                 raise ValueError("header length out of range")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
-        infos = [TensorInfo(k, v["shape"], v["dtype"].lower(), v["data_offsets"][1] - v["data_offsets"][0])
-                 for k, v in header.items()]
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+        infos = [_tensor_info(k, v) for k, v in header.items()]
         end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, struct.error, RecursionError) as exc:
         raise InputError(f"{path}: not a readable safetensors file ({exc})",
                          hint="the file may be truncated or corrupt") from None
     if end > size:
         raise InputError(f"{path}: truncated (the header promises {end} bytes, the file has {size})",
                          hint="the file is incomplete; copy it again")
-    return infos, (json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else None)
+    return infos, (parse_manifest(meta[MANIFEST_KEY], str(path)) if MANIFEST_KEY in meta else None)
 
 
-def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], dict | None]:
+def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], ManifestSchema | None]:
     from modelzip_cli.checkpoint import read_torch, unwrap_state_dict
     from modelzip_cli.format import TENSORS_KEY
 
     obj = read_torch(path, trust_code=trust_code, mmap=True)
     manifest = None
     if isinstance(obj, dict) and isinstance(obj.get(MANIFEST_KEY), str):
-        manifest, obj = json.loads(obj[MANIFEST_KEY]), obj.get(TENSORS_KEY, {})
+        manifest, obj = parse_manifest(obj[MANIFEST_KEY], str(path)), obj.get(TENSORS_KEY, {})
     elif hasattr(obj, "state_dict") and callable(obj.state_dict):
         obj = obj.state_dict()
     state = unwrap_state_dict(obj) or {}
@@ -66,7 +78,7 @@ def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], dict 
     return infos, manifest
 
 
-def read_header(path: Path, *, trust_code: bool = False) -> tuple[list[TensorInfo], dict | None]:
+def read_header(path: Path, *, trust_code: bool = False) -> tuple[list[TensorInfo], ManifestSchema | None]:
     """Every tensor's name, shape, dtype and stored bytes, plus the manifest, without reading data."""
     check_readable(path, CHECKPOINT_SUFFIXES)
     if path.suffix == ".safetensors":
@@ -100,17 +112,17 @@ def _layers_from_header(infos: list[TensorInfo]) -> list[dict]:
 def inspect_checkpoint(path: Path, *, trust_code: bool = False, hash_file: bool = False) -> Report:
     infos, manifest = read_header(path, trust_code=trust_code)
     report = Report(command="inspect")
-    if manifest is not None and "layers" in manifest:
-        layers = manifest["layers"]
-        fmt = f"modelzip {path.suffix.lstrip('.')} v{manifest.get('format_version')}"
+    if manifest is not None and manifest.layers is not None:
+        layers = [row.model_dump() for row in manifest.layers]
+        fmt = f"modelzip {path.suffix.lstrip('.')} v{manifest.format_version}"
     else:
         layers = _layers_from_header(infos)
         fmt = f"raw state dict ({path.suffix.lstrip('.')})"
         report.warnings.append("no modelzip manifest: sparsity is not known without reading every tensor")
     params = sum(row.get("params") or 0 for row in layers)
     report.input = file_info(path, params, hash_file=hash_file)
-    manifest = manifest or {}
-    report.model = {"format": fmt, "arch": manifest.get("arch"), "arch_kwargs": manifest.get("arch_kwargs", {}),
-                    "input_shape": manifest.get("input_shape"), "parameters": params,
-                    "edits": manifest.get("edits", []), "layers": layers}
+    m = manifest.manifest() if manifest is not None else None
+    report.model = {"format": fmt, "arch": m and m.arch, "arch_kwargs": m.arch_kwargs if m else {},
+                    "input_shape": m and m.input_shape, "parameters": params, "edits": m.edits if m else [],
+                    "layers": layers}
     return report

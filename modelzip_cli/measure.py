@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli.data import Dataset
+from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.format import Encoded, encode_module, encode_state
 
 DEFAULT_BATCH_N = 256
@@ -162,10 +162,10 @@ def cpu_only(model: nn.Module) -> bool:
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> dict:
     """Accuracy (0–1) and mean cross-entropy on a labelled dataset, computed where the model is."""
     model.eval()
-    device = device_of(model)
+    device, dtype = device_of(model), float_dtype(model)
     correct, loss_sum = 0, 0.0
     for x, y, _ in data.batches(batch_size):
-        logits = model(x.to(device)).float()
+        logits = model(as_model_input(x, dtype).to(device)).float()
         y = y.to(device)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -178,6 +178,7 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> to
     """The model's outputs for `inputs`, computed and returned where the model is."""
     model.eval()
     device = device_of(model)
+    inputs = as_model_input(inputs, float_dtype(model))
     return torch.cat([model(inputs[i:i + batch_size].to(device)).float()
                       for i in range(0, inputs.shape[0], batch_size)])
 
@@ -189,7 +190,7 @@ def latency_ms(model: nn.Module, example: torch.Tensor, *, threads: int, warmup:
     from launch to the kernels' end)."""
     model.eval()
     device = device_of(model)
-    example = example.to(device)
+    example = as_model_input(example, float_dtype(model)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with num_threads(threads):
         for _ in range(warmup):

@@ -16,7 +16,8 @@ import torch
 from modelzip_cli import distributed
 from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context, null_progress
-from modelzip_cli.data import Dataset, check_fits, load_data
+from modelzip_cli.data import Dataset, check_fits, float_dtype, load_data
+from modelzip_cli.edits import to_dtype
 from modelzip_cli.errors import InputError, UsageError
 from modelzip_cli.files import Outputs, check_distinct, check_output
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
@@ -122,9 +123,14 @@ def apply_technique(cfg: MethodConfig, loaded: Loaded, ctx: Context) -> Step:
     command and every chain step, so there is one implementation of each technique's bookkeeping.
     The model is encoded once after the step; the figures, the layer table and the saved file share it."""
     before = model_figures(loaded.model, loaded.encoded)
+    dtype = float_dtype(loaded.model)
+    if dtype != torch.float32:  # fp16/bf16 train and calibrate poorly: techniques compute in float32
+        loaded.model.float()
     t0 = time.perf_counter()
     result = OPS[cfg.op].apply(loaded.model, cfg, ctx, loaded.manifest)
     duration = round(time.perf_counter() - t0, 4)
+    if dtype != torch.float32:
+        to_dtype(result.model, dtype)  # the output keeps the input's float dtype
     loaded.model = result.model
     loaded.manifest = result.manifest or loaded.manifest.with_edits(result.edits)
     loaded.encoded = encode_module(loaded.model)

@@ -17,7 +17,7 @@ from torch import nn
 
 from modelzip_cli import distributed
 from modelzip_cli.context import Context, null_progress
-from modelzip_cli.data import Dataset
+from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.errors import UsageError
 from modelzip_cli.measure import device_of, evaluate, predict
 
@@ -85,6 +85,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | N
     gen = ctx.generator(seed_offset)
     net = distributed.wrap(model, device)  # forward and backward go through `net`; the weights are `model`'s
     params = [p for p in model.parameters() if p.requires_grad]
+    dtype = float_dtype(model)
     opt = _adamw(params, cfg)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
@@ -100,7 +101,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | N
             loss_sum, seen, parts_sum = torch.zeros((), device=device), 0, {}
             correct = torch.zeros((), dtype=torch.long, device=device)
             for x, y, idx, weight in _rank_batches(data, cfg.batch_size, gen):
-                x, idx = x.to(device, non_blocking=True), idx.to(device, non_blocking=True)
+                x = as_model_input(x, dtype).to(device, non_blocking=True)
+                idx = idx.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True) if y is not None else None
                 logits = net(x)
                 loss, parts = loss_fn(logits, y, idx)
@@ -120,7 +122,11 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *, ctx: Context | N
                     parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() * n
                 if y is not None and n:
                     correct += (logits.detach().argmax(1) == y).sum()
-            row = _epoch_row(epoch, loss_sum, correct, seen, parts_sum)
+            row = _epoch_row(epoch, loss_sum, correct, seen, parts_sum)  # summed over ranks: all agree
+            if not math.isfinite(row["loss"]):  # NaN never recovers: stop before the weights are saved
+                raise UsageError(f"{description}: the training loss became non-finite in epoch {epoch + 1} "
+                                 f"(learning rate {cfg.lr:g}); nothing was written",
+                                 hint="lower the learning rate (--lr)")
             if val is not None:
                 row.update(_validate(model, val))  # the bare module: DDP's forward would sync buffers
             history.append(row)

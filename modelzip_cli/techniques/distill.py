@@ -20,7 +20,7 @@ from torch import nn
 
 from modelzip_cli.checkpoint import build_arch, load_checkpoint
 from modelzip_cli.context import Context
-from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.format import CHECKPOINT_SUFFIXES, Manifest
 from modelzip_cli.measure import count_parameters, evaluate
 from modelzip_cli.techniques.base import MethodConfig, Op, Result
@@ -81,7 +81,7 @@ def check_compatible(teacher: nn.Module, student: nn.Module, example: torch.Tens
             s_out = student.eval()(example)
         except Exception as exc:
             raise InputError(f"the student cannot take the teacher's inputs of shape {list(example.shape[1:])}: "
-                             f"{str(exc).splitlines()[0][:200]}", hint="check --student-kwargs") from None
+                             f"{first_line(exc, 200)}", hint="check --student-kwargs") from None
     if s_out.shape != t_out.shape:
         raise InputError(f"the student outputs {list(s_out.shape[1:])} but the teacher {list(t_out.shape[1:])}",
                          hint="give the student as many outputs as the teacher (num_classes)")

@@ -24,6 +24,7 @@ from torch import nn
 from modelzip_cli import int8
 from modelzip_cli.context import Context
 from modelzip_cli.edits import WeightOnlyLinear, replace_module
+from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import predict, sqnr_db
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
@@ -95,6 +96,8 @@ QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig
 
 def plan(model: nn.Module, cfg: QuantizeConfig, example: torch.Tensor | None) -> list[str]:
     """Names of the modules this config would quantize (for `chain --dry-run`)."""
+    if isinstance(cfg, WeightOnlyConfig):
+        return _weight_only_names(model, cfg)[0]
     return _names(model, cfg, *_types(cfg))
 
 
@@ -152,8 +155,15 @@ def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Mod
     return (*_converted(prepared.eval(), names, True, "minmax (moving average)", _reduced(cfg)), history)
 
 
-def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> tuple[nn.Module, list, list]:
+def _weight_only_names(model: nn.Module, cfg: WeightOnlyConfig) -> tuple[list[str], list[str]]:
+    """The Linears to quantize, and the zero-width ones left alone (no weight to quantize)."""
     names = _names(model, cfg, *_types(cfg))
+    empty = [n for n in names if 0 in model.get_submodule(n).weight.shape]
+    return [n for n in names if n not in empty], empty
+
+
+def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> tuple[nn.Module, list, list]:
+    names, _ = _weight_only_names(model, cfg)
     for name in names:
         replace_module(model, name, WeightOnlyLinear.from_float(model.get_submodule(name), cfg.bits, cfg.group_size))
     return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
@@ -212,6 +222,8 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         quantized, edits, history = QUANTIZERS[type(cfg)](model, cfg, ctx)
         quantized.eval()
         notes = [NOTES[cfg.method]]
+        if isinstance(cfg, WeightOnlyConfig) and (empty := _weight_only_names(reference, cfg)[1]):
+            notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
         selected = set(edits[0]["modules"])
         still_float = [n for n in _names(reference, cfg, *_types(cfg)) if n not in selected]
         if still_float:
@@ -221,9 +233,12 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
             notes.append(f"left in float (the plain int8 runtime has no recurrent kernel): {', '.join(recurrent)}")
         after: dict = {}
         x, note = _probe_inputs(ctx)
-        notes.append(note)
         if x is not None:
-            after["sqnr_db"] = round(sqnr_db(predict(reference, x), predict(quantized, x)), 3)
+            try:  # a measurement: it never fails the step
+                after["sqnr_db"] = round(sqnr_db(predict(reference, x), predict(quantized, x)), 3)
+            except Exception as exc:
+                note = f"SQNR not measured: the probe could not run ({first_line(exc, 200)})"
+        notes.append(note)
         if int8.modules_of(quantized):
             notes.append(_backend_note(quantized, backend, (1, 256)))
     if history:
