@@ -65,7 +65,7 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep:
         raise UsageError(f"{where} is not a table of options")
     values = {str(k).replace("-", "_"): v for k, v in item.items()}
     op = values.pop("op", None)
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise UsageError(f"{where}: unknown op {op!r}", hint="use one of " + ", ".join(OPS))
     where = f"step {index} ({op})"
     files = {}

@@ -15,9 +15,9 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class Loaded:
     path: Path | None = None
     source: str = "modelzip"  # modelzip | state-dict | pickled-module
     encoded: Encoded | None = None  # the model's state encoded, once a step has changed it (runner)
+    notes: list[str] = field(default_factory=list)  # what loading changed, for the report's warnings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,6 +315,21 @@ def rebuild(manifest: Manifest, state: dict[str, Any], *, trusted: bool, where: 
     return model
 
 
+def one_float_dtype(model: nn.Module, where: str) -> str | None:
+    """A model whose float tensors mix dtypes cannot run (a float64 bias beside float32 weights): cast them
+    all to the dtype that holds most values. Returns a note saying so, or None."""
+    counts: Counter = Counter()
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            counts[t.dtype] += t.numel()
+    if len(counts) <= 1:
+        return None
+    dtype = counts.most_common(1)[0][0]
+    model.to(dtype)
+    mixed = ", ".join(str(d).removeprefix("torch.") for d in counts)
+    return f"{where} mixes float dtypes ({mixed}): loaded as {str(dtype).removeprefix('torch.')}"
+
+
 def check_finite(model: nn.Module, where: str) -> None:
     """Non-finite weights make every technique fail or write garbage: refuse them, naming the tensors."""
     bad = [name for name, t in model.state_dict().items()
@@ -398,12 +414,13 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         model = rebuild(manifest, tensors, trusted=True, where=where, kwargs_label="--arch-kwargs")
         source = "state-dict"
     check_finite(model, where)
+    note = one_float_dtype(model, where)
     if input_shape is not None:
         manifest.input_shape = list(input_shape)
     if input_dtype is not None:
         manifest.input_dtype = input_dtype
     model.eval()
-    return Loaded(model=model, manifest=manifest, path=path, source=source)
+    return Loaded(model=model, manifest=manifest, path=path, source=source, notes=[note] if note else [])
 
 
 def _load_hf_dir(path: Path, *, task: str | None, output_key: str | None, input_shape: list[int] | None,

@@ -16,7 +16,7 @@ def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
     loaded = load_input(path, opts)
     # a classifier is evaluated on labels; a model of embeddings or token outputs on its inputs alone
     data = load_dataset(data_path, loaded, require_targets=outputs_class_logits(loaded.model))
-    report = Report(command="eval")
+    report = Report(command="eval", warnings=list(loaded.notes))
     report.input = file_info(path, count_parameters(loaded.model))
     report.metrics[str(path)] = model_metrics(loaded.model, data, batch_n=batch_n, threads=opts.threads,
                                               size_bytes=report.input["bytes"], device=device)

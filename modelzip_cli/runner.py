@@ -207,7 +207,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             prepare(loaded, ctx)  # load and check the technique's own data before any work
         if ctx.example_input is None and loaded.manifest.input_shape:
             ctx.example_input = loaded.manifest.example_input()
-        report = Report(command=command)
+        report = Report(command=command, warnings=list(loaded.notes))
         report.input = file_info(input_path, count_parameters(loaded.model))
         reference = None
         if eval_data is not None and distributed.is_main():
