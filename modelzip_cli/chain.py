@@ -130,6 +130,7 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
     Each technique answers for itself (`Op.plan`), with the same selection code it runs with."""
     from torch import nn
 
+    from modelzip_cli.data import as_model_input, float_dtype
     from modelzip_cli.techniques.distill import load_student
     from modelzip_cli.techniques.select import WEIGHTED
 
@@ -141,7 +142,7 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
                          f"{step.config.student} ({sum(p.numel() for p in model.parameters()):,} parameters)"],
                          "skip": []})
             continue
-        example = manifest.example_input() if manifest.input_shape else None
+        example = as_model_input(manifest.example_input(), float_dtype(model)) if manifest.input_shape else None
         touch = OPS[step.op].plan(model, step.config, example)
         skip = [n for n, m in model.named_modules()
                 if n and isinstance(m, (*WEIGHTED, nn.LSTM, nn.GRU)) and n not in touch]
@@ -153,11 +154,13 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
     """The plan as a report (one schema for every command): each step's selected and skipped modules."""
     from modelzip_cli.measure import count_parameters
     from modelzip_cli.report import Report, Step, file_info
-    from modelzip_cli.runner import load_input
+    from modelzip_cli.runner import check_example, load_input
 
     loaded = load_input(input_path, opts)
+    if loaded.manifest.input_shape:
+        check_example(loaded, loaded.manifest.example_input())
     report = Report(command="chain", input=file_info(input_path, count_parameters(loaded.model)),
-                    summary={"dry_run": True})
+                    summary={"dry_run": True}, warnings=list(loaded.notes))
     for step, row in zip(steps, plan(steps, loaded), strict=True):
         report.steps.append(Step(
             op=step.op, config={"step": step.index, **step.config.to_dict()},

@@ -182,7 +182,7 @@ def read_torch(path: Path, *, trust_code: bool, mmap: bool = False) -> Any:
             raise UntrustedCodeError(
                 f"{path} holds pickled Python objects, and loading them would run code",
                 hint="pass --trust-code only if you trust where the file came from") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # a corrupt archive or pickle stream fails in many ways (EOFError, IndexError, …)
         raise InputError(f"{path}: not a readable torch file ({first_line(exc)})",
                          hint="the file may be truncated or corrupt") from None
     try:

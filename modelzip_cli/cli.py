@@ -521,6 +521,11 @@ def _route_warnings(fallback):
     return show
 
 
+def _one_line(text: str) -> str:
+    """Control characters a file put into a message (a forged name, say) are escaped: one line stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _parse_error_line(exc: typer.TyperException) -> str:
     """Typer's parse errors as one line: the message, and where the command's help is."""
     text = " ".join(exc.format_message().split())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,8 +133,8 @@ def check_fits(model: nn.Module, data: Dataset, input_shape: list[int] | None = 
     if input_shape and data.inputs.is_floating_point() and list(input_shape[1:]) != feature:
         raise InputError(f"data file {data.path}: samples of shape {feature} do not fit the model, "
                          f"which takes {list(input_shape[1:])}", hint="pass data made for this model")
-    try:
-        with torch.inference_mode():
+    try:  # (torch.fx modules print their own traceback when they fail: the error below is the one line)
+        with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
             out = model(as_model_input(data.inputs[:2], float_dtype(model)))
     except Exception as exc:
         raise InputError(f"data file {data.path}: samples of shape {feature} do not fit the model "

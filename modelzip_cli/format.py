@@ -183,7 +183,7 @@ class ManifestSchema(BaseModel):
     tool_version: str | None = None
     arch: str = Field(min_length=1)
     arch_kwargs: dict[str, Any] = {}
-    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=8)
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=2, max_length=8)  # (1, …)
     input_dtype: Literal["float", "long"] = "float"
     edits: list[EditRecord] = []
     encodings: dict[str, Annotated[BitmaskCodec | QTensorCodec | TupleCodec, Field(discriminator="codec")]] = {}

@@ -6,6 +6,8 @@ output checks, before/after figures, quality gates and report writing.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +18,9 @@ import torch
 from modelzip_cli import distributed
 from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context, null_progress
-from modelzip_cli.data import Dataset, check_fits, float_dtype, load_data
+from modelzip_cli.data import Dataset, as_model_input, check_fits, float_dtype, load_data
 from modelzip_cli.edits import to_dtype
-from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.files import Outputs, check_distinct, check_output
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.measure import (
@@ -110,6 +112,18 @@ def load_dataset(path: Path | None, loaded: Loaded, *, require_targets: bool = T
         loaded.manifest.input_shape = [1, *data.inputs.shape[1:]]
         loaded.manifest.input_dtype = "long" if tokens else "float"
     return data
+
+
+def check_example(loaded: Loaded, example: torch.Tensor) -> None:
+    """Techniques trace and probe the model on its example input: one that does not fit (a manifest's or
+    --input-shape's shape) is one line here, not a failure deep inside a technique."""
+    try:  # (torch.fx modules print their own traceback when they fail: the error below is the one line)
+        with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+            loaded.model(as_model_input(example, float_dtype(loaded.model)))
+    except Exception as exc:
+        raise InputError(f"{loaded.path or 'the model'} cannot run its example input of shape "
+                         f"{list(example.shape)} ({loaded.manifest.input_dtype}): {first_line(exc, 200)}",
+                         hint="give the input_shape the model takes with --input-shape (and --input-dtype)") from None
 
 
 def check_applicable(op: str, loaded: Loaded) -> None:
@@ -207,6 +221,8 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             prepare(loaded, ctx)  # load and check the technique's own data before any work
         if ctx.example_input is None and loaded.manifest.input_shape:
             ctx.example_input = loaded.manifest.example_input()
+        if ctx.example_input is not None:
+            check_example(loaded, ctx.example_input)
         report = Report(command=command, warnings=list(loaded.notes))
         report.input = file_info(input_path, count_parameters(loaded.model))
         reference = None
@@ -243,9 +259,9 @@ def check_runs(loaded: Loaded, command: str) -> None:
     the example input before saving."""
     if not loaded.manifest.input_shape:
         return
-    try:
-        with torch.inference_mode():
-            loaded.model.eval()(loaded.manifest.example_input(2))
+    try:  # (torch.fx modules print their own traceback when they fail: the error below is the one line)
+        with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+            loaded.model.eval()(as_model_input(loaded.manifest.example_input(2), float_dtype(loaded.model)))
     except Exception as exc:
         raise InputError(f"the {command} result cannot run its forward, so nothing was written: "
                          f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",

@@ -42,7 +42,11 @@ def serve(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything written to fd 1 from C code must not corrupt the channel
+    import torch
+
     from modelzip_cli.cli import run
+
+    torch.set_num_threads(1)  # many tiny cases: a second thread only adds contention
 
     for line in sys.stdin:
         req = json.loads(line)

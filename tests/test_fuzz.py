@@ -10,8 +10,6 @@ CI sees the examples checked here.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
 import shutil
@@ -85,8 +83,7 @@ def edit_path(root, path: tuple, action: str, value):
 class Corpus:
     """Real outputs of every technique, data files and recipes, made once per module."""
 
-    def __init__(self, folder: Path):
-        from modelzip_cli.cli import run
+    def __init__(self, folder: Path, worker: Worker):
         from modelzip_cli.data import load_data
         from modelzip_cli.zoo import MLP
 
@@ -111,9 +108,9 @@ class Corpus:
             path = folder / name
             if argv is None:
                 shutil.copy(DIGITS_TEACHER, path)
-            else:
-                with contextlib.redirect_stderr(io.StringIO()) as err:
-                    assert run([*argv, "-o", str(path), "-q"]) == 0, err.getvalue()
+            else:  # made by the worker, which has torch loaded already and runs single-threaded
+                res = worker.call([*argv, "-o", str(path), "-q"])
+                assert res["code"] == 0, res["stderr"]
             tensors, text = read_checkpoint(path)
             manifest = json.loads(text)
             self.models[name] = Source(path, path.read_bytes(), manifest, sorted(tensors), json_paths(manifest))
@@ -166,15 +163,15 @@ def write_data(path: Path, arrays: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Corpus:
-    return Corpus(tmp_path_factory.mktemp("fuzz"))
-
-
-@pytest.fixture(scope="module")
 def worker():
     w = Worker(timeout=120)
     yield w
     w.close()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, worker) -> Corpus:
+    return Corpus(tmp_path_factory.mktemp("fuzz"), worker)
 
 
 def check(res: dict, what: str) -> None:
