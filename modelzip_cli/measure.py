@@ -154,8 +154,11 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def cpu_only(model: nn.Module) -> bool:
-    """torch.ao's quantized int8 modules have CPU kernels only."""
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+    """Whether the model holds int8 modules, whose kernels are chosen for, and measured on, CPUs only:
+    modelzip's plain-int8 modules (int8.py: the kernel choice and its accelerators are CPU ones;
+    `torch._int_mm` on CUDA refuses small batches) and torch.ao's quantized modules."""
+    return any(type(m).__module__ == "modelzip_cli.int8" or type(m).__module__.startswith("torch.ao.nn.quantized")
+               for m in model.modules())
 
 
 @torch.inference_mode()

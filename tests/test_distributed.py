@@ -21,7 +21,7 @@ from torch import nn
 from modelzip_cli import distributed
 from modelzip_cli.checkpoint import load_checkpoint
 from modelzip_cli.data import Dataset, load_data
-from modelzip_cli.measure import evaluate
+from modelzip_cli.measure import cpu_only, evaluate
 from modelzip_cli.train import _rank_batches
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, ROOT, one_line_error, validate_report
@@ -260,3 +260,10 @@ def test_device_auto_and_the_report_record_where_it_ran(cli):
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert r.json["runtime"] == {"device": expected, "world_size": 1, "backend": None}
     assert next(iter(r.json["metrics"].values()))["latency_ms"]["device"] == expected
+
+
+def test_int8_models_are_measured_on_cpu_whatever_the_device(cli, tmp_path):
+    out = tmp_path / "q.safetensors"
+    assert cli("quantize", DIGITS_TEACHER, "--method", "dynamic", "-o", out, "-q").code == 0
+    assert cpu_only(load_checkpoint(out).model)
+    assert not cpu_only(load_checkpoint(DIGITS_TEACHER).model)
