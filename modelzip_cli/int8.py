@@ -472,7 +472,8 @@ class _FakeQuant:
     scheme = "int8 fake-quant (QAT)"
     observer: MinMaxObserver
 
-    def _setup(self, ema: float, reduced: bool) -> None:
+    def __init__(self, *args, ema: float = 0.01, reduced: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)  # the torch layer's own constructor, next in the MRO
         self.observer = MinMaxObserver(ema=ema, reduced=reduced)
         self.observe = True  # False freezes the input range (the last fine-tuning epochs)
 
@@ -502,30 +503,21 @@ class _FakeQuant:
 
 
 class FakeQuantLinear(_FakeQuant, nn.Linear):
-    def __init__(self, *args, ema: float = 0.01, reduced: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(ema, reduced)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
 
 
-class FakeQuantConv1d(_FakeQuant, nn.Conv1d):
-    def __init__(self, *args, ema: float = 0.01, reduced: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(ema, reduced)
-
+class _FakeQuantConv(_FakeQuant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
 
 
-class FakeQuantConv2d(_FakeQuant, nn.Conv2d):
-    def __init__(self, *args, ema: float = 0.01, reduced: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup(ema, reduced)
+class FakeQuantConv1d(_FakeQuantConv, nn.Conv1d):
+    pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(_fake_quant_input(self, x), fake_quant_weight(self.weight), self.bias)
+
+class FakeQuantConv2d(_FakeQuantConv, nn.Conv2d):
+    pass
 
 
 FAKE_QUANT = {nn.Linear: FakeQuantLinear, nn.Conv1d: FakeQuantConv1d, nn.Conv2d: FakeQuantConv2d}
