@@ -218,6 +218,11 @@ class _Int8Weighted(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.float_params()[0]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float32 weight, for model code that reads a layer's `.weight` (its dtype, its shape)."""
+        return self.float_params()[0]
+
     def accelerated(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The accelerated kernel for a call on `rows` rows, or None to run the plain kernels."""
         if _backend == "plain":
@@ -546,15 +551,12 @@ def _fake_quant_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # Whole-model transforms: module names in, the same model (changed in place) out
 
 
-class Observed(nn.Module):
-    """A float layer with an observer on its input, for calibration before `convert`."""
+OBSERVER = "int8_observer"  # the attribute prepare_static gives each layer it calibrates
 
-    def __init__(self, module: nn.Module, observer: nn.Module):
-        super().__init__()
-        self.module, self.observer = module, observer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(self.observer(x))
+def _observe_input(layer: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: the layer stays itself (model code may read its .weight or .stride), its input is seen."""
+    getattr(layer, OBSERVER)(args[0])
 
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -589,7 +591,8 @@ def prepare_static(model: nn.Module, names: list[str], observer: str = "minmax",
         layer = _layer(model, name, QUANTIZABLE)
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
             check_conv(layer)
-        _replace(model, name, Observed(layer, OBSERVERS[observer](reduced=reduced)))
+        setattr(layer, OBSERVER, OBSERVERS[observer](reduced=reduced))
+        layer._int8_hook = layer.register_forward_pre_hook(_observe_input)
     return model
 
 
@@ -621,23 +624,26 @@ def _qat_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def convert(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Observed and fake-quant layers → static int8 layers. Returns the model and the names of the layers
-    that saw no data (left in float: they have no input range)."""
+    """Observed (prepare_static) and fake-quant (prepare_qat) layers → static int8 layers. Returns the model and
+    the names of the layers that saw no data (left in float: they have no input range)."""
     unseen = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, Observed):
-            layer, weight = m.module, None
+        if hasattr(m, OBSERVER):
+            observer = getattr(m, OBSERVER)
+            m._int8_hook.remove()
+            del m._int8_hook, m._modules[OBSERVER]
+            layer, weight = m, None
         elif isinstance(m, _FakeQuant):
-            layer, weight = m.float_twin(), _qat_weight(m.weight)
+            observer, layer, weight = m.observer, m.float_twin(), _qat_weight(m.weight)
         else:
             continue
-        if not m.observer.seen():
+        if not observer.seen():
             unseen.append(name)
             _replace(model, name, layer)
             continue
-        scale, zp = m.observer.qparams()
+        scale, zp = observer.qparams()
         cls = StaticInt8Linear if isinstance(layer, nn.Linear) else StaticInt8Conv
-        _replace(model, name, cls.from_float(layer, scale, zp, weight, m.observer.reduced))
+        _replace(model, name, cls.from_float(layer, scale, zp, weight, observer.reduced))
     return model, unseen
 
 
