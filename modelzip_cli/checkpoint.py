@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from modelzip_cli import legacy
-from modelzip_cli.edits import META_SAFE_EDITS, replay_edits, validated_edits
+from modelzip_cli.edits import META_SAFE_EDITS, replay_edits, to_dtype, validated_edits
 from modelzip_cli.errors import (
     CodeRanWarning,
     InputError,
@@ -317,15 +317,18 @@ def rebuild(manifest: Manifest, state: dict[str, Any], *, trusted: bool, where: 
 
 def one_float_dtype(model: nn.Module, where: str) -> str | None:
     """A model whose float tensors mix dtypes cannot run (a float64 bias beside float32 weights): cast them
-    all to the dtype that holds most values. Returns a note saying so, or None."""
+    all to the dtype that holds most values. Quantized modules' scales are float32 whatever the model's dtype,
+    and do not count. Returns a note saying so, or None."""
     counts: Counter = Counter()
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if t.is_floating_point():
-            counts[t.dtype] += t.numel()
+    for m in model.modules():
+        scales = callable(getattr(m, "logical_weights", None))  # modelzip's int8 and weight-only modules
+        for t in itertools.chain(m.parameters(recurse=False), () if scales else m.buffers(recurse=False)):
+            if t.is_floating_point():
+                counts[t.dtype] += t.numel()
     if len(counts) <= 1:
         return None
     dtype = counts.most_common(1)[0][0]
-    model.to(dtype)
+    to_dtype(model, dtype)
     mixed = ", ".join(str(d).removeprefix("torch.") for d in counts)
     return f"{where} mixes float dtypes ({mixed}): loaded as {str(dtype).removeprefix('torch.')}"
 

@@ -36,8 +36,6 @@ COMMANDS = {
                 DIGITS_TRAIN, "--epochs", "2"],
     "chain": ["chain", "--recipe", "RECIPE", "--data", DIGITS_TRAIN],
 }
-# torch.ao's int8 kernels take and give float32: their outputs have no float parameters of the input's dtype.
-INT8_KERNELS = {"quantize-dynamic", "quantize-static", "quantize-qat"}
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +73,8 @@ def test_half_precision_through_every_technique(cli, tmp_path, teachers, command
         assert r.code == 0, f"{name}: {r.stderr}"
         model = load_model(out)
         results[name] = accuracy(model)
-        if command not in INT8_KERNELS:
-            kept = {p.dtype for p in model.parameters() if p.is_floating_point()}
-            assert kept == {DTYPES[name]}, f"{name}: parameters in {kept}"
+        kept = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        assert kept == {DTYPES[name]}, f"{name}: parameters in {kept}"
         assert json.loads(r.stdout)["output"]["path"] == str(out)
     assert results["fp32"] >= 0.8, results
     for name, points in TOLERANCE_POINTS.items():

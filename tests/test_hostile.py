@@ -83,13 +83,11 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
         "weight-only": ["quantize", DIGITS_TEACHER, "--method", "weight-only", "--bits", "4", "--group-size", "16"],
         "lowrank": ["lowrank", DIGITS_TEACHER, "--rank-ratio", "0.25"],
     }
-    paths = {}
+    paths = {"v1-dynamic": ROOT / "tests" / "fixtures" / "v1" / "digits_dynamic.safetensors"}  # format 1
     for name, argv in made.items():
         paths[name] = d / f"{name}.safetensors"
         with contextlib.redirect_stderr(io.StringIO()) as err:
             assert run([str(a) for a in argv] + ["-o", str(paths[name]), "-q"]) == 0, err.getvalue()
-    # torch.ao's quantized tensors (a "qtensor" encoding with a scale) live on in the first wave's files only
-    paths["dynamic-v1"] = Path(__file__).parent / "fixtures" / "v1" / "digits_dynamic.safetensors"
     return paths
 
 
@@ -333,8 +331,7 @@ def test_float_dtypes_work_in_every_command_and_keep_their_dtype(cli, tmp_path, 
     e = cli("eval", out, "--data", DIGITS_TEST, "--json", "-q")
     assert e.code == 0, e.stderr
     assert e.json["metrics"][str(out)]["accuracy"] >= 0.9
-    if command[0] != "quantize":  # int8 kernels compute in float32; every float model keeps its dtype
-        assert {p.dtype for p in load_model(out).parameters()} == {DTYPES[dtype]}
+    assert {p.dtype for p in load_model(out).parameters()} == {DTYPES[dtype]}
 
 
 def test_raw_bf16_state_dict_prunes(cli, tmp_path, float_teachers):
@@ -527,7 +524,9 @@ FORGED = {
     "unknown dtype": ("pruned", {"manifest": _encoding("bitmask", "dtype", "float7")}, "dtype"),
     "missing values tensor": ("pruned", {"tensors": _values(None)}, "values"),
     "short values tensor": ("pruned", {"tensors": _values(lambda v: v[:-5])}, "values"),
-    "string scale": ("dynamic-v1", {"manifest": _encoding("qtensor", "scale", "big")}, "scale"),
+    "string scale": ("v1-dynamic", {"manifest": _encoding("qtensor", "scale", "big")}, "scale"),
+    "unknown activations": ("dynamic", {"manifest": _first_edit(lambda e: e.update(activations="per-row"))},
+                            "activations"),
     "encodings a list": ("pruned", {"manifest": _set("encodings", [])}, "encodings"),
     "constants a string": ("dynamic", {"manifest": _set("constants", "x")}, "constants"),
     "input shape a string": ("structured", {"manifest": _set("input_shape", "1,64")}, "input_shape"),
