@@ -21,10 +21,12 @@ import typer
 from modelzip_cli.errors import (
     INTERNAL_ERROR,
     CodeRanWarning,
+    InputError,
     Interrupted,
     ModelzipError,
     UsageError,
     exit_code_for,
+    first_line,
 )
 from modelzip_cli.version import __version__
 
@@ -347,9 +349,12 @@ def lowrank(
 @command(TRANSFORM_OPTIONS)
 def distill(
     teacher: Input,
-    student: Annotated[str, typer.Option("--student", help="zoo:NAME / pkg.mod:fn, or a checkpoint to start from")],
     data: Annotated[Path, typer.Option("--data", help="training data")],
+    student: Annotated[str | None, typer.Option("--student", help="zoo:NAME / pkg.mod:fn, a checkpoint or Hugging "
+                                                "Face directory (hf:DIR) to start from")] = None,
     student_kwargs: Annotated[str | None, typer.Option("--student-kwargs", help="JSON kwargs of the student")] = None,
+    student_config: Annotated[Path | None, typer.Option("--student-config", help="a Hugging Face config.json: a "
+                                                        "fresh student of the teacher's task")] = None,
     val_data: Annotated[Path | None, typer.Option("--val-data", help="validation data (early stopping)")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="training epochs (default 20)")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="softmax temperature T "
@@ -364,9 +369,10 @@ def distill(
     *, shared,
 ) -> None:
     """Train a small student to match the teacher: alpha·T²·KL + (1−alpha)·CE."""
-    from modelzip_cli.techniques.distill import is_checkpoint_path
+    from modelzip_cli.techniques.distill import hf_student_dir, is_checkpoint_path
 
-    values = given(student=student, student_kwargs=parse_json_object(student_kwargs, "--student-kwargs"),
+    student, kwargs = student_from(student, parse_json_object(student_kwargs, "--student-kwargs"), student_config)
+    values = given(student=student, student_kwargs=kwargs,
                    epochs=epochs, temperature=temperature, alpha=alpha, lr=lr, batch_size=batch_size,
                    patience=patience, baseline=baseline or None)
     if plot is not None:
@@ -375,13 +381,34 @@ def distill(
 
         require_matplotlib()
         check_output(plot, inputs=[teacher], force=shared.force, suffixes=(".png",))
-    student_path = (Path(student),) if is_checkpoint_path(student) else ()
+    student_path = (hf_student_dir(student),) if is_checkpoint_path(student) or student != "hf:" and \
+        hf_student_dir(student).is_dir() else ()
     report = technique("distill", None, teacher, shared, values, files={"data": data, "val_data": val_data},
                        extra_inputs=student_path, trusted_refs=frozenset({student}))
     if plot is not None and report is not None:  # None: a torchrun rank other than 0
         from modelzip_cli.plot import plot_history
 
         plot_history(report.steps[0].after, plot)
+
+
+def student_from(student: str | None, kwargs: dict | None, config: Path | None) -> tuple[str, dict | None]:
+    """--student, or --student-config (a Hugging Face config.json, read here) as `hf:` with that config."""
+    if (student is None) == (config is None):
+        raise UsageError("distill needs exactly one of --student and --student-config")
+    if config is None:
+        return student, kwargs
+    import json
+
+    if kwargs:
+        raise UsageError("--student-kwargs and --student-config do not go together", hint="put it all in the config")
+    path = config / "config.json" if config.is_dir() else config
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--student-config {config} is not a readable JSON file ({first_line(exc, 120)})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise InputError(f"--student-config {config} is not a transformers config (no model_type)")
+    return "hf:", {"config": cfg}
 
 
 @command(TRANSFORM_OPTIONS)

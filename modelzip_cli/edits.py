@@ -33,8 +33,8 @@ EDIT_SCHEMAS: dict[str, type[BaseModel]] = {}
 
 # Every replay only builds modules (Torch-Pruning traces shapes only): the model a manifest describes is built
 # on the meta device and checked against the stored tensors without allocating anything.
-META_SAFE_EDITS = {"prune_magnitude", "prune_structured", "lowrank", "quantize_weight_only", "quantize_dynamic",
-                   "quantize_static"}
+META_SAFE_EDITS = {"prune_magnitude", "prune_structured", "prune_heads", "lowrank", "quantize_weight_only",
+                   "quantize_dynamic", "quantize_static"}
 
 
 class EditSchema(BaseModel):
@@ -169,6 +169,104 @@ def _replay_structured(model: nn.Module, edit: dict, manifest: Manifest) -> nn.M
     graph = dependency_graph(model, manifest.example_input().to(device))
     with quiet_pruning():
         graph.load_pruning_history([tuple(h) for h in edit["history"]])
+    return model
+
+
+# Attention heads: q, k and v lose the same heads' output rows, the output projection the matching input
+# columns. Found by names and shapes (the q/k/v Linears of one module, and the first Linear run after v that
+# reads their width), so any family with separate projections works; fused or grouped projections are left.
+
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
+HEAD_COUNT_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
+
+
+def attention_blocks(model: nn.Module, example: torch.Tensor) -> tuple[list[dict], list[str]]:
+    """The attention modules whose heads can be removed — `{"q", "k", "v", "o", "head_size"}` (qualified
+    names) — and a note for each attention module found but left (fused or grouped projections)."""
+    order: list[str] = []
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    blocks, notes = [], []
+    for name, m in model.named_modules():
+        names = next((t for t in QKV_NAMES if all(isinstance(getattr(m, c, None), nn.Linear) for c in t)), None)
+        if names is None:
+            continue
+        q, k, v = (f"{name}.{c}" if name else c for c in names)
+        head_size = getattr(m, "attention_head_size", None) or getattr(m, "head_dim", None)
+        widths = {linears[x].out_features for x in (q, k, v)}
+        if not isinstance(head_size, int) or len(widths) != 1 or next(iter(widths)) % head_size:
+            notes.append(f"{name}: attention with grouped or unequal q/k/v widths left as it was")
+            continue
+        width = widths.pop()
+        after = order[order.index(v) + 1:] if v in order else []
+        o = next((x for x in after if x not in (q, k, v) and linears[x].in_features == width), None)
+        if o is None:
+            notes.append(f"{name}: no output projection found after {v}; its heads left as they were")
+            continue
+        blocks.append({"q": q, "k": k, "v": v, "o": o, "head_size": head_size})
+    return blocks, notes
+
+
+def head_channels(heads: list[int], head_size: int) -> list[int]:
+    return [h * head_size + i for h in heads for i in range(head_size)]
+
+
+def remove_heads(model: nn.Module, block: dict, heads: list[int]) -> None:
+    """Remove `heads` (indices among the block's current heads) from q, k, v and the output projection, and
+    lower the attention module's head count where it keeps one."""
+    import torch_pruning as tp
+
+    idxs = head_channels(sorted(heads), block["head_size"])
+    with quiet_pruning():
+        for x in ("q", "k", "v"):
+            tp.prune_linear_out_channels(model.get_submodule(block[x]), idxs)
+        tp.prune_linear_in_channels(model.get_submodule(block["o"]), idxs)
+    attn = model.get_submodule(block["q"].rpartition(".")[0]) if "." in block["q"] else model
+    for attr in HEAD_COUNT_ATTRS:
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, getattr(attn, attr) - len(heads))
+    if isinstance(getattr(attn, "all_head_size", None), int):
+        attn.all_head_size -= len(idxs)
+
+
+class HeadsEdit(EditSchema):
+    ratio: float = Field(ge=0, lt=1)
+    # every row: [q, k, v, o (qualified names), head size, [heads removed, indices among the heads then]]
+    blocks: list[list[Any]]
+
+    @field_validator("blocks")
+    @classmethod
+    def _rows(cls, rows: list[list[Any]]) -> list[list[Any]]:
+        for row in rows:
+            if not (len(row) == 6 and all(isinstance(x, str) for x in row[:4]) and type(row[4]) is int
+                    and row[4] >= 1 and isinstance(row[5], list) and all(type(h) is int and h >= 0 for h in row[5])
+                    and len(set(row[5])) == len(row[5])):
+                raise ValueError("each row must be [q, k, v, o, head size ≥ 1, [distinct head indices ≥ 0]]")
+        return rows
+
+
+def heads_row(block: dict, heads: list[int]) -> list:
+    return [block["q"], block["k"], block["v"], block["o"], block["head_size"], sorted(heads)]
+
+
+@register_edit("prune_heads", HeadsEdit)
+def _replay_heads(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    for q, k, v, o, head_size, heads in edit["blocks"]:
+        projections = [submodule(model, x, (nn.Linear,), "Linear") for x in (q, k, v)]
+        out = submodule(model, o, (nn.Linear,), "Linear")
+        width = projections[0].out_features
+        if {p.out_features for p in projections} != {width} or out.in_features != width or width % head_size:
+            raise InputError(f"{q}, {k}, {v} and {o} do not form attention heads of size {head_size}", hint=CORRUPT)
+        if heads and (max(heads) >= width // head_size or len(heads) >= width // head_size):
+            raise InputError(f"the edit removes heads {heads} of {q.rpartition('.')[0] or q}, which has "
+                             f"{width // head_size}", hint=CORRUPT)
+        remove_heads(model, {"q": q, "k": k, "v": v, "o": o, "head_size": head_size}, heads)
     return model
 
 

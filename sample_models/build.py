@@ -1,7 +1,9 @@
 """Rebuild the sample data and models deterministically: `make samples`.
 
 Data: the UCI optical digits that scikit-learn ships, and MNIST-1D generated offline by the `mnist1d`
-package. Models: trained here with modelzip's own training loop and saved as modelzip checkpoints.
+package. Models: trained here with modelzip's own training loop and saved as modelzip checkpoints; and
+`mobilenet_v2_digits/`, a transformers MobileNetV2 (depthwise convolutions, BatchNorm, ReLU6) trained on the
+digits as 32×32 RGB images (digit_images.py) and saved as a Hugging Face directory, as users have them.
 """
 
 from __future__ import annotations
@@ -61,6 +63,35 @@ MODELS = {
 }
 
 
+HF_MODELS = {
+    # name: (transformers config class, config, training config)
+    "mobilenet_v2_digits": ("MobileNetV2Config", {"depth_multiplier": 0.35, "min_depth": 8, "image_size": 32,
+                                                  "num_labels": 10}, TrainConfig(epochs=15, lr=3e-3, batch_size=64)),
+}
+
+
+def train_hf_model(name: str) -> dict:
+    import tempfile
+
+    import transformers
+
+    from modelzip_cli.hf import HFModel
+    from sample_models import digit_images
+
+    config_class, config, cfg = HF_MODELS[name]
+    torch.manual_seed(SEED)
+    net = transformers.MobileNetV2ForImageClassification(getattr(transformers, config_class)(**config))
+    model = HFModel(net, task="image-classification")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_data = load_data(digit_images.write("train", Path(tmp) / "train.safetensors"))
+        test_data = load_data(digit_images.write("test", Path(tmp) / "test.safetensors"))
+        train(model, train_data, cfg, ctx=Context(seed=SEED), description=name)
+        acc = evaluate(model, test_data)["accuracy"]
+    net.save_pretrained(HERE / name)
+    return {"arch": f"transformers {config_class}", "kwargs": config, "parameters": count_parameters(model),
+            "test_accuracy": round(acc, 4), "train": cfg.to_dict()}
+
+
 def train_model(name: str) -> dict:
     arch, kwargs, prefix, cfg = MODELS[name]
     torch.manual_seed(SEED)
@@ -76,11 +107,13 @@ def train_model(name: str) -> dict:
 
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)  # one thread: bit-for-bit the same weights on any machine of this kind
-    make_digits()
-    make_mnist1d()
+    if not names or any(name in MODELS for name in names):  # the HF models read the committed digits
+        make_digits()
+        make_mnist1d()
     record = HERE / "accuracies.json"
     results = json.loads(record.read_text()) if record.exists() else {}
-    results.update({name: train_model(name) for name in (names or MODELS)})
+    results.update({name: train_model(name) for name in (names or MODELS) if name in MODELS})
+    results.update({name: train_hf_model(name) for name in (names or HF_MODELS) if name in HF_MODELS})
     for name, r in results.items():
         print(f"{name}: {r['arch']} {r['parameters']:,} params, test accuracy {r['test_accuracy']:.4f}")
     record.write_text(json.dumps(results, indent=2) + "\n")

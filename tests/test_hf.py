@@ -39,7 +39,13 @@ TECHNIQUES = {
     "weight-only-8": ["quantize", "--method", "weight-only"],
     "weight-only-4": ["quantize", "--method", "weight-only", "--bits", "4"],
     "static": ["quantize", "--method", "static", "--calib-data", "{data}"],
+    "qat": ["quantize", "--method", "qat", "--data", "{data}", "--epochs", "1"],
+    "gradual": ["prune", "--method", "gradual", "--granularity", "structured", "--ratio", "0.5", "--steps", "2",
+                "--data", "{data}", "--finetune-epochs", "1"],
+    "distill": ["distill", "--student-config", "{student}", "--data", "{data}", "--alpha", "1", "--epochs", "1"],
 }
+STUDENT_DEPTH = {"bert": "num_hidden_layers", "gpt2": "n_layer", "vit": "num_hidden_layers", "distilbert": "n_layers",
+                 "resnet": "depths", "mobilenet_v2": "depth_multiplier"}  # what the one-size-smaller student changes
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +66,10 @@ def hf_dirs(tmp_path_factory):
     for name, (auto, model_type, config, _) in FAMILIES.items():
         model = getattr(transformers, auto).from_config(transformers.AutoConfig.for_model(model_type, **config))
         model.save_pretrained(root / name)
+        key = STUDENT_DEPTH[name]
+        smaller = {**config, key: [1, 1] if key == "depths" else 0.125 if key == "depth_multiplier" else 1}
+        student = transformers.AutoConfig.for_model(model_type, **smaller).to_dict()
+        (root / f"{name}-student.json").write_text(json.dumps(student))
     return root
 
 
@@ -70,7 +80,7 @@ RESULTS: dict[str, tuple] = {}  # output file → (data file, outputs in this pr
 @pytest.mark.parametrize("technique", list(TECHNIQUES))
 def test_every_technique_on_every_family(cli, hf_dirs, family, technique):
     data = hf_dirs / f"{FAMILIES[family][3]}.safetensors"
-    args = [a.format(data=data) for a in TECHNIQUES[technique]]
+    args = [a.format(data=data, student=hf_dirs / f"{family}-student.json") for a in TECHNIQUES[technique]]
     out = hf_dirs / f"{family}-{technique}.safetensors"
     r = cli(args[0], hf_dirs / family, *args[1:], "-o", out, "--force", "-q")
     assert r.code in (0, 2), f"{family} {technique}: exit {r.code}: {r.stderr}"
@@ -169,3 +179,59 @@ def test_a_directory_without_weights_or_config_is_exit_2(cli, tmp_path):
     r = cli("prune", tmp_path / "m", "--ratio", "0.3", "-o", tmp_path / "o.safetensors")
     assert r.code == 2 and "config.json" in one_line_error(r)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+ATTENTION = {"bert": ("bert.encoder.layer.{}.attention.self", "query", "bert.encoder.layer.{}.intermediate.dense"),
+             "distilbert": ("transformer.layer.{}.attention", "q_lin", "transformer.layer.{}.ffn.lin1"),
+             "vit": ("vit.layers.{}.attention", "q_proj", "vit.layers.{}.mlp.fc1")}
+
+
+@pytest.mark.parametrize("family", list(ATTENTION))
+def test_structured_pruning_removes_whole_heads_and_ffn_units(cli, hf_dirs, tmp_path, family):
+    """Half the heads (q, k, v and the output projection together) and half the FFN units of every layer go;
+    the head size stays, the model runs on longer inputs than the example, and the file reloads."""
+    out = tmp_path / "s.safetensors"
+    data = hf_dirs / f"{FAMILIES[family][3]}.safetensors"
+    r = cli("prune", hf_dirs / family, "--method", "structured", "--ratio", "0.5", "--eval-data", data, "-o", out,
+            "-q", "--json")
+    assert r.code == 0, r.stderr
+    assert any("attention heads: 4 of 8 removed in 2" in n for n in r.json["steps"][0]["notes"])
+    before, after = load_model(hf_dirs / family), load_model(out)
+    attn, q, ffn = ATTENTION[family]
+    for layer in range(2):
+        a0, a1 = before.get_submodule(attn.format(layer)), after.get_submodule(attn.format(layer))
+        size = getattr(a0, "attention_head_size", None) or a0.head_dim
+        assert getattr(a1, q).out_features == getattr(a0, q).out_features // 2 == 2 * size
+        width = before.get_submodule(ffn.format(layer)).out_features
+        assert after.get_submodule(ffn.format(layer)).out_features == width // 2
+    if FAMILIES[family][3] != "images":  # a sequence longer than the example input's
+        with torch.inference_mode():
+            assert after(torch.randint(1, 100, (2, 40))).last_hidden_state.shape[:2] == (2, 40) if family != "bert" \
+                else after(torch.randint(1, 100, (2, 40))).logits.shape == (2, 3)
+
+
+def test_forged_head_edits_are_refused(cli, hf_dirs, tmp_path):
+    from .mutate import forge
+
+    src = tmp_path / "s.safetensors"
+    assert cli("prune", hf_dirs / "bert", "--method", "structured", "--ratio", "0.5", "-o", src, "-q").code == 0
+
+    def heads(change):
+        def edit(m):
+            change(next(e for e in m["edits"] if e["kind"] == "prune_heads")["blocks"])
+        return edit
+
+    forgeries = {
+        "every head": heads(lambda rows: rows[0][5].extend([2, 3])),
+        "head out of range": heads(lambda rows: rows[0][5].__setitem__(0, 9)),
+        "repeated head": heads(lambda rows: rows[0][5].__setitem__(1, rows[0][5][0])),
+        "wrong head size": heads(lambda rows: rows[0].__setitem__(4, 5)),
+        "not a Linear": heads(lambda rows: rows[0].__setitem__(3, "bert.encoder.layer.0.attention.output.LayerNorm")),
+        "no such module": heads(lambda rows: rows[0].__setitem__(0, "bert.nothing")),
+        "wrong types": heads(lambda rows: rows[0].__setitem__(4, "8")),
+    }
+    for what, change in forgeries.items():
+        bad = forge(src, tmp_path / f"{what}.safetensors", manifest=change)
+        r = cli("prune", bad, "--ratio", "0.1", "-o", tmp_path / "out.safetensors")
+        assert r.code == 2, (what, r.code, r.stderr)
+        assert "edit 1 (prune_heads)" in one_line_error(r) and not (tmp_path / "out.safetensors").exists(), what

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from modelzip_cli import hf
 from modelzip_cli.checkpoint import build_arch, load_checkpoint
 from modelzip_cli.context import Context
 from modelzip_cli.errors import InputError, UsageError, first_line
@@ -67,11 +68,42 @@ def load_student(cfg: DistillConfig, teacher_manifest: Manifest, seed: int,
         if loaded.manifest.is_quantized():
             raise InputError(f"student {cfg.student} is quantized and cannot be trained", hint="start from float")
         return loaded.model, loaded.manifest
+    ref, kwargs = hf_student(cfg, teacher_manifest)
+    if ref is None:
+        loaded = load_checkpoint(hf_student_dir(cfg.student), output_key=(kwargs or {}).get("output_key"))
+        return loaded.model, loaded.manifest
     torch.manual_seed(seed)
-    model = build_arch(cfg.student, cfg.student_kwargs, trusted=cfg.student in ctx.trusted_refs)
+    model = build_arch(ref, kwargs, trusted=ref.startswith("hf:") or cfg.student in ctx.trusted_refs)
     shape = teacher_manifest.input_shape
-    return model, Manifest(arch=cfg.student, arch_kwargs=dict(cfg.student_kwargs or {}), input_shape=shape,
+    return model, Manifest(arch=ref, arch_kwargs=dict(kwargs or {}), input_shape=shape,
                            input_dtype=teacher_manifest.input_dtype)
+
+
+def hf_student_dir(ref: str) -> Path:
+    return Path(ref[3:] if ref.startswith("hf:") else ref)
+
+
+def hf_student(cfg: DistillConfig, teacher: Manifest) -> tuple[str | None, dict | None]:
+    """The architecture and kwargs to build the student from, with the Hugging Face forms resolved:
+    `hf:DIR` or `DIR` (a model directory: its weights as the start, `None` returned for the architecture, or a
+    fresh model of its config.json when it has no weights) and `hf:` with `{"config": ...}` (--student-config)
+    take the teacher's task and compared output unless given."""
+    ref, kwargs = cfg.student, dict(cfg.student_kwargs or {})
+    if not (ref.startswith("hf:") or hf.is_model_dir(Path(ref))):
+        return ref, cfg.student_kwargs
+    same = {"output_key": teacher.arch_kwargs.get("output_key")} if teacher.arch.startswith("hf:") else {}
+    task = ref[3:] if ref[3:] in hf.TASKS else None
+    if hf.is_model_dir(hf_student_dir(ref)):
+        path = hf_student_dir(ref)
+        if any((path / name).is_file() for name in hf.WEIGHT_FILES):
+            return None, {**same, **kwargs}
+        kwargs["config"] = hf.read_config(path)
+    elif task is None and ref != "hf:":
+        raise UsageError(f"--student {ref}: not a model directory, nor hf:TASK",
+                         hint="pass a directory with config.json, or --student-config")
+    if task is None and teacher.arch.startswith("hf:"):
+        task = teacher.arch[3:]
+    return f"hf:{task or ''}", {**same, **kwargs}
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from modelzip_cli.context import Context
-from modelzip_cli.edits import dependency_graph, quiet_pruning
+from modelzip_cli.edits import attention_blocks, dependency_graph, heads_row, quiet_pruning, remove_heads
 from modelzip_cli.errors import UsageError
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import layer_table
@@ -144,33 +144,58 @@ def _units(m: nn.Module) -> int:
 
 @dataclass
 class StructuredPruner:
-    """Removes units from selected layers step by step; keeps the graph and each layer's original width."""
+    """Removes units from selected layers, and whole heads from selected attention modules, step by step;
+    keeps the graph and each layer's original width."""
 
     model: nn.Module
     example: torch.Tensor
     layers: list[tuple[str, nn.Module]]
-    notes: list[str] = field(default_factory=list)
+    left: dict[str, list[str]] = field(default_factory=dict)  # why → the layers left as they were
 
     def __post_init__(self):
+        selected = {n for n, _ in self.layers}
+        blocks, notes = attention_blocks(self.model, self.example)
+        self.blocks = [b for b in blocks if all(b[x] in selected for x in ("q", "k", "v", "o"))]
+        for note in notes:
+            self._leave(*note.split(": ", 1))
+        in_blocks = {b[x] for b in self.blocks for x in ("q", "k", "v", "o")}
+        self.layers = [(n, m) for n, m in self.layers if n not in in_blocks]
+        self.heads0 = [self._heads(b) for b in self.blocks]
+        self.head_rows: list[list] = []
         self.graph = dependency_graph(self.model, self.example)
         self.original = {n: _units(m) for n, m in self.layers}
         self.names = {id(m): n for n, m in self.model.named_modules()}
-        self.skipped: set[str] = set()
+
+    def _heads(self, block: dict) -> int:
+        return self.model.get_submodule(block["v"]).out_features // block["head_size"]
+
+    def _leave(self, name: str, why: str) -> None:
+        self.left.setdefault(why, []).append(name)
 
     def check(self, fraction: float) -> None:
-        for name, n0 in self.original.items():
+        heads = {b["q"].rpartition(".")[0]: h for b, h in zip(self.blocks, self.heads0, strict=True)}
+        widths = {**self.original, **heads}
+        for name, n0 in widths.items():
             if round(fraction * n0) >= n0:
-                raise UsageError(f"--ratio {fraction:g} would remove every unit of {name} ({n0} units)",
+                raise UsageError(f"--ratio {fraction:g} would remove every unit or head of {name} ({n0})",
                                  hint="lower --ratio or --exclude that layer")
 
     def prune_to(self, fraction: float) -> None:
-        """Remove units until each selected layer has lost `fraction` of its original units."""
+        """Remove heads and units until each selected attention module and layer has lost `fraction` of its
+        original heads or units."""
         import torch_pruning as tp
 
         self.check(fraction)
+        for block, h0 in zip(self.blocks, self.heads0, strict=True):
+            remove = round(fraction * h0) - (h0 - self._heads(block))
+            if remove > 0:
+                heads = torch.argsort(self._head_scores(block), stable=True)[:remove].tolist()
+                remove_heads(self.model, block, heads)
+                self.head_rows.append(heads_row(block, heads))
         selected = {n for n, _ in self.layers}
+        skipped = {n for names in self.left.values() for n in names}
         for name, m in self.layers:
-            if name in self.skipped:
+            if name in skipped:
                 continue
             n0, now = self.original[name], _units(m)
             remove = round(fraction * n0) - (n0 - now)
@@ -183,11 +208,19 @@ class StructuredPruner:
                 group = self.graph.get_pruning_group(m, fn, idxs)
             reason = self._blocker(group, selected)
             if reason:
-                self.skipped.add(name)
-                self.notes.append(f"{name} left as it was: {reason}")
+                self._leave(name, reason)
+                skipped.add(name)
                 continue
             with quiet_pruning():
                 group.prune()
+
+    def _head_scores(self, block: dict) -> torch.Tensor:
+        """Each head's L2 norm over its rows of q, k, v and its columns of the output projection."""
+        size = block["head_size"]
+        rows = [self.model.get_submodule(block[x]).weight.detach().float() for x in ("q", "k", "v")]
+        cols = self.model.get_submodule(block["o"]).weight.detach().float().t()
+        per_head = [w.reshape(-1, size, w.shape[1]).pow(2).sum((1, 2)) for w in (*rows, cols)]
+        return torch.stack(per_head).sum(0).sqrt()
 
     def _blocker(self, group, selected: set[str]) -> str | None:
         """Why removing this group's units would be wrong, or None. Tied widths (residual streams) shrink
@@ -199,18 +232,32 @@ class StructuredPruner:
                 continue
             target = dep.target.module
             if "ScaledDotProduct" in str(dep.target.grad_fn) or "Attention" in str(dep.target.grad_fn):
-                return "its outputs feed attention heads, which unit pruning would cut across"
+                return "their outputs feed attention heads, which unit pruning would cut across"
             if isinstance(target, nn.Parameter):
                 tied.add(param_names.get(id(target), "a parameter"))
             elif isinstance(target, WEIGHTED) and self.names.get(id(target)) not in selected:
                 tied.add(self.names.get(id(target), type(target).__name__))
         if tied:
-            return (f"its width is tied to {', '.join(sorted(tied)[:4])} (not selected, e.g. a residual "
-                    "stream), which would change too")
+            return (f"their width is tied to layers not selected (e.g. {sorted(tied)[0]}: a residual stream), "
+                    "which would change too")
         return None
+
+    @property
+    def notes(self) -> list[str]:
+        out = [f"{len(names)} layer(s) left as they were: {why} ({', '.join(names[:3])}"
+               f"{', …' if len(names) > 3 else ''})" for why, names in self.left.items()]
+        if self.blocks:
+            kept = [self._heads(b) for b in self.blocks]
+            out.append(f"attention heads: {sum(self.heads0) - sum(kept)} of {sum(self.heads0)} removed in "
+                       f"{len(self.blocks)} attention modules (q, k, v and output projection together)")
+        return out
 
     def history(self) -> list:
         return [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in self.graph.pruning_history()]
+
+    def edits(self, ratio: float, **extra) -> list[dict]:
+        heads = [{"kind": "prune_heads", "ratio": ratio, "blocks": self.head_rows}] if self.head_rows else []
+        return [*heads, {"kind": "prune_structured", "ratio": ratio, **extra, "history": self.history()}]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,8 +330,7 @@ def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> R
     notes = [*pruner.notes, f"structured pruning removed whole units: {len(pruner.history())} layer groups "
              "physically shrunk, so dense inference does less work"]
     history = _fine_tune(model, cfg, ctx, masks=None, label="fine-tune")
-    edit = {"kind": "prune_structured", "ratio": cfg.ratio, "history": pruner.history()}
-    return Result(model, [edit], notes=notes, after=_history(history))
+    return Result(model, pruner.edits(cfg.ratio), notes=notes, after=_history(history))
 
 
 def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
@@ -310,8 +356,7 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
                           label=f"step {t}/{cfg.steps} → {target:.1%}", seed_offset=t)
         history += [{**r, "step": t, "target": round(target, 6)} for r in rows]
     if structured:
-        edit = {"kind": "prune_structured", "ratio": cfg.ratio, "schedule": schedule, "history": pruner.history()}
-        return Result(model, [edit], notes=list(dict.fromkeys(pruner.notes)), after=_history(history))
+        return Result(model, pruner.edits(cfg.ratio, schedule=schedule), notes=pruner.notes, after=_history(history))
     edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights),
             "schedule": schedule}
     return Result(model, [edit], notes=[f"gradual unstructured pruning {ZEROES_ONLY}"], after=_history(history))
