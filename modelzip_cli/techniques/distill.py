@@ -157,7 +157,7 @@ def apply(teacher: nn.Module, cfg: DistillConfig, ctx: Context, manifest: Manife
     result.after = {"student_parameters": s_params, "compression_ratio": round(t_params / max(1, s_params), 3),
                     "history": history, "epochs_run": len(history)}
     measure_on = ctx.eval_data or ctx.val_data
-    if measure_on is not None:
+    if measure_on is not None and measure_on.targets is not None:  # unlabelled data: fidelity only (runner)
         result.after["teacher_accuracy"] = evaluate(teacher, measure_on)["accuracy"]
         result.after["student_accuracy"] = evaluate(student, measure_on)["accuracy"]
     if cfg.baseline:

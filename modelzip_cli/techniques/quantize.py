@@ -23,7 +23,7 @@ from torch import nn
 
 from modelzip_cli import int8
 from modelzip_cli.context import Context
-from modelzip_cli.edits import WeightOnlyLinear, replace_module
+from modelzip_cli.edits import WeightOnlyLinear, conv_batchnorm_pairs, fold_batchnorm, replace_module
 from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import predict, sqnr_db
@@ -126,6 +126,10 @@ def _reduced(cfg: StaticConfig | QATConfig) -> bool:
 
 def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[nn.Module, list, list]:
     names = _names(model, cfg, *_types(cfg))
+    folds = []
+    if ctx.example_input is not None and (pairs := conv_batchnorm_pairs(model, ctx.example_input, set(names))):
+        fold_batchnorm(model, pairs)
+        folds = [{"kind": "fold_batchnorm", "pairs": pairs}]
     prepared = int8.prepare_static(model, names, cfg.observer, _reduced(cfg))
     batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
     with ctx.progress("calibrate", batches) as bar, torch.no_grad():
@@ -134,7 +138,8 @@ def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[
                 break
             prepared(x)
             bar.advance()
-    return (*_converted(prepared, names, False, cfg.observer, _reduced(cfg)), [])
+    quantized, edits = _converted(prepared, names, False, cfg.observer, _reduced(cfg))
+    return quantized, folds + edits, []
 
 
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module, list, list]:
@@ -222,9 +227,11 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         quantized, edits, history = QUANTIZERS[type(cfg)](model, cfg, ctx)
         quantized.eval()
         notes = [NOTES[cfg.method]]
+        if folded := [p for e in edits if e["kind"] == "fold_batchnorm" for p in e["pairs"]]:
+            notes.append(f"{len(folded)} BatchNorm layers folded into the convolutions before them")
         if isinstance(cfg, WeightOnlyConfig) and (empty := _weight_only_names(reference, cfg)[1]):
             notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
-        selected = set(edits[0]["modules"])
+        selected = set(edits[-1]["modules"])
         still_float = [n for n in _names(reference, cfg, *_types(cfg)) if n not in selected]
         if still_float:
             notes.append(f"left in float (no calibration or training batch reached them): {', '.join(still_float)}")
