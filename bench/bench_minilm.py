@@ -97,7 +97,7 @@ def run() -> dict:
                 model(x)
                 results[name]["times"].append(time.perf_counter() - t0)
     base = statistics.median(results["fp32"]["times"])
-    for name, r in results.items():
+    for r in results.values():
         ms = statistics.median(r.pop("times")) * 1000
         r["latency_ms"] = round(ms, 2)
         r["speedup_vs_fp32"] = round(base * 1000 / ms, 3)
