@@ -26,7 +26,7 @@ from modelzip_cli.errors import UsageError
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import layer_table
 from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Result, Selection
-from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_modules
+from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_modules, unsupported_layers
 
 CHUNK = 1 << 22  # elements per temporary (16 MB of float32): bounds extra memory whatever the model size
 BINS = 4096
@@ -297,7 +297,7 @@ def _structured_layers(model: nn.Module, cfg: PruneConfig, example: torch.Tensor
     layers = [(n, m) for n, m in select_modules(model, include=cfg.include, exclude=cfg.exclude) if n != head]
     if not layers:
         raise UsageError("only the output layer is selected, and it keeps its size",
-                         hint="select hidden layers with --include")
+                         hint=unsupported_layers(model) or "select hidden layers with --include")
     return layers
 
 
@@ -321,7 +321,8 @@ def prune_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> Res
     magnitude_prune(weights, cfg.ratio, cfg.scope)
     history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label="fine-tune")
     edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights)}
-    return Result(model, [edit], notes=[f"magnitude pruning {ZEROES_ONLY}"], after=_history(history))
+    notes = [f"magnitude pruning {ZEROES_ONLY}", *filter(None, [unsupported_layers(model)])]
+    return Result(model, [edit], notes=notes, after=_history(history))
 
 
 def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> Result:

@@ -28,7 +28,7 @@ from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import predict, sqnr_db
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
-from modelzip_cli.techniques.select import WEIGHTED, select_modules
+from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 
 Backend = Literal["auto", "plain", "torch-ao"]
 
@@ -226,7 +226,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         reference = copy.deepcopy(model).eval()
         quantized, edits, history = QUANTIZERS[type(cfg)](model, cfg, ctx)
         quantized.eval()
-        notes = [NOTES[cfg.method]]
+        notes = [NOTES[cfg.method], *filter(None, [unsupported_layers(reference)])]
         if folded := [p for e in edits if e["kind"] == "fold_batchnorm" for p in e["pairs"]]:
             notes.append(f"{len(folded)} BatchNorm layers folded into the convolutions before them")
         if isinstance(cfg, WeightOnlyConfig) and (empty := _weight_only_names(reference, cfg)[1]):

@@ -34,6 +34,14 @@ def select_modules(model: nn.Module, *, include: Sequence[str] | None = None, ex
     return chosen
 
 
+def unsupported_layers(model: nn.Module) -> str | None:
+    """A note naming weighted layers modelzip does not handle (transformers' Conv1D in GPT-2 and kin), or None."""
+    found = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ == "Conv1D"
+                    and type(m).__module__.startswith("transformers")})
+    return f"this model's {', '.join(found)} layers (transformers' transposed Linear) are not handled yet" \
+        if found else None
+
+
 def output_layer(model: nn.Module, example) -> str | None:
     """Qualified name of the last weighted module in execution order: the classifier head."""
     import torch
