@@ -449,6 +449,28 @@ def compare(
     emit(compare_checkpoints(models, data, common_options(shared), batch_n=batch_size), shared)
 
 
+@command(MODEL_OPTIONS, OUTPUT_OPTIONS, RUN_OPTIONS)
+def export(
+    model: Input,
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) | pt2 (torch.export program)")] = "onnx",
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, 18–23 (default 18)")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
+                                                help="batch size free at run time (token models: sequence "
+                                                     "length is always free)")] = True,
+    int8_way: Annotated[str | None, typer.Option("--int8", help="quantized models: qdq (modelzip's integers as "
+                                                 "Q/DQ) | ort (float parent + ONNX Runtime's quantizer) | auto "
+                                                 "(the measured better per scheme; default)")] = None,
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="--int8 ort, static models: "
+                                                    "calibration data")] = None,
+    *, shared,
+) -> None:
+    """An ONNX graph or a .pt2 program of the model, verified by running it against the PyTorch model."""
+    from modelzip_cli.export import ExportConfig, export_checkpoint
+
+    cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way))
+    emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data), shared)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Make data files: token ids from text, tensors from images.")
 app.add_typer(data_app, name="data")
 DataOutput = Annotated[Path, typer.Option("--output", "-o", help="the data file (.safetensors)")]
