@@ -1,4 +1,5 @@
-"""`compare`: several checkpoints side by side on one dataset, with agreement against the first."""
+"""`compare`: several checkpoints (or `.onnx` files, run by ONNX Runtime) side by side on one dataset, with
+agreement against the first."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from modelzip_cli.errors import UsageError
 from modelzip_cli.files import disk_bytes
 from modelzip_cli.measure import count_parameters, fidelity, model_metrics, outputs_class_logits, predict
 from modelzip_cli.report import Report, file_info
-from modelzip_cli.runner import CommonOptions, load_dataset, load_input
+from modelzip_cli.export import load_for_measure
+from modelzip_cli.runner import CommonOptions, load_dataset
 
 
 def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions, *,
@@ -17,7 +19,7 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
     if len(paths) < 2:
         raise UsageError("compare needs at least two checkpoints", hint="modelzip compare A B [C …] --data TEST")
     device = resolve_device(opts.device)
-    loaded = [load_input(p, opts) for p in paths]  # all read (and validated) before any measuring
+    loaded = [load_for_measure(p, opts) for p in paths]  # all read (and validated) before any measuring
     data = load_dataset(data_path, loaded[0], require_targets=False)
     for other in loaded[1:]:
         load_dataset(data_path, other, require_targets=False)

@@ -1,4 +1,4 @@
-"""`eval`: accuracy, loss, latency and size of one checkpoint on one dataset."""
+"""`eval`: accuracy, loss, latency and size of one checkpoint (or `.onnx` file, run by ONNX Runtime) on one dataset."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from pathlib import Path
 from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.measure import count_parameters, model_metrics, outputs_class_logits
 from modelzip_cli.report import Report, file_info
-from modelzip_cli.runner import CommonOptions, load_dataset, load_input
+from modelzip_cli.export import load_for_measure
+from modelzip_cli.runner import CommonOptions, load_dataset
 
 
 def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
                         batch_n: int | None = None) -> Report:
     device = resolve_device(opts.device)
-    loaded = load_input(path, opts)
+    loaded = load_for_measure(path, opts)
     # a classifier is evaluated on labels; a model of embeddings or token outputs on its inputs alone
     data = load_dataset(data_path, loaded, require_targets=outputs_class_logits(loaded.model))
     report = Report(command="eval", warnings=list(loaded.notes))

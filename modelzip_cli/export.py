@@ -108,16 +108,58 @@ class _TokenGraph(nn.Module):
         return self.model(torch.stack([input_ids, attention_mask], dim=1))  # (B, 2, L), hf.py's convention
 
 
+@torch.library.custom_op("modelzip::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Per-tensor affine int8 fake quantization (static activations): one op, so that it reaches ONNX as one
+    QuantizeLinear/DequantizeLinear pair whatever the batch size (torch's own fake-quantize op has no
+    dynamic-shape kernel for torch.export)."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, int8.AMIN, int8.AMAX)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("modelzip::dequantize_weight", mutates_args=())
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 weight (out, …) × per-output-channel scale (out,) → float32: DequantizeLinear in ONNX, so the file
+    keeps the int8 weight."""
+    return q.float() * scale.reshape((-1,) + (1,) * (q.ndim - 1))
+
+
+@dequantize_weight.register_fake
+def _(q, scale):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+def _onnx_translations() -> dict:
+    """modelzip's two export ops in ONNX (onnxscript, traced by torch's exporter)."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    def qdq(x, scale: float, zero_point: int):
+        s = op.Constant(value=onnx.helper.make_tensor("scale", onnx.TensorProto.FLOAT, [], [scale]))
+        zp = op.Constant(value=onnx.helper.make_tensor("zero_point", onnx.TensorProto.INT8, [], [zero_point]))
+        return op.DequantizeLinear(op.QuantizeLinear(x, s, zp), s, zp)
+
+    def dequantize(q, scale):
+        return op.DequantizeLinear(q, scale, axis=0)
+
+    return {torch.ops.modelzip.quantize_dequantize.default: qdq, torch.ops.modelzip.dequantize_weight.default: dequantize}
+
+
 class _QDQLinear(nn.Module):
     """Export-only twin of a plain-int8 Linear or Conv: int8 weights per channel behind DequantizeLinear, the
     calibrated input as a QuantizeLinear/DequantizeLinear pair (static) or left float (dynamic: what
-    modelzip's float kernel computes)."""
+    modelzip's float kernel computes). For `.pt2` (`ops=False`) the same numerics in plain torch ops, so that
+    the program loads without modelzip."""
 
-    def __init__(self, m: int8._Int8Weighted):
+    def __init__(self, m: int8._Int8Weighted, ops: bool):
         super().__init__()
+        self.ops = ops
         self.register_buffer("qweight", m.qweight.clone())
         self.register_buffer("weight_scale", m.weight_scale.float().clone())
-        self.register_buffer("zero", torch.zeros(m.qweight.shape[0], dtype=torch.int32))
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
         self.input_qparams = m.input_qparams() if isinstance(m, int8._StaticInput) else None
         self.conv = None
@@ -129,11 +171,14 @@ class _QDQLinear(nn.Module):
         x = x.float()
         if self.input_qparams is not None:
             scale, zp = self.input_qparams
-            x = torch.fake_quantize_per_tensor_affine(x, scale, zp, int8.AMIN, int8.AMAX)
-        shape = (-1,) + (1,) * (self.qweight.ndim - 1)
-        w = self.qweight.float() * self.weight_scale.reshape(shape)
-        # (−128, 127): ONNX's int8 range; the weights are within ±127 already, so this changes nothing
-        w = torch.fake_quantize_per_channel_affine(w, self.weight_scale, self.zero, 0, -128, 127)
+            if self.ops:
+                x = quantize_dequantize(x, scale, zp)
+            else:  # fake_quantize_per_tensor_affine's arithmetic (it multiplies by the inverse scale)
+                x = (torch.clamp(torch.round(x * (1.0 / scale)) + zp, int8.AMIN, int8.AMAX) - zp) * scale
+        if self.ops:
+            w = dequantize_weight(self.qweight, self.weight_scale)
+        else:
+            w = self.qweight.float() * self.weight_scale.reshape((-1,) + (1,) * (self.qweight.ndim - 1))
         if self.conv is None:
             return F.linear(x, w, self.bias).to(dtype)
         fn, stride, padding, dilation, groups = self.conv
@@ -191,7 +236,7 @@ def int8_way(cfg: ExportConfig, scheme: str | None) -> str | None:
     return way
 
 
-def graph_module(model: nn.Module, way: str | None) -> nn.Module:
+def graph_module(model: nn.Module, way: str | None, fmt: str = "onnx") -> nn.Module:
     """The module to trace: int8 layers swapped for their QDQ twins (qdq) or float parents (ort)."""
     import copy
 
@@ -203,7 +248,7 @@ def graph_module(model: nn.Module, way: str | None) -> nn.Module:
         if way == "ort":
             replace_module(model, name, _float_parent(m))
         elif isinstance(m, int8._Int8Weighted):  # weight-only layers are exported as they compute
-            replace_module(model, name, _QDQLinear(m))
+            replace_module(model, name, _QDQLinear(m, ops=fmt == "onnx"))
     return model
 
 
@@ -278,7 +323,7 @@ def _reason(exc: BaseException) -> str:
 def _trace(module: nn.Module, args, loaded: Loaded, cfg: ExportConfig):
     """torch.export's program of `module`, or exit 2 with the exporter's reason."""
     try:
-        with _quiet_exporter(), int8.use_backend("plain"), int8.use_kernel("float"):
+        with _quiet_exporter(), int8.use_backend("plain"), int8.use_kernel("float"), torch.no_grad():
             return torch.export.export(module.eval(), args, dynamic_shapes=_dynamic_shapes(loaded, cfg, len(args)),
                                        strict=False)
     except Exception as exc:
@@ -294,7 +339,7 @@ def write_onnx(program, cfg: ExportConfig, path: Path, *, class_logits: bool, n_
         with _quiet_exporter():
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=cfg.opset, input_names=names,
                                              output_names=["output"], optimize=True, verbose=False,
-                                             external_data=False)
+                                             external_data=False, custom_translation_table=_onnx_translations())
     except Exception as exc:
         raise InputError(f"the model cannot be translated to ONNX opset {cfg.opset}: {_reason(exc)}",
                          hint="try another --opset, or --format pt2") from None
@@ -379,7 +424,7 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
     if way == "ort" and scheme == "static" and calib is None:
         raise UsageError("--int8 ort on a static int8 model calibrates ONNX Runtime's quantizer on data",
                          hint="pass --calib-data FILE (the data the model was calibrated on), or --int8 qdq")
-    module = graph_module(loaded.model, way)
+    module = graph_module(loaded.model, way, cfg.format)
     batch = 2 if cfg.dynamic_batch else loaded.manifest.input_shape[0]  # 2: a batch of 1 would be specialised
     args = example_args(loaded, batch)
     if tokens(loaded):
