@@ -1,10 +1,12 @@
 """`chain`: a recipe of technique steps, validated whole before any weight is loaded, run in one process.
 
-Recipe (TOML or JSON): a list `steps`, each a table with `op` (distill, prune, lowrank, quantize), an
+Recipe (TOML or JSON): a list `steps`, each a table with `op` (distill, prune, lowrank, quantize, export), an
 optional `method`, and that command's options under the same names (`ratio`, `finetune-epochs` or
 `finetune_epochs`, …). An option that does not belong to the step's method is an error. A step may name
 its own `data`, `val-data` or `calib-data` file (relative to the recipe); otherwise it uses the chain's
-`--data`. Steps call the same technique functions as the single commands.
+`--data`. Steps call the same technique functions as the single commands. A last step `op = "export"` takes
+the export command's options (`format`, `opset`, `dynamic-batch`, `int8`) and an optional `output` (relative
+to the recipe; default: the chain's output with .onnx or .pt2): the final model is exported and verified too.
 
 A recipe is a file, and files are untrusted: an architecture a step names (a distill student) must be
 built in or listed in MODELZIP_TRUSTED_MODULES, checked here before anything is imported.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from modelzip_cli.checkpoint import check_trusted
 from modelzip_cli.errors import InputError, ModelzipError, UsageError
+from modelzip_cli.export import ExportConfig
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs, make_config
 from modelzip_cli.techniques.distill import is_checkpoint_path
 
@@ -41,6 +44,19 @@ class RecipeStep:
         return f"step {self.index} ({self.op})"
 
 
+@dataclass
+class ExportStep:
+    """A recipe's last step: export the final model (export.py)."""
+
+    index: int
+    config: ExportConfig
+    output: Path | None = None
+    op: str = "export"
+
+    def label(self) -> str:
+        return f"step {self.index} (export)"
+
+
 def _read(path: Path) -> list:
     if not path.exists() or path.is_dir():
         raise InputError(f"recipe {path}: no such file", hint="pass a .toml or .json recipe")
@@ -58,13 +74,20 @@ def _read(path: Path) -> list:
     return items
 
 
-def parse_step(index: int, item: object, folder: Path) -> RecipeStep:
+def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportStep:
     """One recipe table → a validated step. Errors name the step."""
     where = f"step {index}"
     if not isinstance(item, dict):
         raise UsageError(f"{where} is not a table of options")
     values = {str(k).replace("-", "_"): v for k, v in item.items()}
     op = values.pop("op", None)
+    if op == "export":
+        output = values.pop("output", None)
+        if output is not None and not isinstance(output, str):
+            raise UsageError(f"{where} (export): output must be a file path")
+        config = ExportConfig.parse(values, where=f"{where} (export): ")
+        config.check_available()  # before any weight is loaded or trained
+        return ExportStep(index, config, folder / output if output else None)
     if not isinstance(op, str) or op not in OPS:
         raise UsageError(f"{where}: unknown op {op!r}", hint="use one of " + ", ".join(OPS))
     where = f"step {index} ({op})"
@@ -88,7 +111,7 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep:
     return RecipeStep(index=index, config=config, **files)
 
 
-def parse_recipe(path: Path) -> list[RecipeStep]:
+def parse_recipe(path: Path) -> list[RecipeStep | ExportStep]:
     """Read and validate a whole recipe: ops, keys, types, values, order, trust. No weight is loaded."""
     steps = [parse_step(i, item, path.parent) for i, item in enumerate(_read(path), 1)]
     check_order(steps)
@@ -99,6 +122,11 @@ def check_order(steps: list[RecipeStep]) -> None:
     """A float-only step cannot follow quantize: the integer model has no float weights to work on."""
     quantized_at = None
     for step in steps:
+        if isinstance(step, ExportStep):
+            if step is not steps[-1]:
+                raise UsageError(f"{step.label()} must be the last step: it exports the final model",
+                                 hint="move the export step to the end of the recipe")
+            continue
         if quantized_at is not None and OPS[step.op].float_only:
             raise UsageError(f"{step.label()} cannot follow {quantized_at.label()}: {step.op} works on float "
                              "models", hint="move quantize to the end of the recipe")
@@ -116,8 +144,16 @@ def step_files(step: RecipeStep, data: Path | None) -> dict[str, Path | None]:
     return {"data": step.data or data, "val_data": step.val_data, "calib_data": None}
 
 
+def technique_steps(steps: list) -> list[RecipeStep]:
+    return [s for s in steps if isinstance(s, RecipeStep)]
+
+
+def export_step(steps: list) -> ExportStep | None:
+    return steps[-1] if steps and isinstance(steps[-1], ExportStep) else None
+
+
 def check_data_needs_all(steps: list[RecipeStep], data: Path | None) -> None:
-    for step in steps:
+    for step in technique_steps(steps):
         check_data_needs(step.config, step_files(step, data), where=step.label())
 
 
@@ -161,19 +197,59 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
         check_example(loaded, loaded.manifest.example_input())
     report = Report(command="chain", input=file_info(input_path, count_parameters(loaded.model)),
                     summary={"dry_run": True}, warnings=list(loaded.notes))
-    for step, row in zip(steps, plan(steps, loaded), strict=True):
+    for step, row in zip(technique_steps(steps), plan(technique_steps(steps), loaded), strict=True):
         report.steps.append(Step(
             op=step.op, config={"step": step.index, **step.config.to_dict()},
             layers=[{"name": n, "selected": True} for n in row["touch"]]
             + [{"name": n, "selected": False} for n in row["skip"]],
             notes=["dry run: nothing changed", "touches: " + (", ".join(row["touch"]) or "-")]
             + (["skips: " + ", ".join(row["skip"])] if row["skip"] else [])))
+    if export_step(steps) is not None:
+        step = export_step(steps)
+        report.steps.append(Step(op="export", config={"step": step.index, **step.config.to_dict()},
+                                 notes=["dry run: nothing exported"]))
     return report
 
 
 def intermediate_paths(steps: list[RecipeStep], folder: Path, suffix: str) -> dict[str, Path]:
     """--keep-intermediate: role → where each step's checkpoint goes."""
     return {f"intermediate of {step.label()}": folder / f"step{step.index}_{step.op}{suffix}" for step in steps}
+
+
+def check_export_output(step: ExportStep, input_path: Path, opts, recipe: Path | None, data: Path | None) -> Path:
+    """Where the export step writes, checked like every output before any work."""
+    from modelzip_cli.export import SUFFIXES, check_output_suffix
+    from modelzip_cli.files import check_output
+    from modelzip_cli.runner import default_output
+
+    chain_output = opts.output or default_output(input_path, "chain")
+    path = step.output or chain_output.with_suffix(SUFFIXES[step.config.format])
+    try:
+        check_output_suffix(path, step.config.format)
+        check_output(path, inputs=[p for p in (input_path, recipe, data, opts.eval_data) if p is not None],
+                     force=opts.force, suffixes=(SUFFIXES[step.config.format],), role="export output")
+    except ModelzipError as exc:
+        raise type(exc)(f"{step.label()}: {exc.message}", hint=exc.hint) from None
+    return path
+
+
+def run_export_step(step: ExportStep, path: Path, loaded, ctx, outputs, opts, calib):
+    """Export the chain's final model, verified; measured against it on --eval-data (else the example input)."""
+    from modelzip_cli.export import example_dataset, export_model, measure_export
+    from modelzip_cli.report import Report
+
+    try:
+        written = export_model(loaded, step.config, path, outputs, calib=calib)
+    except ModelzipError as exc:
+        raise type(exc)(f"{step.label()}: {exc.message}", hint=exc.hint) from None
+    figures = Report(command="export")
+    measure_export(figures, loaded, written, ctx.eval_data or example_dataset(loaded), opts.threads)
+    record = written.step
+    record.config = {"step": step.index, **record.config}
+    record.after["metrics"] = figures.metrics["output"]
+    record.after["metrics_pytorch"] = figures.metrics["input"]
+    record.notes.append(f"exported file: {path}")
+    return record
 
 
 def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | None, progress,
@@ -192,6 +268,10 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
 
     if keep_intermediate is not None and keep_intermediate.exists() and not keep_intermediate.is_dir():
         raise UsageError(f"--keep-intermediate {keep_intermediate} is not a folder", hint="pass a folder path")
+    export, steps = export_step(steps), technique_steps(steps)
+    export_path = None
+    if export is not None:
+        export_path = check_export_output(export, input_path, opts, recipe, data)
     intermediates = (intermediate_paths(steps, keep_intermediate, input_path.suffix)
                      if keep_intermediate is not None else {})
     outputs = Outputs()
@@ -225,6 +305,9 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
                 save_checkpoint(loaded.model, loaded.manifest, path, encoded=loaded.encoded, outputs=outputs)
                 record.notes.append(f"intermediate checkpoint: {path}")
             records.append(record)
+        if export is not None and is_main():
+            calib = next((c.calib_data for c in reversed(step_ctx) if c.calib_data is not None), None)
+            records.append(run_export_step(export, export_path, loaded, ctx, outputs, opts, calib))
         return records
 
     step_inputs = [f for step in steps for f in (step.data, step.val_data, step.calib_data) if f is not None]

@@ -79,6 +79,15 @@ class ExportConfig(BaseModel):
     def to_dict(self) -> dict:
         return self.model_dump(exclude={"op"})
 
+    def check_available(self) -> None:
+        """The packages this format needs, or exit 2 naming the extra (before any work)."""
+        if self.format == "onnx":
+            require_onnx("ONNX export")
+            try:
+                import onnxscript  # noqa: F401  (torch's exporter needs it)
+            except ImportError:
+                raise UsageError("ONNX export needs the onnxscript package", hint=EXTRA_HINT) from None
+
 
 def default_output(path: Path, fmt: str) -> Path:
     """model.safetensors → model.onnx beside it (a model directory: DIR.onnx beside the directory)."""
@@ -411,12 +420,7 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
                  calib: Dataset | None = None) -> Written:
     """Export `loaded` into `output` (staged), run the written file on the example input at two batch sizes
     (two sequence lengths for token models) and refuse a float export that does not reproduce the model."""
-    if cfg.format == "onnx":
-        require_onnx("ONNX export")
-        try:
-            import onnxscript  # noqa: F401  (torch's exporter needs it)
-        except ImportError:
-            raise UsageError("ONNX export needs the onnxscript package", hint=EXTRA_HINT) from None
+    cfg.check_available()
     if loaded.manifest.input_shape is None:
         raise UsageError("no example input shape is known for this model", hint="pass --input-shape, e.g. 1,64")
     scheme = scheme_of(loaded.manifest)
@@ -460,7 +464,7 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
                              + (" on --calib-data" if scheme == "static" else "")}[way])
     if cfg.format == "onnx" and scheme == "weight-only int4":
         notes.append("int4 weight-only: the unpacking arithmetic is in the graph; ONNX Runtime computes in float")
-    after = {"format": cfg.format, "bytes": written.stat().st_size, "int8": way, "scheme": scheme,
+    after = {"format": cfg.format, "parameters": count_parameters(loaded.model), "bytes": written.stat().st_size, "int8": way, "scheme": scheme,
              "inputs": ["input_ids", "attention_mask"] if len(args) == 2 else ["input"], "checks": checks}
     step = Step(op="export", config=cfg.to_dict(), before={"parameters": count_parameters(loaded.model)},
                 after=after, duration_s=duration, notes=notes)
@@ -519,6 +523,7 @@ def measure_export(report: Report, loaded: Loaded, written: Written, data: Datas
 def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, calib_data: Path | None = None
                       ) -> Report:
     """`modelzip export`: load, export, verify, measure, write the file and its report together."""
+    cfg.check_available()
     output = opts.output or default_output(path, cfg.format)
     check_output_suffix(output, cfg.format)
     report_path = opts.report or output.with_suffix(".json")
