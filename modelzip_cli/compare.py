@@ -7,10 +7,10 @@ from pathlib import Path
 
 from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.errors import UsageError
+from modelzip_cli.export import load_for_measure
 from modelzip_cli.files import disk_bytes
 from modelzip_cli.measure import count_parameters, fidelity, model_metrics, outputs_class_logits, predict
 from modelzip_cli.report import Report, file_info
-from modelzip_cli.export import load_for_measure
 from modelzip_cli.runner import CommonOptions, load_dataset
 
 

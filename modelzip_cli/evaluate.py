@@ -1,13 +1,14 @@
-"""`eval`: accuracy, loss, latency and size of one checkpoint (or `.onnx` file, run by ONNX Runtime) on one dataset."""
+"""`eval`: accuracy, loss, latency and size of one checkpoint (or `.onnx` file, run by ONNX Runtime) on one
+dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from modelzip_cli.distributed import resolve_device, runtime
+from modelzip_cli.export import load_for_measure
 from modelzip_cli.measure import count_parameters, model_metrics, outputs_class_logits
 from modelzip_cli.report import Report, file_info
-from modelzip_cli.export import load_for_measure
 from modelzip_cli.runner import CommonOptions, load_dataset
 
 

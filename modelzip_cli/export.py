@@ -155,7 +155,8 @@ def _onnx_translations() -> dict:
     def dequantize(q, scale):
         return op.DequantizeLinear(q, scale, axis=0)
 
-    return {torch.ops.modelzip.quantize_dequantize.default: qdq, torch.ops.modelzip.dequantize_weight.default: dequantize}
+    ops = torch.ops.modelzip
+    return {ops.quantize_dequantize.default: qdq, ops.dequantize_weight.default: dequantize}
 
 
 class _QDQLinear(nn.Module):
@@ -464,7 +465,8 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
                              + (" on --calib-data" if scheme == "static" else "")}[way])
     if cfg.format == "onnx" and scheme == "weight-only int4":
         notes.append("int4 weight-only: the unpacking arithmetic is in the graph; ONNX Runtime computes in float")
-    after = {"format": cfg.format, "parameters": count_parameters(loaded.model), "bytes": written.stat().st_size, "int8": way, "scheme": scheme,
+    after = {"format": cfg.format, "parameters": count_parameters(loaded.model), "bytes": written.stat().st_size,
+             "int8": way, "scheme": scheme,
              "inputs": ["input_ids", "attention_mask"] if len(args) == 2 else ["input"], "checks": checks}
     step = Step(op="export", config=cfg.to_dict(), before={"parameters": count_parameters(loaded.model)},
                 after=after, duration_s=duration, notes=notes)
