@@ -462,13 +462,16 @@ def export(
                                                  "(the measured better per scheme; default)")] = None,
     calib_data: Annotated[Path | None, typer.Option("--calib-data", help="--int8 ort, static models: "
                                                     "calibration data")] = None,
+    batch_size: LatencyBatch = None,
     *, shared,
 ) -> None:
     """An ONNX graph or a .pt2 program of the model, verified by running it against the PyTorch model."""
     from modelzip_cli.export import ExportConfig, export_checkpoint
 
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
     cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way))
-    emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data), shared)
+    emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size), shared)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Make data files: token ids from text, tensors from images.")

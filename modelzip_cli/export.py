@@ -172,6 +172,10 @@ class _QDQLinear(nn.Module):
         self.register_buffer("weight_scale", m.weight_scale.float().clone())
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
         self.input_qparams = m.input_qparams() if isinstance(m, int8._StaticInput) else None
+        for attr in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "groups"):  # model code may read them (transformers' TF-style padding does)
+            if hasattr(m, attr):
+                setattr(self, attr, getattr(m, attr))
         self.conv = None
         if isinstance(m, int8.StaticInt8Conv):
             self.conv = (F.conv1d if m.dims == 1 else F.conv2d, m.stride, m.padding, m.dilation, m.groups)
@@ -354,6 +358,8 @@ def write_onnx(program, cfg: ExportConfig, path: Path, *, class_logits: bool, n_
         raise InputError(f"the model cannot be translated to ONNX opset {cfg.opset}: {_reason(exc)}",
                          hint="try another --opset, or --format pt2") from None
     onnx_program.model.metadata_props[META_CLASS_LOGITS] = "1" if class_logits else "0"
+    for node in onnx_program.model.graph.all_nodes():  # the exporter's stack traces: most of a small file
+        node.metadata_props.clear()
     onnx_program.save(str(path))
 
 
@@ -397,7 +403,9 @@ class Pt2Model(nn.Module):
 
     def __init__(self, path: Path, n_args: int, class_logits: bool):
         super().__init__()
-        self.program = torch.export.load(str(path)).module()
+        with _quiet_exporter():  # read as a buffer: the staged file's name does not end in .pt2 yet
+            program = torch.export.load(io.BytesIO(Path(path).read_bytes())).module()
+        self.__dict__["program"] = program  # not a submodule: an exported module refuses .train()/.eval()
         self.n_args, self.outputs_class_logits = n_args, class_logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -441,7 +449,10 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
 
     def write(tmp: Path) -> None:
         if cfg.format == "pt2":
-            torch.export.save(program, str(tmp))
+            buffer = io.BytesIO()  # a buffer: torch.export.save wants a name ending in .pt2, the staged one does not
+            with _quiet_exporter():
+                torch.export.save(program, buffer)
+            tmp.write_bytes(buffer.getvalue())
             return
         if way != "ort":
             write_onnx(program, cfg, tmp, class_logits=class_logits, n_args=len(args))
@@ -508,13 +519,14 @@ def example_dataset(loaded: Loaded) -> Dataset:
     return Dataset(inputs=x, targets=None, path=Path("(example input)"))
 
 
-def measure_export(report: Report, loaded: Loaded, written: Written, data: Dataset, threads: int | None) -> None:
+def measure_export(report: Report, loaded: Loaded, written: Written, data: Dataset, threads: int | None,
+                   batch_n: int | None = None) -> None:
     """metrics.input (PyTorch) and metrics.output (the exported file, with its fidelity to PyTorch)."""
     with int8.use_backend("auto"):
-        report.metrics["input"] = model_metrics(loaded.model, data, threads=threads,
+        report.metrics["input"] = model_metrics(loaded.model, data, threads=threads, batch_n=batch_n,
                                                 size_bytes=report.input["bytes"] if report.input else None)
         reference = predict(loaded.model, data.inputs)
-    report.metrics["output"] = model_metrics(written.runner, data, threads=threads,
+    report.metrics["output"] = model_metrics(written.runner, data, threads=threads, batch_n=batch_n,
                                              size_bytes=written.step.after["bytes"])
     report.metrics["output"]["fidelity"] = fidelity(reference, predict(written.runner, data.inputs),
                                                     class_logits=outputs_class_logits(loaded.model))
@@ -522,8 +534,8 @@ def measure_export(report: Report, loaded: Loaded, written: Written, data: Datas
     written.step.after["measured_on"] = str(data.path)
 
 
-def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, calib_data: Path | None = None
-                      ) -> Report:
+def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, calib_data: Path | None = None,
+                      batch_n: int | None = None) -> Report:
     """`modelzip export`: load, export, verify, measure, write the file and its report together."""
     cfg.check_available()
     output = opts.output or default_output(path, cfg.format)
@@ -545,7 +557,7 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
         written = export_model(loaded, cfg, output, staged, calib=calib)
         report.steps = [written.step]
         report.output = file_info(output, count_parameters(loaded.model), read_from=staged.staged(output))
-        measure_export(report, loaded, written, eval_data or example_dataset(loaded), opts.threads)
+        measure_export(report, loaded, written, eval_data or example_dataset(loaded), opts.threads, batch_n)
         _gate(report, opts)
         report.summary = {"format": cfg.format, "int8": written.step.after["int8"],
                           "max_abs_diff": report.metrics["output"]["fidelity"]["max_abs_diff"],
