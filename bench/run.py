@@ -26,6 +26,7 @@ CASES = {
     "hf_load": "bench.bench_hf_load",
     "minilm": "bench.bench_minilm",
     "ddp": "bench.bench_ddp",
+    "export": "bench.bench_export",
 }
 
 
