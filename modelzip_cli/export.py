@@ -275,10 +275,11 @@ def example_args(loaded: Loaded, batch: int, length: int | None = None, seed: in
     shape = list(loaded.manifest.input_shape)
     if loaded.manifest.input_dtype == "long":
         vocab = int(loaded.manifest.arch_kwargs.get("config", {}).get("vocab_size", 100) or 100)
-        ids = torch.randint(1, max(2, vocab), (batch, *shape[1:-1], length or shape[-1]),
-                            generator=torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
         if not tokens(loaded):
-            return (ids,)
+            return (torch.randint(1, max(2, vocab), (batch, *shape[1:-1], length or shape[-1]), generator=g),)
+        # (B, L) ids whatever the recorded shape: [1, L], or [1, 2, L] when data with a mask set it
+        ids = torch.randint(1, max(2, vocab), (batch, length or shape[-1]), generator=g)
         mask = torch.ones_like(ids)
         if ids.shape[-1] > 2:
             mask[0, ids.shape[-1] // 2:] = 0  # one padded sequence: the mask must matter in the graph
