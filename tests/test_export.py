@@ -217,9 +217,9 @@ def test_minilm_float_onnx_and_pt2(cli, tmp_path):
             with torch.inference_mode():
                 ref = model(torch.stack([ids, mask], 1)).numpy()
             assert np.abs(out - ref).max() <= 1e-4, (batch, length)
-    p = cli("export", folder, "--format", "pt2", "-o", tmp_path / "m.pt2", "-q")
+    p = cli("export", folder, "--format", "pt2", "-o", tmp_path / "m2.pt2", "-q")
     assert p.code == 0, p.stderr
-    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    program = torch.export.load(str(tmp_path / "m2.pt2")).module()
     ids = torch.randint(1000, 20000, (3, 20), generator=g)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
