@@ -50,7 +50,11 @@ from modelzip_cli.runner import CommonOptions, _gate, load_dataset, load_input
 
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
 DEFAULT_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes; ONNX Runtime 1.17 on runs it
-# scheme → the --int8 way `auto` takes, as bench/bench_export.py measured it (see bench/results/export.json)
+# scheme → the --int8 way `auto` takes: the faster unless it loses more than 0.01 of mean cosine to fp32
+# (bench/bench_export.py, all-MiniLM-L6-v2, batch 32 × 48, 2 threads; bench/results/export.json). dynamic: ort 2.50×
+# fp32 PyTorch at cosine 0.992, qdq 1.95× at 0.9996 (float activations: no faster than float ONNX, 1.94×);
+# static: qdq 1.84× at 0.975 (modelzip's own PyTorch int8: 0.975), ort 1.58× at 0.375 (ONNX Runtime's
+# per-tensor min-max calibration of every activation breaks the transformer). Weight-only has one way.
 AUTO_INT8 = {"dynamic": "ort", "static": "qdq", "weight-only": "qdq"}
 FLOAT_TOLERANCE = 1e-3  # a float export whose max |Δ| exceeds this × max(1, max |output|) is refused
 EXAMPLE_SAMPLES = 8  # samples of the example input measured when no --eval-data is given
