@@ -68,10 +68,21 @@ Json = Annotated[bool, typer.Option("--json", help="print the report JSON to std
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no summary or progress on stderr")]
 Include = Annotated[list[str] | None, typer.Option("--include", help="module name glob to select (repeatable)")]
 Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="module name glob to skip (repeatable)")]
-Data = Annotated[Path | None, typer.Option("--data", help="training data: fine-tune after the step")]
+Data = Annotated[Path | None, typer.Option("--data", help="training data: fine-tune after the step (without "
+                                          "labels with --recover)")]
 FinetuneEpochs = Annotated[int | None, typer.Option("--finetune-epochs", help="with --data: epochs (default 3)")]
 Lr = Annotated[float | None, typer.Option("--lr", help="fine-tuning learning rate (default 5e-4)")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="training batch size (default 64)")]
+MaxSamples = Annotated[int | None, typer.Option("--max-samples", help="train on at most N samples of --data "
+                                                "(a seeded random subset; default all)")]
+Recover = Annotated[bool, typer.Option("--recover", help="fine-tune on --data against the input model as teacher "
+                                       "(no labels needed); pruned weights stay pruned")]
+RecoverLoss = Annotated[str | None, typer.Option("--recover-loss", help="with --recover: auto (kd for class logits, "
+                                                 "else cosine) | kd | cosine | mse (default auto)")]
+RecoverTemperature = Annotated[float | None, typer.Option("--temperature", help="with --recover: kd softmax "
+                                                          "temperature (default 2)")]
+HiddenWeight = Annotated[float | None, typer.Option("--hidden-weight", help="also match the teacher's hidden "
+                                                    "states (Hugging Face models) with this weight (default 0: off)")]
 LatencyBatch = Annotated[int | None, typer.Option("--batch-size", help="N for the batch-N latency (default 256, "
                                                   "or 32 for token sequences)")]
 
@@ -90,7 +101,9 @@ OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), forc
 RUN_OPTIONS = _options(threads=(Threads, None), as_json=(Json, False), quiet=(Quiet, False))
 SELECT_OPTIONS = _options(include=(Include, None), exclude=(Exclude, None))
 FINETUNE_OPTIONS = _options(data=(Data, None), finetune_epochs=(FinetuneEpochs, None), lr=(Lr, None),
-                            batch_size=(BatchSize, None))
+                            batch_size=(BatchSize, None), max_samples=(MaxSamples, None), recover=(Recover, False),
+                            recover_loss=(RecoverLoss, None), temperature=(RecoverTemperature, None),
+                            hidden_weight=(HiddenWeight, None))
 TRANSFORM_OPTIONS = [*MODEL_OPTIONS, *OUTPUT_OPTIONS, *RUN_OPTIONS]
 
 
@@ -171,6 +184,13 @@ def given(**values: Any) -> dict[str, Any]:
     """The options the user actually gave (technique options default to None on the command line, so an
     option that does not apply to the chosen method can be refused by name)."""
     return {k: v for k, v in values.items() if v is not None and v != [] and v != ()}
+
+
+def finetune_values(shared: SimpleNamespace) -> dict[str, Any]:
+    """The FINETUNE_OPTIONS group's values the user gave (the FineTune and Recover config fields)."""
+    return given(finetune_epochs=shared.finetune_epochs, lr=shared.lr, batch_size=shared.batch_size,
+                 max_samples=shared.max_samples, recover=shared.recover or None, recover_loss=shared.recover_loss,
+                 temperature=shared.temperature, hidden_weight=shared.hidden_weight)
 
 
 class _RichBar:
@@ -288,8 +308,7 @@ def prune(
 ) -> None:
     """Remove weights (magnitude), whole units (structured), or reach the ratio over steps (gradual)."""
     values = given(ratio=ratio, scope=scope, granularity=granularity, steps=steps, include=shared.include,
-                   exclude=shared.exclude, finetune_epochs=shared.finetune_epochs, lr=shared.lr,
-                   batch_size=shared.batch_size)
+                   exclude=shared.exclude) | finetune_values(shared)
     technique("prune", method, model, shared, values, files={"data": shared.data}, gzip_output=True)
 
 
@@ -341,8 +360,7 @@ def lowrank(
 ) -> None:
     """Factorize Linear layers by truncated SVD into two smaller Linears."""
     values = given(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd, include=shared.include,
-                   exclude=shared.exclude, finetune_epochs=shared.finetune_epochs, lr=shared.lr,
-                   batch_size=shared.batch_size)
+                   exclude=shared.exclude) | finetune_values(shared)
     technique("lowrank", None, model, shared, values, files={"data": shared.data})
 
 

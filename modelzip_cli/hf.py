@@ -15,7 +15,9 @@ transformers is an optional extra (`pip install 'modelzip[hf]'`), imported only 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,30 @@ class HFModel(nn.Module):
                 x, mask = x[:, 0], x[:, 1]
             out = self.model(input_ids=x, attention_mask=mask)
         return select_output(out, mask, self.output_key)
+
+
+@contextlib.contextmanager
+def hidden_states(model: nn.Module) -> Iterator[dict]:
+    """While open, every forward of `model` (an HFModel) also records its transformer's hidden states — the
+    embedding output, then each layer's: a tuple of (B, L, D), or (B, C, H, W) for convolutional families —
+    and the attention mask (B, L) or None, in the yielded dict under "hidden" and "mask"."""
+    if not isinstance(model, HFModel):
+        raise UsageError("matching hidden states (--hidden-weight) needs a Hugging Face model",
+                         hint="leave --hidden-weight at 0 to match the outputs alone")
+    inner, seen = model.model, {}
+
+    def hook(module, args, kwargs, out):
+        seen["hidden"] = getattr(out, "hidden_states", None)
+        seen["mask"] = kwargs.get("attention_mask")
+
+    handle = inner.register_forward_hook(hook, with_kwargs=True)
+    before = inner.config.output_hidden_states
+    inner.config.output_hidden_states = True
+    try:
+        yield seen
+    finally:
+        handle.remove()
+        inner.config.output_hidden_states = before
 
 
 def build(task: str, config: dict, output_key: str | None = None) -> HFModel:

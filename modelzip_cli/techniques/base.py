@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from modelzip_cli.errors import UsageError
@@ -60,6 +60,30 @@ class FineTune(BaseModel):
     finetune_epochs: int = Field(3, ge=0)
     lr: float = Field(5e-4, gt=0)  # lower than training: the weights are already good
     batch_size: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1)  # train on a seeded random subset of the data this large
+
+
+class Recover(BaseModel):
+    """--recover: fine-tune the compressed model against the input model as teacher (techniques.recover), so
+    unlabelled data is enough. Epochs, learning rate, batch size and samples are FineTune's."""
+
+    recover: bool = False
+    recover_loss: Literal["auto", "kd", "cosine", "mse"] = "auto"  # auto: kd for class logits, else cosine
+    temperature: float = Field(2.0, gt=0)  # kd's softmax temperature
+    hidden_weight: float = Field(0.0, ge=0)  # weight of matching hidden states (Hugging Face models); 0: off
+
+    @model_validator(mode="after")
+    def _needs_recover(self) -> Recover:
+        stray = sorted(self.model_fields_set & {"recover_loss", "temperature", "hidden_weight"})
+        if stray and not self.recover:
+            raise UsageError(f"{flag(stray[0])} applies to recovery", hint="add --recover")
+        return self
+
+    def required_data(self) -> set[str]:
+        return {"data"} if self.recover else set()
+
+    def needs_targets(self) -> bool:
+        return not self.recover  # the teacher's outputs are the targets
 
 
 @dataclass

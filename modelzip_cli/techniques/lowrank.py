@@ -17,14 +17,15 @@ from modelzip_cli.context import Context
 from modelzip_cli.edits import factorized, replace_module
 from modelzip_cli.errors import UsageError
 from modelzip_cli.format import Manifest
-from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Result, Selection
+from modelzip_cli.techniques import recover
+from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
 from modelzip_cli.techniques.select import matches, output_layer, select_modules
 
 RANDOMIZED_MIN_DIM = 1024  # below this the exact SVD is fast enough
 RANDOMIZED_MAX_FRACTION = 0.25  # randomized only when r ≤ this fraction of min(out, in)
 
 
-class LowRankConfig(MethodConfig, Selection, FineTune):
+class LowRankConfig(Recover, MethodConfig, Selection, FineTune):  # Recover first: its data needs win
     """Exactly one of rank_ratio, energy, params_ratio chooses each layer's rank."""
 
     op: ClassVar[str] = "lowrank"
@@ -137,6 +138,7 @@ def plan(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor | None) -> 
 @torch.no_grad()
 def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> Result:
     layers, notes = select(model, cfg, ctx.example_input)
+    teacher = recover.prepare(model, cfg, ctx)  # the input model's outputs, before factorizing
     shapes = {n: (m.out_features, m.in_features) for n, m in layers}
     ranks, spectra = choose_ranks(model, cfg, layers)
 
@@ -174,15 +176,15 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> Result:
         rows.append(row)
     if not edit_ranks:
         notes.append("no layer was factorized: every selected layer's rank is at or above its break-even")
-    history = []
-    if ctx.data is not None and cfg.finetune_epochs > 0 and edit_ranks:
-        from modelzip_cli.train import TrainConfig, train
-
-        with torch.enable_grad():
-            history = train(model, ctx.data, TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr,
-                                                         batch_size=cfg.batch_size), ctx=ctx, description="fine-tune")
+    history, after = [], {}
+    if edit_ranks:  # the factors train; layers left dense train too
+        before = teacher.measure(model) if teacher else None
+        history = recover.fine_tune(model, cfg, ctx, teacher=teacher,
+                                    label="recover" if cfg.recover else "fine-tune")
+        after, more = recover.summary(teacher, model, history, before)
+        notes += more
     return Result(model, [{"kind": "lowrank", "ranks": edit_ranks}] if edit_ranks else [], notes=notes,
-                  layers=rows, after={"finetune_history": history} if history else {})
+                  layers=rows, after=after)
 
 
 def apply(model: nn.Module, cfg: LowRankConfig, ctx: Context, manifest: Manifest) -> Result:

@@ -25,14 +25,15 @@ from modelzip_cli.edits import attention_blocks, dependency_graph, heads_row, qu
 from modelzip_cli.errors import UsageError
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import layer_table
-from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Result, Selection
+from modelzip_cli.techniques import recover
+from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_modules, unsupported_layers
 
 CHUNK = 1 << 22  # elements per temporary (16 MB of float32): bounds extra memory whatever the model size
 BINS = 4096
 
 
-class _PruneConfig(MethodConfig, Selection, FineTune):
+class _PruneConfig(Recover, MethodConfig, Selection, FineTune):  # Recover first: its data needs win
     op: ClassVar[str] = "prune"
     ratio: float = Field(ge=0, lt=1)  # fraction of weights (magnitude) or units (structured) to remove
 
@@ -265,20 +266,15 @@ class StructuredPruner:
 
 
 def _fine_tune(model: nn.Module, cfg: PruneConfig, ctx: Context, *, masks: dict | None, label: str,
-               seed_offset: int = 0) -> list[dict]:
-    from modelzip_cli.train import TrainConfig, train
-
-    if ctx.data is None or cfg.finetune_epochs == 0:
-        return []
+               seed_offset: int = 0, teacher: recover.Teacher | None = None) -> list[dict]:
     after_step = None
     if masks:
         def after_step() -> None:  # keep pruned weights at zero while the others learn
             with torch.no_grad():
                 for w, mask in masks.values():
                     w.mul_(mask)
-    tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.lr, batch_size=cfg.batch_size)
-    return train(model, ctx.data, tcfg, ctx=ctx, description=label, seed_offset=seed_offset,
-                 after_step=after_step)
+    return recover.fine_tune(model, cfg, ctx, teacher=teacher, label=label, seed_offset=seed_offset,
+                             after_step=after_step)
 
 
 def _masks(weights: dict[str, torch.Tensor]) -> dict:
@@ -316,22 +312,32 @@ ZEROES_ONLY = ("only zeroes weights: dense kernels run no faster; the file shrin
                "a bitmask")
 
 
+def _label(cfg: PruneConfig) -> str:
+    return "recover" if cfg.recover else "fine-tune"
+
+
 def prune_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> Result:
+    teacher = recover.prepare(model, cfg, ctx)  # the input model's outputs, before pruning
     weights = _selected_weights(model, cfg)
     magnitude_prune(weights, cfg.ratio, cfg.scope)
-    history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label="fine-tune")
+    before = teacher.measure(model) if teacher else None
+    history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label=_label(cfg), teacher=teacher)
+    after, notes = recover.summary(teacher, model, history, before)
     edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights)}
-    notes = [f"magnitude pruning {ZEROES_ONLY}", *filter(None, [unsupported_layers(model)])]
-    return Result(model, [edit], notes=notes, after=_history(history))
+    notes = [f"magnitude pruning {ZEROES_ONLY}", *filter(None, [unsupported_layers(model)]), *notes]
+    return Result(model, [edit], notes=notes, after=after)
 
 
 def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> Result:
     pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input))
+    teacher = recover.prepare(model, cfg, ctx)
     pruner.prune_to(cfg.ratio)
     notes = [*pruner.notes, f"structured pruning removed whole units: {len(pruner.history())} layer groups "
              "physically shrunk, so dense inference does less work"]
-    history = _fine_tune(model, cfg, ctx, masks=None, label="fine-tune")
-    return Result(model, pruner.edits(cfg.ratio), notes=notes, after=_history(history))
+    before = teacher.measure(model) if teacher else None
+    history = _fine_tune(model, cfg, ctx, masks=None, label=_label(cfg), teacher=teacher)
+    after, more = recover.summary(teacher, model, history, before)
+    return Result(model, pruner.edits(cfg.ratio), notes=notes + more, after=after)
 
 
 def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
@@ -341,6 +347,7 @@ def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float
 
 def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     schedule = cubic_schedule(cfg.ratio, cfg.steps)
+    teacher = recover.prepare(model, cfg, ctx)  # with --recover, every step fine-tunes against the input model
     structured = cfg.granularity == "structured"
     if structured:
         pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input))
@@ -354,17 +361,14 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
         else:
             magnitude_prune(weights, target, cfg.scope)
         rows = _fine_tune(model, cfg, ctx, masks=None if structured else _masks(weights),
-                          label=f"step {t}/{cfg.steps} → {target:.1%}", seed_offset=t)
+                          label=f"step {t}/{cfg.steps} → {target:.1%}", seed_offset=t, teacher=teacher)
         history += [{**r, "step": t, "target": round(target, 6)} for r in rows]
+    after, more = recover.summary(teacher, model, history, None)  # recovery ran at every step: no "before"
     if structured:
-        return Result(model, pruner.edits(cfg.ratio, schedule=schedule), notes=pruner.notes, after=_history(history))
+        return Result(model, pruner.edits(cfg.ratio, schedule=schedule), notes=pruner.notes + more, after=after)
     edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights),
             "schedule": schedule}
-    return Result(model, [edit], notes=[f"gradual unstructured pruning {ZEROES_ONLY}"], after=_history(history))
-
-
-def _history(history: list[dict]) -> dict:
-    return {"finetune_history": history} if history else {}
+    return Result(model, [edit], notes=[f"gradual unstructured pruning {ZEROES_ONLY}", *more], after=after)
 
 
 PRUNERS: dict[type, Callable[..., Result]] = {
