@@ -377,8 +377,11 @@ def distill(
     epochs: Annotated[int | None, typer.Option("--epochs", help="training epochs (default 20)")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="softmax temperature T "
                                                       "(default 4)")] = None,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="weight of the soft (teacher) loss "
-                                                "(default 0.7)")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="the teacher loss: kd (class logits) | cosine | mse "
+                                             "(embeddings; no labels needed) (default kd)")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="weight of the teacher loss against cross-entropy "
+                                                "on the labels (default 0.7 with kd, else 1)")] = None,
+    hidden_weight: HiddenWeight = None,
     lr: Annotated[float | None, typer.Option("--lr", help="AdamW, cosine schedule (default 1e-2)")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="batch size (default 64)")] = None,
     patience: Annotated[int | None, typer.Option("--patience", help="with --val-data: early stopping")] = None,
@@ -386,12 +389,13 @@ def distill(
     plot: Annotated[Path | None, typer.Option("--plot", help="write the training curves as a PNG")] = None,
     *, shared,
 ) -> None:
-    """Train a small student to match the teacher: alpha·T²·KL + (1−alpha)·CE."""
+    """Train a small student to match the teacher: alpha·(T²·KL, or a cosine / MSE feature loss) + (1−alpha)·CE."""
     from modelzip_cli.techniques.distill import hf_student_dir, is_checkpoint_path
 
     student, kwargs = student_from(student, parse_json_object(student_kwargs, "--student-kwargs"), student_config)
     values = given(student=student, student_kwargs=kwargs,
-                   epochs=epochs, temperature=temperature, alpha=alpha, lr=lr, batch_size=batch_size,
+                   epochs=epochs, temperature=temperature, loss=loss, alpha=alpha, hidden_weight=hidden_weight,
+                   lr=lr, batch_size=batch_size,
                    patience=patience, baseline=baseline or None)
     if plot is not None:
         from modelzip_cli.files import check_output

@@ -1,9 +1,13 @@
 """Knowledge distillation: train a student to match a frozen teacher.
 
-loss = alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha)·CE(student, y)
+loss = alpha·L(student, teacher) + (1 − alpha)·CE(student, y), where L is `loss`: kd (the default),
+T²·KL(softmax(teacher/T) ‖ softmax(student/T)), or the cosine or relative MSE feature loss of recovery
+(techniques.recover) for embedding models, plus `hidden_weight` · the hidden-state loss for a Hugging Face
+student with fewer layers of the teacher's width. With a feature loss alpha defaults to 1: unlabelled
+text is enough.
 
-The teacher is frozen in eval mode and its logits are computed once for the whole (fixed) training
-set, so an epoch costs only the student's forward and backward passes. `baseline` trains the same
+The teacher is frozen in eval mode and its outputs are computed once for the whole (fixed) training
+set when they are small, so an epoch costs only the student's forward and backward passes. `baseline` trains the same
 student from the same initialization on cross-entropy alone, with the same budget, and reports the gain.
 """
 
@@ -11,11 +15,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from modelzip_cli import hf
@@ -25,7 +29,8 @@ from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.format import CHECKPOINT_SUFFIXES, Manifest
 from modelzip_cli.measure import count_parameters, evaluate
 from modelzip_cli.techniques.base import MethodConfig, Op, Result
-from modelzip_cli.train import TrainConfig, cached_outputs, train
+from modelzip_cli.techniques.recover import Teacher
+from modelzip_cli.train import LossFn, TrainConfig, train
 
 
 class DistillConfig(MethodConfig):
@@ -34,12 +39,22 @@ class DistillConfig(MethodConfig):
     student_kwargs: dict[str, Any] | None = None
     epochs: int = Field(20, ge=0)
     temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) loss
+    loss: Literal["kd", "cosine", "mse"] = "kd"  # the teacher loss (module docstring)
+    alpha: float = Field(0.7, ge=0, le=1)  # weight of the teacher loss; 1 by default with cosine / mse
+    hidden_weight: float = Field(0.0, ge=0)  # weight of matching hidden states (Hugging Face models); 0: off
     lr: float = Field(1e-2, gt=0)  # a small student from scratch: a high rate, cosine-decayed
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     patience: int | None = Field(None, ge=1)  # early stopping on validation loss (needs val data)
     baseline: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _feature_loss_alone(cls, values: Any) -> Any:
+        """A feature loss (an embedding teacher) has no labels to mix in unless alpha says so."""
+        if isinstance(values, dict) and values.get("loss", "kd") != "kd" and "alpha" not in values:
+            values = {**values, "alpha": 1.0}
+        return values
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
@@ -119,19 +134,16 @@ def check_compatible(teacher: nn.Module, student: nn.Module, example: torch.Tens
                          hint="give the student as many outputs as the teacher (num_classes)")
 
 
-def distill_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float):
-    """The loss for the training loop. The teacher's soft targets, log softmax(teacher/T), are computed once
-    for the whole dataset and looked up by sample index."""
-    t = temperature
-    soft_targets = F.log_softmax(teacher_logits / t, dim=1)  # (N, classes)
+def distill_loss(teacher_loss: LossFn, alpha: float) -> LossFn:
+    """alpha · the teacher loss (`Teacher.training`'s) + (1 − alpha) · cross-entropy on the labels."""
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor | None, idx: torch.Tensor):
-        soft = F.kl_div(F.log_softmax(logits / t, dim=1), soft_targets[idx], log_target=True,
-                        reduction="batchmean") * (t * t)
+        soft, parts = teacher_loss(logits, targets, idx)
+        parts = {"soft_loss": soft.detach(), **{k: v for k, v in parts.items() if k == "hidden_loss"}}
         if alpha < 1:
             hard = F.cross_entropy(logits, targets)
-            return alpha * soft + (1 - alpha) * hard, {"soft_loss": soft.detach(), "hard_loss": hard.detach()}
-        return soft, {"soft_loss": soft.detach()}
+            return alpha * soft + (1 - alpha) * hard, {**parts, "hard_loss": hard.detach()}
+        return soft, parts
 
     return loss_fn
 
@@ -148,16 +160,21 @@ def apply(teacher: nn.Module, cfg: DistillConfig, ctx: Context, manifest: Manife
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    cached = cached_outputs(teacher, ctx.data.inputs, ctx.device)  # (N, classes), once for all epochs (and ranks)
+    # the teacher's outputs, once for all epochs (and ranks) when they are small; the teacher itself otherwise
+    targets = Teacher.of(teacher, ctx.data, ctx, loss=cfg.loss, temperature=cfg.temperature,
+                         hidden_weight=cfg.hidden_weight, copy_model=False)
     initial = copy.deepcopy(student.state_dict())
-    history = train(student, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data, description="distill",
-                    loss_fn=distill_loss(cached, cfg.temperature, cfg.alpha))
+    with targets.training(student, ctx.device) as teacher_loss:
+        history = train(student, ctx.data, cfg.train_config(), ctx=ctx, val=ctx.val_data, description="distill",
+                        loss_fn=distill_loss(teacher_loss, cfg.alpha))
     t_params, s_params = count_parameters(teacher), count_parameters(student)
     result = Result(student.eval(), manifest=student_manifest, before={"teacher_parameters": t_params})
     result.after = {"student_parameters": s_params, "compression_ratio": round(t_params / max(1, s_params), 3),
-                    "history": history, "epochs_run": len(history)}
+                    "history": history, "epochs_run": len(history), "fidelity": targets.measure(student),
+                    "fidelity_measured_on": targets.measure_on.path.name + ("" if targets.held_out else
+                                                                             " (training rows, not held out)")}
     measure_on = ctx.eval_data or ctx.val_data
-    if measure_on is not None and measure_on.targets is not None:  # unlabelled data: fidelity only (runner)
+    if measure_on is not None and measure_on.targets is not None:  # unlabelled data: fidelity only
         result.after["teacher_accuracy"] = evaluate(teacher, measure_on)["accuracy"]
         result.after["student_accuracy"] = evaluate(student, measure_on)["accuracy"]
     if cfg.baseline:
