@@ -204,4 +204,6 @@ def summary(teacher: Teacher | None, model: nn.Module, history: list[dict],
               else f"cosine {after['cosine_mean']:.4f}")
     notes = [f"recovery: {len(history)} epoch(s) on {len(teacher.data):,} samples against the input model "
              f"({teacher.loss} loss{', hidden states' if teacher.hidden_weight else ''}): {change} on {where}"]
+    if before and after["cosine_mean"] < before["cosine_mean"]:
+        notes.append("recovery lowered the fidelity it was meant to raise: try a lower --lr or fewer epochs")
     return {"recovery": block}, notes
