@@ -27,6 +27,7 @@ CASES = {
     "minilm": "bench.bench_minilm",
     "ddp": "bench.bench_ddp",
     "export": "bench.bench_export",
+    "recover": "bench.bench_recover",
 }
 
 
