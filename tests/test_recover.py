@@ -66,6 +66,17 @@ def test_max_samples_and_recovery_options_need_recover(cli, tmp_path, unlabelled
     assert set(tmp_path.iterdir()) == before
 
 
+def test_gradual_pruning_recovers_at_every_step(cli, tmp_path, unlabelled):
+    r = cli("prune", DIGITS_TEACHER, "--method", "gradual", "--ratio", "0.95", "--steps", "2", "--data", unlabelled,
+            *RECOVER, "--finetune-epochs", "1", "--eval-data", DIGITS_TEST, "-o", tmp_path / "g.safetensors",
+            "--json", "-q")
+    assert r.code == 0, r.stderr
+    block = r.json["steps"][0]["after"]["recovery"]
+    assert [row["step"] for row in block["history"]] == [1, 2] and block["fidelity_before"] is None
+    assert r.json["steps"][0]["after"]["selected_sparsity"] == pytest.approx(0.95, abs=1e-3)
+    assert block["fidelity_after"]["accuracy"] == pytest.approx(r.json["metrics"]["output"]["accuracy"])
+
+
 def test_chain_step_recovers(cli, tmp_path, unlabelled):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[steps]]\nop = "prune"\nratio = 0.95\nrecover = true\nfinetune-epochs = 3\nlr = 2e-3\n'

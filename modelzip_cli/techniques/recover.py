@@ -166,7 +166,7 @@ class Teacher:
 
 def prepare(model: nn.Module, cfg, ctx: Context) -> Teacher | None:
     """With cfg.recover: the teacher, taken from `model` before the step changes it; else None."""
-    if not getattr(cfg, "recover", False) or ctx.data is None:
+    if not cfg.recover or ctx.data is None:
         return None
     data = rows(ctx.data, cfg.max_samples, ctx.seed)
     return Teacher.of(model, data, ctx, loss=cfg.recover_loss, temperature=cfg.temperature,
