@@ -65,8 +65,9 @@ def test_every_config_round_trips_through_its_report_form():
                 ("quantize", "static"): {"calib_batches": 3},
                 ("quantize", "qat"): {"epochs": 2, "freeze_epochs": 1},
                 ("quantize", "weight-only"): {"bits": 4, "group_size": 32},
-                ("lowrank", ""): {"energy": 0.9},
-                ("distill", ""): {"student": "zoo:mlp", "student_kwargs": {"hidden_sizes": [8]}}}
+                ("lowrank", ""): {"energy": 0.9, "recover": True, "recover_loss": "cosine", "hidden_weight": 0.5,
+                                  "max_samples": 100},
+                ("distill", ""): {"student": "zoo:mlp", "student_kwargs": {"hidden_sizes": [8]}, "loss": "cosine"}}
     assert set(examples) == {(op, m) for op, entry in OPS.items() for m in entry.configs}
     for (op, method), values in examples.items():
         cfg = make_config(op, method or None, values)

@@ -74,7 +74,9 @@ class Recover(BaseModel):
 
     @model_validator(mode="after")
     def _needs_recover(self) -> Recover:
-        stray = sorted(self.model_fields_set & {"recover_loss", "temperature", "hidden_weight"})
+        # a value other than the default (a report's config carries them all, recover or not)
+        stray = [k for k in ("recover_loss", "temperature", "hidden_weight")
+                 if getattr(self, k) != type(self).model_fields[k].default]
         if stray and not self.recover:
             raise UsageError(f"{flag(stray[0])} applies to recovery", hint="add --recover")
         return self
