@@ -176,8 +176,8 @@ def _replay_structured(model: nn.Module, edit: dict, manifest: Manifest) -> nn.M
 # columns. Found by names and shapes (the q/k/v Linears of one module, and the first Linear run after v that
 # reads their width), so any family with separate projections works; fused or grouped projections are left.
 
-QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
-HEAD_COUNT_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
+HEAD_COUNT_ATTRS = ("num_attention_heads", "n_heads", "num_heads", "heads")
 
 
 def attention_blocks(model: nn.Module, example: torch.Tensor) -> tuple[list[dict], list[str]]:
@@ -198,8 +198,11 @@ def attention_blocks(model: nn.Module, example: torch.Tensor) -> tuple[list[dict
         if names is None:
             continue
         q, k, v = (f"{name}.{c}" if name else c for c in names)
-        head_size = getattr(m, "attention_head_size", None) or getattr(m, "head_dim", None)
         widths = {linears[x].out_features for x in (q, k, v)}
+        head_size = getattr(m, "attention_head_size", None) or getattr(m, "head_dim", None)
+        count = next((getattr(m, a) for a in HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int)), None)
+        if head_size is None and count and len(widths) == 1 and next(iter(widths)) % count == 0:
+            head_size = next(iter(widths)) // count  # only a head count kept: the size follows
         if not isinstance(head_size, int) or len(widths) != 1 or next(iter(widths)) % head_size:
             notes.append(f"{name}: attention with grouped or unequal q/k/v widths left as it was")
             continue

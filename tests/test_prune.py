@@ -146,9 +146,10 @@ def test_structured_default_selection_on_transformer_skips_tied_layers_with_note
             tmp_path / "t.safetensors", "--json", "-q")
     assert r.code == 0, r.stderr
     notes = " ".join(r.json["steps"][0]["notes"])
-    assert "attention heads" in notes and "tied to pos" in notes
+    assert "attention heads: 2 of 8 removed in 2" in notes and "tied to layers not selected (e.g. " in notes
     rows = {row["name"]: row for row in r.json["steps"][0]["layers"]}
-    assert rows["blocks.0.attn.q"]["shape"] == rows["blocks.0.attn.q"]["shape_before"]
+    q, q0 = rows["blocks.0.attn.q"]["shape"], rows["blocks.0.attn.q"]["shape_before"]  # one head of four gone
+    assert q == [q0[0] * 3 // 4, q0[1]] and rows["blocks.0.attn.o"]["shape"] == [q0[1], q0[0] * 3 // 4]
     assert rows["blocks.0.mlp.0"]["shape"][0] == 96
 
 
