@@ -335,3 +335,13 @@ with torch.inference_mode():
     fresh = torch.load(dest, weights_only=True)
     for path, outputs in MINILM_OUT.items():
         assert torch.equal(fresh[path], outputs), path
+
+
+def test_qat_on_unlabelled_tokens_learns_from_the_float_model(cli, hf_dirs, tmp_path):
+    data = hf_dirs / "tokens.safetensors"  # ids and attention mask, no targets
+    r = cli("quantize", hf_dirs / "distilbert", "--method", "qat", "--data", data, "--epochs", "2", "--eval-data",
+            data, "-o", tmp_path / "q.safetensors", "--json", "-q")
+    assert r.code == 0, r.stderr
+    history = r.json["steps"][0]["after"]["qat_history"]
+    assert [round(row["cosine_loss"], 6) == round(row["loss"], 6) for row in history] == [True, True]
+    assert r.json["metrics"]["output"]["fidelity"]["cosine_mean"] > 0.99

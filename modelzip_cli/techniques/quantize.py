@@ -12,6 +12,7 @@ loading replays on a fresh float model before the integer tensors are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -72,6 +73,9 @@ class QATConfig(_QuantizeConfig):
 
     def required_data(self) -> set[str]:
         return {"data"}
+
+    def needs_targets(self) -> bool:
+        return False  # unlabelled data: the float model is the teacher (recover.py)
 
     def frozen_epochs(self) -> int:
         if self.freeze_epochs is not None:
@@ -143,9 +147,13 @@ def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[
 
 
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module, list, list]:
+    from modelzip_cli.techniques.recover import Teacher
     from modelzip_cli.train import TrainConfig, train
 
     names = _names(model, cfg, *_types(cfg))
+    teacher = None
+    if ctx.data.targets is None:  # no labels: match the float model's outputs instead
+        teacher = Teacher.of(model, ctx.data, ctx, loss="auto", temperature=2.0, hidden_weight=0.0)
     prepared = int8.prepare_qat(model, names, _reduced(cfg))
     freeze_from = cfg.epochs - cfg.frozen_epochs()
 
@@ -153,8 +161,10 @@ def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Mod
         if epoch >= freeze_from:
             int8.freeze_observers(prepared)
 
-    history = train(prepared, ctx.data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size),
-                    ctx=ctx, description="qat", on_epoch=on_epoch)
+    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+    with teacher.training(prepared, ctx.device) if teacher else contextlib.nullcontext(None) as loss_fn:
+        extra = {"loss_fn": loss_fn} if loss_fn else {}
+        history = train(prepared, ctx.data, tcfg, ctx=ctx, description="qat", on_epoch=on_epoch, **extra)
     for row in history:
         row["observers_frozen"] = row["epoch"] > freeze_from
     return (*_converted(prepared.eval(), names, True, "minmax (moving average)", _reduced(cfg)), history)
