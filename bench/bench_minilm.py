@@ -26,15 +26,16 @@ ROWS = {  # name → modelzip arguments after the model (data files substituted)
     "prune magnitude 0.3": ["prune", "--ratio", "0.3"],
     "prune structured 0.25 (heads + FFN)": ["prune", "--method", "structured", "--ratio", "0.25"],
     "prune gradual structured 0.25": ["prune", "--method", "gradual", "--granularity", "structured", "--ratio",
-                                      "0.25", "--steps", "2", "--data", "{recover}", "--finetune-epochs", "1"],
+                                      "0.25", "--steps", "2", "--data", "{recover}", "--finetune-epochs", "1",
+                                      "--recover"],
     "lowrank energy 0.95": ["lowrank", "--energy", "0.95"],
     "quantize dynamic int8": ["quantize", "--method", "dynamic"],
     "quantize static int8": ["quantize", "--method", "static", "--calib-data", "{calib}"],
     "quantize qat int8": ["quantize", "--method", "qat", "--data", "{recover}", "--epochs", "1"],
     "weight-only int8": ["quantize", "--method", "weight-only"],
     "weight-only int4": ["quantize", "--method", "weight-only", "--bits", "4"],
-    "distill 3-layer student": ["distill", "--student-config", "{student}", "--data", "{recover}", "--alpha", "1",
-                                "--epochs", "2"],
+    "distill 3-layer student": ["distill", "--student-config", "{student}", "--data", "{recover}", "--loss",
+                                "cosine", "--epochs", "2"],
 }
 
 
