@@ -301,9 +301,11 @@ def quantize(
                                              "(default 8)")] = None,
     group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only: input channels per scale, "
                                                    "0 = per channel (default 128)")] = None,
-    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data")] = None,
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data; dynamic: "
+                                                    "activation ranges for --smoothing, and what --min-fidelity "
+                                                    "is met on")] = None,
     calib_batches: Annotated[int | None, typer.Option("--calib-batches", help="static: batches to calibrate on "
-                                                      "(default 100)")] = None,
+                                                      "(default 100); dynamic: for smoothing (default 8)")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="qat: training data")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="qat: fine-tuning epochs (default 3)")] = None,
     freeze_epochs: Annotated[int | None, typer.Option("--freeze-epochs", help="qat: final epochs with observers "
@@ -317,6 +319,9 @@ def quantize(
                                                     "activation scales (default per-token)")] = None,
     observer: Annotated[str | None, typer.Option("--observer", help="static: minmax | percentile "
                                                  "(default minmax)")] = None,
+    smoothing: Annotated[str | None, typer.Option("--smoothing", help="dynamic: auto (with --calib-data, move "
+                                                  "activation outliers into the weights where that measures "
+                                                  "better, per layer) | off (default auto)")] = None,
     *, shared,
 ) -> None:
     """int8 dynamic / static / QAT on plain int8 tensors, or int8/int4 weight-only."""
@@ -324,7 +329,8 @@ def quantize(
 
     values = given(bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
                    freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, backend=backend,
-                   activations=activations, observer=observer, include=shared.include, exclude=shared.exclude)
+                   activations=activations, observer=observer, smoothing=smoothing, include=shared.include,
+                   exclude=shared.exclude)
     with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):  # the report's latencies too
         technique("quantize", method, model, shared, values, files={"data": data, "calib_data": calib_data})
 

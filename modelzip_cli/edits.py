@@ -387,12 +387,12 @@ def _replay_weight_only(model: nn.Module, edit: dict, manifest: Manifest) -> nn.
 # int8 dynamic / static / QAT: modelzip's plain-int8 modules (int8.py) in place of the float layers
 
 
-def plain_int8(layer: nn.Module, kind: str, activations: str = "per-token", reduced_range: bool = False
-               ) -> nn.Module:
+def plain_int8(layer: nn.Module, kind: str, activations: str = "per-token", reduced_range: bool = False,
+               smoothed: bool = False) -> nn.Module:
     """An empty plain-int8 module shaped like the float `layer` (the stored tensors fill it)."""
     if kind == "dynamic":
         return int8.DynamicInt8Linear(layer.in_features, layer.out_features, layer.bias is not None, activations,
-                                      layer.weight.dtype)
+                                      layer.weight.dtype, smoothed)
     if isinstance(layer, nn.Linear):
         return int8.StaticInt8Linear(layer.in_features, layer.out_features, layer.bias is not None, layer.weight.dtype,
                                      reduced_range)
@@ -405,6 +405,14 @@ def plain_int8(layer: nn.Module, kind: str, activations: str = "per-token", redu
 class DynamicEdit(EditSchema):
     modules: list[str]
     activations: Literal[int8.ACTIVATIONS]
+    smoothed: list[str] = []  # layers holding per-input-channel smoothing scales (activation outliers)
+
+    @field_validator("smoothed")
+    @classmethod
+    def _smoothed_are_quantized(cls, names: list[str], info) -> list[str]:
+        if set(names) - set(info.data.get("modules", [])):
+            raise ValueError("every smoothed layer must be one of the edit's modules")
+        return names
 
 
 class StaticEdit(EditSchema):
@@ -419,7 +427,8 @@ class StaticEdit(EditSchema):
 def _replay_dynamic(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     for name in edit["modules"]:
         layer = submodule(model, name, (nn.Linear,), "Linear")
-        replace_module(model, name, plain_int8(layer, "dynamic", edit["activations"]))
+        replace_module(model, name, plain_int8(layer, "dynamic", edit["activations"],
+                                               smoothed=name in edit["smoothed"]))
     return model
 
 
