@@ -16,6 +16,9 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelzip_cli.checkpoint import check_trusted
 from modelzip_cli.errors import InputError, ModelzipError, UsageError
@@ -50,12 +53,39 @@ def _read(path: Path) -> list:
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
     items = raw if isinstance(raw, list) else raw.get("steps") if isinstance(raw, dict) else None
-    if isinstance(raw, dict) and set(raw) - {"steps"}:
-        raise UsageError(f"recipe {path}: unknown top-level key(s) {sorted(set(raw) - {'steps'})}",
-                         hint="a recipe has one list, `steps`")
+    if isinstance(raw, dict) and set(raw) - {"steps", "plan"}:
+        raise UsageError(f"recipe {path}: unknown top-level key(s) {sorted(set(raw) - {'steps', 'plan'})}",
+                         hint="a recipe has one list, `steps` (and a plan its `[plan]` table)")
+    if isinstance(raw, dict) and "plan" in raw:
+        check_plan_table(path, raw["plan"])
     if not isinstance(items, list) or not items:
         raise UsageError(f"recipe {path} has no steps", hint="add [[steps]] tables with op = \"prune\" …")
     return items
+
+
+class PlanTable(BaseModel):
+    """A plan's `[plan]` table (written by `analyze`): how the plan was made. A record; nothing runs from it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    budget_fidelity: float | None = Field(None, gt=0, le=1)
+    budget_accuracy_drop: float | None = Field(None, ge=0)
+    measured_loss: float
+    unit: Literal["1 - cosine", "accuracy points"]
+    measured_on: str = Field(max_length=500)
+    bytes_saved_estimate: int = Field(ge=0)
+    layers: int = Field(ge=0)
+
+
+def check_plan_table(path: Path, table: object) -> None:
+    if not isinstance(table, dict):
+        raise UsageError(f"plan {path}: [plan] must be a table")
+    try:
+        PlanTable.model_validate(table)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "[plan]"
+        raise UsageError(f"plan {path}: [plan] {where}: {err['msg'].lower()}",
+                         hint="a plan is written by `modelzip analyze --plan-out`") from None
 
 
 def parse_step(index: int, item: object, folder: Path) -> RecipeStep:
@@ -96,10 +126,11 @@ def parse_recipe(path: Path) -> list[RecipeStep]:
 
 
 def check_order(steps: list[RecipeStep]) -> None:
-    """A float-only step cannot follow quantize: the integer model has no float weights to work on."""
+    """A float-only step cannot follow quantize: the integer model has no float weights to work on. Another
+    quantize step may (a plan quantizes some layers to int8, others to int4): it takes the layers still float."""
     quantized_at = None
     for step in steps:
-        if quantized_at is not None and OPS[step.op].float_only:
+        if quantized_at is not None and OPS[step.op].float_only and step.op != "quantize":
             raise UsageError(f"{step.label()} cannot follow {quantized_at.label()}: {step.op} works on float "
                              "models", hint="move quantize to the end of the recipe")
         if step.op == "quantize":
