@@ -25,6 +25,7 @@ CASES = {
     "distill": "bench.bench_distill",
     "hf_load": "bench.bench_hf_load",
     "ddp": "bench.bench_ddp",
+    "minilm_quant": "bench.bench_minilm_quant",
 }
 
 

@@ -88,7 +88,7 @@ class AnalyzeOptions:
     techniques: str = DEFAULT_CANDIDATES
     include: list[str] | None = None
     exclude: list[str] | None = None
-    samples: int | None = None  # samples scored per candidate (default: 64 without labels, all ≤ 2048 with)
+    samples: int | None = None  # samples scored per candidate (default: 32 without labels, all ≤ 2048 with)
     budget_fidelity: float | None = None
     budget_accuracy_drop: float | None = None
     plan_out: Path | None = None
@@ -158,7 +158,7 @@ def analyze(loaded: Loaded, data: Dataset, opts: AnalyzeOptions, ctx: Context) -
     names = [n for n, _ in select_modules(model, include=opts.include, exclude=opts.exclude, types=(nn.Linear,),
                                           what="Linear")]
     labelled = data.targets is not None and opts.budget_fidelity is None
-    n = opts.samples or (min(len(data), 2048) if labelled else 64)
+    n = opts.samples or (min(len(data), 2048) if labelled else 32)
     subset = Dataset(inputs=data.inputs[:n], targets=data.targets[:n] if data.targets is not None else None,
                      path=data.path)
     scorer = Scorer(model, subset.inputs, subset.targets if labelled else None)

@@ -449,7 +449,7 @@ def analyze(
     techniques: Annotated[str, typer.Option("--techniques", help="candidates per layer: int8, int4, prune:R, "
                                             "lowrank:R")] = "int8,int4,prune:0.3,prune:0.5,lowrank:0.5",
     samples: Annotated[int | None, typer.Option("--samples", help="samples each candidate is scored on (default "
-                                                "64, or all up to 2048 with labels)")] = None,
+                                                "32, or all up to 2048 with labels)")] = None,
     budget_fidelity: Annotated[float | None, typer.Option("--budget-fidelity", help="plan: keep the mean cosine "
                                                           "to the float model at least this")] = None,
     budget_accuracy_drop: Annotated[float | None, typer.Option("--budget-accuracy-drop", help="plan: lose at most "
