@@ -208,7 +208,7 @@ def intermediate_paths(steps: list[RecipeStep], folder: Path, suffix: str) -> di
 
 
 def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | None, progress,
-              recipe: Path | None = None, keep_intermediate: Path | None = None):
+              recipe: Path | None = None, keep_intermediate: Path | None = None, command: str = "chain"):
     """Run every step on the in-memory model; one report with a row per step and the final comparison.
     Intermediates are staged with the output and report: checked like them before any work (inputs,
     --force), and written only if the whole chain succeeds."""
@@ -261,6 +261,6 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
     step_inputs = [f for step in steps for f in (step.data, step.val_data, step.calib_data) if f is not None]
     step_inputs += [Path(s.config.student) for s in steps if s.op == "distill" and is_checkpoint_path(s.config.student)]
     others = [p for p in (recipe, data, *step_inputs) if p is not None]
-    return run_transform("chain", input_path, opts, apply, ops=[s.op for s in steps],
+    return run_transform(command, input_path, opts, apply, ops=[s.op for s in steps],
                          context=Context(progress=progress), prepare=prepare, extra_inputs=others,
                          outputs=outputs, extra_outputs=intermediates)

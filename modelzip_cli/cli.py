@@ -235,6 +235,27 @@ def technique(op: str, method: str | None, model: Path, shared: SimpleNamespace,
     return report
 
 
+PlanFile = Annotated[Path | None, typer.Option("--plan", help="run this command's steps of a plan written by "
+                                               "`modelzip analyze --plan-out` (per-layer choices)")]
+
+
+def run_plan(op: str, model: Path, plan: Path, shared: SimpleNamespace, data: Path | None,
+             own: dict[str, Any]) -> None:
+    """`prune/quantize/lowrank --plan PLAN`: the plan's steps of this op, run as `chain` runs them."""
+    from modelzip_cli.chain import check_data_needs_all, parse_recipe, run_chain
+
+    if own or shared.include or shared.exclude:
+        raise UsageError(f"--plan sets the {op} options per layer; leave out "
+                         + ", ".join(sorted("--" + k.replace("_", "-") for k in own) or ["--include/--exclude"]))
+    steps = [s for s in parse_recipe(plan) if s.op == op]
+    if not steps:
+        raise UsageError(f"plan {plan} has no {op} step",
+                         hint=f"run the whole plan: modelzip chain MODEL --recipe {plan}")
+    check_data_needs_all(steps, data)
+    emit(run_chain(model, steps, common_options(shared), data=data, recipe=plan, command=op,
+                   progress=progress_factory(shared.quiet)), shared)
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"modelzip {__version__}")
@@ -276,7 +297,7 @@ def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="data 
 @command(SELECT_OPTIONS, FINETUNE_OPTIONS, TRANSFORM_OPTIONS)
 def prune(
     model: Input,
-    ratio: Annotated[float, typer.Option("--ratio", help="fraction to remove, in [0, 1)")],
+    ratio: Annotated[float | None, typer.Option("--ratio", help="fraction to remove, in [0, 1)")] = None,
     method: Annotated[str, typer.Option("--method", help="magnitude | structured | gradual")] = "magnitude",
     scope: Annotated[str | None, typer.Option("--scope", help="magnitude, gradual: global (one threshold) | "
                                               "layer (default global)")] = None,
@@ -284,9 +305,15 @@ def prune(
                                                     "structured (default unstructured)")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="gradual: steps on the cubic schedule "
                                               "(default 5)")] = None,
+    plan: PlanFile = None,
     *, shared,
 ) -> None:
     """Remove weights (magnitude), whole units (structured), or reach the ratio over steps (gradual)."""
+    if plan is not None:
+        return run_plan("prune", model, plan, shared, shared.data, given(ratio=ratio, scope=scope,
+                                                                          granularity=granularity, steps=steps))
+    if ratio is None:
+        raise UsageError("prune needs --ratio R (or --plan PLAN)")
     values = given(ratio=ratio, scope=scope, granularity=granularity, steps=steps, include=shared.include,
                    exclude=shared.exclude, finetune_epochs=shared.finetune_epochs, lr=shared.lr,
                    batch_size=shared.batch_size)
@@ -296,7 +323,7 @@ def prune(
 @command(SELECT_OPTIONS, TRANSFORM_OPTIONS)
 def quantize(
     model: Input,
-    method: Annotated[str, typer.Option("--method", help="dynamic | static | qat | weight-only")],
+    method: Annotated[str | None, typer.Option("--method", help="dynamic | static | qat | weight-only")] = None,
     bits: Annotated[int | None, typer.Option("--bits", help="weight-only: 8 or 4 (int4 packed two per byte) "
                                              "(default 8)")] = None,
     group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only: input channels per scale, "
@@ -322,10 +349,19 @@ def quantize(
     smoothing: Annotated[str | None, typer.Option("--smoothing", help="dynamic: auto (with --calib-data, move "
                                                   "activation outliers into the weights where that measures "
                                                   "better, per layer) | off (default auto)")] = None,
+    plan: PlanFile = None,
     *, shared,
 ) -> None:
     """int8 dynamic / static / QAT on plain int8 tensors, or int8/int4 weight-only."""
     from modelzip_cli import int8
+
+    if plan is not None:
+        with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):
+            return run_plan("quantize", model, plan, shared, calib_data or data,
+                            given(method=method, bits=bits, group_size=group_size, backend=backend,
+                                  activations=activations, observer=observer, smoothing=smoothing))
+    if method is None:
+        raise UsageError("quantize needs --method (dynamic, static, qat or weight-only), or --plan PLAN")
 
     values = given(bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
                    freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, backend=backend,
@@ -343,9 +379,13 @@ def lowrank(
     params_ratio: Annotated[float | None, typer.Option("--params-ratio",
                                                       help="whole-model parameter budget, shared by energy")] = None,
     svd: Annotated[str | None, typer.Option("--svd", help="auto | exact | randomized (default auto)")] = None,
+    plan: PlanFile = None,
     *, shared,
 ) -> None:
     """Factorize Linear layers by truncated SVD into two smaller Linears."""
+    if plan is not None:
+        return run_plan("lowrank", model, plan, shared, shared.data,
+                        given(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd))
     values = given(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd, include=shared.include,
                    exclude=shared.exclude, finetune_epochs=shared.finetune_epochs, lr=shared.lr,
                    batch_size=shared.batch_size)

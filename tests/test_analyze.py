@@ -194,3 +194,23 @@ def test_plan_json_is_a_valid_recipe_too(tmp_path):
                                        {"op": "quantize", "method": "weight-only", "bits": 4,
                                         "include": ["layers.3"]}]}))
     assert [s.op for s in parse_recipe(p)] == ["quantize", "quantize"]
+
+
+def test_quantize_prune_lowrank_take_a_plan(cli, tmp_path):
+    plan = tmp_path / "p.toml"
+    plan.write_text('[[steps]]\nop = "lowrank"\nrank-ratio = 0.25\nfinetune-epochs = 0\ninclude = ["layers.3"]\n\n'
+                    '[[steps]]\nop = "quantize"\nmethod = "weight-only"\nbits = 4\ninclude = ["layers.0"]\n')
+    out = tmp_path / "q.safetensors"
+    r = cli("quantize", DIGITS_TEACHER, "--plan", plan, "-o", out, "-q", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json["command"] == "quantize" and [s["op"] for s in r.json["steps"]] == ["quantize"]
+    edits = load_checkpoint(out).manifest.edits
+    assert [(e["kind"], e["modules"]) for e in edits] == [("quantize_weight_only", ["layers.0"])]
+    r = cli("lowrank", DIGITS_TEACHER, "--plan", plan, "-q", "-o", tmp_path / "l.safetensors")
+    assert r.code == 0, r.stderr
+    assert list(load_checkpoint(tmp_path / "l.safetensors").manifest.edits[0]["ranks"]) == ["layers.3"]
+    r = cli("prune", DIGITS_TEACHER, "--plan", plan, "-o", tmp_path / "p.safetensors")
+    assert r.code == 2 and "has no prune step" in one_line_error(r)
+    r = cli("quantize", DIGITS_TEACHER, "--plan", plan, "--bits", "8", "-o", tmp_path / "b.safetensors")
+    assert r.code == 2 and "--plan sets" in one_line_error(r)
+    assert not (tmp_path / "p.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
