@@ -349,6 +349,7 @@ def quantize(
     smoothing: Annotated[str | None, typer.Option("--smoothing", help="dynamic: auto (with --calib-data, move "
                                                   "activation outliers into the weights where that measures "
                                                   "better, per layer) | off (default auto)")] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="weight-only: also the Embedding tables")] = False,
     plan: PlanFile = None,
     *, shared,
 ) -> None:
@@ -359,13 +360,15 @@ def quantize(
         with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):
             return run_plan("quantize", model, plan, shared, calib_data or data,
                             given(method=method, bits=bits, group_size=group_size, backend=backend,
-                                  activations=activations, observer=observer, smoothing=smoothing))
+                                  activations=activations, observer=observer, smoothing=smoothing,
+                                  embeddings=embeddings or None))
     if method is None:
         raise UsageError("quantize needs --method (dynamic, static, qat or weight-only), or --plan PLAN")
 
     values = given(bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
                    freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, backend=backend,
-                   activations=activations, observer=observer, smoothing=smoothing, include=shared.include,
+                   activations=activations, observer=observer, smoothing=smoothing,
+                   embeddings=embeddings or None, include=shared.include,
                    exclude=shared.exclude)
     with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):  # the report's latencies too
         technique("quantize", method, model, shared, values, files={"data": data, "calib_data": calib_data})

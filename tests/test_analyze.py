@@ -214,3 +214,17 @@ def test_quantize_prune_lowrank_take_a_plan(cli, tmp_path):
     r = cli("quantize", DIGITS_TEACHER, "--plan", plan, "--bits", "8", "-o", tmp_path / "b.safetensors")
     assert r.code == 2 and "--plan sets" in one_line_error(r)
     assert not (tmp_path / "p.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+
+
+def test_weight_only_embeddings_shrink_the_file_and_replay(cli, bert):
+    plain, emb = bert / "wo4.safetensors", bert / "wo4e.safetensors"
+    base = ["quantize", bert / "bert", "--method", "weight-only", "--bits", "4", "--group-size", "32", "-q", "--force"]
+    assert cli(*base, "-o", plain).code == 0
+    r = cli(*base, "--embeddings", "-o", emb)
+    assert r.code == 0, r.stderr
+    assert emb.stat().st_size < 0.6 * plain.stat().st_size  # the vocabulary table dominates this small model
+    loaded = load_checkpoint(emb)
+    assert "model.embeddings.word_embeddings" in loaded.manifest.edits[-1]["modules"]
+    x = load_data(bert / "heldout.safetensors", require_targets=False).inputs
+    ref = predict(load_checkpoint(bert / "bert").model, x)
+    assert fidelity(ref, predict(loaded.model, x))["cosine_mean"] > 0.95

@@ -23,7 +23,7 @@ from torch import nn
 
 from modelzip_cli import int8
 from modelzip_cli.context import Context
-from modelzip_cli.edits import WeightOnlyLinear, replace_module
+from modelzip_cli.edits import WeightOnlyEmbedding, WeightOnlyLinear, check_embedding, replace_module
 from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import predict, sqnr_db
@@ -91,6 +91,7 @@ class WeightOnlyConfig(_QuantizeConfig):
     method: ClassVar[str] = "weight-only"
     bits: Literal[8, 4] = 8
     group_size: int = Field(128, ge=0)  # input channels sharing one scale; 0 = one scale per output channel
+    embeddings: bool = False  # also the Embedding tables (a token's row is dequantized when it is looked up)
 
 
 QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig
@@ -246,7 +247,12 @@ def _weight_only_names(model: nn.Module, cfg: WeightOnlyConfig) -> tuple[list[st
 def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names, _ = _weight_only_names(model, cfg)
     for name in names:
-        replace_module(model, name, WeightOnlyLinear.from_float(model.get_submodule(name), cfg.bits, cfg.group_size))
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Embedding):
+            check_embedding(layer)
+            replace_module(model, name, WeightOnlyEmbedding.from_embedding(layer, cfg.bits, cfg.group_size))
+        else:
+            replace_module(model, name, WeightOnlyLinear.from_float(layer, cfg.bits, cfg.group_size))
     return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
                     "group_size": cfg.group_size}], {}
 
@@ -375,6 +381,8 @@ def _kept_note(kept: dict, ctx: Context) -> str:
 
 
 def _types(cfg: QuantizeConfig) -> tuple[tuple[type, ...], str]:
+    if isinstance(cfg, WeightOnlyConfig) and cfg.embeddings:
+        return (nn.Linear, nn.Embedding), "Linear or Embedding"
     if isinstance(cfg, DynamicConfig | WeightOnlyConfig):
         return (nn.Linear,), "Linear"
     return WEIGHTED, "Linear or Conv"
