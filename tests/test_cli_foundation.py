@@ -32,7 +32,8 @@ def test_help_does_not_import_torch():
     # the command names as listed in the Commands panel (the app's own help text must not count)
     listed = {line.strip("│ ").split()[0] for line in proc.stdout.split("Commands")[1].splitlines()
               if line.startswith("│ ") and not line.startswith("│  ")}
-    assert listed == {"inspect", "eval", "prune", "quantize", "lowrank", "distill", "chain", "compare", "data"}, listed
+    assert listed == {"inspect", "eval", "prune", "quantize", "lowrank", "distill", "chain", "compare", "analyze",
+                      "data"}, listed
 
 
 def test_inspect_gives_exact_parameters_bytes_and_every_layer(cli):
