@@ -88,11 +88,13 @@ def run() -> dict:
             "dynamic", {}, {"calib_data": files["calib"]}, 0.995),
         "modelzip int8 dynamic, smoothing (all layers)": ("dynamic", {}, {"calib_data": files["calib"]}, None),
         "modelzip int8 dynamic, no smoothing": ("dynamic", {"smoothing": "off"}, {}, None),
-        "modelzip int4 weight-only (group 128)": ("weight-only", {"bits": 4}, {}, None),
+        "modelzip int4 weight-only (group 128), Linears": ("weight-only", {"bits": 4}, {}, None),
+        "modelzip int4 weight-only (group 128), Linears and embeddings": (
+            "weight-only", {"bits": 4, "embeddings": True}, {}, None),
     }
     results["modelzip"] = {}
     for label, (method, values, extra, gate) in runs.items():
-        out = work / (label.split(",")[0].replace(" ", "_") + f"_{len(results['modelzip'])}.safetensors")
+        out = work / f"modelzip_{len(results['modelzip'])}.safetensors"
         report, seconds = _quantize(model_dir, out, method, values, {"data": None, "calib_data": None, **extra},
                                     min_fidelity=gate, eval_data=files["heldout"] if gate else None)
         step = report.steps[0]
