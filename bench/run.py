@@ -28,6 +28,7 @@ CASES = {
     "ddp": "bench.bench_ddp",
     "export": "bench.bench_export",
     "recover": "bench.bench_recover",
+    "minilm_quant": "bench.bench_minilm_quant",
 }
 
 

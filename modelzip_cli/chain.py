@@ -18,6 +18,9 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelzip_cli.checkpoint import check_trusted
 from modelzip_cli.errors import InputError, ModelzipError, UsageError
@@ -66,12 +69,39 @@ def _read(path: Path) -> list:
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
     items = raw if isinstance(raw, list) else raw.get("steps") if isinstance(raw, dict) else None
-    if isinstance(raw, dict) and set(raw) - {"steps"}:
-        raise UsageError(f"recipe {path}: unknown top-level key(s) {sorted(set(raw) - {'steps'})}",
-                         hint="a recipe has one list, `steps`")
+    if isinstance(raw, dict) and set(raw) - {"steps", "plan"}:
+        raise UsageError(f"recipe {path}: unknown top-level key(s) {sorted(set(raw) - {'steps', 'plan'})}",
+                         hint="a recipe has one list, `steps` (and a plan its `[plan]` table)")
+    if isinstance(raw, dict) and "plan" in raw:
+        check_plan_table(path, raw["plan"])
     if not isinstance(items, list) or not items:
         raise UsageError(f"recipe {path} has no steps", hint="add [[steps]] tables with op = \"prune\" …")
     return items
+
+
+class PlanTable(BaseModel):
+    """A plan's `[plan]` table (written by `analyze`): how the plan was made. A record; nothing runs from it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    budget_fidelity: float | None = Field(None, gt=0, le=1)
+    budget_accuracy_drop: float | None = Field(None, ge=0)
+    measured_loss: float
+    unit: Literal["1 - cosine", "accuracy points"]
+    measured_on: str = Field(max_length=500)
+    bytes_saved_estimate: int = Field(ge=0)
+    layers: int = Field(ge=0)
+
+
+def check_plan_table(path: Path, table: object) -> None:
+    if not isinstance(table, dict):
+        raise UsageError(f"plan {path}: [plan] must be a table")
+    try:
+        PlanTable.model_validate(table)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "[plan]"
+        raise UsageError(f"plan {path}: [plan] {where}: {err['msg'].lower()}",
+                         hint="a plan is written by `modelzip analyze --plan-out`") from None
 
 
 def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportStep:
@@ -119,7 +149,8 @@ def parse_recipe(path: Path) -> list[RecipeStep | ExportStep]:
 
 
 def check_order(steps: list[RecipeStep]) -> None:
-    """A float-only step cannot follow quantize: the integer model has no float weights to work on."""
+    """A float-only step cannot follow quantize: the integer model has no float weights to work on. Another
+    quantize step may (a plan quantizes some layers to int8, others to int4): it takes the layers still float."""
     quantized_at = None
     for step in steps:
         if isinstance(step, ExportStep):
@@ -127,7 +158,7 @@ def check_order(steps: list[RecipeStep]) -> None:
                 raise UsageError(f"{step.label()} must be the last step: it exports the final model",
                                  hint="move the export step to the end of the recipe")
             continue
-        if quantized_at is not None and OPS[step.op].float_only:
+        if quantized_at is not None and OPS[step.op].float_only and step.op != "quantize":
             raise UsageError(f"{step.label()} cannot follow {quantized_at.label()}: {step.op} works on float "
                              "models", hint="move quantize to the end of the recipe")
         if step.op == "quantize":
@@ -253,7 +284,7 @@ def run_export_step(step: ExportStep, path: Path, loaded, ctx, outputs, opts, ca
 
 
 def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | None, progress,
-              recipe: Path | None = None, keep_intermediate: Path | None = None):
+              recipe: Path | None = None, keep_intermediate: Path | None = None, command: str = "chain"):
     """Run every step on the in-memory model; one report with a row per step and the final comparison.
     Intermediates are staged with the output and report: checked like them before any work (inputs,
     --force), and written only if the whole chain succeeds."""
@@ -313,6 +344,6 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
     step_inputs = [f for step in steps for f in (step.data, step.val_data, step.calib_data) if f is not None]
     step_inputs += [Path(s.config.student) for s in steps if s.op == "distill" and is_checkpoint_path(s.config.student)]
     others = [p for p in (recipe, data, *step_inputs) if p is not None]
-    return run_transform("chain", input_path, opts, apply, ops=[s.op for s in steps],
+    return run_transform(command, input_path, opts, apply, ops=[s.op for s in steps],
                          context=Context(progress=progress), prepare=prepare, extra_inputs=others,
                          outputs=outputs, extra_outputs=intermediates)

@@ -255,6 +255,27 @@ def technique(op: str, method: str | None, model: Path, shared: SimpleNamespace,
     return report
 
 
+PlanFile = Annotated[Path | None, typer.Option("--plan", help="run this command's steps of a plan written by "
+                                               "`modelzip analyze --plan-out` (per-layer choices)")]
+
+
+def run_plan(op: str, model: Path, plan: Path, shared: SimpleNamespace, data: Path | None,
+             own: dict[str, Any]) -> None:
+    """`prune/quantize/lowrank --plan PLAN`: the plan's steps of this op, run as `chain` runs them."""
+    from modelzip_cli.chain import check_data_needs_all, parse_recipe, run_chain
+
+    if own or shared.include or shared.exclude:
+        raise UsageError(f"--plan sets the {op} options per layer; leave out "
+                         + ", ".join(sorted("--" + k.replace("_", "-") for k in own) or ["--include/--exclude"]))
+    steps = [s for s in parse_recipe(plan) if s.op == op]
+    if not steps:
+        raise UsageError(f"plan {plan} has no {op} step",
+                         hint=f"run the whole plan: modelzip chain MODEL --recipe {plan}")
+    check_data_needs_all(steps, data)
+    emit(run_chain(model, steps, common_options(shared), data=data, recipe=plan, command=op,
+                   progress=progress_factory(shared.quiet)), shared)
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"modelzip {__version__}")
@@ -296,7 +317,7 @@ def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="data 
 @command(SELECT_OPTIONS, FINETUNE_OPTIONS, TRANSFORM_OPTIONS)
 def prune(
     model: Input,
-    ratio: Annotated[float, typer.Option("--ratio", help="fraction to remove, in [0, 1)")],
+    ratio: Annotated[float | None, typer.Option("--ratio", help="fraction to remove, in [0, 1)")] = None,
     method: Annotated[str, typer.Option("--method", help="magnitude | structured | gradual")] = "magnitude",
     scope: Annotated[str | None, typer.Option("--scope", help="magnitude, gradual: global (one threshold) | "
                                               "layer (default global)")] = None,
@@ -304,9 +325,15 @@ def prune(
                                                     "structured (default unstructured)")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="gradual: steps on the cubic schedule "
                                               "(default 5)")] = None,
+    plan: PlanFile = None,
     *, shared,
 ) -> None:
     """Remove weights (magnitude), whole units (structured), or reach the ratio over steps (gradual)."""
+    if plan is not None:
+        return run_plan("prune", model, plan, shared, shared.data, given(ratio=ratio, scope=scope,
+                                                                          granularity=granularity, steps=steps))
+    if ratio is None:
+        raise UsageError("prune needs --ratio R (or --plan PLAN)")
     values = given(ratio=ratio, scope=scope, granularity=granularity, steps=steps, include=shared.include,
                    exclude=shared.exclude) | finetune_values(shared)
     technique("prune", method, model, shared, values, files={"data": shared.data}, gzip_output=True)
@@ -315,14 +342,16 @@ def prune(
 @command(SELECT_OPTIONS, TRANSFORM_OPTIONS)
 def quantize(
     model: Input,
-    method: Annotated[str, typer.Option("--method", help="dynamic | static | qat | weight-only")],
+    method: Annotated[str | None, typer.Option("--method", help="dynamic | static | qat | weight-only")] = None,
     bits: Annotated[int | None, typer.Option("--bits", help="weight-only: 8 or 4 (int4 packed two per byte) "
                                              "(default 8)")] = None,
     group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only: input channels per scale, "
                                                    "0 = per channel (default 128)")] = None,
-    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data")] = None,
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data; dynamic: "
+                                                    "activation ranges for --smoothing, and what --min-fidelity "
+                                                    "is met on")] = None,
     calib_batches: Annotated[int | None, typer.Option("--calib-batches", help="static: batches to calibrate on "
-                                                      "(default 100)")] = None,
+                                                      "(default 100); dynamic: for smoothing (default 8)")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="qat: training data")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="qat: fine-tuning epochs (default 3)")] = None,
     freeze_epochs: Annotated[int | None, typer.Option("--freeze-epochs", help="qat: final epochs with observers "
@@ -336,14 +365,30 @@ def quantize(
                                                     "activation scales (default per-token)")] = None,
     observer: Annotated[str | None, typer.Option("--observer", help="static: minmax | percentile "
                                                  "(default minmax)")] = None,
+    smoothing: Annotated[str | None, typer.Option("--smoothing", help="dynamic: auto (with --calib-data, move "
+                                                  "activation outliers into the weights where that measures "
+                                                  "better, per layer) | off (default auto)")] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="weight-only: also the Embedding tables")] = False,
+    plan: PlanFile = None,
     *, shared,
 ) -> None:
     """int8 dynamic / static / QAT on plain int8 tensors, or int8/int4 weight-only."""
     from modelzip_cli import int8
 
+    if plan is not None:
+        with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):
+            return run_plan("quantize", model, plan, shared, calib_data or data,
+                            given(method=method, bits=bits, group_size=group_size, backend=backend,
+                                  activations=activations, observer=observer, smoothing=smoothing,
+                                  embeddings=embeddings or None))
+    if method is None:
+        raise UsageError("quantize needs --method (dynamic, static, qat or weight-only), or --plan PLAN")
+
     values = given(bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
                    freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, backend=backend,
-                   activations=activations, observer=observer, include=shared.include, exclude=shared.exclude)
+                   activations=activations, observer=observer, smoothing=smoothing,
+                   embeddings=embeddings or None, include=shared.include,
+                   exclude=shared.exclude)
     with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):  # the report's latencies too
         technique("quantize", method, model, shared, values, files={"data": data, "calib_data": calib_data})
 
@@ -356,9 +401,13 @@ def lowrank(
     params_ratio: Annotated[float | None, typer.Option("--params-ratio",
                                                       help="whole-model parameter budget, shared by energy")] = None,
     svd: Annotated[str | None, typer.Option("--svd", help="auto | exact | randomized (default auto)")] = None,
+    plan: PlanFile = None,
     *, shared,
 ) -> None:
     """Factorize Linear layers by truncated SVD into two smaller Linears."""
+    if plan is not None:
+        return run_plan("lowrank", model, plan, shared, shared.data,
+                        given(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd))
     values = given(rank_ratio=rank_ratio, energy=energy, params_ratio=params_ratio, svd=svd, include=shared.include,
                    exclude=shared.exclude) | finetune_values(shared)
     technique("lowrank", None, model, shared, values, files={"data": shared.data})
@@ -454,6 +503,48 @@ def chain(
         return
     emit(run_chain(model, steps, opts, data=data, recipe=recipe, progress=progress_factory(shared.quiet),
                    keep_intermediate=keep_intermediate), shared)
+
+
+@command(SELECT_OPTIONS, MODEL_OPTIONS, _options(report=(ReportPath, None), force=(Force, False), seed=(Seed, 0)),
+         RUN_OPTIONS)
+def analyze(
+    model: Input,
+    data: Annotated[Path, typer.Option("--data", help="data to score on (unlabelled is enough; with labels and "
+                                       "--budget-accuracy-drop, accuracy) and to calibrate int8 on")],
+    techniques: Annotated[str, typer.Option("--techniques", help="candidates per layer: int8, int4, prune:R, "
+                                            "lowrank:R")] = "int8,int4,prune:0.3,prune:0.5,lowrank:0.5",
+    samples: Annotated[int | None, typer.Option("--samples", help="samples each candidate is scored on (default "
+                                                "32, or all up to 2048 with labels)")] = None,
+    budget_fidelity: Annotated[float | None, typer.Option("--budget-fidelity", help="plan: keep the mean cosine "
+                                                          "to the float model at least this")] = None,
+    budget_accuracy_drop: Annotated[float | None, typer.Option("--budget-accuracy-drop", help="plan: lose at most "
+                                                               "this many accuracy points (labelled data)")] = None,
+    plan_out: Annotated[Path | None, typer.Option("--plan-out", help="write the plan (a chain recipe, .toml)")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="write a heat-map PNG of the losses")] = None,
+    *, shared,
+) -> None:
+    """Per-layer sensitivity to each candidate technique; with a budget, a plan that `chain` runs."""
+    from modelzip_cli.analyze import AnalyzeOptions, run_analyze
+
+    if plot is not None:
+        from modelzip_cli.files import check_output
+        from modelzip_cli.plot import require_matplotlib
+
+        require_matplotlib()
+        check_output(plot, inputs=[model, data], force=shared.force, suffixes=(".png",))
+    opts = AnalyzeOptions(data=data, techniques=techniques, include=shared.include, exclude=shared.exclude,
+                          samples=samples, budget_fidelity=budget_fidelity,
+                          budget_accuracy_drop=budget_accuracy_drop, plan_out=plan_out, force=shared.force)
+    report = run_analyze(model, opts, common_options(shared), progress_factory(shared.quiet))
+    if plot is not None:
+        from modelzip_cli.plot import plot_sensitivity
+
+        plot_sensitivity(report.steps[0].layers, plot)
+    if shared.report is not None:
+        from modelzip_cli.files import atomic_write
+
+        atomic_write(shared.report, lambda tmp: Path(tmp).write_text(report.to_json()))
+    emit(report, shared)
 
 
 @command(MODEL_OPTIONS, RUN_OPTIONS)

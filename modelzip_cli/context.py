@@ -42,6 +42,8 @@ class Context:
     trusted_refs: frozenset[str] = frozenset()  # architectures the user named on the command line
     trust_code: bool = False  # --trust-code: pickled modules the technique reads may be unpickled
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where training runs (--device)
+    # --min-fidelity of a quantize command: layers that cost most fidelity are left float until it is met
+    min_fidelity: float | None = None
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

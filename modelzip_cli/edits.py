@@ -324,7 +324,15 @@ class WeightOnlyLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int) -> WeightOnlyLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
-        w = linear.weight.detach().float()
+        q._quantize_from(linear.weight)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def _quantize_from(self, weight: torch.Tensor) -> None:
+        """Fill qweight, scales and zero points from a float (out, in) weight."""
+        q, bits = self, self.bits
+        w = weight.detach().float()
         pad = q.scales.shape[1] * q.group_size - q.in_features
         g = F.pad(w, (0, pad)).reshape(q.out_features, -1, q.group_size)  # (out, groups, group)
         if bits == 8:  # symmetric: zero point 0, range ±127
@@ -344,19 +352,21 @@ class WeightOnlyLinear(nn.Module):
             zp = zp.to(torch.int8)
         q.scales.copy_(scale)
         q.zero_points.copy_(zp)
-        if linear.bias is not None:
-            q.bias.data.copy_(linear.bias.detach())
-        return q
 
     def dequantized_weight(self) -> torch.Tensor:
+        return self._dequantize(self.qweight, self.scales, self.zero_points)
+
+    def _dequantize(self, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+        """Float rows (R, in) from R stored rows: packed integers (R, cols), scales and zero points (R, groups)."""
+        rows = qweight.shape[0]
         if self.bits == 8:
-            ints = self.qweight.float()
+            ints = qweight.float()
         else:
-            ints = torch.stack([self.qweight & 0x0F, self.qweight >> 4], dim=-1).reshape(self.out_features, -1)
-            ints = ints[:, : self.scales.shape[1] * self.group_size].float()
-        g = ints.reshape(self.out_features, -1, self.group_size)  # (out, groups, group)
-        w = (g - self.zero_points.float()[..., None]) * self.scales.float()[..., None]
-        return w.reshape(self.out_features, -1)[:, : self.in_features]
+            ints = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(rows, -1)
+            ints = ints[:, : scales.shape[1] * self.group_size].float()
+        g = ints.reshape(rows, -1, self.group_size)  # (R, groups, group)
+        w = (g - zero_points.float()[..., None]) * scales.float()[..., None]
+        return w.reshape(rows, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
@@ -371,6 +381,37 @@ class WeightOnlyLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.scheme}"
 
 
+class WeightOnlyEmbedding(WeightOnlyLinear):
+    """An Embedding whose table is stored as WeightOnlyLinear stores a weight (one row per token); a lookup
+    dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
+                 padding_idx: int | None = None):
+        super().__init__(embedding_dim, num_embeddings, False, bits, group_size)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.scheme = f"int{bits} weight-only embedding (group {self.group_size})"
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int) -> WeightOnlyEmbedding:
+        q = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, emb.padding_idx)
+        q._quantize_from(emb.weight)
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)  # (...,) → (M,)
+        rows = self._dequantize(self.qweight[flat], self.scales[flat], self.zero_points[flat])  # (M, dim)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme}"
+
+
+def check_embedding(emb: nn.Embedding) -> None:
+    if emb.max_norm is not None:
+        raise InputError("weight-only quantization of an Embedding with max_norm (renormalized at lookup) is not "
+                         "supported", hint="leave it out with --exclude")
+
+
 class WeightOnlyEdit(EditSchema):
     modules: list[str]
     bits: Literal[4, 8]
@@ -380,7 +421,12 @@ class WeightOnlyEdit(EditSchema):
 @register_edit("quantize_weight_only", WeightOnlyEdit)
 def _replay_weight_only(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     for name in edit["modules"]:
-        m = submodule(model, name, (nn.Linear,), "Linear")
+        m = submodule(model, name, (nn.Linear, nn.Embedding), "Linear or Embedding")
+        if isinstance(m, nn.Embedding):
+            check_embedding(m)
+            replace_module(model, name, WeightOnlyEmbedding(m.num_embeddings, m.embedding_dim, edit["bits"],
+                                                            edit["group_size"], m.padding_idx))
+            continue
         replace_module(model, name, WeightOnlyLinear(m.in_features, m.out_features, m.bias is not None,
                                                      edit["bits"], edit["group_size"]))
     return model
@@ -390,12 +436,12 @@ def _replay_weight_only(model: nn.Module, edit: dict, manifest: Manifest) -> nn.
 # int8 dynamic / static / QAT: modelzip's plain-int8 modules (int8.py) in place of the float layers
 
 
-def plain_int8(layer: nn.Module, kind: str, activations: str = "per-token", reduced_range: bool = False
-               ) -> nn.Module:
+def plain_int8(layer: nn.Module, kind: str, activations: str = "per-token", reduced_range: bool = False,
+               smoothed: bool = False) -> nn.Module:
     """An empty plain-int8 module shaped like the float `layer` (the stored tensors fill it)."""
     if kind == "dynamic":
         return int8.DynamicInt8Linear(layer.in_features, layer.out_features, layer.bias is not None, activations,
-                                      layer.weight.dtype)
+                                      layer.weight.dtype, smoothed)
     if isinstance(layer, nn.Linear):
         return int8.StaticInt8Linear(layer.in_features, layer.out_features, layer.bias is not None, layer.weight.dtype,
                                      reduced_range)
@@ -470,6 +516,14 @@ def _replay_fold(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
 class DynamicEdit(EditSchema):
     modules: list[str]
     activations: Literal[int8.ACTIVATIONS]
+    smoothed: list[str] = []  # layers holding per-input-channel smoothing scales (activation outliers)
+
+    @field_validator("smoothed")
+    @classmethod
+    def _smoothed_are_quantized(cls, names: list[str], info) -> list[str]:
+        if set(names) - set(info.data.get("modules", [])):
+            raise ValueError("every smoothed layer must be one of the edit's modules")
+        return names
 
 
 class StaticEdit(EditSchema):
@@ -484,7 +538,8 @@ class StaticEdit(EditSchema):
 def _replay_dynamic(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
     for name in edit["modules"]:
         layer = submodule(model, name, (nn.Linear,), "Linear")
-        replace_module(model, name, plain_int8(layer, "dynamic", edit["activations"]))
+        replace_module(model, name, plain_int8(layer, "dynamic", edit["activations"],
+                                               smoothed=name in edit["smoothed"]))
     return model
 
 

@@ -256,21 +256,45 @@ class DynamicInt8Linear(_Int8Weighted):
     token or per tensor."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "per-token",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, smoothed: bool = False):
         super().__init__()
         if act not in ACTIVATIONS:
             raise UsageError(f"unknown activation granularity {act!r}", hint="use " + " or ".join(ACTIVATIONS))
         self.in_features, self.out_features, self.act = in_features, out_features, act
         self._init_weight((out_features, in_features), bias, dtype)
-        self.scheme = f"int8 dynamic ({act} activations)"
+        self.smoothed = smoothed
+        if smoothed:  # x·diag(1/s) @ (W·diag(s))ᵀ = x @ Wᵀ: the stored int8 weight is W·diag(s) (smooth_scales)
+            self.register_buffer("input_smooth", torch.ones(in_features, dtype=torch.float32))  # 1/s, (K,)
+        self.scheme = f"int8 dynamic ({act} activations" + (", smoothed)" if smoothed else ")")
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, act: str = "per-token") -> DynamicInt8Linear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, act, linear.weight.dtype)
-        m._copy_weight(*quantize_weight(linear.weight), linear.bias)
+    def from_float(cls, linear: nn.Linear, act: str = "per-token", smooth: torch.Tensor | None = None
+                   ) -> DynamicInt8Linear:
+        """`smooth`: per-input-channel scales s (K,) that move activation outliers into the weight."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, act, linear.weight.dtype,
+                smoothed=smooth is not None)
+        w = linear.weight.detach().float()
+        if smooth is not None:
+            w = w * smooth.float()  # (N, K) · (K,): column k scaled by s_k
+            with torch.no_grad():
+                m.input_smooth.copy_(1 / smooth.float())
+        m._copy_weight(*quantize_weight(w), linear.bias)
         return m
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the layer computes with: the stored W·diag(s) times diag(1/s) when smoothed."""
+        if not self.smoothed:
+            return self.float_params()[0]
+        w, inv = self.float_params()[0], self._buffers["input_smooth"]
+        return self._derived.get("effective", (w, inv), lambda: w * inv.float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smoothed:  # (..., K) · (K,): the outliers divided out before the activations are quantized
+            x = x * self.input_smooth.to(x.dtype)
         fast = self.accelerated(x.numel() // self.in_features)
         if fast is not None:
             return fast(x)

@@ -41,3 +41,37 @@ def plot_history(step_after: dict, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def plot_sensitivity(rows: list[dict], path: Path) -> None:
+    """`analyze --plot`: layers × candidates, coloured by the loss of compressing that layer alone (log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    from modelzip_cli.files import atomic_write
+
+    layers = list(dict.fromkeys(r["name"] for r in rows))
+    cands = list(dict.fromkeys(r["candidate"] for r in rows))
+    grid = np.full((len(layers), len(cands)), np.nan)
+    for r in rows:
+        if r["applies"]:
+            grid[layers.index(r["name"]), cands.index(r["candidate"])] = max(r["loss"], 1e-7)
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(cands), 1.5 + 0.28 * len(layers)))
+    finite = grid[np.isfinite(grid)]
+    norm = LogNorm(vmin=max(finite.min(), 1e-7), vmax=max(finite.max(), 2e-7)) if finite.size else None
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
+    ax.set_xticks(range(len(cands)), cands)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    for i in range(len(layers)):
+        for j in range(len(cands)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1e}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, label="loss of that layer alone (log)")
+    ax.set_title("per-layer sensitivity")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

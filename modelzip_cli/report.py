@@ -122,6 +122,9 @@ def render(report: Report, console) -> None:
             t.add_row(row["name"], row.get("type", "-"), "×".join(map(str, row["shape"])) or "scalar",
                       row["scheme"], "-" if sp is None else f"{sp:.1%}", _fmt_bytes(row["bytes"]))
         console.print(t)
+    for step in report.steps:
+        if step.op == "analyze":
+            _render_analysis(step, console)
     per_step = [s for s in report.steps if "metrics" in s.after]
     for step in report.steps:
         console.print(f"[bold]{step.op}[/] {json.dumps(step.config, default=str)[:200]}  ({step.duration_s:.1f}s)")
@@ -164,3 +167,31 @@ def render(report: Report, console) -> None:
         console.print(f"quality gate: {', '.join(parts)} {status}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+
+
+def _render_analysis(step: Step, console) -> None:
+    """`analyze`: one row per layer, one column per candidate: loss, and bytes saved."""
+    from rich.table import Table
+
+    cands = list(dict.fromkeys(r["candidate"] for r in step.layers))
+    plan = step.after.get("plan", {})
+    assigned = {n: c for s in plan.get("steps", []) for n in s.get("include", [])
+                for c in [_label_of(s)]}
+    t = Table("layer", *cands, *(["plan"] if plan else []), title="loss of each layer alone (bytes saved)")
+    for name in dict.fromkeys(r["name"] for r in step.layers):
+        cells = {r["candidate"]: (f"{r['loss']:.2e} ({_fmt_bytes(r['bytes_saved'])})" if r["applies"] else "-")
+                 for r in step.layers if r["name"] == name}
+        t.add_row(name, *(cells.get(c, "-") for c in cands), *([assigned.get(name, "float")] if plan else []))
+    console.print(t)
+    if plan:
+        budget = (f"fidelity ≥ {plan['budget_fidelity']}" if plan.get("budget_fidelity") is not None
+                  else f"accuracy drop ≤ {plan.get('budget_accuracy_drop')} points")
+        console.print(f"plan: {plan['layers']} layers compressed, {budget}, measured loss {plan['measured_loss']:.4g} "
+                      f"({plan['unit']}) on {plan['measured_on']}")
+
+
+def _label_of(step: dict) -> str:
+    if step["op"] == "quantize":
+        return "int8" if step.get("method") == "dynamic" else f"int{step.get('bits', 8)}"
+    ratio = step.get("ratio", step.get("rank-ratio", step.get("rank_ratio")))
+    return f"{step['op']}:{ratio}"

@@ -214,6 +214,8 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         for op in ops:
             check_applicable(op, loaded)
         ctx.seed, ctx.trust_code = opts.seed, opts.trust_code
+        if command == "quantize":  # a chain's gate is on the whole chain, not on one step
+            ctx.min_fidelity = opts.min_fidelity
         # labels are needed only to measure an accuracy drop; fidelity needs inputs alone
         eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
         ctx.eval_data = eval_data

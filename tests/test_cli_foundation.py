@@ -33,7 +33,7 @@ def test_help_does_not_import_torch():
     listed = {line.strip("│ ").split()[0] for line in proc.stdout.split("Commands")[1].splitlines()
               if line.startswith("│ ") and not line.startswith("│  ")}
     assert listed == {"inspect", "eval", "prune", "quantize", "lowrank", "distill", "chain", "compare", "export",
-                      "data"}, listed
+                      "analyze", "data"}, listed
 
 
 def test_inspect_gives_exact_parameters_bytes_and_every_layer(cli):

@@ -1,0 +1,379 @@
+"""`analyze`: what compressing each layer alone costs, and a plan that compresses each layer as far as a
+whole-model budget allows.
+
+For every selected Linear and every candidate (int8, int4, prune:R, lowrank:R) the layer alone is replaced
+by its compressed form inside the float model, and the model is scored on the data against its own float
+outputs (1 − mean cosine; accuracy points lost with labels), beside the bytes it saves and the change in
+that layer's measured time on its own recorded inputs. Each candidate layer is built by the technique's own
+code (the one `chain` runs), on that layer alone.
+
+A plan (`--budget-fidelity` / `--budget-accuracy-drop`): per layer the candidate that saves most while the
+summed single-layer losses stay within the budget (greedy by loss per byte saved, leaving a fifth of the
+budget for data the plan has not seen), then the whole plan is built by `chain`'s own step code and scored
+on the data; while it misses, the last upgrades are undone. The plan is a recipe (`chain --recipe`), with a
+`[plan]` table that records how it was made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelzip_cli.chain import RecipeStep, parse_recipe
+from modelzip_cli.checkpoint import Loaded
+from modelzip_cli.context import Context
+from modelzip_cli.data import Dataset
+from modelzip_cli.errors import UsageError
+from modelzip_cli.format import Manifest, encode_state
+from modelzip_cli.report import Report, Step, file_info
+from modelzip_cli.runner import CommonOptions, apply_technique, load_dataset, load_input
+from modelzip_cli.techniques import make_config, quantize
+from modelzip_cli.techniques.select import select_modules
+from modelzip_cli.techniques.sensitivity import Scorer, swapped
+
+DEFAULT_CANDIDATES = "int8,int4,prune:0.3,prune:0.5,lowrank:0.5"
+PLAN_MARGIN = 0.2  # the greedy pass spends at most 80% of the budget: held-out data differs a little
+MAX_VERIFY = 8  # whole-plan measurements before giving up backing off
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to compress one layer, as the recipe step that does it (without the layer list)."""
+
+    label: str  # as the user wrote it: int8, prune:0.3, ...
+    op: str
+    method: str | None
+    values: dict
+
+    def step(self, layers: list[str]) -> dict:
+        return {"op": self.op, **({"method": self.method} if self.method else {}), **self.values,
+                "include": sorted(layers)}
+
+
+def parse_candidates(text: str) -> list[Candidate]:
+    """"int8,int4,prune:0.3,lowrank:0.5" → candidates; a bad one is one line naming it."""
+    out: list[Candidate] = []
+    for raw in [t.strip() for t in text.split(",") if t.strip()]:
+        m = re.fullmatch(r"(int8|int4|prune|lowrank)(?::([0-9.]+))?", raw)
+        if not m or (m[1] in ("prune", "lowrank")) != (m[2] is not None):
+            raise UsageError(f"--techniques: {raw!r} is not a candidate",
+                             hint="use int8, int4, prune:R (0 < R < 1) or lowrank:R (0 < R ≤ 1)")
+        ratio = float(m[2]) if m[2] is not None else None
+        if ratio is not None and not (0 < ratio < 1 or (m[1] == "lowrank" and ratio == 1)):
+            raise UsageError(f"--techniques: the ratio of {raw!r} must be in (0, 1)")
+        cand = {"int8": Candidate(raw, "quantize", "dynamic", {}),
+                "int4": Candidate(raw, "quantize", "weight-only", {"bits": 4}),
+                "prune": Candidate(raw, "prune", "magnitude", {"ratio": ratio, "scope": "layer",
+                                                               "finetune_epochs": 0}),
+                "lowrank": Candidate(raw, "lowrank", None, {"rank_ratio": ratio, "finetune_epochs": 0})}[m[1]]
+        if cand.label not in {c.label for c in out}:
+            out.append(cand)
+    if not out:
+        raise UsageError("--techniques lists no candidate", hint=f"e.g. --techniques {DEFAULT_CANDIDATES}")
+    return out
+
+
+@dataclass
+class AnalyzeOptions:
+    data: Path
+    techniques: str = DEFAULT_CANDIDATES
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    samples: int | None = None  # samples scored per candidate (default: 32 without labels, all ≤ 2048 with)
+    budget_fidelity: float | None = None
+    budget_accuracy_drop: float | None = None
+    plan_out: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class Analysis:
+    rows: list[dict] = field(default_factory=list)  # one per (layer, candidate)
+    unit: str = "1 - cosine"
+    plan: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# One layer, one candidate
+
+
+def _holder(layer: nn.Module) -> nn.Module:
+    holder = nn.Module()
+    holder.add_module("layer", copy.deepcopy(layer))
+    return holder
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    tensors, _, _ = encode_state(module.state_dict())
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def build_candidate(layer: nn.Linear, cand: Candidate, inputs: torch.Tensor | None, absmax: torch.Tensor | None,
+                    ctx: Context) -> nn.Module | None:
+    """`layer` compressed by `cand`, with the technique's own code on that layer alone; None when the
+    technique leaves it as it is (a rank at or above break-even)."""
+    if cand.label == "int8":  # the smoothing strength is chosen as quantize does, on the layer's recorded inputs
+        from modelzip_cli import int8
+
+        smooth = None
+        if inputs is not None:
+            _, smooth, _ = quantize._best_smoothing(layer, absmax, inputs, "per-token")
+        return int8.DynamicInt8Linear.from_float(layer, "per-token", smooth)
+    from modelzip_cli.techniques import OPS
+
+    cfg = make_config(cand.op, cand.method, {**cand.values, "include": ["layer"]})
+    holder = _holder(layer)
+    result = OPS[cand.op].apply(holder, cfg, Context(seed=ctx.seed), Manifest(arch=None))
+    new = result.model.get_submodule("layer")
+    return None if not result.edits else new
+
+
+def _time_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    with torch.inference_mode():
+        module(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+# ---------------------------------------------------------------------------------------------------
+# The analysis
+
+
+def analyze(loaded: Loaded, data: Dataset, opts: AnalyzeOptions, ctx: Context) -> Analysis:
+    model = loaded.model.eval()
+    candidates = parse_candidates(opts.techniques)
+    names = [n for n, _ in select_modules(model, include=opts.include, exclude=opts.exclude, types=(nn.Linear,),
+                                          what="Linear")]
+    labelled = data.targets is not None and opts.budget_fidelity is None
+    n = opts.samples or (min(len(data), 2048) if labelled else 32)
+    subset = Dataset(inputs=data.inputs[:n], targets=data.targets[:n] if data.targets is not None else None,
+                     path=data.path)
+    scorer = Scorer(model, subset.inputs, subset.targets if labelled else None)
+    # every layer's inputs recorded once, on a few calibration batches (smoothing and timing use them)
+    qcfg = quantize.DynamicConfig(calib_batches=2, calib_batch_size=32)
+    absmax, inputs = quantize._calibration_inputs(model, names, Context(seed=ctx.seed, calib_data=subset,
+                                                                        progress=ctx.progress), qcfg)
+    analysis = Analysis(unit=scorer.unit)
+    with ctx.progress("analyze", len(names) * len(candidates)) as bar:
+        for name in names:
+            layer = model.get_submodule(name)
+            x = inputs.get(name)
+            base_bytes = _stored_bytes(layer)
+            base_ms = _time_ms(layer, x) if x is not None else None
+            for cand in candidates:
+                new = build_candidate(layer, cand, x, absmax.get(name), ctx)
+                row = {"name": name, "candidate": cand.label, "shape": list(layer.weight.shape),
+                       "scheme": cand.label, "bytes": base_bytes, "bytes_saved": 0, "loss": 0.0,
+                       "latency_ms": base_ms, "latency_delta_ms": 0.0, "applies": new is not None}
+                if new is not None:
+                    with swapped(model, name, new):
+                        row["loss"] = round(scorer.loss(model), 6)
+                    row["bytes"] = _stored_bytes(new)
+                    row["bytes_saved"] = base_bytes - row["bytes"]
+                    if x is not None:
+                        row["latency_ms"] = round(_time_ms(new, x), 4)
+                        row["latency_delta_ms"] = round(row["latency_ms"] - base_ms, 4)
+                analysis.rows.append(row)
+                bar.advance(layer=name.rsplit(".", 2)[-2] if "." in name else name, candidate=cand.label)
+    if opts.budget_fidelity is not None or opts.budget_accuracy_drop is not None:
+        analysis.plan = make_plan(loaded, data, analysis, candidates, opts, ctx)
+    return analysis
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plans
+
+
+def greedy(rows: list[dict], budget: float) -> list[tuple[str, str]]:
+    """Upgrades (layer, candidate) in the order taken: each time the one with the least added loss per added
+    byte saved, while the summed single-layer losses stay within `budget`. A layer takes one candidate."""
+    options: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["applies"] and r["bytes_saved"] > 0:
+            options.setdefault(r["name"], []).append(r)
+    current: dict[str, dict] = {}
+    spent, taken = 0.0, []
+    while True:
+        best = None
+        for name, opts in options.items():
+            cur = current.get(name)
+            cur_loss, cur_saved = (max(cur["loss"], 0.0), cur["bytes_saved"]) if cur else (0.0, 0)
+            for r in opts:
+                gain = r["bytes_saved"] - cur_saved
+                cost = max(r["loss"], 0.0) - cur_loss
+                if gain <= 0 or spent + cost > budget:
+                    continue
+                key = cost / gain
+                if best is None or key < best[0]:
+                    best = (key, name, r, cost)
+        if best is None:
+            return taken
+        _, name, r, cost = best
+        current[name] = r
+        spent += cost
+        taken.append((name, r["candidate"]))
+
+
+def assignment(taken: list[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, cand in taken:
+        out[name] = cand
+    return out
+
+
+STEP_ORDER = ("prune", "lowrank", "quantize")  # float-only steps first; quantize takes what is left in float
+
+
+def plan_steps(assigned: dict[str, str], candidates: list[Candidate]) -> list[dict]:
+    by_label = {c.label: c for c in candidates}
+    steps = []
+    for op in STEP_ORDER:
+        for cand in candidates:
+            layers = [n for n, c in assigned.items() if c == cand.label]
+            if cand.op == op and layers:
+                steps.append(by_label[cand.label].step(layers))
+    return steps
+
+
+def _run_steps(loaded: Loaded, steps: list[RecipeStep], data: Dataset, ctx: Context) -> nn.Module:
+    """The model the steps make, by the same code `chain` runs (calibrating on `data`)."""
+    work = Loaded(model=copy.deepcopy(loaded.model), manifest=copy.deepcopy(loaded.manifest))
+    for step in steps:
+        c = Context(seed=ctx.seed, calib_data=data, example_input=ctx.example_input)
+        apply_technique(step.config, work, c)
+    return work.model.eval()
+
+
+def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: list[Candidate],
+              opts: AnalyzeOptions, ctx: Context) -> dict:
+    fidelity_budget = opts.budget_fidelity is not None
+    budget = (1 - opts.budget_fidelity) if fidelity_budget else opts.budget_accuracy_drop
+    labelled = not fidelity_budget
+    taken = greedy(analysis.rows, budget * (1 - PLAN_MARGIN))
+    verify = Dataset(inputs=data.inputs[:256 if not labelled else 2048],
+                     targets=data.targets[:2048] if labelled else None, path=data.path)
+    scorer = Scorer(loaded.model, verify.inputs, verify.targets if labelled else None)
+    tried = []
+    kept = len(taken)
+    for attempt in range(MAX_VERIFY):
+        steps = plan_steps(assignment(taken[:kept]), candidates)
+        if not steps:
+            loss = 0.0
+            tried.append({"upgrades": 0, "loss": 0.0})
+            break
+        model = _run_steps(loaded, _parse_steps(steps), verify, ctx)
+        loss = scorer.loss(model)
+        tried.append({"upgrades": kept, "loss": round(loss, 6)})
+        if loss <= budget:
+            break
+        kept = kept - max(1, math.ceil(kept * 0.15 * (attempt + 1)))  # undo the last upgrades, more each time
+        kept = max(kept, 0)
+    else:
+        steps, loss = [], 0.0
+        tried.append({"upgrades": 0, "loss": 0.0})
+    assigned = assignment(taken[:kept]) if steps else {}
+    saved = sum(r["bytes_saved"] for r in analysis.rows if assigned.get(r["name"]) == r["candidate"])
+    meta = {"budget_fidelity" if fidelity_budget else "budget_accuracy_drop":
+            opts.budget_fidelity if fidelity_budget else opts.budget_accuracy_drop,
+            "measured_loss": round(loss, 6), "unit": scorer.unit, "measured_on": f"{len(verify)} samples of "
+            f"{data.path.name}", "bytes_saved_estimate": int(saved), "layers": len(assigned)}
+    return {"meta": meta, "steps": steps, "assigned": assigned, "verification": tried}
+
+
+def _parse_steps(steps: list[dict]) -> list[RecipeStep]:
+    from modelzip_cli.chain import check_order, parse_step
+
+    parsed = [parse_step(i, dict(s), Path(".")) for i, s in enumerate(steps, 1)]
+    check_order(parsed)
+    return parsed
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v).__name__)
+
+
+def plan_toml(plan: dict, model: Path) -> str:
+    lines = ["# modelzip plan, written by `modelzip analyze`: a recipe for", f"#   modelzip chain {model} "
+             "--recipe THIS_FILE --data CALIBRATION_DATA", "", "[plan]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in plan["meta"].items()]
+    for step in plan["steps"]:
+        lines += ["", "[[steps]]"] + [f"{k.replace('_', '-')} = {_toml_value(v)}" for k, v in step.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, progress) -> Report:
+    from modelzip_cli.files import atomic_write, check_output
+    from modelzip_cli.measure import count_parameters
+
+    if opts.budget_fidelity is not None and opts.budget_accuracy_drop is not None:
+        raise UsageError("give one of --budget-fidelity and --budget-accuracy-drop")
+    if opts.budget_fidelity is not None and not 0 < opts.budget_fidelity <= 1:
+        raise UsageError(f"--budget-fidelity is a mean cosine in (0, 1], got {opts.budget_fidelity}")
+    if opts.budget_accuracy_drop is not None and not opts.budget_accuracy_drop >= 0:
+        raise UsageError(f"--budget-accuracy-drop must be ≥ 0 points, got {opts.budget_accuracy_drop}")
+    if opts.plan_out is not None and opts.budget_fidelity is None and opts.budget_accuracy_drop is None:
+        raise UsageError("--plan-out needs a budget", hint="pass --budget-fidelity F or --budget-accuracy-drop P")
+    if opts.samples is not None and opts.samples < 1:
+        raise UsageError(f"--samples must be ≥ 1, got {opts.samples}")
+    parse_candidates(opts.techniques)
+    if opts.plan_out is not None:
+        if opts.plan_out.suffix != ".toml":
+            raise UsageError(f"--plan-out {opts.plan_out} must end in .toml")
+        check_output(opts.plan_out, inputs=[model_path, opts.data], force=opts.force, suffixes=(".toml",),
+                     role="plan")
+    loaded = load_input(model_path, common)
+    if loaded.manifest.is_quantized():
+        raise UsageError(f"{model_path} is already quantized; analyze works on float models")
+    data = load_dataset(opts.data, loaded, require_targets=opts.budget_accuracy_drop is not None)
+    ctx = Context(seed=common.seed, progress=progress,
+                  example_input=loaded.manifest.example_input() if loaded.manifest.input_shape else None)
+    torch.manual_seed(common.seed)
+    t0 = time.perf_counter()
+    from modelzip_cli.measure import num_threads
+
+    with num_threads(common.threads or torch.get_num_threads()):
+        analysis = analyze(loaded, data, opts, ctx)
+    notes = [f"loss: {analysis.unit} of the whole model with that layer alone compressed, against the float "
+             "model on the data; bytes_saved: stored bytes of the layer; latency_delta_ms: the layer's own "
+             "time on its recorded inputs (negative: faster)"]
+    after: dict = {}
+    if analysis.plan is not None:
+        plan = analysis.plan
+        after["plan"] = {**plan["meta"], "steps": plan["steps"], "verification": plan["verification"]}
+        if opts.plan_out is not None:
+            atomic_write(opts.plan_out, lambda tmp: Path(tmp).write_text(plan_toml(plan, model_path)))
+            parse_recipe(opts.plan_out)  # what was written is a valid recipe
+            after["plan"]["path"] = str(opts.plan_out)
+            notes.append(f"plan written to {opts.plan_out}: modelzip chain {model_path} --recipe {opts.plan_out} "
+                         f"--data {opts.data}")
+    step = Step(op="analyze", config={"techniques": opts.techniques, "include": opts.include,
+                                      "exclude": opts.exclude, "samples": opts.samples,
+                                      "budget_fidelity": opts.budget_fidelity,
+                                      "budget_accuracy_drop": opts.budget_accuracy_drop},
+                layers=analysis.rows, after=after, duration_s=round(time.perf_counter() - t0, 3), notes=notes)
+    return Report(command="analyze", input=file_info(model_path, count_parameters(loaded.model)), steps=[step])
