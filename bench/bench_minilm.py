@@ -1,8 +1,9 @@
 """The pretrained all-MiniLM-L6-v2 (its HF directory) through every modelzip technique, each row beside fp32
 and torch.ao's `quantize_dynamic` measured in the same run.
 
-Every compressed model is made by the `modelzip` command itself (calibration and training on the
-`calib` / `recover` text sets of sample_models/text_sets.py), then measured in this one process:
+Every compressed model is made by the `modelzip` command itself (calibration and the short training runs on the
+264-sentence `calib` text set of sample_models/text_sets.py, to keep the run short), then measured in this one
+process:
 fidelity of the sentence embeddings (the attention-masked mean of the last hidden state) against fp32 on the
 held-out text set, which no step saw; the file's bytes; and forward latency at batch 32 × 48 tokens with
 2 threads, the rows interleaved round by round and medians reported.
@@ -26,15 +27,15 @@ ROWS = {  # name → modelzip arguments after the model (data files substituted)
     "prune magnitude 0.3": ["prune", "--ratio", "0.3"],
     "prune structured 0.25 (heads + FFN)": ["prune", "--method", "structured", "--ratio", "0.25"],
     "prune gradual structured 0.25": ["prune", "--method", "gradual", "--granularity", "structured", "--ratio",
-                                      "0.25", "--steps", "2", "--data", "{recover}", "--finetune-epochs", "1",
+                                      "0.25", "--steps", "2", "--data", "{calib}", "--finetune-epochs", "1",
                                       "--recover"],
     "lowrank energy 0.95": ["lowrank", "--energy", "0.95"],
     "quantize dynamic int8": ["quantize", "--method", "dynamic"],
     "quantize static int8": ["quantize", "--method", "static", "--calib-data", "{calib}"],
-    "quantize qat int8": ["quantize", "--method", "qat", "--data", "{recover}", "--epochs", "1"],
+    "quantize qat int8": ["quantize", "--method", "qat", "--data", "{calib}", "--epochs", "1"],
     "weight-only int8": ["quantize", "--method", "weight-only"],
     "weight-only int4": ["quantize", "--method", "weight-only", "--bits", "4"],
-    "distill 3-layer student": ["distill", "--student-config", "{student}", "--data", "{recover}", "--loss",
+    "distill 3-layer student": ["distill", "--student-config", "{student}", "--data", "{calib}", "--loss",
                                 "cosine", "--epochs", "2"],
 }
 
