@@ -172,6 +172,16 @@ def _replay_structured(model: nn.Module, edit: dict, manifest: Manifest) -> nn.M
     return model
 
 
+def run_with_hooks(model: nn.Module, example: torch.Tensor, hooks: list) -> None:
+    """One forward pass on `example` (no gradients) with these hook handles in place; removed afterwards."""
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 # Attention heads: q, k and v lose the same heads' output rows, the output projection the matching input
 # columns. Found by names and shapes (the q/k/v Linears of one module, and the first Linear run after v that
 # reads their width), so any family with separate projections works; fused or grouped projections are left.
@@ -185,13 +195,8 @@ def attention_blocks(model: nn.Module, example: torch.Tensor) -> tuple[list[dict
     names) — and a note for each attention module found but left (fused or grouped projections)."""
     order: list[str] = []
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n)) for n, m in linears.items()]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+                                    for n, m in linears.items()])
     blocks, notes = [], []
     for name, m in model.named_modules():
         names = next((t for t in QKV_NAMES if all(isinstance(getattr(m, c, None), nn.Linear) for c in t)), None)
@@ -469,12 +474,7 @@ def conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor, convs: set[str
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine:
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, i, n=name: pairs.append([produced[id(i[0])], n]) if id(i[0]) in produced else None))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, hooks)
     seen, unique = set(), []
     for conv, bn in pairs:  # a module run twice is paired once
         if conv not in seen and bn not in {b for _, b in unique}:

@@ -66,7 +66,7 @@ MODELS = {
 
 HF_MODELS = {
     # name: (transformers config class, config, training config)
-    "mobilenet_v2_digits": ("MobileNetV2Config", {"depth_multiplier": 0.75, "min_depth": 8, "image_size": 32,
+    "mobilenet_v2_digits": ("MobileNetV2Config", {"depth_multiplier": 0.7, "min_depth": 8, "image_size": 32,
                                                   "num_labels": 10}, TrainConfig(epochs=10, lr=3e-3, batch_size=64)),
 }
 

@@ -44,15 +44,9 @@ def unsupported_layers(model: nn.Module) -> str | None:
 
 def output_layer(model: nn.Module, example) -> str | None:
     """Qualified name of the last weighted module in execution order: the classifier head."""
-    import torch
+    from modelzip_cli.edits import run_with_hooks
 
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-             for n, m in model.named_modules() if n and isinstance(m, WEIGHTED)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, example, [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+                                    for n, m in model.named_modules() if n and isinstance(m, WEIGHTED)])
     return order[-1] if order else None
