@@ -1,11 +1,13 @@
 """`analyze`: what compressing each layer alone costs, and a plan that compresses each layer as far as a
 whole-model budget allows.
 
-For every selected Linear and every candidate (int8, int4, prune:R, lowrank:R) the layer alone is replaced
-by its compressed form inside the float model, and the model is scored on the data against its own float
-outputs (1 − mean cosine; accuracy points lost with labels), beside the bytes it saves and the change in
-that layer's measured time on its own recorded inputs. Each candidate layer is built by the technique's own
-code (the one `chain` runs), on that layer alone.
+For every selected Linear and every candidate (int8, int4, prune:R, lowrank:R), and every selected
+Embedding table for int8 and int4 (weight-only: a looked-up row is dequantized; in encoders the vocabulary
+table is often the largest tensor), the layer alone is replaced by its compressed form inside the float
+model, and the model is scored on the data against its own float outputs (1 − mean cosine; accuracy points
+lost with labels), beside the bytes it saves and the change in that layer's measured time on its own
+recorded inputs. Each candidate layer is built by the technique's own code (the one `chain` runs), on that
+layer alone.
 
 A plan (`--budget-fidelity` / `--budget-accuracy-drop`): per layer the candidate that saves most while the
 summed single-layer losses stay within the budget (greedy by loss per byte saved, leaving a fifth of the
@@ -100,6 +102,15 @@ class Analysis:
     rows: list[dict] = field(default_factory=list)  # one per (layer, candidate)
     unit: str = "1 - cosine"
     plan: dict | None = None
+    embeddings: list[str] = field(default_factory=list)  # the Embedding tables among the rows
+
+
+def embedding_names(model: nn.Module, opts: AnalyzeOptions) -> list[str]:
+    """The Embedding tables --include / --exclude select (none selected is not an error: a model may have none)."""
+    from modelzip_cli.techniques.select import matches
+
+    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Embedding)
+            and (not opts.include or matches(n, opts.include)) and not (opts.exclude and matches(n, opts.exclude))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,11 +128,24 @@ def _stored_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def build_candidate(layer: nn.Linear, cand: Candidate, inputs: torch.Tensor | None, absmax: torch.Tensor | None,
+EMBEDDING_CANDIDATES = ("int8", "int4")  # weight-only tables; pruning or factorizing a lookup is not offered
+
+
+def embedding_step(cand: Candidate) -> Candidate:
+    """The candidate as it applies to an Embedding table: weight-only at its bits."""
+    return Candidate(cand.label, "quantize", "weight-only", {"bits": 8 if cand.label == "int8" else 4,
+                                                             "embeddings": True})
+
+
+def build_candidate(layer: nn.Module, cand: Candidate, inputs: torch.Tensor | None, absmax: torch.Tensor | None,
                     ctx: Context) -> nn.Module | None:
     """`layer` compressed by `cand`, with the technique's own code on that layer alone; None when the
-    technique leaves it as it is (a rank at or above break-even)."""
-    if cand.label == "int8":  # the smoothing strength is chosen as quantize does, on the layer's recorded inputs
+    technique leaves it as it is (a rank at or above break-even, an Embedding it does not apply to)."""
+    if isinstance(layer, nn.Embedding):
+        if cand.label not in EMBEDDING_CANDIDATES:
+            return None
+        cand = embedding_step(cand)
+    elif cand.label == "int8":  # the smoothing strength is chosen as quantize does, on the layer's recorded inputs
         from modelzip_cli import int8
 
         smooth = None
@@ -157,6 +181,7 @@ def analyze(loaded: Loaded, data: Dataset, opts: AnalyzeOptions, ctx: Context) -
     candidates = parse_candidates(opts.techniques)
     names = [n for n, _ in select_modules(model, include=opts.include, exclude=opts.exclude, types=(nn.Linear,),
                                           what="Linear")]
+    tables = embedding_names(model, opts)
     labelled = data.targets is not None and opts.budget_fidelity is None
     n = opts.samples or (min(len(data), 2048) if labelled else 32)
     subset = Dataset(inputs=data.inputs[:n], targets=data.targets[:n] if data.targets is not None else None,
@@ -167,16 +192,19 @@ def analyze(loaded: Loaded, data: Dataset, opts: AnalyzeOptions, ctx: Context) -
     absmax, inputs = quantize._calibration_inputs(model, names, Context(seed=ctx.seed, calib_data=subset,
                                                                         progress=ctx.progress), qcfg)
     analysis = Analysis(unit=scorer.unit)
-    with ctx.progress("analyze", len(names) * len(candidates)) as bar:
-        for name in names:
+    analysis.embeddings = tables
+    table_cands = [c for c in candidates if c.label in EMBEDDING_CANDIDATES]
+    with ctx.progress("analyze", len(names) * len(candidates) + len(tables) * len(table_cands)) as bar:
+        for name in names + tables:
             layer = model.get_submodule(name)
             x = inputs.get(name)
             base_bytes = _stored_bytes(layer)
             base_ms = _time_ms(layer, x) if x is not None else None
-            for cand in candidates:
+            for cand in (table_cands if name in tables else candidates):
                 new = build_candidate(layer, cand, x, absmax.get(name), ctx)
                 row = {"name": name, "candidate": cand.label, "shape": list(layer.weight.shape),
-                       "scheme": cand.label, "bytes": base_bytes, "bytes_saved": 0, "loss": 0.0,
+                       "scheme": cand.label + (" weight-only (table)" if name in tables else ""), "bytes": base_bytes,
+                       "bytes_saved": 0, "loss": 0.0,
                        "latency_ms": base_ms, "latency_delta_ms": 0.0, "applies": new is not None}
                 if new is not None:
                     with swapped(model, name, new):
@@ -237,14 +265,18 @@ def assignment(taken: list[tuple[str, str]]) -> dict[str, str]:
 STEP_ORDER = ("prune", "lowrank", "quantize")  # float-only steps first; quantize takes what is left in float
 
 
-def plan_steps(assigned: dict[str, str], candidates: list[Candidate]) -> list[dict]:
-    by_label = {c.label: c for c in candidates}
+def plan_steps(assigned: dict[str, str], candidates: list[Candidate], tables: list[str] = ()) -> list[dict]:
+    """The recipe steps of an assignment (layer → candidate label); Embedding `tables` get weight-only steps."""
     steps = []
     for op in STEP_ORDER:
         for cand in candidates:
-            layers = [n for n, c in assigned.items() if c == cand.label]
+            layers = [n for n, c in assigned.items() if c == cand.label and n not in tables]
             if cand.op == op and layers:
-                steps.append(by_label[cand.label].step(layers))
+                steps.append(cand.step(layers))
+    for cand in candidates:
+        layers = [n for n, c in assigned.items() if c == cand.label and n in tables]
+        if layers:
+            steps.append(embedding_step(cand).step(layers))
     return steps
 
 
@@ -269,7 +301,7 @@ def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: lis
     tried = []
     kept = len(taken)
     for attempt in range(MAX_VERIFY):
-        steps = plan_steps(assignment(taken[:kept]), candidates)
+        steps = plan_steps(assignment(taken[:kept]), candidates, analysis.embeddings)
         if not steps:
             loss = 0.0
             tried.append({"upgrades": 0, "loss": 0.0})

@@ -129,6 +129,8 @@ def test_analyze_table_json_and_plan_meet_budget_on_heldout(cli, bert):
         assert {"loss", "bytes_saved", "latency_delta_ms", "candidate"} <= set(row)
         if row["candidate"] == "int4":
             assert row["bytes_saved"] > 0
+    tables = {row["name"] for row in step["layers"] if row["scheme"].endswith("weight-only (table)")}
+    assert tables == {f"model.embeddings.{t}_embeddings" for t in ("word", "position", "token_type")}
     assert "loss of each layer alone" in r.stderr  # the rich table
     meta = step["after"]["plan"]
     assert meta["layers"] > 0 and meta["measured_loss"] <= 0.01

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -151,6 +152,29 @@ def test_structured_default_selection_on_transformer_skips_tied_layers_with_note
     q, q0 = rows["blocks.0.attn.q"]["shape"], rows["blocks.0.attn.q"]["shape_before"]  # one head of four gone
     assert q == [q0[0] * 3 // 4, q0[1]] and rows["blocks.0.attn.o"]["shape"] == [q0[1], q0[0] * 3 // 4]
     assert rows["blocks.0.mlp.0"]["shape"][0] == 96
+
+
+def test_structured_ranks_units_by_activations_and_keeps_the_mean_of_what_it_removes():
+    """With data, a unit whose activation never varies goes first even with the largest weights, and its
+    constant output, folded into the next layer's bias, leaves the outputs as they were; by weight norm it
+    would be kept and another unit's loss would show."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    x = torch.randn(64, 4)
+    x[:, 0] = 1.0  # feature 0 never varies
+    with torch.no_grad():
+        net[0].weight.copy_(torch.randn(4, 4) * 0.5)
+        net[0].weight[0] = torch.tensor([10.0, 0, 0, 0])  # unit 0: always 10, the largest weights
+        net[0].weight[1:, 0] = 0
+        net[0].bias.copy_(torch.tensor([0.0, 5, 5, 5]))  # units 1–3 always active, varying
+    before = net(x).detach()
+    for data, kept_outputs in ((x, True), (None, False)):
+        m = copy.deepcopy(net)
+        pruner = prune_mod.StructuredPruner(m, x[:1], [("0", m[0])], data)
+        pruner.prune_to(0.25)
+        assert m[0].out_features == 3 == m[2].in_features
+        assert torch.allclose(m(x), before, atol=1e-4) == kept_outputs
+        assert ("1 by activations" if data is not None else "1 by weight norms") in " ".join(pruner.notes)
 
 
 @pytest.mark.slow

@@ -85,7 +85,8 @@ class Recover(BaseModel):
         return {"data"} if self.recover else set()
 
     def needs_targets(self) -> bool:
-        return not self.recover  # the teacher's outputs are the targets
+        # the teacher's outputs are the targets; with no fine-tuning epoch, data only ranks (structured pruning)
+        return not self.recover and getattr(self, "finetune_epochs", 1) > 0
 
 
 @dataclass

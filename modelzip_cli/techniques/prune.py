@@ -4,9 +4,14 @@ Magnitude pruning finds the global k-th smallest |w| without `torch.quantile` (w
 16M elements) and without concatenating the weights (which doubles memory): a histogram over chunks
 narrows the value range, then the few values left are sorted exactly.
 
-Structured pruning ranks each layer's units by the L2 norm of their weights and removes the weakest,
-with Torch-Pruning's dependency graph deciding what must shrink with them (next layer's inputs,
-BatchNorm, a flatten feeding a Linear). Its pruning history is the edit the manifest records.
+Structured pruning removes each layer's least important units, with Torch-Pruning's dependency graph
+deciding what must shrink with them (next layer's inputs, BatchNorm, a flatten feeding a Linear), and whole
+attention heads. Its pruning history is the edit the manifest records. Importance, when there is data (the
+calibration data, else the training data; at most IMPORTANCE_ROWS samples): what the unit or head puts into
+the layer that reads it — the variance of its activation there times the squared norm of the weights that
+read it (for a head, trace(W_h·Cov_h·W_hᵀ) over its columns of the output projection) — and the mean it
+carried is added to that layer's bias, so removing it keeps the expected output (FLAP, An et al. 2024).
+Without data, or where no single reading Linear is found, the L2 norm of the unit's own weights.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from pydantic import Field
 from torch import nn
 
 from modelzip_cli.context import Context
-from modelzip_cli.edits import attention_blocks, dependency_graph, heads_row, quiet_pruning, remove_heads
+from modelzip_cli.edits import (
+    attention_blocks,
+    dependency_graph,
+    head_channels,
+    heads_row,
+    quiet_pruning,
+    remove_heads,
+)
 from modelzip_cli.errors import UsageError
 from modelzip_cli.format import Manifest
 from modelzip_cli.measure import layer_table
@@ -29,6 +41,7 @@ from modelzip_cli.techniques import recover
 from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_modules, unsupported_layers
 
+IMPORTANCE_ROWS = 256  # samples that measure unit and head importance
 CHUNK = 1 << 22  # elements per temporary (16 MB of float32): bounds extra memory whatever the model size
 BINS = 4096
 
@@ -143,6 +156,88 @@ def _units(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
+# ---------------------------------------------------------------------------------------------------
+# Importance from data: the moments of what each reading layer receives
+
+
+@dataclass
+class Moments:
+    """Running mean and (co)variance of a layer's input channels over real tokens (or pixels), in float64.
+    `block` > 0 keeps the covariance within consecutive blocks of that many channels (attention heads)."""
+
+    block: int = 0
+    n: int = 0
+    total: torch.Tensor | None = None  # (D,)
+    square: torch.Tensor | None = None  # (D,), or (D // block, block, block)
+
+    def add(self, x: torch.Tensor) -> None:  # (T, D)
+        x = x.detach().double()
+        if self.total is None:
+            self.total = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.square = (torch.zeros(x.shape[1] // self.block, self.block, self.block, dtype=torch.float64)
+                           if self.block else torch.zeros(x.shape[1], dtype=torch.float64))
+        self.n += x.shape[0]
+        self.total += x.sum(0)
+        if self.block:
+            xb = x.reshape(x.shape[0], -1, self.block)  # (T, H, size)
+            self.square += torch.einsum("thi,thj->hij", xb, xb)
+        else:
+            self.square += x.pow(2).sum(0)
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n
+
+    def covariance(self) -> torch.Tensor:
+        """(D,) variances, or (H, size, size) covariance blocks."""
+        mu = self.mean()
+        if self.block:
+            mb = mu.reshape(-1, self.block)
+            return self.square / self.n - torch.einsum("hi,hj->hij", mb, mb)
+        return (self.square / self.n - mu.pow(2)).clamp_min(0)
+
+
+def input_moments(model: nn.Module, inputs: torch.Tensor, readers: dict[str, int]) -> dict[str, Moments]:
+    """name → Moments of the input of each named Linear/Conv (`readers`: name → covariance block size, 0 for
+    variances) over `inputs`, on real tokens only where the model takes an attention mask."""
+    from modelzip_cli import hf
+    from modelzip_cli.data import as_model_input, float_dtype
+    from modelzip_cli.edits import run_with_hooks
+
+    seen: dict = {}
+    moments = {name: Moments(block) for name, block in readers.items()}
+
+    def record(name: str, module: nn.Module, args: tuple) -> None:
+        x, mask = args[0], seen.get("mask")
+        if isinstance(module, nn.Linear):
+            if mask is not None and x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                x = x[mask.bool()]  # (T, D): padding tokens carry nothing the output keeps
+            moments[name].add(x.reshape(-1, x.shape[-1]))
+        else:  # (B, C, …): every position of every channel
+            moments[name].add(x.transpose(1, -1).reshape(-1, x.shape[1]))
+
+    model.eval()
+    dtype = float_dtype(model)
+    for i in range(0, inputs.shape[0], 32):
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: record(n, mod, args))
+                 for n in readers]
+        if isinstance(model, hf.HFModel):
+            hooks.append(model.model.register_forward_pre_hook(
+                lambda mod, args, kwargs: seen.__setitem__("mask", kwargs.get("attention_mask")), with_kwargs=True))
+        run_with_hooks(model, as_model_input(inputs[i:i + 32], dtype), hooks)
+    return moments
+
+
+def _out_channels_fn(m: nn.Module):
+    import torch_pruning as tp
+
+    return tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels
+
+
+def _reader_weight(reader: nn.Module) -> torch.Tensor:
+    """The reading layer's weight as (out, in channel, …) float64."""
+    return reader.weight.detach().double()
+
+
 @dataclass
 class StructuredPruner:
     """Removes units from selected layers, and whole heads from selected attention modules, step by step;
@@ -151,6 +246,7 @@ class StructuredPruner:
     model: nn.Module
     example: torch.Tensor
     layers: list[tuple[str, nn.Module]]
+    data: torch.Tensor | None = None  # inputs whose activations rank units and heads (None: weight norms)
     left: dict[str, list[str]] = field(default_factory=dict)  # why → the layers left as they were
 
     def __post_init__(self):
@@ -166,6 +262,7 @@ class StructuredPruner:
         self.graph = dependency_graph(self.model, self.example)
         self.original = {n: _units(m) for n, m in self.layers}
         self.names = {id(m): n for n, m in self.model.named_modules()}
+        self.scored = {"activations": 0, "weight norms": 0}  # how many layers and attention modules each way
 
     def _heads(self, block: dict) -> int:
         return self.model.get_submodule(block["v"]).out_features // block["head_size"]
@@ -184,36 +281,93 @@ class StructuredPruner:
     def prune_to(self, fraction: float) -> None:
         """Remove heads and units until each selected attention module and layer has lost `fraction` of its
         original heads or units."""
-        import torch_pruning as tp
-
         self.check(fraction)
-        for block, h0 in zip(self.blocks, self.heads0, strict=True):
-            remove = round(fraction * h0) - (h0 - self._heads(block))
-            if remove > 0:
-                heads = torch.argsort(self._head_scores(block), stable=True)[:remove].tolist()
-                remove_heads(self.model, block, heads)
-                self.head_rows.append(heads_row(block, heads))
         selected = {n for n, _ in self.layers}
         skipped = {n for names in self.left.values() for n in names}
-        for name, m in self.layers:
-            if name in skipped:
-                continue
-            n0, now = self.original[name], _units(m)
-            remove = round(fraction * n0) - (n0 - now)
-            if remove <= 0:
-                continue
-            score = m.weight.detach().flatten(1).norm(dim=1)  # L2 norm of each unit's weights
-            idxs = torch.argsort(score, stable=True)[:remove].tolist()
-            fn = tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels
+        todo = [(name, m, round(fraction * self.original[name]) - (self.original[name] - _units(m)))
+                for name, m in self.layers if name not in skipped]
+        todo = [t for t in todo if t[2] > 0]
+        heads_todo = [(b, round(fraction * h0) - (h0 - self._heads(b))) for b, h0 in zip(self.blocks, self.heads0,
+                                                                                         strict=True)]
+        heads_todo = [t for t in heads_todo if t[1] > 0]
+        readers = {}
+        for name, m, _ in todo:
             with quiet_pruning():
-                group = self.graph.get_pruning_group(m, fn, idxs)
+                group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(_units(m))))
             reason = self._blocker(group, selected)
             if reason:
                 self._leave(name, reason)
-                skipped.add(name)
+            else:
+                readers[name] = self._readers(group, _units(m)) if self.data is not None else []
+        moments = self._moments(readers, [b for b, _ in heads_todo])
+        for block, remove in heads_todo:
+            stats = moments.get(block["o"])
+            scores = self._head_scores(block) if stats is None else self._head_activity(block, stats)
+            self.scored["weight norms" if stats is None else "activations"] += 1
+            heads = torch.argsort(scores, stable=True)[:remove].tolist()
+            if stats is not None:
+                self._compensate_heads(block, stats, heads)
+            remove_heads(self.model, block, heads)
+            self.head_rows.append(heads_row(block, heads))
+        for name, m, remove in todo:
+            if name not in readers:
                 continue
+            reading = readers[name]
+            if reading:
+                score = sum(self._unit_activity(r, moments[n]) for n, r in reading)
+            else:
+                score = m.weight.detach().flatten(1).norm(dim=1)  # L2 norm of each unit's weights
+            self.scored["activations" if reading else "weight norms"] += 1
+            idxs = torch.argsort(score, stable=True)[:remove].tolist()
+            for n, r in reading:
+                self._compensate_units(r, moments[n], idxs)
             with quiet_pruning():
-                group.prune()
+                self.graph.get_pruning_group(m, _out_channels_fn(m), idxs).prune()
+
+    def _readers(self, group, units: int) -> list[tuple[str, nn.Module]]:
+        """The layers that read a layer's `units` one input channel each (what removing one cuts), from its
+        pruning group over all units; [] when they cannot be told apart (a flatten, a grouped convolution)."""
+        out = []
+        for dep, _ in group:
+            target = dep.target.module
+            if not self.graph.is_in_channel_pruning_fn(dep.handler) or not isinstance(target, WEIGHTED):
+                continue
+            width = target.in_features if isinstance(target, nn.Linear) else target.in_channels
+            if width != units or getattr(target, "groups", 1) != 1:
+                return []
+            out.append((self.names[id(target)], target))
+        return out
+
+    def _moments(self, readers: dict[str, list], blocks: list[dict]) -> dict[str, Moments]:
+        wanted = {n: 0 for reading in readers.values() for n, _ in reading}
+        wanted.update({b["o"]: b["head_size"] for b in blocks} if self.data is not None else {})
+        return input_moments(self.model, self.data, wanted) if wanted else {}
+
+    @staticmethod
+    def _unit_activity(reader: nn.Module, stats: Moments) -> torch.Tensor:
+        """Per input channel of `reader`: its variance times the squared norm of the weights that read it."""
+        w = _reader_weight(reader)
+        return (stats.covariance() * w.transpose(0, 1).flatten(1).pow(2).sum(1)).float()
+
+    def _head_activity(self, block: dict, stats: Moments) -> torch.Tensor:
+        """Per head: trace(W_h·Cov_h·W_hᵀ), the variance the head adds to the output projection's output."""
+        w = _reader_weight(self.model.get_submodule(block["o"]))  # (out, H·size)
+        wh = w.reshape(w.shape[0], -1, block["head_size"]).transpose(0, 1)  # (H, out, size)
+        return torch.einsum("hoi,hij,hoj->h", wh, stats.covariance(), wh).float()
+
+    @staticmethod
+    def _compensate_units(reader: nn.Module, stats: Moments, idxs: list[int]) -> None:
+        """Fold the removed channels' mean contribution into the reading Linear's bias (exact in expectation)."""
+        if not isinstance(reader, nn.Linear) or reader.bias is None:
+            return
+        with torch.no_grad():
+            shift = _reader_weight(reader)[:, idxs] @ stats.mean()[idxs]
+            reader.bias.add_(shift.to(reader.bias.dtype))
+
+    def _compensate_heads(self, block: dict, stats: Moments, heads: list[int]) -> None:
+        o = self.model.get_submodule(block["o"])
+        if o.bias is not None:
+            self._compensate_units(o, stats, head_channels(sorted(heads), block["head_size"]))
 
     def _head_scores(self, block: dict) -> torch.Tensor:
         """Each head's L2 norm over its rows of q, k, v and its columns of the output projection."""
@@ -247,6 +401,11 @@ class StructuredPruner:
     def notes(self) -> list[str]:
         out = [f"{len(names)} layer(s) left as they were: {why} ({', '.join(names[:3])}"
                f"{', …' if len(names) > 3 else ''})" for why, names in self.left.items()]
+        ranked = [f"{n} by {how}" for how, n in self.scored.items() if n]
+        if ranked:
+            out.append("units and heads ranked (layers and attention modules): " + ", ".join(ranked) + (
+                f"; activations = what each adds to the layer that reads it, on {len(self.data)} samples, its mean "
+                "folded into that layer's bias" if self.scored["activations"] else ""))
         if self.blocks:
             kept = [self._heads(b) for b in self.blocks]
             out.append(f"attention heads: {sum(self.heads0) - sum(kept)} of {sum(self.heads0)} removed in "
@@ -328,8 +487,15 @@ def prune_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> Res
     return Result(model, [edit], notes=notes, after=after)
 
 
+def _importance_data(ctx: Context) -> torch.Tensor | None:
+    """The inputs that rank units and heads: calibration data, else training data (IMPORTANCE_ROWS at most)."""
+    data = recover.rows(ctx.calib_data or ctx.data, IMPORTANCE_ROWS, ctx.seed)
+    return None if data is None else data.inputs
+
+
 def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> Result:
-    pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input))
+    pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
+                              _importance_data(ctx))
     teacher = recover.prepare(model, cfg, ctx)
     pruner.prune_to(cfg.ratio)
     notes = [*pruner.notes, f"structured pruning removed whole units: {len(pruner.history())} layer groups "
@@ -350,7 +516,8 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     teacher = recover.prepare(model, cfg, ctx)  # with --recover, every step fine-tunes against the input model
     structured = cfg.granularity == "structured"
     if structured:
-        pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input))
+        pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
+                                  _importance_data(ctx))
         pruner.check(cfg.ratio)
     else:
         weights = _selected_weights(model, cfg)
