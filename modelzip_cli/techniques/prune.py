@@ -309,9 +309,10 @@ class StructuredPruner:
                 self._compensate_heads(block, stats, heads)
             remove_heads(self.model, block, heads)
             self.head_rows.append(heads_row(block, heads))
+        widths = {name: _units(m) for name, m, _ in todo}
         for name, m, remove in todo:
-            if name not in readers:
-                continue
+            if name not in readers or _units(m) != widths[name]:
+                continue  # left as it was, or already pruned with a layer whose width it shares (a residual add)
             reading = readers[name]
             if reading:
                 score = sum(self._unit_activity(r, moments[n]) for n, r in reading)
