@@ -21,10 +21,11 @@ from pathlib import Path
 # One epoch over the recovery sentences at batch 32: the whole case stays ≤ ~10 minutes on 2 cores.
 # lr 5e-4: on 640 sentences, 1e-4 recovered less (lowrank cosine 0.56 against 0.62) and 1e-3 no more.
 RECOVER = ["--recover", "--finetune-epochs", "1", "--batch-size", "32", "--lr", "5e-4"]
-# Structured: heads and units ranked on the recovery text; hidden states matched too, 6 epochs at 2e-4. On a
-# quiet machine (2026-12-06), 30% structured went 0.864 → 0.932 with 3 epochs of the plain cosine loss at
-# 5e-4, 0.933 at 1e-4, 0.942 with --hidden-weight 1 at 2e-4.
-STRUCTURED_RECOVER = ["--recover", "--finetune-epochs", "6", "--batch-size", "32", "--lr", "2e-4",
+# Structured: heads and units ranked on the recovery text; hidden states matched too, 5 epochs at 2e-4. On a
+# quiet machine (2026-12-06, 1,934 recovery sentences), 30% structured went 0.864 → 0.932 with 3 epochs of
+# the plain cosine loss at 5e-4, 0.933 at 1e-4, 0.942 with --hidden-weight 1 at 2e-4, 0.950 with 6 epochs of
+# that; on the 2,786 sentences of today's text sets, 4 epochs: 0.949.
+STRUCTURED_RECOVER = ["--recover", "--finetune-epochs", "5", "--batch-size", "32", "--lr", "2e-4",
                       "--hidden-weight", "1"]
 CASES = {
     # whole attention heads and FFN units, 30% of each: 30% of the encoder layers' parameters

@@ -22,7 +22,17 @@ MODULES = ["argparse", "asyncio", "collections", "contextlib", "csv", "dataclass
            "email", "functools", "http.client", "inspect", "io", "itertools", "json", "logging", "os",
            "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "statistics", "string",
            "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "urllib.parse",
-           "uuid", "zipfile"]
+           "uuid", "zipfile",
+           # more prose for the recovery set (≤ 4,000 sentences); appended, so the earlier sentences keep
+           # their order and every set's first sentences stay the same
+           "ast", "base64", "bisect", "calendar", "cmd", "codecs", "concurrent.futures", "configparser", "copy",
+           "ctypes", "difflib", "doctest", "enum", "fractions", "ftplib", "getopt", "gettext", "glob", "gzip",
+           "hashlib", "heapq", "hmac", "html.parser", "imaplib", "importlib", "ipaddress", "locale", "lzma",
+           "mailbox", "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "pdb", "pprint",
+           "profile", "queue", "sched", "secrets", "selectors", "shelve", "shlex", "signal", "smtplib", "ssl",
+           "struct", "symtable", "sysconfig", "tokenize", "trace", "traceback", "types", "unicodedata", "venv",
+           "warnings", "wave", "weakref", "webbrowser", "xml.dom.minidom", "xml.etree.ElementTree", "zipimport",
+           "zoneinfo", "bz2"]
 SETS = {"heldout": 0.15, "calib": 0.10, "recover": 0.75}  # fractions of the hash space, in this order
 MAX_LENGTH = 48
 

@@ -61,6 +61,17 @@ def test_cubic_schedule():
     assert s[0] == pytest.approx(0.9 * (1 - (1 - 1 / 5) ** 3))
 
 
+@given(n0=st.integers(1, 4096), fraction=st.floats(0, 0.95))
+def test_kept_units_are_aligned_on_wide_layers_and_near_the_ratio(n0, fraction):
+    kept = prune_mod.kept_units(n0, fraction)
+    exact = n0 - round(fraction * n0)
+    assert 1 <= kept <= n0 or (exact == 0 and kept == 0)
+    if n0 >= prune_mod.ALIGN_FROM and n0 % prune_mod.ALIGN == 0:
+        assert kept % prune_mod.ALIGN == 0 and abs(kept - exact) <= prune_mod.ALIGN // 2
+    else:
+        assert kept == exact
+
+
 def _selected_sparsity(model, names=None) -> float:
     ws = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)
           and (names is None or n in names)]
@@ -138,7 +149,7 @@ def test_transformer_magnitude_and_structured_reload_identically(cli, tmp_path):
     assert r.code == 0, r.stderr
     model = load_checkpoint(st_out).model
     for block in model.blocks:
-        assert block.mlp[0].out_features == 128 - round(0.3 * 128) == block.mlp[2].in_features
+        assert block.mlp[0].out_features == prune_mod.kept_units(128, 0.3) == 88 == block.mlp[2].in_features
     assert torch.equal(fresh_outputs(st_out, MNIST1D_TEST, tmp_path), same_process_outputs(model, MNIST1D_TEST))
 
 

@@ -156,6 +156,20 @@ def _units(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
+ALIGN, ALIGN_FROM = 8, 128  # kept widths of layers this wide or wider: a multiple of ALIGN
+
+
+def kept_units(n0: int, fraction: float) -> int:
+    """How many of a layer's `n0` units stay after removing `fraction` of them. From ALIGN_FROM units up, and
+    when n0 itself is aligned, the nearest multiple of ALIGN (a change of at most 4/128 = 3% of the layer):
+    fp32 GEMMs run their vector width 8 at a time, and on this machine a 384→1075 Linear took 2.5× as long as
+    384→1072 at 1536 rows."""
+    kept = n0 - round(fraction * n0)
+    if n0 >= ALIGN_FROM and n0 % ALIGN == 0:
+        kept = max(ALIGN, ALIGN * round(kept / ALIGN))
+    return kept
+
+
 # ---------------------------------------------------------------------------------------------------
 # Importance from data: the moments of what each reading layer receives
 
@@ -284,7 +298,7 @@ class StructuredPruner:
         self.check(fraction)
         selected = {n for n, _ in self.layers}
         skipped = {n for names in self.left.values() for n in names}
-        todo = [(name, m, round(fraction * self.original[name]) - (self.original[name] - _units(m)))
+        todo = [(name, m, _units(m) - kept_units(self.original[name], fraction))
                 for name, m in self.layers if name not in skipped]
         todo = [t for t in todo if t[2] > 0]
         heads_todo = [(b, round(fraction * h0) - (h0 - self._heads(b))) for b, h0 in zip(self.blocks, self.heads0,
@@ -407,6 +421,9 @@ class StructuredPruner:
             out.append("units and heads ranked (layers and attention modules): " + ", ".join(ranked) + (
                 f"; activations = what each adds to the layer that reads it, on {len(self.data)} samples, its mean "
                 "folded into that layer's bias" if self.scored["activations"] else ""))
+        if any(n0 >= ALIGN_FROM and n0 % ALIGN == 0 for n0 in self.original.values()):
+            out.append(f"units kept in layers of {ALIGN_FROM}+ units: a multiple of {ALIGN} (matrix products run "
+                       f"{ALIGN} wide), so the removed share may differ from --ratio by up to {ALIGN // 2} units")
         if self.blocks:
             kept = [self._heads(b) for b in self.blocks]
             out.append(f"attention heads: {sum(self.heads0) - sum(kept)} of {sum(self.heads0)} removed in "
