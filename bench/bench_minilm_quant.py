@@ -8,11 +8,10 @@ batch 32 × 48 tokens, 2 threads, every model timed in interleaved rounds, media
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import warnings
 
-from bench.common import WORK
+from bench.common import WORK, interleaved_medians
 
 ROUNDS = 5
 BUDGET = 0.99  # analyze --budget-fidelity
@@ -20,10 +19,12 @@ THREADS = 2
 BATCH = 32
 
 
-def _time(model, x) -> float:
+def _time(model, x, backend: str) -> float:
+    from modelzip_cli import int8
     from modelzip_cli.measure import latency_ms
 
-    return latency_ms(model, x, threads=THREADS, warmup=1, min_repeats=3, min_seconds=0)
+    with int8.use_backend(backend):
+        return latency_ms(model, x, threads=THREADS, warmup=1, min_repeats=3, min_seconds=0)
 
 
 def _quantize(model_dir, out, method: str, values: dict, files: dict, min_fidelity=None, eval_data=None):
@@ -110,15 +111,12 @@ def run() -> dict:
         for label, (m, backend, _) in models.items():
             with int8.use_backend(backend):
                 cos = fidelity(reference, predict(m, held, batch_size=BATCH), class_logits=False)
-                rows[label] = {"cosine_mean": round(cos["cosine_mean"], 5), "cosine_min": round(cos["cosine_min"], 5),
-                               "ms": []}
-        for _ in range(ROUNDS):
-            for label, (m, backend, _) in models.items():
-                with int8.use_backend(backend):
-                    rows[label]["ms"].append(_time(m, x))
-    base = statistics.median(rows["fp32"]["ms"])
+                rows[label] = {"cosine_mean": round(cos["cosine_mean"], 5), "cosine_min": round(cos["cosine_min"], 5)}
+        ms = interleaved_medians({label: lambda m=m, backend=backend: _time(m, x, backend)
+                                  for label, (m, backend, _) in models.items()}, ROUNDS)
+    base = ms["fp32"]
     for label, row in rows.items():
-        row["ms"] = round(statistics.median(row["ms"]), 2)
+        row["ms"] = round(ms[label], 2)
         row["speedup_vs_fp32"] = round(base / row["ms"], 3)
         if label in results["modelzip"]:
             row.update(results["modelzip"][label])

@@ -82,19 +82,15 @@ def run() -> dict:
 
 def _interleaved(paths: dict[str, Path], data: Path) -> dict[str, float]:
     """name → median ms of one batch, every model timed once per round, ROUNDS rounds."""
-    import statistics
-
+    from bench.common import interleaved_medians
     from modelzip_cli.checkpoint import load_checkpoint
     from modelzip_cli.data import load_data
     from modelzip_cli.measure import latency_ms
 
     x = load_data(data, require_targets=False).inputs[:BATCH].contiguous()
     models = {name: load_checkpoint(path).model for name, path in paths.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(ROUNDS):
-        for name, m in models.items():
-            times[name].append(latency_ms(m, x, threads=THREADS, warmup=1, min_repeats=3, min_seconds=0))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_medians({name: lambda m=m: latency_ms(m, x, threads=THREADS, warmup=1, min_repeats=3,
+                                                             min_seconds=0) for name, m in models.items()}, ROUNDS)
 
 
 def summary(r: dict) -> str:

@@ -37,6 +37,16 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def interleaved_medians(timers: dict, rounds: int) -> dict[str, float]:
+    """name → median of what `timers[name]()` returns, over `rounds` rounds that each call every timer once, in
+    order: a change in the machine's load falls on every entry alike."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, capture_output=True, check=True)

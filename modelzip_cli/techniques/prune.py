@@ -212,16 +212,14 @@ class Moments:
 
 def input_moments(model: nn.Module, inputs: torch.Tensor, readers: dict[str, int]) -> dict[str, Moments]:
     """name → Moments of the input of each named Linear/Conv (`readers`: name → covariance block size, 0 for
-    variances) over `inputs`, on real tokens only where the model takes an attention mask."""
-    from modelzip_cli import hf
+    variances) over `inputs`, on real tokens only where the inputs carry an attention mask."""
     from modelzip_cli.data import as_model_input, float_dtype
     from modelzip_cli.edits import run_with_hooks
 
-    seen: dict = {}
     moments = {name: Moments(block) for name, block in readers.items()}
 
-    def record(name: str, module: nn.Module, args: tuple) -> None:
-        x, mask = args[0], seen.get("mask")
+    def record(name: str, module: nn.Module, args: tuple, mask: torch.Tensor | None) -> None:
+        x = args[0]
         if isinstance(module, nn.Linear):
             if mask is not None and x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
                 x = x[mask.bool()]  # (T, D): padding tokens carry nothing the output keeps
@@ -232,12 +230,11 @@ def input_moments(model: nn.Module, inputs: torch.Tensor, readers: dict[str, int
     model.eval()
     dtype = float_dtype(model)
     for i in range(0, inputs.shape[0], 32):
-        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: record(n, mod, args))
-                 for n in readers]
-        if isinstance(model, hf.HFModel):
-            hooks.append(model.model.register_forward_pre_hook(
-                lambda mod, args, kwargs: seen.__setitem__("mask", kwargs.get("attention_mask")), with_kwargs=True))
-        run_with_hooks(model, as_model_input(inputs[i:i + 32], dtype), hooks)
+        batch = inputs[i:i + 32]
+        mask = batch[:, 1] if batch.ndim == 3 and not batch.is_floating_point() else None  # (B, 2, L): ids over mask
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n, mask=mask: record(n, mod, args, mask)) for n in readers]
+        run_with_hooks(model, as_model_input(batch, dtype), hooks)
     return moments
 
 
@@ -298,21 +295,21 @@ class StructuredPruner:
         self.check(fraction)
         selected = {n for n, _ in self.layers}
         skipped = {n for names in self.left.values() for n in names}
-        todo = [(name, m, _units(m) - kept_units(self.original[name], fraction))
+        todo = [(name, m, _units(m), _units(m) - kept_units(self.original[name], fraction))
                 for name, m in self.layers if name not in skipped]
-        todo = [t for t in todo if t[2] > 0]
+        todo = [t for t in todo if t[3] > 0]
         heads_todo = [(b, round(fraction * h0) - (h0 - self._heads(b))) for b, h0 in zip(self.blocks, self.heads0,
                                                                                          strict=True)]
         heads_todo = [t for t in heads_todo if t[1] > 0]
         readers = {}
-        for name, m, _ in todo:
+        for name, m, width, _ in todo:
             with quiet_pruning():
-                group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(_units(m))))
+                group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(width)))
             reason = self._blocker(group, selected)
             if reason:
                 self._leave(name, reason)
             else:
-                readers[name] = self._readers(group, _units(m)) if self.data is not None else []
+                readers[name] = self._readers(group, width) if self.data is not None else []
         moments = self._moments(readers, [b for b, _ in heads_todo])
         for block, remove in heads_todo:
             stats = moments.get(block["o"])
@@ -323,9 +320,8 @@ class StructuredPruner:
                 self._compensate_heads(block, stats, heads)
             remove_heads(self.model, block, heads)
             self.head_rows.append(heads_row(block, heads))
-        widths = {name: _units(m) for name, m, _ in todo}
-        for name, m, remove in todo:
-            if name not in readers or _units(m) != widths[name]:
+        for name, m, width, remove in todo:
+            if name not in readers or _units(m) != width:
                 continue  # left as it was, or already pruned with a layer whose width it shares (a residual add)
             reading = readers[name]
             if reading:
@@ -380,9 +376,8 @@ class StructuredPruner:
             reader.bias.add_(shift.to(reader.bias.dtype))
 
     def _compensate_heads(self, block: dict, stats: Moments, heads: list[int]) -> None:
-        o = self.model.get_submodule(block["o"])
-        if o.bias is not None:
-            self._compensate_units(o, stats, head_channels(sorted(heads), block["head_size"]))
+        self._compensate_units(self.model.get_submodule(block["o"]), stats,
+                               head_channels(sorted(heads), block["head_size"]))
 
     def _head_scores(self, block: dict) -> torch.Tensor:
         """Each head's L2 norm over its rows of q, k, v and its columns of the output projection."""
