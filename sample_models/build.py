@@ -22,6 +22,7 @@ from modelzip_cli.context import Context
 from modelzip_cli.data import load_data
 from modelzip_cli.measure import count_parameters, evaluate
 from modelzip_cli.train import TrainConfig, train
+from sample_models import decoder
 
 HERE = Path(__file__).parent
 SEED = 0
@@ -115,8 +116,12 @@ def main(names: list[str]) -> None:
     results = json.loads(record.read_text()) if record.exists() else {}
     results.update({name: train_model(name) for name in (names or MODELS) if name in MODELS})
     results.update({name: train_hf_model(name) for name in (names or HF_MODELS) if name in HF_MODELS})
+    if not names or decoder.NAME in names:
+        results[decoder.NAME] = decoder.build()
     for name, r in results.items():
-        print(f"{name}: {r['arch']} {r['parameters']:,} params, test accuracy {r['test_accuracy']:.4f}")
+        figure = f"test accuracy {r['test_accuracy']:.4f}" if "test_accuracy" in r else \
+            f"held-out perplexity {r['heldout_perplexity']:.2f}"
+        print(f"{name}: {r['arch']} {r['parameters']:,} params, {figure}")
     record.write_text(json.dumps(results, indent=2) + "\n")
 
 
