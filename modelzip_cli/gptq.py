@@ -1,0 +1,124 @@
+"""GPTQ (Frantar et al. 2022): integer weights chosen column by column so that the layer's output on the
+calibration inputs moves least, each column's rounding error spread over the columns not yet quantized
+through the inverse Hessian of the layer's input, H = 2·XᵀX / n.
+
+The integers, scales and zero points are the weight-only format's (int4: 0..15 with a zero point per group,
+int8: symmetric ±127), so a GPTQ layer is a `WeightOnlyLinear` that every loader and exporter already reads.
+Groups are contiguous runs of `group_size` input columns in the stored order. Without `act_order` a group's
+scale is chosen when its first column is reached, from the already-updated weights (the paper's way); with
+`act_order` (columns taken in decreasing Hessian diagonal) every group's scale is fixed first from the
+original weights ("static groups"), so the file's layout never depends on the order of work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Quantized:
+    """What GPTQ (or round-to-nearest) chose for one (out, in) weight."""
+
+    ints: torch.Tensor  # (out, in) int64: 0..15 for 4 bits, −127..127 for 8
+    scales: torch.Tensor  # (out, groups) float32
+    zero_points: torch.Tensor  # (out, groups) int64; 0 for 8 bits
+
+    def dequantized(self, group_size: int) -> torch.Tensor:
+        cols = self.ints.shape[1]
+        index = torch.arange(cols, device=self.ints.device) // group_size  # column → its group
+        return (self.ints - self.zero_points[:, index]).float() * self.scales[:, index]
+
+
+def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` (out, g): int4 asymmetric over [min, max] ∪ {0}, int8 symmetric."""
+    if bits == 8:
+        return w.abs().amax(-1).clamp(min=1e-12) / 127, torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, 15).to(torch.int64)
+
+
+def to_ints(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers for `w` (out,) or (out, g) under per-row scale and zero point."""
+    if w.ndim == 2:
+        scale, zero = scale[:, None], zero[:, None]
+    if bits == 8:
+        return torch.clamp(torch.round(w / scale), -127, 127).to(torch.int64)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 15).to(torch.int64)
+
+
+class Hessian:
+    """H = 2/n · Σ xᵀx over every input row seen, kept as a running mean (float32, on the input's device)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(columns, columns, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, in)
+        n = x.shape[0]
+        self.h *= self.rows / (self.rows + n)
+        self.rows += n
+        x = x * math.sqrt(2 / self.rows)
+        self.h += x.T @ x
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int) -> Quantized:
+    """Round to nearest, group by group: the baseline GPTQ improves on."""
+    w = weight.detach().float()
+    out, cols = w.shape
+    groups = math.ceil(cols / group_size)
+    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
+    scales = torch.empty(out, groups, device=w.device)
+    zeros = torch.empty(out, groups, dtype=torch.int64, device=w.device)
+    for g in range(groups):
+        part = w[:, g * group_size:(g + 1) * group_size]
+        scales[:, g], zeros[:, g] = group_params(part, bits)
+        ints[:, g * group_size:(g + 1) * group_size] = to_ints(part, scales[:, g], zeros[:, g], bits)
+    return Quantized(ints, scales, zeros)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *, damp: float = 0.01,
+         act_order: bool = False, block: int = 128) -> tuple[Quantized, float]:
+    """GPTQ of one (out, in) weight given its input Hessian (in, in). Returns the integers and the summed
+    squared output error the rounding left (the paper's loss, ½·Σ err²/d), a figure for the report."""
+    w = weight.detach().float().clone()
+    out, cols = w.shape
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: any value there is exact
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    groups = math.ceil(cols / group_size)
+    scales = torch.empty(out, groups, device=w.device)
+    zeros = torch.empty(out, groups, dtype=torch.int64, device=w.device)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
+    if act_order:  # static groups, from the original weights in stored order
+        for g in range(groups):
+            scales[:, g], zeros[:, g] = group_params(w[:, g * group_size:(g + 1) * group_size], bits)
+        w, h = w[:, perm], h[perm][:, perm]
+    h += torch.eye(cols, device=w.device) * damp * torch.mean(torch.diag(h))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (in, in)
+    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
+    loss = 0.0
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])  # the stored column this step quantizes
+            g = col // group_size
+            if not act_order and col % group_size == 0:  # a group starts: its scale from the updated weights
+                scales[:, g], zeros[:, g] = group_params(
+                    torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size], bits)
+            q = to_ints(w1[:, i], scales[:, g], zeros[:, g], bits)
+            ints[:, col] = q
+            deq = (q - zeros[:, g]).float() * scales[:, g]
+            d = hinv1[i, i]
+            e = (w1[:, i] - deq) / d  # (out,)
+            loss += float(((w1[:, i] - deq) ** 2).sum() / d**2) / 2
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return Quantized(ints, scales, zeros), loss

@@ -1,0 +1,106 @@
+"""GPTQ's column-by-column rounding and the layer-by-layer calibration it runs in (gptq.py, sequential.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modelzip_cli import sequential
+from modelzip_cli.gptq import Hessian, gptq, rtn
+
+
+def _correlated(n: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Inputs as a transformer's are: low-rank correlated, a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, generator=g) @ torch.randn(32, cols, generator=g) + 0.1 * torch.randn(n, cols, generator=g)
+    x[:, :4] *= 10
+    return x
+
+
+@pytest.mark.parametrize("bits,group,cols", [(4, 128, 576), (4, 32, 256), (8, 128, 256), (4, 64, 200)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_far_below_round_to_nearest(bits, group, cols, act_order):
+    x = _correlated(2048, cols)
+    w = torch.randn(64, cols, generator=torch.Generator().manual_seed(1)) * 0.05
+    h = Hessian(cols)
+    for chunk in x.split(300):
+        h.add(chunk)
+    q, loss = gptq(w, h.h, bits, group, act_order=act_order)
+    base = rtn(w, bits, group)
+
+    def err(weight):
+        return ((x @ weight.T - x @ w.T) ** 2).mean().item()
+
+    assert err(q.dequantized(group)) < err(base.dequantized(group)) / 5
+    assert loss > 0
+    lo, hi = (0, 15) if bits == 4 else (-127, 127)
+    assert q.ints.min() >= lo and q.ints.max() <= hi
+    assert q.scales.shape == (64, -(-cols // group)) and q.zero_points.shape == q.scales.shape
+    if act_order:  # static groups: the scales are round-to-nearest's, fixed from the original weights
+        torch.testing.assert_close(q.scales, base.scales)
+
+
+def test_hessian_is_the_running_mean_of_2_xtx():
+    x = torch.randn(1000, 16)
+    h = Hessian(16)
+    for chunk in x.split(137):
+        h.add(chunk)
+    torch.testing.assert_close(h.h, 2 * x.T @ x / 1000, rtol=1e-4, atol=1e-4)
+
+
+def test_dead_inputs_do_not_break_the_inverse():
+    x = torch.randn(512, 64)
+    x[:, 5] = 0
+    h = Hessian(64)
+    h.add(x)
+    q, _ = gptq(torch.randn(8, 64), h.h, 4, 32)
+    assert torch.isfinite(q.scales).all() and (q.ints[:, 5] == q.zero_points[:, 0]).all()
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_blocks_found_in_a_decoder_and_not_in_an_mlp():
+    model = _tiny_llama()
+    blocks = sequential.blocks_of(model)
+    assert blocks.prefix == "model.layers" and len(blocks.layers) == 3
+    assert sequential.blocks_of(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))) is None
+
+
+def test_layer_by_layer_pass_equals_the_whole_model():
+    model = _tiny_llama()
+    batches = [torch.randint(0, 64, (2, 16)) for _ in range(3)]
+    seen: list[int] = []
+    blocks = sequential.blocks_of(model)
+    inputs = sequential.first_inputs(model, blocks, batches, lambda m, b: m(input_ids=b))
+    for i, block in enumerate(blocks.layers):
+        seen.append(i)
+        inputs = sequential.run_block(block, inputs)
+    assert seen == [0, 1, 2]
+    with torch.no_grad():
+        for (args, _), batch in zip(inputs, batches, strict=True):
+            full = model(input_ids=batch, output_hidden_states=True).hidden_states[-1]  # after the final norm
+            torch.testing.assert_close(model.model.norm(args[0]), full, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_sees_quantized_predecessors():
+    """What block i receives is computed by blocks 0..i-1 as per_block left them."""
+    model = _tiny_llama()
+    batches = [torch.randint(0, 64, (2, 8))]
+    first: dict[int, torch.Tensor] = {}
+
+    def per_block(i, block, inputs):
+        first[i] = inputs[0][0][0].clone()
+        for m in block.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.data.zero_()  # the block becomes the identity (residuals only)
+
+    sequential.calibrate(model, batches, lambda m, b: m(input_ids=b), per_block)
+    torch.testing.assert_close(first[1], first[0])
+    torch.testing.assert_close(first[2], first[0])
