@@ -342,16 +342,24 @@ def prune(
 @command(SELECT_OPTIONS, TRANSFORM_OPTIONS)
 def quantize(
     model: Input,
-    method: Annotated[str | None, typer.Option("--method", help="dynamic | static | qat | weight-only")] = None,
-    bits: Annotated[int | None, typer.Option("--bits", help="weight-only: 8 or 4 (int4 packed two per byte) "
-                                             "(default 8)")] = None,
-    group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only: input channels per scale, "
-                                                   "0 = per channel (default 128)")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="dynamic | static | qat | weight-only | "
+                                               "gptq")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", help="weight-only, gptq: 8 or 4 (int4 packed two per "
+                                             "byte) (default 8; gptq 4)")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only, gptq: input channels per "
+                                                   "scale, 0 = per channel (default 128)")] = None,
+    act_order: Annotated[bool, typer.Option("--act-order", help="gptq: columns in decreasing activation "
+                                            "energy (group scales fixed first)")] = False,
+    damp: Annotated[float | None, typer.Option("--damp", help="gptq: Hessian dampening, a share of its mean "
+                                               "diagonal (default 0.01)")] = None,
     calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data; dynamic: "
                                                     "activation ranges for --smoothing, and what --min-fidelity "
                                                     "is met on")] = None,
     calib_batches: Annotated[int | None, typer.Option("--calib-batches", help="static: batches to calibrate on "
-                                                      "(default 100); dynamic: for smoothing (default 8)")] = None,
+                                                      "(default 100); dynamic: for smoothing (default 8); gptq "
+                                                      "(default 16)")] = None,
+    calib_batch_size: Annotated[int | None, typer.Option("--calib-batch-size", help="samples per calibration "
+                                                         "batch (default 32; gptq 8)")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="qat: training data")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="qat: fine-tuning epochs (default 3)")] = None,
     freeze_epochs: Annotated[int | None, typer.Option("--freeze-epochs", help="qat: final epochs with observers "
@@ -372,7 +380,7 @@ def quantize(
     plan: PlanFile = None,
     *, shared,
 ) -> None:
-    """int8 dynamic / static / QAT on plain int8 tensors, or int8/int4 weight-only."""
+    """int8 dynamic / static / QAT on plain int8 tensors, or int8/int4 weight-only (round to nearest, or GPTQ)."""
     from modelzip_cli import int8
 
     if plan is not None:
@@ -382,9 +390,10 @@ def quantize(
                                   activations=activations, observer=observer, smoothing=smoothing,
                                   embeddings=embeddings or None))
     if method is None:
-        raise UsageError("quantize needs --method (dynamic, static, qat or weight-only), or --plan PLAN")
+        raise UsageError("quantize needs --method (dynamic, static, qat, weight-only or gptq), or --plan PLAN")
 
-    values = given(bits=bits, group_size=group_size, calib_batches=calib_batches, epochs=epochs,
+    values = given(bits=bits, group_size=group_size, act_order=act_order or None, damp=damp,
+                   calib_batches=calib_batches, calib_batch_size=calib_batch_size, epochs=epochs,
                    freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, backend=backend,
                    activations=activations, observer=observer, smoothing=smoothing,
                    embeddings=embeddings or None, include=shared.include,
@@ -607,13 +616,16 @@ def data_text(
     tokenizer: Annotated[Path, typer.Option("--tokenizer", help="the model directory holding the tokenizer")],
     output: DataOutput,
     max_length: Annotated[int, typer.Option("--max-length", help="tokens per sample (padded or cut)")] = 128,
+    pack: Annotated[bool, typer.Option("--pack", help="language-model windows: documents (the file, each file "
+                                       "of a folder, or each line of a .jsonl) joined with EOS and cut into "
+                                       "--max-length windows; --split divides documents")] = False,
     split: Split = None, seed: Seed = 0, force: Force = False, quiet: Quiet = False,
 ) -> None:
     """Token ids and attention masks from text, with a model's own tokenizer (offline)."""
     from modelzip_cli import datamake
 
-    _written(datamake.text(corpus, tokenizer, output, max_length=max_length, split=split, seed=seed, force=force),
-             quiet)
+    make = datamake.packed_text if pack else datamake.text
+    _written(make(corpus, tokenizer, output, max_length=max_length, split=split, seed=seed, force=force), quiet)
 
 
 @data_app.command("images")

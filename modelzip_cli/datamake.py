@@ -142,3 +142,93 @@ def images(folder: Path, output: Path, *, size: int = 224, mean: tuple[float, ..
     tensors = {"inputs": torch.stack(inputs), "targets": torch.tensor(targets, dtype=torch.long)}
     counts = _write(tensors, paths, split, seed, labels=tensors["targets"])
     return Written(paths, counts, [3, size, size], classes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Language-model windows: documents joined with the tokenizer's EOS and cut into fixed windows
+
+DOCUMENT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl"}
+MAX_DOCUMENT_BYTES = 256 << 20  # one document (or .jsonl file) larger than this is refused, not read
+
+
+def documents(source: Path) -> list[str]:
+    """The documents of a corpus: a text file is one document; a `.jsonl` file one per line (its "text"
+    field); a folder, every regular text file under it in name order, each as above."""
+    import json
+
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in DOCUMENT_SUFFIXES
+                       and p.is_file() and not p.is_symlink())
+        if not files:
+            raise InputError(f"folder {source} holds no text files ({', '.join(sorted(DOCUMENT_SUFFIXES))})")
+        return [doc for f in files for doc in documents(f)]
+    if not source.is_file():
+        raise InputError(f"corpus {source}: no such file or folder", hint="a text file, a .jsonl file or a folder")
+    if source.stat().st_size > MAX_DOCUMENT_BYTES:
+        raise InputError(f"corpus file {source} is larger than {MAX_DOCUMENT_BYTES >> 20} MB",
+                         hint="split it into several files in a folder")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"corpus file {source} is not UTF-8 text") from None
+    if source.suffix.lower() != ".jsonl":
+        return [text] if text.strip() else []
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError):
+            raise InputError(f"{source}:{number} is not a JSON object", hint='one {"text": "..."} per line') from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise InputError(f'{source}:{number} has no "text" string', hint='one {"text": "..."} per line')
+        docs.append(item["text"])
+    return docs
+
+
+def _windows(tokenizer, docs: list[str], length: int) -> dict[str, torch.Tensor]:
+    """Token ids of the documents, each followed by EOS, cut into (N, length) windows; the last window is
+    padded (attention mask 0), so no token is dropped."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise InputError("the tokenizer has no end-of-sequence token to join documents with",
+                         hint="use a causal LM's tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    parts = [torch.tensor(tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos], dtype=torch.int64)
+             for doc in docs]
+    ids = torch.cat(parts)
+    n = -(-ids.numel() // length)
+    mask = torch.zeros(n * length, dtype=torch.int64)
+    mask[: ids.numel()] = 1
+    ids = torch.cat([ids, torch.full((n * length - ids.numel(),), pad, dtype=torch.int64)])
+    return {"inputs": ids.view(n, length), "attention_mask": mask.view(n, length)}  # (N, L) each
+
+
+def packed_text(corpus: Path, tokenizer_dir: Path, output: Path, *, max_length: int = 512,
+                split: float | None = None, seed: int = 0, force: bool = False) -> Written:
+    """Language-model windows of `max_length` tokens from a corpus (module docstring). With `split`, the
+    documents (never the windows of one document) are divided seeded between the two files."""
+    if max_length < 2:
+        raise UsageError(f"--max-length must be ≥ 2, got {max_length}")
+    paths = outputs_for(output, split, force)
+    docs = documents(corpus)
+    if not docs:
+        raise InputError(f"corpus {corpus} has no text")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if split is None:
+        tensors = _windows(tokenizer, docs, max_length)
+        _save(tensors, paths[0])
+        return Written(paths, [tensors["inputs"].shape[0]], [max_length])
+    if len(docs) < 2:
+        raise InputError(f"--split divides documents, and corpus {corpus} is one document",
+                         hint="pass a folder of files or a .jsonl file with one document per line")
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, min(len(docs) - 1, round(split * len(docs))))
+    counts = []
+    for part, path in zip((order[:cut], order[cut:]), paths, strict=True):
+        tensors = _windows(tokenizer, [docs[i] for i in sorted(part)], max_length)
+        _save(tensors, path)
+        counts.append(tensors["inputs"].shape[0])
+    return Written(paths, counts, [max_length])
+

@@ -26,6 +26,7 @@ from modelzip_cli import (
 )
 from modelzip_cli.errors import InputError, ModelzipError, first_line
 from modelzip_cli.format import CORRUPT, Manifest, NonNegInt, describe_error
+from modelzip_cli.gptq import Quantized, rtn
 
 ReplayFn = Callable[[nn.Module, dict, Manifest], nn.Module]
 EDIT_REPLAYS: dict[str, ReplayFn] = {}
@@ -334,29 +335,34 @@ class WeightOnlyLinear(nn.Module):
             q.bias.data.copy_(linear.bias.detach())
         return q
 
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, q: Quantized, bits: int, group_size: int) -> WeightOnlyLinear:
+        """The layer for integers chosen elsewhere (GPTQ), on this layer's groups."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
+        layer._store(q)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
     def _quantize_from(self, weight: torch.Tensor) -> None:
-        """Fill qweight, scales and zero points from a float (out, in) weight."""
-        q, bits = self, self.bits
-        w = weight.detach().float()
-        pad = q.scales.shape[1] * q.group_size - q.in_features
-        g = F.pad(w, (0, pad)).reshape(q.out_features, -1, q.group_size)  # (out, groups, group)
-        if bits == 8:  # symmetric: zero point 0, range ±127
-            scale = g.abs().amax(-1).clamp(min=1e-12) / 127
-            ints = torch.clamp(torch.round(g / scale[..., None]), -127, 127)
-            zp = torch.zeros_like(scale, dtype=torch.int8)
-            q.qweight.copy_(ints.reshape(q.out_features, -1).to(torch.int8))
-        else:  # asymmetric: 0..15 with a zero point per group
-            lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-            scale = ((hi - lo) / 15).clamp(min=1e-12)
-            zp = torch.clamp(torch.round(-lo / scale), 0, 15)
-            ints = torch.clamp(torch.round(g / scale[..., None]) + zp[..., None], 0, 15).to(torch.uint8)
-            ints = ints.reshape(q.out_features, -1)
+        """Fill qweight, scales and zero points from a float (out, in) weight, rounding to nearest."""
+        self._store(rtn(weight, self.bits, self.group_size))
+
+    def _store(self, q: Quantized) -> None:
+        """Write integers (out, in), scales and zero points (out, groups) into the stored layout: columns
+        padded to whole groups (with the value a zero weight takes), int4 packed two per byte."""
+        pad = self.scales.shape[1] * self.group_size - self.in_features
+        ints = F.pad(q.ints, (0, pad), value=0) if self.bits == 8 else \
+            torch.cat([q.ints, q.zero_points[:, -1:].expand(-1, pad)], dim=1)
+        if self.bits == 8:
+            self.qweight.copy_(ints.to(torch.int8))
+        else:
             if ints.shape[1] % 2:
                 ints = F.pad(ints, (0, 1))
-            q.qweight.copy_(ints[:, 0::2] | (ints[:, 1::2] << 4))  # two 4-bit values per byte
-            zp = zp.to(torch.int8)
-        q.scales.copy_(scale)
-        q.zero_points.copy_(zp)
+            ints = ints.to(torch.uint8)
+            self.qweight.copy_(ints[:, 0::2] | (ints[:, 1::2] << 4))  # two 4-bit values per byte
+        self.scales.copy_(q.scales)
+        self.zero_points.copy_(q.zero_points.to(torch.int8))
 
     def dequantized_weight(self) -> torch.Tensor:
         return self._dequantize(self.qweight, self.scales, self.zero_points)

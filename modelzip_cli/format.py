@@ -128,6 +128,14 @@ class QTensorCodec(_Strict):
         return self
 
 
+class AliasCodec(_Strict):
+    """A tensor that is another stored tensor (tied weights: a language model's output layer and its
+    embedding): nothing stored twice, and the tie comes back on load."""
+
+    codec: Literal["alias"]
+    of: str = Field(max_length=1000)
+
+
 class TupleCodec(_Strict):
     codec: Literal["tuple"]
     length: int = Field(ge=0, le=16)
@@ -186,7 +194,8 @@ class ManifestSchema(BaseModel):
     input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=2, max_length=8)  # (1, …)
     input_dtype: Literal["float", "long"] = "float"
     edits: list[EditRecord] = []
-    encodings: dict[str, Annotated[BitmaskCodec | QTensorCodec | TupleCodec, Field(discriminator="codec")]] = {}
+    encodings: dict[str, Annotated[BitmaskCodec | QTensorCodec | TupleCodec | AliasCodec,
+                                   Field(discriminator="codec")]] = {}
     constants: dict[str, TorchConstant | ValueConstant] = {}
     state_versions: dict[str, StateVersion] = {}
     layers: list[LayerRow] | None = None
@@ -302,6 +311,7 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
     encodings: dict[str, dict] = {}
     constants: dict[str, Any] = {}
     seen_storage: set[int] = set()
+    seen_tensor: dict[tuple, str] = {}  # (pointer, shape, stride, dtype) → the first name stored for it
     for name, value in state.items():
         if isinstance(value, (torch.dtype, torch.qscheme)):  # e.g. torch.qint8, torch.per_channel_affine
             constants[name] = {"torch": str(value).removeprefix("torch.")}
@@ -324,11 +334,18 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
         if t.is_quantized:
             raise UsageError(f"{name!r} is a torch quantized tensor, which modelzip no longer stores",
                              hint="quantize with modelzip quantize (plain int8 tensors)")
-        # safetensors refuses tensors that share storage (tied weights): store a copy.
+        # The same tensor under two names (tied weights) is stored once; another view of shared storage is
+        # stored as a copy (safetensors refuses tensors that share storage).
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen_tensor:
+            encodings[name] = {"codec": "alias", "of": seen_tensor[key]}
+            continue
         ptr = t.untyped_storage().data_ptr() if t.numel() else 0
         if ptr and ptr in seen_storage:
             t = t.clone()
         seen_storage.add(ptr)
+        if t.numel():
+            seen_tensor[key] = name
         _store(name, t, tensors, encodings)
     return tensors, encodings, constants
 
@@ -408,9 +425,15 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict], c
 
     state: dict[str, Any] = {k: v for k, v in tensors.items() if SEP not in k}
     for name, enc in encodings.items():
-        if SEP in name:  # a part of an encoded tensor: decoded with its parent
+        if SEP in name or enc.get("codec") == "alias":  # a part: decoded with its parent; aliases: below
             continue
         state[name] = decode_one(name, enc)
+    for name, enc in encodings.items():
+        if enc.get("codec") == "alias":
+            target = enc.get("of")
+            if SEP in name or target not in state or encodings.get(target, {}).get("codec") == "alias":
+                fail(f"tensor {name!r} is an alias of {target!r}, which is not a stored tensor")
+            state[name] = state[target]
     for name, const in constants.items():
         state[name] = getattr(torch, const["torch"]) if "torch" in const else const["value"]
     return state

@@ -120,6 +120,8 @@ class HFModel(nn.Module):
         # class logits (N, classes) get a top-1 agreement; embeddings and per-token outputs do not
         self.outputs_class_logits = task in {"sequence-classification", "image-classification"} and (
             output_key in (None, "logits"))
+        # next-token logits (B, L, V): perplexity and next-token agreement (lm.py)
+        self.causal_lm = task == "causal-lm" and output_key in (None, "logits")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = None

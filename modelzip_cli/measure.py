@@ -62,7 +62,17 @@ def _logical_weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(t.numel() for m in model.modules() for t in _logical_weights(m).values())
+    """Values of every weight-like tensor, a tensor shared by two layers (tied embeddings) counted once."""
+    seen: set[tuple] = set()
+    total = 0
+    for m in model.modules():
+        for t in _logical_weights(m).values():
+            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() and t.device.type != "meta" \
+                else (id(t),)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel()
+    return total
 
 
 def _scheme(module: nn.Module, state: dict) -> str:

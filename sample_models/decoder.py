@@ -7,7 +7,7 @@ The corpus is documents, not sentences: each pydoc topic and each standard-libra
 is decided by a hash of its name, so held-out windows never share a document with training or
 calibration ones, on every machine with the same Python. Nothing is downloaded.
 
-    python -m sample_models.decoder DIR     # writes {train,calib,heldout}.txt under DIR (for `data text`)
+    python -m sample_models.decoder DIR     # {train,calib,heldout}.jsonl and their 128-token windows in DIR
 """
 
 from __future__ import annotations
@@ -85,13 +85,24 @@ def split() -> dict[str, list[str]]:
 
 
 def write_texts(out_dir: Path) -> dict[str, Path]:
-    """NAME.txt per set: documents separated by a blank line and the EOS marker line."""
+    """NAME.jsonl per set, one {"text": document} a line: what `modelzip data text --pack` reads."""
+    import json
+
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, docs in split().items():
-        files[name] = out_dir / f"{name}.txt"
-        files[name].write_text(f"\n{EOS}\n".join(docs) + "\n", encoding="utf-8")
+        files[name] = out_dir / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
     return files
+
+
+def write_windows(out_dir: Path, length: int = WINDOW, tokenizer_dir: Path = HERE / NAME) -> dict[str, Path]:
+    """NAME.safetensors per set: the windows `modelzip data text --pack` cuts from NAME.jsonl."""
+    from modelzip_cli import datamake
+
+    return {name: datamake.packed_text(path, tokenizer_dir, out_dir / f"{name}.safetensors", max_length=length,
+                                       force=True).paths[0]
+            for name, path in write_texts(out_dir).items()}
 
 
 def train_tokenizer(docs: list[str]):
@@ -168,5 +179,5 @@ def build(out: Path = HERE / NAME, steps: int = STEPS, seed: int = 0) -> dict:
 
 
 if __name__ == "__main__":
-    for set_name, path in write_texts(Path(sys.argv[1])).items():
+    for set_name, path in write_windows(Path(sys.argv[1])).items():
         print(set_name, path)

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import int8
+from modelzip_cli import int8, sequential
 from modelzip_cli.context import Context
 from modelzip_cli.edits import (
     WeightOnlyEmbedding,
@@ -34,6 +34,7 @@ from modelzip_cli.edits import (
 )
 from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
+from modelzip_cli.gptq import Hessian, Quantized, gptq
 from modelzip_cli.measure import predict, sqnr_db
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
@@ -105,7 +106,23 @@ class WeightOnlyConfig(_QuantizeConfig):
     embeddings: bool = False  # also the Embedding tables (a token's row is dequantized when it is looked up)
 
 
-QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig
+class GPTQConfig(_QuantizeConfig):
+    """int4 or int8 weights chosen on calibration data so that each layer's output moves least (GPTQ),
+    block by block; written in the weight-only format, so whatever reads weight-only reads it."""
+
+    method: ClassVar[str] = "gptq"
+    bits: Literal[8, 4] = 4
+    group_size: int = Field(128, ge=0)  # input channels sharing one scale; 0 = one scale per output channel
+    act_order: bool = False  # columns in decreasing Hessian diagonal (group scales fixed first)
+    damp: float = Field(0.01, gt=0, le=1)  # added to the Hessian's diagonal, as a share of its mean
+    calib_batches: int = Field(16, ge=1)  # calibration batches the Hessians are accumulated over
+    calib_batch_size: int = Field(8, ge=1)
+
+    def required_data(self) -> set[str]:
+        return {"calib_data"}
+
+
+QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig | GPTQConfig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,6 +133,8 @@ def plan(model: nn.Module, cfg: QuantizeConfig, example: torch.Tensor | None) ->
     """Names of the modules this config would quantize (for `chain --dry-run`)."""
     if isinstance(cfg, WeightOnlyConfig):
         return _weight_only_names(model, cfg)[0]
+    if isinstance(cfg, GPTQConfig):
+        return _gptq_names(model, cfg)[0]
     return _names(model, cfg, *_types(cfg))
 
 
@@ -279,6 +298,101 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) 
                     "group_size": cfg.group_size}], {}
 
 
+def _gptq_names(model: nn.Module, cfg: GPTQConfig) -> tuple[list[str], list[str]]:
+    """The Linears GPTQ quantizes, and those left float by default: a language model's output layer
+    (`lm_head`, or any Linear sharing its weight with an Embedding) unless --include names it."""
+    names = [n for n in _names(model, cfg, *_types(cfg)) if 0 not in model.get_submodule(n).weight.shape]
+    if cfg.include is not None:
+        return names, []
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = [n for n in names if n.rsplit(".", 1)[-1] == "lm_head" or id(model.get_submodule(n).weight) in tied]
+    return [n for n in names if n not in head], head
+
+
+class _Hessians:
+    """Forward hooks that add each named Linear's inputs to its Hessian. Linears fed the very same tensor
+    (q, k and v; gate and up) share one Hessian, added to once per forward."""
+
+    def __init__(self, root: nn.Module, layers: dict[str, nn.Linear]):
+        self.of: dict[str, Hessian] = {}
+        self.current: list[tuple[torch.Tensor, Hessian]] = []  # this forward's inputs, kept alive to compare
+        self.handles = [root.register_forward_pre_hook(lambda *_: self.current.clear())]
+        self.handles += [layer.register_forward_pre_hook(lambda m, args, n=n: self._seen(n, args[0]))
+                         for n, layer in layers.items()]
+
+    def _seen(self, name: str, x: torch.Tensor) -> None:
+        for seen, h in self.current:
+            if seen is x:
+                self.of.setdefault(name, h)
+                return
+        h = self.of.setdefault(name, Hessian(x.shape[-1], x.device))
+        h.add(x)
+        self.current.append((x, h))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.current.clear()
+
+
+def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
+    names, head = _gptq_names(model, cfg)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batches = [x.to(device) for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size))
+               if i < cfg.calib_batches]
+    chosen: dict[str, Quantized] = {}
+    extra: dict[str, dict] = {}
+
+    def quantize_layers(root: nn.Module, layer_names: list[str], run: Callable[[], object]) -> None:
+        layers = {n: model.get_submodule(n) for n in layer_names}
+        hessians = _Hessians(root, layers)
+        try:
+            with torch.no_grad():
+                run()
+        finally:
+            hessians.remove()
+        for n, layer in layers.items():
+            if n not in hessians.of:
+                continue  # no calibration batch reached it: left float, said by the runner
+            group = cfg.group_size if 0 < cfg.group_size < layer.in_features else layer.in_features
+            chosen[n], loss = gptq(layer.weight, hessians.of[n].h, cfg.bits, group, damp=cfg.damp,
+                                   act_order=cfg.act_order)
+            extra[n] = {"gptq_loss": round(loss, 6)}
+            # the next blocks calibrate on this layer as it will be: the rounded weights
+            layer.weight.data = chosen[n].dequantized(group).to(layer.weight.dtype)
+
+    def forward(m: nn.Module, x: torch.Tensor) -> object:
+        return m(x)
+
+    stack = sequential.blocks_of(model)
+    steps = (len(stack.layers) if stack else 0) + 1
+    with ctx.progress("gptq", steps) as bar:
+        def per_block(i: int, block: nn.Module, inputs: sequential.Inputs) -> None:
+            prefix = stack.name(i) + "."
+            quantize_layers(block, [n for n in names if n.startswith(prefix)],
+                            lambda: sequential.run_block(block, inputs))
+
+        if stack is not None:
+            sequential.calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance())
+        rest = [n for n in names if n not in chosen]
+        if rest:  # outside the stack (or no stack): one pass of the whole model as compressed so far
+            quantize_layers(model, rest, lambda: [forward(model, x) for x in batches])
+        bar.advance()
+    done = [n for n in names if n in chosen]
+    for n in done:
+        layer = model.get_submodule(n)
+        group = cfg.group_size if 0 < cfg.group_size < layer.in_features else layer.in_features
+        replace_module(model, n, WeightOnlyLinear.from_quantized(layer, chosen[n], cfg.bits, group))
+    how = (f"layer by layer over the {len(stack.layers)} blocks of {stack.prefix}" if stack else
+           "in one whole-model pass (no stack of repeated blocks found)")
+    notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
+    if head:
+        notes.append(f"left in float as language-model outputs (name them with --include to quantize): "
+                     f"{', '.join(head)}")
+    return model, [{"kind": "quantize_weight_only", "modules": done, "bits": cfg.bits,
+                    "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
+
+
 # method → (model, config, ctx) → (quantized model, edits for the manifest, extra figures: "after" (QAT's
 # training history), "layer_extra" (name → fields of its layer row))
 QUANTIZERS: dict[type, Callable[..., tuple[nn.Module, list[dict], dict]]] = {
@@ -286,6 +400,7 @@ QUANTIZERS: dict[type, Callable[..., tuple[nn.Module, list[dict], dict]]] = {
     StaticConfig: quantize_static,
     QATConfig: quantize_qat,
     WeightOnlyConfig: quantize_weight_only,
+    GPTQConfig: quantize_gptq,
 }
 
 NOTES = {
@@ -296,6 +411,8 @@ NOTES = {
     "qat": "fake-quantization fine-tuning, then the same int8 layers as static",
     "weight-only": "smaller file and memory; compute stays float (weights are dequantized at each call), so "
                    "expect no speed-up",
+    "gptq": "int4/int8 weights chosen on calibration data to keep each layer's outputs (GPTQ); stored and run "
+            "as weight-only",
 }
 
 
@@ -331,15 +448,17 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         reference = copy.deepcopy(model).eval()
         quantized, edits, extra = QUANTIZERS[type(cfg)](model, cfg, ctx)
         quantized.eval()
-        notes = [NOTES[cfg.method], *filter(None, [unsupported_layers(reference)])]
+        notes = [NOTES[cfg.method], *extra.get("notes", []), *filter(None, [unsupported_layers(reference)])]
         if folded := [p for e in edits if e["kind"] == "fold_batchnorm" for p in e["pairs"]]:
             notes.append(f"{len(folded)} BatchNorm layers folded into the convolutions before them")
         after: dict = dict(extra.get("after", {}))
         layer_extra: dict[str, dict] = extra.get("layer_extra", {})
-        if isinstance(cfg, WeightOnlyConfig) and (empty := _weight_only_names(reference, cfg)[1]):
+        if isinstance(cfg, WeightOnlyConfig | GPTQConfig) and (empty := _weight_only_names(reference, cfg)[1]):
             notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
         selected = set(edits[-1]["modules"])
-        still_float = [n for n in _names(reference, cfg, *_types(cfg)) if n not in selected]
+        planned = _gptq_names(reference, cfg)[0] if isinstance(cfg, GPTQConfig) else _names(reference, cfg,
+                                                                                               *_types(cfg))
+        still_float = [n for n in planned if n not in selected]
         if still_float:
             notes.append(f"left in float (no calibration or training batch reached them): {', '.join(still_float)}")
         recurrent = [n for n, m in reference.named_modules() if isinstance(m, nn.RNNBase)]
@@ -407,7 +526,7 @@ def _kept_note(kept: dict, ctx: Context) -> str:
 def _types(cfg: QuantizeConfig) -> tuple[tuple[type, ...], str]:
     if isinstance(cfg, WeightOnlyConfig) and cfg.embeddings:
         return (nn.Linear, nn.Embedding), "Linear or Embedding"
-    if isinstance(cfg, DynamicConfig | WeightOnlyConfig):
+    if isinstance(cfg, DynamicConfig | WeightOnlyConfig | GPTQConfig):
         return (nn.Linear,), "Linear"
     return WEIGHTED, "Linear or Conv"
 

@@ -1,0 +1,68 @@
+"""Language-model figures: perplexity and next-token agreement of causal LMs on token windows.
+
+A causal LM's compared output is its logits (B, L, V); the token at position t+1 is scored from position t.
+Perplexity is exp of the token-weighted mean negative log-likelihood over the positions where both the
+predicting and the predicted token are real (attention mask 1), so padding never counts. Next-token
+agreement is the share of those positions where a model's top-1 prediction equals the reference model's.
+Models are run batch by batch side by side, so no model's logits for the whole set are ever held.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BATCH = 8  # windows per forward: (8, L, V) logits at a time
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return bool(getattr(model, "causal_lm", False))
+
+
+def ids_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids with an all-ones mask, or the (B, 2, L) packing of ids over mask split in two."""
+    if x.ndim == 3:
+        return x[:, 0], x[:, 1]
+    return x, torch.ones_like(x)
+
+
+@torch.inference_mode()
+def lm_figures(models: list[nn.Module], inputs: torch.Tensor, batch_size: int = BATCH) -> list[dict]:
+    """Per model: perplexity, mean NLL and scored tokens on `inputs`; for every model after the first,
+    next-token agreement with the first."""
+    nll = [0.0] * len(models)
+    agree = [0] * len(models)
+    tokens = 0
+    for m in models:
+        m.eval()
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start:start + batch_size]
+        ids, mask = ids_and_mask(x)
+        valid = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)  # (B, L-1): both tokens real
+        target = ids[:, 1:][valid]  # (T,)
+        tokens += int(target.numel())
+        reference = None
+        for i, m in enumerate(models):
+            device = next((t.device for t in m.parameters()), torch.device("cpu"))
+            logits = m(x.to(device)).float()[:, :-1][valid.to(device)]  # (T, V)
+            nll[i] += float(F.cross_entropy(logits, target.to(device), reduction="sum"))
+            top1 = logits.argmax(-1).cpu()
+            if reference is None:
+                reference = top1
+            agree[i] += int((top1 == reference).sum())
+    out = []
+    for i in range(len(models)):
+        mean = nll[i] / tokens if tokens else float("nan")
+        row = {"perplexity": math.exp(mean) if tokens else float("nan"), "nll": mean, "tokens": tokens}
+        if i:
+            row["next_token_agreement"] = agree[i] / tokens if tokens else float("nan")
+        out.append(row)
+    return out
+
+
+def ppl_increase_pct(before: float, after: float) -> float:
+    """How much perplexity rose, in percent of the reference's."""
+    return (after / before - 1) * 100
