@@ -34,7 +34,7 @@ EDIT_SCHEMAS: dict[str, type[BaseModel]] = {}
 
 # Every replay only builds modules (Torch-Pruning traces shapes only): the model a manifest describes is built
 # on the meta device and checked against the stored tensors without allocating anything.
-META_SAFE_EDITS = {"prune_magnitude", "prune_structured", "prune_heads", "lowrank", "quantize_weight_only",
+META_SAFE_EDITS = {"prune_magnitude", "prune_unstructured", "prune_structured", "prune_heads", "lowrank", "quantize_weight_only",
                    "quantize_dynamic", "quantize_static", "fold_batchnorm"}
 
 
@@ -277,6 +277,17 @@ def _replay_heads(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module
                              f"{width // head_size}", hint=CORRUPT)
         remove_heads(model, {"q": q, "k": k, "v": v, "o": o, "head_size": head_size}, heads)
     return model
+
+
+class UnstructuredEdit(EditSchema):
+    method: Literal["wanda", "sparsegpt"]
+    ratio: float = Field(ge=0, lt=1)
+    layers: list[str]
+
+
+@register_edit("prune_unstructured", UnstructuredEdit)
+def _replay_unstructured(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Module:
+    return model  # zeros (and SparseGPT's updated weights) live in the tensors; the edit is history only
 
 
 @register_edit("prune_magnitude", MagnitudeEdit)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modelzip_cli.gptq import Hessian
+
 
 class _Caught(Exception):
     """Raised by the pre-hook on the first block: the model need not run past it."""
@@ -114,3 +116,79 @@ def calibrate(model: nn.Module, batches: list, forward: Callable,
         if progress is not None:
             progress(i + 1, len(blocks.layers))
     return blocks
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> object:
+    return model(x)
+
+
+def calibration_batches(model: nn.Module, data, batches: int, batch_size: int) -> list[torch.Tensor]:
+    """The first `batches` batches of a calibration dataset, where the model is."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return [x.to(device) for i, (x, _, _) in enumerate(data.batches(batch_size)) if i < batches]
+
+
+class Hessians:
+    """Forward hooks that add each named Linear's inputs to its Hessian (gptq.Hessian). Linears fed the very
+    same tensor (q, k and v; gate and up) share one Hessian, added to once per forward of `root`."""
+
+    def __init__(self, root: nn.Module, layers: dict[str, nn.Module]):
+        self.of: dict[str, Hessian] = {}
+        self.current: list[tuple[torch.Tensor, Hessian]] = []  # this forward's inputs, kept alive to compare
+        self.handles = [root.register_forward_pre_hook(lambda *_: self.current.clear())]
+        self.handles += [layer.register_forward_pre_hook(lambda m, args, n=n: self._seen(n, args[0]))
+                         for n, layer in layers.items()]
+
+    def _seen(self, name: str, x: torch.Tensor) -> None:
+        for seen, h in self.current:
+            if seen is x:
+                self.of.setdefault(name, h)
+                return
+        h = self.of.setdefault(name, Hessian(x.shape[-1], x.device))
+        h.add(x)
+        self.current.append((x, h))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.current.clear()
+
+
+def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor],
+              process: Callable[[str, nn.Module, Hessian], None], progress, label: str) -> str:
+    """Accumulate each named layer's input Hessian on the calibration batches and hand it to
+    `process(name, layer, hessian)`, which changes the layer in place: block by block, each block on the
+    outputs of the blocks before it as `process` left them; layers outside the stack (or every layer, when
+    the model has none) in one whole-model pass at the end. Layers no batch reached are not processed.
+    Returns how it ran, for the notes."""
+
+    def run(root: nn.Module, layer_names: list[str], feed: Callable[[], object]) -> None:
+        layers = {n: model.get_submodule(n) for n in layer_names}
+        hessians = Hessians(root, layers)
+        try:
+            with torch.no_grad():
+                feed()
+        finally:
+            hessians.remove()
+        for n, layer in layers.items():
+            if n in hessians.of:
+                with torch.no_grad():
+                    process(n, layer, hessians.of[n])
+
+    stack = blocks_of(model)
+    done: set[str] = set()
+    with progress(label, (len(stack.layers) if stack else 0) + 1) as bar:
+        def per_block(i: int, block: nn.Module, inputs: Inputs) -> None:
+            mine = [n for n in names if n.startswith(stack.name(i) + ".")]
+            run(block, mine, lambda: run_block(block, inputs))
+            done.update(mine)
+
+        if stack is not None:
+            calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance())
+        rest = [n for n in names if n not in done]
+        if rest:
+            run(model, rest, lambda: [forward(model, x) for x in batches])
+        bar.advance()
+    if stack is None:
+        return "in one whole-model pass (no stack of repeated blocks found)"
+    return f"layer by layer over the {len(stack.layers)} blocks of {stack.prefix}"

@@ -104,3 +104,29 @@ def test_calibrate_sees_quantized_predecessors():
     sequential.calibrate(model, batches, lambda m, b: m(input_ids=b), per_block)
     torch.testing.assert_close(first[1], first[0])
     torch.testing.assert_close(first[2], first[0])
+
+
+def _magnitude(w: torch.Tensor, ratio: float) -> torch.Tensor:
+    w = w.clone()
+    w.view(-1)[torch.topk(w.abs().flatten(), int(w.numel() * ratio), largest=False).indices] = 0
+    return w
+
+
+def test_wanda_and_sparsegpt_keep_outputs_better_than_magnitude():
+    from modelzip_cli.gptq import sparsegpt, wanda
+
+    x = _correlated(2048, 256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    h = Hessian(256)
+    h.add(x)
+
+    def err(weight):
+        return ((x @ weight.T - x @ w.T) ** 2).mean().item()
+
+    by_wanda, by_sparsegpt, by_magnitude = wanda(w, h.h, 0.5), sparsegpt(w, h.h, 0.5), _magnitude(w, 0.5)
+    assert (by_wanda == 0).sum(1).eq(128).all()  # exactly half of every output row
+    assert abs((by_sparsegpt == 0).float().mean().item() - 0.5) < 1e-3
+    assert err(by_wanda) < err(by_magnitude) * 0.7
+    assert err(by_sparsegpt) < err(by_wanda) / 3
+    kept = by_sparsegpt != 0
+    assert not torch.equal(by_sparsegpt[kept], w[kept])  # the kept weights were updated

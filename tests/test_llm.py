@@ -99,3 +99,22 @@ def test_tied_embeddings_stay_tied_and_are_stored_once(cli, tmp_path):
     m = load_model(out)
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert out.stat().st_size < (DECODER / "model.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_sparsegpt_half_the_weights_keeps_perplexity_closer_than_magnitude(cli, tmp_path, windows):
+    outs = {}
+    for method in ("magnitude", "sparsegpt"):
+        outs[method] = tmp_path / f"{method}.safetensors"
+        extra = ["--calib-data", windows["calib"], "--calib-batches", "6"] if method != "magnitude" else []
+        r = cli("prune", DECODER, "--method", method, "--ratio", "0.5", "--scope", "layer", *extra,
+                "--exclude", "model.lm_head", "--exclude", "model.model.embed_tokens", "-o", outs[method],
+                "--json") if method == "magnitude" else cli(
+                "prune", DECODER, "--method", method, "--ratio", "0.5", *extra, "-o", outs[method], "--json")
+        assert r.code == 0, r.stderr
+        assert abs(r.json["steps"][0]["after"]["selected_sparsity"] - 0.5) < 0.01
+    base = _perplexity(DECODER, windows["heldout"], n=64)
+    p_mag, p_sgpt = (_perplexity(outs[m], windows["heldout"], n=64) for m in ("magnitude", "sparsegpt"))
+    # measured: 89.95 → magnitude 96.66, sparsegpt 93.80 (on this 1 M-parameter model the gap is smaller than
+    # on billion-parameter LMs with activation outliers)
+    assert p_sgpt - base < 0.75 * (p_mag - base), (base, p_mag, p_sgpt)

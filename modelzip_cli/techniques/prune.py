@@ -1,4 +1,5 @@
-"""Pruning: magnitude (unstructured), structured (layers physically shrink) and gradual (cubic schedule).
+"""Pruning: magnitude (unstructured), wanda and sparsegpt (unstructured, on calibration data, block by block),
+structured (layers physically shrink) and gradual (cubic schedule).
 
 Magnitude pruning finds the global k-th smallest |w| without `torch.quantile` (which refuses more than
 16M elements) and without concatenating the weights (which doubles memory): a histogram over chunks
@@ -25,6 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from modelzip_cli import sequential
 from modelzip_cli.context import Context
 from modelzip_cli.edits import (
     attention_blocks,
@@ -36,6 +38,7 @@ from modelzip_cli.edits import (
 )
 from modelzip_cli.errors import UsageError
 from modelzip_cli.format import Manifest
+from modelzip_cli.gptq import Hessian, sparsegpt, wanda
 from modelzip_cli.measure import layer_table
 from modelzip_cli.techniques import recover
 from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
@@ -73,7 +76,27 @@ class GradualConfig(_PruneConfig):
     steps: int = Field(5, ge=1)
 
 
-PruneConfig = MagnitudeConfig | StructuredConfig | GradualConfig
+class WandaConfig(_PruneConfig):
+    """Zero, in every output row of every layer, the weights with the least |w|·‖x‖ on calibration data,
+    block by block (each block calibrated on the pruned blocks before it)."""
+
+    method: ClassVar[str] = "wanda"
+    calib_batches: int = Field(16, ge=1)
+    calib_batch_size: int = Field(8, ge=1)
+
+    def required_data(self) -> set[str]:
+        return {"calib_data"} | super().required_data()
+
+
+class SparseGPTConfig(WandaConfig):
+    """Zero the weights whose removal costs the layer's output least and update the others to make up for
+    them (SparseGPT: second-order, through the inverse input Hessian), block by block."""
+
+    method: ClassVar[str] = "sparsegpt"
+    damp: float = Field(0.01, gt=0, le=1)  # added to the Hessian's diagonal, as a share of its mean
+
+
+PruneConfig = MagnitudeConfig | StructuredConfig | GradualConfig | WandaConfig | SparseGPTConfig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,6 +500,8 @@ def plan(model: nn.Module, cfg: PruneConfig, example: torch.Tensor | None) -> li
     """Names of the modules this config would prune (for `chain --dry-run`)."""
     if _is_structured(cfg):
         return [n for n, _ in _structured_layers(model, cfg, example)]
+    if isinstance(cfg, WandaConfig):
+        return list(_llm_layers(model, cfg)[0])
     return list(_selected_weights(model, cfg))
 
 
@@ -497,6 +522,47 @@ def prune_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> Res
     after, notes = recover.summary(teacher, model, history, before)
     edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights)}
     notes = [f"magnitude pruning {ZEROES_ONLY}", *filter(None, [unsupported_layers(model)]), *notes]
+    return Result(model, [edit], notes=notes, after=after)
+
+
+def _llm_layers(model: nn.Module, cfg: PruneConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The Linears an activation-aware method prunes, and those left alone by default: embeddings are not
+    Linears, and a language model's output layer (`lm_head`, or a Linear tied to an Embedding) is named
+    with --include to be pruned."""
+    weights = {n: w for n, w in _selected_weights(model, cfg).items() if isinstance(model.get_submodule(n), nn.Linear)}
+    if cfg.include is not None:
+        return weights, []
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = [n for n, w in weights.items() if n.rsplit(".", 1)[-1] == "lm_head" or id(w) in tied]
+    return {n: w for n, w in weights.items() if n not in head}, head
+
+
+def prune_activation_aware(model: nn.Module, cfg: WandaConfig, ctx: Context) -> Result:
+    """wanda and sparsegpt: each Linear pruned on its input statistics, block by block (sequential.py)."""
+    teacher = recover.prepare(model, cfg, ctx)
+    weights, head = _llm_layers(model, cfg)
+    if not weights:
+        raise UsageError(f"{cfg.method} prunes Linear layers, and none is selected",
+                         hint=unsupported_layers(model) or "select Linears with --include")
+
+    def process(name: str, layer: nn.Module, hessian: Hessian) -> None:
+        new = (sparsegpt(layer.weight, hessian.h, cfg.ratio, damp=cfg.damp) if isinstance(cfg, SparseGPTConfig)
+               else wanda(layer.weight, hessian.h, cfg.ratio))
+        layer.weight.data = new.to(layer.weight.dtype)
+
+    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+    how = sequential.per_layer(model, list(weights), batches, process, ctx.progress, cfg.method)
+    weights = {n: model.get_submodule(n).weight for n in weights}
+    before = teacher.measure(model) if teacher else None
+    history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label=_label(cfg), teacher=teacher)
+    after, notes = recover.summary(teacher, model, history, before)
+    edit = {"kind": "prune_unstructured", "method": cfg.method, "ratio": cfg.ratio, "layers": list(weights)}
+    what = ("the weights costing each layer's output least zeroed, the rest updated to make up for them"
+            if isinstance(cfg, SparseGPTConfig) else "the least |w|·‖x‖ zeroed in every output row")
+    notes = [f"{cfg.method}: {what}, on {sum(len(x) for x in batches)} calibration samples, {how}; it "
+             f"{ZEROES_ONLY}", *notes]
+    if head:
+        notes.append(f"left dense as language-model outputs (name them with --include to prune): {', '.join(head)}")
     return Result(model, [edit], notes=notes, after=after)
 
 
@@ -555,6 +621,8 @@ PRUNERS: dict[type, Callable[..., Result]] = {
     MagnitudeConfig: prune_magnitude,
     StructuredConfig: prune_structured,
     GradualConfig: prune_gradual,
+    WandaConfig: prune_activation_aware,
+    SparseGPTConfig: prune_activation_aware,
 }
 
 

@@ -309,82 +309,24 @@ def _gptq_names(model: nn.Module, cfg: GPTQConfig) -> tuple[list[str], list[str]
     return [n for n in names if n not in head], head
 
 
-class _Hessians:
-    """Forward hooks that add each named Linear's inputs to its Hessian. Linears fed the very same tensor
-    (q, k and v; gate and up) share one Hessian, added to once per forward."""
-
-    def __init__(self, root: nn.Module, layers: dict[str, nn.Linear]):
-        self.of: dict[str, Hessian] = {}
-        self.current: list[tuple[torch.Tensor, Hessian]] = []  # this forward's inputs, kept alive to compare
-        self.handles = [root.register_forward_pre_hook(lambda *_: self.current.clear())]
-        self.handles += [layer.register_forward_pre_hook(lambda m, args, n=n: self._seen(n, args[0]))
-                         for n, layer in layers.items()]
-
-    def _seen(self, name: str, x: torch.Tensor) -> None:
-        for seen, h in self.current:
-            if seen is x:
-                self.of.setdefault(name, h)
-                return
-        h = self.of.setdefault(name, Hessian(x.shape[-1], x.device))
-        h.add(x)
-        self.current.append((x, h))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.current.clear()
-
-
 def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names, head = _gptq_names(model, cfg)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batches = [x.to(device) for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size))
-               if i < cfg.calib_batches]
-    chosen: dict[str, Quantized] = {}
+    chosen: dict[str, tuple[Quantized, int]] = {}
     extra: dict[str, dict] = {}
 
-    def quantize_layers(root: nn.Module, layer_names: list[str], run: Callable[[], object]) -> None:
-        layers = {n: model.get_submodule(n) for n in layer_names}
-        hessians = _Hessians(root, layers)
-        try:
-            with torch.no_grad():
-                run()
-        finally:
-            hessians.remove()
-        for n, layer in layers.items():
-            if n not in hessians.of:
-                continue  # no calibration batch reached it: left float, said by the runner
-            group = cfg.group_size if 0 < cfg.group_size < layer.in_features else layer.in_features
-            chosen[n], loss = gptq(layer.weight, hessians.of[n].h, cfg.bits, group, damp=cfg.damp,
-                                   act_order=cfg.act_order)
-            extra[n] = {"gptq_loss": round(loss, 6)}
-            # the next blocks calibrate on this layer as it will be: the rounded weights
-            layer.weight.data = chosen[n].dequantized(group).to(layer.weight.dtype)
+    def process(name: str, layer: nn.Linear, hessian: Hessian) -> None:
+        group = cfg.group_size if 0 < cfg.group_size < layer.in_features else layer.in_features
+        q, loss = gptq(layer.weight, hessian.h, cfg.bits, group, damp=cfg.damp, act_order=cfg.act_order)
+        chosen[name] = q, group
+        extra[name] = {"gptq_loss": round(loss, 6)}
+        layer.weight.data = q.dequantized(group).to(layer.weight.dtype)  # what the next blocks will see
 
-    def forward(m: nn.Module, x: torch.Tensor) -> object:
-        return m(x)
-
-    stack = sequential.blocks_of(model)
-    steps = (len(stack.layers) if stack else 0) + 1
-    with ctx.progress("gptq", steps) as bar:
-        def per_block(i: int, block: nn.Module, inputs: sequential.Inputs) -> None:
-            prefix = stack.name(i) + "."
-            quantize_layers(block, [n for n in names if n.startswith(prefix)],
-                            lambda: sequential.run_block(block, inputs))
-
-        if stack is not None:
-            sequential.calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance())
-        rest = [n for n in names if n not in chosen]
-        if rest:  # outside the stack (or no stack): one pass of the whole model as compressed so far
-            quantize_layers(model, rest, lambda: [forward(model, x) for x in batches])
-        bar.advance()
+    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+    how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq")
     done = [n for n in names if n in chosen]
     for n in done:
-        layer = model.get_submodule(n)
-        group = cfg.group_size if 0 < cfg.group_size < layer.in_features else layer.in_features
-        replace_module(model, n, WeightOnlyLinear.from_quantized(layer, chosen[n], cfg.bits, group))
-    how = (f"layer by layer over the {len(stack.layers)} blocks of {stack.prefix}" if stack else
-           "in one whole-model pass (no stack of repeated blocks found)")
+        q, group = chosen[n]
+        replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
     notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
     if head:
         notes.append(f"left in float as language-model outputs (name them with --include to quantize): "
