@@ -351,10 +351,10 @@ def prune(
 def quantize(
     model: Input,
     method: Annotated[str | None, typer.Option("--method", help="dynamic | static | qat | weight-only | "
-                                               "gptq")] = None,
-    bits: Annotated[int | None, typer.Option("--bits", help="weight-only, gptq: 8 or 4 (int4 packed two per "
+                                               "gptq | awq")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", help="weight-only, gptq, awq: 8 or 4 (int4 packed two per "
                                              "byte) (default 8; gptq 4)")] = None,
-    group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only, gptq: input channels per "
+    group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only, gptq, awq: input channels per "
                                                    "scale, 0 = per channel (default 128)")] = None,
     act_order: Annotated[bool, typer.Option("--act-order", help="gptq: columns in decreasing activation "
                                             "energy (group scales fixed first)")] = False,
@@ -398,7 +398,7 @@ def quantize(
                                   activations=activations, observer=observer, smoothing=smoothing,
                                   embeddings=embeddings or None))
     if method is None:
-        raise UsageError("quantize needs --method (dynamic, static, qat, weight-only or gptq), or --plan PLAN")
+        raise UsageError("quantize needs --method (dynamic, static, qat, weight-only, gptq or awq), or --plan PLAN")
 
     values = given(bits=bits, group_size=group_size, act_order=act_order or None, damp=damp,
                    calib_batches=calib_batches, calib_batch_size=calib_batch_size, epochs=epochs,

@@ -63,15 +63,19 @@ def _logical_weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def count_parameters(model: nn.Module) -> int:
     """Values of every weight-like tensor, a tensor shared by two layers (tied embeddings) counted once."""
+    # Only tensors living in the model's own parameters and buffers can be shared; a dequantized temporary
+    # may reuse a freed temporary's address, so it is always counted.
+    stored = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if t.numel() and not t.is_meta}
     seen: set[tuple] = set()
     total = 0
     for m in model.modules():
         for t in _logical_weights(m).values():
-            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() and t.device.type != "meta" \
-                else (id(t),)
-            if key not in seen:
+            if t.numel() and not t.is_meta and t.data_ptr() in stored:
+                key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+                if key in seen:
+                    continue
                 seen.add(key)
-                total += t.numel()
+            total += t.numel()
     return total
 
 

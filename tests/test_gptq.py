@@ -130,3 +130,37 @@ def test_wanda_and_sparsegpt_keep_outputs_better_than_magnitude():
     assert err(by_sparsegpt) < err(by_wanda) / 3
     kept = by_sparsegpt != 0
     assert not torch.equal(by_sparsegpt[kept], w[kept])  # the kept weights were updated
+
+
+def test_awq_scales_folded_into_the_norm_leave_the_block_unchanged():
+    from modelzip_cli import awq
+
+    model = _tiny_llama()
+    block = model.model.layers[0]
+    x = torch.randn(2, 8, 32)
+    position = model.model.rotary_emb(x, torch.arange(8)[None])
+    with torch.no_grad():
+        before = block(x, position_embeddings=position)
+        s = torch.rand(32) + 0.5
+        awq.fold_into(block.input_layernorm, s)
+        for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+            proj.weight.mul_(s[None, :])
+        up_s = torch.rand(48) + 0.5
+        awq.fold_into(block.mlp.up_proj, up_s)
+        block.mlp.down_proj.weight.mul_(up_s[None, :])
+        after = block(x, position_embeddings=position)
+    before, after = (o[0] if isinstance(o, tuple) else o for o in (before, after))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_awq_search_and_clipping_beat_round_to_nearest_on_outlier_channels():
+    from modelzip_cli import awq
+
+    x = _correlated(2048, 256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    s, alpha, err = awq.search(x, [w], 4, 128)
+    base = ((x @ rtn(w, 4, 128).dequantized(128).T - x @ w.T) ** 2).sum() / (x @ w.T).pow(2).sum()
+    assert alpha > 0 and err < float(base)
+    clipped = awq.clip(w * s[None, :], x / s[None, :], 4, 128)
+    q = rtn(clipped, 4, 128).dequantized(128) / s[None, :]
+    assert ((x @ q.T - x @ w.T) ** 2).sum() / (x @ w.T).pow(2).sum() <= err * 1.0001

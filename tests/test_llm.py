@@ -58,20 +58,16 @@ def test_perplexity_of_the_sample_decoder_on_held_out_windows(windows):
     assert 20 < ppl < 200  # a trained model: far below the 2,048 of a uniform guess
 
 
-@pytest.mark.slow
-def test_gptq_int4_cuts_round_to_nearests_perplexity_increase_and_reloads(cli, tmp_path, windows):
-    gptq, rtn = tmp_path / "gptq.safetensors", tmp_path / "rtn.safetensors"
+def test_gptq_writes_weight_only_layers_that_reload_identically(cli, tmp_path, windows):
+    """GPTQ's quality is asserted on layers in test_gptq.py and on perplexity by `make bench` (case llm)."""
+    gptq = tmp_path / "gptq.safetensors"
     r = cli("quantize", DECODER, "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib-data",
-            windows["calib"], "--calib-batches", "6", "-o", gptq, "--json")
+            windows["calib"], "--calib-batches", "2", "-o", gptq, "--json")
     assert r.code == 0, r.stderr
     notes = r.json["steps"][0]["notes"]
     assert any("layer by layer over the 4 blocks" in n for n in notes) and any("model.lm_head" in n for n in notes)
-    r = cli("quantize", DECODER, "--method", "weight-only", "--bits", "4", "--group-size", "32",
-            "--exclude", "model.lm_head", "-o", rtn)
-    assert r.code == 0, r.stderr
-    base, p_gptq, p_rtn = (_perplexity(p, windows["heldout"]) for p in (DECODER, gptq, rtn))
-    assert p_rtn > base and p_gptq - base < (p_rtn - base) / 2, (base, p_gptq, p_rtn)
-    # a fresh process rebuilds the same model
+    rows = {row["name"]: row for row in r.json["steps"][0]["layers"]}
+    assert rows["model.model.layers.3.mlp.down_proj"]["gptq_loss"] > 0
     code = ("import sys, torch\nfrom modelzip_cli import load_model\nm = load_model(sys.argv[1])\n"
             "x = torch.arange(64).reshape(2, 32)\nwith torch.inference_mode():\n"
             "    torch.save(m(input_ids=x).logits, sys.argv[2])")
@@ -79,9 +75,23 @@ def test_gptq_int4_cuts_round_to_nearests_perplexity_increase_and_reloads(cli, t
     assert proc.returncode == 0, proc.stderr
     from modelzip_cli import load_model
 
+    model = load_model(gptq)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "WeightOnlyLinear"
+    assert type(model.lm_head).__name__ == "Linear"
     with torch.inference_mode():
-        here = load_model(gptq)(input_ids=torch.arange(64).reshape(2, 32)).logits
+        here = model(input_ids=torch.arange(64).reshape(2, 32)).logits
     assert torch.equal(torch.load(tmp_path / "fresh.pt", weights_only=True), here)
+
+
+def test_awq_folds_scales_into_norms_and_up_projections(cli, tmp_path, windows):
+    awq = tmp_path / "awq.safetensors"
+    r = cli("quantize", DECODER, "--method", "awq", "--group-size", "32", "--calib-data", windows["calib"],
+            "--calib-batches", "2", "-o", awq, "--json")
+    assert r.code == 0, r.stderr
+    rows = {row["name"]: row for row in r.json["steps"][0]["layers"]}
+    assert rows["model.model.layers.0.self_attn.q_proj"]["awq_folded_into"] == "model.model.layers.0.input_layernorm"
+    assert rows["model.model.layers.0.mlp.down_proj"]["awq_folded_into"] == "model.model.layers.0.mlp.up_proj"
+    assert rows["model.model.layers.0.self_attn.o_proj"]["awq_folded_into"] is None
 
 
 def test_tied_embeddings_stay_tied_and_are_stored_once(cli, tmp_path):
@@ -101,20 +111,15 @@ def test_tied_embeddings_stay_tied_and_are_stored_once(cli, tmp_path):
     assert out.stat().st_size < (DECODER / "model.safetensors").stat().st_size
 
 
-@pytest.mark.slow
-def test_sparsegpt_half_the_weights_keeps_perplexity_closer_than_magnitude(cli, tmp_path, windows):
-    outs = {}
-    for method in ("magnitude", "sparsegpt"):
-        outs[method] = tmp_path / f"{method}.safetensors"
-        extra = ["--calib-data", windows["calib"], "--calib-batches", "6"] if method != "magnitude" else []
-        r = cli("prune", DECODER, "--method", method, "--ratio", "0.5", "--scope", "layer", *extra,
-                "--exclude", "model.lm_head", "--exclude", "model.model.embed_tokens", "-o", outs[method],
-                "--json") if method == "magnitude" else cli(
-                "prune", DECODER, "--method", method, "--ratio", "0.5", *extra, "-o", outs[method], "--json")
+def test_wanda_and_sparsegpt_prune_half_of_each_selected_layer(cli, tmp_path, windows):
+    for method in ("wanda", "sparsegpt"):
+        out = tmp_path / f"{method}.safetensors"
+        r = cli("prune", DECODER, "--method", method, "--ratio", "0.5", "--calib-data", windows["calib"],
+                "--calib-batches", "2", "-o", out, "--json")
         assert r.code == 0, r.stderr
-        assert abs(r.json["steps"][0]["after"]["selected_sparsity"] - 0.5) < 0.01
-    base = _perplexity(DECODER, windows["heldout"], n=64)
-    p_mag, p_sgpt = (_perplexity(outs[m], windows["heldout"], n=64) for m in ("magnitude", "sparsegpt"))
-    # measured: 89.95 → magnitude 96.66, sparsegpt 93.80 (on this 1 M-parameter model the gap is smaller than
-    # on billion-parameter LMs with activation outliers)
-    assert p_sgpt - base < 0.75 * (p_mag - base), (base, p_mag, p_sgpt)
+        step = r.json["steps"][0]
+        assert abs(step["after"]["selected_sparsity"] - 0.5) < 0.01
+        assert any("model.lm_head" in n for n in step["notes"])
+        layers = {row["name"]: row for row in step["layers"]}
+        assert layers["model.model.layers.0.mlp.up_proj"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert layers["model.model.embed_tokens"]["sparsity"] == 0

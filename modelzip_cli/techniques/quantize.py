@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import int8, sequential
+from modelzip_cli import awq, int8, sequential
 from modelzip_cli.context import Context
 from modelzip_cli.edits import (
     WeightOnlyEmbedding,
@@ -34,7 +34,7 @@ from modelzip_cli.edits import (
 )
 from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
-from modelzip_cli.gptq import Hessian, Quantized, gptq
+from modelzip_cli.gptq import Hessian, Quantized, gptq, rtn
 from modelzip_cli.measure import predict, sqnr_db
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
@@ -122,7 +122,21 @@ class GPTQConfig(_QuantizeConfig):
         return {"calib_data"}
 
 
-QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig | GPTQConfig
+class AWQConfig(_QuantizeConfig):
+    """int4 or int8 weights rounded to nearest after activation-aware scales (AWQ) folded into the norms or
+    Linears that feed them, chosen block by block on calibration data; written in the weight-only format."""
+
+    method: ClassVar[str] = "awq"
+    bits: Literal[8, 4] = 4
+    group_size: int = Field(128, ge=0)
+    calib_batches: int = Field(16, ge=1)
+    calib_batch_size: int = Field(8, ge=1)
+
+    def required_data(self) -> set[str]:
+        return {"calib_data"}
+
+
+QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig | GPTQConfig | AWQConfig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,7 +147,7 @@ def plan(model: nn.Module, cfg: QuantizeConfig, example: torch.Tensor | None) ->
     """Names of the modules this config would quantize (for `chain --dry-run`)."""
     if isinstance(cfg, WeightOnlyConfig):
         return _weight_only_names(model, cfg)[0]
-    if isinstance(cfg, GPTQConfig):
+    if isinstance(cfg, GPTQConfig | AWQConfig):
         return _gptq_names(model, cfg)[0]
     return _names(model, cfg, *_types(cfg))
 
@@ -298,7 +312,7 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) 
                     "group_size": cfg.group_size}], {}
 
 
-def _gptq_names(model: nn.Module, cfg: GPTQConfig) -> tuple[list[str], list[str]]:
+def _gptq_names(model: nn.Module, cfg: GPTQConfig | AWQConfig) -> tuple[list[str], list[str]]:
     """The Linears GPTQ quantizes, and those left float by default: a language model's output layer
     (`lm_head`, or any Linear sharing its weight with an Embedding) unless --include names it."""
     names = [n for n in _names(model, cfg, *_types(cfg)) if 0 not in model.get_submodule(n).weight.shape]
@@ -335,6 +349,136 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
                     "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
 
 
+class _Producers:
+    """While open on a block: which submodule wrote each tensor a named Linear reads, and up to
+    awq.ROWS rows of every such tensor over the calibration batches (a tensor read by several Linears is
+    kept once)."""
+
+    def __init__(self, block: nn.Module, linears: dict[str, nn.Module], per_batch: int):
+        self.writer: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) → (module name, output kept alive)
+        self.producer: dict[str, str | None] = {}  # Linear → its input's writer (first batch)
+        self.reads: dict[str, int] = {}  # Linear → index of the input it reads, in `inputs`
+        self.inputs: list[list[torch.Tensor]] = []
+        self._current: list[torch.Tensor] = []  # this forward's distinct Linear inputs
+        self.per_batch = per_batch
+        self.handles = [block.register_forward_pre_hook(lambda *_: self._new_forward())]
+        self.handles += [m.register_forward_hook(lambda m, a, out, n=n: self._wrote(n, out))
+                         for n, m in block.named_modules() if n]
+        self.handles += [m.register_forward_pre_hook(lambda m, a, n=n: self._read(n, a[0])) for n, m in linears.items()]
+
+    def _new_forward(self) -> None:
+        self.writer.clear()
+        self._current.clear()
+
+    def _wrote(self, name: str, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            self.writer[id(out)] = (name, out)
+
+    def _read(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.producer:
+            self.producer[name] = self.writer.get(id(x), (None, None))[0]
+        for i, seen in enumerate(self._current):
+            if seen is x:
+                self.reads.setdefault(name, self.reads.get(name, i))
+                return
+        slot = self.reads.get(name)
+        if slot is None:
+            slot = self.reads[name] = len(self.inputs)
+            self.inputs.append([])
+        rows = x.detach().reshape(-1, x.shape[-1])
+        step = max(1, rows.shape[0] // self.per_batch)
+        self.inputs[slot].append(rows[::step][: self.per_batch].float())
+        self._current.append(x)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.writer.clear()
+        self._current.clear()
+
+
+def _awq_groups(block: nn.Module, prefix: str, names: list[str],
+                seen: _Producers) -> list[tuple[list[str], str | None]]:
+    """The block's Linears grouped by the tensor they read, each with the module its scales fold into
+    (a norm that writes it; for a gated MLP's down projection, the up projection), fold-into-Linear first."""
+    by_input: dict[int, list[str]] = {}
+    for n in names:
+        by_input.setdefault(seen.reads.get(n, -1 - len(by_input)), []).append(n)
+    groups = []
+    for members in by_input.values():
+        first = members[0]
+        width = block.get_submodule(first[len(prefix):]).in_features
+        writer = seen.producer.get(first)
+        producer = None
+        if writer is not None and awq.is_norm(block.get_submodule(writer), width):
+            producer = prefix + writer
+        elif first.endswith("down_proj") and len(members) == 1:  # gated MLP: down reads act(gate) · up
+            up = first[: -len("down_proj")] + "up_proj"
+            if up.startswith(prefix) and up[len(prefix):] in dict(block.named_modules()) and \
+                    getattr(block.get_submodule(up[len(prefix):]), "out_features", None) == width:
+                producer = up
+        groups.append((members, producer))
+    return sorted(groups, key=lambda g: not (g[1] or "").endswith("up_proj"))
+
+
+def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
+    names, head = _gptq_names(model, cfg)
+    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+    per_batch = max(1, awq.ROWS // max(1, len(batches)))
+    chosen: dict[str, tuple[Quantized, int]] = {}
+    extra: dict[str, dict] = {}
+    folded: list[str] = []
+
+    def group_of(n: str) -> int:
+        width = model.get_submodule(n).in_features
+        return cfg.group_size if 0 < cfg.group_size < width else width
+
+    def per_block(i: int, block: nn.Module, inputs: sequential.Inputs) -> None:
+        prefix = stack.name(i) + "."
+        mine = [n for n in names if n.startswith(prefix)]
+        seen = _Producers(block, {n[len(prefix):]: block.get_submodule(n[len(prefix):]) for n in mine}, per_batch)
+        try:
+            sequential.run_block(block, inputs)
+        finally:
+            seen.remove()
+        seen.producer = {prefix + k: v for k, v in seen.producer.items()}
+        seen.reads = {prefix + k: v for k, v in seen.reads.items()}
+        for members, producer in _awq_groups(block, prefix, mine, seen):
+            slot = seen.reads.get(members[0])
+            x = torch.cat(seen.inputs[slot]) if slot is not None and seen.inputs[slot] else None
+            q, figures = awq.scale_and_round({n: model.get_submodule(n) for n in members},
+                                             model.get_submodule(producer) if producer else None, x, cfg.bits,
+                                             {n: group_of(n) for n in members})
+            for n in members:
+                chosen[n] = q[n], group_of(n)
+                extra[n] = {**figures, "awq_folded_into": producer} if producer else {"awq_folded_into": None}
+            if producer and figures.get("awq_alpha"):
+                folded.append(producer)
+        bar.advance()
+
+    stack = sequential.blocks_of(model)
+    with ctx.progress("awq", (len(stack.layers) if stack else 0)) as bar:
+        if stack is not None:
+            sequential.calibrate(model, batches, sequential.forward, per_block)
+    for n in names:
+        if n not in chosen:  # outside the stack: no scales, round to nearest
+            chosen[n] = rtn(model.get_submodule(n).weight, cfg.bits, group_of(n)), group_of(n)
+    for n in names:
+        q, group = chosen[n]
+        replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
+    plain = [n for n in names if not (extra.get(n) or {}).get("awq_folded_into")]
+    notes = [f"AWQ on {sum(len(x) for x in batches)} calibration samples, scales folded into "
+             f"{len(set(folded))} norms or Linears" + (f" over the {len(stack.layers)} blocks of {stack.prefix}"
+                                                       if stack else " (no stack of repeated blocks found)")]
+    if plain:
+        notes.append("no scales (no norm or Linear writes their input), only clipped ranges: " + ", ".join(plain))
+    if head:
+        notes.append(f"left in float as language-model outputs (name them with --include to quantize): "
+                     f"{', '.join(head)}")
+    return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
+                    "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
+
+
 # method → (model, config, ctx) → (quantized model, edits for the manifest, extra figures: "after" (QAT's
 # training history), "layer_extra" (name → fields of its layer row))
 QUANTIZERS: dict[type, Callable[..., tuple[nn.Module, list[dict], dict]]] = {
@@ -343,6 +487,7 @@ QUANTIZERS: dict[type, Callable[..., tuple[nn.Module, list[dict], dict]]] = {
     QATConfig: quantize_qat,
     WeightOnlyConfig: quantize_weight_only,
     GPTQConfig: quantize_gptq,
+    AWQConfig: quantize_awq,
 }
 
 NOTES = {
@@ -355,6 +500,8 @@ NOTES = {
                    "expect no speed-up",
     "gptq": "int4/int8 weights chosen on calibration data to keep each layer's outputs (GPTQ); stored and run "
             "as weight-only",
+    "awq": "int4/int8 weights rounded to nearest after activation-aware per-channel scales (AWQ); stored and "
+           "run as weight-only",
 }
 
 
@@ -395,11 +542,12 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
             notes.append(f"{len(folded)} BatchNorm layers folded into the convolutions before them")
         after: dict = dict(extra.get("after", {}))
         layer_extra: dict[str, dict] = extra.get("layer_extra", {})
-        if isinstance(cfg, WeightOnlyConfig | GPTQConfig) and (empty := _weight_only_names(reference, cfg)[1]):
+        integer_weights = isinstance(cfg, WeightOnlyConfig | GPTQConfig | AWQConfig)
+        if integer_weights and (empty := _weight_only_names(reference, cfg)[1]):
             notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
         selected = set(edits[-1]["modules"])
-        planned = _gptq_names(reference, cfg)[0] if isinstance(cfg, GPTQConfig) else _names(reference, cfg,
-                                                                                               *_types(cfg))
+        planned = (_gptq_names(reference, cfg)[0] if isinstance(cfg, GPTQConfig | AWQConfig)
+                   else _names(reference, cfg, *_types(cfg)))
         still_float = [n for n in planned if n not in selected]
         if still_float:
             notes.append(f"left in float (no calibration or training batch reached them): {', '.join(still_float)}")
@@ -468,7 +616,7 @@ def _kept_note(kept: dict, ctx: Context) -> str:
 def _types(cfg: QuantizeConfig) -> tuple[tuple[type, ...], str]:
     if isinstance(cfg, WeightOnlyConfig) and cfg.embeddings:
         return (nn.Linear, nn.Embedding), "Linear or Embedding"
-    if isinstance(cfg, DynamicConfig | WeightOnlyConfig | GPTQConfig):
+    if isinstance(cfg, DynamicConfig | WeightOnlyConfig | GPTQConfig | AWQConfig):
         return (nn.Linear,), "Linear"
     return WEIGHTED, "Linear or Conv"
 
