@@ -27,6 +27,7 @@ from modelzip_cli.errors import (
     UsageError,
     exit_code_for,
     first_line,
+    os_condition,
 )
 from modelzip_cli.version import __version__
 
@@ -746,9 +747,12 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
             if debug:
                 raise
             return exit_code_for(exc), f"modelzip: error: {_one_line(exc.line())}"
-        except Exception as exc:  # a bug: say so in one line
+        except Exception as exc:  # a condition of the machine (a full disk, …), else a bug: one line
             if debug:
                 raise
+            condition = os_condition(exc)
+            if condition is not None:
+                return exit_code_for(exc), f"modelzip: error: {_one_line(condition.line())}"
             detail = _one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
             return INTERNAL_ERROR, (f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; "
                                     "rerun with MODELZIP_DEBUG=1 for the traceback and report it)")
