@@ -63,11 +63,12 @@ class ExportStep:
         return f"step {self.index} (export)"
 
 
-def _read(path: Path) -> list:
-    if not path.exists() or path.is_dir():
+def _read(path: Path, text: str | None = None) -> list:
+    """The steps of the recipe at `path` (or of `text`, a plan about to be written there)."""
+    if text is None and (not path.exists() or path.is_dir()):
         raise InputError(f"recipe {path}: no such file", hint="pass a .toml or .json recipe")
     try:
-        text = path.read_text()
+        text = path.read_text() if text is None else text
         raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
@@ -144,9 +145,10 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportSte
     return RecipeStep(index=index, config=config, **files)
 
 
-def parse_recipe(path: Path) -> list[RecipeStep | ExportStep]:
-    """Read and validate a whole recipe: ops, keys, types, values, order, trust. No weight is loaded."""
-    steps = [parse_step(i, item, path.parent) for i, item in enumerate(_read(path), 1)]
+def parse_recipe(path: Path, text: str | None = None) -> list[RecipeStep | ExportStep]:
+    """Read and validate a whole recipe: ops, keys, types, values, order, trust. No weight is loaded.
+    `text`: the recipe's content, not yet written to `path` (a plan, checked before it is written)."""
+    steps = [parse_step(i, item, path.parent) for i, item in enumerate(_read(path, text), 1)]
     check_order(steps)
     return steps
 

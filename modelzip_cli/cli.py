@@ -528,24 +528,13 @@ def analyze(
     from modelzip_cli.analyze import AnalyzeOptions, run_analyze
 
     if plot is not None:
-        from modelzip_cli.files import check_output
         from modelzip_cli.plot import require_matplotlib
 
         require_matplotlib()
-        check_output(plot, inputs=[model, data], force=shared.force, suffixes=(".png",))
     opts = AnalyzeOptions(data=data, techniques=techniques, include=shared.include, exclude=shared.exclude,
-                          samples=samples, budget_fidelity=budget_fidelity,
-                          budget_accuracy_drop=budget_accuracy_drop, plan_out=plan_out, force=shared.force)
-    report = run_analyze(model, opts, common_options(shared), progress_factory(shared.quiet))
-    if plot is not None:
-        from modelzip_cli.plot import plot_sensitivity
-
-        plot_sensitivity(report.steps[0].layers, plot)
-    if shared.report is not None:
-        from modelzip_cli.files import atomic_write
-
-        atomic_write(shared.report, lambda tmp: Path(tmp).write_text(report.to_json()))
-    emit(report, shared)
+                          samples=samples, budget_fidelity=budget_fidelity, budget_accuracy_drop=budget_accuracy_drop,
+                          plan_out=plan_out, report=shared.report, plot=plot, force=shared.force)
+    emit(run_analyze(model, opts, common_options(shared), progress_factory(shared.quiet)), shared)
 
 
 @command(MODEL_OPTIONS, RUN_OPTIONS)
