@@ -113,3 +113,89 @@ def test_plan_with_a_newline_in_the_model_path_and_an_emoji_data_name(cli, tmp_p
     parsed = tomllib.loads(plan.read_text(encoding="utf-8"))
     assert [s["op"] for s in parsed["steps"]] == ["quantize"], parsed["steps"]  # nothing injected
     assert "😀" in parsed["plan"]["measured_on"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Item 4 (and issue 25 item 6): a Hugging Face folder is an input as a whole; its default output is
+# DIR.COMMAND.safetensors in the current directory; `inspect DIR` works
+
+
+@pytest.fixture(scope="module")
+def hf_bert(tmp_path_factory) -> Path:
+    """A tiny BERT saved as transformers saves it, in a folder of its own (`models/`) that nothing else uses."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                               intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    model = transformers.AutoModel.from_config(config)
+    folder = tmp_path_factory.mktemp("models") / "tinybert"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["-o is the weights", "-o is a new file inside", "--report is config.json",
+                                  "--report in a subfolder"])
+def test_nothing_is_written_inside_an_input_model_folder(cli, tmp_path, hf_bert, case):
+    (hf_bert / "sub").mkdir(exist_ok=True)
+    argv = {"-o is the weights": ["-o", hf_bert / "model.safetensors"],
+            "-o is a new file inside": ["-o", hf_bert / "new.safetensors"],
+            "--report is config.json": ["-o", tmp_path / "q.safetensors", "--report", hf_bert / "config.json"],
+            "--report in a subfolder": ["-o", tmp_path / "q.safetensors", "--report", hf_bert / "sub" / "r.json"]}[case]
+    before, outside = snapshot(hf_bert), snapshot(tmp_path)
+    refused(cli("quantize", hf_bert, "--method", "weight-only", *argv, "--force", "-q"), "input folder")
+    assert snapshot(hf_bert) == before and snapshot(tmp_path) == outside
+
+
+def test_a_model_folder_s_default_output_is_in_the_current_directory(cli, tmp_path, hf_bert, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    beside = snapshot(hf_bert.parent)
+    r = cli("quantize", hf_bert, "--method", "weight-only", "-q")
+    assert r.code == 0, r.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["tinybert.quantized.safetensors",
+                                                      "tinybert.quantized.safetensors.json"]
+    assert snapshot(hf_bert.parent) == beside  # nothing in or beside the input folder
+    report = json.loads((work / "tinybert.quantized.safetensors.json").read_text())
+    assert report["report_path"] == "tinybert.quantized.safetensors.json"
+
+
+def test_inspect_a_model_folder(cli, hf_bert):
+    import transformers
+
+    r = cli("inspect", hf_bert, "--json", "-q")
+    assert r.code == 0, r.stderr
+    model = transformers.AutoModel.from_pretrained(hf_bert)
+    assert r.json["model"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert r.json["model"]["arch"] == "hf:BertModel"
+    assert any(row["name"].endswith("attention.self.query") for row in r.json["model"]["layers"])
+
+
+def test_data_text_never_overwrites_its_corpus_or_writes_into_the_tokenizer(cli, tmp_path, hf_bert):
+    corpus = tmp_path / "c.safetensors"  # a text file, whatever its name
+    corpus.write_text("one sentence\nanother\n")
+    before, inside = snapshot(tmp_path), snapshot(hf_bert)
+    refused(cli("data", "text", corpus, "--tokenizer", hf_bert, "-o", corpus, "--force"), "input")
+    refused(cli("data", "text", corpus, "--tokenizer", hf_bert, "-o", hf_bert / "d.safetensors"), "input folder")
+    assert snapshot(tmp_path) == before and snapshot(hf_bert) == inside
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 25 item 4: the default report is the output's path + .json, and the summary's last line names it
+
+
+def test_default_report_is_named_after_the_output_and_named_last(cli, tmp_path):
+    model = shutil.copy(DIGITS_TEACHER, tmp_path / "mynet.chain.safetensors")
+    existing = tmp_path / "mynet.chain.json"  # the report that made the input: never the default target
+    existing.write_text('{"made": "mynet.chain.safetensors"}')
+    r = cli("export", model, "--format", "pt2")
+    assert r.code == 0, r.stderr
+    report = tmp_path / "mynet.chain.pt2.json"
+    assert json.loads(report.read_text())["output"]["path"] == str(tmp_path / "mynet.chain.pt2")
+    assert existing.read_text() == '{"made": "mynet.chain.safetensors"}'
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()][-1] == f"report: {report}"
+    r = cli("prune", model, "--ratio", "0.3")
+    assert r.code == 0, r.stderr
+    assert r.stderr.splitlines()[-1] == f"report: {tmp_path / 'mynet.chain.pruned.safetensors.json'}"
