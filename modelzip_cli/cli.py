@@ -150,6 +150,12 @@ def parse_json_object(text: str | None, flag: str) -> dict | None:
     return value
 
 
+# Bounds of numeric options: far beyond any real use, below what makes torch or a tokenizer abort.
+MAX_THREADS = 1024  # torch crashes (SIGSEGV) at 100,000
+MAX_EXAMPLE_ELEMENTS = 1 << 26  # --input-shape: 256 MB of float32 per example
+MAX_LATENCY_BATCH = 4096  # --batch-size of eval, compare, export: N for the batch-N latency
+
+
 def parse_shape(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -159,7 +165,19 @@ def parse_shape(text: str | None) -> list[int] | None:
         raise UsageError(f"--input-shape {text!r} is not a list of integers", hint="e.g. --input-shape 1,64") from None
     if not shape or any(s <= 0 for s in shape):
         raise UsageError(f"--input-shape {text!r} must be positive integers", hint="e.g. --input-shape 1,64")
+    elements = 1
+    for s in shape:
+        elements *= s
+    if elements > MAX_EXAMPLE_ELEMENTS:
+        raise UsageError(f"--input-shape {text!r} is {elements:,} elements, more than {MAX_EXAMPLE_ELEMENTS:,}",
+                         hint="give the shape of one example, e.g. --input-shape 1,3,224,224")
     return shape
+
+
+def check_latency_batch(batch_size: int | None) -> None:
+    if batch_size is not None and not 1 <= batch_size <= MAX_LATENCY_BATCH:
+        raise UsageError(f"--batch-size must be in [1, {MAX_LATENCY_BATCH}], got {batch_size}",
+                         hint="N for the batch-N latency; the default is 256 (32 for token sequences)")
 
 
 def parse_dtype(text: str | None) -> str | None:
@@ -173,8 +191,8 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
     from modelzip_cli.runner import CommonOptions
 
     g = vars(shared)
-    if g.get("threads") is not None and g["threads"] < 1:
-        raise UsageError(f"--threads must be ≥ 1, got {g['threads']}")
+    if g.get("threads") is not None and not 1 <= g["threads"] <= MAX_THREADS:
+        raise UsageError(f"--threads must be in [1, {MAX_THREADS}], got {g['threads']}")
     fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data", "max_accuracy_drop",
                                 "min_fidelity", "threads", "arch", "task", "output_key", "device") if k in g}
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
@@ -310,8 +328,7 @@ def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="data 
     """Accuracy, loss, median latency at batch 1 and batch N, size."""
     from modelzip_cli.evaluate import evaluate_checkpoint
 
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    check_latency_batch(batch_size)
     emit(evaluate_checkpoint(model, data, common_options(shared), batch_n=batch_size), shared)
 
 
@@ -547,8 +564,7 @@ def compare(
     """Size, parameters, accuracy, latency and agreement with the first model, side by side."""
     from modelzip_cli.compare import compare_checkpoints
 
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    check_latency_batch(batch_size)
     emit(compare_checkpoints(models, data, common_options(shared), batch_n=batch_size), shared)
 
 
@@ -571,8 +587,7 @@ def export(
     """An ONNX graph or a .pt2 program of the model, verified by running it against the PyTorch model."""
     from modelzip_cli.export import ExportConfig, export_checkpoint
 
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    check_latency_batch(batch_size)
     cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way))
     emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size), shared)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,65 @@ def test_default_report_is_named_after_the_output_and_named_last(cli, tmp_path):
     r = cli("prune", model, "--ratio", "0.3")
     assert r.code == 0, r.stderr
     assert r.stderr.splitlines()[-1] == f"report: {tmp_path / 'mynet.chain.pruned.safetensors.json'}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Item 10: names, disks and numbers the machine cannot take are one line and exit 2, before the work
+
+
+def test_a_long_output_name_is_written_and_a_too_long_one_refused_first(cli, tmp_path):
+    out = tmp_path / ("n" * 240 + ".safetensors")  # 252 bytes: fits, its temporary must too
+    r = cli("prune", DIGITS_TEACHER, "--ratio", "0.3", "-o", out, "--report", tmp_path / "r.json", "-q")
+    assert r.code == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "r.json"])
+    before = snapshot(tmp_path)
+    refused(cli("prune", DIGITS_TEACHER, "--ratio", "0.3", "-o", tmp_path / ("m" * 240 + ".safetensors"), "-q"),
+            "report", "shorter name")  # its default report would be 257 bytes
+    assert snapshot(tmp_path) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KB file system (tmpfs), where a 778 KB checkpoint does not fit. Needs root and mount."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(cli, small_disk, suffix):
+    r = cli("prune", DIGITS_TEACHER, "--ratio", "0.3", "-o", small_disk / f"o{suffix}", "-q")
+    refused(r, "no space left on device", "nothing was written")
+    assert list(small_disk.iterdir()) == []
+
+
+def test_os_conditions_map_to_exit_2_in_the_one_table():
+    import errno
+
+    from modelzip_cli.errors import exit_code_for, os_condition
+
+    assert exit_code_for(OSError(errno.ENOSPC, "No space left on device", "/x/o.pt")) == 2
+    assert exit_code_for(OSError(errno.ENAMETOOLONG, "File name too long")) == 2
+    assert exit_code_for(OSError(errno.EROFS, "Read-only file system")) == 2
+    assert exit_code_for(RuntimeError("Error while serializing: I/O error: No space left (os error 28)")) == 2
+    assert exit_code_for(RuntimeError("unexpected pos 576 vs 534")) == 3  # a bug stays a bug
+    assert "no space left on device: /x/o.pt" in os_condition(OSError(errno.ENOSPC, "x", "/x/o.pt")).line()
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["eval", DIGITS_TEACHER, "--data", DIGITS_TEST, "--threads", "100000"], "--threads"),
+    (["eval", DIGITS_TEACHER, "--data", DIGITS_TEST, "--batch-size", "100000000"], "--batch-size"),
+    (["prune", DIGITS_TEACHER, "--ratio", "0.3", "--input-shape", "1,100000,100000"], "--input-shape"),
+    (["data", "text", DIGITS_TEST, "--tokenizer", ROOT, "--max-length", "2000000000"], "--max-length"),
+    (["data", "images", ROOT, "--size", "1000000"], "--size"),
+])
+def test_huge_numeric_options_are_refused_before_any_work(cli, tmp_path, argv, flag):
+    before = snapshot(tmp_path)
+    refused(cli(*argv, "-o", tmp_path / "o.safetensors") if argv[0] in ("prune", "data") else cli(*argv), flag)
+    assert snapshot(tmp_path) == before
