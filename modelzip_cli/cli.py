@@ -653,17 +653,22 @@ def data_images(
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise `Interrupted` in the main thread, so every `finally` on the way out runs
-    (temporaries are removed) before one line says so. A second signal during that cleanup is ignored."""
+    (temporaries are removed) before one line says so. A second signal, during that cleanup or after it,
+    is ignored by the same handler: never switched to SIG_IGN from inside it (a signal already pending then
+    makes Python print "Signal 15 ignored due to race condition" with a traceback), and never back to the
+    default action while an interrupted process is on its way out (a late SIGTERM would kill it, exit -15)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield
         return
+    first: list[int] = []
 
     def handler(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
+        if first:  # the run is already stopping
+            return
+        first.append(signum)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -671,7 +676,7 @@ def _signals_interrupt() -> Iterator[None]:
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if first and h == signal.SIG_DFL else h)
 
 
 def _one_line(text: str) -> str:
@@ -689,11 +694,6 @@ def _route_warnings(fallback):
             fallback(message, category, filename, lineno, file, line)
 
     return show
-
-
-def _one_line(text: str) -> str:
-    """Control characters a file put into a message (a forged name, say) are escaped: one line stays one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _parse_error_line(exc: typer.TyperException) -> str:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,92 @@ def test_huge_numeric_options_are_refused_before_any_work(cli, tmp_path, argv, f
     before = snapshot(tmp_path)
     refused(cli(*argv, "-o", tmp_path / "o.safetensors") if argv[0] in ("prune", "data") else cli(*argv), flag)
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# Item 13: signals in quick succession, a writer's own temporaries, ONNX Runtime's logs
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.05], ids=["together", "50ms"])
+def test_sigint_then_sigterm_is_one_line_and_exit_130(tmp_path, gap):
+    import signal
+    import time
+
+    from .test_hostile import _hooked, _pt_data
+
+    work = tmp_path / "work"
+    work.mkdir()
+    data = _pt_data(work)
+    marker = tmp_path / "started"
+    before = snapshot(work)
+    proc = _hooked({"when": "reading", "name": data.name, "marker": str(marker)},
+                   "prune", DIGITS_TEACHER, "--ratio", "0.3", "--data", data, "--finetune-epochs", "100000",
+                   "-o", work / "result.safetensors", "-q")
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the run never read its data"
+        time.sleep(0.5)  # into the fine-tuning
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(gap)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["modelzip: interrupted"], err
+    assert snapshot(work) == before
+
+
+KILLED_IN_SAFETENSORS = r"""
+import os, signal, sys, tempfile
+import safetensors.torch
+
+def save_file(tensors, filename, metadata=None):
+    # what safetensors 0.8 does (strace): its own .tmpXXXXXX in the folder of `filename`, renamed at the end
+    fd, _ = tempfile.mkstemp(prefix=".tmp", dir=os.path.dirname(filename))
+    os.write(fd, b"\0" * 4096)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of that write
+
+safetensors.torch.save_file = save_file
+sys.argv = ["modelzip", *sys.argv[1:]]
+from modelzip_cli.cli import main
+main()
+"""
+
+
+def test_a_writer_s_own_temporary_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    import signal
+
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["prune", DIGITS_TEACHER, "--ratio", "0.3", "-o", work / "result.safetensors", "-q"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_SAFETENSORS, *map(str, argv)], env=env_with_root(),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert snapshot(work), "the killed run left nothing: the test did not kill it mid-write"
+    done = subprocess.run([sys.executable, "-m", "modelzip_cli", *map(str, argv), "--force"], env=env_with_root(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(snapshot(work)) == ["result.safetensors", "result.safetensors.json"]
+
+
+def test_onnx_runtime_errors_are_one_line(cli, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [7, 3])  # no batch of 64 features reshapes to 7×3
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "bad.onnx")
+    done = subprocess.run([sys.executable, "-m", "modelzip_cli", "eval", str(tmp_path / "bad.onnx"), "--data",
+                           str(DIGITS_TEST), "-q"], env=env_with_root(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("modelzip: error:"), done.stderr
