@@ -43,8 +43,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 Input = Annotated[Path, typer.Argument(help="checkpoint (.safetensors, .pt, .pth, .bin) or Hugging Face model "
                                        "directory", show_default=False)]
-Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: INPUT stem + .COMMAND + suffix")]
-ReportPath = Annotated[Path | None, typer.Option("--report", help="default: the output path with .json")]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: INPUT stem + .COMMAND + suffix, beside "
+                                             "it (a model directory DIR: DIR.COMMAND.safetensors here)")]
+ReportPath = Annotated[Path | None, typer.Option("--report", help="default: the output path + .json")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
 Seed = Annotated[int, typer.Option("--seed", help="same inputs and seed → same output tensors")]
 Arch = Annotated[str | None, typer.Option("--arch", help="architecture of a raw state dict: zoo:NAME or pkg.mod:fn")]
