@@ -465,14 +465,18 @@ def distill(
                    epochs=epochs, temperature=temperature, loss=loss, alpha=alpha, hidden_weight=hidden_weight,
                    lr=lr, batch_size=batch_size,
                    patience=patience, baseline=baseline or None)
-    if plot is not None:
-        from modelzip_cli.files import check_output
-        from modelzip_cli.plot import require_matplotlib
-
-        require_matplotlib()
-        check_output(plot, inputs=[teacher], force=shared.force, suffixes=(".png",))
     student_path = (hf_student_dir(student),) if is_checkpoint_path(student) or student != "hf:" and \
         hf_student_dir(student).is_dir() else ()
+    if plot is not None:  # the output-path policy, as for the checkpoint and report (checked in the runner)
+        from modelzip_cli.files import Target, check_distinct, check_targets
+        from modelzip_cli.plot import require_matplotlib
+        from modelzip_cli.runner import default_output, default_report
+
+        require_matplotlib()
+        output = shared.output or default_output(teacher, "distill")
+        check_distinct({"output": output, "report": shared.report or default_report(output), "plot": plot})
+        check_targets([Target("plot", plot, (".png",))], force=shared.force,
+                      inputs=[teacher, data, val_data, shared.eval_data, *student_path])
     report = technique("distill", None, teacher, shared, values, files={"data": data, "val_data": val_data},
                        extra_inputs=student_path, trusted_refs=frozenset({student}))
     if plot is not None and report is not None:  # None: a torchrun rank other than 0

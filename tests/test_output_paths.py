@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DIGITS_TEACHER, DIGITS_TEST, ROOT, one_line_error
+from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, ROOT, one_line_error
 from .mutate import snapshot
 
 
@@ -352,3 +352,16 @@ def test_onnx_runtime_errors_are_one_line(cli, tmp_path):
     assert done.returncode == 2, done.stderr
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("modelzip: error:"), done.stderr
+
+
+@pytest.mark.parametrize("target", ["data", "report"])
+def test_distill_plot_never_overwrites_an_input_or_the_report(cli, tmp_path, target):
+    pytest.importorskip("matplotlib")
+    data = shutil.copy(DIGITS_TRAIN, tmp_path / "train.safetensors")
+    out = tmp_path / "s.safetensors"
+    plot = {"data": data, "report": tmp_path / "s.safetensors.json"}[target]
+    before = snapshot(tmp_path)
+    r = cli("distill", DIGITS_TEACHER, "--student", "zoo:mlp", "--student-kwargs", '{"hidden_sizes": [8]}',
+            "--data", data, "--epochs", "1", "-o", out, "--plot", plot, "--force", "-q")
+    refused(r, "input" if target == "data" else "same file")
+    assert snapshot(tmp_path) == before
