@@ -661,7 +661,8 @@ def _signals_interrupt() -> Iterator[None]:
     (temporaries are removed) before one line says so. A second signal, during that cleanup or after it,
     is ignored by the same handler: never switched to SIG_IGN from inside it (a signal already pending then
     makes Python print "Signal 15 ignored due to race condition" with a traceback), and never back to the
-    default action while an interrupted process is on its way out (a late SIGTERM would kill it, exit -15)."""
+    default action while an interrupted process is on its way out (a late SIGTERM would kill it, exit -15).
+    An `Interrupted` raised inside a destructor, where Python can only print it, is raised again instead."""
     import signal
     import threading
 
@@ -676,10 +677,18 @@ def _signals_interrupt() -> Iterator[None]:
         first.append(signum)
         raise Interrupted(signum)
 
+    def unraisable(info):  # raised where nothing can catch it (a destructor): no traceback; send it again a
+        if isinstance(info.exc_value, Interrupted) and first:  # moment later, to arrive outside the destructor
+            threading.Timer(0.01, os.kill, args=(os.getpid(), first.pop())).start()
+        else:
+            previous_hook(info)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, signal.SIG_IGN if first and h == signal.SIG_DFL else h)
 

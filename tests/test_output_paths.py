@@ -365,3 +365,27 @@ def test_distill_plot_never_overwrites_an_input_or_the_report(cli, tmp_path, tar
             "--data", data, "--epochs", "1", "-o", out, "--plot", plot, "--force", "-q")
     refused(r, "input" if target == "data" else "same file")
     assert snapshot(tmp_path) == before
+
+
+def test_an_interrupt_raised_inside_a_destructor_still_stops_the_run(capsys):
+    """Python cannot raise from a destructor (it prints "Exception ignored in …" and goes on): the interrupt
+    is sent again, and the run stops with no traceback."""
+    import signal
+    import time
+
+    from modelzip_cli.cli import _signals_interrupt
+    from modelzip_cli.errors import Interrupted
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10_000))  # the handler runs here, inside the destructor
+
+    with pytest.raises(Interrupted) as stopped, _signals_interrupt():
+        obj = SignalledWhileCollected()
+        del obj
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            sum(range(1000))
+    assert stopped.value.exit_code == 130
+    assert "Traceback" not in capsys.readouterr().err
