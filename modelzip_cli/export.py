@@ -462,7 +462,8 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
         if way != "ort":
             write_onnx(program, cfg, tmp, class_logits=class_logits, n_args=len(args))
             return
-        with tempfile.TemporaryDirectory(dir=output.parent) as folder:
+        # in the staging folder (files.Outputs): what a killed run leaves there goes with it
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as folder:
             float_path = Path(folder) / "float.onnx"
             write_onnx(program, cfg, float_path, class_logits=class_logits, n_args=len(args))
             with _quiet_exporter():
