@@ -232,7 +232,9 @@ class Outputs:
         remove_stale_temporaries(path)
         tmp = temporary_path(path)
         self._staged[path] = tmp  # before writing: a write that fails half-way is discarded too
-        tmp.parent.mkdir(exist_ok=True)
+        if tmp.parent.exists() or tmp.parent.is_symlink():  # left by a dead process of this pid, or planted (a link)
+            _remove(tmp.parent)
+        tmp.parent.mkdir()
         try:
             write(tmp)
             with open(tmp, "rb+") as f:

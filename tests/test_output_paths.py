@@ -389,3 +389,16 @@ def test_an_interrupt_raised_inside_a_destructor_still_stops_the_run(capsys):
             sum(range(1000))
     assert stopped.value.exit_code == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_link_planted_where_the_temporary_goes_is_never_written_through(tmp_path):
+    from modelzip_cli.files import atomic_write_text
+
+    (tmp_path / "out").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = tmp_path / "out" / "o.json"
+    (tmp_path / "out" / f".o.json.{os.getpid()}.tmp").symlink_to(victim)  # where this process stages o.json
+    atomic_write_text(target, "{}")
+    assert victim.read_text() == "precious"
+    assert target.read_text() == "{}" and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["o.json"]
