@@ -96,7 +96,7 @@ class ExportConfig(BaseModel):
 def default_output(path: Path, fmt: str) -> Path:
     """model.safetensors → model.onnx beside it; a model directory DIR → DIR.onnx in the current directory
     (never beside a packaged model, in site-packages)."""
-    return Path(path.name + SUFFIXES[fmt]) if path.is_dir() else path.with_name(path.stem + SUFFIXES[fmt])
+    return Path(path.resolve().name + SUFFIXES[fmt]) if path.is_dir() else path.with_name(path.stem + SUFFIXES[fmt])
 
 
 def check_output_suffix(output: Path, fmt: str) -> None:

@@ -69,7 +69,7 @@ def default_output(input_path: Path, command: str) -> Path:
     """model.pt → model.pruned.pt, beside the input. A model directory DIR → DIR.pruned.safetensors in the
     current directory: never inside the input folder, nor beside it (in site-packages, say)."""
     if input_path.is_dir():
-        return Path(f"{input_path.name}.{output_tag(command)}.safetensors")
+        return Path(f"{input_path.resolve().name}.{output_tag(command)}.safetensors")
     return input_path.with_name(f"{input_path.stem}.{output_tag(command)}{input_path.suffix}")
 
 
