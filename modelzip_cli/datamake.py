@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from modelzip_cli.errors import InputError, UsageError
-from modelzip_cli.files import Target, atomic_write, check_targets
+from modelzip_cli.files import Outputs, Target, check_targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,10 +45,6 @@ def outputs_for(output: Path, split: float | None, force: bool, inputs: list[Pat
     return paths
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def _split(tensors: dict[str, torch.Tensor], labels: torch.Tensor | None, fraction: float,
@@ -71,9 +67,14 @@ def _split(tensors: dict[str, torch.Tensor], labels: torch.Tensor | None, fracti
 
 def _write(tensors: dict[str, torch.Tensor], paths: list[Path], split: float | None, seed: int,
            labels: torch.Tensor | None = None) -> list[int]:
+    from safetensors.torch import save_file
+
     parts = [tensors] if split is None else _split(tensors, labels, split, seed)
-    for part, path in zip(parts, paths, strict=True):
-        _save(part, path)
+    with Outputs() as staged:  # both halves of a split, or neither
+        for part, path in zip(parts, paths, strict=True):
+            staged.write(path, lambda tmp, part=part: save_file({k: v.contiguous() for k, v in part.items()},
+                                                                str(tmp)))
+        staged.commit()
     return [next(iter(p.values())).shape[0] for p in parts]
 
 
