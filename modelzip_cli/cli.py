@@ -47,7 +47,8 @@ Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: IN
                                              "it (a model directory DIR: DIR.COMMAND.safetensors here)")]
 ReportPath = Annotated[Path | None, typer.Option("--report", help="default: the output path + .json")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
-Seed = Annotated[int, typer.Option("--seed", help="same inputs and seed → same output tensors")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,  # what torch's generators take, with room
+                                   help="same inputs and seed → same output tensors")]
 Arch = Annotated[str | None, typer.Option("--arch", help="architecture of a raw state dict: zoo:NAME or pkg.mod:fn")]
 ArchKwargs = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON object of architecture kwargs")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="allow unpickling a full nn.Module (runs code)")]

@@ -258,6 +258,8 @@ def test_os_conditions_map_to_exit_2_in_the_one_table():
     (["prune", DIGITS_TEACHER, "--ratio", "0.3", "--input-shape", "1,100000,100000"], "--input-shape"),
     (["data", "text", DIGITS_TEST, "--tokenizer", ROOT, "--max-length", "2000000000"], "--max-length"),
     (["data", "images", ROOT, "--size", "1000000"], "--size"),
+    (["prune", DIGITS_TEACHER, "--ratio", "0.3", "--seed", str(10**23)], "--seed"),
+    (["prune", DIGITS_TEACHER, "--method", "gradual", "--ratio", "0.5", "--steps", str(10**9)], "--steps"),
 ])
 def test_huge_numeric_options_are_refused_before_any_work(cli, tmp_path, argv, flag):
     before = snapshot(tmp_path)
