@@ -70,6 +70,14 @@ def test_recipe_export_output_never_leaves_the_output_folder(cli, tmp_path, chai
     assert snapshot(tmp_path) == before
 
 
+def test_recipe_export_output_lands_in_the_output_folder(cli, chain_dirs):
+    recipes, out, _ = chain_dirs
+    r = cli("chain", DIGITS_TEACHER, "--recipe", _export_recipe(recipes, "x.pt2"), "-o", out / "c.safetensors", "-q")
+    assert r.code == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["c.safetensors", "c.safetensors.json", "x.pt2"]
+    assert sorted(p.name for p in recipes.iterdir()) == ["r.toml"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Item 3: every file `analyze` writes (--report, --plan-out, --plot) is checked against its inputs
 
