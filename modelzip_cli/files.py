@@ -94,7 +94,7 @@ def confined(name: str, folder: Path, what: str) -> Path:
     of the output the user named; a path that leaves it (absolute, `..`, a symlink out) is refused."""
     relative = Path(name)
     path = folder / relative
-    escapes = relative.is_absolute() or ".." in relative.parts or not name.strip()
+    escapes = "\0" in name or not name.strip() or relative.is_absolute() or ".." in relative.parts
     if escapes or not path.resolve().is_relative_to(folder.resolve()):
         raise OutputError(f"{what} {name!r} is outside the run's output folder {folder}; a file never chooses "
                           "where modelzip writes", hint="give a plain file name, or pass the path on the command line")
@@ -151,8 +151,8 @@ def check_distinct(paths: dict[str, Path]) -> None:
 def _stage_prefix(path: Path) -> str:
     """`.NAME.`, or for a long name a shortened one with a hash: the staging folder's name always fits."""
     name = path.name
-    if len(os.fsencode(name)) > 200:
-        name = f"{name[:100]}~{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}"
+    if len(os.fsencode(name)) > 200:  # 40 characters are at most 160 bytes
+        name = f"{name[:40]}~{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}"
     return f".{name}."
 
 
