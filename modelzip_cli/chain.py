@@ -228,6 +228,8 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
     from modelzip_cli.report import Report, Step, file_info
     from modelzip_cli.runner import check_example, load_input
 
+    # an export output outside the chain's output folder is refused here too, before the model is loaded
+    export = export_target(export_step(steps), input_path, opts) if export_step(steps) is not None else None
     loaded = load_input(input_path, opts)
     if loaded.manifest.input_shape:
         check_example(loaded, loaded.manifest.example_input())
@@ -243,7 +245,7 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
     if export_step(steps) is not None:
         step = export_step(steps)
         report.steps.append(Step(op="export", config={"step": step.index, **step.config.to_dict()},
-                                 notes=["dry run: nothing exported"]))
+                                 notes=[f"dry run: nothing exported (would write {export.path})"]))
     return report
 
 

@@ -54,8 +54,8 @@ def _export_recipe(folder: Path, output: str) -> Path:
 
 
 @pytest.mark.parametrize("where", ["absolute", "dot-dot", "symlink out"])
-@pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
-def test_recipe_export_output_never_leaves_the_output_folder(cli, tmp_path, chain_dirs, where, force):
+@pytest.mark.parametrize("flags", [[], ["--force"], ["--dry-run"]], ids=["no-force", "force", "dry-run"])
+def test_recipe_export_output_never_leaves_the_output_folder(cli, tmp_path, chain_dirs, where, flags):
     recipes, out, outside = chain_dirs
     victim = outside / "x.pt2"
     victim.write_bytes(b"precious")
@@ -63,8 +63,7 @@ def test_recipe_export_output_never_leaves_the_output_folder(cli, tmp_path, chai
     name = {"absolute": str(victim), "dot-dot": "../outside/x.pt2", "symlink out": "link/x.pt2"}[where]
     recipe = _export_recipe(recipes, name)
     before = snapshot(tmp_path)
-    r = cli("chain", DIGITS_TEACHER, "--recipe", recipe, "-o", out / "c.safetensors", "-q",
-            *(["--force"] if force else []))
+    r = cli("chain", DIGITS_TEACHER, "--recipe", recipe, "-o", out / "c.safetensors", "-q", *flags)
     refused(r, "step 2", "output folder")
     assert victim.read_bytes() == b"precious"
     assert snapshot(tmp_path) == before
