@@ -19,7 +19,6 @@ on the data; while it misses, the last upgrades are undone. The plan is a recipe
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import statistics
@@ -94,6 +93,8 @@ class AnalyzeOptions:
     budget_fidelity: float | None = None
     budget_accuracy_drop: float | None = None
     plan_out: Path | None = None
+    report: Path | None = None
+    plot: Path | None = None  # a heat map of the losses (PNG)
     force: bool = False
 
 
@@ -333,21 +334,42 @@ def _parse_steps(steps: list[dict]) -> list[RecipeStep]:
     return parsed
 
 
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped, every other character as it
+    is (json.dumps writes an emoji as a surrogate pair, which TOML refuses); an undecodable byte of a file
+    name (a lone surrogate) becomes U+FFFD."""
+    def char(c: str) -> str:
+        if c in '"\\':
+            return "\\" + c
+        if ord(c) < 0x20 or ord(c) == 0x7F:
+            return f"\\u{ord(c):04x}"
+        return "\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c
+
+    return '"' + "".join(char(c) for c in text) + '"'
+
+
+def _printable(text: str) -> str:
+    """`text` on one line, every character that is not printable escaped: fit for a TOML comment."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return _toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(type(v).__name__)
 
 
 def plan_toml(plan: dict, model: Path) -> str:
-    lines = ["# modelzip plan, written by `modelzip analyze`: a recipe for", f"#   modelzip chain {model} "
-             "--recipe THIS_FILE --data CALIBRATION_DATA", "", "[plan]"]
+    """The plan as a chain recipe. The model's path is only in a comment, escaped: a path with a newline
+    never adds a line (a step) to the plan."""
+    lines = ["# modelzip plan, written by `modelzip analyze`: a recipe for",
+             f"#   modelzip chain {_printable(str(model))} --recipe THIS_FILE --data CALIBRATION_DATA", "", "[plan]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in plan["meta"].items()]
     for step in plan["steps"]:
         lines += ["", "[[steps]]"] + [f"{k.replace('_', '-')} = {_toml_value(v)}" for k, v in step.items()]
@@ -359,7 +381,7 @@ def plan_toml(plan: dict, model: Path) -> str:
 
 
 def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, progress) -> Report:
-    from modelzip_cli.files import atomic_write, check_output
+    from modelzip_cli.files import Outputs, Target, check_targets
     from modelzip_cli.measure import count_parameters
 
     if opts.budget_fidelity is not None and opts.budget_accuracy_drop is not None:
@@ -373,11 +395,12 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
     if opts.samples is not None and opts.samples < 1:
         raise UsageError(f"--samples must be ≥ 1, got {opts.samples}")
     parse_candidates(opts.techniques)
-    if opts.plan_out is not None:
-        if opts.plan_out.suffix != ".toml":
-            raise UsageError(f"--plan-out {opts.plan_out} must end in .toml")
-        check_output(opts.plan_out, inputs=[model_path, opts.data], force=opts.force, suffixes=(".toml",),
-                     role="plan")
+    if opts.plan_out is not None and opts.plan_out.suffix != ".toml":
+        raise UsageError(f"--plan-out {opts.plan_out} must end in .toml")
+    targets = [Target(role, path, suffixes) for role, path, suffixes in (
+        ("plan", opts.plan_out, (".toml",)), ("report", opts.report, (".json",)), ("plot", opts.plot, (".png",)))
+        if path is not None]
+    check_targets(targets, inputs=[model_path, opts.data], force=opts.force)  # before any work
     loaded = load_input(model_path, common)
     if loaded.manifest.is_quantized():
         raise UsageError(f"{model_path} is already quantized; analyze works on float models")
@@ -394,12 +417,13 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
              "model on the data; bytes_saved: stored bytes of the layer; latency_delta_ms: the layer's own "
              "time on its recorded inputs (negative: faster)"]
     after: dict = {}
+    plan_text = None
     if analysis.plan is not None:
         plan = analysis.plan
         after["plan"] = {**plan["meta"], "steps": plan["steps"], "verification": plan["verification"]}
         if opts.plan_out is not None:
-            atomic_write(opts.plan_out, lambda tmp: Path(tmp).write_text(plan_toml(plan, model_path)))
-            parse_recipe(opts.plan_out)  # what was written is a valid recipe
+            plan_text = plan_toml(plan, model_path)
+            parse_recipe(opts.plan_out, text=plan_text)  # a valid recipe, checked before anything is written
             after["plan"]["path"] = str(opts.plan_out)
             notes.append(f"plan written to {opts.plan_out}: modelzip chain {model_path} --recipe {opts.plan_out} "
                          f"--data {opts.data}")
@@ -408,4 +432,16 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
                                       "budget_fidelity": opts.budget_fidelity,
                                       "budget_accuracy_drop": opts.budget_accuracy_drop},
                 layers=analysis.rows, after=after, duration_s=round(time.perf_counter() - t0, 3), notes=notes)
-    return Report(command="analyze", input=file_info(model_path, count_parameters(loaded.model)), steps=[step])
+    report = Report(command="analyze", input=file_info(model_path, count_parameters(loaded.model)), steps=[step],
+                    report_path=None if opts.report is None else str(opts.report))
+    with Outputs() as staged:  # plan, plot and report are renamed into place together
+        if plan_text is not None:
+            staged.write(opts.plan_out, lambda tmp: tmp.write_text(plan_text, encoding="utf-8"))
+        if opts.plot is not None:
+            from modelzip_cli.plot import plot_sensitivity
+
+            plot_sensitivity(analysis.rows, opts.plot, staged)
+        if opts.report is not None:
+            staged.write(opts.report, lambda tmp: tmp.write_text(report.to_json()))
+        staged.commit()
+    return report

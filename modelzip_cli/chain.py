@@ -5,8 +5,9 @@ optional `method`, and that command's options under the same names (`ratio`, `fi
 `finetune_epochs`, …). An option that does not belong to the step's method is an error. A step may name
 its own `data`, `val-data` or `calib-data` file (relative to the recipe); otherwise it uses the chain's
 `--data`. Steps call the same technique functions as the single commands. A last step `op = "export"` takes
-the export command's options (`format`, `opset`, `dynamic-batch`, `int8`) and an optional `output` (relative
-to the recipe; default: the chain's output with .onnx or .pt2): the final model is exported and verified too.
+the export command's options (`format`, `opset`, `dynamic-batch`, `int8`) and an optional `output` (a file
+name in the chain's output folder, never outside it; default: the chain's output with .onnx or .pt2): the
+final model is exported and verified too.
 
 A recipe is a file, and files are untrusted: an architecture a step names (a distill student) must be
 built in or listed in MODELZIP_TRUSTED_MODULES, checked here before anything is imported.
@@ -25,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from modelzip_cli.checkpoint import check_trusted
 from modelzip_cli.errors import InputError, ModelzipError, UsageError
 from modelzip_cli.export import ExportConfig
+from modelzip_cli.files import Target, confined
+from modelzip_cli.format import OUTPUT_SUFFIXES
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs, make_config
 from modelzip_cli.techniques.distill import is_checkpoint_path
 
@@ -53,18 +56,19 @@ class ExportStep:
 
     index: int
     config: ExportConfig
-    output: Path | None = None
+    output: str | None = None  # as the recipe names it: placed in the chain's output folder (`files.confined`)
     op: str = "export"
 
     def label(self) -> str:
         return f"step {self.index} (export)"
 
 
-def _read(path: Path) -> list:
-    if not path.exists() or path.is_dir():
+def _read(path: Path, text: str | None = None) -> list:
+    """The steps of the recipe at `path` (or of `text`, a plan about to be written there)."""
+    if text is None and (not path.exists() or path.is_dir()):
         raise InputError(f"recipe {path}: no such file", hint="pass a .toml or .json recipe")
     try:
-        text = path.read_text()
+        text = path.read_text() if text is None else text
         raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
@@ -117,7 +121,7 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportSte
             raise UsageError(f"{where} (export): output must be a file path")
         config = ExportConfig.parse(values, where=f"{where} (export): ")
         config.check_available()  # before any weight is loaded or trained
-        return ExportStep(index, config, folder / output if output else None)
+        return ExportStep(index, config, output)
     if not isinstance(op, str) or op not in OPS:
         raise UsageError(f"{where}: unknown op {op!r}", hint="use one of " + ", ".join(OPS))
     where = f"step {index} ({op})"
@@ -141,9 +145,10 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportSte
     return RecipeStep(index=index, config=config, **files)
 
 
-def parse_recipe(path: Path) -> list[RecipeStep | ExportStep]:
-    """Read and validate a whole recipe: ops, keys, types, values, order, trust. No weight is loaded."""
-    steps = [parse_step(i, item, path.parent) for i, item in enumerate(_read(path), 1)]
+def parse_recipe(path: Path, text: str | None = None) -> list[RecipeStep | ExportStep]:
+    """Read and validate a whole recipe: ops, keys, types, values, order, trust. No weight is loaded.
+    `text`: the recipe's content, not yet written to `path` (a plan, checked before it is written)."""
+    steps = [parse_step(i, item, path.parent) for i, item in enumerate(_read(path, text), 1)]
     check_order(steps)
     return steps
 
@@ -223,6 +228,8 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
     from modelzip_cli.report import Report, Step, file_info
     from modelzip_cli.runner import check_example, load_input
 
+    # an export output outside the chain's output folder is refused here too, before the model is loaded
+    export = export_target(export_step(steps), input_path, opts) if export_step(steps) is not None else None
     loaded = load_input(input_path, opts)
     if loaded.manifest.input_shape:
         check_example(loaded, loaded.manifest.example_input())
@@ -238,30 +245,30 @@ def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
     if export_step(steps) is not None:
         step = export_step(steps)
         report.steps.append(Step(op="export", config={"step": step.index, **step.config.to_dict()},
-                                 notes=["dry run: nothing exported"]))
+                                 notes=[f"dry run: nothing exported (would write {export.path})"]))
     return report
 
 
-def intermediate_paths(steps: list[RecipeStep], folder: Path, suffix: str) -> dict[str, Path]:
-    """--keep-intermediate: role → where each step's checkpoint goes."""
-    return {f"intermediate of {step.label()}": folder / f"step{step.index}_{step.op}{suffix}" for step in steps}
+def intermediate_targets(steps: list[RecipeStep], folder: Path, suffix: str) -> dict[str, Target]:
+    """--keep-intermediate: step label → where its checkpoint goes (the run makes the folder)."""
+    return {step.label(): Target(f"intermediate of {step.label()}", folder / f"step{step.index}_{step.op}{suffix}",
+                                 OUTPUT_SUFFIXES, folder_may_be_made=True) for step in steps}
 
 
-def check_export_output(step: ExportStep, input_path: Path, opts, recipe: Path | None, data: Path | None) -> Path:
-    """Where the export step writes, checked like every output before any work."""
+def export_target(step: ExportStep, input_path: Path, opts) -> Target:
+    """Where the export step writes: in the folder of the chain's output, whatever the recipe says (a file
+    never chooses where modelzip writes). `run_transform` checks it with every other output."""
     from modelzip_cli.export import SUFFIXES, check_output_suffix
-    from modelzip_cli.files import check_output
     from modelzip_cli.runner import default_output
 
     chain_output = opts.output or default_output(input_path, "chain")
-    path = step.output or chain_output.with_suffix(SUFFIXES[step.config.format])
     try:
+        path = (confined(step.output, chain_output.parent, "output") if step.output
+                else chain_output.with_suffix(SUFFIXES[step.config.format]))
         check_output_suffix(path, step.config.format)
-        check_output(path, inputs=[p for p in (input_path, recipe, data, opts.eval_data) if p is not None],
-                     force=opts.force, suffixes=(SUFFIXES[step.config.format],), role="export output")
     except ModelzipError as exc:
         raise type(exc)(f"{step.label()}: {exc.message}", hint=exc.hint) from None
-    return path
+    return Target(f"export output of {step.label()}", path, (SUFFIXES[step.config.format],))
 
 
 def run_export_step(step: ExportStep, path: Path, loaded, ctx, outputs, opts, calib):
@@ -300,11 +307,9 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
     if keep_intermediate is not None and keep_intermediate.exists() and not keep_intermediate.is_dir():
         raise UsageError(f"--keep-intermediate {keep_intermediate} is not a folder", hint="pass a folder path")
     export, steps = export_step(steps), technique_steps(steps)
-    export_path = None
-    if export is not None:
-        export_path = check_export_output(export, input_path, opts, recipe, data)
-    intermediates = (intermediate_paths(steps, keep_intermediate, input_path.suffix)
-                     if keep_intermediate is not None else {})
+    targets = {} if export is None else {export.label(): export_target(export, input_path, opts)}
+    if keep_intermediate is not None:
+        targets |= intermediate_targets(steps, keep_intermediate, input_path.suffix)
     outputs = Outputs()
     step_ctx: list[Context] = []
     datasets: dict = {}  # each data file is read and checked once, however many steps use it
@@ -331,14 +336,15 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
                 record.after["metrics"] = model_metrics(loaded.model, ctx.eval_data, threads=opts.threads,
                                                         device=ctx.device)
             if keep_intermediate is not None and is_main():
-                path = intermediates[f"intermediate of {step.label()}"]
+                path = targets[step.label()].path
                 outputs.folder(keep_intermediate)
                 save_checkpoint(loaded.model, loaded.manifest, path, encoded=loaded.encoded, outputs=outputs)
                 record.notes.append(f"intermediate checkpoint: {path}")
             records.append(record)
         if export is not None and is_main():
             calib = next((c.calib_data for c in reversed(step_ctx) if c.calib_data is not None), None)
-            records.append(run_export_step(export, export_path, loaded, ctx, outputs, opts, calib))
+            path = targets[export.label()].path
+            records.append(run_export_step(export, path, loaded, ctx, outputs, opts, calib))
         return records
 
     step_inputs = [f for step in steps for f in (step.data, step.val_data, step.calib_data) if f is not None]
@@ -346,4 +352,4 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
     others = [p for p in (recipe, data, *step_inputs) if p is not None]
     return run_transform(command, input_path, opts, apply, ops=[s.op for s in steps],
                          context=Context(progress=progress), prepare=prepare, extra_inputs=others,
-                         outputs=outputs, extra_outputs=intermediates)
+                         outputs=outputs, extra_outputs=list(targets.values()))

@@ -27,6 +27,7 @@ from modelzip_cli.errors import (
     UsageError,
     exit_code_for,
     first_line,
+    os_condition,
 )
 from modelzip_cli.version import __version__
 
@@ -42,10 +43,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 Input = Annotated[Path, typer.Argument(help="checkpoint (.safetensors, .pt, .pth, .bin) or Hugging Face model "
                                        "directory", show_default=False)]
-Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: INPUT stem + .COMMAND + suffix")]
-ReportPath = Annotated[Path | None, typer.Option("--report", help="default: the output path with .json")]
+Output = Annotated[Path | None, typer.Option("--output", "-o", help="default: INPUT stem + .COMMAND + suffix, beside "
+                                             "it (a model directory DIR: DIR.COMMAND.safetensors here)")]
+ReportPath = Annotated[Path | None, typer.Option("--report", help="default: the output path + .json")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
-Seed = Annotated[int, typer.Option("--seed", help="same inputs and seed → same output tensors")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,  # what torch's generators take, with room
+                                   help="same inputs and seed → same output tensors")]
 Arch = Annotated[str | None, typer.Option("--arch", help="architecture of a raw state dict: zoo:NAME or pkg.mod:fn")]
 ArchKwargs = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON object of architecture kwargs")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="allow unpickling a full nn.Module (runs code)")]
@@ -149,6 +152,12 @@ def parse_json_object(text: str | None, flag: str) -> dict | None:
     return value
 
 
+# Bounds of numeric options: far beyond any real use, below what makes torch or a tokenizer abort.
+MAX_THREADS = 1024  # torch crashes (SIGSEGV) at 100,000
+MAX_EXAMPLE_ELEMENTS = 1 << 26  # --input-shape: 256 MB of float32 per example
+MAX_LATENCY_BATCH = 4096  # --batch-size of eval, compare, export: N for the batch-N latency
+
+
 def parse_shape(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -158,7 +167,19 @@ def parse_shape(text: str | None) -> list[int] | None:
         raise UsageError(f"--input-shape {text!r} is not a list of integers", hint="e.g. --input-shape 1,64") from None
     if not shape or any(s <= 0 for s in shape):
         raise UsageError(f"--input-shape {text!r} must be positive integers", hint="e.g. --input-shape 1,64")
+    elements = 1
+    for s in shape:
+        elements *= s
+    if elements > MAX_EXAMPLE_ELEMENTS:
+        raise UsageError(f"--input-shape {text!r} is {elements:,} elements, more than {MAX_EXAMPLE_ELEMENTS:,}",
+                         hint="give the shape of one example, e.g. --input-shape 1,3,224,224")
     return shape
+
+
+def check_latency_batch(batch_size: int | None) -> None:
+    if batch_size is not None and not 1 <= batch_size <= MAX_LATENCY_BATCH:
+        raise UsageError(f"--batch-size must be in [1, {MAX_LATENCY_BATCH}], got {batch_size}",
+                         hint="N for the batch-N latency; the default is 256 (32 for token sequences)")
 
 
 def parse_dtype(text: str | None) -> str | None:
@@ -172,8 +193,8 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
     from modelzip_cli.runner import CommonOptions
 
     g = vars(shared)
-    if g.get("threads") is not None and g["threads"] < 1:
-        raise UsageError(f"--threads must be ≥ 1, got {g['threads']}")
+    if g.get("threads") is not None and not 1 <= g["threads"] <= MAX_THREADS:
+        raise UsageError(f"--threads must be in [1, {MAX_THREADS}], got {g['threads']}")
     fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data", "max_accuracy_drop",
                                 "min_fidelity", "threads", "arch", "task", "output_key", "device") if k in g}
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
@@ -309,8 +330,7 @@ def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="data 
     """Accuracy, loss, median latency at batch 1 and batch N, size."""
     from modelzip_cli.evaluate import evaluate_checkpoint
 
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    check_latency_batch(batch_size)
     emit(evaluate_checkpoint(model, data, common_options(shared), batch_n=batch_size), shared)
 
 
@@ -463,14 +483,18 @@ def distill(
                    epochs=epochs, temperature=temperature, loss=loss, alpha=alpha, hidden_weight=hidden_weight,
                    lr=lr, batch_size=batch_size,
                    patience=patience, baseline=baseline or None)
-    if plot is not None:
-        from modelzip_cli.files import check_output
-        from modelzip_cli.plot import require_matplotlib
-
-        require_matplotlib()
-        check_output(plot, inputs=[teacher], force=shared.force, suffixes=(".png",))
     student_path = (hf_student_dir(student),) if is_checkpoint_path(student) or student != "hf:" and \
         hf_student_dir(student).is_dir() else ()
+    if plot is not None:  # the output-path policy, as for the checkpoint and report (checked in the runner)
+        from modelzip_cli.files import Target, check_distinct, check_targets
+        from modelzip_cli.plot import require_matplotlib
+        from modelzip_cli.runner import default_output, default_report
+
+        require_matplotlib()
+        output = shared.output or default_output(teacher, "distill")
+        check_distinct({"output": output, "report": shared.report or default_report(output), "plot": plot})
+        check_targets([Target("plot", plot, (".png",))], force=shared.force,
+                      inputs=[teacher, data, val_data, shared.eval_data, *student_path])
     report = technique("distill", None, teacher, shared, values, files={"data": data, "val_data": val_data},
                        extra_inputs=student_path, trusted_refs=frozenset({student}))
     if plot is not None and report is not None:  # None: a torchrun rank other than 0
@@ -544,24 +568,13 @@ def analyze(
     from modelzip_cli.analyze import AnalyzeOptions, run_analyze
 
     if plot is not None:
-        from modelzip_cli.files import check_output
         from modelzip_cli.plot import require_matplotlib
 
         require_matplotlib()
-        check_output(plot, inputs=[model, data], force=shared.force, suffixes=(".png",))
     opts = AnalyzeOptions(data=data, techniques=techniques, include=shared.include, exclude=shared.exclude,
-                          samples=samples, budget_fidelity=budget_fidelity,
-                          budget_accuracy_drop=budget_accuracy_drop, plan_out=plan_out, force=shared.force)
-    report = run_analyze(model, opts, common_options(shared), progress_factory(shared.quiet))
-    if plot is not None:
-        from modelzip_cli.plot import plot_sensitivity
-
-        plot_sensitivity(report.steps[0].layers, plot)
-    if shared.report is not None:
-        from modelzip_cli.files import atomic_write
-
-        atomic_write(shared.report, lambda tmp: Path(tmp).write_text(report.to_json()))
-    emit(report, shared)
+                          samples=samples, budget_fidelity=budget_fidelity, budget_accuracy_drop=budget_accuracy_drop,
+                          plan_out=plan_out, report=shared.report, plot=plot, force=shared.force)
+    emit(run_analyze(model, opts, common_options(shared), progress_factory(shared.quiet)), shared)
 
 
 @command(MODEL_OPTIONS, RUN_OPTIONS)
@@ -574,8 +587,7 @@ def compare(
     """Size, parameters, accuracy, latency and agreement with the first model, side by side."""
     from modelzip_cli.compare import compare_checkpoints
 
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    check_latency_batch(batch_size)
     emit(compare_checkpoints(models, data, common_options(shared), batch_n=batch_size), shared)
 
 
@@ -598,8 +610,7 @@ def export(
     """An ONNX graph or a .pt2 program of the model, verified by running it against the PyTorch model."""
     from modelzip_cli.export import ExportConfig, export_checkpoint
 
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    check_latency_batch(batch_size)
     cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way))
     emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size), shared)
 
@@ -668,25 +679,39 @@ def data_images(
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise `Interrupted` in the main thread, so every `finally` on the way out runs
-    (temporaries are removed) before one line says so. A second signal during that cleanup is ignored."""
+    (temporaries are removed) before one line says so. A second signal, during that cleanup or after it,
+    is ignored by the same handler: never switched to SIG_IGN from inside it (a signal already pending then
+    makes Python print "Signal 15 ignored due to race condition" with a traceback), and never back to the
+    default action while an interrupted process is on its way out (a late SIGTERM would kill it, exit -15).
+    An `Interrupted` raised inside a destructor, where Python can only print it, is raised again instead."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield
         return
+    first: list[int] = []
 
     def handler(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
+        if first:  # the run is already stopping
+            return
+        first.append(signum)
         raise Interrupted(signum)
 
+    def unraisable(info):  # raised where nothing can catch it (a destructor): no traceback; send it again a
+        if isinstance(info.exc_value, Interrupted) and first:  # moment later, to arrive outside the destructor
+            threading.Timer(0.01, os.kill, args=(os.getpid(), first.pop())).start()
+        else:
+            previous_hook(info)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if first and h == signal.SIG_DFL else h)
 
 
 def _one_line(text: str) -> str:
@@ -704,11 +729,6 @@ def _route_warnings(fallback):
             fallback(message, category, filename, lineno, file, line)
 
     return show
-
-
-def _one_line(text: str) -> str:
-    """Control characters a file put into a message (a forged name, say) are escaped: one line stays one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _parse_error_line(exc: typer.TyperException) -> str:
@@ -766,9 +786,12 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
             if debug:
                 raise
             return exit_code_for(exc), f"modelzip: error: {_one_line(exc.line())}"
-        except Exception as exc:  # a bug: say so in one line
+        except Exception as exc:  # a condition of the machine (a full disk, …), else a bug: one line
             if debug:
                 raise
+            condition = os_condition(exc)
+            if condition is not None:
+                return exit_code_for(exc), f"modelzip: error: {_one_line(condition.line())}"
             detail = _one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
             return INTERNAL_ERROR, (f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; "
                                     "rerun with MODELZIP_DEBUG=1 for the traceback and report it)")

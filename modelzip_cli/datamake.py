@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from modelzip_cli.errors import InputError, UsageError
-from modelzip_cli.files import atomic_write, check_output
+from modelzip_cli.files import Outputs, Target, check_targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_LENGTH = 1 << 17  # tokens per sample: beyond any model's context (the tokenizer aborts on far larger)
+MAX_SIZE = 4096  # image side in pixels (one 4096² image is 200 MB of float32)
 
 
 @dataclass
@@ -30,22 +32,19 @@ class Written:
     classes: list[str] | None = None
 
 
-def outputs_for(output: Path, split: float | None, force: bool) -> list[Path]:
+def outputs_for(output: Path, split: float | None, force: bool, inputs: list[Path]) -> list[Path]:
     """`d.safetensors`, or with --split the pair `d.train.safetensors` and `d.test.safetensors`; checked
-    before any work."""
+    before any work against the inputs (the corpus, the tokenizer's folder, the image folder)."""
     if split is not None and not 0 < split < 1:
         raise UsageError(f"--split is the training fraction, in (0, 1), got {split}")
     paths = [output] if split is None else [output.with_name(f"{output.stem}.{part}{output.suffix}")
                                            for part in ("train", "test")]
-    for path in paths:
-        check_output(path, inputs=[], force=force, suffixes=(".safetensors",))
+    roles = ["output"] if split is None else ["training output", "test output"]
+    check_targets([Target(role, path, (".safetensors",)) for role, path in zip(roles, paths, strict=True)],
+                  inputs=inputs, force=force)
     return paths
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def _split(tensors: dict[str, torch.Tensor], labels: torch.Tensor | None, fraction: float,
@@ -68,17 +67,22 @@ def _split(tensors: dict[str, torch.Tensor], labels: torch.Tensor | None, fracti
 
 def _write(tensors: dict[str, torch.Tensor], paths: list[Path], split: float | None, seed: int,
            labels: torch.Tensor | None = None) -> list[int]:
+    from safetensors.torch import save_file
+
     parts = [tensors] if split is None else _split(tensors, labels, split, seed)
-    for part, path in zip(parts, paths, strict=True):
-        _save(part, path)
+    with Outputs() as staged:  # both halves of a split, or neither
+        for part, path in zip(parts, paths, strict=True):
+            staged.write(path, lambda tmp, part=part: save_file({k: v.contiguous() for k, v in part.items()},
+                                                                str(tmp)))
+        staged.commit()
     return [next(iter(p.values())).shape[0] for p in parts]
 
 
 def text(corpus: Path, tokenizer_dir: Path, output: Path, *, max_length: int = 128, split: float | None = None,
          seed: int = 0, force: bool = False) -> Written:
-    if max_length < 2:
-        raise UsageError(f"--max-length must be ≥ 2, got {max_length}")
-    paths = outputs_for(output, split, force)
+    if not 2 <= max_length <= MAX_LENGTH:
+        raise UsageError(f"--max-length must be in [2, {MAX_LENGTH}], got {max_length}")
+    paths = outputs_for(output, split, force, [corpus, tokenizer_dir])
     if not corpus.is_file():
         raise InputError(f"text file {corpus}: no such file", hint="one sample per line")
     try:
@@ -110,11 +114,11 @@ def load_tokenizer(path: Path):
 def images(folder: Path, output: Path, *, size: int = 224, mean: tuple[float, ...] = IMAGENET_MEAN,
            std: tuple[float, ...] = IMAGENET_STD, split: float | None = None, seed: int = 0,
            force: bool = False) -> Written:
-    if size < 1:
-        raise UsageError(f"--size must be ≥ 1, got {size}")
+    if not 1 <= size <= MAX_SIZE:
+        raise UsageError(f"--size must be in [1, {MAX_SIZE}] pixels, got {size}")
     if len(mean) != 3 or len(std) != 3 or any(not s > 0 for s in std):
         raise UsageError("--mean and --std take three numbers each (R,G,B), std > 0")
-    paths = outputs_for(output, split, force)
+    paths = outputs_for(output, split, force, [folder])
     if not folder.is_dir():
         raise InputError(f"image folder {folder}: no such folder", hint="one subfolder per class")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())

@@ -6,6 +6,9 @@ says what is wrong and what to do (the hint). Exit codes are documented in READM
 
 from __future__ import annotations
 
+import errno
+import re
+
 INTERNAL_ERROR = 3  # anything that is not a ModelzipError is a bug
 
 
@@ -69,8 +72,43 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
 
 
+# Conditions of the machine, not bugs: exit 2 with one line (a failed run has written nothing).
+OS_CONDITIONS = {
+    errno.ENOSPC: ("no space left on device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.ENAMETOOLONG: ("file name too long", "use a shorter name or path"),
+    errno.EACCES: ("permission denied", "choose a file and folder you may read or write"),
+    errno.EPERM: ("operation not permitted", "choose a file and folder you may read or write"),
+    errno.EROFS: ("read-only file system", "write elsewhere"),
+}
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of an OSError, or the one a library's message carries (safetensors says "os error 28")."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in OS_CONDITIONS:
+            return e.errno
+        found = re.search(r"(?:os error|errno) (\d+)", str(e or ""), re.IGNORECASE)
+        if e is not None and found and int(found.group(1)) in OS_CONDITIONS:
+            return int(found.group(1))
+    return None
+
+
+def os_condition(exc: BaseException) -> UsageError | None:
+    """A full disk, a name too long, a permission or a read-only file system as one usage line; else None."""
+    code = _errno_of(exc)
+    if code is None:
+        return None
+    what, hint = OS_CONDITIONS[code]
+    where = next((e.filename for e in (exc, exc.__cause__, exc.__context__)
+                  if isinstance(e, OSError) and e.filename), None)
+    return UsageError(f"{what}{f': {where}' if where else ''}; nothing was written", hint=hint)
+
+
 def exit_code_for(exc: BaseException) -> int:
-    """The one mapping from exception to exit code: 1 gate, 2 usage/input, 3 a bug."""
+    """The one mapping from exception to exit code: 1 gate, 2 usage/input (and conditions of the machine:
+    a full disk, …), 3 a bug."""
     if isinstance(exc, ModelzipError | Interrupted):
         return exc.exit_code
-    return INTERNAL_ERROR
+    condition = os_condition(exc)
+    return condition.exit_code if condition is not None else INTERNAL_ERROR

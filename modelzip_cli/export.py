@@ -40,13 +40,13 @@ from modelzip_cli.checkpoint import Loaded
 from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.edits import WeightOnlyLinear, replace_module
 from modelzip_cli.errors import InputError, UsageError, first_line
-from modelzip_cli.files import Outputs, check_distinct, check_output
+from modelzip_cli.files import Outputs, Target, check_targets
 from modelzip_cli.format import Manifest
 from modelzip_cli.hf import HFModel
 from modelzip_cli.measure import count_parameters, fidelity, model_metrics, outputs_class_logits, predict
 from modelzip_cli.onnxrun import EXTRA_HINT, META_CLASS_LOGITS, OnnxModel, require_onnx
 from modelzip_cli.report import Report, Step, file_info
-from modelzip_cli.runner import CommonOptions, _gate, load_dataset, load_input
+from modelzip_cli.runner import CommonOptions, _gate, default_report, load_dataset, load_input
 
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
 DEFAULT_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes; ONNX Runtime 1.17 on runs it
@@ -94,9 +94,9 @@ class ExportConfig(BaseModel):
 
 
 def default_output(path: Path, fmt: str) -> Path:
-    """model.safetensors → model.onnx beside it (a model directory: DIR.onnx beside the directory)."""
-    base = path.name if path.is_dir() else path.stem
-    return path.with_name(base + SUFFIXES[fmt])
+    """model.safetensors → model.onnx beside it; a model directory DIR → DIR.onnx in the current directory
+    (never beside a packaged model, in site-packages)."""
+    return Path(path.resolve().name + SUFFIXES[fmt]) if path.is_dir() else path.with_name(path.stem + SUFFIXES[fmt])
 
 
 def check_output_suffix(output: Path, fmt: str) -> None:
@@ -462,7 +462,8 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
         if way != "ort":
             write_onnx(program, cfg, tmp, class_logits=class_logits, n_args=len(args))
             return
-        with tempfile.TemporaryDirectory(dir=output.parent) as folder:
+        # in the staging folder (files.Outputs): what a killed run leaves there goes with it
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as folder:
             float_path = Path(folder) / "float.onnx"
             write_onnx(program, cfg, float_path, class_logits=class_logits, n_args=len(args))
             with _quiet_exporter():
@@ -545,13 +546,11 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
     cfg.check_available()
     output = opts.output or default_output(path, cfg.format)
     check_output_suffix(output, cfg.format)
-    report_path = opts.report or output.with_suffix(".json")
+    report_path = opts.report or default_report(output)
     if (opts.max_accuracy_drop is not None or opts.min_fidelity is not None) and opts.eval_data is None:
         raise UsageError("--max-accuracy-drop and --min-fidelity need --eval-data to measure on")
-    inputs = [path, *(p for p in (opts.eval_data, calib_data) if p is not None)]
-    check_distinct({"output": output, "report": report_path})
-    check_output(output, inputs=inputs, force=opts.force, suffixes=(SUFFIXES[cfg.format],))
-    check_output(report_path, inputs=inputs, force=opts.force, suffixes=(".json",), role="report")
+    check_targets([Target("output", output, (SUFFIXES[cfg.format],)), Target("report", report_path, (".json",))],
+                  inputs=[path, opts.eval_data, calib_data], force=opts.force)
     with Outputs() as staged:
         loaded = load_input(path, opts)
         eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
@@ -567,6 +566,7 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
         report.summary = {"format": cfg.format, "int8": written.step.after["int8"],
                           "max_abs_diff": report.metrics["output"]["fidelity"]["max_abs_diff"],
                           "cosine_min": report.metrics["output"]["fidelity"]["cosine_min"]}
+        report.report_path = str(report_path)
         staged.write(report_path, lambda tmp: tmp.write_text(report.to_json()))
         staged.commit()
     return report

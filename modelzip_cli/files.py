@@ -1,20 +1,34 @@
 """Files on disk: readable-input checks, output checks made before any work, and atomic writes.
 
-Every file modelzip writes (checkpoint, report, intermediates, plot) is written to a temporary file in
-its folder, flushed and fsynced, then renamed over the target. A run stages all its files (`Outputs`)
-and renames them only once everything succeeded: a run that fails or is interrupted leaves nothing,
-and a temporary left by a killed run is removed by the next write to the same target.
+The output-path policy, one for every command: each file a run writes (checkpoint, report, plot, plan,
+intermediate, export, data file) is a `Target`, and `check_targets` checks them all before any work:
+never an input of the run nor a file inside an input folder (a Hugging Face directory), never two
+targets on one file, an existing file only with --force, a name the file system takes, a folder that
+exists and is writable. A path that a file names (a recipe's export `output`) is `confined` to the
+folder the user chose for the run's output: a file never chooses where modelzip writes.
+
+Every file is written inside a staging folder beside its target (`.NAME.PID.tmp/NAME`), flushed and
+fsynced, then renamed over the target. Writers that make their own temporaries (safetensors does, beside
+the file it writes) make them inside that folder too. A run stages all its files (`Outputs`) and renames
+them only once everything succeeded: a run that fails or is interrupted leaves nothing, and a staging
+folder left by a killed run is removed by the next write to the same target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
+import hashlib
 import os
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from modelzip_cli.errors import InputError, OutputError
+from modelzip_cli.errors import InputError, ModelzipError, OutputError
+
+NAME_MAX = 255  # bytes in one file name on every file system modelzip writes to (ext4, xfs, btrfs, tmpfs, APFS)
 
 
 def check_readable(path: Path, suffixes: tuple[str, ...], what: str = "checkpoint") -> None:
@@ -47,10 +61,50 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it, symlinks resolved (a file in an input model directory)."""
+    try:
+        return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file a run writes: its role (in messages), its path, and the suffixes it may have.
+    `folder_may_be_made`: the run creates the folder (--keep-intermediate)."""
+
+    role: str
+    path: Path
+    suffixes: tuple[str, ...]
+    folder_may_be_made: bool = False
+
+
+def check_targets(targets: list[Target], *, inputs: list[Path | None], force: bool) -> None:
+    """The output-path policy (module docstring): every file the run writes, checked against every input
+    and against each other, before any work, so that a bad path costs nothing and writes nothing."""
+    check_distinct({t.role: t.path for t in targets})
+    for t in targets:
+        check_output(t.path, inputs=[p for p in inputs if p is not None], force=force, suffixes=t.suffixes,
+                     role=t.role, folder_may_be_made=t.folder_may_be_made)
+
+
+def confined(name: str, folder: Path, what: str) -> Path:
+    """`name`, a relative path that a file (a recipe) gives for an output, placed in `folder`, the folder
+    of the output the user named; a path that leaves it (absolute, `..`, a symlink out) is refused."""
+    relative = Path(name)
+    path = folder / relative
+    escapes = "\0" in name or not name.strip() or relative.is_absolute() or ".." in relative.parts
+    if escapes or not path.resolve().is_relative_to(folder.resolve()):
+        raise OutputError(f"{what} {name!r} is outside the run's output folder {folder}; a file never chooses "
+                          "where modelzip writes", hint="give a plain file name, or pass the path on the command line")
+    return path
+
+
 def check_output(output: Path, *, inputs: list[Path], force: bool, suffixes: tuple[str, ...],
                  role: str = "output", folder_may_be_made: bool = False) -> None:
-    """Refuse an output that would clobber an input of the run or an existing file, or that cannot be
-    written. `folder_may_be_made`: the run creates the folder (--keep-intermediate).
+    """Refuse an output that would clobber an input of the run (or a file inside an input folder) or an
+    existing file, or that cannot be written. `folder_may_be_made`: the run creates the folder.
 
     Called before any work so that a bad output path costs nothing and writes nothing.
     """
@@ -58,6 +112,12 @@ def check_output(output: Path, *, inputs: list[Path], force: bool, suffixes: tup
         if same_file(output, inp):
             raise OutputError(f"{role} {output} is an input of this run ({inp}); modelzip never modifies its inputs",
                               hint="write it somewhere else")
+        if inside(output, inp):
+            raise OutputError(f"{role} {output} is inside the input folder {inp}; modelzip never modifies its "
+                              "inputs", hint="write it outside that folder")
+    if len(os.fsencode(output.name)) > NAME_MAX:
+        raise OutputError(f"{role} name is {len(os.fsencode(output.name))} bytes long, more than the "
+                          f"{NAME_MAX} a file system takes: {output.name[:40]}…", hint="use a shorter name")
     if output.suffix not in suffixes:
         raise OutputError(f"{role} {output}: unknown suffix {output.suffix!r}", hint="use " + " or ".join(suffixes))
     if output.is_dir():
@@ -88,9 +148,22 @@ def check_distinct(paths: dict[str, Path]) -> None:
         seen[key] = role
 
 
+def _stage_prefix(path: Path) -> str:
+    """`.NAME.`, or for a long name a shortened one with a hash: the staging folder's name always fits."""
+    name = path.name
+    if len(os.fsencode(name)) > 200:  # 40 characters are at most 160 bytes
+        name = f"{name[:40]}~{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}"
+    return f".{name}."
+
+
+def staging_folder(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: a folder beside it, named after this
+    process, that holds the file under its own name (and any temporary its writer makes)."""
+    return path.parent / f"{_stage_prefix(path)}{os.getpid()}.tmp"
+
+
 def temporary_path(path: Path) -> Path:
-    """Where `path` is written before it is renamed into place: beside it, named after this process."""
-    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+    return staging_folder(path) / path.name
 
 
 def _alive(pid: int) -> bool:
@@ -103,14 +176,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def remove_stale_temporaries(path: Path) -> None:
-    """Remove temporaries of `path` left by runs that were killed (their process no longer exists)."""
-    prefix = f".{path.name}."
+    """Remove staging folders (and temporary files, as older versions wrote them) of `path` left by runs
+    that were killed (their process no longer exists)."""
+    prefix = _stage_prefix(path)
     for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
         pid = tmp.name[len(prefix):-len(".tmp")]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            _remove(tmp)
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether `folder`'s file system is (nearly) out of space: a writer that failed there (torch.save says
+    only "unexpected pos") most likely ran out of it."""
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 class Outputs:
@@ -142,9 +232,17 @@ class Outputs:
         remove_stale_temporaries(path)
         tmp = temporary_path(path)
         self._staged[path] = tmp  # before writing: a write that fails half-way is discarded too
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if tmp.parent.exists() or tmp.parent.is_symlink():  # left by a dead process of this pid, or planted (a link)
+            _remove(tmp.parent)
+        tmp.parent.mkdir()
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as exc:
+            if not isinstance(exc, OSError | ModelzipError) and _disk_full(path.parent):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+            raise
         return tmp
 
     def staged(self, path: Path) -> Path:
@@ -157,6 +255,7 @@ class Outputs:
         for path, tmp in self._staged.items():
             os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file would be, whatever the writer chose
             os.replace(tmp, path)
+            _remove(tmp.parent)
         for folder in {path.parent for path in self._staged}:
             dir_fd = os.open(folder, os.O_RDONLY)
             try:
@@ -168,8 +267,7 @@ class Outputs:
 
     def discard(self) -> None:
         for tmp in self._staged.values():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            _remove(tmp.parent)
         self._staged.clear()
         for folder in reversed(self._made):
             with contextlib.suppress(OSError):
@@ -185,4 +283,4 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -109,9 +109,41 @@ def _layers_from_header(infos: list[TensorInfo]) -> list[dict]:
     return rows
 
 
+def _directory_header(path: Path) -> tuple[list[TensorInfo], str, str | None]:
+    """A Hugging Face model directory: every tensor of its weight files (shards too), read from their
+    headers, its format and the architecture its config names. Files linked from outside it are not read."""
+    if not (path / "config.json").is_file():  # (hf.is_model_dir, without importing torch)
+        raise InputError(f"{path} is a directory but not a Hugging Face model (no config.json)",
+                         hint="pass a checkpoint file or a model directory")
+    root = path.resolve()
+    files = [f for pattern in ("*.safetensors", "pytorch_model*.bin")
+             for f in sorted(path.glob(pattern)) if f.is_file() and f.resolve().is_relative_to(root)]
+    files = [f for f in files if f.suffix == files[0].suffix] if files else []
+    if not files:
+        raise InputError(f"{path}: no weights (model.safetensors, shards, or pytorch_model.bin)",
+                         hint="pass a complete model directory")
+    infos = [info for f in files for info in read_header(f)[0]]
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path / 'config.json'} is not readable JSON ({exc})") from None
+    names = config.get("architectures") if isinstance(config, dict) else None
+    arch = f"hf:{names[0]}" if isinstance(names, list) and names and isinstance(names[0], str) else "hf:"
+    shards = f", {len(files)} files" if len(files) > 1 else ""
+    return infos, f"Hugging Face directory ({files[0].suffix.lstrip('.')}{shards})", arch
+
+
 def inspect_checkpoint(path: Path, *, trust_code: bool = False, hash_file: bool = False) -> Report:
-    infos, manifest = read_header(path, trust_code=trust_code)
     report = Report(command="inspect")
+    if path.is_dir():  # a Hugging Face model directory, from its files' headers
+        infos, fmt, arch = _directory_header(path)
+        layers = _layers_from_header(infos)
+        params = sum(row.get("params") or 0 for row in layers)
+        report.input = file_info(path, params, hash_file=hash_file)
+        report.model = {"format": fmt, "arch": arch, "arch_kwargs": {}, "input_shape": None, "parameters": params,
+                        "edits": [], "layers": layers}
+        return report
+    infos, manifest = read_header(path, trust_code=trust_code)
     if manifest is not None and manifest.layers is not None:
         layers = [row.model_dump() for row in manifest.layers]
         fmt = f"modelzip {path.suffix.lstrip('.')} v{manifest.format_version}"

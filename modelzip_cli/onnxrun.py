@@ -36,7 +36,9 @@ def require_onnx(what: str = "ONNX export and ONNX models"):
     except ImportError as exc:
         raise UsageError(f"{what} need the onnx and onnxruntime packages ({exc.name} is missing)",
                          hint=EXTRA_HINT) from None
-    onnxruntime.set_default_logger_severity(3)  # errors only: its warnings would break one-line output
+    # fatal only: its warnings, and its errors (several lines, in colour, before the exception that carries
+    # the same message), would break one-line output
+    onnxruntime.set_default_logger_severity(4)
     return onnx, onnxruntime
 
 
@@ -67,13 +69,15 @@ class OnnxModel(nn.Module):
         # parameters, for the report: the graph's stored tensors of more than one value (weights, biases)
         self._initializers = {t.name: tuple(t.dims) for t in proto.graph.initializer if np.prod(t.dims) > 1}
         self._sessions = {1: session}
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4  # (see require_onnx)
 
     def _session(self, threads: int):
         _, ort = require_onnx()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # (see require_onnx)
         return ort.InferenceSession(self._bytes, options, providers=["CPUExecutionProvider"])
 
     def session(self):
@@ -113,7 +117,7 @@ class OnnxModel(nn.Module):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            out = self.session().run([self.output_name], self.feeds(x))[0]
+            out = self.session().run([self.output_name], self.feeds(x), self._run_options)[0]
         except Exception as exc:  # a shape the graph does not take, say
             raise InputError(f"{self.path}: ONNX Runtime cannot run it on input of shape {list(x.shape)} "
                              f"({first_line(exc, 200)})", hint="pass data made for this model") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelzip_cli.errors import UsageError
+from modelzip_cli.files import Outputs
 
 
 def require_matplotlib() -> None:
@@ -43,7 +44,7 @@ def plot_history(step_after: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sensitivity(rows: list[dict], path: Path) -> None:
+def plot_sensitivity(rows: list[dict], path: Path, outputs: Outputs | None = None) -> None:
     """`analyze --plot`: layers × candidates, coloured by the loss of compressing that layer alone (log)."""
     import matplotlib
 
@@ -73,5 +74,8 @@ def plot_sensitivity(rows: list[dict], path: Path) -> None:
     fig.colorbar(im, ax=ax, label="loss of that layer alone (log)")
     ax.set_title("per-layer sensitivity")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    if outputs is not None:  # staged with the run's other files
+        outputs.write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    else:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

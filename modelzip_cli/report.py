@@ -40,6 +40,7 @@ class Report:
     gate: dict | None = None  # --max-accuracy-drop: limit, measured drop, passed
     runtime: dict | None = None  # device, world_size (torchrun processes) and backend of the run
     warnings: list[str] = field(default_factory=list)
+    report_path: str | None = None  # where this report is written (the summary's last line names it)
     schema_version: int = SCHEMA_VERSION
     tool_version: str = __version__
 
@@ -167,6 +168,8 @@ def render(report: Report, console) -> None:
         console.print(f"quality gate: {', '.join(parts)} {status}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+    if report.report_path:
+        console.print(f"report: {report.report_path}", markup=False, highlight=False)
 
 
 def _render_analysis(step: Step, console) -> None:

@@ -21,7 +21,7 @@ from modelzip_cli.context import Context, null_progress
 from modelzip_cli.data import Dataset, as_model_input, check_fits, float_dtype, load_data
 from modelzip_cli.edits import to_dtype
 from modelzip_cli.errors import InputError, UsageError, first_line
-from modelzip_cli.files import Outputs, check_distinct, check_output
+from modelzip_cli.files import Outputs, Target, check_targets
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.measure import (
     count_parameters,
@@ -66,18 +66,25 @@ def output_tag(command: str) -> str:
 
 
 def default_output(input_path: Path, command: str) -> Path:
-    """model.pt → model.pruned.pt, beside the input."""
+    """model.pt → model.pruned.pt, beside the input. A model directory DIR → DIR.pruned.safetensors in the
+    current directory: never inside the input folder, nor beside it (in site-packages, say)."""
+    if input_path.is_dir():
+        return Path(f"{input_path.resolve().name}.{output_tag(command)}.safetensors")
     return input_path.with_name(f"{input_path.stem}.{output_tag(command)}{input_path.suffix}")
 
 
+def default_report(output: Path) -> Path:
+    """The output's path + .json (model.pruned.pt.json): never the report of the input (model.json)."""
+    return output.with_name(output.name + ".json")
+
+
 def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions,
-                    extra_outputs: dict[str, Path] | None = None) -> tuple[Path, Path]:
-    """The output and report paths, every output checked against every input of the run (symlinks
-    resolved), against each other, and against existing files (--force) before any work.
-    `extra_outputs`: role → path of other files the run writes (chain intermediates)."""
+                    extra_outputs: list[Target] = ()) -> tuple[Path, Path]:
+    """The output and report paths, every file the run writes checked by the one output-path policy
+    (`files.check_targets`) before any work. `extra_outputs`: other files the run writes (chain
+    intermediates, a recipe's export)."""
     output = opts.output or default_output(input_paths[0], command)
-    report = opts.report or output.with_suffix(".json")
-    extra_outputs = extra_outputs or {}
+    report = opts.report or default_report(output)
     if opts.max_accuracy_drop is not None and opts.eval_data is None:
         raise UsageError("--max-accuracy-drop needs --eval-data to measure the drop")
     if opts.max_accuracy_drop is not None and not opts.max_accuracy_drop >= 0:  # NaN fails too
@@ -86,12 +93,8 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions,
         raise UsageError("--min-fidelity needs --eval-data to measure fidelity on")
     if opts.min_fidelity is not None and not -1 <= opts.min_fidelity <= 1:
         raise UsageError(f"--min-fidelity is a cosine in [-1, 1], got {opts.min_fidelity}")
-    check_distinct({"output": output, "report": report, **extra_outputs})
-    check_output(output, inputs=input_paths, force=opts.force, suffixes=OUTPUT_SUFFIXES)
-    check_output(report, inputs=input_paths, force=opts.force, suffixes=(".json",), role="report")
-    for role, path in extra_outputs.items():
-        check_output(path, inputs=input_paths, force=opts.force, suffixes=OUTPUT_SUFFIXES, role=role,
-                     folder_may_be_made=True)
+    check_targets([Target("output", output, OUTPUT_SUFFIXES), Target("report", report, (".json",)),
+                   *extra_outputs], inputs=input_paths, force=opts.force)
     return output, report
 
 
@@ -197,7 +200,7 @@ def run_technique(cfg: MethodConfig, model: Path, opts: CommonOptions, *, files:
 def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Apply, *, ops: list[str] = (),
                   context: Context | None = None, prepare: Callable[[Loaded, Context], None] | None = None,
                   extra_inputs: list[Path] = (), gzip_output: bool = False, outputs: Outputs | None = None,
-                  extra_outputs: dict[str, Path] | None = None) -> Report | None:
+                  extra_outputs: list[Target] = ()) -> Report | None:
     """Run one transforming command end to end. `apply` mutates `loaded` (model and manifest).
     `extra_inputs`: every other file the run reads (data, recipe, student), which no output may be.
     Every file is staged in `outputs` and renamed into place only when the whole run has succeeded: an
@@ -251,6 +254,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             _latency_warnings(report)
             _gate(report, opts)
         report.summary = final_comparison(report)
+        report.report_path = str(report_path)
         staged.write(report_path, lambda tmp: tmp.write_text(report.to_json()))
         staged.commit()
     return report

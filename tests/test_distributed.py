@@ -178,7 +178,7 @@ def test_two_processes_distill_then_prune_like_one(cli, tmp_path):
             assert [r[name] for r in h2] == pytest.approx([r[name] for r in h1], rel=1e-4)
     assert two["output"]["parameters"] == one.json["output"]["parameters"]
     assert abs(accuracy(tmp_path / "one.safetensors") - accuracy(out / "small.safetensors")) * 100 <= 0.5
-    assert files_in(out) == ["small.json", "small.safetensors", "steps"]  # rank 0 alone wrote
+    assert files_in(out) == ["small.safetensors", "small.safetensors.json", "steps"]  # rank 0 alone wrote
     assert files_in(out / "steps") == ["step1_distill.safetensors", "step2_prune.safetensors"]
     assert accuracy(out / "steps" / "step1_distill.safetensors") >= 0.9
 

@@ -62,7 +62,7 @@ def demo(tmp_path_factory):
 
 
 def test_chain_export_step_writes_a_verified_onnx_of_the_compressed_model(demo):
-    report = json.loads((demo / "compressed.json").read_text())
+    report = json.loads((demo / "compressed.safetensors.json").read_text())
     step = report["steps"][-1]
     assert step["op"] == "export" and step["after"]["int8"] == "qdq" and step["after"]["scheme"] == "static"
     assert (demo / "compressed.onnx").is_file()

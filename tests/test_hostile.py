@@ -607,7 +607,7 @@ def hook(event, args):
     if plan["when"] == "reading" and os.path.basename(path) == plan["name"] and not writing:
         fired.append(path)
         open(plan["marker"], "w").close()  # the run is under way: the test sends the signal
-    elif plan["when"] == "writing" and writing and os.path.dirname(path) == plan["folder"] \
+    elif plan["when"] == "writing" and writing and path.startswith(plan["folder"] + os.sep) \
             and plan["name"] in os.path.basename(path):
         fired.append(path)
         os.kill(os.getpid(), plan["signal"])  # arrives in the middle of writing an output
@@ -673,9 +673,9 @@ def test_signal_during_a_write_leaves_no_temporary(tmp_path, sig):
     assert proc.returncode == EXIT[sig], err
     assert [ln for ln in err.splitlines() if ln.strip()] == ["modelzip: interrupted"], err
     left = set(snapshot(work))
-    assert left <= {"result.safetensors", "result.json"}, f"left behind: {left}"
-    if "result.json" in left:
-        json.loads((work / "result.json").read_text())  # never half-written
+    assert left <= {"result.safetensors", "result.safetensors.json"}, f"left behind: {left}"
+    if "result.safetensors.json" in left:
+        json.loads((work / "result.safetensors.json").read_text())  # never half-written
     if "result.safetensors" in left:
         load_model(work / "result.safetensors")
 
@@ -687,14 +687,14 @@ def test_stale_temporary_of_a_killed_run_is_removed_by_the_next_write(tmp_path):
     proc = _hooked({"when": "writing", "folder": str(work), "name": "result", "signal": int(signal.SIGKILL)}, *argv)
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    stale = set(snapshot(work)) - {"result.safetensors", "result.json"}
+    stale = set(snapshot(work)) - {"result.safetensors", "result.safetensors.json"}
     assert stale, "the killed run left no temporary: the test did not kill it mid-write"
     done = subprocess.run([sys.executable, "-m", "modelzip_cli", *map(str, argv), "--force"], capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH",
                                                                                                        "")])})
     assert done.returncode == 0, done.stderr
-    assert set(snapshot(work)) == {"result.safetensors", "result.json"}
+    assert set(snapshot(work)) == {"result.safetensors", "result.safetensors.json"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -715,7 +715,7 @@ def test_default_output_of_a_pth_or_bin_input(cli, tmp_path, suffix):
     r = cli("prune", raw, "--arch", "zoo:mlp", "--ratio", "0.3", "-q")
     assert r.code == 0, r.stderr
     out = tmp_path / f"teacher.pruned{suffix}"
-    assert out.exists() and (tmp_path / "teacher.pruned.json").exists()
+    assert out.exists() and (tmp_path / f"teacher.pruned{suffix}.json").exists()
     torch.load(out, weights_only=True)  # a plain torch archive
     assert accuracy(out) >= 0.9
 

@@ -238,7 +238,7 @@ def test_output_equal_to_input_and_existing_output(cli, tmp_path):
     assert cli("prune", src, "--ratio", "0.5", "-o", src).code == 2
     assert src.read_bytes() == DIGITS_TEACHER.read_bytes()
     assert cli("prune", src, "--ratio", "0.5", "-q").code == 0  # default name m.pruned.safetensors
-    assert (tmp_path / "m.pruned.safetensors").exists() and (tmp_path / "m.pruned.json").exists()
+    assert (tmp_path / "m.pruned.safetensors").exists() and (tmp_path / "m.pruned.safetensors.json").exists()
     r = cli("prune", src, "--ratio", "0.5", "-q")
     assert r.code == 2 and "--force" in r.stderr
     assert cli("prune", src, "--ratio", "0.5", "-q", "--force").code == 0

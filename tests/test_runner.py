@@ -34,7 +34,7 @@ def test_transform_writes_checkpoint_and_report_and_keeps_input(tmp_path):
     report = run_transform("prune", DIGITS_TEACHER, CommonOptions(output=out, eval_data=DIGITS_TEST,
                                                                   max_accuracy_drop=0.0), identity)
     assert sha(DIGITS_TEACHER) == before
-    assert out.exists() and (tmp_path / "out.json").exists()
+    assert out.exists() and (tmp_path / "out.safetensors.json").exists()
     validate_report(report.to_dict())
     assert report.gate["passed"] and report.metrics["input"]["accuracy"] == report.metrics["output"]["accuracy"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
@@ -76,7 +76,7 @@ def test_an_output_error_is_exit_2_with_one_line_and_nothing_written(cli, tmp_pa
     out.write_bytes(b"precious")
     r = cli("prune", DIGITS_TEACHER, "--ratio", "0.5", "-o", out)
     assert r.code == 2 and "already exists" in one_line_error(r) and "--force" in r.stderr
-    assert out.read_bytes() == b"precious" and not (tmp_path / "o.json").exists()
+    assert out.read_bytes() == b"precious" and not (tmp_path / "o.safetensors.json").exists()
     with pytest.raises(OutputError):  # the library raises the domain error; the CLI maps it
         run_transform("prune", DIGITS_TEACHER, CommonOptions(output=out), identity)
 

@@ -73,7 +73,7 @@ class GradualConfig(_PruneConfig):
     method: ClassVar[str] = "gradual"
     granularity: Literal["unstructured", "structured"] = "unstructured"
     scope: Literal["global", "layer"] = "global"  # unstructured granularity only
-    steps: int = Field(5, ge=1)
+    steps: int = Field(5, ge=1, le=1000)  # (a billion steps never ends)
 
 
 class WandaConfig(_PruneConfig):
