@@ -45,8 +45,6 @@ def outputs_for(output: Path, split: float | None, force: bool, inputs: list[Pat
     return paths
 
 
-
-
 def _split(tensors: dict[str, torch.Tensor], labels: torch.Tensor | None, fraction: float,
            seed: int) -> list[dict[str, torch.Tensor]]:
     """A seeded split, stratified by label when there are labels: each class keeps `fraction` in train."""
@@ -67,9 +65,12 @@ def _split(tensors: dict[str, torch.Tensor], labels: torch.Tensor | None, fracti
 
 def _write(tensors: dict[str, torch.Tensor], paths: list[Path], split: float | None, seed: int,
            labels: torch.Tensor | None = None) -> list[int]:
+    return _write_parts([tensors] if split is None else _split(tensors, labels, split, seed), paths)
+
+
+def _write_parts(parts: list[dict[str, torch.Tensor]], paths: list[Path]) -> list[int]:
     from safetensors.torch import save_file
 
-    parts = [tensors] if split is None else _split(tensors, labels, split, seed)
     with Outputs() as staged:  # both halves of a split, or neither
         for part, path in zip(parts, paths, strict=True):
             staged.write(path, lambda tmp, part=part: save_file({k: v.contiguous() for k, v in part.items()},
@@ -213,26 +214,20 @@ def packed_text(corpus: Path, tokenizer_dir: Path, output: Path, *, max_length: 
                 split: float | None = None, seed: int = 0, force: bool = False) -> Written:
     """Language-model windows of `max_length` tokens from a corpus (module docstring). With `split`, the
     documents (never the windows of one document) are divided seeded between the two files."""
-    if max_length < 2:
-        raise UsageError(f"--max-length must be ≥ 2, got {max_length}")
-    paths = outputs_for(output, split, force)
+    if not 2 <= max_length <= MAX_LENGTH:
+        raise UsageError(f"--max-length must be in [2, {MAX_LENGTH}], got {max_length}")
+    paths = outputs_for(output, split, force, [corpus, tokenizer_dir])
     docs = documents(corpus)
     if not docs:
         raise InputError(f"corpus {corpus} has no text")
     tokenizer = load_tokenizer(tokenizer_dir)
     if split is None:
-        tensors = _windows(tokenizer, docs, max_length)
-        _save(tensors, paths[0])
-        return Written(paths, [tensors["inputs"].shape[0]], [max_length])
+        return Written(paths, _write_parts([_windows(tokenizer, docs, max_length)], paths), [max_length])
     if len(docs) < 2:
         raise InputError(f"--split divides documents, and corpus {corpus} is one document",
                          hint="pass a folder of files or a .jsonl file with one document per line")
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, min(len(docs) - 1, round(split * len(docs))))
-    counts = []
-    for part, path in zip((order[:cut], order[cut:]), paths, strict=True):
-        tensors = _windows(tokenizer, [docs[i] for i in sorted(part)], max_length)
-        _save(tensors, path)
-        counts.append(tensors["inputs"].shape[0])
-    return Written(paths, counts, [max_length])
+    parts = [_windows(tokenizer, [docs[i] for i in sorted(part)], max_length) for part in (order[:cut], order[cut:])]
+    return Written(paths, _write_parts(parts, paths), [max_length])
 
