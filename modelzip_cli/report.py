@@ -99,6 +99,14 @@ def _fmt_acc(m: dict) -> str:
     return f"{m['accuracy'] * 100:.2f}%" if "accuracy" in m else "-"
 
 
+def _fmt_latency(lat: dict, key: str) -> str:
+    """A median and, below it, its interquartile range: "0.540 (0.512–0.601)"."""
+    if key not in lat:
+        return "-"
+    iqr = lat.get(f"{key}_iqr")
+    return f"{lat[key]:.3f}" + (f" ({iqr[0]:.3f}–{iqr[1]:.3f})" if iqr else "")
+
+
 def _fmt_fidelity(f: dict | None) -> list[str]:
     if not f:
         return ["-", "-", "-"]
@@ -146,8 +154,15 @@ def render(report: Report, console) -> None:
             extra = _fmt_fidelity(m.get("fidelity")) if fidelity else []
             t.add_row(Path(label).name, _fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-",
                       f"{m.get('parameters', 0):,}", _fmt_bytes(m.get("bytes")),
-                      f"{lat.get('batch_1', 0):.3f}", f"{lat.get('batch_n', 0):.3f} (N={lat.get('n', '-')})", *extra)
+                      _fmt_latency(lat, "batch_1"), f"{_fmt_latency(lat, 'batch_n')} N={lat.get('n', '-')}", *extra)
         console.print(t)
+        rounds = {m.get("latency_ms", {}).get("rounds") for m in report.metrics.values()} - {None}
+        if rounds:
+            console.print(f"latency: median (interquartile range) over {min(rounds)} interleaved rounds")
+    if report.summary and "latency" in report.summary:
+        for label, claim in report.summary["latency"].items():
+            console.print(f"{Path(label).name} against {Path(report.summary['reference']).name}: "
+                          f"batch 1 {claim['batch_1']}, batch N {claim['batch_n']}")
     if report.summary and "compression_ratio" in report.summary:
         sm = report.summary
         drop = f", accuracy drop {sm['accuracy_drop']:.2f} pts" if "accuracy_drop" in sm else ""

@@ -7,6 +7,7 @@ output checks, before/after figures, quality gates and report writing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import time
 from collections.abc import Callable
@@ -27,11 +28,15 @@ from modelzip_cli.measure import (
     count_parameters,
     fidelity,
     gzip_bytes,
+    latencies,
+    latency_change,
     layer_table,
     model_figures,
     model_metrics,
+    noise_note,
     outputs_class_logits,
     predict,
+    timing_of,
 )
 from modelzip_cli.report import Report, Step, file_info
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs
@@ -227,11 +232,12 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             check_example(loaded, ctx.example_input)
         report = Report(command=command, warnings=list(loaded.notes))
         report.input = file_info(input_path, count_parameters(loaded.model))
-        reference = None
+        reference = original = None
         if eval_data is not None and distributed.is_main():
-            report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
+            report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
                                                     size_bytes=report.input["bytes"], device=ctx.device)
             reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
+            original = copy.deepcopy(loaded.model)  # timed beside the output, in the same rounds
         torch.manual_seed(opts.seed)
         report.steps = apply(loaded, ctx)
         if not distributed.is_main():  # rank 0 writes; the others' part was the training inside `apply`
@@ -244,8 +250,11 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         if gzip_output:
             report.output["gzip_bytes"] = gzip_bytes(written)
         if eval_data is not None:
-            report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
+            report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
                                                      size_bytes=report.output["bytes"], device=ctx.device)
+            report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"] = latencies(
+                [original, loaded.model], eval_data, threads=opts.threads, device=ctx.device)
+            del original
             report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
                                                             class_logits=outputs_class_logits(loaded.model))
             _latency_warnings(report)
@@ -271,13 +280,19 @@ def check_runs(loaded: Loaded, command: str) -> None:
 
 
 def _latency_warnings(report: Report) -> None:
-    """Say so when the "compressed" model is measurably slower."""
+    """Say so when the "compressed" model is slower by more than the spread of both timings; say once
+    when the machine was too noisy for the figures to mean much."""
     lat_in, lat_out = report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"]
+    noisy = noise_note([lat_in, lat_out])
+    if noisy:
+        report.warnings.append(noisy)
     for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {lat_out['n']}")):
-        before, after = lat_in[key], lat_out[key]
-        if after > before * 1.05:
-            report.warnings.append(f"the output is slower than the input at {label}: {after:.3f} ms vs "
-                                   f"{before:.3f} ms (median, {lat_out['threads']} threads)")
+        before, after = timing_of(lat_in, key), timing_of(lat_out, key)
+        if latency_change(before, after) == "slower":
+            report.warnings.append(f"the output is slower than the input at {label}: {after.median:.3f} ms "
+                                   f"(IQR {after.q1:.3f}–{after.q3:.3f}) vs {before.median:.3f} ms "
+                                   f"(IQR {before.q1:.3f}–{before.q3:.3f}), {after.rounds} interleaved rounds, "
+                                   f"{lat_out['threads']} threads")
 
 
 def _gate(report: Report, opts: CommonOptions) -> None:
