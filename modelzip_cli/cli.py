@@ -24,6 +24,7 @@ from modelzip_cli.errors import (
     InputError,
     Interrupted,
     ModelzipError,
+    QualityGateFailed,
     UsageError,
     exit_code_for,
     first_line,
@@ -34,8 +35,10 @@ if TYPE_CHECKING:
     from modelzip_cli.report import Report
     from modelzip_cli.runner import CommonOptions
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make PyTorch models smaller and faster from the shell.")
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # -h as --help, in every command and sub-command
+# add_completion: --install-completion / --show-completion (bash, zsh, fish, PowerShell) on the root command
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings=HELP_OPTIONS, help="Make PyTorch models smaller and faster from the shell.")
 
 # --------------------------------------------------------------------------------------------------
 # Options shared by commands, declared once each and attached by `command(...)` (README, "Commands")
@@ -587,7 +590,8 @@ def export(
     emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size), shared)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Make data files: token ids from text, tensors from images.")
+data_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
+                       help="Make data files: token ids from text, tensors from images.")
 app.add_typer(data_app, name="data")
 DataOutput = Annotated[Path, typer.Option("--output", "-o", help="the data file (.safetensors)")]
 Split = Annotated[float | None, typer.Option("--split", help="training fraction: writes OUT.train and OUT.test "
@@ -691,13 +695,6 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _parse_error_line(exc: typer.TyperException) -> str:
-    """Typer's parse errors as one line: the message, and where the command's help is."""
-    text = " ".join(exc.format_message().split())
-    ctx = getattr(exc, "ctx", None)
-    return text + (f" (see '{ctx.command_path} --help')" if ctx is not None else "")
-
-
 @functools.cache
 def _click_command():
     """The Click command Typer builds from `app`, built once: reading every command's signature costs more
@@ -730,6 +727,7 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
             warnings.simplefilter("ignore")
         warnings.simplefilter("always", CodeRanWarning)
         warnings.showwarning = _route_warnings(warnings.showwarning)
+        fail = functools.partial(_failure, as_json="--json" in args)
         try:
             with _signals_interrupt():
                 code = _click_command().main(args=args, prog_name="modelzip", standalone_mode=False)
@@ -737,21 +735,38 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
         except SystemExit as exc:
             return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)), None
         except Interrupted as exc:
-            return exit_code_for(exc), "modelzip: interrupted"
+            return fail(exit_code_for(exc), "interrupted", kind=None)
         except (KeyboardInterrupt, typer.Abort):  # outside the main thread; end of input at a prompt
-            return 130, "modelzip: interrupted"
+            return fail(130, "interrupted", kind=None)
         except typer.TyperException as exc:  # a parse error: one line, as every other error
-            return getattr(exc, "exit_code", 2), f"modelzip: error: {_one_line(_parse_error_line(exc))}"
-        except ModelzipError as exc:
+            ctx = getattr(exc, "ctx", None)
+            return fail(getattr(exc, "exit_code", 2), " ".join(exc.format_message().split()),
+                        f"see '{ctx.command_path} --help'" if ctx is not None else None)
+        except QualityGateFailed as exc:  # under --json the report on stdout already says why (its gate)
             if debug:
                 raise
             return exit_code_for(exc), f"modelzip: error: {_one_line(exc.line())}"
+        except ModelzipError as exc:
+            if debug:
+                raise
+            return fail(exit_code_for(exc), exc.message, exc.hint)
         except Exception as exc:  # a bug: say so in one line
             if debug:
                 raise
             detail = _one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
-            return INTERNAL_ERROR, (f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; "
-                                    "rerun with MODELZIP_DEBUG=1 for the traceback and report it)")
+            return fail(INTERNAL_ERROR, f"{type(exc).__name__}: {detail}", "this is a bug; rerun with "
+                        "MODELZIP_DEBUG=1 for the traceback and report it", kind="internal error")
+
+
+def _failure(code: int, error: str, hint: str | None = None, *, kind: str | None = "error",
+             as_json: bool = False) -> tuple[int, str]:
+    """The exit code and the one line for stderr; with --json also one JSON object on stdout (error, hint,
+    exit_code), so that a script reading stdout learns why as well as that."""
+    if as_json:
+        sys.stdout.write(json.dumps({"error": error, "hint": hint, "exit_code": code}) + "\n")
+        sys.stdout.flush()
+    text = error + (f" ({hint})" if hint else "")
+    return code, f"modelzip: {kind}: {_one_line(text)}" if kind else f"modelzip: {text}"
 
 
 def main() -> None:
