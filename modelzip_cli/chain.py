@@ -217,13 +217,15 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
     return rows
 
 
-def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
-    """The plan as a report (one schema for every command): each step's selected and skipped modules."""
+def dry_run_report(input_path: Path, steps: list[RecipeStep], opts, data: Path | None = None):
+    """The plan as a report (one schema for every command): each step's selected and skipped modules. A
+    model with no recorded input shape learns it from `data` (or --eval-data), as a real run would."""
     from modelzip_cli.measure import count_parameters
     from modelzip_cli.report import Report, Step, file_info
-    from modelzip_cli.runner import check_example, load_input
+    from modelzip_cli.runner import check_example, load_dataset, load_input
 
     loaded = load_input(input_path, opts)
+    load_dataset(data or opts.eval_data, loaded, require_targets=False)
     if loaded.manifest.input_shape:
         check_example(loaded, loaded.manifest.example_input())
     report = Report(command="chain", input=file_info(input_path, count_parameters(loaded.model)),

@@ -488,7 +488,7 @@ def student_from(student: str | None, kwargs: dict | None, config: Path | None) 
 @command(TRANSFORM_OPTIONS)
 def chain(
     model: Input,
-    recipe: Annotated[Path, typer.Option("--recipe", help="TOML or JSON recipe: [[steps]] with op and options")],
+    recipe: Annotated[Path, typer.Option("--recipe", help="TOML or JSON recipe: \\[\\[steps]] with op and options")],
     data: Annotated[Path | None, typer.Option("--data", help="training data for steps that train or calibrate")] = None,
     keep_intermediate: Annotated[Path | None, typer.Option("--keep-intermediate",
                                                            help="also write each step's checkpoint here")] = None,
@@ -502,7 +502,7 @@ def chain(
     check_data_needs_all(steps, data)
     opts = common_options(shared)
     if dry_run:
-        emit(dry_run_report(model, steps, opts), shared)
+        emit(dry_run_report(model, steps, opts, data=data), shared)
         return
     emit(run_chain(model, steps, opts, data=data, recipe=recipe, progress=progress_factory(shared.quiet),
                    keep_intermediate=keep_intermediate), shared)

@@ -99,6 +99,23 @@ def _fmt_acc(m: dict) -> str:
     return f"{m['accuracy'] * 100:.2f}%" if "accuracy" in m else "-"
 
 
+CONFIG_LIST_ITEMS = 4  # a longer list (37 layer names) is shown as its length; the report has it whole
+
+
+def _fmt_config(config: dict) -> str:
+    """A step's options on one line, whole: `key=value` for each option set, a long list as its length."""
+    parts = []
+    for key, value in config.items():
+        if value is None or value is False or value == [] or value == {}:
+            continue
+        if isinstance(value, list | tuple | dict) and len(value) > CONFIG_LIST_ITEMS:
+            value = f"<{len(value)} {'keys' if isinstance(value, dict) else 'items'}>"
+        elif isinstance(value, dict | list | tuple):
+            value = json.dumps(value, default=str, separators=(",", ":"))
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
 def _fmt_latency(lat: dict, key: str) -> str:
     """A median and, below it, its interquartile range: "0.540 (0.512–0.601)"."""
     if key not in lat:
@@ -116,6 +133,7 @@ def _fmt_fidelity(f: dict | None) -> list[str]:
 
 def render(report: Report, console) -> None:
     """A short human summary; the JSON report is the full record."""
+    from rich.markup import escape
     from rich.table import Table
 
     if report.model is not None:
@@ -135,9 +153,9 @@ def render(report: Report, console) -> None:
             _render_analysis(step, console)
     per_step = [s for s in report.steps if "metrics" in s.after]
     for step in report.steps:
-        console.print(f"[bold]{step.op}[/] {json.dumps(step.config, default=str)[:200]}  ({step.duration_s:.1f}s)")
+        console.print(f"[bold]{step.op}[/] {escape(_fmt_config(step.config))}  ({step.duration_s:.1f}s)")
         for note in step.notes:
-            console.print(f"  note: {note}")
+            console.print(f"  note: {escape(note)}")
     if per_step:
         t = Table("step", "op", "params", "bytes", "accuracy", "batch 1 ms", "batch N ms")
         for s in per_step:

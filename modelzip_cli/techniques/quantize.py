@@ -34,7 +34,7 @@ from modelzip_cli.edits import (
 )
 from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
-from modelzip_cli.measure import predict, sqnr_db
+from modelzip_cli.measure import DEFAULT_BATCH_N, DEFAULT_BATCH_N_TOKENS, default_batch_n, predict, sqnr_db
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 from modelzip_cli.techniques.sensitivity import Scorer, keep_float, layer_losses
@@ -299,15 +299,38 @@ NOTES = {
 }
 
 
+NOTE_NAMES = 6  # a longer list of layers in a note is said as its length and its first and last names
+
+
+def names_list(names: list[str]) -> str:
+    """Layer names for a note: all of a few, or "37 layers: a, b, c, …, z" (the layer table has them all)."""
+    if len(names) <= NOTE_NAMES:
+        return ", ".join(names)
+    return f"{len(names)} layers: {', '.join(names[:3])}, …, {names[-1]}"
+
+
 def _backend_note(model: nn.Module, backend: str, rows: tuple[int, ...]) -> str:
-    """Which kernel runs which int8 layer, at each batch size the report measures."""
+    """Which kernel runs which int8 layer at the batch sizes the report measures: each layer said once, with
+    the kernel it runs at each of them."""
+    per_rows = [int8.kernels_for(model, n) for n in rows]
+    groups: dict[tuple[str, ...], list[str]] = {}  # (kernel at each batch size) → layers
+    for name in per_rows[0]:
+        groups.setdefault(tuple(kernels[name] for kernels in per_rows), []).append(name)
     parts = []
-    for n in rows:
-        by_kernel: dict[str, list[str]] = {}
-        for name, kernel in int8.kernels_for(model, n).items():
-            by_kernel.setdefault(kernel, []).append(name)
-        parts.append(f"batch {n}: " + "; ".join(f"{k} for {', '.join(v)}" for k, v in sorted(by_kernel.items())))
-    return f"backend {backend} (" + int8.KERNEL_NAMES_NOTE + "): " + " | ".join(parts)
+    for kernels, names in groups.items():
+        at = (f"{kernels[0]} at batch {' and '.join(map(str, rows))}" if len(set(kernels)) == 1 else
+              ", ".join(f"{k} at batch {n}" for k, n in zip(kernels, rows, strict=True)))
+        parts.append(f"{at} for {names_list(names)}")
+    return f"backend {backend} (" + int8.KERNEL_NAMES_NOTE + "): " + "; ".join(parts)
+
+
+def measured_batch_n(ctx: Context) -> int:
+    """The batch N the report's latency uses, for notes that speak of it."""
+    data = ctx.eval_data or ctx.calib_data or ctx.data
+    if data is not None:
+        return default_batch_n(data)
+    tokens = ctx.example_input is not None and not ctx.example_input.is_floating_point()
+    return DEFAULT_BATCH_N_TOKENS if tokens else DEFAULT_BATCH_N
 
 
 def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
@@ -357,7 +380,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
                 note = f"SQNR not measured: the probe could not run ({first_line(exc, 200)})"
         notes.append(note)
         if int8.modules_of(quantized):
-            notes.append(_backend_note(quantized, backend, (1, 256)))
+            notes.append(_backend_note(quantized, backend, (1, measured_batch_n(ctx))))
     return Result(quantized, edits, notes=notes, after=after, layer_extra=layer_extra)
 
 
