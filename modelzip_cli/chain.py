@@ -88,6 +88,8 @@ class PlanTable(BaseModel):
     measured_loss: float
     unit: Literal["1 - cosine", "accuracy points"]
     measured_on: str = Field(max_length=500)
+    tuning_loss: float | None = None  # on the data that chose the plan (measured_loss: held out)
+    tuned_on: str | None = Field(None, max_length=500)
     bytes_saved_estimate: int = Field(ge=0)
     layers: int = Field(ge=0)
 

@@ -524,6 +524,9 @@ def analyze(
                                                                "this many accuracy points (labelled data)")] = None,
     plan_out: Annotated[Path | None, typer.Option("--plan-out", help="write the plan (a chain recipe, .toml)")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="write a heat-map PNG of the losses")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="held-out data a plan's budget is judged on "
+                                                   "(default: a seeded half of --data, the other half "
+                                                   "choosing the plan)")] = None,
     *, shared,
 ) -> None:
     """Per-layer sensitivity to each candidate technique; with a budget, a plan that `chain` runs."""
@@ -537,7 +540,8 @@ def analyze(
         check_output(plot, inputs=[model, data], force=shared.force, suffixes=(".png",))
     opts = AnalyzeOptions(data=data, techniques=techniques, include=shared.include, exclude=shared.exclude,
                           samples=samples, budget_fidelity=budget_fidelity,
-                          budget_accuracy_drop=budget_accuracy_drop, plan_out=plan_out, force=shared.force)
+                          budget_accuracy_drop=budget_accuracy_drop, plan_out=plan_out, force=shared.force,
+                          eval_data=eval_data)
     report = run_analyze(model, opts, common_options(shared), progress_factory(shared.quiet))
     if plot is not None:
         from modelzip_cli.plot import plot_sensitivity

@@ -197,7 +197,8 @@ def render(report: Report, console) -> None:
         parts = ([f"accuracy drop {g['accuracy_drop']:.2f} pts (max {g['max_accuracy_drop']})"]
                  if "accuracy_drop" in g else []) + ([f"fidelity {g['fidelity']:.4f} (min {g['min_fidelity']})"]
                                                      if "fidelity" in g else [])
-        console.print(f"quality gate: {', '.join(parts)} {status}")
+        on = f" on {g['judged_on']}" if g.get("judged_on") else ""
+        console.print(f"quality gate: {', '.join(parts)}{escape(on)} {status}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 

@@ -226,6 +226,8 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         ctx.eval_data = eval_data
         if prepare is not None:
             prepare(loaded, ctx)  # load and check the technique's own data before any work
+        eval_data, held_out = hold_out(ctx, eval_data, opts.seed)
+        ctx.eval_data = eval_data
         if ctx.example_input is None and loaded.manifest.input_shape:
             ctx.example_input = loaded.manifest.example_input()
         if ctx.example_input is not None:
@@ -236,6 +238,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         if eval_data is not None and distributed.is_main():
             report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
                                                     size_bytes=report.input["bytes"], device=ctx.device)
+            report.metrics["input"]["measured_on"] = held_out["held_out"] if held_out else describe(eval_data)
             reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
             original = copy.deepcopy(loaded.model)  # timed beside the output, in the same rounds
         torch.manual_seed(opts.seed)
@@ -257,12 +260,55 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             del original
             report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
                                                             class_logits=outputs_class_logits(loaded.model))
+            report.metrics["output"]["measured_on"] = report.metrics["input"]["measured_on"]
             _latency_warnings(report)
             _gate(report, opts)
         report.summary = final_comparison(report)
+        if held_out:
+            report.summary["data_split"] = held_out
         staged.write(report_path, lambda tmp: tmp.write_text(report.to_json()))
         staged.commit()
     return report
+
+
+def describe(data: Dataset) -> str:
+    return f"{len(data)} samples of {data.path}"
+
+
+def split_held_out(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
+    """One file as two disjoint halves, seeded: (tuning part, held-out part), each in file order."""
+    if len(data) < 2:
+        raise InputError(f"{data.path} has {len(data)} sample: too few to split into tuning and held-out parts",
+                         hint="give --calib-data for tuning, or more samples")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    halves = order[:len(data) // 2].sort().values, order[len(data) // 2:].sort().values
+    return tuple(Dataset(data.inputs[i], None if data.targets is None else data.targets[i], data.path)
+                 for i in halves)
+
+
+def hold_out(ctx: Context, eval_data: Dataset | None, seed: int) -> tuple[Dataset | None, dict | None]:
+    """Gates are judged on data nothing was tuned on. When the run would tune on the --eval-data file itself (a
+    --min-fidelity choosing which layers stay float with no --calib-data, or a technique's --data or
+    --calib-data that is the --eval-data file), the file is split, seeded, into a tuning part (given to the
+    technique) and a held-out part (every figure and gate). Returns the data to measure on and, when split,
+    what the report says about it."""
+    if eval_data is None:
+        return None, None
+    same = [k for k in ("data", "calib_data", "val_data")
+            if getattr(ctx, k) is not None and Path(getattr(ctx, k).path).resolve() == Path(eval_data.path).resolve()]
+    chooses = ctx.min_fidelity is not None and ctx.calib_data is None
+    if not same and not chooses:
+        return eval_data, None
+    tune, held = split_held_out(eval_data, seed)
+    for key in same:
+        setattr(ctx, key, tune)
+    if chooses:
+        ctx.tune_data = tune
+    why = ("--min-fidelity chooses the layers left in float on data of its own (no --calib-data)" if chooses else
+           f"{', '.join('--' + k.replace('_', '-') for k in same)} is the --eval-data file")
+    return held, {"tuning": f"{len(tune)} of {len(eval_data)} samples of {eval_data.path} (seed {seed})",
+                  "held_out": f"the other {len(held)} of {len(eval_data)} samples of {eval_data.path} (seed {seed})",
+                  "why": why}
 
 
 def check_runs(loaded: Loaded, command: str) -> None:
@@ -300,6 +346,8 @@ def _gate(report: Report, opts: CommonOptions) -> None:
     if opts.max_accuracy_drop is None and opts.min_fidelity is None:
         return
     report.gate = {"passed": True}
+    if "measured_on" in report.metrics.get("output", {}):
+        report.gate["judged_on"] = report.metrics["output"]["measured_on"]
     if opts.max_accuracy_drop is not None:
         drop = accuracy_drop(report.metrics)
         report.gate.update(max_accuracy_drop=opts.max_accuracy_drop, accuracy_drop=round(drop, 4))

@@ -392,8 +392,9 @@ def _keep_float_for_fidelity(quantized: nn.Module, reference: nn.Module, edit: d
                              layer_extra: dict[str, dict]) -> dict:
     """--min-fidelity: rank the quantized layers by what each alone costs (1 − cosine on a few samples),
     then put back in float the fewest, most costly first, that bring the whole model to the gate on the
-    selection data (--calib-data when given, else --eval-data). Updates `edit` and `layer_extra`."""
-    data = ctx.calib_data or ctx.eval_data
+    selection data: --calib-data when given, else the tuning part of --eval-data (`ctx.tune_data`), never the
+    data the gate is judged on. Updates `edit` and `layer_extra`."""
+    data = ctx.calib_data or ctx.tune_data or ctx.eval_data
     names = list(edit["modules"])
     ranking = Scorer(reference, data.inputs[:SENSITIVITY_SAMPLES])
     with ctx.progress("sensitivity", len(names)) as bar:
