@@ -29,6 +29,7 @@ CASES = {
     "export": "bench.bench_export",
     "recover": "bench.bench_recover",
     "minilm_quant": "bench.bench_minilm_quant",
+    "cnn_int8": "bench.bench_cnn_int8",
 }
 
 

@@ -26,6 +26,7 @@ class Step:
     layers: list[dict] = field(default_factory=list)
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also in the report's warnings
 
 
 @dataclass

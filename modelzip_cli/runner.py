@@ -159,7 +159,7 @@ def apply_technique(cfg: MethodConfig, loaded: Loaded, ctx: Context) -> Step:
                 for row in layer_table(loaded.model, encoded=loaded.encoded)]
     return Step(op=cfg.op, config=cfg.to_dict(), before={**before, **result.before},
                 after={**model_figures(loaded.model, loaded.encoded), **result.after}, layers=rows,
-                duration_s=duration, notes=result.notes)
+                duration_s=duration, notes=result.notes, warnings=result.warnings)
 
 
 def load_step_data(loaded: Loaded, ctx: Context, *, data: Path | None = None, val_data: Path | None = None,
@@ -243,6 +243,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             original = copy.deepcopy(loaded.model)  # timed beside the output, in the same rounds
         torch.manual_seed(opts.seed)
         report.steps = apply(loaded, ctx)
+        report.warnings.extend(w for step in report.steps for w in step.warnings)
         if not distributed.is_main():  # rank 0 writes; the others' part was the training inside `apply`
             return None
         report.runtime = distributed.runtime(ctx.device)

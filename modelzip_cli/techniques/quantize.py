@@ -34,7 +34,17 @@ from modelzip_cli.edits import (
 )
 from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
-from modelzip_cli.measure import DEFAULT_BATCH_N, DEFAULT_BATCH_N_TOKENS, default_batch_n, predict, sqnr_db
+from modelzip_cli.measure import (
+    DEFAULT_BATCH_N,
+    DEFAULT_BATCH_N_TOKENS,
+    batch_of,
+    default_batch_n,
+    default_threads,
+    interleaved_latency,
+    latency_change,
+    predict,
+    sqnr_db,
+)
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 from modelzip_cli.techniques.sensitivity import Scorer, keep_float, layer_losses
@@ -381,7 +391,42 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         notes.append(note)
         if int8.modules_of(quantized):
             notes.append(_backend_note(quantized, backend, (1, measured_batch_n(ctx))))
-    return Result(quantized, edits, notes=notes, after=after, layer_extra=layer_extra)
+        warnings = conv_warnings(reference, quantized, cfg, x, min(CONV_CHECK_BATCH, measured_batch_n(ctx)))
+    return Result(quantized, edits, notes=notes, warnings=warnings, after=after, layer_extra=layer_extra)
+
+
+CONVS = (nn.Conv1d, nn.Conv2d)
+CONV_CHECK_BATCH = 64  # the larger batch int8 convolutions are timed at (a CNN at 256 costs seconds a round)
+
+
+def conv_warnings(reference: nn.Module, quantized: nn.Module, cfg: QuantizeConfig, x: torch.Tensor | None,
+                  batch_n: int) -> list[str]:
+    """Int8 that is not faster says so. Dynamic quantization leaves convolutions float; static int8
+    convolutions compute in fp32 on their dequantized weights after rounding their input, so the whole model
+    is timed against the float one (interleaved rounds, batch 1 and N) and a slowdown beyond the spread
+    names them."""
+    if isinstance(cfg, DynamicConfig):
+        convs = [n for n, m in reference.named_modules() if isinstance(m, CONVS)]
+        if not convs:
+            return []
+        return [f"dynamic quantization covers Linear layers only: the convolutions stay float ({names_list(convs)}); "
+                "--method static quantizes them too, calibrated on --calib-data"]
+    convs = [n for n, m in quantized.named_modules() if isinstance(m, int8.StaticInt8Conv)]
+    if not convs or x is None:
+        return []
+    slower = []
+    for rows in (1, batch_n):
+        xb = batch_of(x, rows)
+        before, after = interleaved_latency([reference, quantized], [xb, xb], threads=default_threads(),
+                                            warmup=1, min_rounds=5, min_seconds=0.1)
+        if latency_change(before, after) == "slower":
+            slower.append(f"batch {rows}: {after.median:.3f} ms (IQR {after.q1:.3f}–{after.q3:.3f}) vs fp32 "
+                          f"{before.median:.3f} ms (IQR {before.q1:.3f}–{before.q3:.3f})")
+    if not slower:
+        return []
+    return [f"int8 is slower than the float model ({'; '.join(slower)}, {after.rounds} interleaved rounds): its "
+            f"int8 convolutions compute in fp32 on dequantized weights after rounding their inputs, no faster "
+            f"here ({names_list(convs)}); --exclude them to keep fp32 speed, or keep them for the smaller file"]
 
 
 SENSITIVITY_SAMPLES = 64  # samples each one-layer sensitivity is measured on (the ranking needs few)
