@@ -160,7 +160,8 @@ def summary(r: dict) -> str:
     lines = [f"CPU: {env['cpu']} ({flags}; torch capability {env['torch_cpu_capability']}), "
              f"{r['threads']} threads. Median ms (interquartile range) over interleaved rounds; speed = fp32 time / "
              "this time.", "",
-             "| model | batch | fp32 ms | static int8 ms (speed) | int8, oneDNN conv ms (speed) |", "|---|---|---|---|---|"]
+             "| model | batch | fp32 ms | static int8 ms (speed) | int8, oneDNN conv ms (speed) |",
+             "|---|---|---|---|---|"]
     for label, row in r["models"].items():
         for batch, figures in row["batches"].items():
             cells = []
