@@ -22,7 +22,8 @@ def busy_machine():
 
 
 def test_compare_same_file_twice_on_a_loaded_machine_claims_nothing(cli, busy_machine):
-    r = cli("compare", MNIST1D_TEACHER, MNIST1D_TEACHER, "--data", MNIST1D_TEST, "--json", "-q", "--threads", "2")
+    r = cli("compare", MNIST1D_TEACHER, MNIST1D_TEACHER, "--data", MNIST1D_TEST, "--json", "-q", "--threads", "2",
+            "--batch-size", "64")
     assert r.code == 0, r.stderr
     assert len(r.json["metrics"]) == 2  # the same path twice is two entries, not one overwritten
     for block in (m["latency_ms"] for m in r.json["metrics"].values()):
