@@ -45,6 +45,7 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
         if "top1_agreement" in m["fidelity"]:
             m["top1_agreement"] = m["fidelity"]["top1_agreement"]
         m["max_abs_logit_diff"] = m["fidelity"]["max_abs_diff"]
+        m["measured_on"] = f"{len(data)} samples of {data_path}"
         report.metrics[label] = m
     blocks = latencies([item.model for item in loaded], data, batch_n=batch_n, threads=opts.threads, device=device)
     for label, block in zip(labels, blocks, strict=True):

@@ -22,6 +22,7 @@ def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
     report.input = file_info(path, count_parameters(loaded.model))
     report.metrics[str(path)] = model_metrics(loaded.model, data, batch_n=batch_n, threads=opts.threads,
                                               size_bytes=report.input["bytes"], device=device)
+    report.metrics[str(path)]["measured_on"] = f"{len(data)} samples of {data_path}"
     noisy = noise_note([report.metrics[str(path)]["latency_ms"]])
     if noisy:
         report.warnings.append(noisy)

@@ -72,3 +72,10 @@ def test_analyze_takes_eval_data_for_its_budget(cli, tmp_path):
     meta = tomllib.loads(plan.read_text())["plan"]
     assert meta["measured_on"] == "256 held-out samples of digits_test.safetensors"
     assert meta["tuned_on"] == "256 samples of digits_train.safetensors"
+
+
+def test_eval_and_compare_say_which_data_their_figures_are_on(cli):
+    r = cli("eval", DIGITS_TEACHER, "--data", DIGITS_TEST, "--json", "-q")
+    assert r.json["metrics"][str(DIGITS_TEACHER)]["measured_on"] == f"360 samples of {DIGITS_TEST}"
+    c = cli("compare", DIGITS_TEACHER, DIGITS_TEACHER, "--data", DIGITS_TEST, "--json", "-q", "--batch-size", "8")
+    assert {m["measured_on"] for m in c.json["metrics"].values()} == {f"360 samples of {DIGITS_TEST}"}
