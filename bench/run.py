@@ -30,6 +30,7 @@ CASES = {
     "recover": "bench.bench_recover",
     "minilm_quant": "bench.bench_minilm_quant",
     "decoder": "bench.bench_decoder",
+    "cnn_int8": "bench.bench_cnn_int8",
 }
 
 

@@ -36,7 +36,7 @@ from modelzip_cli.data import Dataset
 from modelzip_cli.errors import UsageError
 from modelzip_cli.format import Manifest, encode_state
 from modelzip_cli.report import Report, Step, file_info
-from modelzip_cli.runner import CommonOptions, apply_technique, load_dataset, load_input
+from modelzip_cli.runner import CommonOptions, apply_technique, load_dataset, load_input, split_held_out
 from modelzip_cli.techniques import make_config, quantize
 from modelzip_cli.techniques.select import select_modules
 from modelzip_cli.techniques.sensitivity import Scorer, swapped
@@ -96,6 +96,7 @@ class AnalyzeOptions:
     report: Path | None = None
     plot: Path | None = None  # a heat map of the losses (PNG)
     force: bool = False
+    eval_data: Path | None = None  # held-out data a plan's budget is judged on (default: a seeded half of data)
 
 
 @dataclass
@@ -177,7 +178,8 @@ def _time_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
 # The analysis
 
 
-def analyze(loaded: Loaded, data: Dataset, opts: AnalyzeOptions, ctx: Context) -> Analysis:
+def analyze(loaded: Loaded, data: Dataset, opts: AnalyzeOptions, ctx: Context,
+            held_out: Dataset | None = None) -> Analysis:
     model = loaded.model.eval()
     candidates = parse_candidates(opts.techniques)
     names = [n for n, _ in select_modules(model, include=opts.include, exclude=opts.exclude, types=(nn.Linear,),
@@ -218,7 +220,7 @@ def analyze(loaded: Loaded, data: Dataset, opts: AnalyzeOptions, ctx: Context) -
                 analysis.rows.append(row)
                 bar.advance(layer=name.rsplit(".", 2)[-2] if "." in name else name, candidate=cand.label)
     if opts.budget_fidelity is not None or opts.budget_accuracy_drop is not None:
-        analysis.plan = make_plan(loaded, data, analysis, candidates, opts, ctx)
+        analysis.plan = make_plan(loaded, data, analysis, candidates, opts, ctx, held_out)
     return analysis
 
 
@@ -291,7 +293,9 @@ def _run_steps(loaded: Loaded, steps: list[RecipeStep], data: Dataset, ctx: Cont
 
 
 def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: list[Candidate],
-              opts: AnalyzeOptions, ctx: Context) -> dict:
+              opts: AnalyzeOptions, ctx: Context, held_out: Dataset | None = None) -> dict:
+    """The plan: chosen and verified on `data`; its figure, `measured_loss`, is on `held_out` (data that chose
+    nothing), when given."""
     fidelity_budget = opts.budget_fidelity is not None
     budget = (1 - opts.budget_fidelity) if fidelity_budget else opts.budget_accuracy_drop
     labelled = not fidelity_budget
@@ -319,10 +323,20 @@ def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: lis
         tried.append({"upgrades": 0, "loss": 0.0})
     assigned = assignment(taken[:kept]) if steps else {}
     saved = sum(r["bytes_saved"] for r in analysis.rows if assigned.get(r["name"]) == r["candidate"])
+    split = held_out is not None and held_out.path == data.path
+    tuned_on = f"{len(verify)} samples of {data.path.name}" + (" (tuning part)" if split else "")
+    measured_loss, measured_on = loss, tuned_on
+    if held_out is not None:
+        check = Dataset(inputs=held_out.inputs[:256 if not labelled else 2048],
+                        targets=held_out.targets[:2048] if labelled else None, path=held_out.path)
+        final = _run_steps(loaded, _parse_steps(steps), verify, ctx) if steps else loaded.model
+        measured_loss = Scorer(loaded.model, check.inputs, check.targets if labelled else None).loss(final)
+        measured_on = f"{len(check)} held-out samples of {held_out.path.name}"
     meta = {"budget_fidelity" if fidelity_budget else "budget_accuracy_drop":
             opts.budget_fidelity if fidelity_budget else opts.budget_accuracy_drop,
-            "measured_loss": round(loss, 6), "unit": scorer.unit, "measured_on": f"{len(verify)} samples of "
-            f"{data.path.name}", "bytes_saved_estimate": int(saved), "layers": len(assigned)}
+            "measured_loss": round(measured_loss, 6), "unit": scorer.unit, "measured_on": measured_on,
+            "tuning_loss": round(loss, 6), "tuned_on": tuned_on,
+            "bytes_saved_estimate": int(saved), "layers": len(assigned)}
     return {"meta": meta, "steps": steps, "assigned": assigned, "verification": tried}
 
 
@@ -400,11 +414,22 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
     targets = [Target(role, path, suffixes) for role, path, suffixes in (
         ("plan", opts.plan_out, (".toml",)), ("report", opts.report, (".json",)), ("plot", opts.plot, (".png",)))
         if path is not None]
-    check_targets(targets, inputs=[model_path, opts.data], force=opts.force)  # before any work
+    inputs = [model_path, opts.data, *([opts.eval_data] if opts.eval_data else [])]
+    check_targets(targets, inputs=inputs, force=opts.force)  # before any work
     loaded = load_input(model_path, common)
     if loaded.manifest.is_quantized():
         raise UsageError(f"{model_path} is already quantized; analyze works on float models")
-    data = load_dataset(opts.data, loaded, require_targets=opts.budget_accuracy_drop is not None)
+    labels = opts.budget_accuracy_drop is not None
+    data = load_dataset(opts.data, loaded, require_targets=labels)
+    budget = opts.budget_fidelity is not None or opts.budget_accuracy_drop is not None
+    held_out, split = None, None
+    if budget:  # a plan's budget is judged on data that chose nothing: --eval-data, else a seeded half of --data
+        if opts.eval_data is not None and Path(opts.eval_data).resolve() != Path(opts.data).resolve():
+            held_out = load_dataset(opts.eval_data, loaded, require_targets=labels)
+        else:
+            data, held_out = split_held_out(data, common.seed)
+            split = (f"--data split (seed {common.seed}): {len(data)} samples choose and verify the plan, the other "
+                     f"{len(held_out)} judge its budget")
     ctx = Context(seed=common.seed, progress=progress,
                   example_input=loaded.manifest.example_input() if loaded.manifest.input_shape else None)
     torch.manual_seed(common.seed)
@@ -412,15 +437,24 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
     from modelzip_cli.measure import num_threads
 
     with num_threads(common.threads or torch.get_num_threads()):
-        analysis = analyze(loaded, data, opts, ctx)
+        analysis = analyze(loaded, data, opts, ctx, held_out)
     notes = [f"loss: {analysis.unit} of the whole model with that layer alone compressed, against the float "
              "model on the data; bytes_saved: stored bytes of the layer; latency_delta_ms: the layer's own "
              "time on its recorded inputs (negative: faster)"]
+    warnings: list[str] = []
     after: dict = {}
     plan_text = None
+    if split:
+        notes.append(split)
     if analysis.plan is not None:
         plan = analysis.plan
         after["plan"] = {**plan["meta"], "steps": plan["steps"], "verification": plan["verification"]}
+        meta = plan["meta"]
+        limit = 1 - opts.budget_fidelity if opts.budget_fidelity is not None else opts.budget_accuracy_drop
+        if meta["measured_loss"] > limit:
+            warnings.append(f"the plan misses its budget on held-out data: {meta['unit']} {meta['measured_loss']:.4g} "
+                            f"> {limit:.4g} on {meta['measured_on']} ({meta['tuning_loss']:.4g} on the data that "
+                            "chose it); ask for a tighter budget")
         if opts.plan_out is not None:
             plan_text = plan_toml(plan, model_path)
             parse_recipe(opts.plan_out, text=plan_text)  # a valid recipe, checked before anything is written
@@ -433,7 +467,7 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
                                       "budget_accuracy_drop": opts.budget_accuracy_drop},
                 layers=analysis.rows, after=after, duration_s=round(time.perf_counter() - t0, 3), notes=notes)
     report = Report(command="analyze", input=file_info(model_path, count_parameters(loaded.model)), steps=[step],
-                    report_path=None if opts.report is None else str(opts.report))
+                    warnings=warnings, report_path=None if opts.report is None else str(opts.report))
     with Outputs() as staged:  # plan, plot and report are renamed into place together
         if plan_text is not None:
             staged.write(opts.plan_out, lambda tmp: tmp.write_text(plan_text, encoding="utf-8"))

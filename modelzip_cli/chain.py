@@ -92,6 +92,8 @@ class PlanTable(BaseModel):
     measured_loss: float
     unit: Literal["1 - cosine", "accuracy points"]
     measured_on: str = Field(max_length=500)
+    tuning_loss: float | None = None  # on the data that chose the plan (measured_loss: held out)
+    tuned_on: str | None = Field(None, max_length=500)
     bytes_saved_estimate: int = Field(ge=0)
     layers: int = Field(ge=0)
 
@@ -222,15 +224,17 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
     return rows
 
 
-def dry_run_report(input_path: Path, steps: list[RecipeStep], opts):
-    """The plan as a report (one schema for every command): each step's selected and skipped modules."""
+def dry_run_report(input_path: Path, steps: list[RecipeStep], opts, data: Path | None = None):
+    """The plan as a report (one schema for every command): each step's selected and skipped modules. A
+    model with no recorded input shape learns it from `data` (or --eval-data), as a real run would."""
     from modelzip_cli.measure import count_parameters
     from modelzip_cli.report import Report, Step, file_info
-    from modelzip_cli.runner import check_example, load_input
+    from modelzip_cli.runner import check_example, load_dataset, load_input
 
     # an export output outside the chain's output folder is refused here too, before the model is loaded
     export = export_target(export_step(steps), input_path, opts) if export_step(steps) is not None else None
     loaded = load_input(input_path, opts)
+    load_dataset(data or opts.eval_data, loaded, require_targets=False)
     if loaded.manifest.input_shape:
         check_example(loaded, loaded.manifest.example_input())
     report = Report(command="chain", input=file_info(input_path, count_parameters(loaded.model)),

@@ -24,6 +24,7 @@ from modelzip_cli.errors import (
     InputError,
     Interrupted,
     ModelzipError,
+    QualityGateFailed,
     UsageError,
     exit_code_for,
     first_line,
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
     from modelzip_cli.report import Report
     from modelzip_cli.runner import CommonOptions
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make PyTorch models smaller and faster from the shell.")
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # -h as --help, in every command and sub-command
+# add_completion: --install-completion / --show-completion (bash, zsh, fish, PowerShell) on the root command
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings=HELP_OPTIONS, help="Make PyTorch models smaller and faster from the shell.")
 
 # --------------------------------------------------------------------------------------------------
 # Options shared by commands, declared once each and attached by `command(...)` (README, "Commands")
@@ -526,7 +529,7 @@ def student_from(student: str | None, kwargs: dict | None, config: Path | None) 
 @command(TRANSFORM_OPTIONS)
 def chain(
     model: Input,
-    recipe: Annotated[Path, typer.Option("--recipe", help="TOML or JSON recipe: [[steps]] with op and options")],
+    recipe: Annotated[Path, typer.Option("--recipe", help="TOML or JSON recipe: \\[\\[steps]] with op and options")],
     data: Annotated[Path | None, typer.Option("--data", help="training data for steps that train or calibrate")] = None,
     keep_intermediate: Annotated[Path | None, typer.Option("--keep-intermediate",
                                                            help="also write each step's checkpoint here")] = None,
@@ -540,7 +543,7 @@ def chain(
     check_data_needs_all(steps, data)
     opts = common_options(shared)
     if dry_run:
-        emit(dry_run_report(model, steps, opts), shared)
+        emit(dry_run_report(model, steps, opts, data=data), shared)
         return
     emit(run_chain(model, steps, opts, data=data, recipe=recipe, progress=progress_factory(shared.quiet),
                    keep_intermediate=keep_intermediate), shared)
@@ -562,6 +565,9 @@ def analyze(
                                                                "this many accuracy points (labelled data)")] = None,
     plan_out: Annotated[Path | None, typer.Option("--plan-out", help="write the plan (a chain recipe, .toml)")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="write a heat-map PNG of the losses")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="held-out data a plan's budget is judged on "
+                                                   "(default: a seeded half of --data, the other half "
+                                                   "choosing the plan)")] = None,
     *, shared,
 ) -> None:
     """Per-layer sensitivity to each candidate technique; with a budget, a plan that `chain` runs."""
@@ -572,8 +578,9 @@ def analyze(
 
         require_matplotlib()
     opts = AnalyzeOptions(data=data, techniques=techniques, include=shared.include, exclude=shared.exclude,
-                          samples=samples, budget_fidelity=budget_fidelity, budget_accuracy_drop=budget_accuracy_drop,
-                          plan_out=plan_out, report=shared.report, plot=plot, force=shared.force)
+                          samples=samples, budget_fidelity=budget_fidelity,
+                          budget_accuracy_drop=budget_accuracy_drop, plan_out=plan_out, report=shared.report,
+                          plot=plot, force=shared.force, eval_data=eval_data)
     emit(run_analyze(model, opts, common_options(shared), progress_factory(shared.quiet)), shared)
 
 
@@ -615,7 +622,8 @@ def export(
     emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size), shared)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Make data files: token ids from text, tensors from images.")
+data_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,
+                       help="Make data files: token ids from text, tensors from images.")
 app.add_typer(data_app, name="data")
 DataOutput = Annotated[Path, typer.Option("--output", "-o", help="the data file (.safetensors)")]
 Split = Annotated[float | None, typer.Option("--split", help="training fraction: writes OUT.train and OUT.test "
@@ -731,11 +739,6 @@ def _route_warnings(fallback):
     return show
 
 
-def _parse_error_line(exc: typer.TyperException) -> str:
-    """Typer's parse errors as one line: the message, and where the command's help is."""
-    text = " ".join(exc.format_message().split())
-    ctx = getattr(exc, "ctx", None)
-    return text + (f" (see '{ctx.command_path} --help')" if ctx is not None else "")
 
 
 @functools.cache
@@ -770,6 +773,7 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
             warnings.simplefilter("ignore")
         warnings.simplefilter("always", CodeRanWarning)
         warnings.showwarning = _route_warnings(warnings.showwarning)
+        fail = functools.partial(_failure, as_json="--json" in args)
         try:
             with _signals_interrupt():
                 code = _click_command().main(args=args, prog_name="modelzip", standalone_mode=False)
@@ -777,24 +781,41 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
         except SystemExit as exc:
             return (exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)), None
         except Interrupted as exc:
-            return exit_code_for(exc), "modelzip: interrupted"
+            return fail(exit_code_for(exc), "interrupted", kind=None)
         except (KeyboardInterrupt, typer.Abort):  # outside the main thread; end of input at a prompt
-            return 130, "modelzip: interrupted"
+            return fail(130, "interrupted", kind=None)
         except typer.TyperException as exc:  # a parse error: one line, as every other error
-            return getattr(exc, "exit_code", 2), f"modelzip: error: {_one_line(_parse_error_line(exc))}"
-        except ModelzipError as exc:
+            ctx = getattr(exc, "ctx", None)
+            return fail(getattr(exc, "exit_code", 2), " ".join(exc.format_message().split()),
+                        f"see '{ctx.command_path} --help'" if ctx is not None else None)
+        except QualityGateFailed as exc:  # under --json the report on stdout already says why (its gate)
             if debug:
                 raise
             return exit_code_for(exc), f"modelzip: error: {_one_line(exc.line())}"
+        except ModelzipError as exc:
+            if debug:
+                raise
+            return fail(exit_code_for(exc), exc.message, exc.hint)
         except Exception as exc:  # a condition of the machine (a full disk, …), else a bug: one line
             if debug:
                 raise
             condition = os_condition(exc)
             if condition is not None:
-                return exit_code_for(exc), f"modelzip: error: {_one_line(condition.line())}"
+                return fail(exit_code_for(exc), condition.message, condition.hint)
             detail = _one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
-            return INTERNAL_ERROR, (f"modelzip: internal error: {type(exc).__name__}: {detail} (this is a bug; "
-                                    "rerun with MODELZIP_DEBUG=1 for the traceback and report it)")
+            return fail(INTERNAL_ERROR, f"{type(exc).__name__}: {detail}", "this is a bug; rerun with "
+                        "MODELZIP_DEBUG=1 for the traceback and report it", kind="internal error")
+
+
+def _failure(code: int, error: str, hint: str | None = None, *, kind: str | None = "error",
+             as_json: bool = False) -> tuple[int, str]:
+    """The exit code and the one line for stderr; with --json also one JSON object on stdout (error, hint,
+    exit_code), so that a script reading stdout learns why as well as that."""
+    if as_json:
+        sys.stdout.write(json.dumps({"error": error, "hint": hint, "exit_code": code}) + "\n")
+        sys.stdout.flush()
+    text = error + (f" ({hint})" if hint else "")
+    return code, f"modelzip: {kind}: {_one_line(text)}" if kind else f"modelzip: {text}"
 
 
 def main() -> None:

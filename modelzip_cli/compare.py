@@ -9,7 +9,17 @@ from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.errors import UsageError
 from modelzip_cli.export import load_for_measure
 from modelzip_cli.files import disk_bytes
-from modelzip_cli.measure import count_parameters, fidelity, model_metrics, outputs_class_logits, predict
+from modelzip_cli.measure import (
+    count_parameters,
+    fidelity,
+    latencies,
+    latency_change,
+    model_metrics,
+    noise_note,
+    outputs_class_logits,
+    predict,
+    timing_of,
+)
 from modelzip_cli.report import Report, file_info
 from modelzip_cli.runner import CommonOptions, load_dataset
 
@@ -26,16 +36,41 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
     report = Report(command="compare")
     report.input = file_info(paths[0], count_parameters(loaded[0].model))
     reference = predict(loaded[0].model, data.inputs)  # (N, classes), or (N, …) features
-    for path, item in zip(paths, loaded, strict=True):
+    labels = _labels(paths)
+    for label, path, item in zip(labels, paths, loaded, strict=True):
         outputs = predict(item.model, data.inputs)
-        m = model_metrics(item.model, data, batch_n=batch_n, threads=opts.threads, size_bytes=disk_bytes(path),
-                          device=device)
+        m = model_metrics(item.model, data, threads=opts.threads, size_bytes=disk_bytes(path), device=device,
+                          latency=False)
         m["fidelity"] = fidelity(reference, outputs, class_logits=outputs_class_logits(loaded[0].model))
         if "top1_agreement" in m["fidelity"]:
             m["top1_agreement"] = m["fidelity"]["top1_agreement"]
         m["max_abs_logit_diff"] = m["fidelity"]["max_abs_diff"]
-        report.metrics[str(path)] = m
-    report.summary = {"reference": str(paths[0]), "data": str(data_path), "samples": len(data)}
+        m["measured_on"] = f"{len(data)} samples of {data_path}"
+        report.metrics[label] = m
+    blocks = latencies([item.model for item in loaded], data, batch_n=batch_n, threads=opts.threads, device=device)
+    for label, block in zip(labels, blocks, strict=True):
+        report.metrics[label]["latency_ms"] = block
+    report.summary = {"reference": labels[0], "data": str(data_path), "samples": len(data),
+                      "latency": {label: _against(blocks[0], block) for label, block in zip(labels[1:], blocks[1:],
+                                                                                            strict=True)}}
+    noisy = noise_note(blocks)
+    if noisy:
+        report.warnings.append(noisy)
     report.runtime = runtime(device)
     return report
 
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each model's key in the report: its path, with "#k" added to a path given more than once."""
+    labels = []
+    for k, path in enumerate(paths, 1):
+        labels.append(str(path) if str(path) not in labels else f"{path} #{k}")
+    return labels
+
+
+def _against(reference: dict, block: dict) -> dict[str, str]:
+    """batch_1 / batch_n → "slower", "faster" or "within spread" against the reference model's timing of the
+    same rounds: a claim only when the difference exceeds both spreads."""
+    return {key: latency_change(timing_of(reference, key), timing_of(block, key)) or "within spread"
+            for key in ("batch_1", "batch_n")}

@@ -44,6 +44,8 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where training runs (--device)
     # --min-fidelity of a quantize command: layers that cost most fidelity are left float until it is met
     min_fidelity: float | None = None
+    # what --min-fidelity chooses those layers on without --calib-data: a part of --eval-data the gate never sees
+    tune_data: Dataset | None = None
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)

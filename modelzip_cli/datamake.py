@@ -98,18 +98,57 @@ def text(corpus: Path, tokenizer_dir: Path, output: Path, *, max_length: int = 1
     return Written(paths, _write(tensors, paths, split, seed), [max_length])
 
 
+# The files a saved tokenizer is made of, in any transformers family (one of them is enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
+                   "vocab.json", "tokenizer.tiktoken")
+
+
 def load_tokenizer(path: Path):
-    """The tokenizer saved in a model directory, read offline; never fetched."""
+    """The tokenizer saved in a model directory, read offline; never fetched. Any family whose directory
+    holds a `tokenizer.json` works, even where its own tokenizer class cannot be built here (a class this
+    transformers lacks, or one that needs sentencepiece); one without a padding token pads with its end
+    (or unknown) token, which the attention mask then hides."""
     from modelzip_cli.hf import require_transformers
 
     transformers = require_transformers()
     if not path.is_dir():
         raise InputError(f"--tokenizer {path} is not a directory", hint="pass the model directory")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"no tokenizer files in {path} (none of {', '.join(TOKENIZER_FILES)})",
+                         hint="pass the directory the tokenizer was saved to (tokenizer.save_pretrained(DIR))")
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"no usable tokenizer in {path} ({str(exc).splitlines()[0][:200]})",
-                         hint="pass a model directory with tokenizer.json or vocab files") from None
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                               trust_remote_code=False)
+    except Exception as exc:  # each family's class raises its own kinds (ValueError, ImportError, OSError, …)
+        if not (path / "tokenizer.json").is_file():
+            raise InputError(f"no usable tokenizer in {path} ({' '.join(str(exc).split())[:300]})",
+                             hint="save it with a tokenizer.json (a fast tokenizer's save_pretrained), or install "
+                                  "what the message names") from None
+        tokenizer = _from_tokenizer_json(transformers, path)
+    if tokenizer.pad_token is None:
+        pad = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if pad is None:
+            raise InputError(f"the tokenizer in {path} has no padding, end or unknown token to pad with",
+                             hint="set pad_token in its tokenizer_config.json")
+        tokenizer.pad_token = pad  # padded positions have attention_mask 0: what fills them does not matter
+    return tokenizer
+
+
+def _from_tokenizer_json(transformers, path: Path):
+    """A generic fast tokenizer from `tokenizer.json`, with the special tokens its tokenizer_config.json names."""
+    import json
+
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               and isinstance(v, str)}
+    try:
+        return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
+    except Exception as exc:  # a malformed tokenizer.json
+        raise InputError(f"{path / 'tokenizer.json'} is not a readable tokenizer ({' '.join(str(exc).split())[:300]})",
+                         hint="save it again with the tokenizer's save_pretrained") from None
 
 
 def images(folder: Path, output: Path, *, size: int = 224, mean: tuple[float, ...] = IMAGENET_MEAN,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.export import load_for_measure
-from modelzip_cli.measure import count_parameters, model_metrics, outputs_class_logits
+from modelzip_cli.measure import count_parameters, model_metrics, noise_note, outputs_class_logits
 from modelzip_cli.report import Report, file_info
 from modelzip_cli.runner import CommonOptions, load_dataset
 
@@ -22,5 +22,9 @@ def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
     report.input = file_info(path, count_parameters(loaded.model))
     report.metrics[str(path)] = model_metrics(loaded.model, data, batch_n=batch_n, threads=opts.threads,
                                               size_bytes=report.input["bytes"], device=device)
+    report.metrics[str(path)]["measured_on"] = f"{len(data)} samples of {data_path}"
+    noisy = noise_note([report.metrics[str(path)]["latency_ms"]])
+    if noisy:
+        report.warnings.append(noisy)
     report.runtime = runtime(device)
     return report

@@ -43,7 +43,7 @@ from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.files import Outputs, Target, check_targets
 from modelzip_cli.format import Manifest
 from modelzip_cli.hf import HFModel
-from modelzip_cli.measure import count_parameters, fidelity, model_metrics, outputs_class_logits, predict
+from modelzip_cli.measure import count_parameters, fidelity, latencies, model_metrics, outputs_class_logits, predict
 from modelzip_cli.onnxrun import EXTRA_HINT, META_CLASS_LOGITS, OnnxModel, require_onnx
 from modelzip_cli.report import Report, Step, file_info
 from modelzip_cli.runner import CommonOptions, _gate, default_report, load_dataset, load_input
@@ -529,11 +529,14 @@ def measure_export(report: Report, loaded: Loaded, written: Written, data: Datas
                    batch_n: int | None = None) -> None:
     """metrics.input (PyTorch) and metrics.output (the exported file, with its fidelity to PyTorch)."""
     with int8.use_backend("auto"):
-        report.metrics["input"] = model_metrics(loaded.model, data, threads=threads, batch_n=batch_n,
+        report.metrics["input"] = model_metrics(loaded.model, data, threads=threads, latency=False,
                                                 size_bytes=report.input["bytes"] if report.input else None)
         reference = predict(loaded.model, data.inputs)
-    report.metrics["output"] = model_metrics(written.runner, data, threads=threads, batch_n=batch_n,
-                                             size_bytes=written.step.after["bytes"])
+        report.metrics["output"] = model_metrics(written.runner, data, threads=threads, latency=False,
+                                                 size_bytes=written.step.after["bytes"])
+        # PyTorch and the exported file timed in the same interleaved rounds
+        report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"] = latencies(
+            [loaded.model, written.runner], data, batch_n=batch_n, threads=threads)
     report.metrics["output"]["fidelity"] = fidelity(reference, predict(written.runner, data.inputs),
                                                     class_logits=outputs_class_logits(loaded.model))
     report.metrics["output"]["parameters"] = report.metrics["input"]["parameters"]

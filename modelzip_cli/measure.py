@@ -1,7 +1,7 @@
 """Measurements: parameters, bytes, sparsity, per-layer tables, accuracy and latency.
 
-Figures are what was measured. Latency is a median over repeated runs after warm-up, at a fixed
-thread count that is reported beside it.
+Figures are what was measured. Latency is a median and an interquartile range over rounds after warm-up,
+every model compared timed in the same rounds, at a fixed thread count that is reported beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -205,22 +206,99 @@ def latency_ms(model: nn.Module, example: torch.Tensor, *, threads: int, warmup:
                min_repeats: int = 10, min_seconds: float = 0.3) -> float:
     """Median wall time of one forward pass on `example`, in milliseconds, where the model is (on a GPU,
     from launch to the kernels' end)."""
-    model.eval()
-    device = device_of(model)
-    example = as_model_input(example, float_dtype(model)).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return interleaved_latency([model], [example], threads=threads, warmup=warmup, min_rounds=min_repeats,
+                               min_seconds=min_seconds)[0].median
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of one forward pass over interleaved rounds, in milliseconds."""
+
+    median: float
+    q1: float
+    q3: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range: half the rounds fell inside it."""
+        return self.q3 - self.q1
+
+
+def _timing(times_s: list[float]) -> Timing:
+    ms = sorted(t * 1000 for t in times_s)
+    q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+    return Timing(median=median, q1=q1, q3=q3, rounds=len(ms))
+
+
+@torch.inference_mode()
+def interleaved_latency(models: list[nn.Module], examples: list[torch.Tensor], *, threads: int, warmup: int = 3,
+                        min_rounds: int = 10, min_seconds: float = 0.3, max_rounds: int = 1000) -> list[Timing]:
+    """One forward pass of every model on its example per round, the order reversed every other round, so a
+    change in the machine's load (or a cache warmed by the one before) falls on every model alike. Rounds
+    go on until each model has had `min_seconds` of them (at least `min_rounds`, at most `max_rounds`)."""
+    runs = []
+    for model, example in zip(models, examples, strict=True):
+        model.eval()
+        device = device_of(model)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        runs.append((model, as_model_input(example, float_dtype(model)).to(device), sync))
+    times: list[list[float]] = [[] for _ in runs]
     with num_threads(threads):
         for _ in range(warmup):
-            model(example)
-        sync()
-        times: list[float] = []
+            for model, x, sync in runs:
+                model(x)
+                sync()
         start = time.perf_counter()
-        while len(times) < min_repeats or (time.perf_counter() - start < min_seconds and len(times) < 1000):
-            t0 = time.perf_counter()
-            model(example)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        for r in range(max_rounds):
+            if r >= min_rounds and time.perf_counter() - start >= min_seconds * len(runs):
+                break
+            order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
+            for i in order:
+                model, x, sync = runs[i]
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                times[i].append(time.perf_counter() - t0)
+    return [_timing(t) for t in times]
+
+
+NOISY_SPREAD = 0.25  # an interquartile range above a quarter of the median: the figures are indicative only
+CLEAR_CHANGE = 0.05  # a difference under 5% is never called slower or faster, however tight the spread
+
+
+def latency_change(before: Timing, after: Timing) -> str | None:
+    """"slower" or "faster" when `after` differs from `before` by more than both spreads (and by more
+    than 5%), else None: a difference inside the noise is no claim."""
+    gap = after.median - before.median
+    if abs(gap) <= max(before.spread, after.spread) or abs(gap) <= CLEAR_CHANGE * min(before.median, after.median):
+        return None
+    return "slower" if gap > 0 else "faster"
+
+
+def timing_of(block: dict, key: str) -> Timing:
+    """The Timing of a report's latency block at "batch_1" or "batch_n"."""
+    q1, q3 = block.get(f"{key}_iqr", (block[key], block[key]))
+    return Timing(median=block[key], q1=q1, q3=q3, rounds=block.get("rounds", 1))
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (runnable processes), where the OS has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def noise_note(blocks: list[dict]) -> str | None:
+    """One line when the spread of any latency is wide: the figures then say little."""
+    widest = max((timing_of(b, k).spread / max(b[k], 1e-9) for b in blocks for k in ("batch_1", "batch_n")),
+                 default=0.0)
+    if widest <= NOISY_SPREAD:
+        return None
+    load = next((b["load"] for b in blocks if b.get("load") is not None), None)
+    return (f"machine is noisy (load {load if load is not None else '?'} on {default_threads()} cores): latency "
+            f"varied by up to {widest:.0%} of its median between rounds; no speed claim is made inside that spread")
 
 
 def batch_of(example_source: torch.Tensor, batch: int) -> torch.Tensor:
@@ -229,29 +307,59 @@ def batch_of(example_source: torch.Tensor, batch: int) -> torch.Tensor:
     return example_source.repeat(reps, *[1] * (example_source.ndim - 1))[:batch].contiguous()
 
 
+def default_batch_n(data: Dataset) -> int:
+    """256 samples, or 32 sequences for token inputs (a sequence costs as much as hundreds of small samples)."""
+    return DEFAULT_BATCH_N_TOKENS if data.inputs.dtype == torch.long else DEFAULT_BATCH_N
+
+
+def measure_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """`device` (default: where the model is); a model whose kernels exist on CPU only is measured there."""
+    device = torch.device(device) if device is not None else device_of(model)
+    return torch.device("cpu") if device.type != "cpu" and cpu_only(model) else device
+
+
+def latencies(models: list[nn.Module], data: Dataset, *, batch_n: int | None = None, threads: int | None = None,
+              device: torch.device | str | None = None) -> list[dict]:
+    """The report's latency block of each model, at batch 1 and batch N, all models timed in the same
+    interleaved rounds: median, interquartile range and the number of rounds, with the thread count and
+    the machine's load."""
+    threads = threads or default_threads()
+    batch_n = batch_n or default_batch_n(data)
+    homes = [device_of(m) for m in models]
+    devices = [measure_device(m, device) for m in models]
+    for model, where in zip(models, devices, strict=True):
+        model.to(where)
+    try:
+        blocks = [{"n": batch_n, "threads": threads, "device": str(where)} for where in devices]
+        for key, x in (("batch_1", data.inputs[:1]), ("batch_n", batch_of(data.inputs, batch_n))):
+            for block, t in zip(blocks, interleaved_latency(models, [x] * len(models), threads=threads), strict=True):
+                block[key] = t.median
+                block[f"{key}_iqr"] = [t.q1, t.q3]
+                block["rounds"] = min(block.get("rounds", t.rounds), t.rounds)
+    finally:
+        for model, home in zip(models, homes, strict=True):
+            model.to(home)
+    load = machine_load()
+    for block in blocks:
+        block["load"] = load
+    return blocks
+
+
 def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int | None = None,
                   threads: int | None = None, size_bytes: int | None = None,
-                  device: torch.device | None = None) -> dict:
+                  device: torch.device | None = None, latency: bool = True) -> dict:
     """The report's metrics block for one model on one dataset. Batch N defaults to 256 samples, or 32
-    sequences for token inputs (a sequence costs as much as hundreds of small samples). Measured on
-    `device` (default: where the model is); a model whose kernels exist on CPU only is measured there, and
-    the block says so."""
-    threads = threads or default_threads()
-    batch_n = batch_n or (DEFAULT_BATCH_N_TOKENS if data.inputs.dtype == torch.long else DEFAULT_BATCH_N)
-    home = device_of(model)
-    device = torch.device(device) if device is not None else home
-    if device.type != "cpu" and cpu_only(model):
-        device = torch.device("cpu")
-    model.to(device)
+    sequences for token inputs. Measured on `device` (default: where the model is); a model whose kernels
+    exist on CPU only is measured there, and the block says so. `latency=False`: no latency block (the
+    caller times this model with others, interleaved, through `latencies`)."""
+    home, where = device_of(model), measure_device(model, device)
+    model.to(where)
     try:
         m = evaluate(model, data) if data.targets is not None else {"samples": len(data)}
-        m["latency_ms"] = {
-            "batch_1": latency_ms(model, data.inputs[:1], threads=threads),
-            "batch_n": latency_ms(model, batch_of(data.inputs, batch_n), threads=threads),
-            "n": batch_n, "threads": threads, "device": str(device),
-        }
     finally:
         model.to(home)
+    if latency:
+        m["latency_ms"] = latencies([model], data, batch_n=batch_n, threads=threads, device=device)[0]
     m["parameters"] = count_parameters(model)
     if size_bytes is not None:
         m["bytes"] = size_bytes

@@ -26,6 +26,7 @@ class Step:
     layers: list[dict] = field(default_factory=list)
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also in the report's warnings
 
 
 @dataclass
@@ -100,6 +101,31 @@ def _fmt_acc(m: dict) -> str:
     return f"{m['accuracy'] * 100:.2f}%" if "accuracy" in m else "-"
 
 
+CONFIG_LIST_ITEMS = 4  # a longer list (37 layer names) is shown as its length; the report has it whole
+
+
+def _fmt_config(config: dict) -> str:
+    """A step's options on one line, whole: `key=value` for each option set, a long list as its length."""
+    parts = []
+    for key, value in config.items():
+        if value is None or value is False or value == [] or value == {}:
+            continue
+        if isinstance(value, list | tuple | dict) and len(value) > CONFIG_LIST_ITEMS:
+            value = f"<{len(value)} {'keys' if isinstance(value, dict) else 'items'}>"
+        elif isinstance(value, dict | list | tuple):
+            value = json.dumps(value, default=str, separators=(",", ":"))
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _fmt_latency(lat: dict, key: str) -> str:
+    """A median and, below it, its interquartile range: "0.540 (0.512–0.601)"."""
+    if key not in lat:
+        return "-"
+    iqr = lat.get(f"{key}_iqr")
+    return f"{lat[key]:.3f}" + (f" ({iqr[0]:.3f}–{iqr[1]:.3f})" if iqr else "")
+
+
 def _fmt_fidelity(f: dict | None) -> list[str]:
     if not f:
         return ["-", "-", "-"]
@@ -109,6 +135,7 @@ def _fmt_fidelity(f: dict | None) -> list[str]:
 
 def render(report: Report, console) -> None:
     """A short human summary; the JSON report is the full record."""
+    from rich.markup import escape
     from rich.table import Table
 
     if report.model is not None:
@@ -128,9 +155,9 @@ def render(report: Report, console) -> None:
             _render_analysis(step, console)
     per_step = [s for s in report.steps if "metrics" in s.after]
     for step in report.steps:
-        console.print(f"[bold]{step.op}[/] {json.dumps(step.config, default=str)[:200]}  ({step.duration_s:.1f}s)")
+        console.print(f"[bold]{step.op}[/] {escape(_fmt_config(step.config))}  ({step.duration_s:.1f}s)")
         for note in step.notes:
-            console.print(f"  note: {note}")
+            console.print(f"  note: {escape(note)}")
     if per_step:
         t = Table("step", "op", "params", "bytes", "accuracy", "batch 1 ms", "batch N ms")
         for s in per_step:
@@ -147,8 +174,15 @@ def render(report: Report, console) -> None:
             extra = _fmt_fidelity(m.get("fidelity")) if fidelity else []
             t.add_row(Path(label).name, _fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-",
                       f"{m.get('parameters', 0):,}", _fmt_bytes(m.get("bytes")),
-                      f"{lat.get('batch_1', 0):.3f}", f"{lat.get('batch_n', 0):.3f} (N={lat.get('n', '-')})", *extra)
+                      _fmt_latency(lat, "batch_1"), f"{_fmt_latency(lat, 'batch_n')} N={lat.get('n', '-')}", *extra)
         console.print(t)
+        rounds = {m.get("latency_ms", {}).get("rounds") for m in report.metrics.values()} - {None}
+        if rounds:
+            console.print(f"latency: median (interquartile range) over {min(rounds)} interleaved rounds")
+    if report.summary and "latency" in report.summary:
+        for label, claim in report.summary["latency"].items():
+            console.print(f"{Path(label).name} against {Path(report.summary['reference']).name}: "
+                          f"batch 1 {claim['batch_1']}, batch N {claim['batch_n']}")
     if report.summary and "compression_ratio" in report.summary:
         sm = report.summary
         drop = f", accuracy drop {sm['accuracy_drop']:.2f} pts" if "accuracy_drop" in sm else ""
@@ -165,7 +199,8 @@ def render(report: Report, console) -> None:
         parts = ([f"accuracy drop {g['accuracy_drop']:.2f} pts (max {g['max_accuracy_drop']})"]
                  if "accuracy_drop" in g else []) + ([f"fidelity {g['fidelity']:.4f} (min {g['min_fidelity']})"]
                                                      if "fidelity" in g else [])
-        console.print(f"quality gate: {', '.join(parts)} {status}")
+        on = f" on {g['judged_on']}" if g.get("judged_on") else ""
+        console.print(f"quality gate: {', '.join(parts)}{escape(on)} {status}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     if report.report_path:

@@ -7,6 +7,7 @@ output checks, before/after figures, quality gates and report writing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import time
 from collections.abc import Callable
@@ -27,11 +28,15 @@ from modelzip_cli.measure import (
     count_parameters,
     fidelity,
     gzip_bytes,
+    latencies,
+    latency_change,
     layer_table,
     model_figures,
     model_metrics,
+    noise_note,
     outputs_class_logits,
     predict,
+    timing_of,
 )
 from modelzip_cli.report import Report, Step, file_info
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs
@@ -157,7 +162,7 @@ def apply_technique(cfg: MethodConfig, loaded: Loaded, ctx: Context) -> Step:
                 for row in layer_table(loaded.model, encoded=loaded.encoded)]
     return Step(op=cfg.op, config=cfg.to_dict(), before={**before, **result.before},
                 after={**model_figures(loaded.model, loaded.encoded), **result.after}, layers=rows,
-                duration_s=duration, notes=result.notes)
+                duration_s=duration, notes=result.notes, warnings=result.warnings)
 
 
 def load_step_data(loaded: Loaded, ctx: Context, *, data: Path | None = None, val_data: Path | None = None,
@@ -224,19 +229,24 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         ctx.eval_data = eval_data
         if prepare is not None:
             prepare(loaded, ctx)  # load and check the technique's own data before any work
+        eval_data, held_out = hold_out(ctx, eval_data, opts.seed)
+        ctx.eval_data = eval_data
         if ctx.example_input is None and loaded.manifest.input_shape:
             ctx.example_input = loaded.manifest.example_input()
         if ctx.example_input is not None:
             check_example(loaded, ctx.example_input)
         report = Report(command=command, warnings=list(loaded.notes))
         report.input = file_info(input_path, count_parameters(loaded.model))
-        reference = None
+        reference = original = None
         if eval_data is not None and distributed.is_main():
-            report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
+            report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
                                                     size_bytes=report.input["bytes"], device=ctx.device)
+            report.metrics["input"]["measured_on"] = held_out["held_out"] if held_out else describe(eval_data)
             reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
+            original = copy.deepcopy(loaded.model)  # timed beside the output, in the same rounds
         torch.manual_seed(opts.seed)
         report.steps = apply(loaded, ctx)
+        report.warnings.extend(w for step in report.steps for w in step.warnings)
         if not distributed.is_main():  # rank 0 writes; the others' part was the training inside `apply`
             return None
         report.runtime = distributed.runtime(ctx.device)
@@ -247,17 +257,63 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         if gzip_output:
             report.output["gzip_bytes"] = gzip_bytes(written)
         if eval_data is not None:
-            report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads,
+            report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
                                                      size_bytes=report.output["bytes"], device=ctx.device)
+            report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"] = latencies(
+                [original, loaded.model], eval_data, threads=opts.threads, device=ctx.device)
+            del original
             report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
                                                             class_logits=outputs_class_logits(loaded.model))
+            report.metrics["output"]["measured_on"] = report.metrics["input"]["measured_on"]
             _latency_warnings(report)
             _gate(report, opts)
         report.summary = final_comparison(report)
         report.report_path = str(report_path)
+        if held_out:
+            report.summary["data_split"] = held_out
         staged.write(report_path, lambda tmp: tmp.write_text(report.to_json()))
         staged.commit()
     return report
+
+
+def describe(data: Dataset) -> str:
+    return f"{len(data)} samples of {data.path}"
+
+
+def split_held_out(data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
+    """One file as two disjoint halves, seeded: (tuning part, held-out part), each in file order."""
+    if len(data) < 2:
+        raise InputError(f"{data.path} has {len(data)} sample: too few to split into tuning and held-out parts",
+                         hint="give --calib-data for tuning, or more samples")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    halves = order[:len(data) // 2].sort().values, order[len(data) // 2:].sort().values
+    return tuple(Dataset(data.inputs[i], None if data.targets is None else data.targets[i], data.path)
+                 for i in halves)
+
+
+def hold_out(ctx: Context, eval_data: Dataset | None, seed: int) -> tuple[Dataset | None, dict | None]:
+    """Gates are judged on data nothing was tuned on. When the run would tune on the --eval-data file itself (a
+    --min-fidelity choosing which layers stay float with no --calib-data, or a technique's --data or
+    --calib-data that is the --eval-data file), the file is split, seeded, into a tuning part (given to the
+    technique) and a held-out part (every figure and gate). Returns the data to measure on and, when split,
+    what the report says about it."""
+    if eval_data is None:
+        return None, None
+    same = [k for k in ("data", "calib_data", "val_data")
+            if getattr(ctx, k) is not None and Path(getattr(ctx, k).path).resolve() == Path(eval_data.path).resolve()]
+    chooses = ctx.min_fidelity is not None and ctx.calib_data is None
+    if not same and not chooses:
+        return eval_data, None
+    tune, held = split_held_out(eval_data, seed)
+    for key in same:
+        setattr(ctx, key, tune)
+    if chooses:
+        ctx.tune_data = tune
+    why = ("--min-fidelity chooses the layers left in float on data of its own (no --calib-data)" if chooses else
+           f"{', '.join('--' + k.replace('_', '-') for k in same)} is the --eval-data file")
+    return held, {"tuning": f"{len(tune)} of {len(eval_data)} samples of {eval_data.path} (seed {seed})",
+                  "held_out": f"the other {len(held)} of {len(eval_data)} samples of {eval_data.path} (seed {seed})",
+                  "why": why}
 
 
 def check_runs(loaded: Loaded, command: str) -> None:
@@ -275,13 +331,19 @@ def check_runs(loaded: Loaded, command: str) -> None:
 
 
 def _latency_warnings(report: Report) -> None:
-    """Say so when the "compressed" model is measurably slower."""
+    """Say so when the "compressed" model is slower by more than the spread of both timings; say once
+    when the machine was too noisy for the figures to mean much."""
     lat_in, lat_out = report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"]
+    noisy = noise_note([lat_in, lat_out])
+    if noisy:
+        report.warnings.append(noisy)
     for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {lat_out['n']}")):
-        before, after = lat_in[key], lat_out[key]
-        if after > before * 1.05:
-            report.warnings.append(f"the output is slower than the input at {label}: {after:.3f} ms vs "
-                                   f"{before:.3f} ms (median, {lat_out['threads']} threads)")
+        before, after = timing_of(lat_in, key), timing_of(lat_out, key)
+        if latency_change(before, after) == "slower":
+            report.warnings.append(f"the output is slower than the input at {label}: {after.median:.3f} ms "
+                                   f"(IQR {after.q1:.3f}–{after.q3:.3f}) vs {before.median:.3f} ms "
+                                   f"(IQR {before.q1:.3f}–{before.q3:.3f}), {after.rounds} interleaved rounds, "
+                                   f"{lat_out['threads']} threads")
 
 
 def _gate(report: Report, opts: CommonOptions) -> None:
@@ -289,6 +351,8 @@ def _gate(report: Report, opts: CommonOptions) -> None:
     if opts.max_accuracy_drop is None and opts.min_fidelity is None:
         return
     report.gate = {"passed": True}
+    if "measured_on" in report.metrics.get("output", {}):
+        report.gate["judged_on"] = report.metrics["output"]["measured_on"]
     if opts.max_accuracy_drop is not None:
         drop = accuracy_drop(report.metrics)
         report.gate.update(max_accuracy_drop=opts.max_accuracy_drop, accuracy_drop=round(drop, 4))

@@ -96,6 +96,7 @@ class Result:
     model: nn.Module
     edits: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the user should act on (the report's warnings)
     layers: list[dict] | None = None  # per-layer rows; None: the runner's standard table
     layer_extra: dict[str, dict] = field(default_factory=dict)  # name → fields added to the runner's rows
     before: dict = field(default_factory=dict)

@@ -35,7 +35,17 @@ from modelzip_cli.edits import (
 from modelzip_cli.errors import first_line
 from modelzip_cli.format import Manifest
 from modelzip_cli.gptq import Hessian, Quantized, gptq, rtn
-from modelzip_cli.measure import predict, sqnr_db
+from modelzip_cli.measure import (
+    DEFAULT_BATCH_N,
+    DEFAULT_BATCH_N_TOKENS,
+    batch_of,
+    default_batch_n,
+    default_threads,
+    interleaved_latency,
+    latency_change,
+    predict,
+    sqnr_db,
+)
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 from modelzip_cli.techniques.sensitivity import Scorer, keep_float, layer_losses
@@ -505,15 +515,38 @@ NOTES = {
 }
 
 
+NOTE_NAMES = 6  # a longer list of layers in a note is said as its length and its first and last names
+
+
+def names_list(names: list[str]) -> str:
+    """Layer names for a note: all of a few, or "37 layers: a, b, c, …, z" (the layer table has them all)."""
+    if len(names) <= NOTE_NAMES:
+        return ", ".join(names)
+    return f"{len(names)} layers: {', '.join(names[:3])}, …, {names[-1]}"
+
+
 def _backend_note(model: nn.Module, backend: str, rows: tuple[int, ...]) -> str:
-    """Which kernel runs which int8 layer, at each batch size the report measures."""
+    """Which kernel runs which int8 layer at the batch sizes the report measures: each layer said once, with
+    the kernel it runs at each of them."""
+    per_rows = [int8.kernels_for(model, n) for n in rows]
+    groups: dict[tuple[str, ...], list[str]] = {}  # (kernel at each batch size) → layers
+    for name in per_rows[0]:
+        groups.setdefault(tuple(kernels[name] for kernels in per_rows), []).append(name)
     parts = []
-    for n in rows:
-        by_kernel: dict[str, list[str]] = {}
-        for name, kernel in int8.kernels_for(model, n).items():
-            by_kernel.setdefault(kernel, []).append(name)
-        parts.append(f"batch {n}: " + "; ".join(f"{k} for {', '.join(v)}" for k, v in sorted(by_kernel.items())))
-    return f"backend {backend} (" + int8.KERNEL_NAMES_NOTE + "): " + " | ".join(parts)
+    for kernels, names in groups.items():
+        at = (f"{kernels[0]} at batch {' and '.join(map(str, rows))}" if len(set(kernels)) == 1 else
+              ", ".join(f"{k} at batch {n}" for k, n in zip(kernels, rows, strict=True)))
+        parts.append(f"{at} for {names_list(names)}")
+    return f"backend {backend} (" + int8.KERNEL_NAMES_NOTE + "): " + "; ".join(parts)
+
+
+def measured_batch_n(ctx: Context) -> int:
+    """The batch N the report's latency uses, for notes that speak of it."""
+    data = ctx.eval_data or ctx.calib_data or ctx.data
+    if data is not None:
+        return default_batch_n(data)
+    tokens = ctx.example_input is not None and not ctx.example_input.is_floating_point()
+    return DEFAULT_BATCH_N_TOKENS if tokens else DEFAULT_BATCH_N
 
 
 def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
@@ -566,8 +599,43 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
                 note = f"SQNR not measured: the probe could not run ({first_line(exc, 200)})"
         notes.append(note)
         if int8.modules_of(quantized):
-            notes.append(_backend_note(quantized, backend, (1, 256)))
-    return Result(quantized, edits, notes=notes, after=after, layer_extra=layer_extra)
+            notes.append(_backend_note(quantized, backend, (1, measured_batch_n(ctx))))
+        warnings = conv_warnings(reference, quantized, cfg, x, min(CONV_CHECK_BATCH, measured_batch_n(ctx)))
+    return Result(quantized, edits, notes=notes, warnings=warnings, after=after, layer_extra=layer_extra)
+
+
+CONVS = (nn.Conv1d, nn.Conv2d)
+CONV_CHECK_BATCH = 64  # the larger batch int8 convolutions are timed at (a CNN at 256 costs seconds a round)
+
+
+def conv_warnings(reference: nn.Module, quantized: nn.Module, cfg: QuantizeConfig, x: torch.Tensor | None,
+                  batch_n: int) -> list[str]:
+    """Int8 that is not faster says so. Dynamic quantization leaves convolutions float; static int8
+    convolutions compute in fp32 on their dequantized weights after rounding their input, so the whole model
+    is timed against the float one (interleaved rounds, batch 1 and N) and a slowdown beyond the spread
+    names them."""
+    if isinstance(cfg, DynamicConfig):
+        convs = [n for n, m in reference.named_modules() if isinstance(m, CONVS)]
+        if not convs:
+            return []
+        return [f"dynamic quantization covers Linear layers only: the convolutions stay float ({names_list(convs)}); "
+                "--method static quantizes them too, calibrated on --calib-data"]
+    convs = [n for n, m in quantized.named_modules() if isinstance(m, int8.StaticInt8Conv)]
+    if not convs or x is None:
+        return []
+    slower = []
+    for rows in (1, batch_n):
+        xb = batch_of(x, rows)
+        before, after = interleaved_latency([reference, quantized], [xb, xb], threads=default_threads(),
+                                            warmup=1, min_rounds=5, min_seconds=0.1)
+        if latency_change(before, after) == "slower":
+            slower.append(f"batch {rows}: {after.median:.3f} ms (IQR {after.q1:.3f}–{after.q3:.3f}) vs fp32 "
+                          f"{before.median:.3f} ms (IQR {before.q1:.3f}–{before.q3:.3f})")
+    if not slower:
+        return []
+    return [f"int8 is slower than the float model ({'; '.join(slower)}, {after.rounds} interleaved rounds): its "
+            f"int8 convolutions compute in fp32 on dequantized weights after rounding their inputs, no faster "
+            f"here ({names_list(convs)}); --exclude them to keep fp32 speed, or keep them for the smaller file"]
 
 
 SENSITIVITY_SAMPLES = 64  # samples each one-layer sensitivity is measured on (the ranking needs few)
@@ -578,8 +646,9 @@ def _keep_float_for_fidelity(quantized: nn.Module, reference: nn.Module, edit: d
                              layer_extra: dict[str, dict]) -> dict:
     """--min-fidelity: rank the quantized layers by what each alone costs (1 − cosine on a few samples),
     then put back in float the fewest, most costly first, that bring the whole model to the gate on the
-    selection data (--calib-data when given, else --eval-data). Updates `edit` and `layer_extra`."""
-    data = ctx.calib_data or ctx.eval_data
+    selection data: --calib-data when given, else the tuning part of --eval-data (`ctx.tune_data`), never the
+    data the gate is judged on. Updates `edit` and `layer_extra`."""
+    data = ctx.calib_data or ctx.tune_data or ctx.eval_data
     names = list(edit["modules"])
     ranking = Scorer(reference, data.inputs[:SENSITIVITY_SAMPLES])
     with ctx.progress("sensitivity", len(names)) as bar:
