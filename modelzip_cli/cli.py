@@ -67,6 +67,9 @@ MinFidelity = Annotated[float | None, typer.Option("--min-fidelity", help="with 
 EvalData = Annotated[Path | None, typer.Option("--eval-data", help="measure accuracy/latency before and after")]
 MaxDrop = Annotated[float | None, typer.Option("--max-accuracy-drop",
                                                 help="with --eval-data: exit 1 above this many points")]
+MaxPplIncrease = Annotated[float | None, typer.Option("--max-ppl-increase", help="with --eval-data (language-model "
+                                                      "windows): exit 1 when perplexity rises more than this "
+                                                      "many percent")]
 Threads = Annotated[int | None, typer.Option("--threads", help="threads for latency (default: all usable cores)")]
 Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto: where the model trains and is "
                                      "measured (under torchrun, cuda is each process's cuda:LOCAL_RANK)")]
@@ -103,7 +106,7 @@ MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trus
                          output_key=(OutputKey, None), device=(Device, "cpu"))
 OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
                           eval_data=(EvalData, None), max_accuracy_drop=(MaxDrop, None),
-                          min_fidelity=(MinFidelity, None))
+                          min_fidelity=(MinFidelity, None), max_ppl_increase=(MaxPplIncrease, None))
 RUN_OPTIONS = _options(threads=(Threads, None), as_json=(Json, False), quiet=(Quiet, False))
 SELECT_OPTIONS = _options(include=(Include, None), exclude=(Exclude, None))
 FINETUNE_OPTIONS = _options(data=(Data, None), finetune_epochs=(FinetuneEpochs, None), lr=(Lr, None),
@@ -199,7 +202,8 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
     if g.get("threads") is not None and not 1 <= g["threads"] <= MAX_THREADS:
         raise UsageError(f"--threads must be in [1, {MAX_THREADS}], got {g['threads']}")
     fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data", "max_accuracy_drop",
-                                "min_fidelity", "threads", "arch", "task", "output_key", "device") if k in g}
+                                "min_fidelity", "max_ppl_increase", "threads", "arch", "task", "output_key",
+                                "device") if k in g}
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
                          input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
 

@@ -9,6 +9,7 @@ from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.errors import UsageError
 from modelzip_cli.export import load_for_measure
 from modelzip_cli.files import disk_bytes
+from modelzip_cli.lm import is_causal_lm, lm_figures
 from modelzip_cli.measure import (
     count_parameters,
     fidelity,
@@ -35,13 +36,22 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
         load_dataset(data_path, other, require_targets=False)
     report = Report(command="compare")
     report.input = file_info(paths[0], count_parameters(loaded[0].model))
-    reference = predict(loaded[0].model, data.inputs)  # (N, classes), or (N, …) features
     labels = _labels(paths)
-    for label, path, item in zip(labels, paths, loaded, strict=True):
-        outputs = predict(item.model, data.inputs)
+    causal = all(is_causal_lm(item.model) for item in loaded) and not data.inputs.is_floating_point()
+    # a causal LM's logits (N, L, vocab) are never held whole: every model runs batch by batch side by side
+    lm = lm_figures([item.model for item in loaded], data.inputs) if causal else None
+    reference = None if causal else predict(loaded[0].model, data.inputs)  # (N, classes), or (N, …) features
+    for k, (label, path, item) in enumerate(zip(labels, paths, loaded, strict=True)):
         m = model_metrics(item.model, data, threads=opts.threads, size_bytes=disk_bytes(path), device=device,
-                          latency=False)
-        m["fidelity"] = fidelity(reference, outputs, class_logits=outputs_class_logits(loaded[0].model))
+                          latency=False, lm=False)
+        if lm is not None:
+            m.update(lm[k])
+            m.setdefault("next_token_agreement", 1.0)
+            m.setdefault("fidelity", {"cosine_mean": 1.0, "cosine_min": 1.0, "max_abs_diff": 0.0,
+                                      "samples": len(data)})
+        else:
+            m["fidelity"] = fidelity(reference, predict(item.model, data.inputs),
+                                     class_logits=outputs_class_logits(loaded[0].model))
         if "top1_agreement" in m["fidelity"]:
             m["top1_agreement"] = m["fidelity"]["top1_agreement"]
         m["max_abs_logit_diff"] = m["fidelity"]["max_abs_diff"]
@@ -58,7 +68,6 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
         report.warnings.append(noisy)
     report.runtime = runtime(device)
     return report
-
 
 
 def _labels(paths: list[Path]) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BATCH = 8  # windows per forward: (8, L, V) logits at a time
+BATCH = 4  # windows per forward: (4, L, V) logits of each model at a time
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -32,9 +32,12 @@ def ids_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.inference_mode()
 def lm_figures(models: list[nn.Module], inputs: torch.Tensor, batch_size: int = BATCH) -> list[dict]:
     """Per model: perplexity, mean NLL and scored tokens on `inputs`; for every model after the first,
-    next-token agreement with the first."""
+    next-token agreement with the first and the fidelity of its logits to the first's (measure.fidelity's
+    figures: cosine per window, mean and minimum, and max |Δ|), all computed batch by batch."""
     nll = [0.0] * len(models)
     agree = [0] * len(models)
+    cosines: list[list[torch.Tensor]] = [[] for _ in models]
+    max_diff = [0.0] * len(models)
     tokens = 0
     for m in models:
         m.eval()
@@ -44,21 +47,28 @@ def lm_figures(models: list[nn.Module], inputs: torch.Tensor, batch_size: int = 
         valid = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)  # (B, L-1): both tokens real
         target = ids[:, 1:][valid]  # (T,)
         tokens += int(target.numel())
-        reference = None
+        reference = first = None
         for i, m in enumerate(models):
             device = next((t.device for t in m.parameters()), torch.device("cpu"))
-            logits = m(x.to(device)).float()[:, :-1][valid.to(device)]  # (T, V)
-            nll[i] += float(F.cross_entropy(logits, target.to(device), reduction="sum"))
-            top1 = logits.argmax(-1).cpu()
+            full = m(x.to(device)).float().cpu()  # (B, L, V)
+            logits = full[:, :-1][valid]  # (T, V)
+            nll[i] += float(F.cross_entropy(logits, target, reduction="sum"))
+            top1 = logits.argmax(-1)
             if reference is None:
-                reference = top1
+                reference, first = top1, full
             agree[i] += int((top1 == reference).sum())
+            if i:
+                cosines[i].append(F.cosine_similarity(full.flatten(1), first.flatten(1), dim=1, eps=1e-12))
+                max_diff[i] = max(max_diff[i], float((full - first).abs().max()))
     out = []
     for i in range(len(models)):
         mean = nll[i] / tokens if tokens else float("nan")
         row = {"perplexity": math.exp(mean) if tokens else float("nan"), "nll": mean, "tokens": tokens}
         if i:
             row["next_token_agreement"] = agree[i] / tokens if tokens else float("nan")
+            cosine = torch.cat(cosines[i])
+            row["fidelity"] = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+                               "max_abs_diff": max_diff[i], "samples": int(cosine.numel())}
         out.append(row)
     return out
 

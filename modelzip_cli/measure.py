@@ -21,6 +21,7 @@ from torch import nn
 
 from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.format import Encoded, encode_module, encode_state
+from modelzip_cli.lm import is_causal_lm, lm_figures
 
 DEFAULT_BATCH_N = 256
 DEFAULT_BATCH_N_TOKENS = 32
@@ -347,15 +348,18 @@ def latencies(models: list[nn.Module], data: Dataset, *, batch_n: int | None = N
 
 def model_metrics(model: nn.Module, data: Dataset, *, batch_n: int | None = None,
                   threads: int | None = None, size_bytes: int | None = None,
-                  device: torch.device | None = None, latency: bool = True) -> dict:
+                  device: torch.device | None = None, latency: bool = True, lm: bool = True) -> dict:
     """The report's metrics block for one model on one dataset. Batch N defaults to 256 samples, or 32
     sequences for token inputs. Measured on `device` (default: where the model is); a model whose kernels
     exist on CPU only is measured there, and the block says so. `latency=False`: no latency block (the
-    caller times this model with others, interleaved, through `latencies`)."""
+    caller times this model with others, interleaved, through `latencies`). A causal LM on token windows also
+    gets its perplexity (`lm=False`: the caller measures it beside another model, lm.lm_figures)."""
     home, where = device_of(model), measure_device(model, device)
     model.to(where)
     try:
         m = evaluate(model, data) if data.targets is not None else {"samples": len(data)}
+        if lm and is_causal_lm(model) and not data.inputs.is_floating_point():
+            m.update(lm_figures([model], data.inputs)[0])
     finally:
         model.to(home)
     if latency:

@@ -167,13 +167,16 @@ def render(report: Report, console) -> None:
         console.print(t)
     if report.metrics:
         fidelity = any("fidelity" in m for m in report.metrics.values())
-        t = Table("model", "accuracy", "loss", "params", "bytes", "batch 1 ms", "batch N ms",
-                  *(["cosine mean/min", "top-1 agree", "max |Δ|"] if fidelity else []))
+        lm = any("perplexity" in m for m in report.metrics.values())
+        t = Table("model", *(["perplexity", "next-token agree"] if lm else ["accuracy", "loss"]), "params", "bytes",
+                  "batch 1 ms", "batch N ms", *(["cosine mean/min", "top-1 agree", "max |Δ|"] if fidelity else []))
         for label, m in report.metrics.items():
             lat = m.get("latency_ms", {})
             extra = _fmt_fidelity(m.get("fidelity")) if fidelity else []
-            t.add_row(Path(label).name, _fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-",
-                      f"{m.get('parameters', 0):,}", _fmt_bytes(m.get("bytes")),
+            quality = ([f"{m['perplexity']:.3f}" if "perplexity" in m else "-",
+                        f"{m['next_token_agreement']:.2%}" if "next_token_agreement" in m else "-"] if lm else
+                       [_fmt_acc(m), f"{m['loss']:.4f}" if "loss" in m else "-"])
+            t.add_row(Path(label).name, *quality, f"{m.get('parameters', 0):,}", _fmt_bytes(m.get("bytes")),
                       _fmt_latency(lat, "batch_1"), f"{_fmt_latency(lat, 'batch_n')} N={lat.get('n', '-')}", *extra)
         console.print(t)
         rounds = {m.get("latency_ms", {}).get("rounds") for m in report.metrics.values()} - {None}
@@ -198,7 +201,8 @@ def render(report: Report, console) -> None:
         status = "[green]passed[/]" if g["passed"] else "[red]FAILED[/]"
         parts = ([f"accuracy drop {g['accuracy_drop']:.2f} pts (max {g['max_accuracy_drop']})"]
                  if "accuracy_drop" in g else []) + ([f"fidelity {g['fidelity']:.4f} (min {g['min_fidelity']})"]
-                                                     if "fidelity" in g else [])
+                                                     if "fidelity" in g else []) + (
+            [f"perplexity +{g['ppl_increase']:.2f}% (max {g['max_ppl_increase']}%)"] if "ppl_increase" in g else [])
         on = f" on {g['judged_on']}" if g.get("judged_on") else ""
         console.print(f"quality gate: {', '.join(parts)}{escape(on)} {status}")
     for w in report.warnings:

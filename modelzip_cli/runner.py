@@ -24,6 +24,7 @@ from modelzip_cli.edits import to_dtype
 from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.files import Outputs, Target, check_targets
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
+from modelzip_cli.lm import is_causal_lm, lm_figures, ppl_increase_pct
 from modelzip_cli.measure import (
     count_parameters,
     fidelity,
@@ -60,6 +61,7 @@ class CommonOptions:
     eval_data: Path | None = None
     max_accuracy_drop: float | None = None
     min_fidelity: float | None = None
+    max_ppl_increase: float | None = None  # percent
     threads: int | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N | auto: where models train and are measured
     task: str | None = None  # a Hugging Face directory's task (its Auto class)
@@ -98,6 +100,10 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions,
         raise UsageError("--min-fidelity needs --eval-data to measure fidelity on")
     if opts.min_fidelity is not None and not -1 <= opts.min_fidelity <= 1:
         raise UsageError(f"--min-fidelity is a cosine in [-1, 1], got {opts.min_fidelity}")
+    if opts.max_ppl_increase is not None and opts.eval_data is None:
+        raise UsageError("--max-ppl-increase needs --eval-data (language-model windows) to measure perplexity on")
+    if opts.max_ppl_increase is not None and not 0 <= opts.max_ppl_increase < 1e6:
+        raise UsageError(f"--max-ppl-increase is a percentage ≥ 0, got {opts.max_ppl_increase}")
     check_targets([Target("output", output, OUTPUT_SUFFIXES), Target("report", report, (".json",)),
                    *extra_outputs], inputs=input_paths, force=opts.force)
     return output, report
@@ -227,6 +233,10 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         # labels are needed only to measure an accuracy drop; fidelity needs inputs alone
         eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
         ctx.eval_data = eval_data
+        if opts.max_ppl_increase is not None and not (is_causal_lm(loaded.model) and eval_data is not None
+                                                      and not eval_data.inputs.is_floating_point()):
+            raise UsageError("--max-ppl-increase needs a causal language model and token windows in --eval-data",
+                             hint="make windows with: modelzip data text --pack")
         if prepare is not None:
             prepare(loaded, ctx)  # load and check the technique's own data before any work
         eval_data, held_out = hold_out(ctx, eval_data, opts.seed)
@@ -242,7 +252,8 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
                                                     size_bytes=report.input["bytes"], device=ctx.device)
             report.metrics["input"]["measured_on"] = held_out["held_out"] if held_out else describe(eval_data)
-            reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
+            if not is_causal_lm(loaded.model):  # a causal LM's logits are compared batch by batch (lm.py)
+                reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
             original = copy.deepcopy(loaded.model)  # timed beside the output, in the same rounds
         torch.manual_seed(opts.seed)
         report.steps = apply(loaded, ctx)
@@ -257,13 +268,19 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         if gzip_output:
             report.output["gzip_bytes"] = gzip_bytes(written)
         if eval_data is not None:
+            causal = reference is None
             report.metrics["output"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
-                                                     size_bytes=report.output["bytes"], device=ctx.device)
+                                                     size_bytes=report.output["bytes"], device=ctx.device,
+                                                     lm=not causal)
             report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"] = latencies(
                 [original, loaded.model], eval_data, threads=opts.threads, device=ctx.device)
+            if causal:  # perplexity, next-token agreement and the logits' fidelity, side by side
+                report.metrics["output"].update(lm_figures([original, loaded.model], eval_data.inputs)[1])
+            else:
+                report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
+                                                                class_logits=outputs_class_logits(loaded.model))
             del original
-            report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
-                                                            class_logits=outputs_class_logits(loaded.model))
+            _perplexity_warning(report)
             report.metrics["output"]["measured_on"] = report.metrics["input"]["measured_on"]
             _latency_warnings(report)
             _gate(report, opts)
@@ -346,9 +363,19 @@ def _latency_warnings(report: Report) -> None:
                                    f"{lat_out['threads']} threads")
 
 
+def _perplexity_warning(report: Report) -> None:
+    """A language model whose perplexity more than doubled is never passed over in silence."""
+    before = report.metrics.get("input", {}).get("perplexity")
+    after = report.metrics.get("output", {}).get("perplexity")
+    if before and after and after > 2 * before:
+        report.warnings.append(f"perplexity more than doubled: {before:.2f} → {after:.2f} "
+                               f"(+{ppl_increase_pct(before, after):.0f}%) on the --eval-data windows")
+
+
 def _gate(report: Report, opts: CommonOptions) -> None:
-    """The quality gates: --max-accuracy-drop (labelled data) and --min-fidelity (any data)."""
-    if opts.max_accuracy_drop is None and opts.min_fidelity is None:
+    """The quality gates: --max-accuracy-drop (labelled data), --min-fidelity (any data) and --max-ppl-increase
+    (language-model windows)."""
+    if opts.max_accuracy_drop is None and opts.min_fidelity is None and opts.max_ppl_increase is None:
         return
     report.gate = {"passed": True}
     if "measured_on" in report.metrics.get("output", {}):
@@ -367,6 +394,18 @@ def _gate(report: Report, opts: CommonOptions) -> None:
             report.gate["passed"] = False
             report.warnings.append(f"quality gate failed: fidelity (mean cosine to the input model) {cosine:.4f}, "
                                    f"below --min-fidelity {opts.min_fidelity}")
+    if opts.max_ppl_increase is not None:
+        before = report.metrics["input"].get("perplexity")
+        after = report.metrics["output"].get("perplexity")
+        if before is None or after is None:
+            raise UsageError("--max-ppl-increase needs a causal language model and token windows in --eval-data",
+                             hint="make windows with: modelzip data text --pack")
+        increase = ppl_increase_pct(before, after)
+        report.gate.update(max_ppl_increase=opts.max_ppl_increase, ppl_increase=round(increase, 4))
+        if not increase <= opts.max_ppl_increase:
+            report.gate["passed"] = False
+            report.warnings.append(f"quality gate failed: perplexity rose {increase:.2f}% ({before:.3f} → "
+                                   f"{after:.3f}), more than --max-ppl-increase {opts.max_ppl_increase}")
 
 
 def final_comparison(report: Report) -> dict:

@@ -123,3 +123,68 @@ def test_wanda_and_sparsegpt_prune_half_of_each_selected_layer(cli, tmp_path, wi
         layers = {row["name"]: row for row in step["layers"]}
         assert layers["model.model.layers.0.mlp.up_proj"]["sparsity"] == pytest.approx(0.5, abs=0.01)
         assert layers["model.model.embed_tokens"]["sparsity"] == 0
+
+
+@pytest.fixture(scope="module")
+def held_small(windows, tmp_path_factory):
+    """24 held-out windows: enough for a perplexity, quick to run twice."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("held") / "held24.safetensors"
+    save_file({k: v[:24].contiguous() for k, v in load_file(str(windows["heldout"])).items()}, str(path))
+    return path
+
+
+def test_eval_prints_perplexity_of_a_causal_lm(cli, held_small):
+    r = cli("eval", DECODER, "--data", held_small, "--json")
+    assert r.code == 0, r.stderr
+    m = next(iter(r.json["metrics"].values()))
+    assert 20 < m["perplexity"] < 200 and m["tokens"] == 24 * 127
+    r = cli("eval", DECODER, "--data", held_small)
+    assert "perplexity" in r.stderr and f"{m['perplexity']:.3f}" in r.stderr
+
+
+def test_max_ppl_increase_gate_exits_1_and_keeps_the_output(cli, tmp_path, held_small):
+    out = tmp_path / "q.safetensors"
+    r = cli("quantize", DECODER, "--method", "weight-only", "--bits", "4", "--eval-data", held_small,
+            "--max-ppl-increase", "0.001", "-o", out, "--json")
+    assert r.code == 1, r.stderr
+    gate = r.json["gate"]
+    assert not gate["passed"] and gate["ppl_increase"] > 0.001 and gate["max_ppl_increase"] == 0.001
+    assert out.exists() and "perplexity rose" in r.stderr
+    m = r.json["metrics"]
+    assert m["output"]["perplexity"] > m["input"]["perplexity"] and 0.5 < m["output"]["next_token_agreement"] < 1
+    assert m["output"]["fidelity"]["cosine_mean"] > 0.9
+    r = cli("quantize", DECODER, "--method", "weight-only", "--bits", "8", "--eval-data", held_small,
+            "--max-ppl-increase", "5", "-o", tmp_path / "q8.safetensors")
+    assert r.code == 0, r.stderr
+
+
+def test_max_ppl_increase_needs_a_language_model(cli, tmp_path):
+    from .conftest import DIGITS_TEACHER, DIGITS_TEST
+
+    out = tmp_path / "d.safetensors"
+    r = cli("quantize", DIGITS_TEACHER, "--method", "dynamic", "--eval-data", DIGITS_TEST, "--max-ppl-increase", "5",
+            "-o", out)
+    assert r.code == 2 and "causal language model" in r.stderr and not out.exists()
+
+
+def test_perplexity_more_than_doubled_is_never_silent(cli, tmp_path, held_small):
+    r = cli("prune", DECODER, "--ratio", "0.9", "--eval-data", held_small, "-o", tmp_path / "p.safetensors",
+            "--json")
+    assert r.code == 0, r.stderr
+    m = r.json["metrics"]
+    assert m["output"]["perplexity"] > 2 * m["input"]["perplexity"]
+    assert any(w.startswith("perplexity more than doubled") and f"{m['output']['perplexity']:.2f}" in w
+               for w in r.json["warnings"])
+
+
+def test_compare_language_models_side_by_side(cli, tmp_path, held_small):
+    q = tmp_path / "q8.safetensors"
+    assert cli("quantize", DECODER, "--method", "weight-only", "-o", q).code == 0
+    r = cli("compare", DECODER, q, "--data", held_small, "--json")
+    assert r.code == 0, r.stderr
+    first, second = r.json["metrics"].values()
+    assert first["next_token_agreement"] == 1.0 and 0.9 < second["next_token_agreement"] <= 1.0
+    assert abs(second["perplexity"] / first["perplexity"] - 1) < 0.01  # int8 weight-only: near lossless
+    assert second["fidelity"]["cosine_min"] > 0.99

@@ -155,10 +155,8 @@ QuantizeConfig = DynamicConfig | StaticConfig | QATConfig | WeightOnlyConfig | G
 
 def plan(model: nn.Module, cfg: QuantizeConfig, example: torch.Tensor | None) -> list[str]:
     """Names of the modules this config would quantize (for `chain --dry-run`)."""
-    if isinstance(cfg, WeightOnlyConfig):
-        return _weight_only_names(model, cfg)[0]
-    if isinstance(cfg, GPTQConfig | AWQConfig):
-        return _gptq_names(model, cfg)[0]
+    if isinstance(cfg, WeightOnlyConfig | GPTQConfig | AWQConfig):
+        return _integer_weight_names(model, cfg)[0]
     return _names(model, cfg, *_types(cfg))
 
 
@@ -302,15 +300,23 @@ def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Mod
             {"after": {"qat_history": history}})
 
 
-def _weight_only_names(model: nn.Module, cfg: WeightOnlyConfig) -> tuple[list[str], list[str]]:
-    """The Linears to quantize, and the zero-width ones left alone (no weight to quantize)."""
+def _integer_weight_names(model: nn.Module, cfg: WeightOnlyConfig | GPTQConfig | AWQConfig
+                          ) -> tuple[list[str], list[str], list[str]]:
+    """The layers weight-only methods quantize; the zero-width ones left alone (no weight to quantize); and
+    the Linears left float by default as a language model's output (`lm_head`, or a Linear sharing its
+    weight with an Embedding) unless --include names them."""
     names = _names(model, cfg, *_types(cfg))
     empty = [n for n in names if 0 in model.get_submodule(n).weight.shape]
-    return [n for n in names if n not in empty], empty
+    head = []
+    if cfg.include is None:
+        tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        head = [n for n in names if isinstance(model.get_submodule(n), nn.Linear) and n not in empty
+                and (n.rsplit(".", 1)[-1] == "lm_head" or id(model.get_submodule(n).weight) in tied)]
+    return [n for n in names if n not in empty and n not in head], empty, head
 
 
 def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
-    names, _ = _weight_only_names(model, cfg)
+    names = _integer_weight_names(model, cfg)[0]
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, nn.Embedding):
@@ -322,19 +328,8 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) 
                     "group_size": cfg.group_size}], {}
 
 
-def _gptq_names(model: nn.Module, cfg: GPTQConfig | AWQConfig) -> tuple[list[str], list[str]]:
-    """The Linears GPTQ quantizes, and those left float by default: a language model's output layer
-    (`lm_head`, or any Linear sharing its weight with an Embedding) unless --include names it."""
-    names = [n for n in _names(model, cfg, *_types(cfg)) if 0 not in model.get_submodule(n).weight.shape]
-    if cfg.include is not None:
-        return names, []
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = [n for n in names if n.rsplit(".", 1)[-1] == "lm_head" or id(model.get_submodule(n).weight) in tied]
-    return [n for n in names if n not in head], head
-
-
 def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
-    names, head = _gptq_names(model, cfg)
+    names = _integer_weight_names(model, cfg)[0]
     chosen: dict[str, tuple[Quantized, int]] = {}
     extra: dict[str, dict] = {}
 
@@ -352,9 +347,6 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
         q, group = chosen[n]
         replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
     notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
-    if head:
-        notes.append(f"left in float as language-model outputs (name them with --include to quantize): "
-                     f"{', '.join(head)}")
     return model, [{"kind": "quantize_weight_only", "modules": done, "bits": cfg.bits,
                     "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
 
@@ -432,7 +424,7 @@ def _awq_groups(block: nn.Module, prefix: str, names: list[str],
 
 
 def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
-    names, head = _gptq_names(model, cfg)
+    names = _integer_weight_names(model, cfg)[0]
     batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
     per_batch = max(1, awq.ROWS // max(1, len(batches)))
     chosen: dict[str, tuple[Quantized, int]] = {}
@@ -482,9 +474,6 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Mod
                                                        if stack else " (no stack of repeated blocks found)")]
     if plain:
         notes.append("no scales (no norm or Linear writes their input), only clipped ranges: " + ", ".join(plain))
-    if head:
-        notes.append(f"left in float as language-model outputs (name them with --include to quantize): "
-                     f"{', '.join(head)}")
     return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
                     "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
 
@@ -575,12 +564,15 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
             notes.append(f"{len(folded)} BatchNorm layers folded into the convolutions before them")
         after: dict = dict(extra.get("after", {}))
         layer_extra: dict[str, dict] = extra.get("layer_extra", {})
-        integer_weights = isinstance(cfg, WeightOnlyConfig | GPTQConfig | AWQConfig)
-        if integer_weights and (empty := _weight_only_names(reference, cfg)[1]):
-            notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
+        planned = _names(reference, cfg, *_types(cfg))
+        if isinstance(cfg, WeightOnlyConfig | GPTQConfig | AWQConfig):
+            planned, empty, head = _integer_weight_names(reference, cfg)
+            if empty:
+                notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
+            if head:
+                notes.append("left in float as language-model outputs (name them with --include to quantize): "
+                             + ", ".join(head))
         selected = set(edits[-1]["modules"])
-        planned = (_gptq_names(reference, cfg)[0] if isinstance(cfg, GPTQConfig | AWQConfig)
-                   else _names(reference, cfg, *_types(cfg)))
         still_float = [n for n in planned if n not in selected]
         if still_float:
             notes.append(f"left in float (no calibration or training batch reached them): {', '.join(still_float)}")
