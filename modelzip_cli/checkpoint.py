@@ -7,16 +7,20 @@ The file layout itself (keys, manifest, codecs) is `format.py`, described in doc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
+import inspect
 import itertools
 import json
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,31 +73,95 @@ class Loaded:
 # Architectures
 
 
+_TRUSTED_HERE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("trusted_here", default=frozenset())
+
+
 def trusted_modules() -> set[str]:
-    return {m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()}
+    """MODELZIP_TRUSTED_MODULES, plus the modules a caller of `load_checkpoint` passed as `trusted_modules`."""
+    return {m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()} | set(_TRUSTED_HERE.get())
+
+
+@contextlib.contextmanager
+def trusting(modules: Collection[str]) -> Iterator[None]:
+    """Trust `modules` (and their submodules) for the duration of the block, as MODELZIP_TRUSTED_MODULES would."""
+    token = _TRUSTED_HERE.set(_TRUSTED_HERE.get() | frozenset(modules))
+    try:
+        yield
+    finally:
+        _TRUSTED_HERE.reset(token)
+
+
+def _within(module_name: str, root: str) -> bool:
+    return module_name == root or module_name.startswith(root + ".")
 
 
 def check_trusted(ref: str, *, trusted: bool = False, what: str = "the checkpoint") -> None:
     """The trust gate, before any import: `ref` is built in (`zoo:`), or the user named it (`trusted`), or its
-    module is listed in MODELZIP_TRUSTED_MODULES. Anything a file names is untrusted otherwise."""
+    module is listed in MODELZIP_TRUSTED_MODULES. Anything a file names is untrusted otherwise. The hint
+    speaks Python (`load_model`'s arguments); the CLI says its own flags (`runner.load_input`)."""
     if ref.startswith(("zoo:", "hf:")):  # built in: the zoo, and transformers' Auto classes without remote code
         return
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"bad architecture reference {ref!r}", hint="use zoo:NAME or package.module:callable")
-    if trusted or any(module_name == m or module_name.startswith(m + ".") for m in trusted_modules()):
+    if trusted or any(_within(module_name, m) for m in trusted_modules()):
         return
-    raise UntrustedCodeError(
+    root = module_name.split(".")[0]
+    error = UntrustedCodeError(
         f"{what} names {ref!r}, which is not built in and not trusted, so it was not imported",
-        hint=(f"pass --arch {ref} or " if what == "the checkpoint" else "")
-        + f"set {TRUST_ENV}={module_name.split('.')[0]} if you trust that code")
+        hint=(f"pass arch={ref!r} or trusted_modules=[{root!r}] to load_model, or " if what == "the checkpoint"
+              else "") + f"set {TRUST_ENV}={root} if you trust that code")
+    error.trust_root = root  # the CLI's hint names --trust-arch and this module
+    raise error
+
+
+@contextlib.contextmanager
+def _on_import_path() -> Iterator[None]:
+    """The current directory on the import path while an architecture is imported, as `python -m` has it;
+    last, so that an installed package is never shadowed by a file of the same name here."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def import_arch(ref: str, *, trusted: bool = False) -> Callable[..., nn.Module]:
+    """The callable `package.module:attr` names, imported only after the trust gate, and only if it is what the
+    module defines as an architecture: an nn.Module subclass or a function whose `__module__` is that module
+    (or a submodule, or within the trusted module that covers it). A name the module imported from elsewhere
+    (`from subprocess import Popen`) is refused before anything is called."""
+    check_trusted(ref, trusted=trusted)
+    module_name, _, attr = ref.partition(":")
+    roots = {module_name} | {m for m in trusted_modules() if _within(module_name, m)}
+    with _on_import_path():
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except ModelzipError:
+            raise
+        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises as it is imported
+            raise UsageError(f"cannot import architecture {ref!r}: {first_line(exc)}",
+                             hint="check the module is importable from the current directory or PYTHONPATH") from None
+    is_arch = (isinstance(obj, type) and issubclass(obj, nn.Module)) or inspect.isfunction(obj)
+    defined_in = getattr(obj, "__module__", None)
+    if not is_arch or not isinstance(defined_in, str) or not any(_within(defined_in, r) for r in roots):
+        kind = "class" if isinstance(obj, type) else type(obj).__name__
+        made = f"a {kind} of {defined_in}" if isinstance(defined_in, str) else f"a {kind}"
+        raise UntrustedCodeError(
+            f"{ref!r} is {made}, not an nn.Module subclass or a function that {module_name} defines, "
+            "so it was not called", hint="name an architecture where it is defined, in a module you trust")
+    return obj
 
 
 def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
                kwargs_label: str = "--arch-kwargs") -> nn.Module:
     """Instantiate `zoo:NAME` or `package.module:callable` with kwargs, after the trust gate
-    (`check_trusted`): user code is imported only when trusted. `kwargs_label` names where the kwargs came
-    from in errors (the flag, or a manifest's field)."""
+    (`check_trusted`, `import_arch`): user code is imported only when trusted, and only what the module defines
+    is called. `kwargs_label` names where the kwargs came from in errors (the flag, or a manifest's field)."""
     kwargs = dict(kwargs or {})
     check_trusted(ref, trusted=trusted)
     if ref.startswith("zoo:"):
@@ -109,12 +177,7 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
             raise InputError(f"architecture {ref} needs its config", hint='--arch-kwargs \'{"config": {...}}\'')
         factory = functools.partial(hf.build, hf.task_for(kwargs["config"], ref[3:] or None))
     else:
-        module_name, _, attr = ref.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UsageError(f"cannot import architecture {ref!r}: {exc}",
-                             hint="check the module is importable (PYTHONPATH)") from None
+        factory = import_arch(ref, trusted=trusted)
     try:
         model = factory(**kwargs)
     except ModelzipError:
@@ -368,18 +431,24 @@ def _check_pickled(model: nn.Module, ref: str, kwargs: dict, where: str) -> None
 def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
                     trust_code: bool = False, input_shape: list[int] | None = None,
                     input_dtype: str | None = None, task: str | None = None,
-                    output_key: str | None = None) -> Loaded:
+                    output_key: str | None = None, trusted_modules: Collection[str] = (),
+                    trust_arch: bool = False) -> Loaded:
     """Read any supported input (docs/FORMAT.md) and rebuild the module. Callable inside
     `torch.inference_mode()`: the module is built outside it, so replays that trace (structured pruning)
-    work and the result can still be fine-tuned."""
-    with torch.inference_mode(False):
+    work and the result can still be fine-tuned.
+
+    A checkpoint of user code (`package.module:callable`) is rebuilt only when that code is trusted: `arch`
+    names it, `trusted_modules` (or MODELZIP_TRUSTED_MODULES) lists its module, or `trust_arch` says to
+    trust whatever architecture the file records (the CLI's --trust-arch)."""
+    with torch.inference_mode(False), trusting(trusted_modules):
         return _load_checkpoint(Path(path), arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code,
-                                input_shape=input_shape, input_dtype=input_dtype, task=task, output_key=output_key)
+                                input_shape=input_shape, input_dtype=input_dtype, task=task, output_key=output_key,
+                                trust_arch=trust_arch)
 
 
 def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_code: bool,
                      input_shape: list[int] | None, input_dtype: str | None, task: str | None,
-                     output_key: str | None) -> Loaded:
+                     output_key: str | None, trust_arch: bool) -> Loaded:
     from modelzip_cli import hf
 
     if hf.is_model_dir(path):
@@ -393,7 +462,7 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
             raise UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; --arch {arch} contradicts it",
                              hint="drop --arch")
         state = decode_state(tensors, schema.codecs(), schema.constant_values(), where=where)
-        trusted = arch == manifest.arch
+        trusted = trust_arch or arch == manifest.arch
         if legacy.needs_upgrade({"format_version": schema.format_version, "edits": manifest.edits}):
             manifest, state = _upgrade_first_wave(manifest, state, trusted=trusted, where=where)
         state = OrderedDict(state)
@@ -465,6 +534,10 @@ def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path, *,
     # The layer table travels in the manifest, so `inspect` needs the header only, whatever the file size.
     full = {**manifest.to_dict(), "encodings": encoded.encodings, "constants": encoded.constants,
             "state_versions": encoded.state_versions, "layers": layer_table(model, encoded=encoded)}
+    if not manifest.arch.startswith(("zoo:", "hf:")):  # user code: say what loading it will need
+        root = manifest.arch.partition(":")[0].split(".")[0]
+        full["arch_trust"] = (f"{manifest.arch} is user code: it is imported only when trusted "
+                              f"({TRUST_ENV}={root}, --trust-arch, or load_model(path, trusted_modules=[{root!r}]))")
     text = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     tensors = encoded.tensors
     if path.suffix == ".safetensors":

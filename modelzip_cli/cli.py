@@ -49,6 +49,8 @@ Seed = Annotated[int, typer.Option("--seed", help="same inputs and seed → same
 Arch = Annotated[str | None, typer.Option("--arch", help="architecture of a raw state dict: zoo:NAME or pkg.mod:fn")]
 ArchKwargs = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON object of architecture kwargs")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="allow unpickling a full nn.Module (runs code)")]
+TrustArch = Annotated[bool, typer.Option("--trust-arch", help="import the user architecture (pkg.mod:fn) the "
+                                          "input records (or set MODELZIP_TRUSTED_MODULES=pkg)")]
 InputShape = Annotated[str | None, typer.Option("--input-shape", help="example input shape, e.g. 1,64")]
 InputDtype = Annotated[str | None, typer.Option("--input-dtype", help="float or long (token ids)")]
 Task = Annotated[str | None, typer.Option("--task", help="a Hugging Face directory's task: feature-extraction, "
@@ -93,6 +95,7 @@ def _options(**spec: tuple[Any, Any]) -> list[inspect.Parameter]:
 
 
 MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trust_code=(TrustCode, False),
+                         trust_arch=(TrustArch, False),
                          input_shape=(InputShape, None), input_dtype=(InputDtype, None), task=(Task, None),
                          output_key=(OutputKey, None), device=(Device, "cpu"))
 OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
@@ -174,8 +177,9 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
     g = vars(shared)
     if g.get("threads") is not None and g["threads"] < 1:
         raise UsageError(f"--threads must be ≥ 1, got {g['threads']}")
-    fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data", "max_accuracy_drop",
-                                "min_fidelity", "threads", "arch", "task", "output_key", "device") if k in g}
+    fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "trust_arch", "eval_data",
+                                "max_accuracy_drop", "min_fidelity", "threads", "arch", "task", "output_key",
+                                "device") if k in g}
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
                          input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
 

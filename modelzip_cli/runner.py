@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from modelzip_cli import distributed
-from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
+from modelzip_cli.checkpoint import TRUST_ENV, Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context, null_progress
 from modelzip_cli.data import Dataset, as_model_input, check_fits, float_dtype, load_data
 from modelzip_cli.edits import to_dtype
-from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.errors import InputError, UntrustedCodeError, UsageError, first_line
 from modelzip_cli.files import Outputs, check_distinct, check_output
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.measure import (
@@ -50,6 +50,7 @@ class CommonOptions:
     arch: str | None = None
     arch_kwargs: dict | None = None
     trust_code: bool = False
+    trust_arch: bool = False  # trust the architecture the input records (user code)
     input_shape: list[int] | None = None
     input_dtype: str | None = None
     eval_data: Path | None = None
@@ -96,9 +97,16 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions,
 
 
 def load_input(path: Path, opts: CommonOptions) -> Loaded:
-    return load_checkpoint(path, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_code=opts.trust_code,
-                           input_shape=opts.input_shape, input_dtype=opts.input_dtype, task=opts.task,
-                           output_key=opts.output_key)
+    try:
+        return load_checkpoint(path, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_code=opts.trust_code,
+                               input_shape=opts.input_shape, input_dtype=opts.input_dtype, task=opts.task,
+                               output_key=opts.output_key, trust_arch=opts.trust_arch)
+    except UntrustedCodeError as exc:  # its hint speaks Python (load_model's arguments): say the flags instead
+        root = getattr(exc, "trust_root", None)
+        if root is None:
+            raise
+        raise UntrustedCodeError(exc.message, hint=f"pass --trust-arch (or --arch with the reference), or set "
+                                 f"{TRUST_ENV}={root}, if you trust that code") from None
 
 
 def load_dataset(path: Path | None, loaded: Loaded, *, require_targets: bool = True) -> Dataset | None:
