@@ -46,12 +46,16 @@ EXAMPLE_TOKENS = 32  # example sequence length when nothing else says
 def require_transformers():
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights come from the user's files
+    # Never reach for a hub: weights come from the user's files, and a config naming "org/repo" (an
+    # attn_implementation, a tokenizer) must not go online whatever HF_HUB_OFFLINE said before.
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
+        import huggingface_hub.constants
         import transformers
     except ImportError:
         raise UsageError("Hugging Face models need the transformers package",
                          hint="pip install 'modelzip[hf]'") from None
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at import: it may have been imported before
     transformers.logging.set_verbosity_error()  # its warnings are not the user's business here
     transformers.logging.disable_progress_bar()
     return transformers
