@@ -452,7 +452,9 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
     from modelzip_cli import hf
 
     if hf.is_model_dir(path):
-        return _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
+        loaded = _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
+        check_finite(loaded.model, str(path))  # as for every other input: NaN weights are refused, not quantized
+        return loaded
     where = str(path)
     tensors, manifest_text, pickled = read_raw(path, trust_code=trust_code)
     if manifest_text is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.files import atomic_write, check_output
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,8 +102,8 @@ def load_tokenizer(path: Path):
         raise InputError(f"--tokenizer {path} is not a directory", hint="pass the model directory")
     try:
         return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"no usable tokenizer in {path} ({str(exc).splitlines()[0][:200]})",
+    except Exception as exc:  # unknown schemas, binary vocab files, nesting: tokenizers raises many types
+        raise InputError(f"no usable tokenizer in {path} ({first_line(exc, 200)})",
                          hint="pass a model directory with tokenizer.json or vocab files") from None
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.errors import InputError, UsageError, first_line
 
 # --task → the Auto class that builds it
 TASKS = {
@@ -172,7 +172,7 @@ def build(task: str, config: dict, output_key: str | None = None) -> HFModel:
         auto = getattr(transformers, TASKS[task_for({}, task)])
         model = auto.from_config(cfg, trust_remote_code=False)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"transformers cannot build a {model_type} model for {task}: {str(exc).splitlines()[0]}",
+        raise InputError(f"transformers cannot build a {model_type} model for {task}: {first_line(exc)}",
                          hint="check config.json and --task") from None
     return HFModel(model, output_key, task)
 
@@ -213,7 +213,7 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
         model, info = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype="auto",
                                            output_loading_info=True)
     except Exception as exc:  # transformers raises many types for corrupt or mismatched files
-        raise InputError(f"{path}: transformers cannot load it as {task} ({str(exc).splitlines()[0][:300]})",
+        raise InputError(f"{path}: transformers cannot load it as {task} ({first_line(exc)})",
                          hint="check the files, or --task") from None
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing:
