@@ -406,6 +406,28 @@ def check_finite(model: nn.Module, where: str) -> None:
                          hint="the checkpoint is corrupt, or the training that made it diverged")
 
 
+def check_quant_params(model: nn.Module, where: str) -> None:
+    """The scales of modelzip's quantized modules are positive (as quantizing makes them: an input scale at least
+    float32's smallest normal, a weight scale at least that over 127, for an all-zero row) and static zero
+    points lie on the int8 grid: a forged 0 or 1e-45 would zero a layer, or divide by zero in every call,
+    without any error."""
+    from modelzip_cli.int8 import AMAX, AMIN, EPS
+
+    for name, module in model.named_modules():
+        if not callable(getattr(module, "logical_weights", None)):
+            continue
+        for key, t in module.named_buffers(recurse=False):
+            least = EPS if key == "input_scale" else EPS / 256
+            scale = key.endswith(("scale", "scales")) and t.is_floating_point() and t.numel()
+            if scale and not bool((t >= least).all()):
+                raise InputError(f"{where}: {name}.{key} holds a scale of {float(t.min()):.3g}; quantization "
+                                 f"scales are at least {least:.3g}", hint=CORRUPT)
+        zp = getattr(module, "input_zero_point", None)
+        if isinstance(zp, torch.Tensor) and not bool(((zp >= AMIN) & (zp <= AMAX)).all()):
+            raise InputError(f"{where}: {name}.input_zero_point is {int(zp.flatten()[0])}, outside the int8 range "
+                             f"[{AMIN}, {AMAX}]", hint=CORRUPT)
+
+
 def _check_pickled(model: nn.Module, ref: str, kwargs: dict, where: str) -> None:
     """A pickled module must be what its recorded (or --arch) architecture builds, or its output could not
     be rebuilt: compare names and shapes with the architecture built on meta."""
@@ -488,6 +510,7 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         model = rebuild(manifest, tensors, trusted=True, where=where, kwargs_label="--arch-kwargs")
         source = "state-dict"
     check_finite(model, where)
+    check_quant_params(model, where)
     note = one_float_dtype(model, where)
     if input_shape is not None:
         manifest.input_shape = list(input_shape)

@@ -9,6 +9,7 @@ the file holds `inputs` (float N×3×size×size) and `targets`. `split` writes a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from modelzip_cli.files import atomic_write, check_output
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_STD = 1e-3  # pixels are in [0, 1]: a smaller std only blows them up (1e-45 made them inf)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -112,8 +114,11 @@ def images(folder: Path, output: Path, *, size: int = 224, mean: tuple[float, ..
            force: bool = False) -> Written:
     if size < 1:
         raise UsageError(f"--size must be ≥ 1, got {size}")
-    if len(mean) != 3 or len(std) != 3 or any(not s > 0 for s in std):
-        raise UsageError("--mean and --std take three numbers each (R,G,B), std > 0")
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) and abs(v) <= 1e3 for v in mean) \
+            or not all(MIN_STD <= v <= 1e3 for v in std):  # NaN fails every comparison
+        raise UsageError(f"--mean and --std take three finite numbers each (R,G,B), |mean| ≤ 1000 and "
+                         f"{MIN_STD:g} ≤ std ≤ 1000, got {list(mean)} and {list(std)}",
+                         hint="the defaults are ImageNet's: 0.485,0.456,0.406 and 0.229,0.224,0.225")
     paths = outputs_for(output, split, force)
     if not folder.is_dir():
         raise InputError(f"image folder {folder}: no such folder", hint="one subfolder per class")

@@ -176,5 +176,9 @@ def _static(edit: dict, state: dict, model: nn.Module) -> dict:
             folded.append(node.target)
         elif src in float_owner and relu:
             float_owner[node] = float_owner[src]
+    unread = sorted(names - set(quantized) - set(float_owner.values()))
+    if unread:  # a layer the model lacks, or one without stored int8 parameters: the edit cannot be replayed
+        raise InputError(f"first-wave static file: its edit names {unread[0]!r}, which is not a quantized layer of "
+                         "the model", hint=REQUANTIZE)
     return {"kind": "quantize_static", "modules": quantized, "qat": bool(edit.get("qat")), "observer": "first-wave",
             "reduced_range": True, **({"folded": folded} if folded else {})}  # torch.ao x86: 7-bit activations

@@ -874,31 +874,3 @@ def test_zero_width_layer_is_left_alone(cli, tmp_path, command):
     with torch.inference_mode():
         assert load_model(out)(x).shape == (4, 10)
 
-
-# ---------------------------------------------------------------------------------------------------
-# Hugging Face folders (issue 26)
-
-
-def tiny_bert(folder: Path) -> Path:
-    """A Hugging Face folder as transformers saves it: a 1-layer BERT of width 16 (a few seconds to load)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                     vocab_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    return folder
-
-
-def test_non_finite_weights_in_a_hugging_face_folder_are_refused(cli, work):
-    """Issue 26 item 8: NaN weights in an HF folder passed quantize (exit 0), and eval then refused the output."""
-    from safetensors.torch import load_file, save_file
-
-    folder = tiny_bert(work / "bert")
-    tensors = load_file(folder / "model.safetensors")
-    name = next(k for k in tensors if k.endswith("attention.self.query.weight"))
-    tensors[name][0, 0] = float("nan")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    before = snapshot(work)
-    refused(cli("quantize", folder, "--method", "dynamic", "-o", work / "q.safetensors", "-q"), "non-finite",
-            "query.weight")
-    assert snapshot(work) == before
