@@ -51,6 +51,7 @@ from modelzip_cli.format import (
     encode_module,
     parse_manifest,
 )
+from modelzip_cli.limits import check_memory
 from modelzip_cli.measure import layer_table
 from modelzip_cli.zoo import ZOO
 
@@ -164,6 +165,11 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
     is called. `kwargs_label` names where the kwargs came from in errors (the flag, or a manifest's field)."""
     kwargs = dict(kwargs or {})
     check_trusted(ref, trusted=trusted)
+    if torch.empty(0).device.type != "meta":  # one size estimate before any real build, against the memory limit
+        values = declared_values(ref, kwargs, trusted=trusted, kwargs_label=kwargs_label)
+        if values is not None:
+            check_memory(4 * values, f"{ref} as {kwargs_label} declare it ({values:,} values)",
+                         hint=f"check {kwargs_label}")
     if ref.startswith("zoo:"):
         name = ref[4:]
         if name not in ZOO:
@@ -188,6 +194,27 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
         raise UsageError(f"architecture {ref!r} did not return an nn.Module")
     model._modelzip_arch = (ref, kwargs)  # so save_model knows how to rebuild it
     return model
+
+
+def declared_values(ref: str, kwargs: dict, *, trusted: bool = False,
+                    kwargs_label: str = "--arch-kwargs") -> int | None:
+    """How many values (parameters and buffers) `ref` built with `kwargs` holds, counted on the meta device
+    without allocating anything (`hf.declared_values` for transformers' models); None for user code that
+    cannot be built on meta."""
+    if ref.startswith("hf:"):
+        from modelzip_cli import hf
+
+        if not isinstance(kwargs.get("config"), dict):
+            return None  # build_arch says what is missing
+        return hf.declared_values(hf.task_for(kwargs["config"], ref[3:] or None), kwargs["config"])
+    try:
+        with torch.device("meta"):
+            model = build_arch(ref, kwargs, trusted=trusted, kwargs_label=kwargs_label)
+    except ModelzipError:
+        if ref.startswith("zoo:"):  # built-in classes build on meta: the kwargs are wrong
+            raise
+        return None
+    return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def default_input_shape(ref: str | None, kwargs: dict) -> list[int] | None:
@@ -313,7 +340,14 @@ def _meta_checked(manifest: Manifest, edits: list[dict], state: dict[str, Any], 
     """The architecture built on the meta device (nothing allocated) with the leading edits that replay there,
     and how many did: (None, 0) for a Hugging Face model or user code that cannot be built on meta. A model
     that declares more than twice the values the file stores is refused before anything is allocated."""
-    if manifest.arch is None or manifest.arch.startswith("hf:"):  # transformers ties weights as it builds
+    if manifest.arch is None:
+        return None, 0
+    if manifest.arch.startswith("hf:"):  # transformers ties weights as it builds: counted, then built for real
+        declared, stored = declared_values(manifest.arch, manifest.arch_kwargs) or 0, _values(state)
+        shrunk = {"prune_structured", "prune_heads", "lowrank"} & {e["kind"] for e in edits}
+        if declared > (16 if shrunk else 4) * stored + (1 << 20):  # int4 stores two values a byte
+            raise InputError(f"{where}: {kwargs_label} declare a model of {declared:,} values, but the file stores "
+                             f"{stored:,}; nothing was allocated", hint=CORRUPT)
         return None, 0
     try:
         with torch.device("meta"):

@@ -474,12 +474,14 @@ def student_from(student: str | None, kwargs: dict | None, config: Path | None) 
         return student, kwargs
     import json
 
+    from modelzip_cli.limits import parse, read_text
+
     if kwargs:
         raise UsageError("--student-kwargs and --student-config do not go together", hint="put it all in the config")
     path = config / "config.json" if config.is_dir() else config
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        cfg = parse(json.loads, read_text(path, "--student-config"), f"--student-config {config}")
+    except ValueError as exc:
         raise InputError(f"--student-config {config} is not a readable JSON file ({first_line(exc, 120)})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise InputError(f"--student-config {config} is not a transformers config (no model_type)")

@@ -16,6 +16,7 @@ transformers is an optional extra (`pip install 'modelzip[hf]'`), imported only 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
+from modelzip_cli.limits import check_memory, parse, read_text
 
 # --task → the Auto class that builds it
 TASKS = {
@@ -71,7 +73,8 @@ def task_for(config: dict, task: str | None = None) -> str:
         if task not in TASKS:
             raise UsageError(f"unknown --task {task!r}", hint="use one of " + ", ".join(TASKS))
         return task
-    for arch in config.get("architectures") or []:
+    archs = config.get("architectures")
+    for arch in archs if isinstance(archs, list) else []:  # a forged value of another type names no task
         for suffix, name in _ARCH_SUFFIXES:
             if str(arch).endswith(suffix):
                 return name
@@ -171,10 +174,32 @@ def build(task: str, config: dict, output_key: str | None = None) -> HFModel:
         cfg = transformers.AutoConfig.for_model(model_type, **config)
         auto = getattr(transformers, TASKS[task_for({}, task)])
         model = auto.from_config(cfg, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except ModelzipError:
+        raise
+    except Exception as exc:  # a config's wrong types and values fail in every way inside transformers
         raise InputError(f"transformers cannot build a {model_type} model for {task}: {first_line(exc)}",
                          hint="check config.json and --task") from None
     return HFModel(model, output_key, task)
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers")
+
+
+def declared_values(task: str, config: dict) -> int:
+    """How many values (parameters and buffers) a model of `config` declares, counted on the meta device, where
+    nothing is allocated: built with one and two layers and extrapolated to the configured count, so that a
+    config of 50,000 layers costs two small builds."""
+
+    def count(cfg: dict) -> int:
+        with torch.device("meta"):
+            model = build(task, cfg)
+        return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+
+    keys = [k for k in LAYER_KEYS if type(config.get(k)) is int and config[k] > 2]
+    if not keys:
+        return count(config)
+    one, two = count({**config, **dict.fromkeys(keys, 1)}), count({**config, **dict.fromkeys(keys, 2)})
+    return one + max(two - one, 0) * (max(config[k] for k in keys) - 1)  # an upper bound when the counts differ
 
 
 def example_shape(config: dict, task: str) -> tuple[list[int], str]:
@@ -187,12 +212,17 @@ def example_shape(config: dict, task: str) -> tuple[list[int], str]:
 
 
 def read_config(path: Path) -> dict:
+    """config.json: a regular file of bounded size, parsed without recursing past Python's limit, whose
+    `model_type` is a string and `architectures` a list of strings."""
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}/config.json is not readable JSON ({exc})") from None
+        config = parse(json.loads, read_text(path / "config.json", "config"), f"{path}/config.json")
+    except ValueError as exc:
+        raise InputError(f"{path}/config.json is not readable JSON ({first_line(exc)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{path}/config.json is not a transformers config (no model_type)")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise InputError(f"{path}/config.json: architectures must be a list of class names, got {archs!r:.60}")
     return config
 
 
@@ -208,6 +238,7 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
         raise InputError(f"{path} has a config.json but no weights", hint="expected " + ", ".join(WEIGHT_FILES))
     transformers = require_transformers()
     task = task_for(config, task)
+    check_declared(path, task, config)
     auto = getattr(transformers, TASKS[task])
     try:
         model, info = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype="auto",
@@ -223,6 +254,19 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
     for key in ("transformers_version", "_name_or_path"):  # where and by what it was made: not the model's
         config.pop(key, None)
     return HFModel(model.float() if not _float_dtype(model) else model, output_key, task).eval(), config
+
+
+def check_declared(path: Path, task: str, config: dict) -> None:
+    """The model config.json declares, counted before transformers builds it: no more values than the weight
+    files could hold (at least a byte each) and within the memory limit."""
+    values = declared_values(task, config)
+    stored = sum(p.stat().st_size for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
+    if values > 4 * stored + (1 << 20):
+        raise InputError(f"{path}/config.json declares a model of {values:,} values, but its weight files hold "
+                         f"{stored:,} bytes; nothing was allocated", hint="config.json does not match the weights")
+    half = str(config.get("torch_dtype") or config.get("dtype")) in {"float16", "bfloat16"}
+    check_memory((2 if half else 4) * values, f"{path}: the model config.json declares ({values:,} values)",
+                 hint="check config.json")
 
 
 def _float_dtype(model: nn.Module) -> bool:

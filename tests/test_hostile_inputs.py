@@ -113,3 +113,64 @@ def test_a_first_wave_edit_naming_a_missing_layer_is_refused(cli, work):
     model = forge(ROOT / "tests" / "fixtures" / "v1" / "digits_static.safetensors", work / "v1.safetensors",
                   manifest=name_missing)
     refused(cli("eval", model, "--data", DIGITS_TEST, "-q"), "layers.42")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One size estimate before building any architecture (item 5)
+
+BERT_LARGE = {"model_type": "bert", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+              "intermediate_size": 4096, "vocab_size": 30522}
+
+
+@pytest.fixture
+def two_gb(monkeypatch):
+    """The memory limit of a small machine, whatever this one has."""
+    monkeypatch.setenv("MODELZIP_MAX_MEMORY", "2G")
+
+
+def test_a_checkpoint_forged_to_a_large_hugging_face_config_is_refused(cli, work, two_gb):
+    def bert_large(m):
+        m["arch"], m["arch_kwargs"], m["edits"] = "hf:feature-extraction", {"config": BERT_LARGE}, []
+        m["input_shape"], m["input_dtype"] = [1, 8], "long"
+
+    model = forge(DIGITS_TEACHER, work / "m.safetensors", manifest=bert_large)
+    refused(cli("eval", model, "--data", DIGITS_TEST, "-q"), "335,142,912 values", "nothing was allocated")
+
+
+def test_a_hugging_face_folder_declaring_50000_layers_over_one_is_refused(cli, work, two_gb):
+    import json
+    import time
+
+    folder = tiny_bert(work / "bert")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 50_000}))
+    start = time.monotonic()
+    refused(cli("quantize", folder, "--method", "dynamic", "-o", work / "q.safetensors", "-q"), "config.json",
+            "values")
+    assert time.monotonic() - start < 30  # was 126 s and 5.1 GB
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_recipe_student_larger_than_memory_is_refused_before_building(cli, work, two_gb, dry_run):
+    from .test_hostile import write_recipe
+
+    recipe = write_recipe(work / "r.toml", [{"op": "distill", "student": "zoo:mlp", "epochs": 1,
+                                             "student-kwargs": {"hidden_sizes": [60000, 60000]}}])
+    r = cli("chain", DIGITS_TEACHER, "--recipe", recipe, "--data", DIGITS_TRAIN, "-o", work / "o.safetensors", "-q",
+            *(["--dry-run"] if dry_run else []))
+    refused(r, "zoo:mlp", "student's kwargs", "memory limit")
+
+
+@pytest.mark.parametrize("config", [{**BERT_LARGE, "vocab_size": 2_000_000},
+                                    {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
+                                     "num_attention_heads": 4, "intermediate_size": 64, "image_size": 40000,
+                                     "patch_size": 4}], ids=["2M-row embedding", "image_size 40000"])
+def test_a_student_config_larger_than_memory_is_refused_naming_it(cli, work, two_gb, config):
+    import json
+
+    pytest.importorskip("transformers")
+    (work / "student.json").write_text(json.dumps(config))
+    r = cli("distill", DIGITS_TEACHER, "--student-config", work / "student.json", "--data", DIGITS_TRAIN,
+            "-o", work / "o.safetensors", "-q")
+    line = refused(r, "student's config", "memory limit")
+    assert "--arch-kwargs" not in line
