@@ -4,7 +4,7 @@ archives checked before they are inflated, recursion-safe parsing, and one memor
 a file (an architecture, a tensor, a conversion) are checked against before anything is allocated.
 
 The memory limit is MODELZIP_MAX_MEMORY (`8G`, `512M`, bytes) when set, else the room left under the process's
-address-space limit (RLIMIT_AS) and the machine's physical memory, whichever is smaller.
+address-space limit (RLIMIT_AS) and the memory the machine has available (MemAvailable), whichever is smaller.
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ def _address_space_left() -> int | None:
 
 
 def _physical() -> int | None:
+    """The memory the machine has available now (MemAvailable), else its physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
