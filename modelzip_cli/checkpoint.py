@@ -459,6 +459,10 @@ def check_quant_params(model: nn.Module, where: str) -> None:
             if scale and not bool((t >= least).all()):
                 raise InputError(f"{where}: {name}.{key} holds a scale of {float(t.min()):.3g}; quantization "
                                  f"scales are at least {least:.3g}", hint=CORRUPT)
+        q = module._buffers.get("qweight")
+        if "weight_scale" in module._buffers and isinstance(q, torch.Tensor) and q.dtype != torch.int8:
+            raise InputError(f"{where}: {name}.qweight is {str(q.dtype).removeprefix('torch.')}, not int8",
+                             hint=CORRUPT)
         zp = getattr(module, "input_zero_point", None)
         if isinstance(zp, torch.Tensor) and not bool(((zp >= AMIN) & (zp <= AMAX)).all()):
             raise InputError(f"{where}: {name}.input_zero_point is {int(zp.flatten()[0])}, outside the int8 range "

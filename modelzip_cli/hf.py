@@ -204,10 +204,19 @@ def declared_values(task: str, config: dict) -> int:
 
 def example_shape(config: dict, task: str) -> tuple[list[int], str]:
     """A batch-1 example input from the config: token ids, or an image of the configured size."""
+    def positive(key: str, default: int) -> int:
+        value = config.get(key)
+        if value is None:
+            return default
+        if type(value) is not int or not 0 < value <= 1 << 20:
+            raise InputError(f"the Hugging Face config's {key} is {value!r:.40}, not a positive size",
+                             hint="check config.json")
+        return value
+
     if task == "image-classification" or "num_channels" in config or config.get("model_type") in {"resnet", "vit"}:
-        size = config.get("image_size", 224)
-        return [1, config.get("num_channels", 3), size, size], "float"
-    length = min(EXAMPLE_TOKENS, config.get("max_position_embeddings") or config.get("n_positions") or EXAMPLE_TOKENS)
+        size = positive("image_size", 224)
+        return [1, positive("num_channels", 3), size, size], "float"
+    length = min(EXAMPLE_TOKENS, positive("max_position_embeddings", 0) or positive("n_positions", 0) or EXAMPLE_TOKENS)
     return [1, length], "long"
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from modelzip_cli.errors import InputError, UsageError
 
 MEMORY_ENV = "MODELZIP_MAX_MEMORY"
+MAX_DEPTH = 64  # lists and tables in a config, recipe or manifest: real ones nest a handful deep
 TEXT_CAP = 16 << 20  # a config, recipe, plan or tokenizer config: far larger than any real one (1 MB is a lot)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -125,12 +126,28 @@ def read_text(path: Path, what: str, cap: int = TEXT_CAP) -> str:
         raise InputError(f"{what} {path} is not UTF-8 text") from None
 
 
-def parse(loader: Callable[[str], Any], text: str, what: str) -> Any:
-    """`loader(text)` (json.loads, tomllib.loads), with nesting too deep for the parser as one line."""
+def parse(loader: Callable[[Any], Any], text: str | bytes, what: str, hint: str = "check the file") -> Any:
+    """`loader(text)` (json.loads, tomllib.loads) as a value nested at most MAX_DEPTH deep: nesting too deep for
+    the parser, or for the code that later copies or walks the value (recursively), is one line."""
     try:
-        return loader(text)
+        value = loader(text)
     except RecursionError:
-        raise InputError(f"{what} is nested too deeply to read", hint="check the file") from None
+        raise InputError(f"{what} is nested too deeply to read", hint=hint) from None
+    if depth(value) > MAX_DEPTH:
+        raise InputError(f"{what} is nested more than {MAX_DEPTH} levels deep", hint=hint)
+    return value
+
+
+def depth(value: Any) -> int:
+    """How deeply lists and dicts nest in `value`, found without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((child, d + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def check_archive(path: Path, what: str) -> None:

@@ -373,3 +373,107 @@ def test_short_text_lines_are_sized_before_tokenizing(cli, work, monkeypatch):
     from modelzip_cli.data import load_data
 
     assert load_data(work / "t.safetensors", require_targets=False).inputs.shape == (4000, 2, 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Malformed input that was exit 3 (item 9): each one line, exit 2, nothing written
+
+DEEP = 100_000
+
+
+def _deep_json(key: str = "x") -> str:
+    return f'{{"{key}": ' + "[" * DEEP + "]" * DEEP + "}"
+
+
+def _hf_case(work: Path, case: str) -> list:
+    import json
+
+    folder = tiny_bert(work / "bert")
+    config = json.loads((folder / "config.json").read_text())
+    out = ["-o", work / "q.safetensors", "-q"]
+    if case == "config nested 100k deep":
+        (folder / "config.json").write_text(_deep_json("model_type"))
+    elif case == "architectures: 5":
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": 5}))
+    elif case == 'num_channels: "x"':
+        (folder / "config.json").write_text(json.dumps({**config, "num_channels": "x"}))
+    elif case == "image_size: -1":
+        (folder / "config.json").write_text(json.dumps({**config, "num_channels": 3, "image_size": -1}))
+    elif case == "0-byte pytorch_model.bin":
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"")
+    return ["quantize", folder, "--method", "dynamic", *out]
+
+
+def _tokenizer_case(work: Path, case: str) -> list:
+    folder = tiny_bert(work / "bert")
+    if case == "tokenizer of unknown schema":
+        (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nonsense"}}')
+    elif case == "tokenizer nested 100k deep":
+        (folder / "tokenizer.json").write_text(_deep_json("model"))
+    else:  # a binary vocab.txt
+        (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer"}')
+        (folder / "vocab.txt").write_bytes(bytes(range(256)) * 64)
+    (work / "c.txt").write_text("a line\nanother\n")
+    return ["data", "text", work / "c.txt", "--tokenizer", folder, "-o", work / "t.safetensors"]
+
+
+def _other_case(work: Path, case: str) -> list:
+    import json
+
+    if case.startswith("recipe nested"):
+        suffix = case.split()[-1]
+        text = _deep_json("steps") if suffix == ".json" else "steps = " + "[" * DEEP + "]" * DEEP + "\n"
+        (work / f"r{suffix}").write_text(text)
+        return ["chain", DIGITS_TEACHER, "--recipe", work / f"r{suffix}", "--dry-run", "-q"]
+    if case == "manifest arch_kwargs 500 deep":
+        def deep(m):
+            m["arch_kwargs"]["x"] = json.loads("[" * 500 + "]" * 500)
+
+        return ["eval", forge(DIGITS_TEACHER, work / "m.safetensors", manifest=deep), "--data", DIGITS_TEST, "-q"]
+    if case == "uint8 qweight on export":
+        import contextlib
+        import io
+
+        from modelzip_cli.cli import run
+
+        dynamic = work.parent / "dynamic.safetensors"
+        with contextlib.redirect_stderr(io.StringIO()):
+            assert run(["quantize", str(DIGITS_TEACHER), "--method", "dynamic", "-o", str(dynamic), "-q"]) == 0
+
+        def unsigned(tensors, manifest):
+            name = next(k for k in sorted(tensors) if k.endswith("layers.0.qweight"))
+            tensors[name] = tensors[name].view(torch.uint8)
+
+        model = forge(dynamic, work / "m.safetensors", tensors=unsigned)
+        pytest.importorskip("onnx")
+        return ["export", model, "--format", "onnx", "-o", work / "m.onnx", "-q"]
+    # an ONNX graph whose output batch is fixed: (N, 4) → (1, 4)
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=1, axes=[0])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), work / "m.onnx")
+    return ["eval", work / "m.onnx", "--data", tiny_data(work / "d.safetensors", (8, 4)), "-q"]
+
+
+MALFORMED = {
+    **dict.fromkeys(["config nested 100k deep", "architectures: 5", 'num_channels: "x"', "image_size: -1",
+                     "0-byte pytorch_model.bin"], _hf_case),
+    **dict.fromkeys(["tokenizer of unknown schema", "tokenizer nested 100k deep", "binary vocab.txt"],
+                    _tokenizer_case),
+    **dict.fromkeys(["recipe nested 100k deep .toml", "recipe nested 100k deep .json", "manifest arch_kwargs 500 deep",
+                     "uint8 qweight on export", "ONNX output batch fixed"], _other_case),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_input_is_one_line_exit_2(cli, work, case):
+    argv = MALFORMED[case](work, case)
+    before = snapshot(work)
+    refused(cli(*argv))
+    assert snapshot(work) == before
