@@ -112,7 +112,8 @@ def check_trusted(ref: str, *, trusted: bool = False, what: str = "the checkpoin
         f"{what} names {ref!r}, which is not built in and not trusted, so it was not imported",
         hint=(f"pass arch={ref!r} or trusted_modules=[{root!r}] to load_model, or " if what == "the checkpoint"
               else "") + f"set {TRUST_ENV}={root} if you trust that code")
-    error.trust_root = root  # the CLI's hint names --trust-arch and this module
+    if what == "the checkpoint":
+        error.cli_hint = f"pass --trust-arch (or --arch {ref}), or set {TRUST_ENV}={root}, if you trust that code"
     raise error
 
 
@@ -524,8 +525,10 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         schema = parse_manifest(manifest_text, where)
         manifest = schema.manifest()
         if arch is not None and arch != manifest.arch:
-            raise UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; --arch {arch} contradicts it",
-                             hint="drop --arch")
+            error = UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; the architecture passed, {arch}, "
+                               "contradicts it", hint="leave arch= out")
+            error.cli_hint = "drop --arch"  # runner.load_input says the flag
+            raise error
         state = decode_state(tensors, schema.codecs(), schema.constant_values(), where=where)
         trusted = trust_arch or arch == manifest.arch
         if legacy.needs_upgrade({"format_version": schema.format_version, "edits": manifest.edits}):
@@ -543,8 +546,10 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         source = "pickled-module"
     else:
         if arch is None:
-            raise UsageError(f"{path} is a plain state dict and does not say which architecture it is",
-                             hint="pass --arch zoo:NAME or --arch package.module:callable, with --arch-kwargs")
+            error = UsageError(f"{path} is a plain state dict and does not say which architecture it is",
+                               hint="pass arch='zoo:NAME' or arch='package.module:callable', with arch_kwargs={...}")
+            error.cli_hint = "pass --arch zoo:NAME or --arch package.module:callable, with --arch-kwargs"
+            raise error
         manifest = Manifest(arch=arch, arch_kwargs=dict(arch_kwargs or {}),
                             input_shape=default_input_shape(arch, arch_kwargs or {}),
                             input_dtype=default_input_dtype(arch, arch_kwargs or {}))

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from modelzip_cli import distributed
-from modelzip_cli.checkpoint import TRUST_ENV, Loaded, load_checkpoint, save_checkpoint
+from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context, null_progress
 from modelzip_cli.data import Dataset, as_model_input, check_fits, float_dtype, load_data
 from modelzip_cli.edits import to_dtype
-from modelzip_cli.errors import InputError, UntrustedCodeError, UsageError, first_line
+from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
 from modelzip_cli.files import Outputs, check_distinct, check_output
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.measure import (
@@ -101,12 +101,11 @@ def load_input(path: Path, opts: CommonOptions) -> Loaded:
         return load_checkpoint(path, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_code=opts.trust_code,
                                input_shape=opts.input_shape, input_dtype=opts.input_dtype, task=opts.task,
                                output_key=opts.output_key, trust_arch=opts.trust_arch)
-    except UntrustedCodeError as exc:  # its hint speaks Python (load_model's arguments): say the flags instead
-        root = getattr(exc, "trust_root", None)
-        if root is None:
+    except ModelzipError as exc:  # load_checkpoint's hints speak Python (its arguments): say the flags instead
+        cli_hint = getattr(exc, "cli_hint", None)
+        if cli_hint is None:
             raise
-        raise UntrustedCodeError(exc.message, hint=f"pass --trust-arch (or --arch with the reference), or set "
-                                 f"{TRUST_ENV}={root}, if you trust that code") from None
+        raise type(exc)(exc.message, hint=cli_hint) from None
 
 
 def load_dataset(path: Path | None, loaded: Loaded, *, require_targets: bool = True) -> Dataset | None:

@@ -62,8 +62,11 @@ def test_raw_state_dict_needs_arch_and_loads_with_it(tmp_path, cli):
     torch.save(model.state_dict(), raw)
     r = cli("inspect", raw, "--json")
     assert r.code == 0 and r.json["model"]["parameters"] == sum(p.numel() for p in model.parameters())
-    with pytest.raises(UsageError, match="--arch"):
+    with pytest.raises(UsageError, match="arch=") as err:  # Python's arguments, not the CLI's flags
         load_checkpoint(raw)
+    assert "--" not in str(err.value)
+    r = cli("eval", raw, "--data", DIGITS_TEST, "-q")
+    assert r.code == 2 and "--arch zoo:NAME" in r.stderr
     loaded = load_checkpoint(raw, arch="zoo:mlp", arch_kwargs=kwargs)
     x = torch.rand(3, 64)
     assert torch.equal(loaded.model(x), model(x))
