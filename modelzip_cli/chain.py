@@ -28,6 +28,7 @@ from modelzip_cli.errors import InputError, ModelzipError, UsageError
 from modelzip_cli.export import ExportConfig
 from modelzip_cli.files import Target, confined
 from modelzip_cli.format import OUTPUT_SUFFIXES
+from modelzip_cli.limits import parse, read_text
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs, make_config
 from modelzip_cli.techniques.distill import is_checkpoint_path
 
@@ -64,13 +65,12 @@ class ExportStep:
 
 
 def _read(path: Path, text: str | None = None) -> list:
-    """The steps of the recipe at `path` (or of `text`, a plan about to be written there)."""
-    if text is None and (not path.exists() or path.is_dir()):
-        raise InputError(f"recipe {path}: no such file", hint="pass a .toml or .json recipe")
+    """The steps of the recipe at `path` (or of `text`, a plan about to be written there): a regular file of
+    bounded size (never a FIFO or /dev/zero), parsed recursion-safely."""
+    text = read_text(path, "recipe") if text is None else text
     try:
-        text = path.read_text() if text is None else text
-        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = parse(tomllib.loads if path.suffix == ".toml" else json.loads, text, f"recipe {path}")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"recipe {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
     items = raw if isinstance(raw, list) else raw.get("steps") if isinstance(raw, dict) else None
     if isinstance(raw, dict) and set(raw) - {"steps", "plan"}:

@@ -7,16 +7,20 @@ The file layout itself (keys, manifest, codecs) is `format.py`, described in doc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
+import inspect
 import itertools
 import json
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ from modelzip_cli.format import (
     encode_module,
     parse_manifest,
 )
+from modelzip_cli.limits import check_archive, check_memory, check_regular
 from modelzip_cli.measure import layer_table
 from modelzip_cli.zoo import ZOO
 
@@ -69,33 +74,103 @@ class Loaded:
 # Architectures
 
 
+_TRUSTED_HERE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("trusted_here", default=frozenset())
+
+
 def trusted_modules() -> set[str]:
-    return {m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()}
+    """MODELZIP_TRUSTED_MODULES, plus the modules a caller of `load_checkpoint` passed as `trusted_modules`."""
+    return {m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()} | set(_TRUSTED_HERE.get())
+
+
+@contextlib.contextmanager
+def trusting(modules: Collection[str]) -> Iterator[None]:
+    """Trust `modules` (and their submodules) for the duration of the block, as MODELZIP_TRUSTED_MODULES would."""
+    token = _TRUSTED_HERE.set(_TRUSTED_HERE.get() | frozenset(modules))
+    try:
+        yield
+    finally:
+        _TRUSTED_HERE.reset(token)
+
+
+def _within(module_name: str, root: str) -> bool:
+    return module_name == root or module_name.startswith(root + ".")
 
 
 def check_trusted(ref: str, *, trusted: bool = False, what: str = "the checkpoint") -> None:
     """The trust gate, before any import: `ref` is built in (`zoo:`), or the user named it (`trusted`), or its
-    module is listed in MODELZIP_TRUSTED_MODULES. Anything a file names is untrusted otherwise."""
+    module is listed in MODELZIP_TRUSTED_MODULES. Anything a file names is untrusted otherwise. The hint
+    speaks Python (`load_model`'s arguments); the CLI says its own flags (`runner.load_input`)."""
     if ref.startswith(("zoo:", "hf:")):  # built in: the zoo, and transformers' Auto classes without remote code
         return
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"bad architecture reference {ref!r}", hint="use zoo:NAME or package.module:callable")
-    if trusted or any(module_name == m or module_name.startswith(m + ".") for m in trusted_modules()):
+    if trusted or any(_within(module_name, m) for m in trusted_modules()):
         return
-    raise UntrustedCodeError(
+    root = module_name.split(".")[0]
+    error = UntrustedCodeError(
         f"{what} names {ref!r}, which is not built in and not trusted, so it was not imported",
-        hint=(f"pass --arch {ref} or " if what == "the checkpoint" else "")
-        + f"set {TRUST_ENV}={module_name.split('.')[0]} if you trust that code")
+        hint=(f"pass arch={ref!r} or trusted_modules=[{root!r}] to load_model, or " if what == "the checkpoint"
+              else "") + f"set {TRUST_ENV}={root} if you trust that code")
+    if what == "the checkpoint":
+        error.cli_hint = f"pass --trust-arch (or --arch {ref}), or set {TRUST_ENV}={root}, if you trust that code"
+    raise error
+
+
+@contextlib.contextmanager
+def _on_import_path() -> Iterator[None]:
+    """The current directory on the import path while an architecture is imported, as `python -m` has it;
+    last, so that an installed package is never shadowed by a file of the same name here."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def import_arch(ref: str, *, trusted: bool = False) -> Callable[..., nn.Module]:
+    """The callable `package.module:attr` names, imported only after the trust gate, and only if it is what the
+    module defines as an architecture: an nn.Module subclass or a function whose `__module__` is that module
+    (or a submodule, or within the trusted module that covers it). A name the module imported from elsewhere
+    (`from subprocess import Popen`) is refused before anything is called."""
+    check_trusted(ref, trusted=trusted)
+    module_name, _, attr = ref.partition(":")
+    roots = {module_name} | {m for m in trusted_modules() if _within(module_name, m)}
+    with _on_import_path():
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except ModelzipError:
+            raise
+        except Exception as exc:  # ImportError, AttributeError, or whatever the module raises as it is imported
+            raise UsageError(f"cannot import architecture {ref!r}: {first_line(exc)}",
+                             hint="check the module is importable from the current directory or PYTHONPATH") from None
+    is_arch = (isinstance(obj, type) and issubclass(obj, nn.Module)) or inspect.isfunction(obj)
+    defined_in = getattr(obj, "__module__", None)
+    if not is_arch or not isinstance(defined_in, str) or not any(_within(defined_in, r) for r in roots):
+        kind = "class" if isinstance(obj, type) else type(obj).__name__
+        made = f"a {kind} of {defined_in}" if isinstance(defined_in, str) else f"a {kind}"
+        raise UntrustedCodeError(
+            f"{ref!r} is {made}, not an nn.Module subclass or a function that {module_name} defines, "
+            "so it was not called", hint="name an architecture where it is defined, in a module you trust")
+    return obj
 
 
 def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
                kwargs_label: str = "--arch-kwargs") -> nn.Module:
     """Instantiate `zoo:NAME` or `package.module:callable` with kwargs, after the trust gate
-    (`check_trusted`): user code is imported only when trusted. `kwargs_label` names where the kwargs came
-    from in errors (the flag, or a manifest's field)."""
+    (`check_trusted`, `import_arch`): user code is imported only when trusted, and only what the module defines
+    is called. `kwargs_label` names where the kwargs came from in errors (the flag, or a manifest's field)."""
     kwargs = dict(kwargs or {})
     check_trusted(ref, trusted=trusted)
+    if torch.empty(0).device.type != "meta":  # one size estimate before any real build, against the memory limit
+        values = declared_values(ref, kwargs, trusted=trusted, kwargs_label=kwargs_label)
+        if values is not None:
+            check_memory(4 * values, f"{ref} as {kwargs_label} declare it ({values:,} values)",
+                         hint=f"check {kwargs_label}")
     if ref.startswith("zoo:"):
         name = ref[4:]
         if name not in ZOO:
@@ -109,12 +184,7 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
             raise InputError(f"architecture {ref} needs its config", hint='--arch-kwargs \'{"config": {...}}\'')
         factory = functools.partial(hf.build, hf.task_for(kwargs["config"], ref[3:] or None))
     else:
-        module_name, _, attr = ref.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UsageError(f"cannot import architecture {ref!r}: {exc}",
-                             hint="check the module is importable (PYTHONPATH)") from None
+        factory = import_arch(ref, trusted=trusted)
     try:
         model = factory(**kwargs)
     except ModelzipError:
@@ -125,6 +195,27 @@ def build_arch(ref: str, kwargs: dict | None = None, *, trusted: bool = False,
         raise UsageError(f"architecture {ref!r} did not return an nn.Module")
     model._modelzip_arch = (ref, kwargs)  # so save_model knows how to rebuild it
     return model
+
+
+def declared_values(ref: str, kwargs: dict, *, trusted: bool = False,
+                    kwargs_label: str = "--arch-kwargs") -> int | None:
+    """How many values (parameters and buffers) `ref` built with `kwargs` holds, counted on the meta device
+    without allocating anything (`hf.declared_values` for transformers' models); None for user code that
+    cannot be built on meta."""
+    if ref.startswith("hf:"):
+        from modelzip_cli import hf
+
+        if not isinstance(kwargs.get("config"), dict):
+            return None  # build_arch says what is missing
+        return hf.declared_values(hf.task_for(kwargs["config"], ref[3:] or None), kwargs["config"])
+    try:
+        with torch.device("meta"):
+            model = build_arch(ref, kwargs, trusted=trusted, kwargs_label=kwargs_label)
+    except ModelzipError:
+        if ref.startswith("zoo:"):  # built-in classes build on meta: the kwargs are wrong
+            raise
+        return None
+    return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def default_input_shape(ref: str | None, kwargs: dict) -> list[int] | None:
@@ -216,6 +307,9 @@ def _load_strict(model: nn.Module, state: dict[str, Any], what: str, *, assign: 
 def read_raw(path: Path, *, trust_code: bool) -> tuple[dict[str, torch.Tensor] | None, str | None, Any]:
     """(tensors, manifest text or None, pickled object or None) of any supported file."""
     check_readable(path, CHECKPOINT_SUFFIXES)
+    check_regular(path, "checkpoint")  # a FIFO would hang the read, a device never end it
+    if path.suffix != ".safetensors":
+        check_archive(path, "checkpoint")  # a zip bomb is refused before torch.load inflates it
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         return tensors, metadata.get(MANIFEST_KEY), None
@@ -250,7 +344,14 @@ def _meta_checked(manifest: Manifest, edits: list[dict], state: dict[str, Any], 
     """The architecture built on the meta device (nothing allocated) with the leading edits that replay there,
     and how many did: (None, 0) for a Hugging Face model or user code that cannot be built on meta. A model
     that declares more than twice the values the file stores is refused before anything is allocated."""
-    if manifest.arch is None or manifest.arch.startswith("hf:"):  # transformers ties weights as it builds
+    if manifest.arch is None:
+        return None, 0
+    if manifest.arch.startswith("hf:"):  # transformers ties weights as it builds: counted, then built for real
+        declared, stored = declared_values(manifest.arch, manifest.arch_kwargs) or 0, _values(state)
+        shrunk = {"prune_structured", "prune_heads", "lowrank"} & {e["kind"] for e in edits}
+        if declared > (16 if shrunk else 4) * stored + (1 << 20):  # int4 stores two values a byte
+            raise InputError(f"{where}: {kwargs_label} declare a model of {declared:,} values, but the file stores "
+                             f"{stored:,}; nothing was allocated", hint=CORRUPT)
         return None, 0
     try:
         with torch.device("meta"):
@@ -343,6 +444,32 @@ def check_finite(model: nn.Module, where: str) -> None:
                          hint="the checkpoint is corrupt, or the training that made it diverged")
 
 
+def check_quant_params(model: nn.Module, where: str) -> None:
+    """The scales of modelzip's quantized modules are positive (as quantizing makes them: an input scale at least
+    float32's smallest normal, a weight scale at least that over 127, for an all-zero row) and static zero
+    points lie on the int8 grid: a forged 0 or 1e-45 would zero a layer, or divide by zero in every call,
+    without any error."""
+    from modelzip_cli.int8 import AMAX, AMIN, EPS
+
+    for name, module in model.named_modules():
+        if not callable(getattr(module, "logical_weights", None)):
+            continue
+        for key, t in module.named_buffers(recurse=False):
+            least = EPS if key == "input_scale" else EPS / 256
+            scale = key.endswith(("scale", "scales")) and t.is_floating_point() and t.numel()
+            if scale and not bool((t >= least).all()):
+                raise InputError(f"{where}: {name}.{key} holds a scale of {float(t.min()):.3g}; quantization "
+                                 f"scales are at least {least:.3g}", hint=CORRUPT)
+        q = module._buffers.get("qweight")
+        if "weight_scale" in module._buffers and isinstance(q, torch.Tensor) and q.dtype != torch.int8:
+            raise InputError(f"{where}: {name}.qweight is {str(q.dtype).removeprefix('torch.')}, not int8",
+                             hint=CORRUPT)
+        zp = getattr(module, "input_zero_point", None)
+        if isinstance(zp, torch.Tensor) and not bool(((zp >= AMIN) & (zp <= AMAX)).all()):
+            raise InputError(f"{where}: {name}.input_zero_point is {int(zp.flatten()[0])}, outside the int8 range "
+                             f"[{AMIN}, {AMAX}]", hint=CORRUPT)
+
+
 def _check_pickled(model: nn.Module, ref: str, kwargs: dict, where: str) -> None:
     """A pickled module must be what its recorded (or --arch) architecture builds, or its output could not
     be rebuilt: compare names and shapes with the architecture built on meta."""
@@ -368,32 +495,42 @@ def _check_pickled(model: nn.Module, ref: str, kwargs: dict, where: str) -> None
 def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,
                     trust_code: bool = False, input_shape: list[int] | None = None,
                     input_dtype: str | None = None, task: str | None = None,
-                    output_key: str | None = None) -> Loaded:
+                    output_key: str | None = None, trusted_modules: Collection[str] = (),
+                    trust_arch: bool = False) -> Loaded:
     """Read any supported input (docs/FORMAT.md) and rebuild the module. Callable inside
     `torch.inference_mode()`: the module is built outside it, so replays that trace (structured pruning)
-    work and the result can still be fine-tuned."""
-    with torch.inference_mode(False):
+    work and the result can still be fine-tuned.
+
+    A checkpoint of user code (`package.module:callable`) is rebuilt only when that code is trusted: `arch`
+    names it, `trusted_modules` (or MODELZIP_TRUSTED_MODULES) lists its module, or `trust_arch` says to
+    trust whatever architecture the file records (the CLI's --trust-arch)."""
+    with torch.inference_mode(False), trusting(trusted_modules):
         return _load_checkpoint(Path(path), arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code,
-                                input_shape=input_shape, input_dtype=input_dtype, task=task, output_key=output_key)
+                                input_shape=input_shape, input_dtype=input_dtype, task=task, output_key=output_key,
+                                trust_arch=trust_arch)
 
 
 def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_code: bool,
                      input_shape: list[int] | None, input_dtype: str | None, task: str | None,
-                     output_key: str | None) -> Loaded:
+                     output_key: str | None, trust_arch: bool) -> Loaded:
     from modelzip_cli import hf
 
     if hf.is_model_dir(path):
-        return _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
+        loaded = _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
+        check_finite(loaded.model, str(path))  # as for every other input: NaN weights are refused, not quantized
+        return loaded
     where = str(path)
     tensors, manifest_text, pickled = read_raw(path, trust_code=trust_code)
     if manifest_text is not None:
         schema = parse_manifest(manifest_text, where)
         manifest = schema.manifest()
         if arch is not None and arch != manifest.arch:
-            raise UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; --arch {arch} contradicts it",
-                             hint="drop --arch")
+            error = UsageError(f"{path} is a modelzip checkpoint of {manifest.arch}; the architecture passed, {arch}, "
+                               "contradicts it", hint="leave arch= out")
+            error.cli_hint = "drop --arch"  # runner.load_input says the flag
+            raise error
         state = decode_state(tensors, schema.codecs(), schema.constant_values(), where=where)
-        trusted = arch == manifest.arch
+        trusted = trust_arch or arch == manifest.arch
         if legacy.needs_upgrade({"format_version": schema.format_version, "edits": manifest.edits}):
             manifest, state = _upgrade_first_wave(manifest, state, trusted=trusted, where=where)
         state = OrderedDict(state)
@@ -409,14 +546,17 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         source = "pickled-module"
     else:
         if arch is None:
-            raise UsageError(f"{path} is a plain state dict and does not say which architecture it is",
-                             hint="pass --arch zoo:NAME or --arch package.module:callable, with --arch-kwargs")
+            error = UsageError(f"{path} is a plain state dict and does not say which architecture it is",
+                               hint="pass arch='zoo:NAME' or arch='package.module:callable', with arch_kwargs={...}")
+            error.cli_hint = "pass --arch zoo:NAME or --arch package.module:callable, with --arch-kwargs"
+            raise error
         manifest = Manifest(arch=arch, arch_kwargs=dict(arch_kwargs or {}),
                             input_shape=default_input_shape(arch, arch_kwargs or {}),
                             input_dtype=default_input_dtype(arch, arch_kwargs or {}))
         model = rebuild(manifest, tensors, trusted=True, where=where, kwargs_label="--arch-kwargs")
         source = "state-dict"
     check_finite(model, where)
+    check_quant_params(model, where)
     note = one_float_dtype(model, where)
     if input_shape is not None:
         manifest.input_shape = list(input_shape)
@@ -465,6 +605,10 @@ def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path, *,
     # The layer table travels in the manifest, so `inspect` needs the header only, whatever the file size.
     full = {**manifest.to_dict(), "encodings": encoded.encodings, "constants": encoded.constants,
             "state_versions": encoded.state_versions, "layers": layer_table(model, encoded=encoded)}
+    if not manifest.arch.startswith(("zoo:", "hf:")):  # user code: say what loading it will need
+        root = manifest.arch.partition(":")[0].split(".")[0]
+        full["arch_trust"] = (f"{manifest.arch} is user code: it is imported only when trusted "
+                              f"({TRUST_ENV}={root}, --trust-arch, or load_model(path, trusted_modules=[{root!r}]))")
     text = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     tensors = encoded.tensors
     if path.suffix == ".safetensors":

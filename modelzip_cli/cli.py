@@ -55,6 +55,8 @@ Seed = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,  # what torch
 Arch = Annotated[str | None, typer.Option("--arch", help="architecture of a raw state dict: zoo:NAME or pkg.mod:fn")]
 ArchKwargs = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON object of architecture kwargs")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="allow unpickling a full nn.Module (runs code)")]
+TrustArch = Annotated[bool, typer.Option("--trust-arch", help="import the user architecture (pkg.mod:fn) the "
+                                          "input records (or set MODELZIP_TRUSTED_MODULES=pkg)")]
 InputShape = Annotated[str | None, typer.Option("--input-shape", help="example input shape, e.g. 1,64")]
 InputDtype = Annotated[str | None, typer.Option("--input-dtype", help="float or long (token ids)")]
 Task = Annotated[str | None, typer.Option("--task", help="a Hugging Face directory's task: feature-extraction, "
@@ -102,6 +104,7 @@ def _options(**spec: tuple[Any, Any]) -> list[inspect.Parameter]:
 
 
 MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trust_code=(TrustCode, False),
+                         trust_arch=(TrustArch, False),
                          input_shape=(InputShape, None), input_dtype=(InputDtype, None), task=(Task, None),
                          output_key=(OutputKey, None), device=(Device, "cpu"))
 OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
@@ -201,8 +204,9 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
     g = vars(shared)
     if g.get("threads") is not None and not 1 <= g["threads"] <= MAX_THREADS:
         raise UsageError(f"--threads must be in [1, {MAX_THREADS}], got {g['threads']}")
-    fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "eval_data", "max_accuracy_drop",
-                                "min_fidelity", "max_ppl_increase", "threads", "arch", "task", "output_key",
+    fields = {k: g[k] for k in ("output", "report", "force", "seed", "trust_code", "trust_arch", "eval_data",
+                                "max_accuracy_drop", "min_fidelity", "max_ppl_increase", "threads", "arch", "task",
+                                "output_key",
                                 "device") if k in g}
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
                          input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
@@ -518,12 +522,14 @@ def student_from(student: str | None, kwargs: dict | None, config: Path | None) 
         return student, kwargs
     import json
 
+    from modelzip_cli.limits import parse, read_text
+
     if kwargs:
         raise UsageError("--student-kwargs and --student-config do not go together", hint="put it all in the config")
     path = config / "config.json" if config.is_dir() else config
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        cfg = parse(json.loads, read_text(path, "--student-config"), f"--student-config {config}")
+    except ValueError as exc:
         raise InputError(f"--student-config {config} is not a readable JSON file ({first_line(exc, 120)})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise InputError(f"--student-config {config} is not a transformers config (no model_type)")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from modelzip_cli.errors import InputError, first_line
+from modelzip_cli.limits import check_archive, check_memory, check_regular
 
 
 @dataclass
@@ -42,10 +43,9 @@ class Dataset:
 def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:
     """Read `inputs` and `targets` from .safetensors, .pt (weights_only) or .npz; validate them."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"data file {path}: no such file", hint="check the path")
-    if path.is_dir():
-        raise InputError(f"data file {path} is a directory", hint="pass a .safetensors, .pt or .npz file")
+    check_regular(path, "data file")  # a FIFO would hang the read, a device never end it
+    if path.suffix in {".pt", ".pth", ".npz"}:
+        check_archive(path, "data file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -69,6 +69,10 @@ def load_data(path: str | Path, *, require_targets: bool = True) -> Dataset:
     inputs = torch.as_tensor(raw["inputs"])
     if inputs.ndim < 2 or inputs.shape[0] == 0:
         raise InputError(f"data file {path}: 'inputs' must be N×… with N ≥ 1, got shape {tuple(inputs.shape)}")
+    widened = sum(t.numel() * (4 if t.is_floating_point() else 8)  # the widest each becomes below
+                  for t in (raw.get(k) for k in ("inputs", "targets", "attention_mask")) if isinstance(t, torch.Tensor))
+    check_memory(widened, f"data file {path}: its tensors as int64 token ids or float32 values",
+                 hint="store fewer samples per file")  # 770 MB of int8 became 6.1 GB of int64
     inputs = inputs.long() if not inputs.is_floating_point() and inputs.dtype != torch.bool else inputs.float()
     if inputs.is_floating_point():
         bad = int((~torch.isfinite(inputs)).sum())  # float64 values beyond float32's range count too

@@ -9,16 +9,23 @@ the file holds `inputs` (float N×3×size×size) and `targets`. `split` writes a
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.files import Outputs, Target, check_targets
+from modelzip_cli.limits import check_memory, check_regular
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_STD = 1e-3  # pixels are in [0, 1]: a smaller std only blows them up (1e-45 made them inf)
+MAX_IMAGE_PIXELS = 50_000_000  # one image's pixels (Pillow's own limit is 89M, and it only warns below 179M)
+MAX_IMAGES = 1_000_000  # per class folder
+TEXT_CHUNK = 1024  # lines tokenized at once
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MAX_LENGTH = 1 << 17  # tokens per sample: beyond any model's context (the tokenizer aborts on far larger)
 MAX_SIZE = 4096  # image side in pixels (one 4096² image is 200 MB of float32)
@@ -81,21 +88,47 @@ def _write_parts(parts: list[dict[str, torch.Tensor]], paths: list[Path]) -> lis
 
 def text(corpus: Path, tokenizer_dir: Path, output: Path, *, max_length: int = 128, split: float | None = None,
          seed: int = 0, force: bool = False) -> Written:
+    """One sample per non-empty line, read as a stream and tokenized in chunks into tensors sized once (after
+    checking them against the memory limit): 8 MB of short lines no longer become 5 GB of Python lists."""
     if not 2 <= max_length <= MAX_LENGTH:
         raise UsageError(f"--max-length must be in [2, {MAX_LENGTH}], got {max_length}")
     paths = outputs_for(output, split, force, [corpus, tokenizer_dir])
-    if not corpus.is_file():
-        raise InputError(f"text file {corpus}: no such file", hint="one sample per line")
+    check_regular(corpus, "text file")
+    n = sum(1 for _ in _lines(corpus))
+    if not n:
+        raise InputError(f"text file {corpus} has no non-empty line", hint="one sample per line")
+    check_memory(n * max_length * 8 * 2 * (2 if split is not None else 1),
+                 f"{n:,} lines of {max_length} tokens (ids and mask, int64)", hint="use a smaller --max-length")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids, mask = torch.empty(n, max_length, dtype=torch.long), torch.empty(n, max_length, dtype=torch.long)
+    chunk: list[str] = []
+    done = 0
+    for i, line in enumerate(_lines(corpus), 1):
+        chunk.append(line)
+        if len(chunk) == TEXT_CHUNK or i == n:
+            try:
+                enc = tokenizer(chunk, padding="max_length", truncation=True, max_length=max_length,
+                                return_tensors="pt")
+            except Exception as exc:  # a tokenizer that cannot pad (no pad token) or encode this text
+                raise InputError(f"the tokenizer in {tokenizer_dir} cannot encode {corpus} ({first_line(exc, 200)})",
+                                 hint="pass a model directory whose tokenizer pads") from None
+            ids[done:done + len(chunk)], mask[done:done + len(chunk)] = enc["input_ids"], enc["attention_mask"]
+            done, chunk = done + len(chunk), []
+    tensors = {"inputs": ids, "attention_mask": mask}
+    return Written(paths, _write(tensors, paths, split, seed), [max_length])
+
+
+def _lines(corpus: Path):
+    """The stripped non-empty lines of a UTF-8 text file, one at a time."""
     try:
-        lines = [line.strip() for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with corpus.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield line.strip()
     except UnicodeDecodeError:
         raise InputError(f"text file {corpus} is not UTF-8 text") from None
-    if not lines:
-        raise InputError(f"text file {corpus} has no non-empty line", hint="one sample per line")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    enc = tokenizer(lines, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    tensors = {"inputs": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
-    return Written(paths, _write(tensors, paths, split, seed), [max_length])
+    except OSError as exc:
+        raise InputError(f"text file {corpus} cannot be read ({exc.strerror})") from None
 
 
 # The files a saved tokenizer is made of, in any transformers family (one of them is enough)
@@ -108,11 +141,12 @@ def load_tokenizer(path: Path):
     holds a `tokenizer.json` works, even where its own tokenizer class cannot be built here (a class this
     transformers lacks, or one that needs sentencepiece); one without a padding token pads with its end
     (or unknown) token, which the attention mask then hides."""
-    from modelzip_cli.hf import require_transformers
+    from modelzip_cli.hf import check_files, require_transformers
 
     transformers = require_transformers()
     if not path.is_dir():
         raise InputError(f"--tokenizer {path} is not a directory", hint="pass the model directory")
+    check_files(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"no tokenizer files in {path} (none of {', '.join(TOKENIZER_FILES)})",
                          hint="pass the directory the tokenizer was saved to (tokenizer.save_pretrained(DIR))")
@@ -151,19 +185,63 @@ def _from_tokenizer_json(transformers, path: Path):
                          hint="save it again with the tokenizer's save_pretrained") from None
 
 
+def image_files(folder: Path) -> dict[str, list[Path]]:
+    """Class name → its image files: class folders inside `folder` (a link out of it, to `/` say, is an error,
+    not a walk of the filesystem), their files found without following links to folders, each a regular file."""
+    root = folder.resolve()
+    out: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():
+            continue
+        if not entry.resolve().is_relative_to(root) or entry.resolve() == root:
+            raise InputError(f"class folder {entry} links outside the image folder {folder}",
+                             hint="copy or move the images into the class folder")
+        found = []
+        for top, dirs, names in os.walk(entry, followlinks=False):
+            dirs.sort()
+            found += [Path(top) / name for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+            if len(found) > MAX_IMAGES:
+                raise InputError(f"class folder {entry} holds more than {MAX_IMAGES:,} images",
+                                 hint="split the images into several data files")
+        for p in found:
+            check_regular(p, "image")
+        out[entry.name] = found
+    return out
+
+
+def _read_image(Image, path: Path, size: int) -> torch.Tensor:
+    """One image as (size, size, 3) uint8. Pillow refuses images of more than MAX_IMAGE_PIXELS (decompression
+    bombs of any format), and a JPEG is decoded at a reduced scale when that is enough."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{im.width}×{im.height} pixels")
+                im.draft("RGB", (size, size))
+                rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, its bomb errors, …
+        raise InputError(f"image {path} is not readable ({first_line(exc, 200)})", hint="remove or fix it") from None
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3)
+
+
 def images(folder: Path, output: Path, *, size: int = 224, mean: tuple[float, ...] = IMAGENET_MEAN,
            std: tuple[float, ...] = IMAGENET_STD, split: float | None = None, seed: int = 0,
            force: bool = False) -> Written:
     if not 1 <= size <= MAX_SIZE:
         raise UsageError(f"--size must be in [1, {MAX_SIZE}] pixels, got {size}")
-    if len(mean) != 3 or len(std) != 3 or any(not s > 0 for s in std):
-        raise UsageError("--mean and --std take three numbers each (R,G,B), std > 0")
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) and abs(v) <= 1e3 for v in mean) \
+            or not all(MIN_STD <= v <= 1e3 for v in std):  # NaN fails every comparison
+        raise UsageError(f"--mean and --std take three finite numbers each (R,G,B), |mean| ≤ 1000 and "
+                         f"{MIN_STD:g} ≤ std ≤ 1000, got {list(mean)} and {list(std)}",
+                         hint="the defaults are ImageNet's: 0.485,0.456,0.406 and 0.229,0.224,0.225")
     paths = outputs_for(output, split, force, [folder])
     if not folder.is_dir():
         raise InputError(f"image folder {folder}: no such folder", hint="one subfolder per class")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    files = {c: sorted(p for p in (folder / c).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
-    classes = [c for c in classes if files[c]]
+    files = image_files(folder)
+    classes = [c for c in files if files[c]]
     if len(classes) < 2:
         raise InputError(f"image folder {folder} has {len(classes)} class folder(s) with images",
                          hint="put each class's images in its own subfolder; at least two classes")
@@ -171,19 +249,19 @@ def images(folder: Path, output: Path, *, size: int = 224, mean: tuple[float, ..
         from PIL import Image
     except ImportError:
         raise UsageError("modelzip data images needs Pillow", hint="pip install pillow") from None
+    n = sum(len(files[c]) for c in classes)
+    check_memory(n * 3 * size * size * 4 * (2 if split is not None else 1),
+                 f"{n:,} images of 3×{size}×{size} float32", hint="use a smaller --size, or fewer images per file")
     m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-    inputs, targets = [], []
+    inputs, targets = torch.empty(n, 3, size, size), torch.empty(n, dtype=torch.long)  # filled one image at a time
+    i = 0
     for label, c in enumerate(classes):
         for p in files[c]:
-            try:
-                with Image.open(p) as im:
-                    rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
-            except (OSError, ValueError) as exc:
-                raise InputError(f"image {p} is not readable ({exc})", hint="remove or fix it") from None
-            x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3)
-            inputs.append(((x.permute(2, 0, 1).float() / 255) - m) / s)  # (3, H, W)
-            targets.append(label)
-    tensors = {"inputs": torch.stack(inputs), "targets": torch.tensor(targets, dtype=torch.long)}
+            x = _read_image(Image, p, size)  # (H, W, 3) uint8
+            inputs[i] = ((x.permute(2, 0, 1).float() / 255) - m) / s  # (3, H, W)
+            targets[i] = label
+            i += 1
+    tensors = {"inputs": inputs, "targets": targets}
     counts = _write(tensors, paths, split, seed, labels=tensors["targets"])
     return Written(paths, counts, [3, size, size], classes)
 

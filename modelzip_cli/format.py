@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.limits import parse
 from modelzip_cli.version import __version__
 
 if TYPE_CHECKING:
@@ -234,9 +235,7 @@ def describe_error(error: dict) -> str:
 def parse_manifest(text: str | bytes, where: str) -> ManifestSchema:
     """The manifest's JSON text → a validated manifest, or one line naming what is wrong."""
     try:
-        raw = json.loads(text)
-    except RecursionError:
-        raise InputError(f"{where}: the manifest is not valid JSON (nested too deeply)", hint=CORRUPT) from None
+        raw = parse(json.loads, text, f"{where}: the manifest", hint=CORRUPT)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise InputError(f"{where}: the manifest is not valid JSON ({exc})", hint=CORRUPT) from None
     return validate_manifest(raw, where)

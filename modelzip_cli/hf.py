@@ -16,6 +16,7 @@ transformers is an optional extra (`pip install 'modelzip[hf]'`), imported only 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
+from modelzip_cli.limits import check_memory, check_regular, parse, read_text
 
 # --task → the Auto class that builds it
 TASKS = {
@@ -46,12 +48,16 @@ EXAMPLE_TOKENS = 32  # example sequence length when nothing else says
 def require_transformers():
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights come from the user's files
+    # Never reach for a hub: weights come from the user's files, and a config naming "org/repo" (an
+    # attn_implementation, a tokenizer) must not go online whatever HF_HUB_OFFLINE said before.
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
+        import huggingface_hub.constants
         import transformers
     except ImportError:
         raise UsageError("Hugging Face models need the transformers package",
                          hint="pip install 'modelzip[hf]'") from None
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at import: it may have been imported before
     transformers.logging.set_verbosity_error()  # its warnings are not the user's business here
     transformers.logging.disable_progress_bar()
     return transformers
@@ -67,7 +73,8 @@ def task_for(config: dict, task: str | None = None) -> str:
         if task not in TASKS:
             raise UsageError(f"unknown --task {task!r}", hint="use one of " + ", ".join(TASKS))
         return task
-    for arch in config.get("architectures") or []:
+    archs = config.get("architectures")
+    for arch in archs if isinstance(archs, list) else []:  # a forged value of another type names no task
         for suffix, name in _ARCH_SUFFIXES:
             if str(arch).endswith(suffix):
                 return name
@@ -169,28 +176,64 @@ def build(task: str, config: dict, output_key: str | None = None) -> HFModel:
         cfg = transformers.AutoConfig.for_model(model_type, **config)
         auto = getattr(transformers, TASKS[task_for({}, task)])
         model = auto.from_config(cfg, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"transformers cannot build a {model_type} model for {task}: {str(exc).splitlines()[0]}",
+    except ModelzipError:
+        raise
+    except Exception as exc:  # a config's wrong types and values fail in every way inside transformers
+        raise InputError(f"transformers cannot build a {model_type} model for {task}: {first_line(exc)}",
                          hint="check config.json and --task") from None
     return HFModel(model, output_key, task)
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers")
+
+
+def declared_values(task: str, config: dict) -> int:
+    """How many values (parameters and buffers) a model of `config` declares, counted on the meta device, where
+    nothing is allocated: built with one and two layers and extrapolated to the configured count, so that a
+    config of 50,000 layers costs two small builds."""
+
+    def count(cfg: dict) -> int:
+        with torch.device("meta"):
+            model = build(task, cfg)
+        return sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+
+    keys = [k for k in LAYER_KEYS if type(config.get(k)) is int and config[k] > 2]
+    if not keys:
+        return count(config)
+    one, two = count({**config, **dict.fromkeys(keys, 1)}), count({**config, **dict.fromkeys(keys, 2)})
+    return one + max(two - one, 0) * (max(config[k] for k in keys) - 1)  # an upper bound when the counts differ
+
+
 def example_shape(config: dict, task: str) -> tuple[list[int], str]:
     """A batch-1 example input from the config: token ids, or an image of the configured size."""
+    def positive(key: str, default: int) -> int:
+        value = config.get(key)
+        if value is None:
+            return default
+        if type(value) is not int or not 0 < value <= 1 << 20:
+            raise InputError(f"the Hugging Face config's {key} is {value!r:.40}, not a positive size",
+                             hint="check config.json")
+        return value
+
     if task == "image-classification" or "num_channels" in config or config.get("model_type") in {"resnet", "vit"}:
-        size = config.get("image_size", 224)
-        return [1, config.get("num_channels", 3), size, size], "float"
-    length = min(EXAMPLE_TOKENS, config.get("max_position_embeddings") or config.get("n_positions") or EXAMPLE_TOKENS)
+        size = positive("image_size", 224)
+        return [1, positive("num_channels", 3), size, size], "float"
+    length = min(EXAMPLE_TOKENS, positive("max_position_embeddings", 0) or positive("n_positions", 0) or EXAMPLE_TOKENS)
     return [1, length], "long"
 
 
 def read_config(path: Path) -> dict:
+    """config.json: a regular file of bounded size, parsed without recursing past Python's limit, whose
+    `model_type` is a string and `architectures` a list of strings."""
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}/config.json is not readable JSON ({exc})") from None
+        config = parse(json.loads, read_text(path / "config.json", "config"), f"{path}/config.json")
+    except ValueError as exc:
+        raise InputError(f"{path}/config.json is not readable JSON ({first_line(exc)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise InputError(f"{path}/config.json is not a transformers config (no model_type)")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise InputError(f"{path}/config.json: architectures must be a list of class names, got {archs!r:.60}")
     return config
 
 
@@ -202,16 +245,18 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
     dtype), offline and without remote code. `pytorch_model.bin` is read with weights_only=True by
     transformers; a weight the model needs but the files lack is an error, not a random initialisation."""
     config = read_config(path)
+    check_files(path)
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise InputError(f"{path} has a config.json but no weights", hint="expected " + ", ".join(WEIGHT_FILES))
     transformers = require_transformers()
     task = task_for(config, task)
+    check_declared(path, task, config)
     auto = getattr(transformers, TASKS[task])
     try:
         model, info = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype="auto",
                                            output_loading_info=True)
     except Exception as exc:  # transformers raises many types for corrupt or mismatched files
-        raise InputError(f"{path}: transformers cannot load it as {task} ({str(exc).splitlines()[0][:300]})",
+        raise InputError(f"{path}: transformers cannot load it as {task} ({first_line(exc)})",
                          hint="check the files, or --task") from None
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing:
@@ -221,6 +266,27 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
     for key in ("transformers_version", "_name_or_path"):  # where and by what it was made: not the model's
         config.pop(key, None)
     return HFModel(model.float() if not _float_dtype(model) else model, output_key, task).eval(), config
+
+
+def check_files(path: Path) -> None:
+    """Every file of a model or tokenizer folder is a regular file (or a link to one, as the hub's cache has them):
+    a FIFO as a shard or a tokenizer file would hang transformers' read."""
+    for entry in path.iterdir():
+        if not entry.is_dir():
+            check_regular(entry, "file")
+
+
+def check_declared(path: Path, task: str, config: dict) -> None:
+    """The model config.json declares, counted before transformers builds it: no more values than the weight
+    files could hold (at least a byte each) and within the memory limit."""
+    values = declared_values(task, config)
+    stored = sum(p.stat().st_size for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
+    if values > 4 * stored + (1 << 20):
+        raise InputError(f"{path}/config.json declares a model of {values:,} values, but its weight files hold "
+                         f"{stored:,} bytes; nothing was allocated", hint="config.json does not match the weights")
+    half = str(config.get("torch_dtype") or config.get("dtype")) in {"float16", "bfloat16"}
+    check_memory((2 if half else 4) * values, f"{path}: the model config.json declares ({values:,} values)",
+                 hint="check config.json")
 
 
 def _float_dtype(model: nn.Module) -> bool:

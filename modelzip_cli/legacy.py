@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelzip_cli import int8
-from modelzip_cli.errors import InputError
+from modelzip_cli.errors import InputError, first_line
 from modelzip_cli.format import Manifest, QInts
 
 V1_KINDS = {"quantize_dynamic", "quantize_static"}
@@ -136,7 +136,7 @@ def _static(edit: dict, state: dict, model: nn.Module) -> dict:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:
         raise InputError(f"first-wave static file: the model's forward cannot be traced to map its int8 layers "
-                         f"({str(exc).splitlines()[0][:200]})", hint=REQUANTIZE) from None
+                         f"({first_line(exc, 200)})", hint=REQUANTIZE) from None
     modules = dict(model.named_modules())
     int8_out: dict[Any, tuple] = {}  # graph node → output (scale, zero point) of a value torch.ao kept in int8
     float_owner: dict[Any, str] = {}  # graph node → the layer (reference, fused with its ReLU) that produced it
@@ -176,5 +176,9 @@ def _static(edit: dict, state: dict, model: nn.Module) -> dict:
             folded.append(node.target)
         elif src in float_owner and relu:
             float_owner[node] = float_owner[src]
+    unread = sorted(names - set(quantized) - set(float_owner.values()))
+    if unread:  # a layer the model lacks, or one without stored int8 parameters: the edit cannot be replayed
+        raise InputError(f"first-wave static file: its edit names {unread[0]!r}, which is not a quantized layer of "
+                         "the model", hint=REQUANTIZE)
     return {"kind": "quantize_static", "modules": quantized, "qat": bool(edit.get("qat")), "observer": "first-wave",
             "reduced_range": True, **({"folded": folded} if folded else {})}  # torch.ao x86: 7-bit activations

@@ -21,8 +21,11 @@ import torch
 from torch import nn
 
 from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.limits import check_memory, check_regular
 
 EXTRA_HINT = "pip install 'modelzip[onnx]'"
+MAX_TRIPS = 1 << 24  # a Loop's constant trip count: far beyond any real graph's
+RUN_LIMIT_S = 120.0  # one ONNX Runtime run (one batch): a graph that loops is stopped after this
 META_CLASS_LOGITS = "modelzip.outputs_class_logits"  # "1"/"0": whether the output is class logits
 _NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -42,6 +45,30 @@ def require_onnx(what: str = "ONNX export and ONNX models"):
     return onnx, onnxruntime
 
 
+def check_loops(graph, path: Path) -> None:
+    """A `Loop` whose trip count is a constant above MAX_TRIPS (2^62 in a forged file) is refused before it runs;
+    a loop bounded otherwise is stopped by the run's time limit (RUN_LIMIT_S)."""
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and node.output:
+                    constants[node.output[0]] = attr.t
+    for node in graph.node:
+        if node.op_type == "Loop" and node.input and node.input[0] in constants:
+            trips = numpy_helper.to_array(constants[node.input[0]])
+            if trips.size == 1 and int(trips.reshape(())) > MAX_TRIPS:
+                raise InputError(f"{path}: Loop {node.name or node.output[0]!r} runs {int(trips.reshape(())):,} times, "
+                                 f"more than the {MAX_TRIPS:,} modelzip runs", hint="check the graph")
+        for attr in node.attribute:  # subgraphs (Loop bodies, If branches)
+            if attr.type == attr.GRAPH:
+                check_loops(attr.g, path)
+            for g in attr.graphs:
+                check_loops(g, path)
+
+
 class OnnxModel(nn.Module):
     """An ONNX file as a modelzip model (module docstring)."""
 
@@ -49,11 +76,20 @@ class OnnxModel(nn.Module):
         super().__init__()
         onnx, ort = require_onnx()
         self.path = Path(path)
-        self._bytes = self.path.read_bytes() if data is None else data
+        if data is None:
+            check_regular(self.path, "ONNX file")  # a FIFO would hang the read
+            check_memory(2 * self.path.stat().st_size, f"ONNX file {self.path}")  # the bytes, and the session's copy
+            data = self.path.read_bytes()
+        self._bytes = data
         try:
             proto = onnx.load_from_string(self._bytes)
+        except Exception as exc:  # onnx raises its own types for every kind of bad file
+            raise InputError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})",
+                             hint="pass an .onnx file that ONNX Runtime runs") from None
+        check_loops(proto.graph, self.path)
+        try:
             session = self._session(1)
-        except Exception as exc:  # onnx and onnxruntime raise their own types for every kind of bad file
+        except Exception as exc:  # onnxruntime raises its own types for every kind of bad graph
             raise InputError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})",
                              hint="pass an .onnx file that ONNX Runtime runs") from None
         self.inputs = [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
@@ -69,8 +105,6 @@ class OnnxModel(nn.Module):
         # parameters, for the report: the graph's stored tensors of more than one value (weights, biases)
         self._initializers = {t.name: tuple(t.dims) for t in proto.graph.initializer if np.prod(t.dims) > 1}
         self._sessions = {1: session}
-        self._run_options = ort.RunOptions()
-        self._run_options.log_severity_level = 4  # (see require_onnx)
 
     def _session(self, threads: int):
         _, ort = require_onnx()
@@ -116,11 +150,28 @@ class OnnxModel(nn.Module):
         return torch.cat(pieces)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        import threading
+
+        _, ort = require_onnx()
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # (see require_onnx)
+        timer = threading.Timer(RUN_LIMIT_S, lambda: setattr(options, "terminate", True))  # a graph that loops
+        timer.daemon = True
+        timer.start()
         try:
-            out = self.session().run([self.output_name], self.feeds(x), self._run_options)[0]
-        except Exception as exc:  # a shape the graph does not take, say
+            out = self.session().run([self.output_name], self.feeds(x), options)[0]
+        except Exception as exc:  # a shape the graph does not take, say, or the run was stopped
+            if options.terminate:
+                raise InputError(f"{self.path}: one run of the graph took more than {RUN_LIMIT_S:g} s, so it was "
+                                 "stopped", hint="check the graph's loops") from None
             raise InputError(f"{self.path}: ONNX Runtime cannot run it on input of shape {list(x.shape)} "
                              f"({first_line(exc, 200)})", hint="pass data made for this model") from None
+        finally:
+            timer.cancel()
+        if out.ndim == 0 or out.shape[0] != x.shape[0]:
+            raise InputError(f"{self.path}: the graph answers {x.shape[0]} samples with an output of shape "
+                             f"{list(out.shape)}; its output batch must follow its input's",
+                             hint="export the graph with a dynamic (or matching) output batch")
         return torch.from_numpy(np.ascontiguousarray(out))
 
     def logical_weights(self) -> dict[str, torch.Tensor]:

@@ -42,14 +42,23 @@ def quiet() -> Iterator[None]:
 
 @functools.cache
 def available() -> bool:
-    """torch.ao's dynamic Linear importable and fbgemm compiled in."""
+    """torch.ao's int8 Linear works here: probed once, by building one from a tiny plain module exactly as a
+    layer would and running it, and by finding the static op. A torch whose torch.ao imports but whose quantized
+    dtypes or ops fail (as when they are removed) answers False, and every layer runs the plain kernels."""
     try:
         with quiet():
             import torch.ao.nn.quantized.dynamic  # noqa: F401
             from torch.ao.quantization.observer import PerChannelMinMaxObserver  # noqa: F401
-    except Exception:  # ImportError, or a torch whose torch.ao is gone or broken
+
+            if ENGINE not in torch.backends.quantized.supported_engines:
+                return False
+            with torch.inference_mode(False), torch.no_grad():
+                probe = _torch_ao_linear(int8.DynamicInt8Linear.from_float(nn.Linear(8, 4)))
+                ok = probe(torch.ones(2, 8)).shape == (2, 4)
+            getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")  # noqa: B009 (the static path's op)
+    except Exception:  # ImportError, or a torch whose torch.ao or quantized dtypes are gone or broken
         return False
-    return ENGINE in torch.backends.quantized.supported_engines
+    return bool(ok)
 
 
 def _torch_ao_linear(module: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.context import Context, null_progress
 from modelzip_cli.data import Dataset, as_model_input, check_fits, float_dtype, load_data
 from modelzip_cli.edits import to_dtype
-from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
 from modelzip_cli.files import Outputs, Target, check_targets
 from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.lm import is_causal_lm, lm_figures, ppl_increase_pct
@@ -56,6 +56,7 @@ class CommonOptions:
     arch: str | None = None
     arch_kwargs: dict | None = None
     trust_code: bool = False
+    trust_arch: bool = False  # trust the architecture the input records (user code)
     input_shape: list[int] | None = None
     input_dtype: str | None = None
     eval_data: Path | None = None
@@ -110,9 +111,15 @@ def resolve_outputs(command: str, input_paths: list[Path], opts: CommonOptions,
 
 
 def load_input(path: Path, opts: CommonOptions) -> Loaded:
-    return load_checkpoint(path, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_code=opts.trust_code,
-                           input_shape=opts.input_shape, input_dtype=opts.input_dtype, task=opts.task,
-                           output_key=opts.output_key)
+    try:
+        return load_checkpoint(path, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_code=opts.trust_code,
+                               input_shape=opts.input_shape, input_dtype=opts.input_dtype, task=opts.task,
+                               output_key=opts.output_key, trust_arch=opts.trust_arch)
+    except ModelzipError as exc:  # load_checkpoint's hints speak Python (its arguments): say the flags instead
+        cli_hint = getattr(exc, "cli_hint", None)
+        if cli_hint is None:
+            raise
+        raise type(exc)(exc.message, hint=cli_hint) from None
 
 
 def load_dataset(path: Path | None, loaded: Loaded, *, require_targets: bool = True) -> Dataset | None:

@@ -91,7 +91,7 @@ def _reports_under(folder: Path) -> list[Path]:
     for p in folder.rglob("*.json"):
         try:
             d = json.loads(p.read_text())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # not a report (hostile inputs are JSON too)
             continue
         if isinstance(d, dict) and "schema_version" in d:
             out.append(p)

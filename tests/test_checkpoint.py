@@ -13,7 +13,7 @@ from modelzip_cli.errors import InputError, UntrustedCodeError, UsageError
 from modelzip_cli.format import decode_state, encode_state
 from modelzip_cli.zoo import ZOO
 
-from .conftest import DIGITS_TEACHER, run_fresh, run_modelzip
+from .conftest import DIGITS_TEACHER, DIGITS_TEST, run_fresh, run_modelzip
 
 ZOO_KWARGS = {
     "mlp": {"input_size": 64, "hidden_sizes": [32, 16], "num_classes": 10},
@@ -62,8 +62,11 @@ def test_raw_state_dict_needs_arch_and_loads_with_it(tmp_path, cli):
     torch.save(model.state_dict(), raw)
     r = cli("inspect", raw, "--json")
     assert r.code == 0 and r.json["model"]["parameters"] == sum(p.numel() for p in model.parameters())
-    with pytest.raises(UsageError, match="--arch"):
+    with pytest.raises(UsageError, match="arch=") as err:  # Python's arguments, not the CLI's flags
         load_checkpoint(raw)
+    assert "--" not in str(err.value)
+    r = cli("eval", raw, "--data", DIGITS_TEST, "-q")
+    assert r.code == 2 and "--arch zoo:NAME" in r.stderr
     loaded = load_checkpoint(raw, arch="zoo:mlp", arch_kwargs=kwargs)
     x = torch.rand(3, 64)
     assert torch.equal(loaded.model(x), model(x))
@@ -134,6 +137,63 @@ def test_untrusted_architecture_in_manifest_is_refused(tmp_path):
     ok2 = run_modelzip("eval", tmp_path / "u.safetensors", "--arch", "userarch:build", "--data",
                        DIGITS_TEACHER.parent / "digits_test.safetensors", env=env)
     assert ok2.returncode == 0, ok2.stderr
+
+
+OWN_ARCH = textwrap.dedent("""
+    import torch.nn as nn
+    class Net(nn.Module):
+        def __init__(self, width=8):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+        def forward(self, x):
+            return self.body(x)
+""")
+
+
+def test_a_user_architecture_is_remembered_and_needs_only_trust(cli, tmp_path, monkeypatch):
+    """Issue 25 item 5: `--arch` once; later commands need the module importable from the current directory
+    (no PYTHONPATH) and trust (--trust-arch or MODELZIP_TRUSTED_MODULES); load_model speaks Python."""
+    import json
+    import sys
+    import uuid
+
+    from modelzip_cli import load_model
+
+    name = f"ownarch_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(OWN_ARCH)
+    monkeypatch.chdir(tmp_path)  # the module is in the current directory, not on sys.path
+    assert str(tmp_path) not in sys.path and "" not in sys.path
+    monkeypatch.delenv("MODELZIP_TRUSTED_MODULES", raising=False)
+    torch.manual_seed(0)
+    sd = {"body.1.weight": torch.randn(8, 64), "body.1.bias": torch.zeros(8), "body.3.weight": torch.randn(10, 8),
+          "body.3.bias": torch.zeros(10)}
+    torch.save(sd, tmp_path / "sd.pt")
+    try:
+        r = cli("prune", tmp_path / "sd.pt", "--arch", f"{name}:Net", "--ratio", "0.5",
+                "-o", tmp_path / "p.safetensors", "-q")
+        assert r.code == 0, r.stderr
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+            manifest = json.loads(f.metadata()["modelzip"])
+        assert manifest["arch"] == f"{name}:Net" and "--trust-arch" in manifest["arch_trust"]
+        sys.modules.pop(name)
+        r = cli("eval", tmp_path / "p.safetensors", "--data", DIGITS_TEST, "-q")
+        assert r.code == 2 and "--trust-arch" in r.stderr and f"MODELZIP_TRUSTED_MODULES={name}" in r.stderr
+        assert name not in sys.modules, "imported without trust"
+        r = cli("quantize", tmp_path / "p.safetensors", "--method", "dynamic", "--trust-arch",
+                "-o", tmp_path / "q.safetensors", "-q")
+        assert r.code == 0, r.stderr
+        with pytest.raises(UntrustedCodeError) as err:
+            load_model(tmp_path / "q.safetensors")
+        assert f"trusted_modules=[{name!r}]" in str(err.value) and "--" not in str(err.value)
+        x = torch.rand(4, 64)
+        model = load_model(tmp_path / "q.safetensors", trusted_modules=[name])
+        monkeypatch.setenv("MODELZIP_TRUSTED_MODULES", name)
+        assert torch.equal(load_model(tmp_path / "q.safetensors")(x), model(x))
+        assert cli("eval", tmp_path / "q.safetensors", "--data", DIGITS_TEST, "-q").code == 0
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_codecs_round_trip_sparse_and_read_first_wave_quantized_tensors_as_plain_integers():

@@ -4,6 +4,7 @@ the compared-output rule, bf16 kept, and the pretrained all-MiniLM-L6-v2 when it
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -358,3 +359,16 @@ def test_qat_on_unlabelled_tokens_learns_from_the_float_model(cli, hf_dirs, tmp_
     history = r.json["steps"][0]["after"]["qat_history"]
     assert [round(row["cosine_loss"], 6) == round(row["loss"], 6) for row in history] == [True, True]
     assert r.json["metrics"]["output"]["fidelity"]["cosine_mean"] > 0.99
+
+
+def test_hub_is_offline_whatever_the_environment_said(monkeypatch):
+    """Issue 26 item 14: HF_HUB_OFFLINE=0 in the environment must not let a config reach for a hub."""
+    import huggingface_hub.constants
+
+    from modelzip_cli import hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as if imported under =0
+    hf.require_transformers()
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert huggingface_hub.constants.is_offline_mode()

@@ -202,6 +202,46 @@ def test_trusted_module_in_a_recipe_is_imported(cli, work, tmp_path, monkeypatch
         sys.modules.pop(name, None)
 
 
+IMPORTS_MODULE = """
+from subprocess import Popen  # an import: trusting this module does not make Popen an architecture
+import torch.nn as nn
+def Net(**kwargs):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+"""
+
+
+@pytest.mark.parametrize("where", ["recipe", "recipe --dry-run", "manifest", "--arch"])
+def test_a_trusted_modules_imports_are_never_called(cli, work, tmp_path, monkeypatch, where):
+    """Issue 26 item 2: MODELZIP_TRUSTED_MODULES=m trusts what m defines as an architecture, not every name m
+    imported; `m:Popen` is refused before it is called, from a recipe, a manifest or the command line."""
+    name = f"trusted_{uuid.uuid4().hex[:10]}"
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / f"{name}.py").write_text(IMPORTS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    monkeypatch.setenv("MODELZIP_TRUSTED_MODULES", name)
+    marker = tmp_path / "marker"
+    ref, kwargs = f"{name}:Popen", {"args": ["touch", str(marker)]}
+    out = ["-o", work / "o.safetensors", "-q"]
+    if where.startswith("recipe"):
+        recipe = write_recipe(work / "r.toml", [{"op": "distill", "student": ref, "student-kwargs": kwargs,
+                                                 "epochs": 1}])
+        argv = ["chain", DIGITS_TEACHER, "--recipe", recipe, "--data", DIGITS_TRAIN, *out, *where.split()[1:]]
+    elif where == "manifest":
+        def name_it(m):
+            m["arch"], m["arch_kwargs"] = ref, kwargs
+        argv = ["prune", forge(DIGITS_TEACHER, work / "m.safetensors", manifest=name_it), "--ratio", "0.1", *out]
+    else:
+        torch.save(load_model(DIGITS_TEACHER).state_dict(), work / "sd.pt")
+        argv = ["prune", work / "sd.pt", "--ratio", "0.1", "--arch", ref, "--arch-kwargs", json.dumps(kwargs), *out]
+    before = snapshot(work)
+    try:
+        refused(cli(*argv), ref, "subprocess")
+    finally:
+        sys.modules.pop(name, None)
+    assert never_created(marker), f"{ref} ran"
+    assert snapshot(work) == before
+
+
 # ---------------------------------------------------------------------------------------------------
 # --keep-intermediate
 
@@ -833,3 +873,4 @@ def test_zero_width_layer_is_left_alone(cli, tmp_path, command):
     x = torch.rand(4, 64)
     with torch.inference_mode():
         assert load_model(out)(x).shape == (4, 10)
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -339,3 +340,28 @@ def test_auto_uses_torch_ao_only_where_it_measured_faster():
         assert int8.kernels_for(q, 256)["layers.9"] == int8.kernel()  # 128 → 10
     with int8.use_backend("plain"):
         assert set(int8.kernels_for(q, 256).values()) == {int8.kernel()}
+
+
+def test_auto_probes_torch_ao_once_and_falls_back_to_plain_when_its_dtypes_fail(monkeypatch):
+    """Issue 26 item 14: torch.ao imports but its quantized dtypes fail (as on a torch that removed them):
+    `--backend auto` runs the plain kernels instead of failing on the first large layer."""
+    from modelzip_cli import quant_backend
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("quantized dtypes are gone")
+
+    for fn in ("quantize_per_tensor", "quantize_per_channel", "quantize_per_tensor_dynamic"):
+        monkeypatch.setattr(torch, fn, refuse)
+    quant_backend.available.cache_clear()
+    monkeypatch.setattr(quant_backend, "available", functools.cache(quant_backend.available.__wrapped__))
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 1024)  # above AUTO_MIN_WEIGHTS: auto would pick torch.ao
+    dyn = int8.DynamicInt8Linear.from_float(lin)
+    x = torch.randn(64, 1024)
+    with torch.no_grad():
+        with int8.use_backend("plain"):
+            plain = dyn(x)
+        with int8.use_backend("auto"):
+            assert torch.equal(dyn(x), plain)
+            assert int8.kernels_for(nn.Sequential(dyn), 64) == {"0": int8.kernel()}
+    assert not quant_backend.available()

@@ -88,7 +88,8 @@ def load_student(cfg: DistillConfig, teacher_manifest: Manifest, seed: int,
         loaded = load_checkpoint(hf_student_dir(cfg.student), output_key=(kwargs or {}).get("output_key"))
         return loaded.model, loaded.manifest
     torch.manual_seed(seed)
-    model = build_arch(ref, kwargs, trusted=ref.startswith("hf:") or cfg.student in ctx.trusted_refs)
+    model = build_arch(ref, kwargs, trusted=ref.startswith("hf:") or cfg.student in ctx.trusted_refs,
+                       kwargs_label="the student's config" if ref.startswith("hf:") else "the student's kwargs")
     shape = teacher_manifest.input_shape
     return model, Manifest(arch=ref, arch_kwargs=dict(kwargs or {}), input_shape=shape,
                            input_dtype=teacher_manifest.input_dtype)
