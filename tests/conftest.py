@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def _block_torch_ao() -> None:
 
 if os.environ.get(BLOCK_TORCH_AO) == "1":
     _block_torch_ao()
+
+# Weight-only kernel measurements (wo_kernels.py) go to a folder of this test run, which the fresh processes
+# it starts inherit, never to the user's ~/.cache.
+os.environ.setdefault("MODELZIP_CACHE_DIR", tempfile.mkdtemp(prefix="modelzip-cache-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
