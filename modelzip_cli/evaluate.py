@@ -7,7 +7,13 @@ from pathlib import Path
 
 from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.export import load_for_measure
-from modelzip_cli.measure import count_parameters, model_metrics, outputs_class_logits
+from modelzip_cli.measure import (
+    count_parameters,
+    default_threads,
+    generation_speed,
+    model_metrics,
+    outputs_class_logits,
+)
 from modelzip_cli.report import Report, file_info
 from modelzip_cli.runner import CommonOptions, load_dataset
 
@@ -22,5 +28,8 @@ def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
     report.input = file_info(path, count_parameters(loaded.model))
     report.metrics[str(path)] = model_metrics(loaded.model, data, batch_n=batch_n, threads=opts.threads,
                                               size_bytes=report.input["bytes"], device=device)
+    speed = generation_speed([loaded.model], data.inputs, threads=opts.threads or default_threads())[0]
+    if speed is not None:  # a causal LM: prefill and decode tokens/s
+        report.metrics[str(path)]["generation"] = speed
     report.runtime = runtime(device)
     return report

@@ -132,3 +132,37 @@ def test_quantized_file_reloads_onto_the_packed_kernel_and_stays_the_same(cli, t
     save_checkpoint(packed.model, packed.manifest, again)
     assert again.read_bytes() == out.read_bytes()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random Llama-architecture causal LM saved as transformers saves it, and token data for it."""
+    import transformers
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "llama")
+    save_file({"inputs": torch.randint(0, 128, (8, 24))}, str(root / "tokens.safetensors"))
+    return root / "llama", root / "tokens.safetensors"
+
+
+def test_eval_and_compare_report_prefill_and_decode_speed_of_a_causal_lm(cli, tmp_path, tiny_llama):
+    model, data = tiny_llama
+    q4 = tmp_path / "q4.safetensors"
+    assert cli("quantize", model, "--method", "weight-only", "--bits", "4", "--group-size", "32", "-o", q4,
+               "-q").code == 0
+    r = cli("compare", model, q4, "--data", data, "--json", "-q")
+    assert r.code == 0, r.stderr
+    for path in (model, q4):
+        speed = r.json["metrics"][str(path)]["generation"]
+        assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+        assert speed["prompt_tokens"] == 24 and speed["new_tokens"] == 32
+    r = cli("eval", q4, "--data", data, "--json", "-q")
+    assert r.code == 0, r.stderr
+    assert r.json["metrics"][str(q4)]["generation"]["decode_tokens_per_s"] > 0
+    r = cli("eval", DIGITS_TEACHER, "--data", DIGITS_TEST, "--json", "-q")  # not a language model
+    assert "generation" not in r.json["metrics"][str(DIGITS_TEACHER)]
