@@ -282,12 +282,13 @@ GENERATION_ROUNDS = 5
 
 
 def causal_lm(model: nn.Module) -> nn.Module | None:
-    """The transformers causal LM inside `model` (an HFModel of a *ForCausalLM with a KV cache), or None."""
-    inner = getattr(model, "model", None)
+    """The transformers causal LM `model` is, or holds (an HFModel), with a KV cache; else None."""
+    lm_names = ("ForCausalLM", "LMHeadModel")
+    inner = model if type(model).__name__.endswith(lm_names) else getattr(model, "model", None)
     config = getattr(inner, "config", None)
     if inner is None or config is None or getattr(config, "is_encoder_decoder", False):
         return None
-    if not type(inner).__name__.endswith(("ForCausalLM", "LMHeadModel")) or not getattr(config, "use_cache", True):
+    if not type(inner).__name__.endswith(lm_names) or not getattr(config, "use_cache", True):
         return None
     return inner
 
