@@ -395,8 +395,10 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.bias is not None
                                                       and self.bias.requires_grad)
-        if differentiable or x.numel() == 0 or x.device.type != "cpu" or self.qweight.device.type != "cpu":
-            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)  # autograd, or not a CPU
+        traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if differentiable or traced or x.numel() == 0 or x.device.type != "cpu" or self.qweight.device.type != "cpu":
+            # autograd, an export (the graph holds the stored integers and their dequantization), or not a CPU
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
         y = self._kernels.run(self._geometry(), self._stored(), x.reshape(-1, self.in_features))  # (M, out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

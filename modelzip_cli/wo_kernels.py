@@ -29,12 +29,13 @@ tests allow 1e-2); float is exact.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -186,8 +187,27 @@ def available(name: str) -> bool:
     return tuple(y.shape) == (1, 16) and bool(torch.isfinite(y).all())
 
 
+_scoped: list[str] = []  # use_kernel() blocks, innermost last
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Run weight-only layers on kernel `name` inside the block (e.g. "float": the reference numerics an
+    exported graph reproduces), whatever they chose."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown weight-only kernel {name!r}")
+    _scoped.append(name)
+    try:
+        yield
+    finally:
+        _scoped.pop()
+
+
 def forced() -> str | None:
-    """The kernel MODELZIP_WO_KERNEL forces, or None (auto). An unknown name is ignored as auto."""
+    """The kernel a use_kernel() block or MODELZIP_WO_KERNEL forces, or None (auto). An unknown name in the
+    environment is ignored as auto."""
+    if _scoped:
+        return _scoped[-1]
     name = os.environ.get(KERNEL_ENV, "auto")
     return name if name in KERNELS else None
 
@@ -289,7 +309,7 @@ class LayerKernels:
 
     def __init__(self):
         self.packed: dict[str, tuple[tuple, tuple]] = {}  # kernel → (source tensors, packed)
-        self.chosen: dict[tuple, str] = {}  # (row class, dtype) → kernel
+        self.chosen: dict[tuple, str] = {}  # (row class, dtype, forced kernel or None) → kernel
         self.notes: dict[str, str] = {}  # kernel forced but unusable → why
 
     def _pack(self, name: str, geo: Geometry, w: Stored) -> tuple:
@@ -302,12 +322,11 @@ class LayerKernels:
 
     def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype) -> str:
         """The kernel for a call on `rows` rows of `dtype`: forced, else cached, else measured now."""
-        cls = row_class(rows)
-        hit = self.chosen.get((cls, dtype))
+        cls, want = row_class(rows), forced()
+        hit = self.chosen.get((cls, dtype, want))
         if hit is not None:
             return hit
         ok, why = candidates(geo, dtype)
-        want = forced()
         if want is not None:
             name = want if want in ok else "float"
             if want not in ok:
@@ -323,7 +342,7 @@ class LayerKernels:
                 for loser in set(packs) - {name} - set(self.chosen.values()):
                     self.packed.pop(loser, None)  # keep only what runs
             CHOICES[key] = name
-        self.chosen[(cls, dtype)] = name
+        self.chosen[(cls, dtype, want)] = name
         return name
 
     def run(self, geo: Geometry, w: Stored, x: torch.Tensor) -> torch.Tensor:

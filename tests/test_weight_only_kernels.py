@@ -166,3 +166,18 @@ def test_eval_and_compare_report_prefill_and_decode_speed_of_a_causal_lm(cli, tm
     assert r.json["metrics"][str(q4)]["generation"]["decode_tokens_per_s"] > 0
     r = cli("eval", DIGITS_TEACHER, "--data", DIGITS_TEST, "--json", "-q")  # not a language model
     assert "generation" not in r.json["metrics"][str(DIGITS_TEACHER)]
+
+
+def test_use_kernel_block_gives_the_reference_numerics_whatever_the_layer_chose(monkeypatch):
+    """What `export` compares its graph with: inside wo_kernels.use_kernel("float"), dequantize-and-matmul."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int8pack")
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 8, 64).eval()
+    x = torch.randn(4, 256)
+    ref = F.linear(x, layer.dequantized_weight(), layer.bias)
+    with torch.inference_mode():
+        packed = layer(x)
+        with wo_kernels.use_kernel("float"):
+            exact = layer(x)
+        again = layer(x)
+    assert torch.equal(exact, ref) and not torch.equal(packed, ref) and torch.equal(again, packed)
