@@ -15,7 +15,7 @@ its own layout the first time a layer runs (kept in memory, never stored) and co
   speed: the fallback, never slower than float.
 
 The choice: a call's row count falls in a size class (ROW_CLASSES); for each (bits, shape, group, class,
-dtype, thread count) every kernel that can run the layer is timed on the layer's own weights, and the
+dtype) every kernel that can run the layer is timed on the layer's own weights (`_probe`), and the
 fastest is kept if it beat float by MARGIN: for the process (`CHOICES`) and in a file of measurements keyed
 by the machine (CPU model and flags, torch version, core count), `$MODELZIP_CACHE_DIR/wo_kernels.json`
 (default ~/.cache/modelzip), so that every process on one machine runs a layer on the same kernel and gives
@@ -47,7 +47,8 @@ KERNELS = ("int4pack", "int8pack", "bf16", "float")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 CPU kernel takes
 # (largest row count of the class, rows the probe times it at): decoding one token, a few rows, a batch
 ROW_CLASSES = ((2, 1), (32, 16), (None, 128))
-PROBE_ROUNDS = 7  # interleaved rounds; the fastest time of each kernel counts (noise only adds time)
+PROBE_ROUNDS = 5  # interleaved rounds; the fastest time of each kernel counts (noise only adds time)
+PROBE_BYTES, PROBE_COPIES = 64 << 20, 64  # the weight copies a few-row probe cycles through (see _copies)
 # A kernel replaces float only when it measured this many times faster: a near tie under a busy machine's
 # noise must not pick a kernel that is slower in fact, nor flip the choice (and its rounding) between runs.
 MARGIN = 1.25
@@ -282,23 +283,42 @@ def _remembered(key: str) -> str | None:
     return name if name in KERNEL_TABLE else None
 
 
-# (geometry, row class, dtype, threads) → the kernel measured fastest on this machine, in this process
+# (geometry, row class, dtype) → the kernel measured fastest on this machine, in this process
 CHOICES: dict[tuple, str] = {}
 
 
+def _copies(packed: tuple, rows: int) -> list[tuple]:
+    """Copies of a packed weight to cycle through while timing: in a model, a layer's weights come from
+    memory, not from a cache warmed by the call before (a 576×576 fp32 GEMV measured 23 µs cache-hot and
+    164 µs cycling through 60 copies; int4pack 28 and 24). Few rows only: many rows are bound by arithmetic."""
+    size = sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
+    count = 1 if rows >= ROW_CLASSES[-1][1] else max(1, min(PROBE_COPIES, PROBE_BYTES // max(size, 1)))
+    return [packed] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in packed)
+                       for _ in range(count - 1)]
+
+
 def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype) -> str:
-    """The fastest of `packs` on `rows` random rows (interleaved rounds, the fastest call of each), if it
-    beats float by MARGIN; else float."""
+    """The fastest of `packs` on `rows` random rows, if it beats float by MARGIN; else float. One thread
+    (where a busy machine's noise is smallest: two threads wait for each other whenever either is
+    descheduled), interleaved rounds, the fastest round of each, each round a pass over copies."""
     x = torch.randn(rows, geo.in_features).to(dtype)
     best = {name: float("inf") for name in packs}
-    with torch.no_grad():
-        for name, packed in packs.items():  # warm-up: first calls allocate
-            KERNEL_TABLE[name].run(geo, packed, x)
-        for _ in range(PROBE_ROUNDS):
-            for name, packed in packs.items():
-                t0 = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            copies = {name: _copies(packed, rows) for name, packed in packs.items()}
+            for name, packed in packs.items():  # warm-up: first calls allocate
                 KERNEL_TABLE[name].run(geo, packed, x)
-                best[name] = min(best[name], time.perf_counter() - t0)
+            for _ in range(PROBE_ROUNDS):
+                for name, each in copies.items():
+                    run = KERNEL_TABLE[name].run
+                    t0 = time.perf_counter()
+                    for packed in each:
+                        run(geo, packed, x)
+                    best[name] = min(best[name], (time.perf_counter() - t0) / len(each))
+    finally:
+        torch.set_num_threads(old_threads)
     fastest = min(best, key=best.get)
     return fastest if best[fastest] * MARGIN < best.get("float", float("inf")) else "float"
 
@@ -332,8 +352,8 @@ class LayerKernels:
             if want not in ok:
                 self.notes[want] = why[want]
         else:
-            key = (geo, cls, dtype, torch.get_num_threads())
-            text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."), key[-1])))
+            key = (geo, cls, dtype)
+            text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."))))
             name = CHOICES.get(key) or _remembered(text)
             if name is None or name not in ok:
                 packs = {n: self._pack(n, geo, w) for n in ok}
