@@ -135,14 +135,17 @@ def _int4_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:
 def _int8_unsupported(geo: Geometry) -> str | None:
     if geo.bits != 8:
         return "int8 only"
-    if geo.group_size % 16:  # torch 2.13's kernel reads past a row whose width is not a multiple of 16 (segfault)
+    if geo.group_size % 16:  # torch 2.13's kernel crashes on rows whose width is not a multiple of 16
         return f"group {geo.group_size} is not a multiple of 16 (the int8 kernel's block)"
     return None
 
 
 def _int8_pack(geo: Geometry, w: Stored) -> tuple:
     q = w.qweight.reshape(geo.out_features, geo.groups, geo.group_size)  # (N, groups, G)
-    return q.transpose(0, 1).contiguous(), w.scales.t().to(torch.bfloat16).contiguous()  # (groups, N, G), (groups, N)
+    # a fresh copy: a tensor read from a file may start at any byte, and the kernel's loads need alignment
+    # (a weight loaded from safetensors crashed it where the same weight built in memory ran)
+    q = q.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (groups, N, G)
+    return q, w.scales.t().to(torch.bfloat16).contiguous()  # (groups, N)
 
 
 def _int8_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:

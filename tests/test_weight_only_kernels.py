@@ -181,3 +181,14 @@ def test_use_kernel_block_gives_the_reference_numerics_whatever_the_layer_chose(
             exact = layer(x)
         again = layer(x)
     assert torch.equal(exact, ref) and not torch.equal(packed, ref) and torch.equal(again, packed)
+
+
+def test_int8_weight_read_at_an_unaligned_address_runs(monkeypatch):
+    """A tensor loaded from a file may start at any byte; torch's int8 kernel crashed on such a weight."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int8pack")
+    layer = WeightOnlyLinear.from_float(nn.Linear(64, 512), 8, 64).eval()
+    storage = torch.empty(layer.qweight.numel() + 3, dtype=torch.int8)
+    storage[3:] = layer.qweight.flatten()
+    layer.qweight = storage[3:].view(512, 64)  # (the buffer, at an odd address)
+    _check(layer, "int8pack", TOL)
