@@ -89,8 +89,16 @@ class Kernel:
 
 
 def _int4_group(geo: Geometry) -> int | None:
-    """The kernel's group size that tiles the stored group (same scale repeated), or None."""
-    return next((g for g in INT4_GROUPS if geo.group_size % g == 0), None)
+    """The kernel's group size that tiles the stored group (same scale repeated), or None; one that also
+    divides the layer's width where there is one (a 576-wide layer in groups of 128 runs as 9 groups of 64,
+    with no padding to copy into each input)."""
+    fits = [g for g in INT4_GROUPS if geo.group_size % g == 0]
+    return next((g for g in fits if geo.in_features % g == 0), fits[0] if fits else None)
+
+
+def _int4_width(geo: Geometry, g: int) -> int:
+    """The width K the kernel multiplies: the layer's own where groups of g tile it, else the padded one."""
+    return geo.in_features if geo.in_features % g == 0 else geo.padded
 
 
 def _padded_input(geo: Geometry, x: torch.Tensor) -> torch.Tensor:
@@ -116,20 +124,21 @@ def _int4_unsupported(geo: Geometry) -> str | None:
 
 def _int4_pack(geo: Geometry, w: Stored) -> tuple:
     g = _int4_group(geo)
-    ints = _unpacked_int4(geo, w.qweight).to(torch.int32)  # (N, padded)
+    width = _int4_width(geo, g)
+    ints = _unpacked_int4(geo, w.qweight)[:, :width].to(torch.int32)  # (N, K)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints.contiguous(), 1)
     repeat = geo.group_size // g
-    s = w.scales.float().repeat_interleave(repeat, dim=1)  # (N, padded / g)
-    zp = w.zero_points.float().repeat_interleave(repeat, dim=1)
+    s = w.scales.float().repeat_interleave(repeat, dim=1)[:, : width // g]  # (N, K / g)
+    zp = w.zero_points.float().repeat_interleave(repeat, dim=1)[:, : width // g]
     # the kernel computes (q − 8)·s + z; modelzip's (q − zp)·s is that with z = (8 − zp)·s
-    scales_and_zeros = torch.stack([s, (8 - zp) * s], dim=-1).transpose(0, 1)  # (padded / g, N, 2)
-    return packed, scales_and_zeros.to(torch.bfloat16).contiguous(), g
+    scales_and_zeros = torch.stack([s, (8 - zp) * s], dim=-1).transpose(0, 1)  # (K / g, N, 2)
+    return packed, scales_and_zeros.to(torch.bfloat16).contiguous(), g, width
 
 
 def _int4_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:
-    weight, scales_and_zeros, g = packed
-    x = _padded_input(geo, x).to(torch.bfloat16)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, g, scales_and_zeros)
+    weight, scales_and_zeros, g, width = packed
+    x = F.pad(x, (0, width - geo.in_features)) if width != geo.in_features else x.contiguous()  # (M, K)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, g, scales_and_zeros)
 
 
 def _int8_unsupported(geo: Geometry) -> str | None:

@@ -49,7 +49,9 @@ def _check(layer: WeightOnlyLinear, kernel: str, tol: float) -> None:
 
 @pytest.mark.parametrize("bits,kernel", [(4, "int4pack"), (4, "bf16"), (8, "int8pack"), (8, "bf16")])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("width", [256, 200])  # 200: not a whole number of groups (the stored weight is padded)
+# 200: not a whole number of groups (the stored weight is padded, so is the input); 576: 4.5 groups of 128, which
+# the int4 kernel takes as 9 groups of 64 (no padding)
+@pytest.mark.parametrize("width", [256, 200, 576])
 def test_kernel_matches_dequantize_and_matmul(monkeypatch, bits, kernel, group, width):
     torch.manual_seed(0)
     monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
