@@ -328,6 +328,7 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("zero_points", torch.zeros(out_features, groups, dtype=torch.int8))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.scheme = f"int{bits} weight-only (group {self.group_size})"
+        self._geo = wo_kernels.Geometry(bits, in_features, out_features, self.group_size, groups)
         self._kernels = wo_kernels.LayerKernels()
 
     @classmethod
@@ -377,16 +378,13 @@ class WeightOnlyLinear(nn.Module):
         w = (g - zero_points.float()[..., None]) * scales.float()[..., None]
         return w.reshape(rows, -1)[:, : self.in_features]
 
-    def _geometry(self) -> wo_kernels.Geometry:
-        return wo_kernels.Geometry(self.bits, self.in_features, self.out_features, self.group_size,
-                                   self.scales.shape[1])
-
     def _stored(self) -> wo_kernels.Stored:
-        return wo_kernels.Stored(self.qweight, self.scales, self.zero_points, self.dequantized_weight)
+        b = self._buffers
+        return self._kernels.stored(b["qweight"], b["scales"], b["zero_points"], self.dequantized_weight)
 
     def kernel_for(self, rows: int, dtype: torch.dtype = torch.float32) -> str:
         """The kernel a call on `rows` rows of `dtype` runs on (measured on first asking, then kept)."""
-        return self._kernels.choose(self._geometry(), self._stored(), rows, dtype)
+        return self._kernels.choose(self._geo, self._stored(), rows, dtype)
 
     def kernel_notes(self) -> dict[str, str]:
         """kernel → why this layer could not run it (a kernel MODELZIP_WO_KERNEL forced)."""
@@ -399,9 +397,9 @@ class WeightOnlyLinear(nn.Module):
         if differentiable or traced or x.numel() == 0 or x.device.type != "cpu" or self.qweight.device.type != "cpu":
             # autograd, an export (the graph holds the stored integers and their dequantization), or not a CPU
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
-        y = self._kernels.run(self._geometry(), self._stored(), x.reshape(-1, self.in_features))  # (M, out)
+        y = self._kernels.run(self._geo, self._stored(), x.reshape(-1, self.in_features))  # (M, out), a new tensor
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y.add_(self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: packed tensors must follow

@@ -227,7 +227,10 @@ def forced() -> str | None:
 
 def row_class(rows: int) -> int:
     """The index in ROW_CLASSES of a call on `rows` rows."""
-    return next(i for i, (top, _) in enumerate(ROW_CLASSES) if top is None or rows <= top)
+    for i, (top, _) in enumerate(ROW_CLASSES):
+        if top is None or rows <= top:
+            return i
+    raise AssertionError("the last row class takes every size")
 
 
 def candidates(geo: Geometry, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
@@ -340,16 +343,24 @@ class LayerKernels:
     use from the stored tensors and kept while those are the same tensors (a load or .to() clears it)."""
 
     def __init__(self):
-        self.packed: dict[str, tuple[tuple, tuple]] = {}  # kernel → (source tensors, packed)
+        self._stored: Stored | None = None
+        self.packed: dict[str, tuple[Stored, tuple]] = {}  # kernel → (the stored tensors it was packed from, packed)
         self.chosen: dict[tuple, str] = {}  # (row class, dtype, forced kernel or None) → kernel
         self.notes: dict[str, str] = {}  # kernel forced but unusable → why
 
+    def stored(self, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+               dequantize: Callable[[], torch.Tensor]) -> Stored:
+        """The layer's stored tensors, as one object kept while they are the same tensors (packs follow it)."""
+        w = self._stored
+        if w is None or w.qweight is not qweight or w.scales is not scales or w.zero_points is not zero_points:
+            w = self._stored = Stored(qweight, scales, zero_points, dequantize)
+        return w
+
     def _pack(self, name: str, geo: Geometry, w: Stored) -> tuple:
-        sources = (w.qweight, w.scales, w.zero_points)
         hit = self.packed.get(name)
-        if hit is None or not all(a is b for a, b in zip(hit[0], sources, strict=True)):
+        if hit is None or hit[0] is not w:
             with torch.inference_mode(False), torch.no_grad():
-                hit = self.packed[name] = (sources, KERNEL_TABLE[name].pack(geo, w))
+                hit = self.packed[name] = (w, KERNEL_TABLE[name].pack(geo, w))
         return hit[1]
 
     def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype) -> str:
