@@ -235,7 +235,8 @@ def summary(r: dict) -> str:
     lines = [f"{r['threads']} threads, median of {r['rounds']} interleaved rounds (models slower than "
              f"{SLOW_S * 1000:.0f} ms a call: one round of 3). CPU capability {r['cpu_capability']}; "
              f"`_int_mm` on oneDNN: {r['int_mm_is_fast']}; the plain modules' auto kernel: {r['auto_kernel']}.",
-             f"CPU: {r['cpu']['model']}, {r['cpu']['summary']}; flags: {' '.join(r['cpu']['flags'])}.", ""]
+             f"CPU: {r['cpu']['model']}, {r['cpu']['summary']}; flags: {' '.join(r['cpu']['flags'])}."
+             if "cpu" in r else "CPU flags not recorded (a run before they were).", ""]
     for shape, p in r["int_mm_products"].items():
         lines.append(f"- {shape} product: fp32 {p['fp32_ms']:.2f} ms, `_int_mm` {p['int_mm_ms']:.2f} ms "
                      f"({p['int_mm_speedup']:.3f}× fp32)")
