@@ -397,9 +397,7 @@ class WeightOnlyLinear(nn.Module):
         if differentiable or traced or x.numel() == 0 or x.device.type != "cpu" or self.qweight.device.type != "cpu":
             # autograd, an export (the graph holds the stored integers and their dequantization), or not a CPU
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
-        y = self._kernels.run(self._geo, self._stored(), x.reshape(-1, self.in_features))  # (M, out), a new tensor
-        if self.bias is not None:
-            y.add_(self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
+        y = self._kernels.run(self._geo, self._stored(), x.reshape(-1, self.in_features), self.bias)  # (M, out)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: packed tensors must follow

@@ -85,7 +85,8 @@ class Kernel:
     name: str
     unsupported: Callable[[Geometry], str | None]  # why it cannot run this layer, or None
     pack: Callable[[Geometry, Stored], tuple]
-    run: Callable[[Geometry, tuple, torch.Tensor], torch.Tensor]  # (M, in) float → (M, out) float32/x dtype
+    # (geometry, packed, x (M, in), bias (out,) or None) → (M, out) in x's dtype
+    run: Callable[[Geometry, tuple, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _int4_group(geo: Geometry) -> int | None:
@@ -135,10 +136,17 @@ def _int4_pack(geo: Geometry, w: Stored) -> tuple:
     return packed, scales_and_zeros.to(torch.bfloat16).contiguous(), g, width
 
 
-def _int4_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's (M, out) result in x's dtype, plus the bias (added in that dtype, to a new tensor)."""
+    y = y.to(x.dtype)
+    return y if bias is None else y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))
+
+
+def _int4_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     weight, scales_and_zeros, g, width = packed
-    x = F.pad(x, (0, width - geo.in_features)) if width != geo.in_features else x.contiguous()  # (M, K)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight, g, scales_and_zeros)
+    xk = F.pad(x, (0, width - geo.in_features)) if width != geo.in_features else x.contiguous()  # (M, K)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk.to(torch.bfloat16), weight, g, scales_and_zeros)
+    return _finish(y, x, bias)
 
 
 def _int8_unsupported(geo: Geometry) -> str | None:
@@ -157,7 +165,7 @@ def _int8_pack(geo: Geometry, w: Stored) -> tuple:
     return q, w.scales.t().to(torch.bfloat16).contiguous()  # (groups, N)
 
 
-def _int8_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:
+def _int8_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     q, scales = packed
     rows = x.shape[0]
     xg = _padded_input(geo, x).to(torch.bfloat16).reshape(rows, geo.groups, geo.group_size)  # (M, groups, G)
@@ -165,15 +173,15 @@ def _int8_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:
     y = torch.ops.aten._weight_int8pack_mm(xg[0], q[0], scales[0]).float()
     for i in range(1, geo.groups):
         y += torch.ops.aten._weight_int8pack_mm(xg[i], q[i], scales[i])
-    return y
+    return _finish(y, x, bias)
 
 
-def _bf16_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x.to(torch.bfloat16), packed[0])
+def _bf16_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _finish(F.linear(x.to(torch.bfloat16), packed[0]), x, bias)
 
 
-def _float_run(geo: Geometry, packed: tuple, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, packed[0].to(x.dtype))
+def _float_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, packed[0].to(x.dtype), bias)  # what the layer computed before it had kernels, bit for bit
 
 
 KERNEL_TABLE = {k.name: k for k in (
@@ -194,7 +202,7 @@ def available(name: str) -> bool:
     kernel = KERNEL_TABLE[name]
     try:
         with torch.no_grad():
-            y = kernel.run(geo, kernel.pack(geo, w), torch.ones(1, 64))
+            y = kernel.run(geo, kernel.pack(geo, w), torch.ones(1, 64), None)
     except Exception:  # a torch without the op, or a build/CPU it does not run on
         return False
     return tuple(y.shape) == (1, 16) and bool(torch.isfinite(y).all())
@@ -324,13 +332,13 @@ def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype
         with torch.no_grad():
             copies = {name: _copies(packed, rows) for name, packed in packs.items()}
             for name, packed in packs.items():  # warm-up: first calls allocate
-                KERNEL_TABLE[name].run(geo, packed, x)
+                KERNEL_TABLE[name].run(geo, packed, x, None)
             for _ in range(PROBE_ROUNDS):
                 for name, each in copies.items():
                     run = KERNEL_TABLE[name].run
                     t0 = time.perf_counter()
                     for packed in each:
-                        run(geo, packed, x)
+                        run(geo, packed, x, None)
                     best[name] = min(best[name], (time.perf_counter() - t0) / len(each))
     finally:
         torch.set_num_threads(old_threads)
@@ -388,11 +396,10 @@ class LayerKernels:
         self.chosen[(cls, dtype, want)] = name
         return name
 
-    def run(self, geo: Geometry, w: Stored, x: torch.Tensor) -> torch.Tensor:
-        """(M, in) → (M, out) in x's dtype, without bias."""
+    def run(self, geo: Geometry, w: Stored, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(M, in) → (M, out) in x's dtype, bias added."""
         name = self.choose(geo, w, x.shape[0], x.dtype)
-        y = KERNEL_TABLE[name].run(geo, self._pack(name, geo, w), x)
-        return y.to(x.dtype)
+        return KERNEL_TABLE[name].run(geo, self._pack(name, geo, w), x, bias)
 
     def __deepcopy__(self, memo) -> LayerKernels:
         return LayerKernels()
