@@ -11,6 +11,7 @@ weight-only rows name the kernel each layer ran on; the results hold the CPU's m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -119,6 +120,16 @@ def _models(fp32, calib, example) -> dict:
     return models
 
 
+@contextlib.contextmanager
+def _kernel(backend: str, kernel: str | None):
+    """The int8 backend and plain kernel a model runs under, or ("wo-float") weight-only on the float kernel."""
+    from modelzip_cli import int8, wo_kernels
+
+    with int8.use_backend(backend), int8.use_kernel("auto" if kernel in (None, "wo-float") else kernel):
+        with wo_kernels.use_kernel("float") if kernel == "wo-float" else contextlib.nullcontext():
+            yield
+
+
 def _kernels(model, rows: int) -> dict[str, str] | None:
     """Weight-only layer → the kernel a call on `rows` rows runs on; None for other models."""
     from modelzip_cli.edits import WeightOnlyLinear
@@ -138,7 +149,6 @@ def _time(model, x, threads: int, slow: bool) -> float:
 def _compare(fp32, calib, example, inputs, threads: int) -> dict:
     import torch
 
-    from modelzip_cli import int8, wo_kernels
     from modelzip_cli.measure import num_threads, sqnr_db
 
     models = _models(fp32, calib, example)
@@ -151,25 +161,23 @@ def _compare(fp32, calib, example, inputs, threads: int) -> dict:
             for name, (m, b, k) in models.items():
                 if m is None:
                     continue
-                if k == "wo-float":  # the layers' first call chooses; the choice stays with them
-                    os.environ[wo_kernels.KERNEL_ENV] = "float"
-                with int8.use_backend(b), int8.use_kernel("auto" if k in (None, "wo-float") else k):
+                with _kernel(b, k):
                     y = m(x)  # builds what a first call builds (dequantized weights, packed weights, torch.ao modules)
-                    os.environ.pop(wo_kernels.KERNEL_ENV, None)
                     t0 = time.perf_counter()
                     m(x)
                     once = time.perf_counter() - t0
+                    kernels = _kernels(m, batch)
                 sqnr = sqnr_db(reference, y)
                 rows[name] = {"sqnr_db": round(sqnr, 2) if sqnr != float("inf") else None, "slow": once > SLOW_S,
                               "ms": []}
-                if (kernels := _kernels(m, batch)) is not None:
+                if kernels is not None:
                     rows[name]["kernels"] = kernels
         for r in range(ROUNDS):
             for name, row in rows.items():
                 if row["slow"] and r > 0:
                     continue
                 m, b, k = models[name]
-                with int8.use_backend(b), int8.use_kernel("auto" if k in (None, "wo-float") else k):
+                with _kernel(b, k):
                     row["ms"].append(_time(m, x, threads, row["slow"]))
         fp32_ms = statistics.median(rows["fp32"]["ms"])
         for row in rows.values():
