@@ -23,8 +23,8 @@ the same output bits. Delete the file to measure again; where it cannot be writt
 
 The probe runs on one thread: on a machine whose cores other processes keep busy, two-thread timings
 are dominated by threads waiting for each other. The cost: such contention at run time hurts most the
-kernel that makes the most calls (int8pack, one per group: 0.05× fp32 measured under a load of 4 busy
-processes on 2 cores, 1.4× on one quiet thread), which the probe does not see.
+kernel that makes the most calls (int8pack, one per group: 0.05× fp32 measured on this shared 2-core
+machine while other jobs ran, 1.4× on one thread), which the probe does not see.
 
 `MODELZIP_WO_KERNEL=<name>` forces a kernel for a process (a layer it cannot run falls back to float, with
 a note); `available()` answers whether this torch has a kernel that runs here. The bf16 kernels agree with
