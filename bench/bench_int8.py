@@ -1,24 +1,52 @@
 """int8 without torch.ao: modelzip's plain-int8 modules on each backend against fp32, the first wave's torch.ao
-paths, torchao's eager int8 and weight-only, one run.
+paths, torchao's eager int8, and modelzip's weight-only int8 / int4 on the kernels measured fastest here
+(and forced onto the float fallback, for comparison), one run.
 
 MLP 1024→4096→4096→1024 (random inputs, random calibration) and the digits teacher (its own test and
 train data), batch 1 and 64, 2 threads. Every model is timed in interleaved rounds (machine noise hits
 all alike) and the median is reported with its ratio to fp32 and its SQNR against fp32 on the timed
 batch. The plain modules run under each backend (auto, plain, torch-ao) and, named as such, on
-`_int_mm` forced. Models far slower than fp32 (a scalar int8 loop) are timed with fewer repeats."""
+`_int_mm` forced. Models far slower than fp32 (a scalar int8 loop) are timed with fewer repeats. The
+weight-only rows name the kernel each layer ran on; the results hold the CPU's model and flags."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 from bench.common import ROOT
 
 ROUNDS = 5
 SLOW_S = 0.2  # a model whose warm call takes longer than this is timed in one round of 3 calls
 MLP = {"input_size": 1024, "hidden_sizes": [4096, 4096], "num_classes": 1024, "dropout": 0.0}
+# the flags that decide which int8 / int4 / bf16 kernels a CPU can run fast
+KERNEL_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> dict:
+    """The CPU's model name and the kernel-relevant flags it has (from /proc/cpuinfo), with a short summary."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith(key)), "")  # noqa: E731
+    flags = set(field("flags").split())
+    have = [f for f in KERNEL_FLAGS if f in flags]
+    if "avx512f" in flags:
+        summary = "AVX-512 (" + ", ".join(f.removeprefix("avx512_") for f in ("avx512_vnni", "avx512_bf16")
+                                         if f in flags) + ")"
+    else:
+        summary = "AVX2 only" if "avx2" in flags else "no AVX2"
+    if "amx_tile" in flags:
+        summary += ", AMX"
+    return {"model": field("model name") or "unknown", "flags": have, "summary": summary,
+            "cores": len(os.sched_getaffinity(0))}
 
 
 def _models(fp32, calib, example) -> dict:
@@ -85,9 +113,29 @@ def _models(fp32, calib, example) -> dict:
         models["torchao Int8DynamicActivationInt8Weight (eager)"] = (ao, "auto", None)
     except Exception as exc:  # report, do not hide
         models[f"torchao failed: {type(exc).__name__}: {exc}"[:200]] = (None, "auto", None)
-    models["weight-only int8 (group 128)"] = (weight_only(8), "auto", None)
-    models["weight-only int4 (group 128)"] = (weight_only(4), "auto", None)
+    for bits in (8, 4):
+        m = weight_only(bits)
+        models[f"weight-only int{bits} (group 128)"] = (m, "auto", None)
+        models[f"weight-only int{bits} (group 128), float fallback forced"] = (copy.deepcopy(m), "auto", "wo-float")
     return models
+
+
+@contextlib.contextmanager
+def _kernel(backend: str, kernel: str | None):
+    """The int8 backend and plain kernel a model runs under, or ("wo-float") weight-only on the float kernel."""
+    from modelzip_cli import int8, wo_kernels
+
+    with int8.use_backend(backend), int8.use_kernel("auto" if kernel in (None, "wo-float") else kernel):
+        with wo_kernels.use_kernel("float") if kernel == "wo-float" else contextlib.nullcontext():
+            yield
+
+
+def _kernels(model, rows: int) -> dict[str, str] | None:
+    """Weight-only layer → the kernel a call on `rows` rows runs on; None for other models."""
+    from modelzip_cli.edits import WeightOnlyLinear
+
+    found = {n: m.kernel_for(rows) for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    return found or None
 
 
 def _time(model, x, threads: int, slow: bool) -> float:
@@ -101,7 +149,6 @@ def _time(model, x, threads: int, slow: bool) -> float:
 def _compare(fp32, calib, example, inputs, threads: int) -> dict:
     import torch
 
-    from modelzip_cli import int8
     from modelzip_cli.measure import num_threads, sqnr_db
 
     models = _models(fp32, calib, example)
@@ -114,20 +161,23 @@ def _compare(fp32, calib, example, inputs, threads: int) -> dict:
             for name, (m, b, k) in models.items():
                 if m is None:
                     continue
-                with int8.use_backend(b), int8.use_kernel(k or "auto"):
-                    y = m(x)  # builds what a first call builds (dequantized weights, torch.ao modules)
+                with _kernel(b, k):
+                    y = m(x)  # builds what a first call builds (dequantized weights, packed weights, torch.ao modules)
                     t0 = time.perf_counter()
                     m(x)
                     once = time.perf_counter() - t0
+                    kernels = _kernels(m, batch)
                 sqnr = sqnr_db(reference, y)
                 rows[name] = {"sqnr_db": round(sqnr, 2) if sqnr != float("inf") else None, "slow": once > SLOW_S,
                               "ms": []}
+                if kernels is not None:
+                    rows[name]["kernels"] = kernels
         for r in range(ROUNDS):
             for name, row in rows.items():
                 if row["slow"] and r > 0:
                     continue
                 m, b, k = models[name]
-                with int8.use_backend(b), int8.use_kernel(k or "auto"):
+                with _kernel(b, k):
                     row["ms"].append(_time(m, x, threads, row["slow"]))
         fp32_ms = statistics.median(rows["fp32"]["ms"])
         for row in rows.values():
@@ -174,6 +224,7 @@ def run() -> dict:
     torch.manual_seed(0)
     results: dict = {
         "threads": threads, "rounds": ROUNDS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_flags(),
         "int_mm_is_fast": int8.int_mm_is_fast(), "auto_kernel": int8.kernel(),
         "int_mm_products": _products(threads),
     }
@@ -191,7 +242,9 @@ def run() -> dict:
 def summary(r: dict) -> str:
     lines = [f"{r['threads']} threads, median of {r['rounds']} interleaved rounds (models slower than "
              f"{SLOW_S * 1000:.0f} ms a call: one round of 3). CPU capability {r['cpu_capability']}; "
-             f"`_int_mm` on oneDNN: {r['int_mm_is_fast']}; the plain modules' auto kernel: {r['auto_kernel']}.", ""]
+             f"`_int_mm` on oneDNN: {r['int_mm_is_fast']}; the plain modules' auto kernel: {r['auto_kernel']}.",
+             f"CPU: {r['cpu']['model']}, {r['cpu']['summary']}; flags: {' '.join(r['cpu']['flags'])}."
+             if "cpu" in r else "CPU flags not recorded (a run before they were).", ""]
     for shape, p in r["int_mm_products"].items():
         lines.append(f"- {shape} product: fp32 {p['fp32_ms']:.2f} ms, `_int_mm` {p['int_mm_ms']:.2f} ms "
                      f"({p['int_mm_speedup']:.3f}× fp32)")
@@ -201,6 +254,7 @@ def summary(r: dict) -> str:
             lines += [f"{title}, {batch.replace('_', ' ')}:", "", "| model | ms | vs fp32 | SQNR dB |",
                       "|---|---|---|---|"]
             lines += [f"| {name} | {v['ms']:.3f} | {v['speedup_vs_fp32']:.2f}× | {v['sqnr_db']} |"
+                      + (f" kernels: {', '.join(v['kernels'].values())} |" if v.get("kernels") else "")
                       for name, v in r[model][batch].items()]
             lines.append("")
         if r[model]["failed"]:

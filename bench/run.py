@@ -21,6 +21,7 @@ CASES = {
     "prune": "bench.bench_prune",
     "quantize": "bench.bench_quantize",
     "int8": "bench.bench_int8",
+    "llm": "bench.bench_llm",
     "lowrank": "bench.bench_lowrank",
     "distill": "bench.bench_distill",
     "hf_load": "bench.bench_hf_load",

@@ -12,7 +12,9 @@ from modelzip_cli.files import disk_bytes
 from modelzip_cli.lm import is_causal_lm, lm_figures
 from modelzip_cli.measure import (
     count_parameters,
+    default_threads,
     fidelity,
+    generation_speed,
     latencies,
     latency_change,
     model_metrics,
@@ -41,6 +43,8 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
     # a causal LM's logits (N, L, vocab) are never held whole: every model runs batch by batch side by side
     lm = lm_figures([item.model for item in loaded], data.inputs) if causal else None
     reference = None if causal else predict(loaded[0].model, data.inputs)  # (N, classes), or (N, …) features
+    # causal LMs: prefill and decode tokens/s, every model in turn in each round
+    speeds = generation_speed([x.model for x in loaded], data.inputs, threads=opts.threads or default_threads())
     for k, (label, path, item) in enumerate(zip(labels, paths, loaded, strict=True)):
         m = model_metrics(item.model, data, threads=opts.threads, size_bytes=disk_bytes(path), device=device,
                           latency=False, lm=False)
@@ -56,6 +60,8 @@ def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions,
             m["top1_agreement"] = m["fidelity"]["top1_agreement"]
         m["max_abs_logit_diff"] = m["fidelity"]["max_abs_diff"]
         m["measured_on"] = f"{len(data)} samples of {data_path}"
+        if speeds[k] is not None:
+            m["generation"] = speeds[k]
         report.metrics[label] = m
     blocks = latencies([item.model for item in loaded], data, batch_n=batch_n, threads=opts.threads, device=device)
     for label, block in zip(labels, blocks, strict=True):

@@ -23,6 +23,7 @@ from torch import nn
 from modelzip_cli import (
     int8,
     quant_backend,  # noqa: F401  (registers the optional torch.ao accelerator)
+    wo_kernels,
 )
 from modelzip_cli.errors import InputError, ModelzipError, first_line
 from modelzip_cli.format import CORRUPT, Manifest, NonNegInt, describe_error
@@ -319,11 +320,13 @@ def _replay_lowrank(model: nn.Module, edit: dict, manifest: Manifest) -> nn.Modu
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weight-only quantization: integer weights + scales + zero points, float compute
+# Weight-only quantization: integer weights + scales + zero points, computed by a packed kernel
+# (wo_kernels.py) chosen per layer shape by measurement, or against a cached dequantized weight.
 
 
 class WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is stored as int8, or int4 packed two per byte, with per-group scales."""
+    """A Linear whose weight is stored as int8, or int4 packed two per byte, with per-group scales. It runs
+    on the kernel measured fastest here for its shape and the call's row count (`kernel_for`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
         super().__init__()
@@ -337,6 +340,8 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("zero_points", torch.zeros(out_features, groups, dtype=torch.int8))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.scheme = f"int{bits} weight-only (group {self.group_size})"
+        self._geo = wo_kernels.Geometry(bits, in_features, out_features, self.group_size, groups)
+        self._kernels = wo_kernels.LayerKernels()
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int) -> WeightOnlyLinear:
@@ -390,8 +395,35 @@ class WeightOnlyLinear(nn.Module):
         w = (g - zero_points.float()[..., None]) * scales.float()[..., None]
         return w.reshape(rows, -1)[:, : self.in_features]
 
+    def _stored(self) -> wo_kernels.Stored:
+        b = self._buffers
+        return self._kernels.stored(b["qweight"], b["scales"], b["zero_points"], self.dequantized_weight)
+
+    def kernel_for(self, rows: int, dtype: torch.dtype = torch.float32) -> str:
+        """The kernel a call on `rows` rows of `dtype` runs on (measured on first asking, then kept)."""
+        return self._kernels.choose(self._geo, self._stored(), rows, dtype)
+
+    def kernel_notes(self) -> dict[str, str]:
+        """kernel → why this layer could not run it (a kernel MODELZIP_WO_KERNEL forced)."""
+        return dict(self._kernels.notes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or self.bias is not None
+                                                      and self.bias.requires_grad)
+        traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if differentiable or traced or x.numel() == 0 or x.device.type != "cpu" or self.qweight.device.type != "cpu":
+            # autograd, an export (the graph holds the stored integers and their dequantization), or not a CPU
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        y = self._kernels.run(self._geo, self._stored(), x.reshape(-1, self.in_features), self.bias)  # (M, out)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: packed tensors must follow
+        self._kernels = wo_kernels.LayerKernels()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernels = wo_kernels.LayerKernels()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def logical_weights(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.dequantized_weight()}

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from modelzip_cli.distributed import resolve_device, runtime
 from modelzip_cli.export import load_for_measure
-from modelzip_cli.measure import count_parameters, model_metrics, noise_note, outputs_class_logits
+from modelzip_cli.measure import (
+    count_parameters,
+    default_threads,
+    generation_speed,
+    model_metrics,
+    noise_note,
+    outputs_class_logits,
+)
 from modelzip_cli.report import Report, file_info
 from modelzip_cli.runner import CommonOptions, load_dataset
 
@@ -26,5 +33,8 @@ def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,
     noisy = noise_note([report.metrics[str(path)]["latency_ms"]])
     if noisy:
         report.warnings.append(noisy)
+    speed = generation_speed([loaded.model], data.inputs, threads=opts.threads or default_threads())[0]
+    if speed is not None:  # a causal LM: prefill and decode tokens/s
+        report.metrics[str(path)]["generation"] = speed
     report.runtime = runtime(device)
     return report

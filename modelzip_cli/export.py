@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from modelzip_cli import int8
+from modelzip_cli import int8, wo_kernels
 from modelzip_cli.checkpoint import Loaded
 from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.edits import WeightOnlyLinear, replace_module
@@ -502,8 +502,8 @@ def verify(loaded: Loaded, runner: nn.Module, cfg: ExportConfig, *, float_export
     for b in batches:
         for n in lengths:
             x = as_data_input(example_args(loaded, b, n, seed=1))
-            with torch.inference_mode(), int8.use_backend("plain"):
-                ref = loaded.model(x).float()
+            with torch.inference_mode(), int8.use_backend("plain"), wo_kernels.use_kernel("float"):
+                ref = loaded.model(x).float()  # the numerics the graph holds (weight-only: dequantized weights)
             try:
                 out = runner(x).float()
             except Exception as exc:

@@ -396,3 +396,73 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(reference.float().pow(2).sum() / noise))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation speed of causal language models: prefill (the prompt in one pass) and decode (one token at a
+# time against the KV cache), the two phases whose costs differ: decoding reads every weight per token.
+
+DECODE_TOKENS = 32  # new tokens decoded greedily after the prompt
+PROMPT_MAX = 128  # prompt tokens taken from the first sample of the data
+GENERATION_ROUNDS = 5
+
+
+def causal_lm(model: nn.Module) -> nn.Module | None:
+    """The transformers causal LM `model` is, or holds (an HFModel), with a KV cache; else None."""
+    lm_names = ("ForCausalLM", "LMHeadModel")
+    inner = model if type(model).__name__.endswith(lm_names) else getattr(model, "model", None)
+    config = getattr(inner, "config", None)
+    if inner is None or config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    if not type(inner).__name__.endswith(lm_names) or not getattr(config, "use_cache", True):
+        return None
+    return inner
+
+
+def _prompt(inputs: torch.Tensor) -> torch.Tensor:
+    """(1, L) token ids: the first sample's unpadded tokens, at most PROMPT_MAX."""
+    x = inputs[0]
+    if x.ndim == 2:  # (2, L): ids over mask
+        x = x[0][x[1].bool()]
+    return x[:PROMPT_MAX].reshape(1, -1)
+
+
+@torch.inference_mode()
+def _generate_once(lm: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generation with the KV cache."""
+    t0 = time.perf_counter()
+    out = lm(input_ids=prompt, use_cache=True)
+    t1 = time.perf_counter()
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+    for _ in range(new_tokens):
+        out = lm(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def generation_speed(models: list[nn.Module], inputs: torch.Tensor, *, threads: int,
+                     new_tokens: int = DECODE_TOKENS, rounds: int = GENERATION_ROUNDS) -> list[dict | None]:
+    """Per model: prefill tokens/s (prompt tokens over the prompt's pass) and decode tokens/s (new tokens,
+    one at a time with the KV cache, greedy), medians over `rounds` rounds that run every model once in
+    turn (a change in the machine's load falls on all alike). None for a model that is not a causal LM."""
+    lms = [causal_lm(m) for m in models]
+    prompt = _prompt(inputs)
+    times: list[list[tuple[float, float]]] = [[] for _ in models]
+    with num_threads(threads):
+        for lm in lms:  # warm-up: first calls pack weights and allocate
+            if lm is not None:
+                _generate_once(lm, prompt, 2)
+        for _ in range(rounds):
+            for i, lm in enumerate(lms):
+                if lm is not None:
+                    times[i].append(_generate_once(lm, prompt, new_tokens))
+    out: list[dict | None] = []
+    for lm, t in zip(lms, times, strict=True):
+        if lm is None:
+            out.append(None)
+            continue
+        prefill, decode = (statistics.median(x[k] for x in t) for k in (0, 1))
+        out.append({"prefill_tokens_per_s": prompt.shape[1] / prefill, "decode_tokens_per_s": new_tokens / decode,
+                    "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens, "batch": 1, "rounds": rounds,
+                    "threads": threads})
+    return out

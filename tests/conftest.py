@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +60,12 @@ def _block_torch_ao() -> None:
 
 if os.environ.get(BLOCK_TORCH_AO) == "1":
     _block_torch_ao()
+
+# Weight-only kernel measurements (wo_kernels.py) go to a folder of this test run, which the fresh processes
+# it starts inherit, never to the user's ~/.cache; removed at exit.
+if "MODELZIP_CACHE_DIR" not in os.environ:
+    os.environ["MODELZIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="modelzip-cache-")
+    atexit.register(shutil.rmtree, os.environ["MODELZIP_CACHE_DIR"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelzip_cli import int8
+from modelzip_cli import int8, wo_kernels
 from modelzip_cli.checkpoint import load_checkpoint, save_checkpoint
 from modelzip_cli.format import FORMAT_VERSION
 from modelzip_cli.measure import sqnr_db
@@ -36,8 +36,11 @@ def test_first_wave_file_gives_the_torch_ao_outputs(name, backend):
     model = load_checkpoint(path).model
     with torch.inference_mode(), int8.use_backend(backend):
         y = model(expected["inputs"])
-    if "weight_only" in name:  # modelzip's own layout since the first wave: bit for bit
-        assert torch.equal(y, expected["outputs"])
+    if "weight_only" in name:  # modelzip's own layout since the first wave: bit for bit on the float kernel
+        with torch.inference_mode(), wo_kernels.use_kernel("float"):
+            assert torch.equal(model(expected["inputs"]), expected["outputs"])
+        # the kernel measured fastest here may round activations to bf16 (wo_kernels.py): within 1e-2
+        assert ((y - expected["outputs"]).norm() / expected["outputs"].norm()) <= 1e-2
         return
     assert int8.modules_of(model), "no layer was read as a plain int8 module"
     # what differs: torch.ao rounded activations of dynamic layers and every static layer's output

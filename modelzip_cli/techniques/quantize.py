@@ -6,7 +6,9 @@ plain (int8.py's own kernels), torch-ao (torch.ao's fbgemm kernels built from th
 torch.ao can be imported; see quant_backend.py) or auto (torch.ao's kernels for the layers and batch sizes
 where they measured faster, plain elsewhere, never needing torch.ao). The file is the same whichever runs
 it. weight-only is modelzip's own too: integer weights with per-channel or per-group scales and zero
-points, int4 packed two per byte, dequantized to float at run time. Every method records an edit that
+points, int4 packed two per byte, run on the kernel measured fastest on the running machine for each
+layer shape and call size (wo_kernels.py: torch's packed int4/int8 CPU kernels, a bf16 or a float copy of
+the weight). Every method records an edit that
 loading replays on a fresh float model before the integer tensors are loaded.
 """
 
@@ -495,13 +497,40 @@ NOTES = {
     "static": "int8 weights and int8 activations with calibrated per-tensor scales; each layer takes and gives "
               "float, rounding its input to the calibrated grid",
     "qat": "fake-quantization fine-tuning, then the same int8 layers as static",
-    "weight-only": "smaller file and memory; compute stays float (weights are dequantized at each call), so "
-                   "expect no speed-up",
+    "weight-only": "smaller file; each layer runs on the kernel measured fastest on this machine for its shape "
+                   "and call size (see the weight-only kernels note and each layer's `kernel`)",
     "gptq": "int4/int8 weights chosen on calibration data to keep each layer's outputs (GPTQ); stored and run "
             "as weight-only",
     "awq": "int4/int8 weights rounded to nearest after activation-aware per-channel scales (AWQ); stored and "
            "run as weight-only",
 }
+
+WO_ROWS = (1, 16, 128)  # call sizes (rows) the weight-only kernel choice is reported at: decoding, few, a batch
+WO_KERNEL_NOTE = ("int4pack / int8pack: torch's packed int4 / int8 CPU kernels, bf16 activations; bf16: a bf16 "
+                  "dequantized copy of the weight kept in memory; float: a dequantized copy in the input's dtype "
+                  "(the float layer's own speed)")
+
+
+def _weight_only_kernel_note(model: nn.Module, layer_extra: dict[str, dict]) -> str:
+    """Which kernel runs each weight-only Linear at each call size, measured here; also into its layer row."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    counts: dict[int, dict[str, int]] = {r: {} for r in WO_ROWS}
+    unusable: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, WeightOnlyLinear) or isinstance(m, WeightOnlyEmbedding):
+            continue
+        chosen = {r: m.kernel_for(r, dtype) for r in WO_ROWS}
+        layer_extra.setdefault(name, {})["kernel"] = {f"{r}_rows": k for r, k in chosen.items()}
+        for r, k in chosen.items():
+            counts[r][k] = counts[r].get(k, 0) + 1
+        for kernel, why in m.kernel_notes().items():
+            unusable.setdefault(f"{kernel} ({why})", []).append(name)
+    parts = [f"{r} row{'s' * (r > 1)}: " + ", ".join(f"{k} ×{n}" for k, n in sorted(c.items()))
+             for r, c in counts.items()]
+    note = f"weight-only kernels measured on this machine, per call size ({WO_KERNEL_NOTE}): " + "; ".join(parts)
+    for what, names in unusable.items():
+        note += f"; forced kernel {what} not used for {', '.join(names)}: float instead"
+    return note
 
 
 NOTE_NAMES = 6  # a longer list of layers in a note is said as its length and its first and last names
@@ -592,6 +621,8 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         notes.append(note)
         if int8.modules_of(quantized):
             notes.append(_backend_note(quantized, backend, (1, measured_batch_n(ctx))))
+        if isinstance(cfg, WeightOnlyConfig | GPTQConfig | AWQConfig):
+            notes.append(_weight_only_kernel_note(quantized, layer_extra))
         warnings = conv_warnings(reference, quantized, cfg, x, min(CONV_CHECK_BATCH, measured_batch_n(ctx)))
     return Result(quantized, edits, notes=notes, warnings=warnings, after=after, layer_extra=layer_extra)
 

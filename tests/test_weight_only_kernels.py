@@ -1,0 +1,196 @@
+"""Weight-only kernels (wo_kernels.py): every packed kernel computes what dequantize-and-matmul computes, a
+kernel the machine lacks falls back to float, and the file stays what it was."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzip_cli import wo_kernels
+from modelzip_cli.checkpoint import load_checkpoint, save_checkpoint
+from modelzip_cli.data import load_data
+from modelzip_cli.edits import WeightOnlyLinear
+from modelzip_cli.measure import causal_lm
+from tests.conftest import DIGITS_TEACHER, DIGITS_TEST
+
+# The packed kernels take bf16 activations: measured relative error against the fp32 reference ≈ 3e-3.
+TOL = 1e-2
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch, tmp_path):
+    """Measurements of other tests (in memory or on disk) must not decide this test's kernels."""
+    monkeypatch.setenv(wo_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(wo_kernels, "CHOICES", {})
+    wo_kernels.available.cache_clear()
+    yield
+    wo_kernels.available.cache_clear()
+
+
+def _check(layer: WeightOnlyLinear, kernel: str, tol: float) -> None:
+    width = layer.in_features
+    for shape in [(1, width), (9, width), (2, 5, width)]:  # one row (decoding), several, a 3-D batch
+        x = torch.randn(*shape)
+        ref = F.linear(x, layer.dequantized_weight(), layer.bias)
+        with torch.inference_mode():
+            y = layer(x)
+        assert layer.kernel_for(x.numel() // width) == kernel
+        assert y.dtype == torch.float32 and y.shape == ref.shape
+        assert _rel(y, ref) <= tol, (kernel, shape)
+
+
+@pytest.mark.parametrize("bits,kernel", [(4, "int4pack"), (4, "bf16"), (8, "int8pack"), (8, "bf16")])
+@pytest.mark.parametrize("group", [32, 64, 128])
+# 200: not a whole number of groups (the stored weight is padded, so is the input); 576: 4.5 groups of 128, which
+# the int4 kernel takes as 9 groups of 64 (no padding)
+@pytest.mark.parametrize("width", [256, 200, 576])
+def test_kernel_matches_dequantize_and_matmul(monkeypatch, bits, kernel, group, width):
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
+    _check(WeightOnlyLinear.from_float(nn.Linear(width, 48), bits, group).eval(), kernel, TOL)
+
+
+@pytest.mark.parametrize("bits,kernel", [(4, "int4pack"), (8, "int8pack")])
+def test_per_channel_weight_runs_packed(monkeypatch, bits, kernel):
+    """One group per row of 576 (4.5 groups of 128): the int4 kernel takes it as 9 groups of 64, one scale."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
+    _check(WeightOnlyLinear.from_float(nn.Linear(576, 64), bits, 0).eval(), kernel, TOL)
+
+
+@pytest.mark.parametrize("bits,kernel,out,group", [(4, "int4pack", 10, 64), (4, "int4pack", 64, 48),
+                                                   (8, "int8pack", 16, 40)])
+def test_layer_the_kernel_cannot_tile_falls_back_to_float(monkeypatch, bits, kernel, out, group):
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
+    layer = WeightOnlyLinear.from_float(nn.Linear(96, out), bits, group).eval()
+    _check(layer, "float", 1e-6)
+    assert "multiple of 16" in layer.kernel_notes()[kernel] or "32" in layer.kernel_notes()[kernel]
+
+
+def test_unavailable_kernel_runs_through_the_fallback(monkeypatch):
+    """A machine whose torch lacks the int4 kernel (simulated: the op raises) still runs the model."""
+    torch.manual_seed(0)
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("_weight_int4pack_mm_for_cpu: not implemented for this CPU")
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", missing)
+    assert not wo_kernels.available("int4pack")
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64).eval()
+    x = torch.randn(3, 256)
+    ref = F.linear(x, layer.dequantized_weight(), layer.bias)
+    with torch.inference_mode():
+        auto = layer(x)  # measured among the kernels that run
+    assert layer.kernel_for(3) in ("bf16", "float") and _rel(auto, ref) <= TOL
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int4pack")
+    forced = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64).eval()
+    forced.load_state_dict(layer.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(forced(x), ref)
+    assert forced.kernel_for(3) == "float" and "not available" in forced.kernel_notes()["int4pack"]
+
+
+def test_gradients_flow_through_the_float_path():
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64)
+    x = torch.randn(2, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, layer.dequantized_weight().sum(0).expand(2, -1), atol=1e-5)
+
+
+def test_quantized_file_reloads_onto_the_packed_kernel_and_stays_the_same(cli, tmp_path, monkeypatch):
+    out = tmp_path / "q4.safetensors"
+    r = cli("quantize", DIGITS_TEACHER, "--method", "weight-only", "--bits", "4", "-o", out, "--json", "-q")
+    assert r.code == 0, r.stderr
+    rows = {row["name"]: row for row in r.json["steps"][0]["layers"]}
+    quantized = [n for n, row in rows.items() if "weight-only" in str(row.get("scheme"))]
+    assert quantized and all(set(rows[n]["kernel"]) == {"1_rows", "16_rows", "128_rows"} for n in quantized)
+    assert any("weight-only kernels measured on this machine" in n for n in r.json["steps"][0]["notes"])
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+
+    x = load_data(DIGITS_TEST).inputs[:32]
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "float")
+    loaded = load_checkpoint(out)
+    keys = set(loaded.model.state_dict())
+    with torch.inference_mode():
+        reference = loaded.model(x)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int4pack")
+    packed = load_checkpoint(out)
+    with torch.inference_mode():
+        y = packed.model(x)
+    kernels = {n: m.kernel_for(32) for n, m in packed.model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    assert [n for n, k in kernels.items() if k == "int4pack"], kernels  # the 512/256/128-wide layers
+    assert kernels["layers.9"] == "float"  # 10 classes: not a multiple of the kernel's 16
+    assert _rel(y, reference) <= TOL
+    assert set(packed.model.state_dict()) == keys  # nothing packed reaches the state dict
+    again = tmp_path / "again.safetensors"
+    save_checkpoint(packed.model, packed.manifest, again)
+    assert again.read_bytes() == out.read_bytes()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random Llama-architecture causal LM saved as transformers saves it, and token data for it."""
+    import transformers
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "llama")
+    save_file({"inputs": torch.randint(0, 128, (8, 24))}, str(root / "tokens.safetensors"))
+    return root / "llama", root / "tokens.safetensors"
+
+
+def test_eval_and_compare_report_prefill_and_decode_speed_of_a_causal_lm(cli, tmp_path, tiny_llama):
+    model, data = tiny_llama
+    q4 = tmp_path / "q4.safetensors"
+    assert cli("quantize", model, "--method", "weight-only", "--bits", "4", "--group-size", "32", "-o", q4,
+               "-q").code == 0
+    r = cli("compare", model, q4, "--data", data, "--json", "-q")
+    assert r.code == 0, r.stderr
+    for path in (model, q4):
+        speed = r.json["metrics"][str(path)]["generation"]
+        assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+        assert speed["prompt_tokens"] == 24 and speed["new_tokens"] == 32
+    r = cli("eval", q4, "--data", data, "--json", "-q")
+    assert r.code == 0, r.stderr
+    assert r.json["metrics"][str(q4)]["generation"]["decode_tokens_per_s"] > 0
+    assert causal_lm(load_checkpoint(DIGITS_TEACHER).model) is None  # not a language model: no such figures
+
+
+def test_use_kernel_block_gives_the_reference_numerics_whatever_the_layer_chose(monkeypatch):
+    """What `export` compares its graph with: inside wo_kernels.use_kernel("float"), dequantize-and-matmul."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int8pack")
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 8, 64).eval()
+    x = torch.randn(4, 256)
+    ref = F.linear(x, layer.dequantized_weight(), layer.bias)
+    with torch.inference_mode():
+        packed = layer(x)
+        with wo_kernels.use_kernel("float"):
+            exact = layer(x)
+        again = layer(x)
+    assert torch.equal(exact, ref) and not torch.equal(packed, ref) and torch.equal(again, packed)
+
+
+def test_int8_weight_read_at_an_unaligned_address_runs(monkeypatch):
+    """A tensor loaded from a file may start at any byte; torch's int8 kernel crashed on such a weight."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int8pack")
+    layer = WeightOnlyLinear.from_float(nn.Linear(64, 512), 8, 64).eval()
+    storage = torch.empty(layer.qweight.numel() + 3, dtype=torch.int8)
+    storage[3:] = layer.qweight.flatten()
+    layer.qweight = storage[3:].view(512, 64)  # (the buffer, at an odd address)
+    _check(layer, "int8pack", TOL)
