@@ -18,7 +18,7 @@ import torch
 
 from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.files import Outputs, Target, check_targets
-from modelzip_cli.limits import check_memory, check_regular
+from modelzip_cli.limits import check_memory, check_regular, parse, read_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -173,8 +173,9 @@ def _from_tokenizer_json(transformers, path: Path):
     import json
 
     try:
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = parse(json.loads, read_text(path / "tokenizer_config.json", "tokenizer config"),
+                       f"{path / 'tokenizer_config.json'}")
+    except (OSError, ValueError, InputError):  # unreadable, malformed or nested too deep: no special tokens
         config = {}
     special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "unk_token", "pad_token")
                and isinstance(v, str)}

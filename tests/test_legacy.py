@@ -36,9 +36,11 @@ def test_first_wave_file_gives_the_torch_ao_outputs(name, backend):
     model = load_checkpoint(path).model
     with torch.inference_mode(), int8.use_backend(backend):
         y = model(expected["inputs"])
-    if "weight_only" in name:  # modelzip's own layout since the first wave: bit for bit on the float kernel
+    if "weight_only" in name:  # modelzip's own layout since the first wave: the same weights, so on the float
+        # kernel the same outputs up to float32 summation order (this machine's GEMM is not the one that made the
+        # fixture: they differed by 4.8e-6 here)
         with torch.inference_mode(), wo_kernels.use_kernel("float"):
-            assert torch.equal(model(expected["inputs"]), expected["outputs"])
+            torch.testing.assert_close(model(expected["inputs"]), expected["outputs"], rtol=1e-5, atol=1e-4)
         # the kernel measured fastest here may round activations to bf16 (wo_kernels.py): within 1e-2
         assert ((y - expected["outputs"]).norm() / expected["outputs"].norm()) <= 1e-2
         return
