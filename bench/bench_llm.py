@@ -20,7 +20,11 @@ THREADS = 2
 CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
 PROMPT, NEW_TOKENS, ROUNDS = 64, 32, 5
-VARIANTS = {"weight-only int4 (group 128)": ["--bits", "4"], "weight-only int8 (group 128)": ["--bits", "8"]}
+VARIANTS = {  # name → (file stem, flags); by default the output layer (lm_head, tied) stays float
+    "weight-only int4 (group 128)": ("q4", ["--bits", "4"]),
+    "weight-only int4 (group 128), lm_head too": ("q4-all", ["--bits", "4", "--include", "*"]),
+    "weight-only int8 (group 128)": ("q8", ["--bits", "8"]),
+}
 
 
 def _build() -> dict:
@@ -34,8 +38,8 @@ def _build() -> dict:
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(fp32)
     paths = {"fp32": fp32}
-    for name, flags in VARIANTS.items():
-        out = root / f"q{flags[-1]}.safetensors"
+    for name, (stem, flags) in VARIANTS.items():
+        out = root / f"{stem}.safetensors"
         cmd = [sys.executable, "-m", "modelzip_cli", "quantize", str(fp32), "--method", "weight-only", *flags,
                "--group-size", "128", "-o", str(out), "--force", "-q"]
         subprocess.run(cmd, check=True)
