@@ -12,7 +12,6 @@ calibration ones, on every machine with the same Python. Nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import math
@@ -72,15 +71,11 @@ def documents() -> dict[str, str]:
 
 def split() -> dict[str, list[str]]:
     """Each document in exactly one set, by the first 8 bytes of the SHA-256 of its name."""
+    from sample_models.text_sets import set_of
+
     sets: dict[str, list[str]] = {name: [] for name in SETS}
     for name, text in documents().items():
-        u = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
-        edge = 0.0
-        for set_name, fraction in SETS.items():
-            edge += fraction
-            if u < edge or set_name == "train":
-                sets[set_name].append(text)
-                break
+        sets[set_of(name, SETS)].append(text)
     return sets
 
 

@@ -72,17 +72,23 @@ def sentences() -> list[str]:
     return list(out)
 
 
+def set_of(key: str, fractions: dict[str, float]) -> str:
+    """The set a key belongs to: the first 8 bytes of its SHA-256 as a point in [0, 1), against the sets'
+    fractions laid end to end in order (the last set takes what rounding leaves)."""
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    edge = 0.0
+    for name, fraction in fractions.items():
+        edge += fraction
+        if u < edge:
+            return name
+    return name
+
+
 def split() -> dict[str, list[str]]:
     """Each sentence in exactly one set, by the first 8 bytes of its SHA-256."""
     sets: dict[str, list[str]] = {name: [] for name in SETS}
     for s in sentences():
-        u = int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big") / 2**64
-        edge = 0.0
-        for name, fraction in SETS.items():
-            edge += fraction
-            if u < edge or name == "recover":
-                sets[name].append(s)
-                break
+        sets[set_of(s, SETS)].append(s)
     return sets
 
 
