@@ -387,8 +387,9 @@ def quantize(
                                              "byte) (default 8; gptq 4)")] = None,
     group_size: Annotated[int | None, typer.Option("--group-size", help="weight-only, gptq, awq: input channels per "
                                                    "scale, 0 = per channel (default 128)")] = None,
-    act_order: Annotated[bool, typer.Option("--act-order", help="gptq: columns in decreasing activation "
-                                            "energy (group scales fixed first)")] = False,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="gptq: columns in "
+                                                   "decreasing activation energy, group scales fixed first "
+                                                   "(default on)")] = None,
     damp: Annotated[float | None, typer.Option("--damp", help="gptq: Hessian dampening, a share of its mean "
                                                "diagonal (default 0.01)")] = None,
     calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data; dynamic: "
@@ -431,7 +432,7 @@ def quantize(
     if method is None:
         raise UsageError("quantize needs --method (dynamic, static, qat, weight-only, gptq or awq), or --plan PLAN")
 
-    values = given(bits=bits, group_size=group_size, act_order=act_order or None, damp=damp,
+    values = given(bits=bits, group_size=group_size, act_order=act_order, damp=damp,
                    calib_batches=calib_batches, calib_batch_size=calib_batch_size, epochs=epochs,
                    freeze_epochs=freeze_epochs, lr=lr, batch_size=batch_size, backend=backend,
                    activations=activations, observer=observer, smoothing=smoothing,

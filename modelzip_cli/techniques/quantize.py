@@ -125,7 +125,9 @@ class GPTQConfig(_QuantizeConfig):
     method: ClassVar[str] = "gptq"
     bits: Literal[8, 4] = 4
     group_size: int = Field(128, ge=0)  # input channels sharing one scale; 0 = one scale per output channel
-    act_order: bool = False  # columns in decreasing Hessian diagonal (group scales fixed first)
+    # columns in decreasing Hessian diagonal, group scales fixed first (as llm-compressor and GPTQModel do by
+    # default): on the sample decoder at group 128, +0.27 % perplexity against +0.49 % in stored order
+    act_order: bool = True
     damp: float = Field(0.01, gt=0, le=1)  # added to the Hessian's diagonal, as a share of its mean
     calib_batches: int = Field(16, ge=1)  # calibration batches the Hessians are accumulated over
     calib_batch_size: int = Field(8, ge=1)
