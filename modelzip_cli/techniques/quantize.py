@@ -473,18 +473,21 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Mod
     with ctx.progress("awq", (len(stack.layers) if stack else 0)) as bar:
         if stack is not None:
             sequential.calibrate(model, batches, sequential.forward, per_block)
-    for n in names:
-        if n not in chosen:  # outside the stack: no scales, round to nearest
-            chosen[n] = rtn(model.get_submodule(n).weight, cfg.bits, group_of(n)), group_of(n)
+    outside = [n for n in names if n not in chosen]
+    for n in outside:  # outside the stack: no scales, no clipping, round to nearest
+        chosen[n] = rtn(model.get_submodule(n).weight, cfg.bits, group_of(n)), group_of(n)
     for n in names:
         q, group = chosen[n]
         replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
-    plain = [n for n in names if not (extra.get(n) or {}).get("awq_folded_into")]
+    plain = [n for n in names if n not in outside and not (extra.get(n) or {}).get("awq_folded_into")]
     notes = [f"AWQ on {sum(len(x) for x in batches)} calibration samples, scales folded into "
              f"{len(set(folded))} norms or Linears" + (f" over the {len(stack.layers)} blocks of {stack.prefix}"
                                                        if stack else " (no stack of repeated blocks found)")]
     if plain:
         notes.append("no scales (no norm or Linear writes their input), only clipped ranges: " + ", ".join(plain))
+    if outside:
+        notes.append("rounded to nearest, no scales or clipping (outside a stack of repeated blocks): "
+                     + ", ".join(outside))
     return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
                     "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
 
