@@ -677,8 +677,9 @@ def _pt_data(folder: Path) -> Path:
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_during_a_run(tmp_path, sig):
+def signalled_during_fine_tuning(tmp_path: Path, signals: list[tuple[int, float]]) -> tuple[int, str, bool]:
+    """A prune run fine-tuning for ever, sent `signals` (each after a pause in seconds) once it has read its
+    data: (exit code, stderr, whether its folder is as before)."""
     work = tmp_path / "work"
     work.mkdir()
     data = _pt_data(work)
@@ -693,14 +694,22 @@ def test_signal_during_a_run(tmp_path, sig):
             time.sleep(0.05)
         assert marker.exists(), "the run never read its data"
         time.sleep(0.5)  # into the fine-tuning
-        proc.send_signal(sig)
+        for sig, pause in signals:
+            time.sleep(pause)
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == EXIT[sig], err
+    return proc.returncode, err, snapshot(work) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_a_run(tmp_path, sig):
+    code, err, unchanged = signalled_during_fine_tuning(tmp_path, [(sig, 0.0)])
+    assert code == EXIT[sig], err
     assert [ln for ln in err.splitlines() if ln.strip()] == ["modelzip: interrupted"], err
-    assert snapshot(work) == before
+    assert unchanged
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -281,34 +281,13 @@ def test_huge_numeric_options_are_refused_before_any_work(cli, tmp_path, argv, f
 @pytest.mark.parametrize("gap", [0.0, 0.05], ids=["together", "50ms"])
 def test_sigint_then_sigterm_is_one_line_and_exit_130(tmp_path, gap):
     import signal
-    import time
 
-    from .test_hostile import _hooked, _pt_data
+    from .test_hostile import signalled_during_fine_tuning
 
-    work = tmp_path / "work"
-    work.mkdir()
-    data = _pt_data(work)
-    marker = tmp_path / "started"
-    before = snapshot(work)
-    proc = _hooked({"when": "reading", "name": data.name, "marker": str(marker)},
-                   "prune", DIGITS_TEACHER, "--ratio", "0.3", "--data", data, "--finetune-epochs", "100000",
-                   "-o", work / "result.safetensors", "-q")
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), "the run never read its data"
-        time.sleep(0.5)  # into the fine-tuning
-        os.kill(proc.pid, signal.SIGINT)
-        time.sleep(gap)
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    code, err, unchanged = signalled_during_fine_tuning(tmp_path, [(signal.SIGINT, 0.0), (signal.SIGTERM, gap)])
+    assert code == 130, err
     assert [ln for ln in err.splitlines() if ln.strip()] == ["modelzip: interrupted"], err
-    assert snapshot(work) == before
+    assert unchanged
 
 
 KILLED_IN_SAFETENSORS = r"""
