@@ -257,7 +257,8 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         reference = original = None
         if eval_data is not None and distributed.is_main():
             report.metrics["input"] = model_metrics(loaded.model, eval_data, threads=opts.threads, latency=False,
-                                                    size_bytes=report.input["bytes"], device=ctx.device)
+                                                    size_bytes=report.input["bytes"], device=ctx.device,
+                                                    lm=False)  # a causal LM's figures: beside the output's
             report.metrics["input"]["measured_on"] = held_out["held_out"] if held_out else describe(eval_data)
             if not is_causal_lm(loaded.model):  # a causal LM's logits are compared batch by batch (lm.py)
                 reference = predict(loaded.model, eval_data.inputs)  # what fidelity is measured against
@@ -282,7 +283,9 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
             report.metrics["input"]["latency_ms"], report.metrics["output"]["latency_ms"] = latencies(
                 [original, loaded.model], eval_data, threads=opts.threads, device=ctx.device)
             if causal:  # perplexity, next-token agreement and the logits' fidelity, side by side
-                report.metrics["output"].update(lm_figures([original, loaded.model], eval_data.inputs)[1])
+                before, after = lm_figures([original, loaded.model], eval_data.inputs)
+                report.metrics["input"].update(before)
+                report.metrics["output"].update(after)
             else:
                 report.metrics["output"]["fidelity"] = fidelity(reference, predict(loaded.model, eval_data.inputs),
                                                                 class_logits=outputs_class_logits(loaded.model))
