@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from modelzip_cli import int8, wo_kernels
+from modelzip_cli import ctformat, export_hf, int8, wo_kernels
 from modelzip_cli.checkpoint import Loaded
 from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.edits import WeightOnlyLinear, replace_module
 from modelzip_cli.errors import InputError, UsageError, first_line
-from modelzip_cli.files import Outputs, Target, check_targets
+from modelzip_cli.files import Outputs, Target, check_targets, disk_bytes
 from modelzip_cli.format import Manifest
-from modelzip_cli.hf import HFModel
+from modelzip_cli.hf import HFModel, require_transformers
 from modelzip_cli.measure import count_parameters, fidelity, latencies, model_metrics, outputs_class_logits, predict
 from modelzip_cli.onnxrun import EXTRA_HINT, META_CLASS_LOGITS, OnnxModel, require_onnx
 from modelzip_cli.report import Report, Step, file_info
@@ -65,7 +65,7 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     op: Literal["export"] = "export"
-    format: Literal["onnx", "pt2"] = "onnx"
+    format: Literal["onnx", "pt2", "hf", "compressed-tensors"] = "onnx"
     opset: int = Field(DEFAULT_OPSET, ge=18, le=23)
     dynamic_batch: bool = True
     int8: Literal["auto", "qdq", "ort"] = "auto"
@@ -91,15 +91,23 @@ class ExportConfig(BaseModel):
                 import onnxscript  # noqa: F401  (torch's exporter needs it)
             except ImportError:
                 raise UsageError("ONNX export needs the onnxscript package", hint=EXTRA_HINT) from None
+        if self.format in export_hf.DIR_FORMATS:
+            require_transformers()
+        if self.format == "compressed-tensors":
+            ctformat.require()
 
 
 def default_output(path: Path, fmt: str) -> Path:
     """model.safetensors → model.onnx beside it; a model directory DIR → DIR.onnx in the current directory
     (never beside a packaged model, in site-packages)."""
+    if fmt in export_hf.DIR_FORMATS:
+        return export_hf.default_output(path, fmt)
     return Path(path.resolve().name + SUFFIXES[fmt]) if path.is_dir() else path.with_name(path.stem + SUFFIXES[fmt])
 
 
 def check_output_suffix(output: Path, fmt: str) -> None:
+    if fmt in export_hf.DIR_FORMATS:  # a directory: any name
+        return
     if output.suffix != SUFFIXES[fmt]:
         raise UsageError(f"output {output}: suffix {output.suffix or '(none)'!r} does not match --format {fmt}",
                          hint=f"name it …{SUFFIXES[fmt]}, or pass --format "
@@ -490,6 +498,32 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
     return Written(output, runner, step)
 
 
+def export_directory(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Outputs,
+                     data: Dataset | None) -> Written:
+    """`--format hf | compressed-tensors` (export_hf.py): written, loaded back by transformers, compared."""
+    t0 = time.perf_counter()
+    dense = export_hf.dense_model(loaded, keep_quantized=cfg.format == "compressed-tensors")
+    if cfg.format == "compressed-tensors" and not dense.quantized:
+        raise UsageError("the model has no quantized Linear for compressed-tensors to hold",
+                         hint="export --format hf for a float model, or quantize it first (weight-only or dynamic)")
+    notes = list(dense.notes)
+    source = loaded.path if loaded.path is not None and loaded.path.is_dir() else None
+    folder = staged.write_folder(output, lambda tmp: notes.extend(export_hf.write_dir(dense, cfg.format, tmp, source)))
+    duration = round(time.perf_counter() - t0, 4)
+    runner = export_hf.load_written(folder, dense)
+    length = loaded.manifest.input_shape[-1]
+    example = [as_data_input(example_args(loaded, b, n, seed=1)) for b in (1, 3) for n in (length, max(2, length // 2))]
+    dynamic = any(isinstance(m, int8.DynamicInt8Linear) for m in dense.quantized.values())
+    check = export_hf.compare(loaded.model, runner, export_hf.check_inputs(example, data), exact_int8=dynamic)
+    check["tolerance"] = export_hf.TOLERANCE
+    after = {"format": cfg.format, "parameters": count_parameters(dense.model), "bytes": disk_bytes(folder),
+             "int8": None, "scheme": scheme_of(loaded.manifest), "inputs": ["input_ids", "attention_mask"],
+             "check": check}
+    step = Step(op="export", config=cfg.to_dict(), before={"parameters": count_parameters(loaded.model)},
+                after=after, duration_s=duration, notes=notes)
+    return Written(output, runner, step)
+
+
 def verify(loaded: Loaded, runner: nn.Module, cfg: ExportConfig, *, float_export: bool) -> list[dict]:
     """Run the exported file on the example input (batch 1 and 3, or the fixed batch; two sequence lengths for
     token models): max |Δ| against the PyTorch model each time. A float export off by more than
@@ -552,8 +586,13 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
     report_path = opts.report or default_report(output)
     if (opts.max_accuracy_drop is not None or opts.min_fidelity is not None) and opts.eval_data is None:
         raise UsageError("--max-accuracy-drop and --min-fidelity need --eval-data to measure on")
-    check_targets([Target("output", output, (SUFFIXES[cfg.format],)), Target("report", report_path, (".json",))],
-                  inputs=[path, opts.eval_data, calib_data], force=opts.force)
+    inputs = [path, opts.eval_data, calib_data]
+    if cfg.format in export_hf.DIR_FORMATS:
+        export_hf.check_dir_output(output, inputs=[p for p in inputs if p is not None], force=opts.force)
+        check_targets([Target("report", report_path, (".json",))], inputs=[*inputs, output], force=opts.force)
+    else:
+        check_targets([Target("output", output, (SUFFIXES[cfg.format],)), Target("report", report_path, (".json",))],
+                      inputs=inputs, force=opts.force)
     with Outputs() as staged:
         loaded = load_input(path, opts)
         eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
@@ -561,11 +600,15 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
         torch.manual_seed(opts.seed)
         report = Report(command="export", warnings=list(loaded.notes))
         report.input = file_info(path, count_parameters(loaded.model))
-        written = export_model(loaded, cfg, output, staged, calib=calib)
+        if cfg.format in export_hf.DIR_FORMATS:
+            written = export_directory(loaded, cfg, output, staged, eval_data)
+        else:
+            written = export_model(loaded, cfg, output, staged, calib=calib)
         report.steps = [written.step]
         report.output = file_info(output, count_parameters(loaded.model), read_from=staged.staged(output))
         measure_export(report, loaded, written, eval_data or example_dataset(loaded), opts.threads, batch_n)
         _gate(report, opts)
+        export_hf.gate(report, written.step.after.get("check"))
         report.summary = {"format": cfg.format, "int8": written.step.after["int8"],
                           "max_abs_diff": report.metrics["output"]["fidelity"]["max_abs_diff"],
                           "cosine_min": report.metrics["output"]["fidelity"]["cosine_min"]}

@@ -237,12 +237,18 @@ class Outputs:
         tmp.parent.mkdir()
         try:
             write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            for item in files_of(tmp):
+                with open(item, "rb+") as f:
+                    os.fsync(f.fileno())
         except Exception as exc:
             if not isinstance(exc, OSError | ModelzipError) and _disk_full(path.parent):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
             raise
+        return tmp
+
+    def write_folder(self, path: Path, write: Callable[[Path], None]) -> Path:
+        """write(tmp) into the temporary folder of the directory `path`, fsync its files; returns the folder."""
+        tmp = self.write(path, lambda t: (t.mkdir(), write(t)))
         return tmp
 
     def staged(self, path: Path) -> Path:
@@ -253,7 +259,9 @@ class Outputs:
         umask = os.umask(0)
         os.umask(umask)
         for path, tmp in self._staged.items():
-            os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file would be, whatever the writer chose
+            os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~umask)  # as an ordinary file would be
+            if tmp.is_dir() and path.is_dir() and not path.is_symlink():  # --force over an earlier directory
+                os.replace(path, tmp.parent / ".replaced")
             os.replace(tmp, path)
             _remove(tmp.parent)
         for folder in {path.parent for path in self._staged}:
