@@ -28,6 +28,7 @@ CASES = {
     "minilm": "bench.bench_minilm",
     "ddp": "bench.bench_ddp",
     "export": "bench.bench_export",
+    "export_hf": "bench.bench_export_hf",
     "recover": "bench.bench_recover",
     "minilm_quant": "bench.bench_minilm_quant",
     "decoder": "bench.bench_decoder",

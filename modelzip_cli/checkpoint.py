@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzip_cli import legacy
+from modelzip_cli import ctformat, legacy
 from modelzip_cli.edits import META_SAFE_EDITS, replay_edits, to_dtype, validated_edits
 from modelzip_cli.errors import (
     CodeRanWarning,
@@ -515,6 +515,11 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
                      output_key: str | None, trust_arch: bool) -> Loaded:
     from modelzip_cli import hf
 
+    if hf.is_model_dir(path) and ctformat.is_compressed(hf.read_config(path)):
+        loaded = _load_compressed_dir(path, task=task, output_key=output_key, input_shape=input_shape,
+                                      input_dtype=input_dtype)
+        check_finite(loaded.model, str(path))
+        return loaded
     if hf.is_model_dir(path):
         loaded = _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
         check_finite(loaded.model, str(path))  # as for every other input: NaN weights are refused, not quantized
@@ -579,6 +584,22 @@ def _load_hf_dir(path: Path, *, task: str | None, output_key: str | None, input_
                         input_shape=list(input_shape or shape), input_dtype=input_dtype or dtype)
     model._modelzip_arch = (manifest.arch, kwargs)
     return Loaded(model=model.eval(), manifest=manifest, path=path, source="hf-directory")
+
+
+def _load_compressed_dir(path: Path, *, task: str | None, output_key: str | None, input_shape: list[int] | None,
+                         input_dtype: str | None) -> Loaded:
+    """A compressed-tensors directory (ctformat.load_dir): weight-only where the scheme maps exactly, its
+    edits in the manifest so that the model saves and reloads as any modelzip checkpoint."""
+    from modelzip_cli import hf
+
+    model, config, edits, notes = ctformat.load_dir(path, task, output_key)
+    task = hf.task_for(config, task)
+    shape, dtype = hf.example_shape(config, task)
+    kwargs = {"config": config, **({"output_key": output_key} if output_key else {})}
+    manifest = Manifest(arch=f"hf:{task}", arch_kwargs=kwargs, input_shape=list(input_shape or shape),
+                        input_dtype=input_dtype or dtype, edits=edits)
+    model._modelzip_arch = (manifest.arch, kwargs)
+    return Loaded(model=model, manifest=manifest, path=path, source="compressed-tensors", notes=notes)
 
 
 def load_model(path: str | Path, **kwargs: Any) -> nn.Module:

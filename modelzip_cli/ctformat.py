@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -189,7 +190,7 @@ def schemes_by_layer(qc: dict, model: nn.Module) -> dict[str, object]:
     return out
 
 
-def read_layer(name: str, tensors: dict[str, torch.Tensor], scheme, fmt: str) -> Layer:
+def read_layer(name: str, tensors: dict[str, torch.Tensor], scheme) -> Layer:
     """A quantized Linear's stored tensors (`tensors`: `weight_*` keys of that layer) → a Layer."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
@@ -233,3 +234,106 @@ def weight_only_layer(linear: nn.Linear, layer: Layer) -> WeightOnlyLinear:
     return WeightOnlyLinear.from_quantized(linear, Quantized(layer.ints, layer.scales, layer.zero_points),
                                            layer.bits, group)
 
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if not files:
+        raise InputError(f"{path} is a compressed-tensors directory without .safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as exc:
+            raise InputError(f"{f}: not a readable safetensors file ({first_line(exc)})") from None
+    return tensors
+
+
+def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[nn.Module, dict, list[dict], list[str]]:
+    """A compressed-tensors directory as a modelzip model: the float architecture built from config.json (no
+    remote code), each quantized Linear read into modelzip's weight-only format where its scheme maps exactly
+    (int4 symmetric or not, int8 symmetric within ±127, grouped or per channel), else dequantized to float; the
+    other tensors loaded strictly. Returns the HFModel, its config (without quantization_config), the
+    weight-only edits that rebuild it, and notes."""
+    from modelzip_cli import hf
+    from modelzip_cli.edits import replace_module, to_dtype
+
+    require()
+    config = hf.read_config(path)
+    hf.check_files(path)
+    plain = {k: v for k, v in config.items() if k not in ("quantization_config", "transformers_version",
+                                                          "_name_or_path")}
+    task = hf.task_for(plain, task)
+    hf.check_declared(path, task, plain)
+    model = hf.build(task, plain, output_key)
+    inner = model.model
+    tensors = _read_tensors(path)
+    schemes = schemes_by_layer(config["quantization_config"], inner)
+    exact: dict[tuple[int, int], list[str]] = {}
+    dequantized: list[str] = []
+    for name, scheme in schemes.items():
+        own = {k[len(name) + 1:]: tensors.pop(k) for k in [k for k in tensors if k.startswith(name + ".")]
+               if not k[len(name) + 1:].startswith("bias")}
+        if "weight_scale" not in own:
+            raise InputError(f"{path}: {name} is quantized by config.json but its weight_scale is missing")
+        layer = read_layer(name, own, scheme)
+        linear = inner.get_submodule(name)
+        if layer.ints is not None:
+            new = weight_only_layer(linear, layer)
+            if linear.bias is not None and f"{name}.bias" in tensors:
+                new.bias.data.copy_(tensors.pop(f"{name}.bias"))
+            replace_module(inner, name, new)
+            exact.setdefault((layer.bits, 0 if layer.group_size >= linear.in_features else layer.group_size),
+                             []).append(name)
+        else:
+            tensors[f"{name}.weight"] = layer.weight
+            dequantized.append(name)
+    missing, unexpected = inner.load_state_dict(tensors, strict=False)
+    loaded_params = {id(p) for n, p in inner.named_parameters() if n in tensors}
+    params = dict(inner.named_parameters())
+    replaced = tuple(f"{n}." for names in exact.values() for n in names)
+    missing = [k for k in missing if not k.startswith(replaced)  # read above
+               and not (k in params and id(params[k]) in loaded_params)]  # tied weights
+    if missing or unexpected:
+        what = f"lack {missing[0]}" if missing else f"hold {unexpected[0]}, which the model has no place for"
+        raise InputError(f"{path}: the weights {what}", hint="check that config.json matches the weights")
+    if hasattr(inner, "tie_weights"):
+        inner.tie_weights()
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    if floats and floats[0] != torch.float32:
+        to_dtype(model, floats[0])
+    edits = [{"kind": "quantize_weight_only", "modules": [f"model.{n}" for n in names], "bits": bits,
+              "group_size": group} for (bits, group), names in sorted(exact.items())]
+    notes = []
+    if exact:
+        notes.append(f"compressed-tensors directory: {sum(map(len, exact.values()))} quantized Linear(s) read into "
+                     "modelzip's weight-only format exactly (" + ", ".join(
+                         f"int{b} {'group ' + str(g) if g else 'per channel'}" for b, g in sorted(exact)) + ")")
+    if dequantized:
+        notes.append(f"compressed-tensors directory: {len(dequantized)} quantized Linear(s) dequantized to float on "
+                     f"load (their scheme has no exact modelzip form, e.g. {dequantized[0]}); activation "
+                     "quantization, if any, is not kept")
+    config = {k: v for k, v in model.model.config.to_dict().items()
+              if k not in ("quantization_config", "transformers_version", "_name_or_path")}
+    return model.eval(), config, edits, notes
+
+
+def dequantize(model: nn.Module, edits: list[dict]) -> tuple[list[dict], str]:
+    """Replace the weight-only Linears read from a compressed-tensors directory by float Linears holding their
+    dequantized weights (for a technique that works on float models); the edits without theirs, and a note."""
+    from modelzip_cli.edits import replace_module
+
+    names = [n for n, m in model.named_modules() if type(m) is WeightOnlyLinear]
+    for name in names:
+        m = model.get_submodule(name)
+        linear = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(m.dequantized_weight())
+            if m.bias is not None:
+                linear.bias.copy_(m.bias)
+        replace_module(model, name, linear)
+    kept = [e for e in edits if e.get("kind") != "quantize_weight_only"]
+    return kept, (f"the compressed-tensors input's {len(names)} quantized Linear(s) dequantized to float for this "
+                  "float-only technique")

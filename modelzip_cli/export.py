@@ -515,7 +515,11 @@ def export_directory(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Ou
     example = [as_data_input(example_args(loaded, b, n, seed=1)) for b in (1, 3) for n in (length, max(2, length // 2))]
     dynamic = any(isinstance(m, int8.DynamicInt8Linear) for m in dense.quantized.values())
     check = export_hf.compare(loaded.model, runner, export_hf.check_inputs(example, data), exact_int8=dynamic)
-    check["tolerance"] = export_hf.TOLERANCE
+    check.update(tolerance=export_hf.TOLERANCE, min_cosine=export_hf.W8A8_MIN_COSINE if dynamic else None)
+    if dynamic:
+        notes.append("W8A8: transformers rounds activations to amax/127.5 steps, modelzip and vLLM to amax/127; "
+                     f"checked to cosine ≥ {export_hf.W8A8_MIN_COSINE} when max |Δ| exceeds "
+                     f"{export_hf.TOLERANCE:g} of max |output|")
     after = {"format": cfg.format, "parameters": count_parameters(dense.model), "bytes": disk_bytes(folder),
              "int8": None, "scheme": scheme_of(loaded.manifest), "inputs": ["input_ids", "attention_mask"],
              "check": check}

@@ -18,6 +18,8 @@ gate fails (exit 1, the directory and report written, the figures in the report)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,11 @@ from modelzip_cli.files import check_output, inside, same_file
 DIR_FORMATS = ("hf", "compressed-tensors")
 DIR_SUFFIXES = {"hf": "-hf", "compressed-tensors": "-compressed-tensors"}
 TOLERANCE = 1e-3  # the written directory's max |Δ| from modelzip's outputs, relative to max |output|
+# W8A8: transformers' compressed-tensors runtime rounds activations to amax/127.5 steps, modelzip (and vLLM's
+# int8 kernels) to amax/127: the two grids differ by 0.4%, so the logits cannot agree to TOLERANCE (1.3e-2
+# measured on a random tiny Llama). Such a directory is held to the issue's stated tolerance for quantized
+# exports instead: every sample's output cosine to modelzip's at least W8A8_MIN_COSINE.
+W8A8_MIN_COSINE = 0.999
 # files of a model directory that travel with the weights
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
           "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -241,19 +248,24 @@ def load_written(folder: Path, dense: Dense) -> hf.HFModel:
     """The written directory through transformers' own loader (the Auto class of the model's task)."""
     transformers = hf.require_transformers()
     auto = getattr(transformers, hf.TASKS[dense.task])
-    try:
-        model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    try:  # compressed-tensors draws progress bars on stderr while it packs and unpacks
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+            written = hf.HFModel(model.eval(), dense.output_key, dense.task)
+            with torch.inference_mode():
+                written(torch.ones(1, 2, dtype=torch.long) if dense.task != "image-classification"
+                        else torch.zeros(1, 3, 8, 8))
     except Exception as exc:
         raise InputError(f"transformers cannot load the written directory: {first_line(exc, 200)}",
                          hint="report this as a bug, with MODELZIP_DEBUG=1") from None
-    return hf.HFModel(model.eval(), dense.output_key, dense.task)
+    return written
 
 
 def compare(reference: nn.Module, written: nn.Module, inputs: list[torch.Tensor], *, exact_int8: bool) -> dict:
     """Max |Δ| of the written directory's outputs from modelzip's over `inputs`, relative to max |output|.
     The reference runs modelzip's documented numerics: weight-only on dequantized weights, dynamic int8 with
     activations quantized per token (int_mm), as the directory's runtime computes them."""
-    worst, scale = 0.0, 0.0
+    worst, scale, cosine = 0.0, 0.0, 1.0
     kernel = "int_mm" if exact_int8 else "float"
     for x in inputs:
         with torch.inference_mode(), int8.use_backend("plain"), int8.use_kernel(kernel), \
@@ -264,8 +276,11 @@ def compare(reference: nn.Module, written: nn.Module, inputs: list[torch.Tensor]
             return {"max_abs_diff": None, "max_abs_output": float(ref.abs().max()), "relative": None,
                     "shapes": [list(ref.shape), list(out.shape)]}
         worst = max(worst, float((ref - out).abs().max()))
+        cos = torch.nn.functional.cosine_similarity(ref.flatten(1), out.flatten(1), dim=1, eps=1e-12)
+        cosine = min(cosine, float(cos.min()))
         scale = max(scale, float(ref.abs().max()))
-    return {"max_abs_diff": worst, "max_abs_output": scale, "relative": worst / max(scale, 1e-12)}
+    return {"max_abs_diff": worst, "max_abs_output": scale, "relative": worst / max(scale, 1e-12),
+            "cosine_min": cosine}
 
 
 def check_inputs(example: list[torch.Tensor], data: Dataset | None, limit: int = 64) -> list[torch.Tensor]:
@@ -280,7 +295,9 @@ def gate(report, check: dict | None) -> None:
     """The export's own gate: the written directory must reproduce the model (exit 1 with the figures)."""
     if check is None:
         return
-    passed = check["relative"] is not None and check["relative"] <= check["tolerance"]
+    passed = check["relative"] is not None and (check["relative"] <= check["tolerance"] or
+                                                check.get("min_cosine") is not None
+                                                and check["cosine_min"] >= check["min_cosine"])
     report.gate = {**(report.gate or {"passed": True}), "export_check": check}
     if not passed:
         report.gate["passed"] = False
@@ -290,4 +307,6 @@ def gate(report, check: dict | None) -> None:
             return
         report.warnings.append(f"quality gate failed: the written directory's outputs differ from modelzip's by "
                                f"max |Δ| {check['max_abs_diff']:.3g} ({check['relative']:.2e} of max |output| "
-                               f"{check['max_abs_output']:.3g}), more than {check['tolerance']:g}")
+                               f"{check['max_abs_output']:.3g}), more than {check['tolerance']:g}"
+                               + (f", and a cosine of {check['cosine_min']:.5f}, below {check['min_cosine']}"
+                                  if check.get("min_cosine") else ""))

@@ -133,8 +133,35 @@ def _directory_header(path: Path) -> tuple[list[TensorInfo], str, str | None]:
     return infos, f"Hugging Face directory ({files[0].suffix.lstrip('.')}{shards})", arch
 
 
+def _compressed_tensors(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def _inspect_compressed(path: Path, report: Report, hash_file: bool) -> Report:
+    """A compressed-tensors directory, read as `eval` reads it (checkpoint.load_checkpoint)."""
+    from modelzip_cli.checkpoint import load_checkpoint
+    from modelzip_cli.measure import layer_table
+
+    loaded = load_checkpoint(path)
+    layers = layer_table(loaded.model)
+    params = sum(row.get("params") or 0 for row in layers)
+    report.input = file_info(path, params, hash_file=hash_file)
+    m = loaded.manifest
+    report.model = {"format": "compressed-tensors directory", "arch": m.arch, "arch_kwargs": {},
+                    "input_shape": m.input_shape, "parameters": params, "edits": m.edits, "layers": layers}
+    report.warnings.extend(loaded.notes)
+    return report
+
+
 def inspect_checkpoint(path: Path, *, trust_code: bool = False, hash_file: bool = False) -> Report:
     report = Report(command="inspect")
+    if path.is_dir() and _compressed_tensors(path):  # its packed tensors name no layer: loaded, then tabled
+        return _inspect_compressed(path, report, hash_file)
     if path.is_dir():  # a Hugging Face model directory, from its files' headers
         infos, fmt, arch = _directory_header(path)
         layers = _layers_from_header(infos)

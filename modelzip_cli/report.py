@@ -203,6 +203,10 @@ def render(report: Report, console) -> None:
                  if "accuracy_drop" in g else []) + ([f"fidelity {g['fidelity']:.4f} (min {g['min_fidelity']})"]
                                                      if "fidelity" in g else []) + (
             [f"perplexity +{g['ppl_increase']:.2f}% (max {g['max_ppl_increase']}%)"] if "ppl_increase" in g else [])
+        check = g.get("export_check")
+        if check and check.get("relative") is not None:  # export: the written file loaded back in its runtime
+            parts.append(f"export reproduces the model to {check['relative']:.1e} of max |output| "
+                         f"(max {check['tolerance']:g})")
         on = f" on {g['judged_on']}" if g.get("judged_on") else ""
         console.print(f"quality gate: {', '.join(parts)}{escape(on)} {status}")
     for w in report.warnings:

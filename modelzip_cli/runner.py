@@ -149,6 +149,13 @@ def check_example(loaded: Loaded, example: torch.Tensor) -> None:
 
 def check_applicable(op: str, loaded: Loaded) -> None:
     if OPS[op].float_only and loaded.manifest.is_quantized():
+        if loaded.source == "compressed-tensors" and all(e.get("kind") == "quantize_weight_only"
+                                                          for e in loaded.manifest.edits):
+            from modelzip_cli import ctformat
+
+            loaded.manifest.edits, note = ctformat.dequantize(loaded.model, loaded.manifest.edits)
+            loaded.notes.append(note)
+            return
         raise InputError(f"{loaded.path or 'the model'} is already quantized; {op} works on float models",
                          hint=f"run {op} before quantize, on the float checkpoint")
 
