@@ -122,6 +122,10 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportSte
         if output is not None and not isinstance(output, str):
             raise UsageError(f"{where} (export): output must be a file path")
         config = ExportConfig.parse(values, where=f"{where} (export): ")
+        if config.format in ("hf", "compressed-tensors"):  # directories: `modelzip export` after the chain
+            raise UsageError(f"{where} (export): a recipe exports onnx or pt2 files; format {config.format!r} "
+                             "writes a directory", hint=f"run modelzip export OUTPUT --format {config.format} "
+                                                         "after the chain")
         config.check_available()  # before any weight is loaded or trained
         return ExportStep(index, config, output)
     if not isinstance(op, str) or op not in OPS:

@@ -612,7 +612,9 @@ def compare(
 @command(MODEL_OPTIONS, OUTPUT_OPTIONS, RUN_OPTIONS)
 def export(
     model: Input,
-    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) | pt2 (torch.export program)")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) | pt2 (torch.export program) | hf "
+                                                  "(transformers directory) | compressed-tensors (quantized "
+                                                  "directory: transformers, vLLM)")] = "onnx",
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, 18–23 (default 18)")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
                                                 help="batch size free at run time (token models: sequence "
@@ -625,7 +627,8 @@ def export(
     batch_size: LatencyBatch = None,
     *, shared,
 ) -> None:
-    """An ONNX graph or a .pt2 program of the model, verified by running it against the PyTorch model."""
+    """An ONNX graph, a .pt2 program or a Hugging Face directory of the model, verified by loading it in its
+    runtime and comparing with the PyTorch model."""
     from modelzip_cli.export import ExportConfig, export_checkpoint
 
     check_latency_batch(batch_size)
