@@ -126,6 +126,8 @@ def test_int4_int8_and_pruned_exports_load_in_transformers_with_the_same_logits(
         assert r.code == 0, r.stderr
         loaded = load_checkpoint(pruned)
         expected[_write(loaded, "hf", tmp_path / f"{family}-pruned-hf")] = _logits(loaded.model)
+    loaded = load_checkpoint(DECODER)  # a float directory: its tokenizer and generation config travel along
+    expected[_write(loaded, "hf", tmp_path / "sample-hf")] = _logits(loaded.model)
     fresh = _fresh_logits(tmp_path, expected)
     for folder, logits in expected.items():
         assert _relative(fresh[str(folder)], logits) <= 1e-3, folder
@@ -138,7 +140,7 @@ def test_int4_int8_and_pruned_exports_load_in_transformers_with_the_same_logits(
         pruned = json.loads((tmp_path / f"{family}-pruned-hf" / "config.json").read_text())
         original = json.loads((families[family] / "config.json").read_text())
         assert pruned["intermediate_size"] < original["intermediate_size"]
-    assert (tmp_path / "sample-pruned-hf" / "tokenizer.json").is_file()
+    assert all((tmp_path / "sample-hf" / n).is_file() for n in ("tokenizer.json", "generation_config.json"))
 
 
 @pytest.mark.slow
