@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.errors import UsageError
-from modelzip_cli.format import Manifest
 
 # The data files a method may need (`required_data`): key → (what it is, its flag)
 DATA_FLAGS = {"data": ("training data", "--data"), "calib_data": ("calibration data", "--calib-data"),

@@ -23,14 +23,15 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from modelzip_cli import hf
-from modelzip_cli.checkpoint import build_arch, load_checkpoint
-from modelzip_cli.context import Context
+from modelzip_cli.checkpoint.format import CHECKPOINT_SUFFIXES, Manifest
+from modelzip_cli.checkpoint.io import build_arch, load_checkpoint
+from modelzip_cli.checkpoint.layers import count_parameters
 from modelzip_cli.errors import InputError, UsageError, first_line
-from modelzip_cli.format import CHECKPOINT_SUFFIXES, Manifest
-from modelzip_cli.measure import count_parameters, evaluate
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.run import evaluate
+from modelzip_cli.pipeline.train import LossFn, TrainConfig, train
 from modelzip_cli.techniques.base import MethodConfig, Op, Result
 from modelzip_cli.techniques.recover import Teacher
-from modelzip_cli.train import LossFn, TrainConfig, train
 
 
 class DistillConfig(MethodConfig):

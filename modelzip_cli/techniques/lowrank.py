@@ -13,10 +13,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from modelzip_cli.context import Context
-from modelzip_cli.edits import factorized, replace_module
+from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.errors import UsageError
-from modelzip_cli.format import Manifest
+from modelzip_cli.nn.surgery import factorized, replace_module
+from modelzip_cli.pipeline.context import Context
 from modelzip_cli.techniques import recover
 from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
 from modelzip_cli.techniques.select import matches, output_layer, select_modules

@@ -26,9 +26,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import sequential
-from modelzip_cli.context import Context
-from modelzip_cli.edits import (
+from modelzip_cli.checkpoint.format import Manifest
+from modelzip_cli.checkpoint.layers import layer_table
+from modelzip_cli.errors import UsageError
+from modelzip_cli.nn.surgery import (
     attention_blocks,
     dependency_graph,
     head_channels,
@@ -36,12 +37,12 @@ from modelzip_cli.edits import (
     quiet_pruning,
     remove_heads,
 )
-from modelzip_cli.errors import UsageError
-from modelzip_cli.format import Manifest
-from modelzip_cli.gptq import Hessian, sparsegpt, wanda
-from modelzip_cli.measure import layer_table
+from modelzip_cli.pipeline import sequential
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.sequential import Hessian
 from modelzip_cli.techniques import recover
 from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
+from modelzip_cli.techniques.gptq import sparsegpt, wanda
 from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_modules, unsupported_layers
 
 IMPORTANCE_ROWS = 256  # samples that measure unit and head importance
@@ -236,8 +237,8 @@ class Moments:
 def input_moments(model: nn.Module, inputs: torch.Tensor, readers: dict[str, int]) -> dict[str, Moments]:
     """name → Moments of the input of each named Linear/Conv (`readers`: name → covariance block size, 0 for
     variances) over `inputs`, on real tokens only where the inputs carry an attention mask."""
-    from modelzip_cli.data import as_model_input, float_dtype
-    from modelzip_cli.edits import run_with_hooks
+    from modelzip_cli.nn.surgery import run_with_hooks
+    from modelzip_cli.pipeline.data import as_model_input, float_dtype
 
     moments = {name: Moments(block) for name, block in readers.items()}
 

@@ -3,7 +3,7 @@
 dynamic, static and qat put modelzip's plain-int8 modules in place (int8.py: int8 weights and float scales
 as ordinary tensors, no torch.ao needed to write, read or run them). `--backend` chooses what runs them:
 plain (int8.py's own kernels), torch-ao (torch.ao's fbgemm kernels built from the same integers, where
-torch.ao can be imported; see quant_backend.py) or auto (torch.ao's kernels for the layers and batch sizes
+torch.ao can be imported; see kernels/torch_ao.py) or auto (torch.ao's kernels for the layers and batch sizes
 where they measured faster, plain elsewhere, never needing torch.ao). The file is the same whichever runs
 it. weight-only is modelzip's own too: integer weights with per-channel or per-group scales and zero
 points, int4 packed two per byte, run on the kernel measured fastest on the running machine for each
@@ -24,20 +24,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import awq, int8, sequential
-from modelzip_cli.context import Context
-from modelzip_cli.edits import (
-    WeightOnlyEmbedding,
-    WeightOnlyLinear,
-    check_embedding,
-    conv_batchnorm_pairs,
-    fold_batchnorm,
-    replace_module,
-)
+from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.errors import first_line
-from modelzip_cli.format import Manifest
-from modelzip_cli.gptq import Hessian, Quantized, gptq, rtn
-from modelzip_cli.measure import (
+from modelzip_cli.measure.metrics import (
     DEFAULT_BATCH_N,
     DEFAULT_BATCH_N_TOKENS,
     batch_of,
@@ -45,10 +34,18 @@ from modelzip_cli.measure import (
     default_threads,
     interleaved_latency,
     latency_change,
-    predict,
     sqnr_db,
 )
+from modelzip_cli.nn import int8
+from modelzip_cli.nn.surgery import conv_batchnorm_pairs, fold_batchnorm, replace_module
+from modelzip_cli.nn.weight_only import Quantized, WeightOnlyEmbedding, WeightOnlyLinear, check_embedding, rtn
+from modelzip_cli.pipeline import sequential
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.run import predict
+from modelzip_cli.pipeline.sequential import Hessian
+from modelzip_cli.techniques import awq
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
+from modelzip_cli.techniques.gptq import gptq
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 from modelzip_cli.techniques.sensitivity import Scorer, keep_float, layer_losses
 
@@ -282,8 +279,8 @@ def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[
 
 
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
+    from modelzip_cli.pipeline.train import TrainConfig, train
     from modelzip_cli.techniques.recover import Teacher
-    from modelzip_cli.train import TrainConfig, train
 
     names = _names(model, cfg, *_types(cfg))
     teacher = None

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelzip_cli.checkpoint.format import CHECKPOINT_SUFFIXES, MANIFEST_KEY, SEP, ManifestSchema, parse_manifest
 from modelzip_cli.errors import InputError
 from modelzip_cli.files import check_readable
-from modelzip_cli.format import CHECKPOINT_SUFFIXES, MANIFEST_KEY, SEP, ManifestSchema, parse_manifest
-from modelzip_cli.report import Report, file_info
+from modelzip_cli.measure.report import Report, file_info
 
 # Buffers that are state, not parameters (BatchNorm statistics, quantization observers).
 _NOT_PARAMS = ("running_mean", "running_var", "num_batches_tracked", "scale", "zero_point")
@@ -63,8 +63,8 @@ def _safetensors_header(path: Path) -> tuple[list[TensorInfo], ManifestSchema | 
 
 
 def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], ManifestSchema | None]:
-    from modelzip_cli.checkpoint import read_torch, unwrap_state_dict
-    from modelzip_cli.format import TENSORS_KEY
+    from modelzip_cli.checkpoint.format import TENSORS_KEY
+    from modelzip_cli.checkpoint.io import read_torch, unwrap_state_dict
 
     obj = read_torch(path, trust_code=trust_code, mmap=True)
     manifest = None

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelzip_cli.distributed import resolve_device, runtime
+from modelzip_cli.checkpoint.layers import count_parameters
+from modelzip_cli.commands.export import load_for_measure
+from modelzip_cli.commands.transform import CommonOptions, load_dataset
 from modelzip_cli.errors import UsageError
-from modelzip_cli.export import load_for_measure
 from modelzip_cli.files import disk_bytes
-from modelzip_cli.lm import is_causal_lm, lm_figures
-from modelzip_cli.measure import (
-    count_parameters,
+from modelzip_cli.measure.metrics import (
     default_threads,
     fidelity,
     generation_speed,
@@ -20,11 +19,12 @@ from modelzip_cli.measure import (
     model_metrics,
     noise_note,
     outputs_class_logits,
-    predict,
     timing_of,
 )
-from modelzip_cli.report import Report, file_info
-from modelzip_cli.runner import CommonOptions, load_dataset
+from modelzip_cli.measure.perplexity import is_causal_lm, lm_figures
+from modelzip_cli.measure.report import Report, file_info
+from modelzip_cli.pipeline.distributed import resolve_device, runtime
+from modelzip_cli.pipeline.run import predict
 
 
 def compare_checkpoints(paths: list[Path], data_path: Path, opts: CommonOptions, *,

@@ -25,7 +25,7 @@ kept (4 bytes per weight in memory; the file stays int8):
 `MODELZIP_INT8_KERNEL=int_mm|float` overrides the choice for a process, `use_kernel()` inside one.
 
 Backends. "plain" runs only the kernels above. A module that can reach a faster int8 GEMM registers it
-in ACCELERATORS (quant_backend.py registers torch.ao's fbgemm kernels, the only fast int8 GEMM on an AVX2
+in kernels/torch_ao.py (torch.ao's fbgemm kernels, the only fast int8 GEMM on an AVX2
 CPU, built from these same int8 tensors); "torch-ao" uses it for every layer it covers, "auto" (the
 default) only for products large enough to gain from it (AUTO_MIN_MACS, AUTO_MIN_WEIGHTS: measured in
 bench/bench_int8.py), and both fall back to the plain kernels when it is missing or cannot be imported.
@@ -39,13 +39,14 @@ import copy
 import functools
 import operator
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modelzip_cli.errors import UsageError
+from modelzip_cli.kernels import choice, torch_ao
 
 KERNEL_ENV = "MODELZIP_INT8_KERNEL"
 KERNELS = ("auto", "int_mm", "float")
@@ -66,41 +67,29 @@ def int_mm_is_fast() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and vnni and vnni())
 
 
-_forced: str | None = None  # set by use_kernel()
-
-
 @functools.cache
 def _default_kernel() -> str:
-    choice = os.environ.get(KERNEL_ENV, "auto")  # read once: forward passes must not pay for it
-    if choice not in KERNELS:
-        raise UsageError(f"{KERNEL_ENV}={choice!r} is not a kernel", hint="use " + ", ".join(KERNELS))
-    if choice == "auto":
+    name = os.environ.get(KERNEL_ENV, "auto")  # read once: forward passes must not pay for it
+    if name not in KERNELS:
+        raise UsageError(f"{KERNEL_ENV}={name!r} is not a kernel", hint="use " + ", ".join(KERNELS))
+    if name == "auto":
         return "int_mm" if int_mm_is_fast() else "float"
-    return choice
+    return name
 
 
 def kernel() -> str:
     """The kernel int8 products run on now: "int_mm" (int8×int8→int32) or "float" (fp32, see above)."""
-    return _forced or _default_kernel()
+    return choice.current().int8_kernel or _default_kernel()
 
 
-@contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
+def use_kernel(name: str) -> contextlib.AbstractContextManager:
     """Run the int8 modules on `name` ("auto", "int_mm" or "float") inside the block."""
-    global _forced
     if name not in KERNELS:
         raise UsageError(f"{name!r} is not an int8 kernel", hint="use " + ", ".join(KERNELS))
-    old, _forced = _forced, (None if name == "auto" else name)
-    try:
-        yield
-    finally:
-        _forced = old
+    return choice.use(int8_kernel=None if name == "auto" else name)
 
 
 BACKENDS = ("auto", "plain", "torch-ao")
-_backend = "auto"  # set by use_backend()
-# name → builder(module) → a callable computing module(x), or None where it cannot (unavailable, unsupported)
-ACCELERATORS: dict[str, Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]] = {}
 # Below these sizes an accelerated call's fixed cost loses to the fp32 matmul. Measured per layer on this
 # project's AVX2 machine (1 thread, CPU time, torch.ao vs fp32): 64 rows × 64→512 (2.1M MACs) 0.13 vs 0.11 ms
 # and 1 × 64→512 0.07 vs 0.015 ms, slower; 64 × 512→256 (8.4M MACs) 0.17 vs 0.28 ms and 1 × 1024→4096 (4.2M
@@ -110,20 +99,14 @@ AUTO_MIN_WEIGHTS = 1_000_000  # in · out
 
 
 def backend() -> str:
-    return _backend
+    return choice.current().int8_backend
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str) -> contextlib.AbstractContextManager:
     """Run the int8 modules on backend `name` (auto, plain or torch-ao) inside the block."""
-    global _backend
     if name not in BACKENDS:
         raise UsageError(f"unknown int8 backend {name!r}", hint="use " + ", ".join(BACKENDS))
-    old, _backend = _backend, name
-    try:
-        yield
-    finally:
-        _backend = old
+    return choice.use(int8_backend=name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,16 +208,19 @@ class _Int8Weighted(nn.Module):
 
     def accelerated(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The accelerated kernel for a call on `rows` rows, or None to run the plain kernels."""
-        if _backend == "plain":
+        chosen = backend()
+        if chosen == "plain":
             return None
         weights = self.in_features * self.out_features  # (Linear layers only call this)
-        if _backend == "auto" and rows * weights < AUTO_MIN_MACS and weights < AUTO_MIN_WEIGHTS:
+        if chosen == "auto" and rows * weights < AUTO_MIN_MACS and weights < AUTO_MIN_WEIGHTS:
             return None
-        if "torch-ao" not in ACCELERATORS:
+        kinds = {DynamicInt8Linear: "dynamic", StaticInt8Linear: "static"}
+        kind = kinds.get(type(self))
+        if kind is None:
             return None
         sources = (self._buffers["qweight"], self._buffers["weight_scale"], self._parameters["bias"],
                    *(self._buffers.get(b) for b in ("input_scale", "input_zero_point")))
-        return self._derived.get("torch-ao", sources, lambda: ACCELERATORS["torch-ao"](self))
+        return self._derived.get("torch-ao", sources, lambda: torch_ao.accelerate(self, kind))
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: derived tensors must follow
         self._derived = _Derived()

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modelzip_cli.chain import RecipeStep, parse_recipe
-from modelzip_cli.checkpoint import Loaded
-from modelzip_cli.context import Context
-from modelzip_cli.data import Dataset
+from modelzip_cli.checkpoint.format import Manifest, encode_state
+from modelzip_cli.checkpoint.io import Loaded
+from modelzip_cli.commands.chain import RecipeStep, parse_recipe
+from modelzip_cli.commands.transform import CommonOptions, apply_technique, load_dataset, load_input, split_held_out
 from modelzip_cli.errors import UsageError
-from modelzip_cli.format import Manifest, encode_state
-from modelzip_cli.report import Report, Step, file_info
-from modelzip_cli.runner import CommonOptions, apply_technique, load_dataset, load_input, split_held_out
+from modelzip_cli.measure.report import Report, Step, file_info
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.data import Dataset
 from modelzip_cli.techniques import make_config, quantize
 from modelzip_cli.techniques.select import select_modules
 from modelzip_cli.techniques.sensitivity import Scorer, swapped
@@ -148,7 +148,7 @@ def build_candidate(layer: nn.Module, cand: Candidate, inputs: torch.Tensor | No
             return None
         cand = embedding_step(cand)
     elif cand.label == "int8":  # the smoothing strength is chosen as quantize does, on the layer's recorded inputs
-        from modelzip_cli import int8
+        from modelzip_cli.nn import int8
 
         smooth = None
         if inputs is not None:
@@ -341,7 +341,7 @@ def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: lis
 
 
 def _parse_steps(steps: list[dict]) -> list[RecipeStep]:
-    from modelzip_cli.chain import check_order, parse_step
+    from modelzip_cli.commands.chain import check_order, parse_step
 
     parsed = [parse_step(i, dict(s), Path(".")) for i, s in enumerate(steps, 1)]
     check_order(parsed)
@@ -395,8 +395,8 @@ def plan_toml(plan: dict, model: Path) -> str:
 
 
 def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, progress) -> Report:
+    from modelzip_cli.checkpoint.layers import count_parameters
     from modelzip_cli.files import Outputs, Target, check_targets
-    from modelzip_cli.measure import count_parameters
 
     if opts.budget_fidelity is not None and opts.budget_accuracy_drop is not None:
         raise UsageError("give one of --budget-fidelity and --budget-accuracy-drop")
@@ -434,7 +434,7 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
                   example_input=loaded.manifest.example_input() if loaded.manifest.input_shape else None)
     torch.manual_seed(common.seed)
     t0 = time.perf_counter()
-    from modelzip_cli.measure import num_threads
+    from modelzip_cli.measure.metrics import num_threads
 
     with num_threads(common.threads or torch.get_num_threads()):
         analysis = analyze(loaded, data, opts, ctx, held_out)
@@ -472,7 +472,7 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
         if plan_text is not None:
             staged.write(opts.plan_out, lambda tmp: tmp.write_text(plan_text, encoding="utf-8"))
         if opts.plot is not None:
-            from modelzip_cli.plot import plot_sensitivity
+            from modelzip_cli.measure.plot import plot_sensitivity
 
             plot_sensitivity(analysis.rows, opts.plot, staged)
         if opts.report is not None:

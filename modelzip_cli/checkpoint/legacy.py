@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli import int8
+from modelzip_cli.checkpoint.format import Manifest, QInts
 from modelzip_cli.errors import InputError, first_line
-from modelzip_cli.format import Manifest, QInts
+from modelzip_cli.nn import int8
 
 V1_KINDS = {"quantize_dynamic", "quantize_static"}
 _MODEL_QPARAM = re.compile(r"^(\w*)_(scale|zero_point)_(\d+)$")  # FX's quantize-node parameters, on the root

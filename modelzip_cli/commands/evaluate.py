@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelzip_cli.distributed import resolve_device, runtime
-from modelzip_cli.export import load_for_measure
-from modelzip_cli.measure import (
-    count_parameters,
+from modelzip_cli.checkpoint.layers import count_parameters
+from modelzip_cli.commands.export import load_for_measure
+from modelzip_cli.commands.transform import CommonOptions, load_dataset
+from modelzip_cli.measure.metrics import (
     default_threads,
     generation_speed,
     model_metrics,
     noise_note,
     outputs_class_logits,
 )
-from modelzip_cli.report import Report, file_info
-from modelzip_cli.runner import CommonOptions, load_dataset
+from modelzip_cli.measure.report import Report, file_info
+from modelzip_cli.pipeline.distributed import resolve_device, runtime
 
 
 def evaluate_checkpoint(path: Path, data_path: Path, opts: CommonOptions, *,

@@ -1,7 +1,7 @@
 """torch.ao's fbgemm int8 kernels, as an optional accelerator of modelzip's plain-int8 modules.
 
-The one module of modelzip that touches torch.ao, and nothing depends on it: importing it only registers
-a builder in `int8.ACCELERATORS`, and torch.ao itself is imported when a layer first asks for it. Where
+The one module of modelzip that touches torch.ao: nn.int8 asks `accelerate` for a layer's kernel, and
+torch.ao itself is imported when a layer first asks for it. Where
 torch.ao cannot be imported (a torch without it, or the test switch that blocks it) the builder answers
 None and the plain kernels run.
 
@@ -22,14 +22,23 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from modelzip_cli import int8
-
 ENGINE = "fbgemm"
 # fbgemm's dynamic Linear takes one activation range per call, so a sample's result depends on the others
 # in its call. Sequences are sent in groups of at most this many rows (whole samples): a large evaluation
 # batch then rounds like the batch of 32 × 48 tokens it is deployed at, not coarser (measured on MiniLM:
 # cosine 0.990 with 417 sequences in one call, 0.995 in calls of 32).
 DYNAMIC_RANGE_ROWS = 2048
+AMIN = -128  # nn.int8's static activation grid starts here
+
+
+class _Probe:
+    """What `_torch_ao_linear` reads of a plain int8 Linear: a 4×8 one with unit scales."""
+
+    in_features, out_features = 8, 4
+    weight_scale = torch.ones(4)
+
+    def float_params(self) -> tuple[torch.Tensor, None]:
+        return torch.ones(4, 8), None
 
 
 @contextlib.contextmanager
@@ -53,7 +62,7 @@ def available() -> bool:
             if ENGINE not in torch.backends.quantized.supported_engines:
                 return False
             with torch.inference_mode(False), torch.no_grad():
-                probe = _torch_ao_linear(int8.DynamicInt8Linear.from_float(nn.Linear(8, 4)))
+                probe = _torch_ao_linear(_Probe())
                 ok = probe(torch.ones(2, 8)).shape == (2, 4)
             getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")  # noqa: B009 (the static path's op)
     except Exception:  # ImportError, or a torch whose torch.ao or quantized dtypes are gone or broken
@@ -87,15 +96,15 @@ def _torch_ao_linear(module: nn.Module) -> nn.Module:
     return nnqd.Linear.from_float(float_linear)
 
 
-def accelerate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """int8.ACCELERATORS["torch-ao"]: a fbgemm forward for a plain int8 Linear, or None."""
-    static = isinstance(module, int8.StaticInt8Linear)
-    if not available() or not (isinstance(module, int8.DynamicInt8Linear) or static and module.reduced_range):
+def accelerate(module: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A fbgemm forward for a plain int8 Linear (`kind` "dynamic" or "static": nn.int8's modules), or None."""
+    static = kind == "static"
+    if not available() or not (kind == "dynamic" or static and module.reduced_range):
         return None  # a full 8-bit static input would overflow fbgemm's int16 sums (int8.affine_qparams)
     with quiet():
         linear = _torch_ao_linear(module)
     k, n = module.in_features, module.out_features
-    if isinstance(module, int8.DynamicInt8Linear):  # activations: per tensor, 7 bits (fbgemm's reduce_range)
+    if not static:  # activations: per tensor, 7 bits (fbgemm's reduce_range)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             per_sample = x[0].numel() // k if x.ndim >= 3 else 1  # rows of one sample (tokens of a sequence)
@@ -109,7 +118,7 @@ def accelerate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | No
 
     packed = linear._packed_params._packed_params
     scale, zp = module.input_qparams()
-    zp_u8 = zp - int8.AMIN  # the plain int8 grid [-128, 127] is fbgemm's uint8 grid shifted by 128
+    zp_u8 = zp - AMIN  # the plain int8 grid [-128, 127] is fbgemm's uint8 grid shifted by 128
     op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
 
     def forward_static(x: torch.Tensor) -> torch.Tensor:
@@ -118,5 +127,3 @@ def accelerate(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | No
 
     return forward_static
 
-
-int8.ACCELERATORS["torch-ao"] = accelerate

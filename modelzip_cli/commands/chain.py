@@ -23,11 +23,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelzip_cli.checkpoint import check_trusted
+from modelzip_cli.checkpoint.format import OUTPUT_SUFFIXES
+from modelzip_cli.checkpoint.io import check_trusted
 from modelzip_cli.errors import InputError, ModelzipError, UsageError
-from modelzip_cli.export import ExportConfig
+from modelzip_cli.export.onnx import ExportConfig
 from modelzip_cli.files import Target, confined
-from modelzip_cli.format import OUTPUT_SUFFIXES
 from modelzip_cli.limits import parse, read_text
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs, make_config
 from modelzip_cli.techniques.distill import is_checkpoint_path
@@ -204,7 +204,7 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
     Each technique answers for itself (`Op.plan`), with the same selection code it runs with."""
     from torch import nn
 
-    from modelzip_cli.data import as_model_input, float_dtype
+    from modelzip_cli.pipeline.data import as_model_input, float_dtype
     from modelzip_cli.techniques.distill import load_student
     from modelzip_cli.techniques.select import WEIGHTED
 
@@ -227,9 +227,9 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
 def dry_run_report(input_path: Path, steps: list[RecipeStep], opts, data: Path | None = None):
     """The plan as a report (one schema for every command): each step's selected and skipped modules. A
     model with no recorded input shape learns it from `data` (or --eval-data), as a real run would."""
-    from modelzip_cli.measure import count_parameters
-    from modelzip_cli.report import Report, Step, file_info
-    from modelzip_cli.runner import check_example, load_dataset, load_input
+    from modelzip_cli.checkpoint.layers import count_parameters
+    from modelzip_cli.commands.transform import check_example, load_dataset, load_input
+    from modelzip_cli.measure.report import Report, Step, file_info
 
     # an export output outside the chain's output folder is refused here too, before the model is loaded
     export = export_target(export_step(steps), input_path, opts) if export_step(steps) is not None else None
@@ -262,8 +262,8 @@ def intermediate_targets(steps: list[RecipeStep], folder: Path, suffix: str) -> 
 def export_target(step: ExportStep, input_path: Path, opts) -> Target:
     """Where the export step writes: in the folder of the chain's output, whatever the recipe says (a file
     never chooses where modelzip writes). `run_transform` checks it with every other output."""
-    from modelzip_cli.export import SUFFIXES, check_output_suffix
-    from modelzip_cli.runner import default_output
+    from modelzip_cli.commands.transform import default_output
+    from modelzip_cli.export.onnx import SUFFIXES, check_output_suffix
 
     chain_output = opts.output or default_output(input_path, "chain")
     try:
@@ -277,8 +277,9 @@ def export_target(step: ExportStep, input_path: Path, opts) -> Target:
 
 def run_export_step(step: ExportStep, path: Path, loaded, ctx, outputs, opts, calib):
     """Export the chain's final model, verified; measured against it on --eval-data (else the example input)."""
-    from modelzip_cli.export import example_dataset, export_model, measure_export
-    from modelzip_cli.report import Report
+    from modelzip_cli.commands.export import measure_export
+    from modelzip_cli.export.onnx import example_dataset, export_model
+    from modelzip_cli.measure.report import Report
 
     try:
         written = export_model(loaded, step.config, path, outputs, calib=calib)
@@ -301,12 +302,12 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
     --force), and written only if the whole chain succeeds."""
     import torch
 
-    from modelzip_cli.checkpoint import save_checkpoint
-    from modelzip_cli.context import Context
-    from modelzip_cli.distributed import is_main
+    from modelzip_cli.checkpoint.io import save_checkpoint
+    from modelzip_cli.commands.transform import apply_technique, load_step_data, run_transform
     from modelzip_cli.files import Outputs
-    from modelzip_cli.measure import model_metrics
-    from modelzip_cli.runner import apply_technique, load_step_data, run_transform
+    from modelzip_cli.measure.metrics import model_metrics
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.distributed import is_main
 
     if keep_intermediate is not None and keep_intermediate.exists() and not keep_intermediate.is_dir():
         raise UsageError(f"--keep-intermediate {keep_intermediate} is not a folder", hint="pass a folder path")

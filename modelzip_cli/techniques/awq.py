@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modelzip_cli.gptq import Quantized, rtn
+from modelzip_cli.nn.weight_only import Quantized, rtn
 
 ALPHAS = tuple(i / 20 for i in range(20))  # the grid AWQ searches: 0, 0.05, …, 0.95
 ROWS = 4096  # input rows per group kept to measure each α on

@@ -20,72 +20,10 @@ output row keeps its highest scores.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class Quantized:
-    """What GPTQ (or round-to-nearest) chose for one (out, in) weight."""
-
-    ints: torch.Tensor  # (out, in) int64: 0..15 for 4 bits, −127..127 for 8
-    scales: torch.Tensor  # (out, groups) float32
-    zero_points: torch.Tensor  # (out, groups) int64; 0 for 8 bits
-
-    def dequantized(self, group_size: int) -> torch.Tensor:
-        cols = self.ints.shape[1]
-        index = torch.arange(cols, device=self.ints.device) // group_size  # column → its group
-        return (self.ints - self.zero_points[:, index]).float() * self.scales[:, index]
-
-
-def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of `w` (out, g): int4 asymmetric over [min, max] ∪ {0}, int8 symmetric."""
-    if bits == 8:
-        return w.abs().amax(-1).clamp(min=1e-12) / 127, torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    return scale, torch.clamp(torch.round(-lo / scale), 0, 15).to(torch.int64)
-
-
-def to_ints(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integers for `w` (out,) or (out, g) under per-row scale and zero point."""
-    if w.ndim == 2:
-        scale, zero = scale[:, None], zero[:, None]
-    if bits == 8:
-        return torch.clamp(torch.round(w / scale), -127, 127).to(torch.int64)
-    return torch.clamp(torch.round(w / scale) + zero, 0, 15).to(torch.int64)
-
-
-class Hessian:
-    """H = 2/n · Σ xᵀx over every input row seen, kept as a running mean (float32, on the input's device)."""
-
-    def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.h = torch.zeros(columns, columns, device=device)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, in)
-        n = x.shape[0]
-        self.h *= self.rows / (self.rows + n)
-        self.rows += n
-        x = x * math.sqrt(2 / self.rows)
-        self.h += x.T @ x
-
-
-def rtn(weight: torch.Tensor, bits: int, group_size: int) -> Quantized:
-    """Round to nearest, group by group: the baseline GPTQ improves on."""
-    w = weight.detach().float()
-    out, cols = w.shape
-    groups = math.ceil(cols / group_size)
-    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
-    scales = torch.empty(out, groups, device=w.device)
-    zeros = torch.empty(out, groups, dtype=torch.int64, device=w.device)
-    for g in range(groups):
-        part = w[:, g * group_size:(g + 1) * group_size]
-        scales[:, g], zeros[:, g] = group_params(part, bits)
-        ints[:, g * group_size:(g + 1) * group_size] = to_ints(part, scales[:, g], zeros[:, g], bits)
-    return Quantized(ints, scales, zeros)
+from modelzip_cli.nn.weight_only import Quantized, group_params, to_ints
 
 
 def _inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:

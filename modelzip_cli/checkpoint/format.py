@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.errors import CORRUPT, InputError, UsageError
 from modelzip_cli.limits import parse
 from modelzip_cli.version import __version__
 
@@ -96,8 +96,6 @@ STORED_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "
 QUANTIZED_DTYPES = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}  # → the stored integer dtype
 TORCH_CONSTANTS = (*QUANTIZED_DTYPES, *STORED_DTYPES, "per_tensor_affine", "per_tensor_symmetric",
                    "per_channel_affine", "per_channel_symmetric", "per_channel_affine_float_qparams")
-CORRUPT = "the file is corrupt or was not written by modelzip"
-
 NonNegInt = Annotated[int, Field(ge=0)]
 
 

@@ -10,13 +10,12 @@ calibrated in one whole-model pass instead (`blocks_of` returns None and the cal
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from modelzip_cli.gptq import Hessian
 
 
 class _Caught(Exception):
@@ -192,3 +191,19 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor],
     if stack is None:
         return "in one whole-model pass (no stack of repeated blocks found)"
     return f"layer by layer over the {len(stack.layers)} blocks of {stack.prefix}"
+
+
+class Hessian:
+    """H = 2/n · Σ xᵀx over every input row seen, kept as a running mean (float32, on the input's device)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(columns, columns, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, in)
+        n = x.shape[0]
+        self.h *= self.rows / (self.rows + n)
+        self.rows += n
+        x = x * math.sqrt(2 / self.rows)
+        self.h += x.T @ x

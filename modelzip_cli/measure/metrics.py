@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli.data import Dataset, as_model_input, float_dtype
-from modelzip_cli.format import Encoded, encode_module, encode_state
-from modelzip_cli.lm import is_causal_lm, lm_figures
+from modelzip_cli.checkpoint.layers import count_parameters
+from modelzip_cli.measure.perplexity import is_causal_lm, lm_figures
+from modelzip_cli.pipeline.data import Dataset, as_model_input, float_dtype
+from modelzip_cli.pipeline.run import device_of, evaluate
 
 DEFAULT_BATCH_N = 256
 DEFAULT_BATCH_N_TOKENS = 32
@@ -45,103 +46,6 @@ def num_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _logical_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's own weight-like tensors, dense, whatever their storage (float, sparse, quantized)."""
-    out: dict[str, torch.Tensor] = {}
-    logical = getattr(module, "logical_weights", None)  # modelzip's own packed modules
-    if callable(logical):
-        return logical()
-    for attr in ("weight", "bias"):  # torch.ao quantized modules expose weight()/bias() methods
-        fn = getattr(module, attr, None)
-        if callable(fn) and not isinstance(fn, nn.Module):
-            with contextlib.suppress(Exception):
-                t = fn()
-                if isinstance(t, torch.Tensor):
-                    out[attr] = t.dequantize() if t.is_quantized else t
-    for name, p in module.named_parameters(recurse=False):
-        out[name] = p.detach()
-    return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Values of every weight-like tensor, a tensor shared by two layers (tied embeddings) counted once."""
-    # Only tensors living in the model's own parameters and buffers can be shared; a dequantized temporary
-    # may reuse a freed temporary's address, so it is always counted.
-    stored = {t.data_ptr() for t in (*model.parameters(), *model.buffers()) if t.numel() and not t.is_meta}
-    seen: set[tuple] = set()
-    total = 0
-    for m in model.modules():
-        for t in _logical_weights(m).values():
-            if t.numel() and not t.is_meta and t.data_ptr() in stored:
-                key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-                if key in seen:
-                    continue
-                seen.add(key)
-            total += t.numel()
-    return total
-
-
-def _scheme(module: nn.Module, state: dict) -> str:
-    scheme = getattr(module, "scheme", None)
-    if isinstance(scheme, str):
-        return scheme
-    for v in state.values():
-        if isinstance(v, torch.Tensor) and v.is_quantized:
-            return str(v.dtype).removeprefix("torch.")
-        if isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor) and v[0].is_quantized:
-            return str(v[0].dtype).removeprefix("torch.")
-    for v in state.values():
-        if isinstance(v, torch.Tensor):
-            return str(v.dtype).removeprefix("torch.")
-    return "-"
-
-
-def stored_bytes(state: dict) -> int:
-    """Bytes the checkpoint codecs would store for this state (sparse and quantized encodings included)."""
-    tensors, _, _ = encode_state(state)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _own_state_keys(module: nn.Module) -> list[str]:
-    """The module's own state keys (not its children's); torch.ao keeps packed weights one level down."""
-    return [k for k in module.state_dict() if "." not in k or k.startswith("_packed_params")]
-
-
-def layer_table(model: nn.Module, names: set[str] | None = None, encoded: Encoded | None = None, *,
-                with_bytes: bool = True) -> list[dict]:
-    """One row per module that owns weights: name, type, shape, scheme, params, nonzeros, sparsity, bytes.
-
-    Bytes come from one encoding of the whole model (`encoded`, made here when not given); without
-    `with_bytes` the rows have no bytes and nothing is encoded."""
-    sizes = (encoded or encode_module(model)).sizes() if with_bytes else None
-    rows = []
-    for name, module in model.named_modules():
-        if names is not None and name not in names:
-            continue
-        weights = _logical_weights(module)
-        if not weights:
-            continue
-        keys = _own_state_keys(module)
-        state = module.state_dict()
-        w = weights.get("weight", next(iter(weights.values())))
-        nnz = int(torch.count_nonzero(w))
-        prefix = f"{name}." if name else ""
-        rows.append({
-            "name": name or "(root)", "type": type(module).__name__, "shape": list(w.shape),
-            "scheme": _scheme(module, {k: state[k] for k in keys}),
-            "params": sum(t.numel() for t in weights.values()),
-            "nonzero": nnz, "sparsity": round(1 - nnz / max(1, w.numel()), 6),
-        })
-        if sizes is not None:
-            rows[-1]["bytes"] = sum(sizes.get(prefix + k, 0) for k in keys)
-    return rows
-
-
-def model_figures(model: nn.Module, encoded: Encoded | None = None) -> dict:
-    """Parameters and stored bytes: the before/after figures every step records."""
-    return {"parameters": count_parameters(model), "bytes": (encoded or encode_module(model)).total_bytes()}
-
-
 def gzip_bytes(path: Path) -> int:
     """Size after gzip level 6: how small the file is for transfer (zeros compress). Streamed in 1 MB
     chunks, so a multi-GB checkpoint costs no more memory than a small one."""
@@ -162,44 +66,12 @@ def gzip_bytes(path: Path) -> int:
     return sink.n
 
 
-def device_of(model: nn.Module) -> torch.device:
-    """Where the model's tensors are (CPU for a model without parameters or buffers)."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def cpu_only(model: nn.Module) -> bool:
     """Whether the model holds int8 modules, whose kernels are chosen for, and measured on, CPUs only:
     modelzip's plain-int8 modules (int8.py: the kernel choice and its accelerators are CPU ones;
     `torch._int_mm` on CUDA refuses small batches) and torch.ao's quantized modules."""
-    return any(type(m).__module__ == "modelzip_cli.int8" or type(m).__module__.startswith("torch.ao.nn.quantized")
+    return any(type(m).__module__ == "modelzip_cli.nn.int8" or type(m).__module__.startswith("torch.ao.nn.quantized")
                for m in model.modules())
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512) -> dict:
-    """Accuracy (0–1) and mean cross-entropy on a labelled dataset, computed where the model is."""
-    model.eval()
-    device, dtype = device_of(model), float_dtype(model)
-    correct, loss_sum = 0, 0.0
-    for x, y, _ in data.batches(batch_size):
-        logits = model(as_model_input(x, dtype).to(device)).float()
-        y = y.to(device)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    n = len(data)
-    return {"accuracy": correct / n, "loss": loss_sum / n, "samples": n}
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The model's outputs for `inputs`, computed and returned where the model is."""
-    model.eval()
-    device = device_of(model)
-    inputs = as_model_input(inputs, float_dtype(model))
-    return torch.cat([model(inputs[i:i + batch_size].to(device)).float()
-                      for i in range(0, inputs.shape[0], batch_size)])
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from modelzip_cli.data import Dataset
+from modelzip_cli.pipeline.data import Dataset
 
 
 class Bar(Protocol):

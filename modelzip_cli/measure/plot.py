@@ -21,7 +21,7 @@ def plot_history(step_after: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modelzip_cli.checkpoint import atomic_write
+    from modelzip_cli.checkpoint.io import atomic_write
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for label, key in (("distilled", "history"), ("baseline", "baseline_history")):

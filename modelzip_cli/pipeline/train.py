@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli import distributed
-from modelzip_cli.context import Context, null_progress
-from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.errors import UsageError
-from modelzip_cli.measure import device_of, evaluate, predict
+from modelzip_cli.pipeline import distributed
+from modelzip_cli.pipeline.context import Context, null_progress
+from modelzip_cli.pipeline.data import Dataset, as_model_input, float_dtype
+from modelzip_cli.pipeline.run import device_of, evaluate, predict
 
 RANK_SEED_STRIDE = 1_000_003  # rank r's torch seed is seed + offset + r·stride, apart from any seed + offset
 

@@ -28,19 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzip_cli import legacy
-from modelzip_cli.edits import META_SAFE_EDITS, replay_edits, to_dtype, validated_edits
-from modelzip_cli.errors import (
-    CodeRanWarning,
-    InputError,
-    ModelzipError,
-    OutputError,
-    UntrustedCodeError,
-    UsageError,
-    first_line,
-)
-from modelzip_cli.files import Outputs, atomic_write, check_readable
-from modelzip_cli.format import (
+from modelzip_cli.checkpoint import legacy
+from modelzip_cli.checkpoint.edits import META_SAFE_EDITS, replay_edits, validated_edits
+from modelzip_cli.checkpoint.format import (
     CHECKPOINT_SUFFIXES,
     CORRUPT,
     MANIFEST_KEY,
@@ -51,8 +41,19 @@ from modelzip_cli.format import (
     encode_module,
     parse_manifest,
 )
+from modelzip_cli.checkpoint.layers import layer_table
+from modelzip_cli.errors import (
+    CodeRanWarning,
+    InputError,
+    ModelzipError,
+    OutputError,
+    UntrustedCodeError,
+    UsageError,
+    first_line,
+)
+from modelzip_cli.files import Outputs, atomic_write, check_readable
 from modelzip_cli.limits import check_archive, check_memory, check_regular
-from modelzip_cli.measure import layer_table
+from modelzip_cli.nn.surgery import to_dtype
 from modelzip_cli.zoo import ZOO
 
 TRUST_ENV = "MODELZIP_TRUSTED_MODULES"
@@ -449,7 +450,7 @@ def check_quant_params(model: nn.Module, where: str) -> None:
     float32's smallest normal, a weight scale at least that over 127, for an all-zero row) and static zero
     points lie on the int8 grid: a forged 0 or 1e-45 would zero a layer, or divide by zero in every call,
     without any error."""
-    from modelzip_cli.int8 import AMAX, AMIN, EPS
+    from modelzip_cli.nn.int8 import AMAX, AMIN, EPS
 
     for name, module in model.named_modules():
         if not callable(getattr(module, "logical_weights", None)):

@@ -16,30 +16,28 @@ from pathlib import Path
 
 import torch
 
-from modelzip_cli import distributed
-from modelzip_cli.checkpoint import Loaded, load_checkpoint, save_checkpoint
-from modelzip_cli.context import Context, null_progress
-from modelzip_cli.data import Dataset, as_model_input, check_fits, float_dtype, load_data
-from modelzip_cli.edits import to_dtype
+from modelzip_cli.checkpoint.format import OUTPUT_SUFFIXES, encode_module
+from modelzip_cli.checkpoint.io import Loaded, load_checkpoint, save_checkpoint
+from modelzip_cli.checkpoint.layers import count_parameters, layer_table, model_figures
 from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
 from modelzip_cli.files import Outputs, Target, check_targets
-from modelzip_cli.format import OUTPUT_SUFFIXES, encode_module
-from modelzip_cli.lm import is_causal_lm, lm_figures, ppl_increase_pct
-from modelzip_cli.measure import (
-    count_parameters,
+from modelzip_cli.measure.metrics import (
     fidelity,
     gzip_bytes,
     latencies,
     latency_change,
-    layer_table,
-    model_figures,
     model_metrics,
     noise_note,
     outputs_class_logits,
-    predict,
     timing_of,
 )
-from modelzip_cli.report import Report, Step, file_info
+from modelzip_cli.measure.perplexity import is_causal_lm, lm_figures, ppl_increase_pct
+from modelzip_cli.measure.report import Report, Step, file_info
+from modelzip_cli.nn.surgery import to_dtype
+from modelzip_cli.pipeline import distributed
+from modelzip_cli.pipeline.context import Context, null_progress
+from modelzip_cli.pipeline.data import Dataset, as_model_input, check_fits, float_dtype, load_data
+from modelzip_cli.pipeline.run import predict
 from modelzip_cli.techniques import OPS, MethodConfig, check_data_needs
 
 CHAIN_TAG = "chained"

@@ -33,8 +33,8 @@ from modelzip_cli.errors import (
 from modelzip_cli.version import __version__
 
 if TYPE_CHECKING:
-    from modelzip_cli.report import Report
-    from modelzip_cli.runner import CommonOptions
+    from modelzip_cli.commands.transform import CommonOptions
+    from modelzip_cli.measure.report import Report
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # -h as --help, in every command and sub-command
 # add_completion: --install-completion / --show-completion (bash, zsh, fish, PowerShell) on the root command
@@ -199,7 +199,7 @@ def parse_dtype(text: str | None) -> str | None:
 
 def common_options(shared: SimpleNamespace) -> CommonOptions:
     """The runner's options from whichever shared groups a command has."""
-    from modelzip_cli.runner import CommonOptions
+    from modelzip_cli.commands.transform import CommonOptions
 
     g = vars(shared)
     if g.get("threads") is not None and not 1 <= g["threads"] <= MAX_THREADS:
@@ -236,8 +236,8 @@ class _RichBar:
 
 def progress_factory(quiet: bool):
     """A Context.progress backed by a rich progress bar on stderr (silent with --quiet)."""
-    from modelzip_cli.context import null_progress
-    from modelzip_cli.distributed import is_main
+    from modelzip_cli.pipeline.context import null_progress
+    from modelzip_cli.pipeline.distributed import is_main
 
     if quiet or not is_main():  # under torchrun, rank 0 alone shows progress
         return null_progress
@@ -260,7 +260,7 @@ def emit(report: Report | None, shared: SimpleNamespace) -> None:
     if report is None:
         return
     if not shared.quiet:
-        from modelzip_cli.report import render
+        from modelzip_cli.measure.report import render
 
         render(report, _console())
     if shared.as_json:
@@ -277,7 +277,7 @@ def technique(op: str, method: str | None, model: Path, shared: SimpleNamespace,
               files: dict[str, Path | None], gzip_output: bool = False, extra_inputs: tuple[Path, ...] = (),
               trusted_refs: frozenset[str] = frozenset()) -> Report | None:
     """The body every technique command shares: build the config, run it, render the report."""
-    from modelzip_cli.runner import run_technique
+    from modelzip_cli.commands.transform import run_technique
     from modelzip_cli.techniques import make_config
 
     cfg = make_config(op, method, values)
@@ -294,7 +294,7 @@ PlanFile = Annotated[Path | None, typer.Option("--plan", help="run this command'
 def run_plan(op: str, model: Path, plan: Path, shared: SimpleNamespace, data: Path | None,
              own: dict[str, Any]) -> None:
     """`prune/quantize/lowrank --plan PLAN`: the plan's steps of this op, run as `chain` runs them."""
-    from modelzip_cli.chain import check_data_needs_all, parse_recipe, run_chain
+    from modelzip_cli.commands.chain import check_data_needs_all, parse_recipe, run_chain
 
     if own or shared.include or shared.exclude:
         raise UsageError(f"--plan sets the {op} options per layer; leave out "
@@ -330,7 +330,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=version_ca
 def inspect_(model: Input, sha256: Annotated[bool, typer.Option(
         "--sha256", help="also hash the whole file (reads all of it)")] = False, *, shared) -> None:
     """Parameters, bytes, format, edit history and a per-layer table — from the header alone."""
-    from modelzip_cli.inspection import inspect_checkpoint
+    from modelzip_cli.commands.inspect import inspect_checkpoint
 
     emit(inspect_checkpoint(model, trust_code=shared.trust_code, hash_file=sha256), shared)
 
@@ -339,7 +339,7 @@ def inspect_(model: Input, sha256: Annotated[bool, typer.Option(
 def eval_(model: Input, data: Annotated[Path, typer.Option("--data", help="data file (accuracy needs labels)")],
           batch_size: LatencyBatch = None, *, shared) -> None:
     """Accuracy, loss, median latency at batch 1 and batch N, size."""
-    from modelzip_cli.evaluate import evaluate_checkpoint
+    from modelzip_cli.commands.evaluate import evaluate_checkpoint
 
     check_latency_batch(batch_size)
     emit(evaluate_checkpoint(model, data, common_options(shared), batch_n=batch_size), shared)
@@ -421,7 +421,7 @@ def quantize(
     *, shared,
 ) -> None:
     """int8 dynamic / static / QAT on plain int8 tensors, or int8/int4 weight-only (round to nearest, or GPTQ)."""
-    from modelzip_cli import int8
+    from modelzip_cli.nn import int8
 
     if plan is not None:
         with int8.use_backend(backend if backend in int8.BACKENDS else "auto"):
@@ -498,9 +498,9 @@ def distill(
     student_path = (hf_student_dir(student),) if is_checkpoint_path(student) or student != "hf:" and \
         hf_student_dir(student).is_dir() else ()
     if plot is not None:  # the output-path policy, as for the checkpoint and report (checked in the runner)
+        from modelzip_cli.commands.transform import default_output, default_report
         from modelzip_cli.files import Target, check_distinct, check_targets
-        from modelzip_cli.plot import require_matplotlib
-        from modelzip_cli.runner import default_output, default_report
+        from modelzip_cli.measure.plot import require_matplotlib
 
         require_matplotlib()
         output = shared.output or default_output(teacher, "distill")
@@ -510,7 +510,7 @@ def distill(
     report = technique("distill", None, teacher, shared, values, files={"data": data, "val_data": val_data},
                        extra_inputs=student_path, trusted_refs=frozenset({student}))
     if plot is not None and report is not None:  # None: a torchrun rank other than 0
-        from modelzip_cli.plot import plot_history
+        from modelzip_cli.measure.plot import plot_history
 
         plot_history(report.steps[0].after, plot)
 
@@ -548,7 +548,7 @@ def chain(
     *, shared,
 ) -> None:
     """Run a recipe of steps (distill, prune, lowrank, quantize) in one process, with one report."""
-    from modelzip_cli.chain import check_data_needs_all, dry_run_report, parse_recipe, run_chain
+    from modelzip_cli.commands.chain import check_data_needs_all, dry_run_report, parse_recipe, run_chain
 
     steps = parse_recipe(recipe)  # the whole recipe is checked before any weight is loaded
     check_data_needs_all(steps, data)
@@ -582,10 +582,10 @@ def analyze(
     *, shared,
 ) -> None:
     """Per-layer sensitivity to each candidate technique; with a budget, a plan that `chain` runs."""
-    from modelzip_cli.analyze import AnalyzeOptions, run_analyze
+    from modelzip_cli.commands.analyze import AnalyzeOptions, run_analyze
 
     if plot is not None:
-        from modelzip_cli.plot import require_matplotlib
+        from modelzip_cli.measure.plot import require_matplotlib
 
         require_matplotlib()
     opts = AnalyzeOptions(data=data, techniques=techniques, include=shared.include, exclude=shared.exclude,
@@ -603,7 +603,7 @@ def compare(
     *, shared,
 ) -> None:
     """Size, parameters, accuracy, latency and agreement with the first model, side by side."""
-    from modelzip_cli.compare import compare_checkpoints
+    from modelzip_cli.commands.compare import compare_checkpoints
 
     check_latency_batch(batch_size)
     emit(compare_checkpoints(models, data, common_options(shared), batch_n=batch_size), shared)
@@ -626,7 +626,8 @@ def export(
     *, shared,
 ) -> None:
     """An ONNX graph or a .pt2 program of the model, verified by running it against the PyTorch model."""
-    from modelzip_cli.export import ExportConfig, export_checkpoint
+    from modelzip_cli.commands.export import export_checkpoint
+    from modelzip_cli.export.onnx import ExportConfig
 
     check_latency_batch(batch_size)
     cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way))
@@ -660,7 +661,7 @@ def data_text(
     split: Split = None, seed: Seed = 0, force: Force = False, quiet: Quiet = False,
 ) -> None:
     """Token ids and attention masks from text, with a model's own tokenizer (offline)."""
-    from modelzip_cli import datamake
+    from modelzip_cli.commands import data as datamake
 
     make = datamake.packed_text if pack else datamake.text
     _written(make(corpus, tokenizer, output, max_length=max_length, split=split, seed=seed, force=force), quiet)
@@ -676,7 +677,7 @@ def data_images(
     split: Split = None, seed: Seed = 0, force: Force = False, quiet: Quiet = False,
 ) -> None:
     """Normalised image tensors and class labels from an image folder (ImageFolder layout)."""
-    from modelzip_cli import datamake
+    from modelzip_cli.commands import data as datamake
 
     def triple(text: str | None, default: tuple, flag: str) -> tuple:
         if text is None:
@@ -761,7 +762,7 @@ def _click_command():
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; exceptions become one line on stderr (README, "Exit codes")."""
-    from modelzip_cli import distributed
+    from modelzip_cli.pipeline import distributed
 
     if distributed.launched():  # under torchrun every rank runs the command; one of them says how it ended
         return distributed.run_on_every_rank(lambda: _outcome(argv))

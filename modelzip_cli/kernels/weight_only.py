@@ -40,12 +40,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from modelzip_cli.kernels import choice
 
 KERNEL_ENV = "MODELZIP_WO_KERNEL"
 KERNELS = ("int4pack", "int8pack", "bf16", "float")
@@ -213,27 +215,19 @@ def available(name: str) -> bool:
     return tuple(y.shape) == (1, 16) and bool(torch.isfinite(y).all())
 
 
-_scoped: list[str] = []  # use_kernel() blocks, innermost last
-
-
-@contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
+def use_kernel(name: str) -> contextlib.AbstractContextManager:
     """Run weight-only layers on kernel `name` inside the block (e.g. "float": the reference numerics an
     exported graph reproduces), whatever they chose."""
     if name not in KERNELS:
         raise ValueError(f"unknown weight-only kernel {name!r}")
-    _scoped.append(name)
-    try:
-        yield
-    finally:
-        _scoped.pop()
+    return choice.use(weight_only=name)
 
 
 def forced() -> str | None:
     """The kernel a use_kernel() block or MODELZIP_WO_KERNEL forces, or None (auto). An unknown name in the
     environment is ignored as auto."""
-    if _scoped:
-        return _scoped[-1]
+    if scoped := choice.current().weight_only:
+        return scoped
     name = os.environ.get(KERNEL_ENV, "auto")
     return name if name in KERNELS else None
 
