@@ -35,7 +35,6 @@ SEP = "::"  # stored parts of an encoded tensor are NAME::PART
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # what modelzip reads
 # What modelzip writes: .pth and .bin are the same torch archive as .pt (a .pth input's default output is .pth).
 OUTPUT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-QUANTIZE_EDIT_PREFIX = "quantize"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,14 +63,11 @@ class Manifest:
     def copy(self) -> Manifest:
         return copy.deepcopy(self)
 
-    def with_edits(self, edits: list[dict]) -> Manifest:
-        """A new manifest with `edits` appended to the edit log."""
+    def with_edits(self, edits: list) -> Manifest:
+        """A new manifest with `edits` (checkpoint.edits.Edit objects) appended to the edit log."""
         new = self.copy()
-        new.edits.extend(copy.deepcopy(edits))
+        new.edits.extend(e.to_dict() for e in edits)
         return new
-
-    def is_quantized(self) -> bool:
-        return any(str(e.get("kind", "")).startswith(QUANTIZE_EDIT_PREFIX) for e in self.edits)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         import torch

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from modelzip_cli.checkpoint import legacy
-from modelzip_cli.checkpoint.edits import META_SAFE_EDITS, replay_edits, validated_edits
+from modelzip_cli.checkpoint.edits import Edit, replay_edits, validated_edits
 from modelzip_cli.checkpoint.format import (
     CHECKPOINT_SUFFIXES,
     CORRUPT,
@@ -340,7 +340,7 @@ def _values(state: dict[str, Any]) -> int:
     return n
 
 
-def _meta_checked(manifest: Manifest, edits: list[dict], state: dict[str, Any], *, trusted: bool, where: str,
+def _meta_checked(manifest: Manifest, edits: list[Edit], state: dict[str, Any], *, trusted: bool, where: str,
                   kwargs_label: str) -> tuple[nn.Module | None, int]:
     """The architecture built on the meta device (nothing allocated) with the leading edits that replay there,
     and how many did: (None, 0) for a Hugging Face model or user code that cannot be built on meta. A model
@@ -349,7 +349,7 @@ def _meta_checked(manifest: Manifest, edits: list[dict], state: dict[str, Any], 
         return None, 0
     if manifest.arch.startswith("hf:"):  # transformers ties weights as it builds: counted, then built for real
         declared, stored = declared_values(manifest.arch, manifest.arch_kwargs) or 0, _values(state)
-        shrunk = {"prune_structured", "prune_heads", "lowrank"} & {e["kind"] for e in edits}
+        shrunk = any(e.shrinks for e in edits)
         if declared > (16 if shrunk else 4) * stored + (1 << 20):  # int4 stores two values a byte
             raise InputError(f"{where}: {kwargs_label} declare a model of {declared:,} values, but the file stores "
                              f"{stored:,}; nothing was allocated", hint=CORRUPT)
@@ -362,7 +362,7 @@ def _meta_checked(manifest: Manifest, edits: list[dict], state: dict[str, Any], 
             raise
         return None, 0
     done = 0
-    while done < len(edits) and edits[done]["kind"] in META_SAFE_EDITS:
+    while done < len(edits) and edits[done].meta_safe:
         done += 1
     with torch.device("meta"):
         model = replay_edits(model, manifest, edits[:done])

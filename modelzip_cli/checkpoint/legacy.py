@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelzip_cli.checkpoint.edits import DynamicEdit, StaticEdit
 from modelzip_cli.checkpoint.format import Manifest, QInts
 from modelzip_cli.errors import InputError, first_line
 from modelzip_cli.nn import int8
 
-V1_KINDS = {"quantize_dynamic", "quantize_static"}
+V1_KINDS = {DynamicEdit.kind, StaticEdit.kind}
 _MODEL_QPARAM = re.compile(r"^(\w*)_(scale|zero_point)_(\d+)$")  # FX's quantize-node parameters, on the root
 _PASS_INT8 = (nn.Dropout, nn.Identity)  # torch.ao runs these on int8 values unchanged
 _RELU = (F.relu, torch.relu)
@@ -50,9 +51,9 @@ def upgrade(manifest: Manifest, state: dict[str, Any],
     state = dict(state)
     edits: list[dict] = []
     for edit in manifest.edits:
-        if edit.get("kind") == "quantize_dynamic":
+        if edit.get("kind") == DynamicEdit.kind:
             edits.append(_dynamic(edit, state))
-        elif edit.get("kind") == "quantize_static":
+        elif edit.get("kind") == StaticEdit.kind:
             edits.append(_static(edit, state, build(list(edits))))
         else:
             edits.append(edit)
@@ -107,7 +108,7 @@ def _dynamic(edit: dict, state: dict) -> dict:
         state.pop(f"{name}.scale", None)
         state.pop(f"{name}.zero_point", None)
         _store(state, name, weight)
-    return {"kind": "quantize_dynamic", "modules": list(edit["modules"]), "activations": "per-tensor"}
+    return DynamicEdit(modules=list(edit["modules"]), activations="per-tensor").to_dict()
 
 
 def _reference(state: dict, name: str) -> bool:
@@ -180,5 +181,5 @@ def _static(edit: dict, state: dict, model: nn.Module) -> dict:
     if unread:  # a layer the model lacks, or one without stored int8 parameters: the edit cannot be replayed
         raise InputError(f"first-wave static file: its edit names {unread[0]!r}, which is not a quantized layer of "
                          "the model", hint=REQUANTIZE)
-    return {"kind": "quantize_static", "modules": quantized, "qat": bool(edit.get("qat")), "observer": "first-wave",
-            "reduced_range": True, **({"folded": folded} if folded else {})}  # torch.ao x86: 7-bit activations
+    return StaticEdit(modules=quantized, qat=bool(edit.get("qat")), observer="first-wave",
+                      reduced_range=True, folded=folded or []).to_dict()  # torch.ao x86: 7-bit activations

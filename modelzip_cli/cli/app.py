@@ -266,11 +266,11 @@ def emit(report: Report | None, shared: SimpleNamespace) -> None:
     if shared.as_json:
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()
-    if report.gate is not None and not report.gate["passed"]:
+    if report.gate is not None and not report.gate.passed:
         from modelzip_cli.errors import QualityGateFailed
 
-        failed = [w.removeprefix("quality gate failed: ") for w in report.warnings if w.startswith("quality gate")]
-        raise QualityGateFailed(f"quality gate failed: {'; '.join(failed)}; output and report were written")
+        failed = "; ".join(report.gate.failures)
+        raise QualityGateFailed(f"quality gate failed: {failed}; output and report were written")
 
 
 def technique(op: str, method: str | None, model: Path, shared: SimpleNamespace, values: dict[str, Any], *,

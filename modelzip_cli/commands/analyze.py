@@ -29,15 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modelzip_cli.checkpoint.edits import is_quantized
 from modelzip_cli.checkpoint.format import Manifest, encode_state
 from modelzip_cli.checkpoint.io import Loaded
-from modelzip_cli.commands.chain import RecipeStep, parse_recipe
+from modelzip_cli.commands.chain import RecipeStep, check_order, parse_recipe
 from modelzip_cli.commands.transform import CommonOptions, apply_technique, load_dataset, load_input, split_held_out
 from modelzip_cli.errors import UsageError
 from modelzip_cli.measure.report import Report, Step, file_info
 from modelzip_cli.pipeline.context import Context
 from modelzip_cli.pipeline.data import Dataset
-from modelzip_cli.techniques import make_config, quantize
+from modelzip_cli.techniques import MethodConfig, make_config, quantize
 from modelzip_cli.techniques.select import select_modules
 from modelzip_cli.techniques.sensitivity import Scorer, swapped
 
@@ -48,16 +49,22 @@ MAX_VERIFY = 8  # whole-plan measurements before giving up backing off
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to compress one layer, as the recipe step that does it (without the layer list)."""
+    """One way to compress one layer: the config of the step that does it, without the layer list."""
 
     label: str  # as the user wrote it: int8, prune:0.3, ...
-    op: str
-    method: str | None
-    values: dict
+    config: MethodConfig
 
-    def step(self, layers: list[str]) -> dict:
-        return {"op": self.op, **({"method": self.method} if self.method else {}), **self.values,
-                "include": sorted(layers)}
+    def step(self, layers: list[str]) -> MethodConfig:
+        return self.config.model_copy(update={"include": sorted(layers)})
+
+
+CANDIDATES = {  # label → (op, method, values); prune and lowrank take the ratio after a colon
+    "int8": ("quantize", "dynamic", {}),
+    "int4": ("quantize", "weight-only", {"bits": 4}),
+    "prune": ("prune", "magnitude", {"scope": "layer", "finetune_epochs": 0}),
+    "lowrank": ("lowrank", None, {"finetune_epochs": 0}),
+}
+RATIO_KEYS = {"prune": "ratio", "lowrank": "rank_ratio"}
 
 
 def parse_candidates(text: str) -> list[Candidate]:
@@ -71,11 +78,10 @@ def parse_candidates(text: str) -> list[Candidate]:
         ratio = float(m[2]) if m[2] is not None else None
         if ratio is not None and not (0 < ratio < 1 or (m[1] == "lowrank" and ratio == 1)):
             raise UsageError(f"--techniques: the ratio of {raw!r} must be in (0, 1)")
-        cand = {"int8": Candidate(raw, "quantize", "dynamic", {}),
-                "int4": Candidate(raw, "quantize", "weight-only", {"bits": 4}),
-                "prune": Candidate(raw, "prune", "magnitude", {"ratio": ratio, "scope": "layer",
-                                                               "finetune_epochs": 0}),
-                "lowrank": Candidate(raw, "lowrank", None, {"rank_ratio": ratio, "finetune_epochs": 0})}[m[1]]
+        op, method, values = CANDIDATES[m[1]]
+        if m[1] in RATIO_KEYS:
+            values = {**values, RATIO_KEYS[m[1]]: ratio}
+        cand = Candidate(raw, make_config(op, method, values, where="--techniques: "))
         if cand.label not in {c.label for c in out}:
             out.append(cand)
     if not out:
@@ -135,8 +141,8 @@ EMBEDDING_CANDIDATES = ("int8", "int4")  # weight-only tables; pruning or factor
 
 def embedding_step(cand: Candidate) -> Candidate:
     """The candidate as it applies to an Embedding table: weight-only at its bits."""
-    return Candidate(cand.label, "quantize", "weight-only", {"bits": 8 if cand.label == "int8" else 4,
-                                                             "embeddings": True})
+    values = {"bits": 8 if cand.label == "int8" else 4, "embeddings": True}
+    return Candidate(cand.label, make_config("quantize", "weight-only", values))
 
 
 def build_candidate(layer: nn.Module, cand: Candidate, inputs: torch.Tensor | None, absmax: torch.Tensor | None,
@@ -152,13 +158,13 @@ def build_candidate(layer: nn.Module, cand: Candidate, inputs: torch.Tensor | No
 
         smooth = None
         if inputs is not None:
-            _, smooth, _ = quantize._best_smoothing(layer, absmax, inputs, "per-token")
+            _, smooth, _ = quantize.best_smoothing(layer, absmax, inputs, "per-token")
         return int8.DynamicInt8Linear.from_float(layer, "per-token", smooth)
     from modelzip_cli.techniques import OPS
 
-    cfg = make_config(cand.op, cand.method, {**cand.values, "include": ["layer"]})
+    cfg = cand.step(["layer"])
     holder = _holder(layer)
-    result = OPS[cand.op].apply(holder, cfg, Context(seed=ctx.seed), Manifest(arch=None))
+    result = OPS[cfg.op].apply(holder, cfg, Context(seed=ctx.seed), Manifest(arch=None))
     new = result.model.get_submodule("layer")
     return None if not result.edits else new
 
@@ -268,13 +274,13 @@ def assignment(taken: list[tuple[str, str]]) -> dict[str, str]:
 STEP_ORDER = ("prune", "lowrank", "quantize")  # float-only steps first; quantize takes what is left in float
 
 
-def plan_steps(assigned: dict[str, str], candidates: list[Candidate], tables: list[str] = ()) -> list[dict]:
+def plan_steps(assigned: dict[str, str], candidates: list[Candidate], tables: list[str] = ()) -> list[MethodConfig]:
     """The recipe steps of an assignment (layer → candidate label); Embedding `tables` get weight-only steps."""
     steps = []
     for op in STEP_ORDER:
         for cand in candidates:
             layers = [n for n, c in assigned.items() if c == cand.label and n not in tables]
-            if cand.op == op and layers:
+            if cand.config.op == op and layers:
                 steps.append(cand.step(layers))
     for cand in candidates:
         layers = [n for n, c in assigned.items() if c == cand.label and n in tables]
@@ -283,12 +289,13 @@ def plan_steps(assigned: dict[str, str], candidates: list[Candidate], tables: li
     return steps
 
 
-def _run_steps(loaded: Loaded, steps: list[RecipeStep], data: Dataset, ctx: Context) -> nn.Module:
+def _run_steps(loaded: Loaded, steps: list[MethodConfig], data: Dataset, ctx: Context) -> nn.Module:
     """The model the steps make, by the same code `chain` runs (calibrating on `data`)."""
+    check_order([RecipeStep(i, cfg) for i, cfg in enumerate(steps, 1)])
     work = Loaded(model=copy.deepcopy(loaded.model), manifest=copy.deepcopy(loaded.manifest))
-    for step in steps:
+    for cfg in steps:
         c = Context(seed=ctx.seed, calib_data=data, example_input=ctx.example_input)
-        apply_technique(step.config, work, c)
+        apply_technique(cfg, work, c)
     return work.model.eval()
 
 
@@ -311,7 +318,7 @@ def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: lis
             loss = 0.0
             tried.append({"upgrades": 0, "loss": 0.0})
             break
-        model = _run_steps(loaded, _parse_steps(steps), verify, ctx)
+        model = _run_steps(loaded, steps, verify, ctx)
         loss = scorer.loss(model)
         tried.append({"upgrades": kept, "loss": round(loss, 6)})
         if loss <= budget:
@@ -329,7 +336,7 @@ def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: lis
     if held_out is not None:
         check = Dataset(inputs=held_out.inputs[:256 if not labelled else 2048],
                         targets=held_out.targets[:2048] if labelled else None, path=held_out.path)
-        final = _run_steps(loaded, _parse_steps(steps), verify, ctx) if steps else loaded.model
+        final = _run_steps(loaded, steps, verify, ctx) if steps else loaded.model
         measured_loss = Scorer(loaded.model, check.inputs, check.targets if labelled else None).loss(final)
         measured_on = f"{len(check)} held-out samples of {held_out.path.name}"
     meta = {"budget_fidelity" if fidelity_budget else "budget_accuracy_drop":
@@ -337,29 +344,7 @@ def make_plan(loaded: Loaded, data: Dataset, analysis: Analysis, candidates: lis
             "measured_loss": round(measured_loss, 6), "unit": scorer.unit, "measured_on": measured_on,
             "tuning_loss": round(loss, 6), "tuned_on": tuned_on,
             "bytes_saved_estimate": int(saved), "layers": len(assigned)}
-    return {"meta": meta, "steps": steps, "assigned": assigned, "verification": tried}
-
-
-def _parse_steps(steps: list[dict]) -> list[RecipeStep]:
-    from modelzip_cli.commands.chain import check_order, parse_step
-
-    parsed = [parse_step(i, dict(s), Path(".")) for i, s in enumerate(steps, 1)]
-    check_order(parsed)
-    return parsed
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string: quotes, backslashes and control characters escaped, every other character as it
-    is (json.dumps writes an emoji as a surrogate pair, which TOML refuses); an undecodable byte of a file
-    name (a lone surrogate) becomes U+FFFD."""
-    def char(c: str) -> str:
-        if c in '"\\':
-            return "\\" + c
-        if ord(c) < 0x20 or ord(c) == 0x7F:
-            return f"\\u{ord(c):04x}"
-        return "\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c
-
-    return '"' + "".join(char(c) for c in text) + '"'
+    return {"meta": meta, "steps": [cfg.to_recipe() for cfg in steps], "assigned": assigned, "verification": tried}
 
 
 def _printable(text: str) -> str:
@@ -367,27 +352,15 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return _toml_string(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(type(v).__name__)
-
-
 def plan_toml(plan: dict, model: Path) -> str:
-    """The plan as a chain recipe. The model's path is only in a comment, escaped: a path with a newline
-    never adds a line (a step) to the plan."""
-    lines = ["# modelzip plan, written by `modelzip analyze`: a recipe for",
-             f"#   modelzip chain {_printable(str(model))} --recipe THIS_FILE --data CALIBRATION_DATA", "", "[plan]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in plan["meta"].items()]
-    for step in plan["steps"]:
-        lines += ["", "[[steps]]"] + [f"{k.replace('_', '-')} = {_toml_value(v)}" for k, v in step.items()]
-    return "\n".join(lines) + "\n"
+    """The plan as a chain recipe (TOML written by tomli-w). The model's path is only in a comment, escaped:
+    a path with a newline never adds a line (a step) to the plan."""
+    import tomli_w
+
+    head = ["# modelzip plan, written by `modelzip analyze`: a recipe for",
+            f"#   modelzip chain {_printable(str(model))} --recipe THIS_FILE --data CALIBRATION_DATA", ""]
+    body = tomli_w.dumps({"plan": plan["meta"], "steps": plan["steps"]})
+    return "\n".join(head) + "\n" + body
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,7 +390,7 @@ def run_analyze(model_path: Path, opts: AnalyzeOptions, common: CommonOptions, p
     inputs = [model_path, opts.data, *([opts.eval_data] if opts.eval_data else [])]
     check_targets(targets, inputs=inputs, force=opts.force)  # before any work
     loaded = load_input(model_path, common)
-    if loaded.manifest.is_quantized():
+    if is_quantized(loaded.manifest):
         raise UsageError(f"{model_path} is already quantized; analyze works on float models")
     labels = opts.budget_accuracy_drop is not None
     data = load_dataset(opts.data, loaded, require_targets=labels)

@@ -19,7 +19,7 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -59,9 +59,10 @@ class ExportStep:
     config: ExportConfig
     output: str | None = None  # as the recipe names it: placed in the chain's output folder (`files.confined`)
     op: str = "export"
+    OP: ClassVar[str] = "export"  # the recipe's op name of this step
 
     def label(self) -> str:
-        return f"step {self.index} (export)"
+        return f"step {self.index} ({self.OP})"
 
 
 def _read(path: Path, text: str | None = None) -> list:
@@ -117,7 +118,7 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportSte
         raise UsageError(f"{where} is not a table of options")
     values = {str(k).replace("-", "_"): v for k, v in item.items()}
     op = values.pop("op", None)
-    if op == "export":
+    if op == ExportStep.OP:
         output = values.pop("output", None)
         if output is not None and not isinstance(output, str):
             raise UsageError(f"{where} (export): output must be a file path")
@@ -165,17 +166,17 @@ def check_order(steps: list[RecipeStep]) -> None:
                 raise UsageError(f"{step.label()} must be the last step: it exports the final model",
                                  hint="move the export step to the end of the recipe")
             continue
-        if quantized_at is not None and OPS[step.op].float_only and step.op != "quantize":
+        if quantized_at is not None and OPS[step.op].float_only and not OPS[step.op].quantizes:
             raise UsageError(f"{step.label()} cannot follow {quantized_at.label()}: {step.op} works on float "
                              "models", hint="move quantize to the end of the recipe")
-        if step.op == "quantize":
+        if OPS[step.op].quantizes:
             quantized_at = step
 
 
 def step_files(step: RecipeStep, data: Path | None) -> dict[str, Path | None]:
     """The data files a step reads: its own, else the chain's --data. A quantize step calibrates (and
     measures its SQNR) on that data and trains on it only for QAT."""
-    if step.op == "quantize":
+    if OPS[step.op].calibrates:
         trains = "data" in step.config.required_data()
         return {"data": (step.data or data) if trains else None, "val_data": step.val_data,
                 "calib_data": step.calib_data or step.data or data}
@@ -205,14 +206,13 @@ def plan(steps: list[RecipeStep], loaded) -> list[dict]:
     from torch import nn
 
     from modelzip_cli.pipeline.data import as_model_input, float_dtype
-    from modelzip_cli.techniques.distill import load_student
     from modelzip_cli.techniques.select import WEIGHTED
 
     model, manifest, rows = loaded.model, loaded.manifest, []
     for step in steps:
-        if step.op == "distill":
-            model, manifest = load_student(step.config, manifest, 0)
-            rows.append({"step": step.index, "op": "distill", "touch": [f"replaces the model with "
+        if (replace := OPS[step.op].replaces_model) is not None:
+            model, manifest = replace(step.config, manifest)
+            rows.append({"step": step.index, "op": step.op, "touch": [f"replaces the model with "
                          f"{step.config.student} ({sum(p.numel() for p in model.parameters()):,} parameters)"],
                          "skip": []})
             continue
@@ -353,7 +353,7 @@ def run_chain(input_path: Path, steps: list[RecipeStep], opts, *, data: Path | N
         return records
 
     step_inputs = [f for step in steps for f in (step.data, step.val_data, step.calib_data) if f is not None]
-    step_inputs += [Path(s.config.student) for s in steps if s.op == "distill" and is_checkpoint_path(s.config.student)]
+    step_inputs += [f for s in steps for f in s.config.input_files()]
     others = [p for p in (recipe, data, *step_inputs) if p is not None]
     return run_transform(command, input_path, opts, apply, ops=[s.op for s in steps],
                          context=Context(progress=progress), prepare=prepare, extra_inputs=others,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from modelzip_cli.checkpoint.edits import is_quantized
 from modelzip_cli.checkpoint.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.checkpoint.io import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.checkpoint.layers import count_parameters, layer_table, model_figures
@@ -32,7 +33,7 @@ from modelzip_cli.measure.metrics import (
     timing_of,
 )
 from modelzip_cli.measure.perplexity import is_causal_lm, lm_figures, ppl_increase_pct
-from modelzip_cli.measure.report import Report, Step, file_info
+from modelzip_cli.measure.report import Gate, Report, Step, file_info
 from modelzip_cli.nn.surgery import to_dtype
 from modelzip_cli.pipeline import distributed
 from modelzip_cli.pipeline.context import Context, null_progress
@@ -146,7 +147,7 @@ def check_example(loaded: Loaded, example: torch.Tensor) -> None:
 
 
 def check_applicable(op: str, loaded: Loaded) -> None:
-    if OPS[op].float_only and loaded.manifest.is_quantized():
+    if OPS[op].float_only and is_quantized(loaded.manifest):
         raise InputError(f"{loaded.path or 'the model'} is already quantized; {op} works on float models",
                          hint=f"run {op} before quantize, on the float checkpoint")
 
@@ -233,7 +234,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         for op in ops:
             check_applicable(op, loaded)
         ctx.seed, ctx.trust_code = opts.seed, opts.trust_code
-        if command == "quantize":  # a chain's gate is on the whole chain, not on one step
+        if command in OPS and OPS[command].fidelity_gate:  # a chain's gate is on the whole chain, not one step
             ctx.min_fidelity = opts.min_fidelity
         # labels are needed only to measure an accuracy drop; fidelity needs inputs alone
         eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
@@ -385,23 +386,18 @@ def _gate(report: Report, opts: CommonOptions) -> None:
     (language-model windows)."""
     if opts.max_accuracy_drop is None and opts.min_fidelity is None and opts.max_ppl_increase is None:
         return
-    report.gate = {"passed": True}
-    if "measured_on" in report.metrics.get("output", {}):
-        report.gate["judged_on"] = report.metrics["output"]["measured_on"]
+    gate = report.gate = Gate(judged_on=report.metrics.get("output", {}).get("measured_on"))
     if opts.max_accuracy_drop is not None:
         drop = accuracy_drop(report.metrics)
-        report.gate.update(max_accuracy_drop=opts.max_accuracy_drop, accuracy_drop=round(drop, 4))
+        gate.max_accuracy_drop, gate.accuracy_drop = opts.max_accuracy_drop, round(drop, 4)
         if not drop <= opts.max_accuracy_drop:
-            report.gate["passed"] = False
-            report.warnings.append(f"quality gate failed: accuracy dropped {drop:.2f} points, more than "
-                                   f"--max-accuracy-drop {opts.max_accuracy_drop}")
+            gate.fail(f"accuracy dropped {drop:.2f} points, more than --max-accuracy-drop {opts.max_accuracy_drop}")
     if opts.min_fidelity is not None:
         cosine = report.metrics["output"]["fidelity"]["cosine_mean"]
-        report.gate.update(min_fidelity=opts.min_fidelity, fidelity=cosine)
+        gate.min_fidelity, gate.fidelity = opts.min_fidelity, cosine
         if not cosine >= opts.min_fidelity:
-            report.gate["passed"] = False
-            report.warnings.append(f"quality gate failed: fidelity (mean cosine to the input model) {cosine:.4f}, "
-                                   f"below --min-fidelity {opts.min_fidelity}")
+            gate.fail(f"fidelity (mean cosine to the input model) {cosine:.4f}, below --min-fidelity "
+                      f"{opts.min_fidelity}")
     if opts.max_ppl_increase is not None:
         before = report.metrics["input"].get("perplexity")
         after = report.metrics["output"].get("perplexity")
@@ -409,11 +405,11 @@ def _gate(report: Report, opts: CommonOptions) -> None:
             raise UsageError("--max-ppl-increase needs a causal language model and token windows in --eval-data",
                              hint="make windows with: modelzip data text --pack")
         increase = ppl_increase_pct(before, after)
-        report.gate.update(max_ppl_increase=opts.max_ppl_increase, ppl_increase=round(increase, 4))
+        gate.max_ppl_increase, gate.ppl_increase = opts.max_ppl_increase, round(increase, 4)
         if not increase <= opts.max_ppl_increase:
-            report.gate["passed"] = False
-            report.warnings.append(f"quality gate failed: perplexity rose {increase:.2f}% ({before:.3f} → "
-                                   f"{after:.3f}), more than --max-ppl-increase {opts.max_ppl_increase}")
+            gate.fail(f"perplexity rose {increase:.2f}% ({before:.3f} → {after:.3f}), more than --max-ppl-increase "
+                      f"{opts.max_ppl_increase}")
+    report.warnings += [f"quality gate failed: {why}" for why in gate.failures]
 
 
 def final_comparison(report: Report) -> dict:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from modelzip_cli.checkpoint.edits import validated_edits
 from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.checkpoint.io import Loaded
 from modelzip_cli.checkpoint.layers import count_parameters
@@ -223,15 +224,7 @@ def _float_parent(m: nn.Module) -> nn.Module:
 
 def scheme_of(manifest: Manifest) -> str | None:
     """The quantization scheme of a model from its edits: dynamic, static (QAT too), weight-only, or None."""
-    for edit in manifest.edits:
-        kind = str(edit.get("kind", ""))
-        if kind == "quantize_dynamic":
-            return "dynamic"
-        if kind == "quantize_static":
-            return "static"
-        if kind == "quantize_weight_only":
-            return "weight-only" if edit.get("bits") == 8 else "weight-only int4"
-    return None
+    return next((s for edit in validated_edits(manifest) if (s := edit.scheme())), None)
 
 
 def int8_way(cfg: ExportConfig, scheme: str | None) -> str | None:

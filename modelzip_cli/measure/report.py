@@ -30,6 +30,28 @@ class Step:
 
 
 @dataclass
+class Gate:
+    """The quality gates of a run: each limit beside what was measured, and why it failed (one line each)."""
+
+    passed: bool = True
+    judged_on: str | None = None  # the held-out data the gate was judged on
+    max_accuracy_drop: float | None = None
+    accuracy_drop: float | None = None
+    min_fidelity: float | None = None
+    fidelity: float | None = None
+    max_ppl_increase: float | None = None  # percent
+    ppl_increase: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, why: str) -> None:
+        self.passed = False
+        self.failures.append(why)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class Report:
     command: str
     input: dict | None = None  # path, sha256, parameters, bytes
@@ -38,7 +60,7 @@ class Report:
     metrics: dict[str, dict] = field(default_factory=dict)  # label (input, output, model path) → figures
     model: dict | None = None  # inspect: format, manifest, edits, layers
     summary: dict | None = None  # chain/compare: final comparison
-    gate: dict | None = None  # --max-accuracy-drop: limit, measured drop, passed
+    gate: Gate | None = None  # --max-accuracy-drop, --min-fidelity, --max-ppl-increase
     runtime: dict | None = None  # device, world_size (torchrun processes) and backend of the run
     warnings: list[str] = field(default_factory=list)
     report_path: str | None = None  # where this report is written (the summary's last line names it)
@@ -46,7 +68,7 @@ class Report:
     tool_version: str = __version__
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "gate": self.gate.to_dict() if self.gate else None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=_jsonable)
@@ -198,12 +220,12 @@ def render(report: Report, console) -> None:
                       f"{i['bytes'] / max(1, o['bytes']):.2f}× smaller on disk")
     if report.gate:
         g = report.gate
-        status = "[green]passed[/]" if g["passed"] else "[red]FAILED[/]"
-        parts = ([f"accuracy drop {g['accuracy_drop']:.2f} pts (max {g['max_accuracy_drop']})"]
-                 if "accuracy_drop" in g else []) + ([f"fidelity {g['fidelity']:.4f} (min {g['min_fidelity']})"]
-                                                     if "fidelity" in g else []) + (
-            [f"perplexity +{g['ppl_increase']:.2f}% (max {g['max_ppl_increase']}%)"] if "ppl_increase" in g else [])
-        on = f" on {g['judged_on']}" if g.get("judged_on") else ""
+        status = "[green]passed[/]" if g.passed else "[red]FAILED[/]"
+        parts = ([f"accuracy drop {g.accuracy_drop:.2f} pts (max {g.max_accuracy_drop})"]
+                 if g.accuracy_drop is not None else []) + (
+            [f"fidelity {g.fidelity:.4f} (min {g.min_fidelity})"] if g.fidelity is not None else []) + (
+            [f"perplexity +{g.ppl_increase:.2f}% (max {g.max_ppl_increase}%)"] if g.ppl_increase is not None else [])
+        on = f" on {g.judged_on}" if g.judged_on else ""
         console.print(f"quality gate: {', '.join(parts)}{escape(on)} {status}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")

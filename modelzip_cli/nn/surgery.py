@@ -87,14 +87,14 @@ HEAD_COUNT_ATTRS = ("num_attention_heads", "n_heads", "num_heads", "heads")
 
 
 
-def attention_blocks(model: nn.Module, example: torch.Tensor) -> tuple[list[dict], list[str]]:
+def attention_blocks(model: nn.Module, example: torch.Tensor) -> tuple[list[dict], list[tuple[str, str]]]:
     """The attention modules whose heads can be removed — `{"q", "k", "v", "o", "head_size"}` (qualified
-    names) — and a note for each attention module found but left (fused or grouped projections)."""
+    names) — and (name, why) for each attention module found but left (fused or grouped projections)."""
     order: list[str] = []
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     run_with_hooks(model, example, [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
                                     for n, m in linears.items()])
-    blocks, notes = [], []
+    blocks, left = [], []
     for name, m in model.named_modules():
         names = next((t for t in QKV_NAMES if all(isinstance(getattr(m, c, None), nn.Linear) for c in t)), None)
         if names is None:
@@ -106,16 +106,16 @@ def attention_blocks(model: nn.Module, example: torch.Tensor) -> tuple[list[dict
         if head_size is None and count and len(widths) == 1 and next(iter(widths)) % count == 0:
             head_size = next(iter(widths)) // count  # only a head count kept: the size follows
         if not isinstance(head_size, int) or len(widths) != 1 or next(iter(widths)) % head_size:
-            notes.append(f"{name}: attention with grouped or unequal q/k/v widths left as it was")
+            left.append((name, "attention with grouped or unequal q/k/v widths left as it was"))
             continue
         width = widths.pop()
         after = order[order.index(v) + 1:] if v in order else []
         o = next((x for x in after if x not in (q, k, v) and linears[x].in_features == width), None)
         if o is None:
-            notes.append(f"{name}: no output projection found after {v}; its heads left as they were")
+            left.append((name, f"no output projection found after {v}; its heads left as they were"))
             continue
         blocks.append({"q": q, "k": k, "v": v, "o": o, "head_size": head_size})
-    return blocks, notes
+    return blocks, left
 
 
 
