@@ -47,6 +47,7 @@ from torch import nn
 
 from modelzip_cli.errors import UsageError
 from modelzip_cli.kernels import choice, torch_ao
+from modelzip_cli.nn.packed import PackedWeights
 
 KERNEL_ENV = "MODELZIP_INT8_KERNEL"
 KERNELS = ("auto", "int_mm", "float")
@@ -169,7 +170,7 @@ class _Derived:
 # Modules
 
 
-class _Int8Weighted(nn.Module):
+class _Int8Weighted(PackedWeights, nn.Module):
     """int8 weight + per-channel scales + optional float bias, and the derived tensors kernels need."""
 
     scheme = "int8"
@@ -229,12 +230,6 @@ class _Int8Weighted(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._derived = _Derived()
         super()._load_from_state_dict(*args, **kwargs)
-
-    def logical_weights(self) -> dict[str, torch.Tensor]:
-        out = {"weight": self.dequantized_weight()}
-        if self.bias is not None:
-            out["bias"] = self.bias.detach()
-        return out
 
 
 class DynamicInt8Linear(_Int8Weighted):

@@ -16,6 +16,7 @@ from torch import nn
 
 from modelzip_cli.errors import InputError
 from modelzip_cli.kernels import weight_only as wo_kernels
+from modelzip_cli.nn.packed import PackedWeights
 
 
 @dataclass
@@ -68,7 +69,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int) -> Quantized:
     return Quantized(ints, scales, zeros)
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(PackedWeights, nn.Module):
     """A Linear whose weight is stored as int8, or int4 packed two per byte, with per-group scales. It runs
     on the kernel measured fastest here for its shape and the call's row count (`kernel_for`)."""
 
@@ -168,12 +169,6 @@ class WeightOnlyLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernels = wo_kernels.LayerKernels()
         super()._load_from_state_dict(*args, **kwargs)
-
-    def logical_weights(self) -> dict[str, torch.Tensor]:
-        out = {"weight": self.dequantized_weight()}
-        if self.bias is not None:
-            out["bias"] = self.bias.detach()
-        return out
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.scheme}"

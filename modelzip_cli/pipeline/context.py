@@ -49,3 +49,13 @@ class Context:
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)
+
+    def calibrate(self, model: torch.nn.Module, batches: int, batch_size: int) -> None:
+        """The one calibration pass: the first `batches` batches of the calibration data through `model`,
+        without gradients, with a progress bar (observers and hooks on the model record what they need)."""
+        with self.progress("calibrate", batches) as bar, torch.no_grad():
+            for i, (x, _, _) in enumerate(self.calib_data.batches(batch_size)):
+                if i >= batches:
+                    break
+                model(x)
+                bar.advance()

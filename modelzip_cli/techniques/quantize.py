@@ -196,12 +196,7 @@ def _calibration_inputs(model: nn.Module, names: list[str], ctx: Context, cfg: D
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda layer, args, n=n: seen(layer, args, n))
              for n in names]
     try:
-        with ctx.progress("calibrate", batches) as bar, torch.no_grad():
-            for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size)):
-                if i >= batches:
-                    break
-                model(x)
-                bar.advance()
+        ctx.calibrate(model, batches, cfg.calib_batch_size)
     finally:
         for h in hooks:
             h.remove()
@@ -268,12 +263,7 @@ def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[
         folds = [FoldEdit(pairs=pairs)]
     prepared = int8.prepare_static(model, names, cfg.observer, _reduced(cfg))
     batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
-    with ctx.progress("calibrate", batches) as bar, torch.no_grad():
-        for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size)):
-            if i >= batches:
-                break
-            prepared(x)
-            bar.advance()
+    ctx.calibrate(prepared, batches, cfg.calib_batch_size)
     quantized, edits = _converted(prepared, names, False, cfg.observer, _reduced(cfg))
     return quantized, folds + edits, {}
 
