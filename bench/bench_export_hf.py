@@ -20,7 +20,7 @@ ROUNDS = 5
 
 
 def _cli(*args) -> None:
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     code = run([str(a) for a in args] + ["--force", "-q"])
     if code != 0:
@@ -28,7 +28,7 @@ def _cli(*args) -> None:
 
 
 def _export(source, fmt: str, out, data) -> dict:
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     report = out.with_name(out.name + ".json")
     code = run(["export", str(source), "--format", fmt, "-o", str(out), "--eval-data", str(data), "--force", "-q"])
@@ -67,10 +67,10 @@ def _cases(work) -> tuple[dict, dict]:
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.pipeline.data import load_data
     from modelzip_cli.files import disk_bytes
-    from modelzip_cli.measure import latency_ms, num_threads
+    from modelzip_cli.measure.metrics import latency_ms, num_threads
 
     work = WORK / "export_hf"
     cases, data = _cases(work)

@@ -55,14 +55,14 @@ def families(tmp_path_factory):
 def _logits(model) -> torch.Tensor:
     """modelzip's logits on the format's own numerics: weight-only layers on their dequantized weights (the
     packed bf16 kernels a machine may choose round activations, ~3e-3 relative: wo_kernels.py)."""
-    from modelzip_cli import wo_kernels
+    from modelzip_cli.kernels import weight_only as wo_kernels
 
     with torch.inference_mode(), wo_kernels.use_kernel("float"):
         return model(IDS).float()
 
 
 def _modelzip_logits(path) -> torch.Tensor:
-    from modelzip_cli.checkpoint import load_checkpoint
+    from modelzip_cli.checkpoint.io import load_checkpoint
 
     return _logits(load_checkpoint(path).model)
 
@@ -86,21 +86,22 @@ def _no_modelzip_key(folder) -> None:
 
 def _weight_only(source, bits: int, group: int):
     """What `quantize --method weight-only` makes (every Linear but the LM head), without its measurements."""
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.edits import WeightOnlyLinear, replace_module
+    from modelzip_cli.checkpoint.edits import WeightOnlyEdit
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.nn.surgery import replace_module
+    from modelzip_cli.nn.weight_only import WeightOnlyLinear
 
     loaded = load_checkpoint(source)
     names = [n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     for n in names:
         replace_module(loaded.model, n, WeightOnlyLinear.from_float(loaded.model.get_submodule(n), bits, group))
-    loaded.manifest.edits.append({"kind": "quantize_weight_only", "modules": names, "bits": bits,
-                                  "group_size": group})
+    loaded.manifest.edits.append(WeightOnlyEdit(modules=names, bits=bits, group_size=group).to_dict())
     return loaded
 
 
 def _write(loaded, fmt: str, folder):
     """export_hf's writer on its own (the CLI's export adds the check and the measurements)."""
-    from modelzip_cli import export_hf
+    from modelzip_cli.export import hf as export_hf
 
     dense = export_hf.dense_model(loaded, keep_quantized=fmt == "compressed-tensors")
     folder.mkdir()
@@ -112,7 +113,7 @@ def _write(loaded, fmt: str, folder):
 def test_int4_int8_and_pruned_exports_load_in_transformers_with_the_same_logits(cli, tmp_path, families):
     """Llama, Qwen2 and the sample decoder, each int4 and int8 weight-only → compressed-tensors and structured
     pruned → hf, loaded by AutoModelForCausalLM in a fresh process: logits within 1e-3 of modelzip's."""
-    from modelzip_cli.checkpoint import load_checkpoint
+    from modelzip_cli.checkpoint.io import load_checkpoint
 
     expected = {}
     for family in ("llama", "qwen2", "sample"):
@@ -165,7 +166,7 @@ def test_gpt2_float_export_and_uneven_widths_refused(cli, tmp_path, families):
     r = cli("export", families["gpt2"], "--format", "hf", "-o", folder, "--json")
     assert r.code == 0, r.stderr
     assert r.json["gate"]["export_check"]["relative"] <= 1e-3
-    from modelzip_cli.export_hf import new_widths
+    from modelzip_cli.export.hf import new_widths
 
     model = transformers.AutoModelForCausalLM.from_config(_config("llama"))
     model.model.layers[0].mlp.up_proj = torch.nn.Linear(64, 96, bias=False)
