@@ -68,9 +68,9 @@ def run() -> dict:
     import torch
 
     from modelzip_cli.checkpoint.io import load_checkpoint
-    from modelzip_cli.pipeline.data import load_data
     from modelzip_cli.files import disk_bytes
     from modelzip_cli.measure.metrics import latency_ms, num_threads
+    from modelzip_cli.pipeline.data import load_data
 
     work = WORK / "export_hf"
     cases, data = _cases(work)

@@ -148,14 +148,14 @@ def test_int4_int8_and_pruned_exports_load_in_transformers_with_the_same_logits(
 def test_export_command_checks_the_written_directory(cli, tmp_path, families):
     """The CLI: the check's figures in the report's gate, the default output name, tokenizer copied."""
     ckpt = tmp_path / "q4.safetensors"
-    assert cli("quantize", DECODER, "--method", "weight-only", "--bits", "4", "--group-size", "32", "-o", ckpt,
-               "-q").code == 0
-    r = cli("export", ckpt, "--format", "compressed-tensors", "--json")
+    assert cli("quantize", families["llama"], "--method", "weight-only", "--bits", "4", "--group-size", "32", "-o",
+               ckpt, "-q").code == 0
+    r = cli("export", ckpt, "--format", "compressed-tensors", "--batch-size", "2", "--json")
     assert r.code == 0, r.stderr
     folder = tmp_path / "q4-compressed-tensors"
     assert r.json["output"]["path"] == str(folder) and (folder / "config.json").is_file()
     assert r.json["gate"]["passed"] and r.json["gate"]["export_check"]["relative"] <= 1e-3
-    assert r.json["output"]["bytes"] < 0.6 * (DECODER / "model.safetensors").stat().st_size
+    assert r.json["output"]["bytes"] < 0.6 * (families["llama"] / "model.safetensors").stat().st_size
     r = cli("export", ckpt, "--format", "compressed-tensors")
     assert r.code == 2 and "already exists" in r.stderr
 
@@ -163,7 +163,7 @@ def test_export_command_checks_the_written_directory(cli, tmp_path, families):
 @pytest.mark.slow
 def test_gpt2_float_export_and_uneven_widths_refused(cli, tmp_path, families):
     folder = tmp_path / "gpt2-hf"
-    r = cli("export", families["gpt2"], "--format", "hf", "-o", folder, "--json")
+    r = cli("export", families["gpt2"], "--format", "hf", "-o", folder, "--batch-size", "2", "--json")
     assert r.code == 0, r.stderr
     assert r.json["gate"]["export_check"]["relative"] <= 1e-3
     from modelzip_cli.export.hf import new_widths
@@ -178,7 +178,7 @@ def test_gpt2_float_export_and_uneven_widths_refused(cli, tmp_path, families):
 def test_w8a8_and_refusals(cli, tmp_path, families):
     d8 = tmp_path / "d8.safetensors"
     assert cli("quantize", families["llama"], "--method", "dynamic", "-o", d8, "-q").code == 0
-    r = cli("export", d8, "--format", "compressed-tensors", "-o", tmp_path / "d8-ct", "--json")
+    r = cli("export", d8, "--format", "compressed-tensors", "-o", tmp_path / "d8-ct", "--batch-size", "2", "--json")
     assert r.code == 0, r.stderr
     check = r.json["gate"]["export_check"]
     assert check["cosine_min"] >= 0.999
@@ -196,7 +196,7 @@ def test_w8a8_and_refusals(cli, tmp_path, families):
 def test_lowrank_is_multiplied_back(cli, tmp_path, families):
     lr = tmp_path / "lr.safetensors"
     assert cli("lowrank", families["llama"], "--rank-ratio", "0.5", "--include", "*mlp*", "-o", lr, "-q").code == 0
-    r = cli("export", lr, "--format", "hf", "-o", tmp_path / "lr-hf", "--json")
+    r = cli("export", lr, "--format", "hf", "-o", tmp_path / "lr-hf", "--batch-size", "2", "--json")
     assert r.code == 0, r.stderr
     assert any("multiplied back" in n for n in r.json["steps"][0]["notes"])
     assert r.json["gate"]["export_check"]["relative"] <= 1e-3
@@ -244,7 +244,8 @@ def test_compressed_tensors_round_trip(cli, tmp_path, families):
     assert any("dequantized to float" in w for w in r.json["warnings"])
     assert cli("quantize", pruned, "--method", "weight-only", "--bits", "4", "--group-size", "32", "-o", q4,
                "-q").code == 0
-    r = cli("export", q4, "--format", "compressed-tensors", "--eval-data", windows, "-o", out, "--json")
+    r = cli("export", q4, "--format", "compressed-tensors", "--eval-data", windows, "-o", out, "--batch-size", "2",
+            "--json")
     assert r.code == 0, r.stderr
     got = _fresh_logits(tmp_path, [out])[str(out)]
     assert _relative(got, _modelzip_logits(q4)) <= 1e-3

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from modelzip_cli.checkpoint.edits import WeightOnlyEdit
+from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.nn import int8
 from modelzip_cli.nn.surgery import replace_module, to_dtype
 from modelzip_cli.nn.weight_only import Quantized, WeightOnlyLinear
-from modelzip_cli.errors import InputError, UsageError, first_line
 
 QUANT_METHOD = "compressed-tensors"
 EXTRA_HINT = "pip install 'modelzip[compressed-tensors]'"

@@ -15,6 +15,7 @@ from modelzip_cli.checkpoint.io import Loaded
 from modelzip_cli.checkpoint.layers import count_parameters
 from modelzip_cli.commands.transform import CommonOptions, _gate, default_report, load_dataset, load_input
 from modelzip_cli.errors import InputError, UsageError
+from modelzip_cli.export import hf as export_hf
 from modelzip_cli.export.onnx import (
     SUFFIXES,
     ExportConfig,
@@ -24,7 +25,6 @@ from modelzip_cli.export.onnx import (
     example_dataset,
     export_model,
 )
-from modelzip_cli.export import hf as export_hf
 from modelzip_cli.export.onnxrun import OnnxModel
 from modelzip_cli.files import Outputs, Target, check_targets
 from modelzip_cli.measure.metrics import fidelity, latencies, model_metrics, outputs_class_logits

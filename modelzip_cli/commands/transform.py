@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from modelzip_cli.checkpoint import compressed_tensors
 from modelzip_cli.checkpoint.edits import is_quantized
 from modelzip_cli.checkpoint.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.checkpoint.io import Loaded, load_checkpoint, save_checkpoint
