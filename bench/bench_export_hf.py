@@ -37,6 +37,19 @@ def _export(source, fmt: str, out, data) -> dict:
     return json.loads(report.read_text())
 
 
+SAMPLES = 32  # held-out windows / sentences each export is checked and measured on
+
+
+def _subset(path, out):
+    """The first SAMPLES samples of a data file (the export's figures on all of them take minutes here)."""
+    from safetensors.torch import save_file
+
+    from modelzip_cli.pipeline.data import load_data
+
+    save_file({"inputs": load_data(path, require_targets=False).inputs[:SAMPLES].contiguous()}, str(out))
+    return out
+
+
 def _cases(work) -> tuple[dict, dict]:
     """label → (source model, export format, data) for MiniLM and the sample decoder."""
     from sample_models import decoder, text_sets
@@ -44,7 +57,7 @@ def _cases(work) -> tuple[dict, dict]:
     cases, data = {}, {}
     dec = ROOT / "sample_models" / "tiny_llama"
     windows = decoder.write_windows(work / "windows", length=64)
-    data["decoder"] = windows["heldout"]
+    data["decoder"] = _subset(windows["heldout"], work / "decoder-heldout.safetensors")
     q = work / "decoder"
     q.mkdir(parents=True, exist_ok=True)
     _cli("quantize", dec, "--method", "weight-only", "--bits", "4", "--group-size", "32", "-o", q / "w4.safetensors")
@@ -59,7 +72,7 @@ def _cases(work) -> tuple[dict, dict]:
     cases["decoder W8A8 → compressed-tensors"] = (q / "w8a8.safetensors", "compressed-tensors", "decoder")
     minilm = text_sets.minilm_dir()
     if minilm is not None:
-        data["minilm"] = text_sets.write(work / "text")["heldout"]
+        data["minilm"] = _subset(text_sets.write(work / "text")["heldout"], work / "minilm-heldout.safetensors")
         cases["MiniLM fp32 → hf"] = (minilm, "hf", "minilm")
     return cases, data
 
@@ -91,6 +104,7 @@ def run() -> dict:
                           ("minilm", cases.get("MiniLM fp32 → hf", (None,))[0])):
         if folder is not None:
             timed[f"{which}: fp32 PyTorch (modelzip)"] = (load_checkpoint(folder).model, which)
+            rows[f"{which}: fp32 PyTorch (modelzip)"] = {"bytes": disk_bytes(folder), "data": which}
     for label, (out, which) in models.items():
         auto = transformers.AutoModelForCausalLM if which == "decoder" else transformers.AutoModel
         timed[label] = (HFModel(auto.from_pretrained(str(out)).eval(),
