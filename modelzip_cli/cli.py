@@ -72,6 +72,8 @@ MaxDrop = Annotated[float | None, typer.Option("--max-accuracy-drop",
 MaxPplIncrease = Annotated[float | None, typer.Option("--max-ppl-increase", help="with --eval-data (language-model "
                                                       "windows): exit 1 when perplexity rises more than this "
                                                       "many percent")]
+MaxMemory = Annotated[str | None, typer.Option("--max-memory", help="refuse (exit 2, before any work) a run whose "
+                                               "estimated peak memory exceeds this, e.g. 8GB")]
 Threads = Annotated[int | None, typer.Option("--threads", help="threads for latency (default: all usable cores)")]
 Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto: where the model trains and is "
                                      "measured (under torchrun, cuda is each process's cuda:LOCAL_RANK)")]
@@ -109,7 +111,8 @@ MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trus
                          output_key=(OutputKey, None), device=(Device, "cpu"))
 OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
                           eval_data=(EvalData, None), max_accuracy_drop=(MaxDrop, None),
-                          min_fidelity=(MinFidelity, None), max_ppl_increase=(MaxPplIncrease, None))
+                          min_fidelity=(MinFidelity, None), max_ppl_increase=(MaxPplIncrease, None),
+                          max_memory=(MaxMemory, None))
 RUN_OPTIONS = _options(threads=(Threads, None), as_json=(Json, False), quiet=(Quiet, False))
 SELECT_OPTIONS = _options(include=(Include, None), exclude=(Exclude, None))
 FINETUNE_OPTIONS = _options(data=(Data, None), finetune_epochs=(FinetuneEpochs, None), lr=(Lr, None),
@@ -208,6 +211,10 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
                                 "max_accuracy_drop", "min_fidelity", "max_ppl_increase", "threads", "arch", "task",
                                 "output_key",
                                 "device") if k in g}
+    if g.get("max_memory") is not None:
+        from modelzip_cli.limits import parse_size
+
+        fields["max_memory"] = parse_size(g["max_memory"], "--max-memory")
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
                          input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
 
