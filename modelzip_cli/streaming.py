@@ -40,7 +40,7 @@ from modelzip_cli.edits import (
 )
 from modelzip_cli.errors import InputError
 from modelzip_cli.files import Outputs
-from modelzip_cli.format import MANIFEST_KEY, Encoded, Manifest, encode_state, parse_manifest
+from modelzip_cli.format import MANIFEST_KEY, SEP, Encoded, Manifest, decode_state, encode_state, parse_manifest
 from modelzip_cli.limits import gb
 from modelzip_cli.measure import _logical_weights, layer_table
 from modelzip_cli.techniques.prune import CHUNK, ZEROES_ONLY, MagnitudeConfig, zero_smallest
@@ -66,12 +66,35 @@ class Source:
     prefix: str = ""  # a state key is the file's key with this prefix (an HF folder's keys lack `model.`)
     dtype: torch.dtype = torch.float32  # the one float dtype of the stored tensors
     tied: dict[str, str] = field(default_factory=dict)  # state key → the first key of the same tensor
+    bitmasks: dict[str, dict] = field(default_factory=dict)  # file key → its bitmask encoding (a pruned input)
 
     def file_key(self, key: str) -> str:
         return self.tied.get(key, key).removeprefix(self.prefix)
 
     def tensor_bytes(self) -> int:
         return sum(self.files.nbytes(k) for k in self.files.keys())
+
+    def read(self, key: str) -> torch.Tensor:
+        """The state tensor `key`, decoded when it is stored as a bitmask and its values."""
+        key = self.file_key(key)
+        if key not in self.bitmasks:
+            return self.files.get(key)
+        parts = {f"{key}{SEP}{p}": self.files.get(f"{key}{SEP}{p}") for p in ("mask", "values")}
+        return decode_state(parts, {key: self.bitmasks[key]}, {}, where=str(self.path))[key]
+
+    def info(self, key: str) -> tuple[list[int], str]:
+        """(shape, safetensors dtype) of the state tensor `key`, from headers only."""
+        key = self.file_key(key)
+        if key in self.bitmasks:
+            enc = self.bitmasks[key]
+            return list(enc["shape"]), enc["dtype"]
+        return self.files.slice_info(key)
+
+    def stored_bytes(self, key: str) -> int:
+        key = self.file_key(key)
+        if key in self.bitmasks:
+            return sum(self.files.nbytes(f"{key}{SEP}{p}") for p in ("mask", "values"))
+        return self.files.nbytes(key)
 
     def owners(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.model.named_modules() if _own_keys(m)]
@@ -114,8 +137,8 @@ def _modelzip_source(path: Path) -> Source | str:
     if not isinstance(text, str):
         return "a plain state dict needs --arch and is loaded whole"
     schema = parse_manifest(text, str(path))
-    if any(e["codec"] != "alias" for e in schema.codecs().values()) or schema.constants:
-        return "its tensors are encoded (pruned or quantized) and are decoded whole"
+    if any(e["codec"] not in ("alias", "bitmask") for e in schema.codecs().values()) or schema.constants:
+        return "its tensors are encoded (quantized) and are decoded whole"
     manifest = schema.manifest()
     if manifest.is_quantized() or not manifest.arch or not manifest.arch.startswith(("zoo:", "hf:")):
         return "it is quantized, or its architecture is user code"
@@ -124,8 +147,9 @@ def _modelzip_source(path: Path) -> Source | str:
         return "its edits cannot be replayed on the meta device"
     with torch.device("meta"):
         model = replay_edits(build_arch(manifest.arch, manifest.arch_kwargs), manifest, edits)
-    aliases = {k: v["of"] for k, v in schema.codecs().items()}
-    return _checked(Source(path, files, manifest, model), aliases)
+    aliases = {k: v["of"] for k, v in schema.codecs().items() if v["codec"] == "alias"}
+    bitmasks = {k: v for k, v in schema.codecs().items() if v["codec"] == "bitmask"}
+    return _checked(Source(path, files, manifest, model, bitmasks=bitmasks), aliases)
 
 
 def _hf_source(path: Path, task: str | None) -> Source | str:
@@ -144,6 +168,9 @@ def _hf_source(path: Path, task: str | None) -> Source | str:
     return _checked(Source(path, shards.TensorFiles.of(path), manifest, model, prefix="model."), {})
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
 def _checked(src: Source, aliases: dict[str, str]) -> Source | str:
     """Every state key of the meta model is stored, with its shape, in one float dtype; tied tensors known."""
     first: dict[int, str] = {}
@@ -157,9 +184,11 @@ def _checked(src: Source, aliases: dict[str, str]) -> Source | str:
     dtypes = set()
     for name, t in src.model.state_dict(keep_vars=True).items():
         key = src.file_key(name)
-        if key not in src.files:
+        if key not in src.files and not (key in src.bitmasks and f"{key}{SEP}mask" in src.files
+                                         and f"{key}{SEP}values" in src.files):
             return f"the files lack {key} (renamed or missing keys are handled by the whole-model loader)"
-        shape, dtype = src.files.slice_info(key)
+        shape, dtype = src.info(name)
+        dtype = _SAFETENSORS_DTYPES.get(dtype, dtype)
         if shape != list(t.shape):
             return f"{key} is stored as {shape}, the architecture has {list(t.shape)}"
         if t.is_floating_point():
@@ -229,7 +258,7 @@ def magnitude(src: Source, cfg: MagnitudeConfig, progress=null_progress) -> tupl
 
         return per_layer, [edit], set(names)
     keys = [f"{n}.weight" if n else "weight" for n in names]
-    total = sum(math.prod(src.files.slice_info(src.file_key(k))[0]) for k in keys)
+    total = sum(math.prod(src.info(k)[0]) for k in keys)
     threshold, ties = global_threshold(src, keys, round(cfg.ratio * total), progress)
     left = [ties]
 
@@ -255,7 +284,7 @@ def global_threshold(src: Source, keys: list[str], k: int, progress=null_progres
     def passes(fn: Callable[[torch.Tensor], None], label: str) -> None:
         with progress(label, len(keys)) as bar:
             for key in keys:
-                flat = src.files.get(src.file_key(key)).reshape(-1)
+                flat = src.read(key).reshape(-1)
                 for i in range(0, flat.numel(), CHUNK):
                     fn(_bits(flat[i:i + CHUNK]))
                 bar.advance()
@@ -324,7 +353,7 @@ def _materialise(src: Source, name: str, module: nn.Module) -> nn.Module:
     m = copy.deepcopy(module)
     prefix = f"{name}." if name else ""
     for key in _own_keys(module):
-        t = src.files.get(src.file_key(prefix + key))
+        t = src.read(prefix + key)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InputError(f"{src.path}: non-finite values (NaN or ±inf) in {prefix + key}",
                              hint="the checkpoint is corrupt, or the training that made it diverged")
@@ -340,7 +369,7 @@ def _shard_plan(src: Source, owners: list[tuple[str, nn.Module]], shard_bytes: i
     plan, shard, size = [], 0, 0
     for name, m in owners:
         prefix = f"{name}." if name else ""
-        n = sum(src.files.nbytes(src.file_key(prefix + k)) for k in _own_keys(m) if prefix + k not in src.tied)
+        n = sum(src.stored_bytes(prefix + k) for k in _own_keys(m) if prefix + k not in src.tied)
         if size and size + n > shard_bytes:
             shard, size = shard + 1, 0
         size += n
@@ -385,6 +414,8 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
             real = _materialise(src, name, module)
             tied = {k for k in _own_keys(module) if prefix + k in src.tied}
             _count(before, real, tied)
+            before["bytes"] += sum(t.numel() * t.element_size() for t in encode_state(
+                {k: v for k, v in _own_state(real).items() if k not in tied})[0].values())
             out = real
             if name in selected:
                 out = transform(name, real)
@@ -409,8 +440,6 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
             rows.extend(row)
             _count(after, out, tied)
             after["bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
-            before["bytes"] += sum(t.numel() * t.element_size() for t in encode_state(
-                {k: v for k, v in _own_state(real).items() if k not in tied})[0].values())
             del real, out, tensors
             bar.advance()
     text = manifest_json(manifest, encodings, constants, versions, rows)
