@@ -7,10 +7,9 @@ the whole-model path runs (weight-only `from_float`, magnitude `zero_smallest`),
 written at once (`shards.ShardWriter`) and dropped. Peak memory is one module, whatever the model's size, and
 the tensors and manifest written are the ones the whole-model path writes, bit for bit.
 
-Global magnitude pruning needs one threshold over every selected weight: a first pass counts the float32 bit
-patterns of |w| (their order is the order of the values) in 2¹⁶ bins of the high half, a second one (skipped
-for bf16, whose low half is zero) in 2¹⁶ bins of the low half inside the chosen bin, which gives the exact k-th
-smallest |w| and how many of its ties are pruned, as `prune.kth_magnitude` finds it; the writing pass zeroes.
+Global magnitude pruning needs one threshold over every selected weight: `prune.kth_magnitude` finds it on
+weights read from disk as it goes (a sample brackets it, one pass counts below and keeps what lies inside),
+then the writing pass zeroes.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from modelzip_cli.files import Outputs
 from modelzip_cli.format import MANIFEST_KEY, SEP, Encoded, Manifest, decode_state, encode_state, parse_manifest
 from modelzip_cli.limits import gb
 from modelzip_cli.measure import _logical_weights, layer_table
-from modelzip_cli.techniques.prune import CHUNK, ZEROES_ONLY, MagnitudeConfig, zero_smallest
+from modelzip_cli.techniques.prune import CHUNK, ZEROES_ONLY, MagnitudeConfig, kth_magnitude, zero_smallest
 from modelzip_cli.techniques.quantize import WeightOnlyConfig, _integer_weight_names
 from modelzip_cli.techniques.select import select_modules
 
@@ -247,7 +246,7 @@ def weight_only(src: Source, cfg: WeightOnlyConfig) -> tuple[Transform, list[dic
     return transform, [edit], set(names)
 
 
-def magnitude(src: Source, cfg: MagnitudeConfig, progress=null_progress) -> tuple[Transform, list[dict], set[str]]:
+def magnitude(src: Source, cfg: MagnitudeConfig) -> tuple[Transform, list[dict], set[str]]:
     names = [n for n, _ in select_modules(src.model, include=cfg.include, exclude=cfg.exclude)]
     edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": names}
     if cfg.scope == "layer":
@@ -259,7 +258,7 @@ def magnitude(src: Source, cfg: MagnitudeConfig, progress=null_progress) -> tupl
         return per_layer, [edit], set(names)
     keys = [f"{n}.weight" if n else "weight" for n in names]
     total = sum(math.prod(src.info(k)[0]) for k in keys)
-    threshold, ties = global_threshold(src, keys, round(cfg.ratio * total), progress)
+    threshold, ties = global_threshold(src, keys, round(cfg.ratio * total))
     left = [ties]
 
     def global_(name: str, m: nn.Module) -> nn.Module:
@@ -270,48 +269,26 @@ def magnitude(src: Source, cfg: MagnitudeConfig, progress=null_progress) -> tupl
     return global_, [edit], set(names)
 
 
-def _bits(chunk: torch.Tensor) -> torch.Tensor:
-    """|x| as float32 bit patterns (int64): ordered as the values are."""
-    return chunk.float().abs().view(torch.int32).long()
+@dataclass
+class _Stored:
+    """A weight read from the files each time it is used: what `prune.kth_magnitude` takes as a tensor."""
+
+    src: Source
+    key: str
+
+    def numel(self) -> int:
+        return math.prod(self.src.info(self.key)[0])
+
+    def detach(self) -> torch.Tensor:
+        return self.src.read(self.key)
 
 
-def global_threshold(src: Source, keys: list[str], k: int, progress=null_progress) -> tuple[float, int]:
-    """The k-th smallest |w| over the tensors `keys` (read one at a time, in order), and how many of the
-    values equal to it are among the k: `prune.kth_magnitude`'s answer, in two passes of exact counts."""
+def global_threshold(src: Source, keys: list[str], k: int) -> tuple[float, int]:
+    """The k-th smallest |w| over the tensors `keys` (read one at a time, in order), and how many of the values
+    equal to it are among the k: `prune.kth_magnitude` itself, on weights read from disk as it goes."""
     if k <= 0:
         return -1.0, 0  # nothing below: nothing zeroed
-
-    def passes(fn: Callable[[torch.Tensor], None], label: str) -> None:
-        with progress(label, len(keys)) as bar:
-            for key in keys:
-                flat = src.read(key).reshape(-1)
-                for i in range(0, flat.numel(), CHUNK):
-                    fn(_bits(flat[i:i + CHUNK]))
-                bar.advance()
-
-    high = torch.zeros(1 << 16, dtype=torch.int64)
-
-    def count_high(b: torch.Tensor) -> None:
-        high.add_(torch.bincount(b >> 16, minlength=1 << 16))
-
-    passes(count_high, "magnitude histogram")
-    cum = high.cumsum(0)
-    hbin = int(torch.searchsorted(cum, torch.tensor([k]), right=False))
-    below = int(cum[hbin - 1]) if hbin else 0
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    if src.dtype == torch.bfloat16:  # a bf16 value's float32 low half is zero
-        low[0] = high[hbin]
-    else:
-        def count_low(b: torch.Tensor) -> None:
-            inside = b[(b >> 16) == hbin]
-            low.add_(torch.bincount(inside & 0xFFFF, minlength=1 << 16))
-
-        passes(count_low, "magnitude threshold")
-    lcum = below + low.cumsum(0)
-    lbin = int(torch.searchsorted(lcum, torch.tensor([k]), right=False))
-    threshold = torch.tensor([(hbin << 16) | lbin], dtype=torch.int32).view(torch.float32)
-    smaller = int(lcum[lbin - 1]) if lbin else below
-    return float(threshold), k - smaller
+    return kth_magnitude([_Stored(src, key) for key in keys], k)
 
 
 @torch.no_grad()
@@ -389,7 +366,7 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
     if isinstance(cfg, WeightOnlyConfig):
         transform, edits, selected = weight_only(src, cfg)
     else:
-        transform, edits, selected = magnitude(src, cfg, progress)
+        transform, edits, selected = magnitude(src, cfg)
     owners = src.owners()
     plan = _shard_plan(src, owners, shard_bytes)
     n = plan[-1] + 1 if plan else 1

@@ -79,12 +79,18 @@ def test_global_threshold_exact_with_ties_in_half_precision(cli, monkeypatch, tm
     _same_file_contents(tmp_path / "whole.safetensors", tmp_path / "streamed.safetensors")
 
 
-def test_global_threshold_matches_kth_magnitude():
+@pytest.mark.parametrize("ratio", [0.0001, 0.37, 0.5, 0.999])
+def test_global_threshold_is_the_exact_kth_magnitude(ratio):
+    """Read from disk as it goes, the threshold is the k-th smallest |w| found by a full sort, ties counted."""
     src = streaming.open_source(DIGITS_TEACHER)
     keys = [k for k in src.files.keys() if k.endswith("weight")]
-    tensors = [src.files.get(k).float() for k in keys]
-    k = round(0.37 * sum(t.numel() for t in tensors))
-    assert streaming.global_threshold(src, keys, k) == kth_magnitude(tensors, k)
+    values = torch.cat([src.files.get(k).float().abs().flatten() for k in keys])
+    values = (values * 64).round() / 64  # many ties
+    k = round(ratio * values.numel())
+    threshold = float(torch.sort(values).values[k - 1])
+    tensors = list(torch.split(values, [src.files.get(k).numel() for k in keys]))
+    assert kth_magnitude(tensors, k) == (threshold, k - int((values < threshold).sum()))
+    assert streaming.global_threshold(src, keys, k) == kth_magnitude([src.files.get(k) for k in keys], k)
 
 
 def test_sharded_output_reloads_and_inspects(cli, tmp_path):
