@@ -122,15 +122,17 @@ class ShardWriter:
         shard.end += nbytes
         self.weight_map[name] = self.targets[len(self._shards) - 1].name
 
-    def finish(self, manifest_text: str) -> Path:
+    def finish(self, manifest_text: str | None) -> Path:
         """Close the last shard; write the index when there are several. Returns the path of the checkpoint
-        (the file, or the index) to report."""
+        (the file, or the index) to report. Without a manifest: a plain safetensors file or shards, as a Hugging
+        Face folder holds them."""
         last = self._shards[-1]
+        manifest = {MANIFEST_KEY: manifest_text} if manifest_text is not None else {}
         if self.n == 1:
-            self._close(last, {MANIFEST_KEY: manifest_text})
+            self._close(last, manifest)
             return self.path
         self._close(last, {})
-        index = {"metadata": {"total_size": sum(s.end for s in self._shards), MANIFEST_KEY: manifest_text},
+        index = {"metadata": {"total_size": sum(s.end for s in self._shards), **manifest},
                  "weight_map": dict(sorted(self.weight_map.items()))}
         target = index_path(self.path)
         self.outputs.write(target, lambda tmp: tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False)))
