@@ -8,6 +8,7 @@ child process whose own VmHWM is read when it ends (bench/common.py).
 2. GPTQ int4 g128 on a random 24-block decoder of hidden 1024 with WINDOWS × 512 calibration tokens.
 3. The 1.21 GB MLP of the `prune` case: global magnitude 50%, in process (what `prune` measures) and through
    the CLI (streamed).
+4. W8A8 dynamic with smoothing on a random 30-block GQA decoder of hidden 576 (135 M-class), 128 × 128 tokens.
 
 The machine these run on is shared: figures are one run each, and the page cache holds part of the input.
 """
@@ -30,6 +31,10 @@ DECODER_1024 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "h
                 "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
                 "num_key_value_heads": 16, "vocab_size": 32000, "max_position_embeddings": 1024,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
+DECODER_576 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+               "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 2048,
+               "tie_word_embeddings": True, "torch_dtype": "float32"}
 WINDOWS = 32  # GPTQ calibration windows of 512 tokens: 128 takes about an hour on 2 shared cores
 SHARD = 5 << 30
 
@@ -141,6 +146,20 @@ def _gptq(work: Path) -> dict:
             "seconds": round(run["seconds"], 1), "peak_rss_mb": round(run["peak_rss_mb"])}
 
 
+def _dynamic(work: Path) -> dict:
+    """W8A8 dynamic with smoothing calibrated on 128 × 128 tokens, statistics block by block; the output layer
+    (tied to the embedding) left float, as LLM tools leave it."""
+    model = work / "decoder576"
+    in_child(GENERATE, json.dumps(DECODER_576), str(model), str(SHARD))
+    windows = work / "windows128.safetensors"
+    in_child(WINDOWS_FILE.replace("512", "128"), str(windows), "128")
+    run = _modelzip("quantize", str(model), "--method", "dynamic", "--calib-data", str(windows),
+                    "--calib-batches", "4", "--calib-batch-size", "32", "--exclude", "model.lm_head",
+                    "-o", str(work / "dynamic.safetensors"))
+    return {"model_bytes": _bytes(model), "windows": 128, "tokens_per_window": 128,
+            "seconds": round(run["seconds"], 1), "peak_rss_mb": round(run["peak_rss_mb"])}
+
+
 def _mlp(work: Path) -> dict:
     from bench.bench_prune import KWARGS, MAKE, MODELZIP
 
@@ -166,7 +185,8 @@ def _mlp(work: Path) -> dict:
 def run() -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, case in (("mlp_1.21gb", _mlp), ("llama_7b_shape", _llama_7b), ("gptq_24x1024", _gptq)):
+    for name, case in (("mlp_1.21gb", _mlp), ("llama_7b_shape", _llama_7b), ("gptq_24x1024", _gptq),
+                       ("dynamic_30x576", _dynamic)):
         with tempfile.TemporaryDirectory(dir=WORK, prefix="scale-") as tmp:
             try:
                 results[name] = case(Path(tmp))
@@ -210,4 +230,12 @@ def summary(r: dict) -> str:
                   f"({g['peak_rss_mb'] * 2**20 / g['model_bytes']:.2f} × the model's bytes)."]
     else:
         lines += [f"GPTQ: {g}"]
+    d = r.get("dynamic_30x576", {})
+    if "failed" not in d and d:
+        lines += ["", f"W8A8 dynamic with smoothing, calibrated block by block on {d['windows']} × "
+                  f"{d['tokens_per_window']} tokens, of a random 30-block GQA decoder of hidden 576 "
+                  f"({d['model_bytes'] / 1e9:.2f} GB fp32; lm_head left float): {d['seconds']} s, peak "
+                  f"{d['peak_rss_mb']} MB."]
+    else:
+        lines += ["", f"dynamic: {d}"]
     return "\n".join(lines)

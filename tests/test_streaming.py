@@ -156,3 +156,40 @@ def test_streamed_nan_writes_nothing(cli, monkeypatch, tmp_path):
     result = cli("prune", bad, "--ratio", "0.5", "-o", out, "-q")
     assert result.code == 2 and "non-finite" in one_line_error(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+@pytest.mark.slow
+def test_dynamic_smoothing_block_by_block_equals_whole_model_pass(monkeypatch, tmp_path):
+    """Calibration statistics recorded block by block (one block's inputs in memory at a time) choose the same
+    smoothing and give the same int8 model, within float tolerance, as one whole-model pass recording all."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from modelzip_cli.checkpoint import load_checkpoint
+    from modelzip_cli.context import Context
+    from modelzip_cli.data import load_data
+    from modelzip_cli.techniques import quantize
+
+    model = load_checkpoint(TINY_LLAMA).model
+    vocab = json.loads((TINY_LLAMA / "config.json").read_text())["vocab_size"]
+    windows = tmp_path / "windows.safetensors"
+    save_file({"inputs": torch.randint(0, vocab, (6, 64), generator=torch.Generator().manual_seed(0))}, str(windows))
+    cfg = quantize.DynamicConfig(calib_batches=2, calib_batch_size=3, backend="plain")
+    results = {}
+    for by_block in (True, False):
+        monkeypatch.setattr(quantize, "SMOOTH_BY_BLOCK", by_block)
+        ctx = Context(calib_data=load_data(windows, require_targets=False))
+        results[by_block] = quantize.quantize_dynamic(copy.deepcopy(model), cfg, ctx)
+    (a, _, extra_a), (b, _, extra_b) = results[True], results[False]
+    assert "layer by layer over the" in extra_a["notes"][0] and "whole-model pass" in extra_b["notes"][0]
+    alphas = {n: r["smoothing_alpha"] for n, r in extra_a["layer_extra"].items()}
+    assert alphas == {n: r["smoothing_alpha"] for n, r in extra_b["layer_extra"].items()}
+    assert len(alphas) > 4 and any(alphas.values())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if sa[k].is_floating_point():
+            assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
+        else:
+            assert (sa[k].int() - sb[k].int()).abs().max() <= 1, k

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import awq, int8, sequential
+from modelzip_cli import awq, calib_stats, int8, sequential
 from modelzip_cli.context import Context
 from modelzip_cli.edits import (
     WeightOnlyEmbedding,
@@ -46,7 +46,6 @@ from modelzip_cli.measure import (
     interleaved_latency,
     latency_change,
     predict,
-    sqnr_db,
 )
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
@@ -172,6 +171,9 @@ def _names(model: nn.Module, cfg: QuantizeConfig, types: tuple[type, ...], what:
 
 SMOOTH_ALPHAS = (0.0, 0.5, 0.65, 0.8, 0.9)  # migration strengths tried per layer; 0 = no smoothing
 SMOOTH_ROWS = 2048  # input rows per layer kept to measure each strength's output error
+SMOOTH_BY_BLOCK = True  # calibration statistics block by block (False: one whole-model pass, for comparison)
+PROBE_WINDOWS = 32  # token windows the SQNR probe runs (a causal LM's logits are vocabulary-wide per token)
+PROBE_BATCH = 8
 
 
 def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -179,36 +181,6 @@ def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) 
     computes (X·diag(1/s)) @ (W·diag(s))ᵀ, the same product, with activation outliers moved into the weight."""
     w = weight.detach().float().abs().amax(0).clamp_min(1e-5)  # (K,)
     return (act_absmax.float().clamp_min(1e-5) ** alpha / w ** (1 - alpha)).clamp(1e-4, 1e4)
-
-
-def _calibration_inputs(model: nn.Module, names: list[str], ctx: Context, cfg: DynamicConfig
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per layer: the absolute maximum of each input channel over the calibration batches (K,), and up to
-    SMOOTH_ROWS of its input rows (M, K), taken evenly from every batch."""
-    absmax: dict[str, torch.Tensor] = {}
-    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
-    per_batch = max(1, SMOOTH_ROWS // batches)
-
-    def seen(layer, args, name):
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (..., K) → (M, K)
-        m = x.abs().amax(0)
-        absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
-        rows[name].append(x[torch.randperm(x.shape[0], generator=ctx.generator())[:per_batch]])
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda layer, args, n=n: seen(layer, args, n))
-             for n in names]
-    try:
-        with ctx.progress("calibrate", batches) as bar, torch.no_grad():
-            for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size)):
-                if i >= batches:
-                    break
-                model(x)
-                bar.advance()
-    finally:
-        for h in hooks:
-            h.remove()
-    return absmax, {n: torch.cat(r) for n, r in rows.items() if r}
 
 
 def _best_smoothing(linear: nn.Linear, absmax: torch.Tensor, x: torch.Tensor, act: str
@@ -232,22 +204,27 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tupl
     names = _names(model, cfg, *_types(cfg))
     smooth: dict[str, torch.Tensor] = {}
     alphas: dict[str, dict] = {}
+    notes = []
     if cfg.smoothing == "auto" and ctx.calib_data is not None:
-        absmax, inputs = _calibration_inputs(model, [n for n in names if n], ctx, cfg)
-        for name in names:
-            if name not in inputs:
-                continue  # no calibration batch reached it
-            alpha, s, err = _best_smoothing(model.get_submodule(name), absmax[name], inputs[name], cfg.activations)
+        def choose(name: str, absmax: torch.Tensor, rows: torch.Tensor) -> None:
+            alpha, s, err = _best_smoothing(model.get_submodule(name), absmax, rows, cfg.activations)
             alphas[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
             if s is not None:
                 smooth[name] = s
+
+        # Layers no calibration batch reached get no smoothing. Statistics block by block: one block's inputs
+        # in memory at a time, each strength tried on that layer's own recorded inputs.
+        batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+        how = calib_stats.layer_inputs(model, [n for n in names if n], batches, max(1, SMOOTH_ROWS // len(batches)),
+                                       ctx.generator, choose, ctx.progress, by_block=SMOOTH_BY_BLOCK)
+        notes.append(f"smoothing strengths chosen per layer on its calibration inputs, recorded {how}")
     for name in names:
         replace_module(model, name, int8.DynamicInt8Linear.from_float(model.get_submodule(name), cfg.activations,
                                                                       smooth.get(name)))
     edit = {"kind": "quantize_dynamic", "modules": names, "activations": cfg.activations}
     if smooth:  # (absent otherwise: a file without smoothing stays readable by a modelzip without it)
         edit["smoothed"] = [n for n in names if n in smooth]
-    return model, [edit], {"layer_extra": alphas}
+    return model, [edit], {"layer_extra": alphas, "notes": notes}
 
 
 def _converted(prepared: nn.Module, names: list[str], qat: bool, observer: str, reduced: bool
@@ -584,7 +561,8 @@ def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
     perturbed as floats; with no data and no example input there is no probe."""
     source = ctx.calib_data or ctx.data
     if source is not None:
-        return source.inputs[:1024], f"SQNR measured on {min(1024, len(source))} samples of {source.path.name}"
+        n = 1024 if source.inputs.is_floating_point() else PROBE_WINDOWS
+        return source.inputs[:n], f"SQNR measured on {min(n, len(source))} samples of {source.path.name}"
     x = ctx.example_input
     if x is None:
         return None, "SQNR not measured: no data and no example input (pass --calib-data or --input-shape)"
@@ -592,6 +570,16 @@ def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
         return x.repeat(8, *[1] * (x.ndim - 1)), "SQNR measured on the example input only: pass --calib-data"
     noise = 0.1 * torch.randn(64, *x.shape[1:], generator=ctx.generator(), dtype=x.dtype)
     return torch.cat([x] * 64) + noise, "SQNR measured on random inputs (no data given): pass --calib-data"
+
+
+def _sqnr(reference: nn.Module, quantized: nn.Module, x: torch.Tensor) -> float:
+    """`sqnr_db` of the two models' outputs on `x`, a few samples at a time: never all outputs in memory."""
+    signal = noise = 0.0
+    for i in range(0, x.shape[0], PROBE_BATCH):
+        a, b = predict(reference, x[i:i + PROBE_BATCH]), predict(quantized, x[i:i + PROBE_BATCH])
+        signal += float(a.double().pow(2).sum())
+        noise += float((a.double() - b.double()).pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
 def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifest) -> Result:
@@ -627,7 +615,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         x, note = _probe_inputs(ctx)
         if x is not None:
             try:  # a measurement: it never fails the step
-                after["sqnr_db"] = round(sqnr_db(predict(reference, x), predict(quantized, x)), 3)
+                after["sqnr_db"] = round(_sqnr(reference, quantized, x), 3)
             except Exception as exc:
                 note = f"SQNR not measured: the probe could not run ({first_line(exc, 200)})"
         notes.append(note)
