@@ -1,5 +1,5 @@
-"""Models bigger than memory (docs/LLM.md): peak RSS and wall time of `modelzip` commands, each run in a fresh
-child process whose own VmHWM is read when it ends (bench/common.py).
+"""Models bigger than memory (README): peak RSS and wall time of `modelzip` commands, each run in a fresh child
+process whose own VmHWM is read when it ends (bench/common.py).
 
 1. A Llama-7B-shaped checkpoint (32 blocks, hidden 4096, intermediate 11008, vocab 32000, bf16, random
    weights, about 13.5 GB) generated on the meta device and written shard by shard, never held in memory, as a

@@ -311,18 +311,23 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
 
 
 def stream_source(cfg: MethodConfig, model: Path, opts: CommonOptions, files: dict[str, Path | None]):
-    """The input as a `streaming.Source` when this run streams (module by module, docs/LLM.md): a technique
-    that needs no data, no figures that need the whole model, a safetensors input that allows it, and an input
-    of STREAM_FROM bytes or more, or one whose whole-model peak would not fit in memory. Else None."""
+    """The input as a `streaming.Source` when this run streams (module by module; README, "Models bigger than
+    memory"): a technique that needs no data, no figures that need the whole model, a safetensors input that
+    allows it, and an input of STREAM_FROM bytes or more, or one whose whole-model peak would not fit in memory.
+    Else None."""
     plain = (opts.eval_data is None and opts.device == "cpu" and opts.arch is None and opts.input_shape is None
              and opts.input_dtype is None and not distributed.launched())
     if not plain or not streaming.streamable(cfg, files):
         return None
+    whole = memory.whole_model(model)  # from the headers: cheap, nothing built yet
+    try:
+        small = disk_total(shards.resolve(model)) < streaming.STREAM_FROM
+    except OSError:  # a missing or unreadable input: the whole-model path says what is wrong
+        return None
+    if small and (whole is None or whole.bytes <= memory_limit()):
+        return None
     src = streaming.open_source(model, task=opts.task)
     if isinstance(src, str) or streaming.stream_ok(src, cfg) is not None:
-        return None
-    whole = memory.whole_model(model)
-    if src.tensor_bytes() < streaming.STREAM_FROM and (whole is None or whole.bytes <= memory_limit()):
         return None
     return src
 

@@ -1,4 +1,4 @@
-"""Sharded safetensors, written as tensors come and read one tensor at a time (docs/FORMAT.md, "Shards").
+"""Sharded safetensors, written as tensors come and read one tensor at a time (docs/FORMAT.md, "Files").
 
 A checkpoint too large for one file is written as transformers' `save_pretrained` writes one: shards
 `NAME-00001-of-00003.safetensors` beside an index `NAME.safetensors.index.json` that maps every stored

@@ -1,5 +1,5 @@
 """Streamed transforms: techniques that need no data, run one module at a time on a checkpoint that is never
-held in memory whole (docs/LLM.md, "Models bigger than memory").
+held in memory whole (README, "Models bigger than memory").
 
 The architecture is built on the meta device (nothing allocated); each module that owns tensors is then
 materialised alone from the memory-mapped safetensors (`shards.TensorFiles`), transformed by the same code
