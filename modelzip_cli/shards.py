@@ -188,31 +188,53 @@ def read_index(path: Path) -> tuple[dict[str, Path], dict]:
     return files, metadata
 
 
+def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
+    """A safetensors file's tensor entries, its metadata, and where its data starts, every entry checked
+    against the file's size (a forged offset or shape is one line, never a read past the end)."""
+    check_regular(path, "checkpoint")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(100_000_000, size - 8):
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("its metadata is not a JSON object")
+        for name, e in header.items():
+            shape, dtype, (start, end) = e["shape"], e["dtype"], e["data_offsets"]
+            if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                    or dtype not in _ITEMSIZE or type(start) is not int or type(end) is not int
+                    or not 0 <= start <= end <= size - 8 - n or end - start != math.prod(shape) * _ITEMSIZE[dtype]):
+                raise ValueError(f"tensor {name!r} has a malformed entry")
+    except (ValueError, KeyError, TypeError, struct.error, RecursionError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc})",
+                         hint="the file may be truncated or corrupt") from None
+    return header, metadata, 8 + n
+
+
 class TensorFiles:
-    """Tensors by name from one or more safetensors files, memory-mapped: `get` reads one tensor."""
+    """Tensors by name from one or more safetensors files. `get` reads one tensor with plain reads into memory
+    it owns (not a memory map, whose pages would stay resident and count against the process as it goes)."""
 
     def __init__(self, files: dict[str, Path], metadata: dict | None = None):
-        from safetensors import safe_open
-
         self.metadata = metadata or {}
         self._where = files
-        self._open: dict[Path, Any] = {}
+        self._entries: dict[str, tuple[Path, dict, int]] = {}
         for path in sorted(set(files.values())):
-            check_regular(path, "shard")
-            try:
-                self._open[path] = safe_open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for every kind of corruption
-                raise InputError(f"{path}: not a readable safetensors file ({exc})",
-                                 hint="the file may be truncated or corrupt") from None
+            header, _, start = read_header(path)
+            for name, entry in header.items():
+                self._entries[name] = (path, entry, start)
         for name, path in files.items():
-            if name not in set(self._open[path].keys()):
+            if name not in self._entries or self._entries[name][0] != path:
                 raise InputError(f"{path} lacks tensor {name!r}, which its index names", hint=CORRUPT)
 
     @classmethod
     def of(cls, path: Path) -> TensorFiles:
         """A .safetensors file, a safetensors index, or a folder holding `model.safetensors[.index.json]`."""
-        from safetensors import safe_open
-
         path = Path(path)
         if path.is_dir():
             index = path / "model.safetensors.index.json"
@@ -220,14 +242,8 @@ class TensorFiles:
         if is_index(path):
             files, metadata = read_index(path)
             return cls(files, metadata)
-        check_regular(path, "checkpoint")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                names, metadata = list(f.keys()), f.metadata() or {}
-        except Exception as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc})",
-                             hint="the file may be truncated or corrupt") from None
-        return cls({n: path for n in names}, metadata)
+        header, metadata, _ = read_header(path)
+        return cls(dict.fromkeys(header, path), metadata)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -237,19 +253,31 @@ class TensorFiles:
 
     def slice_info(self, name: str) -> tuple[list[int], str]:
         """(shape, safetensors dtype such as BF16) without reading the data."""
-        s = self._open[self._where[name]].get_slice(name)
-        return list(s.get_shape()), s.get_dtype()
+        entry = self._entries[name][1]
+        return list(entry["shape"]), entry["dtype"]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._open[self._where[name]].get_tensor(name)
+        import torch
+
+        path, entry, data_start = self._entries[name]
+        start, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=getattr(torch, _TORCH[entry["dtype"]]))
+        if end > start:
+            with open(path, "rb") as f:
+                f.seek(data_start + start)
+                if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - start:
+                    raise InputError(f"{path}: truncated while reading {name!r}", hint="copy the file again")
+        return t
 
     def nbytes(self, name: str) -> int:
-        shape, dtype = self.slice_info(name)
-        return math.prod(shape) * _ITEMSIZE.get(dtype, 4)
+        start, end = self._entries[name][1]["data_offsets"]
+        return end - start
 
     def all(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._where:
             yield name, self.get(name)
 
 
+_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
