@@ -49,7 +49,7 @@ from modelzip_cli.techniques.select import select_modules
 STREAM_FROM = 1 << 30  # inputs this large (tensor bytes) are streamed when they can be; smaller ones load whole
 ZEROES_ONLY_NOTE = f"magnitude pruning {ZEROES_ONLY}"
 WEIGHT_ONLY_NOTE = "weight-only: integer weights with per-group scales, rounded to nearest; float compute"
-STREAMED_NOTE = ("streamed: read one module at a time from the memory-mapped input and written as it went "
+STREAMED_NOTE = ("streamed: read one module at a time from the input and written as it went "
                  "(peak memory about one module, {largest}); the figures that need the whole model in memory "
                  "(SQNR, kernel timings) were not measured")
 
@@ -415,7 +415,10 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
             for r in row:
                 r["name"] = name or "(root)"
             rows.extend(row)
-            _count(after, out, tied)
+            if tied or out is real:  # float as it was: cheap to count again, ties left out
+                _count(after, out, tied)
+            else:  # a transformed module's row counted its dense weights already
+                after["parameters"] += sum(r["params"] for r in row)
             after["bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
             del real, out, tensors
             bar.advance()
