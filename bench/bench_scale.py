@@ -185,13 +185,14 @@ def _mlp(work: Path) -> dict:
 def run() -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, case in (("mlp_1.21gb", _mlp), ("llama_7b_shape", _llama_7b), ("gptq_24x1024", _gptq),
-                       ("dynamic_30x576", _dynamic)):
+    for name, case in (("mlp_1.21gb", _mlp), ("dynamic_30x576", _dynamic), ("llama_7b_shape", _llama_7b),
+                       ("gptq_24x1024", _gptq)):
         with tempfile.TemporaryDirectory(dir=WORK, prefix="scale-") as tmp:
             try:
                 results[name] = case(Path(tmp))
             except Exception as exc:  # one failing case still reports the others
                 results[name] = {"failed": str(exc).strip().splitlines()[-1][:400] if str(exc) else repr(exc)}
+        print(name, json.dumps(results[name]), flush=True)
     return results
 
 

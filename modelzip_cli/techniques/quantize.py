@@ -183,6 +183,23 @@ def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) 
     return (act_absmax.float().clamp_min(1e-5) ** alpha / w ** (1 - alpha)).clamp(1e-4, 1e4)
 
 
+def _calibration_inputs(model: nn.Module, names: list[str], ctx: Context, cfg: DynamicConfig
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per layer: the absolute maximum of each input channel over the calibration batches (K,), and up to
+    SMOOTH_ROWS of its input rows (M, K), taken evenly from every batch; every layer's kept at once, in one
+    whole-model pass (analyze scores every layer on them)."""
+    absmax: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, m: torch.Tensor, r: torch.Tensor) -> None:
+        absmax[name], rows[name] = m, r
+
+    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+    calib_stats.layer_inputs(model, names, batches, max(1, SMOOTH_ROWS // len(batches)), ctx.generator, keep,
+                             ctx.progress, by_block=False)
+    return absmax, rows
+
+
 def _best_smoothing(linear: nn.Linear, absmax: torch.Tensor, x: torch.Tensor, act: str
                     ) -> tuple[float, torch.Tensor | None, float]:
     """(alpha, scales or None, relative output error) of the strength whose int8 layer, run by the current
