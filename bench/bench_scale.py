@@ -41,7 +41,8 @@ SHARD = 5 << 30
 GENERATE = """
 import json, sys, torch
 from pathlib import Path
-from modelzip_cli import hf, shards
+from modelzip_cli import hf
+from modelzip_cli.checkpoint import shards
 from modelzip_cli.files import Outputs
 config, folder = json.loads(sys.argv[2]), Path(sys.argv[3])
 folder.mkdir(parents=True)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from modelzip_cli import load_model, save_model, streaming
+from modelzip_cli import load_model, save_model
+from modelzip_cli.commands import streaming
 from modelzip_cli.files import Outputs
 from modelzip_cli.techniques.prune import MagnitudeConfig, kth_magnitude
 from modelzip_cli.techniques.quantize import WeightOnlyConfig
@@ -166,9 +167,9 @@ def test_dynamic_smoothing_block_by_block_equals_whole_model_pass(monkeypatch, t
 
     from safetensors.torch import save_file
 
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.context import Context
-    from modelzip_cli.data import load_data
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import load_data
     from modelzip_cli.techniques import quantize
 
     model = load_checkpoint(TINY_LLAMA).model
