@@ -170,7 +170,7 @@ SMOOTH_ALPHAS = (0.0, 0.5, 0.65, 0.8, 0.9)  # migration strengths tried per laye
 SMOOTH_ROWS = 2048  # input rows per layer kept to measure each strength's output error
 SMOOTH_BY_BLOCK = True  # calibration statistics block by block (False: one whole-model pass, for comparison)
 PROBE_WINDOWS = 32  # token windows the SQNR probe runs (a causal LM's logits are vocabulary-wide per token)
-PROBE_BATCH = 8
+PROBE_BATCH = 2  # windows per probe forward: a 49k-token vocabulary makes 50 MB of logits for two
 
 
 def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -569,12 +569,12 @@ def measured_batch_n(ctx: Context) -> int:
 
 
 def _sqnr(reference: nn.Module, quantized: nn.Module, x: torch.Tensor) -> float:
-    """`sqnr_db` of the two models' outputs on `x`, a few samples at a time: never all outputs in memory."""
+    """`sqnr_db` of the two models' outputs on `x`, PROBE_BATCH samples at a time: never all outputs in memory."""
     signal = noise = 0.0
     for i in range(0, x.shape[0], PROBE_BATCH):
         a, b = predict(reference, x[i:i + PROBE_BATCH]), predict(quantized, x[i:i + PROBE_BATCH])
-        signal += float(a.double().pow(2).sum())
-        noise += float((a.double() - b.double()).pow(2).sum())
+        signal += float(a.pow(2).sum(dtype=torch.float64))
+        noise += float((a - b).pow_(2).sum(dtype=torch.float64))
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
