@@ -77,7 +77,7 @@ with Outputs() as out:
 
 CLI = """
 import sys
-from modelzip_cli.cli import run
+from modelzip_cli.cli.app import run
 code = run(sys.argv[2:])
 if code:
     raise SystemExit(code)
