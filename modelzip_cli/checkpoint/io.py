@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzip_cli.checkpoint import compressed_tensors, legacy
+from modelzip_cli.checkpoint import compressed_tensors, legacy, shards
 from modelzip_cli.checkpoint.edits import Edit, replay_edits, validated_edits
 from modelzip_cli.checkpoint.format import (
     CHECKPOINT_SUFFIXES,
@@ -307,6 +307,10 @@ def _load_strict(model: nn.Module, state: dict[str, Any], what: str, *, assign: 
 
 def read_raw(path: Path, *, trust_code: bool) -> tuple[dict[str, torch.Tensor] | None, str | None, Any]:
     """(tensors, manifest text or None, pickled object or None) of any supported file."""
+    if shards.is_index(path):  # a sharded checkpoint: the manifest is in the index
+        files = shards.TensorFiles.of(path)
+        text = files.metadata.get(MANIFEST_KEY)
+        return dict(files.all()), text if isinstance(text, str) else None, None
     check_readable(path, CHECKPOINT_SUFFIXES)
     check_regular(path, "checkpoint")  # a FIFO would hang the read, a device never end it
     if path.suffix != ".safetensors":
@@ -516,6 +520,7 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
                      output_key: str | None, trust_arch: bool) -> Loaded:
     from modelzip_cli import hf
 
+    path = shards.resolve(path)  # `out.safetensors` written as shards: its index
     if hf.is_model_dir(path) and compressed_tensors.is_compressed(hf.read_config(path)):
         loaded = _load_compressed_dir(path, task=task, output_key=output_key, input_shape=input_shape,
                                       input_dtype=input_dtype)
@@ -624,14 +629,8 @@ def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path, *,
         raise UsageError("the model's architecture is unknown, so the checkpoint could not be rebuilt",
                          hint="pass --arch REF (and --arch-kwargs) naming the architecture")
     encoded = encoded or encode_module(model)
-    # The layer table travels in the manifest, so `inspect` needs the header only, whatever the file size.
-    full = {**manifest.to_dict(), "encodings": encoded.encodings, "constants": encoded.constants,
-            "state_versions": encoded.state_versions, "layers": layer_table(model, encoded=encoded)}
-    if not manifest.arch.startswith(("zoo:", "hf:")):  # user code: say what loading it will need
-        root = manifest.arch.partition(":")[0].split(".")[0]
-        full["arch_trust"] = (f"{manifest.arch} is user code: it is imported only when trusted "
-                              f"({TRUST_ENV}={root}, --trust-arch, or load_model(path, trusted_modules=[{root!r}]))")
-    text = json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = manifest_json(manifest, encoded.encodings, encoded.constants, encoded.state_versions,
+                         layer_table(model, encoded=encoded))
     tensors = encoded.tensors
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -647,6 +646,18 @@ def save_checkpoint(model: nn.Module, manifest: Manifest, path: str | Path, *,
         outputs.write(path, write)
     else:
         atomic_write(path, write)
+
+
+def manifest_json(manifest: Manifest, encodings: dict, constants: dict, versions: dict, layers: list[dict]) -> str:
+    """The manifest as a checkpoint stores it. The layer table travels in it, so `inspect` needs the header
+    only, whatever the file size."""
+    full = {**manifest.to_dict(), "encodings": encodings, "constants": constants, "state_versions": versions,
+            "layers": layers}
+    if not manifest.arch.startswith(("zoo:", "hf:")):  # user code: say what loading it will need
+        root = manifest.arch.partition(":")[0].split(".")[0]
+        full["arch_trust"] = (f"{manifest.arch} is user code: it is imported only when trusted "
+                              f"({TRUST_ENV}={root}, --trust-arch, or load_model(path, trusted_modules=[{root!r}]))")
+    return json.dumps(full, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def save_model(model: nn.Module, path: str | Path, *, arch: str | None = None, arch_kwargs: dict | None = None,

@@ -108,6 +108,8 @@ MaxPplIncrease = Annotated[float | None, typer.Option("--max-ppl-increase", help
 
 
 
+MaxMemory = Annotated[str | None, typer.Option("--max-memory", help="refuse (exit 2, before any work) a run whose "
+                                               "estimated peak memory exceeds this, e.g. 8GB")]
 Threads = Annotated[int | None, typer.Option("--threads", help="threads for latency (default: all usable cores)")]
 
 
@@ -195,7 +197,8 @@ MODEL_OPTIONS = _options(arch=(Arch, None), arch_kwargs=(ArchKwargs, None), trus
 
 OUTPUT_OPTIONS = _options(output=(Output, None), report=(ReportPath, None), force=(Force, False), seed=(Seed, 0),
                           eval_data=(EvalData, None), max_accuracy_drop=(MaxDrop, None),
-                          min_fidelity=(MinFidelity, None), max_ppl_increase=(MaxPplIncrease, None))
+                          min_fidelity=(MinFidelity, None), max_ppl_increase=(MaxPplIncrease, None),
+                          max_memory=(MaxMemory, None))
 
 
 
@@ -358,6 +361,10 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
                                 "max_accuracy_drop", "min_fidelity", "max_ppl_increase", "threads", "arch", "task",
                                 "output_key",
                                 "device") if k in g}
+    if g.get("max_memory") is not None:
+        from modelzip_cli.limits import parse_size
+
+        fields["max_memory"] = parse_size(g["max_memory"], "--max-memory")
     return CommonOptions(**fields, arch_kwargs=parse_json_object(g.get("arch_kwargs"), "--arch-kwargs"),
                          input_shape=parse_shape(g.get("input_shape")), input_dtype=parse_dtype(g.get("input_dtype")))
 

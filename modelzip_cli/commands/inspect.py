@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelzip_cli.checkpoint import shards
 from modelzip_cli.checkpoint.format import CHECKPOINT_SUFFIXES, MANIFEST_KEY, SEP, ManifestSchema, parse_manifest
 from modelzip_cli.errors import InputError
 from modelzip_cli.files import check_readable
@@ -80,6 +81,11 @@ def _torch_header(path: Path, trust_code: bool) -> tuple[list[TensorInfo], Manif
 
 def read_header(path: Path, *, trust_code: bool = False) -> tuple[list[TensorInfo], ManifestSchema | None]:
     """Every tensor's name, shape, dtype and stored bytes, plus the manifest, without reading data."""
+    if shards.is_index(path):  # a sharded modelzip checkpoint: the shards' headers, the index's manifest
+        files, metadata = shards.read_index(path)
+        infos = [info for f in sorted(set(files.values())) for info in _safetensors_header(f)[0]]
+        text = metadata.get(MANIFEST_KEY)
+        return infos, parse_manifest(text, str(path)) if isinstance(text, str) else None
     check_readable(path, CHECKPOINT_SUFFIXES)
     if path.suffix == ".safetensors":
         return _safetensors_header(path)
@@ -170,16 +176,21 @@ def inspect_checkpoint(path: Path, *, trust_code: bool = False, hash_file: bool 
         report.model = {"format": fmt, "arch": arch, "arch_kwargs": {}, "input_shape": None, "parameters": params,
                         "edits": [], "layers": layers}
         return report
+    path = shards.resolve(path)
     infos, manifest = read_header(path, trust_code=trust_code)
     if manifest is not None and manifest.layers is not None:
         layers = [row.model_dump() for row in manifest.layers]
         fmt = f"modelzip {path.suffix.lstrip('.')} v{manifest.format_version}"
+        if shards.is_index(path):
+            fmt = f"modelzip safetensors v{manifest.format_version} ({len(shards.shard_files(path))} shards)"
     else:
         layers = _layers_from_header(infos)
         fmt = f"raw state dict ({path.suffix.lstrip('.')})"
         report.warnings.append("no modelzip manifest: sparsity is not known without reading every tensor")
     params = sum(row.get("params") or 0 for row in layers)
     report.input = file_info(path, params, hash_file=hash_file)
+    if shards.is_index(path):
+        report.input["bytes"] = shards.total_bytes(path)
     m = manifest.manifest() if manifest is not None else None
     report.model = {"format": fmt, "arch": m and m.arch, "arch_kwargs": m.arch_kwargs if m else {},
                     "input_shape": m and m.input_shape, "parameters": params, "edits": m.edits if m else [],

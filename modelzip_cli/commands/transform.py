@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-from modelzip_cli.checkpoint import compressed_tensors
+from modelzip_cli.checkpoint import compressed_tensors, memory, shards
 from modelzip_cli.checkpoint.edits import is_quantized
 from modelzip_cli.checkpoint.format import OUTPUT_SUFFIXES, encode_module
 from modelzip_cli.checkpoint.io import Loaded, load_checkpoint, save_checkpoint
 from modelzip_cli.checkpoint.layers import count_parameters, layer_table, model_figures
+from modelzip_cli.commands import streaming
 from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
 from modelzip_cli.files import Outputs, Target, check_targets
+from modelzip_cli.limits import memory_limit
 from modelzip_cli.measure.metrics import (
     fidelity,
     gzip_bytes,
@@ -67,6 +69,7 @@ class CommonOptions:
     device: str = "cpu"  # cpu | cuda | cuda:N | auto: where models train and are measured
     task: str | None = None  # a Hugging Face directory's task (its Auto class)
     output_key: str | None = None  # which output to compare, when the model's output is not one tensor
+    max_memory: int | None = None  # bytes: refuse a run estimated to peak above it (memory.py)
 
 
 def output_tag(command: str) -> str:
@@ -209,6 +212,10 @@ def run_technique(cfg: MethodConfig, model: Path, opts: CommonOptions, *, files:
     """One technique command end to end: its data needs checked first, then `run_transform`.
     `trusted_refs`: architectures named on the command line (a distill student)."""
     check_data_needs(cfg, files, where=f"--method {cfg.method}" if cfg.method else cfg.op)
+    src = stream_source(cfg, model, opts, files)
+    if src is not None:
+        return run_streamed(cfg, model, src, opts, progress)
+    memory.check(opts.max_memory, memory.whole_model(model, files.get("calib_data")), cfg.op)
 
     def prepare(loaded: Loaded, ctx: Context) -> None:
         load_step_data(loaded, ctx, data=files.get("data"), val_data=files.get("val_data"),
@@ -232,6 +239,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     alone measures, writes the checkpoint and the report, and the other ranks return None."""
     inputs = [input_path, *extra_inputs, *([opts.eval_data] if opts.eval_data else [])]
     output, report_path = resolve_outputs(command, inputs, opts, extra_outputs)
+    memory.check(opts.max_memory, memory.whole_model(input_path), command)
     with outputs or Outputs() as staged:
         ctx = context or Context()
         ctx.device = distributed.resolve_device(opts.device)
@@ -305,6 +313,60 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         staged.write(report_path, lambda tmp: tmp.write_text(report.to_json()))
         staged.commit()
     return report
+
+
+def stream_source(cfg: MethodConfig, model: Path, opts: CommonOptions, files: dict[str, Path | None]):
+    """The input as a `streaming.Source` when this run streams (module by module; README, "Models bigger than
+    memory"): a technique that needs no data, no figures that need the whole model, a safetensors input that
+    allows it, and an input of STREAM_FROM bytes or more, or one whose whole-model peak would not fit in memory.
+    Else None."""
+    plain = (opts.eval_data is None and opts.device == "cpu" and opts.arch is None and opts.input_shape is None
+             and opts.input_dtype is None and not distributed.launched())
+    if not plain or not streaming.streamable(cfg, files):
+        return None
+    whole = memory.whole_model(model)  # from the headers: cheap, nothing built yet
+    try:
+        small = disk_total(shards.resolve(model)) < streaming.STREAM_FROM
+    except OSError:  # a missing or unreadable input: the whole-model path says what is wrong
+        return None
+    if small and (whole is None or whole.bytes <= memory_limit()):
+        return None
+    src = streaming.open_source(model, task=opts.task)
+    if isinstance(src, str) or streaming.stream_ok(src, cfg) is not None:
+        return None
+    return src
+
+
+def run_streamed(cfg: MethodConfig, model: Path, src, opts: CommonOptions, progress) -> Report:
+    """A streamed run end to end: outputs checked, the peak checked against --max-memory, each module read,
+    transformed and written in turn (streaming.py), the report written; all staged until it succeeds."""
+    output, report_path = resolve_outputs(cfg.op, [model], opts)
+    memory.check(opts.max_memory, memory.Estimate(streaming.streamed_peak(src), "one module at a time, streamed"),
+                 cfg.op)
+    with Outputs() as staged:
+        torch.manual_seed(opts.seed)
+        result = streaming.run_streamed(src, cfg, output, staged, progress=progress)
+        report = Report(command=cfg.op)
+        report.input = file_info(shards.resolve(model), result.before["parameters"])
+        report.input["bytes"] = disk_total(shards.resolve(model))
+        report.output = file_info(result.path, result.after["parameters"], read_from=staged.staged(result.path))
+        report.output["bytes"] = result.bytes
+        notes = [streaming.note(src), *result.notes]
+        report.steps = [Step(op=cfg.op, config=cfg.to_dict(), before=result.before, after=result.after,
+                             layers=result.rows, duration_s=result.duration_s, notes=notes)]
+        report.runtime = distributed.runtime(torch.device("cpu"))
+        report.summary = final_comparison(report)
+        report.report_path = str(report_path)
+        staged.write(report_path, lambda tmp: tmp.write_text(report.to_json()))
+        staged.commit()
+    return report
+
+
+def disk_total(path: Path) -> int:
+    """Bytes on disk of an input: a file, a folder, or a sharded checkpoint's index and shards."""
+    from modelzip_cli.files import disk_bytes
+
+    return shards.total_bytes(path) if shards.is_index(path) else disk_bytes(path)
 
 
 def describe(data: Dataset) -> str:

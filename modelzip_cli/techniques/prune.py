@@ -117,14 +117,64 @@ def _count(tensors: list[torch.Tensor], pred: Callable[[torch.Tensor], torch.Ten
     return sum(int(pred(c.abs()).sum()) for c in _chunks(tensors))
 
 
+SAMPLE = 1 << 20  # |w| values sampled to bracket the k-th smallest before the one exact pass
+SAMPLE_SIGMAS = 6  # bracket width either side, in binomial standard deviations of the sample's rank
+KEEP_AT_MOST = 1 << 24  # values inside the bracket kept for the exact sort (64 MB); more: narrow by histograms
+
+
+def _sample(tensors: list[torch.Tensor], total: int) -> torch.Tensor:
+    """About SAMPLE values of |w|, every `step`-th element (an odd step: no alignment with rows of even width)."""
+    step = max(1, total // SAMPLE) | 1
+    out, offset = [], 0
+    for c in _chunks(tensors):
+        start = (-offset) % step
+        out.append(c[start::step].abs().float())
+        offset += c.numel()
+    return torch.cat(out)
+
+
+def _bracketed(tensors: list[torch.Tensor], k: int, total: int) -> tuple[float, int] | None:
+    """The exact answer of `kth_magnitude` in one pass over the weights after a sample: the sample brackets the
+    k-th smallest |w| in [lo, hi]; one pass counts the values below lo and keeps those inside, which are
+    sorted. None when the bracket missed (heavy ties, an unlucky sample): the caller narrows by histograms."""
+    sample = torch.sort(_sample(tensors, total)).values
+    n = sample.numel()
+    rank, spread = n * k / total, SAMPLE_SIGMAS * math.sqrt(n * (k / total) * (1 - k / total)) + 2
+    i_lo, i_hi = math.floor(rank - spread), math.ceil(rank + spread)
+    lo = float(sample[i_lo]) if i_lo >= 0 else 0.0
+    hi = float(sample[i_hi]) if i_hi < n else math.inf
+    below = at_lo = kept = 0
+    inside = []
+    for c in _chunks(tensors):
+        a = c.abs()
+        below += int((a < lo).sum())
+        at_lo += int((a == lo).sum())
+        inside.append(a[(a > lo) & (a <= hi)].float())
+        kept += inside[-1].numel()
+        if kept > KEEP_AT_MOST:
+            return None
+    if below < k <= below + at_lo:
+        return lo, k - below
+    values = torch.sort(torch.cat(inside)).values
+    if not below + at_lo < k <= below + at_lo + values.numel():
+        return None
+    threshold = float(values[k - below - at_lo - 1])
+    smaller = below + at_lo + int(torch.searchsorted(values, torch.tensor([threshold]), right=False))
+    return threshold, k - smaller
+
+
 def kth_magnitude(tensors: list[torch.Tensor], k: int) -> tuple[float, int]:
     """The k-th smallest |w| (1-based) over all tensors, and how many elements equal to it are among the k.
 
-    Memory: one chunk at a time plus a histogram; never a copy of all weights.
+    Memory: one chunk at a time plus a sample and a histogram; never a copy of all weights. `tensors` may be
+    anything with `numel()` and `detach()` returning the tensor (streaming.py reads them from disk).
     """
     total = sum(t.numel() for t in tensors)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} out of range for {total} elements")
+    found = _bracketed(tensors, k, total)
+    if found is not None:
+        return found
     lo, hi = 0.0, max(float(c.abs().max()) for c in _chunks(tensors))
     below = 0  # elements with |w| < lo
     in_range = total

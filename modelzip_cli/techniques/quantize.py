@@ -34,12 +34,11 @@ from modelzip_cli.measure.metrics import (
     default_threads,
     interleaved_latency,
     latency_change,
-    sqnr_db,
 )
 from modelzip_cli.nn import int8
 from modelzip_cli.nn.surgery import conv_batchnorm_pairs, fold_batchnorm, replace_module
 from modelzip_cli.nn.weight_only import Quantized, WeightOnlyEmbedding, WeightOnlyLinear, check_embedding, rtn
-from modelzip_cli.pipeline import sequential
+from modelzip_cli.pipeline import calib_stats, sequential
 from modelzip_cli.pipeline.context import Context
 from modelzip_cli.pipeline.run import predict
 from modelzip_cli.pipeline.sequential import Hessian
@@ -169,6 +168,9 @@ def _names(model: nn.Module, cfg: QuantizeConfig, types: tuple[type, ...], what:
 
 SMOOTH_ALPHAS = (0.0, 0.5, 0.65, 0.8, 0.9)  # migration strengths tried per layer; 0 = no smoothing
 SMOOTH_ROWS = 2048  # input rows per layer kept to measure each strength's output error
+SMOOTH_BY_BLOCK = True  # calibration statistics block by block (False: one whole-model pass, for comparison)
+PROBE_WINDOWS = 32  # token windows the SQNR probe runs (a causal LM's logits are vocabulary-wide per token)
+PROBE_BATCH = 2  # windows per probe forward: a 49k-token vocabulary makes 50 MB of logits for two
 
 
 def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -225,20 +227,25 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tupl
     names = _names(model, cfg, *_types(cfg))
     smooth: dict[str, torch.Tensor] = {}
     alphas: dict[str, dict] = {}
+    notes = []
     if cfg.smoothing == "auto" and ctx.calib_data is not None:
-        absmax, inputs = _calibration_inputs(model, [n for n in names if n], ctx, cfg)
-        for name in names:
-            if name not in inputs:
-                continue  # no calibration batch reached it
-            alpha, s, err = best_smoothing(model.get_submodule(name), absmax[name], inputs[name], cfg.activations)
+        def choose(name: str, absmax: torch.Tensor, rows: torch.Tensor) -> None:
+            alpha, s, err = best_smoothing(model.get_submodule(name), absmax, rows, cfg.activations)
             alphas[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
             if s is not None:
                 smooth[name] = s
+
+        # Layers no calibration batch reached get no smoothing. Statistics block by block: one block's inputs
+        # in memory at a time, each strength tried on that layer's own recorded inputs.
+        batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+        how = calib_stats.layer_inputs(model, [n for n in names if n], batches, max(1, SMOOTH_ROWS // len(batches)),
+                                       ctx.generator, choose, ctx.progress, by_block=SMOOTH_BY_BLOCK)
+        notes.append(f"smoothing strengths chosen per layer on its calibration inputs, recorded {how}")
     for name in names:
         replace_module(model, name, int8.DynamicInt8Linear.from_float(model.get_submodule(name), cfg.activations,
                                                                       smooth.get(name)))
     edit = DynamicEdit(modules=names, activations=cfg.activations, smoothed=[n for n in names if n in smooth])
-    return model, [edit], {"layer_extra": alphas}
+    return model, [edit], {"layer_extra": alphas, "notes": notes}
 
 
 def _converted(prepared: nn.Module, names: list[str], qat: bool, observer: str, reduced: bool
@@ -561,12 +568,23 @@ def measured_batch_n(ctx: Context) -> int:
     return DEFAULT_BATCH_N_TOKENS if tokens else DEFAULT_BATCH_N
 
 
+def _sqnr(reference: nn.Module, quantized: nn.Module, x: torch.Tensor) -> float:
+    """`sqnr_db` of the two models' outputs on `x`, PROBE_BATCH samples at a time: never all outputs in memory."""
+    signal = noise = 0.0
+    for i in range(0, x.shape[0], PROBE_BATCH):
+        a, b = predict(reference, x[i:i + PROBE_BATCH]), predict(quantized, x[i:i + PROBE_BATCH])
+        signal += float(a.pow(2).sum(dtype=torch.float64))
+        noise += float((a - b).pow_(2).sum(dtype=torch.float64))
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
 def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
     """Inputs for the SQNR probe and a note on where they came from. Integer inputs (token ids) are never
     perturbed as floats; with no data and no example input there is no probe."""
     source = ctx.calib_data or ctx.data
     if source is not None:
-        return source.inputs[:1024], f"SQNR measured on {min(1024, len(source))} samples of {source.path.name}"
+        n = 1024 if source.inputs.is_floating_point() else PROBE_WINDOWS
+        return source.inputs[:n], f"SQNR measured on {min(n, len(source))} samples of {source.path.name}"
     x = ctx.example_input
     if x is None:
         return None, "SQNR not measured: no data and no example input (pass --calib-data or --input-shape)"
@@ -609,7 +627,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         x, note = _probe_inputs(ctx)
         if x is not None:
             try:  # a measurement: it never fails the step
-                after["sqnr_db"] = round(sqnr_db(predict(reference, x), predict(quantized, x)), 3)
+                after["sqnr_db"] = round(_sqnr(reference, quantized, x), 3)
             except Exception as exc:
                 note = f"SQNR not measured: the probe could not run ({first_line(exc, 200)})"
         notes.append(note)

@@ -1,0 +1,243 @@
+"""Models bigger than memory (README): peak RSS and wall time of `modelzip` commands, each run in a fresh child
+process whose own VmHWM is read when it ends (bench/common.py).
+
+1. A Llama-7B-shaped checkpoint (32 blocks, hidden 4096, intermediate 11008, vocab 32000, bf16, random
+   weights, about 13.5 GB) generated on the meta device and written shard by shard, never held in memory, as a
+   Hugging Face folder in a temporary folder removed after. Against a plain copy of its files measured in the
+   same run: weight-only int4 g128 (streamed) and magnitude 50% global (streamed).
+2. GPTQ int4 g128 on a random 24-block decoder of hidden 1024 with WINDOWS × 512 calibration tokens.
+3. The 1.21 GB MLP of the `prune` case: global magnitude 50%, in process (what `prune` measures) and through
+   the CLI (streamed).
+4. W8A8 dynamic with smoothing on a random 30-block GQA decoder of hidden 576 (135 M-class), 128 × 128 tokens.
+
+The machine these run on is shared: figures are one run each, and the page cache holds part of the input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import WORK, in_child
+
+LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+DECODER_1024 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 1024,
+                "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "num_key_value_heads": 16, "vocab_size": 32000, "max_position_embeddings": 1024,
+                "tie_word_embeddings": True, "torch_dtype": "float32"}
+DECODER_576 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+               "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 2048,
+               "tie_word_embeddings": True, "torch_dtype": "float32"}
+WINDOWS = 32  # GPTQ calibration windows of 512 tokens: 128 takes about an hour on 2 shared cores
+SHARD = 5 << 30
+
+GENERATE = """
+import json, sys, torch
+from pathlib import Path
+from modelzip_cli import hf
+from modelzip_cli.checkpoint import shards
+from modelzip_cli.files import Outputs
+config, folder = json.loads(sys.argv[2]), Path(sys.argv[3])
+folder.mkdir(parents=True)
+with torch.device("meta"):
+    model = hf.build("causal-lm", config).model
+seen, state = set(), {}
+for k, t in model.state_dict(keep_vars=True).items():  # a tied tensor once, under its first name
+    if id(t) not in seen:
+        seen.add(id(t))
+        state[k] = t
+dtype = getattr(torch, config["torch_dtype"])
+sizes = {k: t.numel() * dtype.itemsize for k, t in state.items()}
+plan, shard, size = [], 0, 0
+for k in state:
+    if size and size + sizes[k] > int(sys.argv[4]):
+        shard, size = shard + 1, 0
+    size += sizes[k]
+    plan.append(shard)
+g = torch.Generator().manual_seed(0)
+with Outputs() as out:
+    w = shards.ShardWriter(folder / "model.safetensors", plan[-1] + 1,
+                           [4096 + 200 * len(state)] * (plan[-1] + 1), out)
+    for (k, t), s in zip(state.items(), plan):
+        if s == len(w._shards):
+            w.start(s)
+        value = torch.ones(t.shape) if k.endswith("norm.weight") else torch.randn(t.shape, generator=g) * 0.02
+        w.add(k, value.to(dtype))
+    w.finish(None)
+    out.commit()
+(folder / "config.json").write_text(json.dumps(config))
+"""
+
+CLI = """
+import sys
+from modelzip_cli.cli.app import run
+code = run(sys.argv[2:])
+if code:
+    raise SystemExit(code)
+"""
+
+COPY = """
+import shutil, sys
+shutil.copytree(sys.argv[2], sys.argv[3])
+"""
+
+WINDOWS_FILE = """
+import sys, torch
+from safetensors.torch import save_file
+g = torch.Generator().manual_seed(0)
+save_file({"inputs": torch.randint(0, 32000, (int(sys.argv[3]), 512), generator=g)}, sys.argv[2])
+"""
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _modelzip(*args: str) -> dict:
+    t0 = time.perf_counter()
+    result = in_child(CLI, *args, "--quiet", "--force")
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _llama_7b(work: Path) -> dict:
+    model = work / "llama7b"
+    t0 = time.perf_counter()
+    gen = in_child(GENERATE, json.dumps(LLAMA_7B), str(model), str(SHARD))
+    size = _bytes(model)
+    copied = work / "copy"
+    copy = in_child(COPY, str(model), str(copied))
+    shutil.rmtree(copied)
+    out = work / "int4.safetensors"
+    int4 = _modelzip("quantize", str(model), "--method", "weight-only", "--bits", "4", "--group-size", "128",
+                     "-o", str(out))
+    int4_bytes = _bytes(out) + sum(_bytes(p) for p in work.glob("int4-*.safetensors"))
+    for p in work.glob("int4*"):
+        p.unlink()
+    out = work / "pruned.safetensors"
+    pruned = _modelzip("prune", str(model), "--ratio", "0.5", "-o", str(out))
+    pruned_bytes = sum(_bytes(p) for p in work.glob("pruned*.safetensors*") if not p.name.endswith(".json"))
+    for p in work.glob("pruned*"):
+        p.unlink()
+    return {"model_bytes": size, "generate_s": round(time.perf_counter() - t0, 1),
+            "generate_peak_rss_mb": round(gen["peak_rss_mb"]),
+            "copy_s": round(copy["seconds"], 1),
+            "int4_g128": {"seconds": round(int4["seconds"], 1), "peak_rss_mb": round(int4["peak_rss_mb"]),
+                          "output_bytes": int4_bytes},
+            "magnitude_50_global": {"seconds": round(pruned["seconds"], 1),
+                                    "peak_rss_mb": round(pruned["peak_rss_mb"]), "output_bytes": pruned_bytes}}
+
+
+def _gptq(work: Path) -> dict:
+    model = work / "decoder1024"
+    in_child(GENERATE, json.dumps(DECODER_1024), str(model), str(SHARD))
+    windows = work / "windows.safetensors"
+    in_child(WINDOWS_FILE, str(windows), str(WINDOWS))
+    run = _modelzip("quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size", "128",
+                    "--calib-data", str(windows), "--calib-batches", str(WINDOWS // 8), "--calib-batch-size", "8",
+                    "-o", str(work / "gptq.safetensors"))
+    return {"model_bytes": _bytes(model), "windows": WINDOWS, "tokens_per_window": 512,
+            "seconds": round(run["seconds"], 1), "peak_rss_mb": round(run["peak_rss_mb"])}
+
+
+def _dynamic(work: Path) -> dict:
+    """W8A8 dynamic with smoothing calibrated on 128 × 128 tokens, statistics block by block; the output layer
+    (tied to the embedding) left float, as LLM tools leave it."""
+    model = work / "decoder576"
+    in_child(GENERATE, json.dumps(DECODER_576), str(model), str(SHARD))
+    windows = work / "windows128.safetensors"
+    in_child(WINDOWS_FILE.replace("512", "128"), str(windows), "128")
+    run = _modelzip("quantize", str(model), "--method", "dynamic", "--calib-data", str(windows),
+                    "--calib-batches", "4", "--calib-batch-size", "32", "--exclude", "model.lm_head",
+                    "-o", str(work / "dynamic.safetensors"))
+    return {"model_bytes": _bytes(model), "windows": 128, "tokens_per_window": 128,
+            "seconds": round(run["seconds"], 1), "peak_rss_mb": round(run["peak_rss_mb"])}
+
+
+def _mlp(work: Path) -> dict:
+    from bench.bench_prune import KWARGS, MAKE, MODELZIP
+
+    path = WORK / "big_mlp.safetensors"
+    if not path.exists():
+        in_child(MAKE.replace("KWARGS", repr(KWARGS)), str(path))
+    import subprocess
+    import sys
+
+    from bench.common import CHILD
+
+    proc = subprocess.run([sys.executable, "-c", CHILD, MODELZIP, str(path)], capture_output=True, text=True,
+                          check=True)
+    lines = proc.stdout.splitlines()
+    inproc = json.loads(next(ln for ln in lines if ln.startswith("BENCH_RESULT ")).removeprefix("BENCH_RESULT "))
+    prune_s = float(next(ln for ln in lines if ln.startswith("PRUNE_S")).split()[1])
+    cli = _modelzip("prune", str(path), "--ratio", "0.5", "-o", str(work / "mlp.pruned.safetensors"))
+    return {"model_bytes": path.stat().st_size, "in_process_prune_s": round(prune_s, 2),
+            "in_process_peak_rss_mb": round(inproc["peak_rss_mb"]),
+            "cli_streamed_s": round(cli["seconds"], 2), "cli_streamed_peak_rss_mb": round(cli["peak_rss_mb"])}
+
+
+def run() -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, case in (("mlp_1.21gb", _mlp), ("dynamic_30x576", _dynamic), ("llama_7b_shape", _llama_7b),
+                       ("gptq_24x1024", _gptq)):
+        with tempfile.TemporaryDirectory(dir=WORK, prefix="scale-") as tmp:
+            try:
+                results[name] = case(Path(tmp))
+            except Exception as exc:  # one failing case still reports the others
+                results[name] = {"failed": str(exc).strip().splitlines()[-1][:400] if str(exc) else repr(exc)}
+        print(name, json.dumps(results[name]), flush=True)
+    return results
+
+
+def summary(r: dict) -> str:
+    lines = ["One run each on a shared machine (noisy); peak RSS is each child process's own VmHWM.", ""]
+    m = r.get("mlp_1.21gb", {})
+    if "failed" not in m and m:
+        gb = m["model_bytes"] / 1e9
+        lines += [f"Global magnitude 50% of the {gb:.2f} GB MLP:", "",
+                  "| way | s | peak RSS MB | × model bytes |", "|---|---|---|---|",
+                  f"| in process (`prune` case: prune only, after loading) | {m['in_process_prune_s']} | "
+                  f"{m['in_process_peak_rss_mb']} | {m['in_process_peak_rss_mb'] * 2**20 / m['model_bytes']:.2f} |",
+                  f"| `modelzip prune` (streamed, whole command) | {m['cli_streamed_s']} | "
+                  f"{m['cli_streamed_peak_rss_mb']} | {m['cli_streamed_peak_rss_mb'] * 2**20 / m['model_bytes']:.2f} |",
+                  ""]
+    else:
+        lines += [f"MLP: {m}", ""]
+    s = r.get("llama_7b_shape", {})
+    if "failed" not in s and s:
+        lines += [f"Llama-7B-shaped bf16 checkpoint, {s['model_bytes'] / 1e9:.2f} GB (generated in "
+                  f"{s['generate_s']} s at {s['generate_peak_rss_mb']} MB peak); a plain copy of its files took "
+                  f"{s['copy_s']} s, so reading and writing its bytes twice takes about {2 * s['copy_s']:.0f} s:", "",
+                  "| command | s | peak RSS MB | output GB |", "|---|---|---|---|",
+                  f"| weight-only int4 g128 (streamed) | {s['int4_g128']['seconds']} | "
+                  f"{s['int4_g128']['peak_rss_mb']} | {s['int4_g128']['output_bytes'] / 1e9:.2f} |",
+                  f"| magnitude 50% global (streamed) | {s['magnitude_50_global']['seconds']} | "
+                  f"{s['magnitude_50_global']['peak_rss_mb']} | "
+                  f"{s['magnitude_50_global']['output_bytes'] / 1e9:.2f} |", ""]
+    else:
+        lines += [f"Llama-7B shape: {s}", ""]
+    g = r.get("gptq_24x1024", {})
+    if "failed" not in g and g:
+        lines += [f"GPTQ int4 g128 of a random 24-block decoder of hidden 1024 ({g['model_bytes'] / 1e9:.2f} GB fp32), "
+                  f"{g['windows']} × {g['tokens_per_window']} calibration tokens (fewer than 128 windows: 2 shared "
+                  f"cores): {g['seconds']} s, peak {g['peak_rss_mb']} MB "
+                  f"({g['peak_rss_mb'] * 2**20 / g['model_bytes']:.2f} × the model's bytes)."]
+    else:
+        lines += [f"GPTQ: {g}"]
+    d = r.get("dynamic_30x576", {})
+    if "failed" not in d and d:
+        lines += ["", f"W8A8 dynamic with smoothing, calibrated block by block on {d['windows']} × "
+                  f"{d['tokens_per_window']} tokens, of a random 30-block GQA decoder of hidden 576 "
+                  f"({d['model_bytes'] / 1e9:.2f} GB fp32; lm_head left float): {d['seconds']} s, peak "
+                  f"{d['peak_rss_mb']} MB."]
+    else:
+        lines += ["", f"dynamic: {d}"]
+    return "\n".join(lines)
