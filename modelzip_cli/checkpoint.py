@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelzip_cli import legacy
+from modelzip_cli import decoder_edits, decoders, legacy  # noqa: F401  (decoder_edits registers its replays)
 from modelzip_cli.edits import META_SAFE_EDITS, replay_edits, to_dtype, validated_edits
 from modelzip_cli.errors import (
     CodeRanWarning,
@@ -348,7 +348,8 @@ def _meta_checked(manifest: Manifest, edits: list[dict], state: dict[str, Any], 
         return None, 0
     if manifest.arch.startswith("hf:"):  # transformers ties weights as it builds: counted, then built for real
         declared, stored = declared_values(manifest.arch, manifest.arch_kwargs) or 0, _values(state)
-        shrunk = {"prune_structured", "prune_heads", "lowrank"} & {e["kind"] for e in edits}
+        shrunk = {"prune_structured", "prune_heads", "lowrank", "prune_decoder", "remove_blocks"} & {
+            e["kind"] for e in edits}
         if declared > (16 if shrunk else 4) * stored + (1 << 20):  # int4 stores two values a byte
             raise InputError(f"{where}: {kwargs_label} declare a model of {declared:,} values, but the file stores "
                              f"{stored:,}; nothing was allocated", hint=CORRUPT)
@@ -505,9 +506,19 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: d
     names it, `trusted_modules` (or MODELZIP_TRUSTED_MODULES) lists its module, or `trust_arch` says to
     trust whatever architecture the file records (the CLI's --trust-arch)."""
     with torch.inference_mode(False), trusting(trusted_modules):
-        return _load_checkpoint(Path(path), arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code,
-                                input_shape=input_shape, input_dtype=input_dtype, task=task, output_key=output_key,
-                                trust_arch=trust_arch)
+        return _linear_conv1d(_load_checkpoint(Path(path), arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code,
+                                               input_shape=input_shape, input_dtype=input_dtype, task=task,
+                                               output_key=output_key, trust_arch=trust_arch))
+
+
+def _linear_conv1d(loaded: Loaded) -> Loaded:
+    """A transformers model's Conv1D layers (GPT-2 and kin) become the nn.Linear they compute, recorded as an
+    edit, so every technique that handles Linears handles them and the output replays them."""
+    names = decoders.conv1d_layers(loaded.model)
+    if names and (loaded.manifest.arch or "").startswith("hf:"):
+        decoders.conv1d_to_linear(loaded.model, names)
+        loaded.manifest = loaded.manifest.with_edits([{"kind": "conv1d_to_linear", "modules": names}])
+    return loaded
 
 
 def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_code: bool,

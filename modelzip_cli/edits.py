@@ -36,7 +36,8 @@ EDIT_SCHEMAS: dict[str, type[BaseModel]] = {}
 # Every replay only builds modules (Torch-Pruning traces shapes only): the model a manifest describes is built
 # on the meta device and checked against the stored tensors without allocating anything.
 META_SAFE_EDITS = {"prune_magnitude", "prune_unstructured", "prune_structured", "prune_heads", "lowrank",
-                   "quantize_weight_only", "quantize_dynamic", "quantize_static", "fold_batchnorm"}
+                   "quantize_weight_only", "quantize_dynamic", "quantize_static", "fold_batchnorm",
+                   "conv1d_to_linear", "prune_decoder", "remove_blocks"}
 
 
 class EditSchema(BaseModel):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from modelzip_cli import sequential
@@ -96,7 +96,25 @@ class SparseGPTConfig(WandaConfig):
     damp: float = Field(0.01, gt=0, le=1)  # added to the Hessian's diagonal, as a share of its mean
 
 
-PruneConfig = MagnitudeConfig | StructuredConfig | GradualConfig | WandaConfig | SparseGPTConfig
+class LayersConfig(_PruneConfig):
+    """Remove whole blocks of a decoder, those that change their input least on calibration data (ShortGPT):
+    `ratio` of them, or `blocks` of them."""
+
+    method: ClassVar[str] = "layers"
+    ratio: float = Field(0.0, ge=0, lt=1)  # fraction of blocks (0 with `blocks`)
+    blocks: int | None = Field(None, ge=1)
+
+    def required_data(self) -> set[str]:
+        return {"calib_data"} | super().required_data()
+
+    @model_validator(mode="after")
+    def _ratio_or_blocks(self) -> LayersConfig:
+        if (self.blocks is None) == (self.ratio == 0):
+            raise ValueError("give one of ratio and blocks")
+        return self
+
+
+PruneConfig = MagnitudeConfig | StructuredConfig | GradualConfig | WandaConfig | SparseGPTConfig | LayersConfig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -572,7 +590,25 @@ def _importance_data(ctx: Context) -> torch.Tensor | None:
     return None if data is None else data.inputs
 
 
+def _decoder_pruner(model: nn.Module, cfg: PruneConfig, ctx: Context):
+    """The decoder-aware pruner (prune_decoder.py) when the model is a decoder of known layout, else None."""
+    from modelzip_cli.techniques import prune_decoder
+
+    return prune_decoder.pruner(model, cfg, ctx)
+
+
+def prune_layers(model: nn.Module, cfg: LayersConfig, ctx: Context) -> Result:
+    from modelzip_cli.techniques import prune_decoder
+
+    return prune_decoder.remove_layers(model, cfg, ctx)
+
+
 def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> Result:
+    decoder = _decoder_pruner(model, cfg, ctx)
+    if decoder is not None:
+        from modelzip_cli.techniques import prune_decoder
+
+        return prune_decoder.prune_structured(model, cfg, ctx, decoder)
     pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
                               _importance_data(ctx))
     teacher = recover.prepare(model, cfg, ctx)
@@ -595,8 +631,8 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     teacher = recover.prepare(model, cfg, ctx)  # with --recover, every step fine-tunes against the input model
     structured = cfg.granularity == "structured"
     if structured:
-        pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
-                                  _importance_data(ctx))
+        pruner = _decoder_pruner(model, cfg, ctx) or StructuredPruner(
+            model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input), _importance_data(ctx))
         pruner.check(cfg.ratio)
     else:
         weights = _selected_weights(model, cfg)
@@ -623,6 +659,7 @@ PRUNERS: dict[type, Callable[..., Result]] = {
     GradualConfig: prune_gradual,
     WandaConfig: prune_activation_aware,
     SparseGPTConfig: prune_activation_aware,
+    LayersConfig: prune_layers,
 }
 
 
