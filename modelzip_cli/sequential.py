@@ -49,13 +49,17 @@ def blocks_of(model: nn.Module, min_blocks: int = 2) -> Blocks | None:
 Inputs = list[tuple[tuple, dict]]  # per calibration batch: the block's positional and keyword arguments
 
 
+def _is_cache(value: object) -> bool:
+    """A transformers KV cache (GPT-2 passes it positionally)."""
+    return callable(getattr(value, "get_seq_length", None))
+
+
 def _clean(kwargs: dict) -> dict:
     """A block's keyword arguments without a KV cache: calibration passes must not grow one."""
     out = dict(kwargs)
-    if "past_key_values" in out:
-        out["past_key_values"] = None
-    if "past_key_value" in out:
-        out["past_key_value"] = None
+    for key in ("past_key_values", "past_key_value", "cache"):  # transformers 5 calls it `cache`
+        if key in out:
+            out[key] = None
     if "use_cache" in out:
         out["use_cache"] = False
     return out
@@ -68,7 +72,8 @@ def first_inputs(model: nn.Module, blocks: Blocks, batches: Iterable, forward: C
     seen: Inputs = []
 
     def catch(module, args, kwargs):
-        seen.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), _clean(kwargs)))
+        seen.append((tuple(a.detach() if isinstance(a, torch.Tensor) else None if _is_cache(a) else a for a in args),
+                     _clean(kwargs)))
         raise _Caught
 
     handle = blocks.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
