@@ -18,6 +18,7 @@ Without data, or where no single reading Linear is found, the L2 norm of the uni
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -27,7 +28,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from modelzip_cli import sequential
-from modelzip_cli.context import Context
+from modelzip_cli.context import Context, null_progress
 from modelzip_cli.edits import (
     attention_blocks,
     dependency_graph,
@@ -47,6 +48,7 @@ from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_module
 IMPORTANCE_ROWS = 256  # samples that measure unit and head importance
 CHUNK = 1 << 22  # elements per temporary (16 MB of float32): bounds extra memory whatever the model size
 BINS = 4096
+GRAPH_SECONDS = 600  # a dependency-graph search that runs longer is given up with one line (it can run for hours)
 
 
 class _PruneConfig(Recover, MethodConfig, Selection, FineTune):  # Recover first: its data needs win
@@ -300,6 +302,7 @@ class StructuredPruner:
     layers: list[tuple[str, nn.Module]]
     data: torch.Tensor | None = None  # inputs whose activations rank units and heads (None: weight norms)
     left: dict[str, list[str]] = field(default_factory=dict)  # why → the layers left as they were
+    progress: Callable = null_progress  # a bar over the dependency groups traced
 
     def __post_init__(self):
         selected = {n for n, _ in self.layers}
@@ -343,14 +346,21 @@ class StructuredPruner:
                                                                                          strict=True)]
         heads_todo = [t for t in heads_todo if t[1] > 0]
         readers = {}
-        for name, m, width, _ in todo:
-            with quiet_pruning():
-                group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(width)))
-            reason = self._blocker(group, selected)
-            if reason:
-                self._leave(name, reason)
-            else:
-                readers[name] = self._readers(group, width) if self.data is not None else []
+        start = time.monotonic()
+        with self.progress("dependency groups", len(todo)) as bar:
+            for done, (name, m, width, _) in enumerate(todo):
+                if time.monotonic() - start > GRAPH_SECONDS:
+                    raise UsageError(f"structured pruning gave up after {GRAPH_SECONDS} s tracing Torch-Pruning's "
+                                     f"dependency groups ({done} of {len(todo)} layers done)",
+                                     hint="select fewer layers with --include, or prune unstructured")
+                with quiet_pruning():
+                    group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(width)))
+                reason = self._blocker(group, selected)
+                if reason:
+                    self._leave(name, reason)
+                else:
+                    readers[name] = self._readers(group, width) if self.data is not None else []
+                bar.advance()
         moments = self._moments(readers, [b for b, _ in heads_todo])
         for block, remove in heads_todo:
             stats = moments.get(block["o"])
@@ -610,7 +620,7 @@ def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> R
 
         return prune_decoder.prune_structured(model, cfg, ctx, decoder)
     pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
-                              _importance_data(ctx))
+                              _importance_data(ctx), progress=ctx.progress)
     teacher = recover.prepare(model, cfg, ctx)
     pruner.prune_to(cfg.ratio)
     notes = [*pruner.notes, f"structured pruning removed whole units: {len(pruner.history())} layer groups "
@@ -632,7 +642,8 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     structured = cfg.granularity == "structured"
     if structured:
         pruner = _decoder_pruner(model, cfg, ctx) or StructuredPruner(
-            model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input), _importance_data(ctx))
+            model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input), _importance_data(ctx),
+            progress=ctx.progress)
         pruner.check(cfg.ratio)
     else:
         weights = _selected_weights(model, cfg)
