@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face extra is not installed")
 
-from .conftest import one_line_error, run_fresh  # noqa: E402
+from .conftest import DIGITS_TEACHER, one_line_error, run_fresh  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -163,3 +163,27 @@ def test_gpt2_conv1d_becomes_linear_and_every_linear_technique_reaches_it(cli, r
     kinds = {type(load_checkpoint(out).model.get_submodule(f"model.transformer.h.0.{n}")).__name__
              for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert kinds == {"WeightOnlyLinear"}
+
+
+def test_structured_pruning_of_a_decoder_then_recovery_reloads(cli, root):
+    from modelzip_cli.checkpoint import load_checkpoint
+
+    data = root / "tokens.safetensors"
+    out = root / "llama-recovered.safetensors"
+    r = cli("prune", root / "llama", "--method", "structured", "--ratio", "0.5", "--calib-data", data, "--recover",
+            "--data", data, "--finetune-epochs", "1", "-o", out, "--force", "--json")
+    assert r.code == 0, r.stderr
+    step = r.json["steps"][0]
+    assert any("KV groups removed" in n for n in step["notes"]), step["notes"]
+    assert any(e["kind"] == "prune_decoder" and e["importance"] == "activations"
+               for e in load_checkpoint(out).manifest.edits)
+
+
+def test_a_dependency_graph_search_past_its_bound_is_one_line(cli, tmp_path, monkeypatch):
+    from modelzip_cli.techniques import prune
+
+    monkeypatch.setattr(prune, "GRAPH_SECONDS", -1)
+    out = tmp_path / "o.safetensors"
+    r = cli("prune", DIGITS_TEACHER, "--method", "structured", "--ratio", "0.3", "-o", out)
+    assert r.code == 2 and "dependency groups" in one_line_error(r)
+    assert not out.exists()
