@@ -40,8 +40,8 @@ STEP_LIMIT_S = 60  # the issue's bound on these tiny models; generous, so a slow
 
 RELOAD = """
 import json, sys, torch
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.data import load_data
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.data import load_data
 out = {}
 for path, data in json.loads(sys.argv[1]).items():
     with torch.inference_mode():
@@ -80,8 +80,8 @@ RESULTS: dict[str, tuple[str, torch.Tensor]] = {}  # output file → (data file,
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_llm_technique_exits_0_or_2_within_a_minute(cli, root, family):
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.pipeline.data import load_data
 
     data = root / "tokens.safetensors"
     x = load_data(data, require_targets=False).inputs[:8]
@@ -115,8 +115,8 @@ def test_every_output_reloads_in_a_fresh_process_with_identical_logits(root):
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 def test_structured_pruning_removes_whole_kv_groups_and_channels(cli, root, family):
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.decoders import decoder_blocks, hf_config
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.nn.decoders import decoder_blocks, hf_config
 
     out = root / f"{family}-kv.safetensors"
     r = cli("prune", root / family, "--method", "structured", "--ratio", "0.5", "-o", out, "--force", "-q")
@@ -132,8 +132,8 @@ def test_structured_pruning_removes_whole_kv_groups_and_channels(cli, root, fami
 
 
 def test_layers_removes_the_blocks_that_change_their_input_least(cli, root):
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.decoders import hf_config
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.nn.decoders import hf_config
 
     out = root / "llama-layers.safetensors"
     r = cli("prune", root / "llama", "--method", "layers", "--blocks", "1", "--calib-data",
@@ -152,7 +152,7 @@ def test_layers_removes_the_blocks_that_change_their_input_least(cli, root):
 
 
 def test_gpt2_conv1d_becomes_linear_and_every_linear_technique_reaches_it(cli, root):
-    from modelzip_cli.checkpoint import load_checkpoint
+    from modelzip_cli.checkpoint.io import load_checkpoint
 
     loaded = load_checkpoint(root / "gpt2")
     assert not [m for m in loaded.model.modules() if type(m).__name__ == "Conv1D"]
@@ -166,7 +166,7 @@ def test_gpt2_conv1d_becomes_linear_and_every_linear_technique_reaches_it(cli, r
 
 
 def test_structured_pruning_of_a_decoder_then_recovery_reloads(cli, root):
-    from modelzip_cli.checkpoint import load_checkpoint
+    from modelzip_cli.checkpoint.io import load_checkpoint
 
     data = root / "tokens.safetensors"
     out = root / "llama-recovered.safetensors"
@@ -184,6 +184,6 @@ def test_a_dependency_graph_search_past_its_bound_is_one_line(cli, tmp_path, mon
 
     monkeypatch.setattr(prune, "GRAPH_SECONDS", -1)
     out = tmp_path / "o.safetensors"
-    r = cli("prune", DIGITS_TEACHER, "--method", "structured", "--ratio", "0.3", "-o", out)
+    r = cli("prune", DIGITS_TEACHER, "--method", "structured", "--ratio", "0.3", "-o", out, "-q")
     assert r.code == 2 and "dependency groups" in one_line_error(r)
     assert not out.exists()

@@ -15,11 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modelzip_cli import decoders
-from modelzip_cli.context import Context
-from modelzip_cli.data import as_model_input, float_dtype
+from modelzip_cli import tokens
+from modelzip_cli.checkpoint.decoder_edits import BlocksEdit, DecoderEdit
 from modelzip_cli.errors import UsageError
-from modelzip_cli.techniques.base import Result
+from modelzip_cli.nn import decoders
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.data import as_model_input, float_dtype
+from modelzip_cli.techniques.base import Result, register
 from modelzip_cli.techniques.prune import (
     GradualConfig,
     LayersConfig,
@@ -153,10 +155,10 @@ class DecoderPruner:
             out.append("blocks differ in width: the config keeps the input's values; the edit records each block's")
         return out
 
-    def edits(self, ratio: float, **extra) -> list[dict]:
+    def edits(self, ratio: float, **extra) -> list[DecoderEdit]:
         rows = [{"block": b.name, "kv_heads": b.attention.kv_heads if b.attention else None,
                  "intermediate": b.mlp.width if b.mlp else None} for b in self.blocks if b.attention or b.mlp]
-        return [{"kind": "prune_decoder", "ratio": ratio, "importance": self.importance, "blocks": rows, **extra}]
+        return [DecoderEdit(ratio=ratio, importance=self.importance, blocks=rows, **extra)]
 
 
 def pruner(model: nn.Module, cfg: StructuredConfig | GradualConfig, ctx: Context) -> DecoderPruner | None:
@@ -206,7 +208,7 @@ def block_influence(model: nn.Module, layers: nn.ModuleList, inputs: torch.Tenso
         with progress("block influence", (len(inputs) + BATCH - 1) // BATCH) as bar:
             for j in range(0, len(inputs), BATCH):
                 batch = inputs[j:j + BATCH]
-                state["mask"] = batch[:, 1] if batch.ndim == 3 else None  # (B, 2, L): ids over mask
+                state["mask"] = tokens.mask_of(batch)  # (B, L) or None
                 model(as_model_input(batch, dtype))
                 bar.advance()
     finally:
@@ -215,6 +217,7 @@ def block_influence(model: nn.Module, layers: nn.ModuleList, inputs: torch.Tenso
     return (total / count.clamp_min(1)).tolist()
 
 
+@register(LayersConfig)
 def remove_layers(model: nn.Module, cfg: LayersConfig, ctx: Context) -> Result:
     stack = decoders.decoder_blocks(model)
     if stack is None:
@@ -242,6 +245,5 @@ def remove_layers(model: nn.Module, cfg: LayersConfig, ctx: Context) -> Result:
     notes = [f"layers: {len(removed)} of {n} blocks of {stack.prefix} removed, those whose output differs least "
              f"from their input (block influence 1 − cos, on {len(data)} samples): {shown}; blocks "
              f"renumbered, config num_hidden_layers={n - len(removed)}", *more]
-    edit = {"kind": "remove_blocks", "stack": stack.prefix, "removed": removed,
-            "influence": [round(x, 6) for x in influence]}
+    edit = BlocksEdit(stack=stack.prefix, removed=removed, influence=[round(x, 6) for x in influence])
     return Result(model, [edit], notes=notes, after=after)
