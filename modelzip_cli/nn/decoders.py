@@ -143,7 +143,7 @@ def _mlp(name: str, m: nn.Module) -> MLP | None:
 
 def decoder_blocks(model: nn.Module) -> tuple[Blocks, list[Block]] | None:
     """The model's stack of blocks and, in each, its attention and MLP as above; None when the model has no
-    stack or no block of it has either."""
+    stack or a block lacks either."""
     stack = blocks_of(model, min_blocks=1)  # one block is left after --method layers on two
     if stack is None:
         return None
@@ -156,8 +156,8 @@ def decoder_blocks(model: nn.Module) -> tuple[Blocks, list[Block]] | None:
             attn = attn or _attention(name, m)
             mlp = mlp or _mlp(name, m)
         out.append(Block(prefix, attn, mlp))
-    if not any(b.attention or b.mlp for b in out):
-        return None
+    if not all(b.attention and b.mlp for b in out):
+        return None  # a family whose blocks are only partly known here (an encoder's other MLP names)
     return stack, out
 
 
