@@ -1,7 +1,7 @@
 """The sample decoder (sample_models/tiny_llama, a 1.05 M-parameter Llama-architecture LM): every decoder
 method modelzip has, each made by the `modelzip` command's own code path, its held-out perplexity, file
-size and the time the method took; beside llm-compressor's GPTQ W4A16 on the same model and calibration
-windows when its peer environment can be made (bench/peers.py).
+size, prefill and decode tokens/s (batch 1, 2 threads) and the time the method took; beside llm-compressor's
+GPTQ W4A16 on the same model and calibration windows when its peer environment can be made (bench/peers.py).
 
 Windows: `data text --pack` of the decoder's own document split (sample_models/decoder.py): 128-token
 windows, calibration and held-out from different documents. Perplexity on every held-out window."""
@@ -34,13 +34,23 @@ def _rows(calib: str) -> dict[str, list[str]]:
                                          str(RATIO), *SPARSE_KEEP]
     rows["Wanda 50%"] = ["prune", "--method", "wanda", "--ratio", str(RATIO), *c]
     rows["SparseGPT 50%"] = ["prune", "--method", "sparsegpt", "--ratio", str(RATIO), *c]
+    # Structured: whole KV groups and SwiGLU channels, the same share in every block (at 25 % the sample's two KV
+    # groups per block round to none removed: only channels go; 50 % removes one of two)
+    for pct in (25, 50):
+        rows[f"structured {pct}% (KV groups + SwiGLU)"] = ["prune", "--method", "structured", "--ratio",
+                                                           str(pct / 100), *c]
+    rows["structured 25% + --recover"] = ["prune", "--method", "structured", "--ratio", "0.25", *c, "--recover",
+                                          "--data", c[1]]
+    rows["layers: 1 of 4 blocks (ShortGPT)"] = ["prune", "--method", "layers", "--blocks", "1", *c]
+    rows["layers: 1 of 4 blocks + --recover"] = ["prune", "--method", "layers", "--blocks", "1", *c, "--recover",
+                                                 "--data", c[1]]
     return rows
 
 
 def run() -> dict:
     from modelzip_cli.checkpoint.io import load_checkpoint
     from modelzip_cli.cli.app import run as modelzip
-    from modelzip_cli.measure.metrics import num_threads
+    from modelzip_cli.measure.metrics import generation_speed, num_threads
     from modelzip_cli.measure.perplexity import lm_figures
     from modelzip_cli.pipeline.data import load_data
     from sample_models import decoder
@@ -66,14 +76,17 @@ def run() -> dict:
     with num_threads(2):
         models = [load_checkpoint(p).model for p in paths.values()]
         figures = lm_figures(models, held)
+    speeds = generation_speed(models, held, threads=2)  # prefill and decode tokens/s, interleaved rounds
     base = figures[0]["perplexity"]
     rows = {}
-    for (name, path), f in zip(paths.items(), figures, strict=True):
+    for (name, path), f, speed in zip(paths.items(), figures, speeds, strict=True):
         size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.glob("*.safetensors")))
         rows[name] = {"perplexity": round(f["perplexity"], 3),
                       "increase_pct": round((f["perplexity"] / base - 1) * 100, 2),
                       "next_token_agreement": round(f.get("next_token_agreement", 1.0), 4),
-                      "bytes": size, "seconds": seconds.get(name)}
+                      "bytes": size, "seconds": seconds.get(name),
+                      "prefill_tokens_per_s": round(speed["prefill_tokens_per_s"], 1),
+                      "decode_tokens_per_s": round(speed["decode_tokens_per_s"], 1)}
     return {"model": str(model_dir.relative_to(decoder.HERE.parent)), "heldout_windows": int(held.shape[0]),
             "window": int(held.shape[-1]), "rows": rows, "failed": failed, "llmcompressor": peer}
 
@@ -81,16 +94,19 @@ def run() -> dict:
 def summary(r: dict) -> str:
     lines = [f"Sample decoder {r['model']}, perplexity on {r['heldout_windows']} held-out windows of "
              f"{r['window']} tokens.", "",
-             "| model | perplexity | increase | next-token agreement | bytes | seconds |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| model | perplexity | increase | next-token agreement | bytes | prefill tok/s | decode tok/s | "
+             "seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in r["rows"].items():
+        speed = (f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.0f}"
+                 if "decode_tokens_per_s" in row else " | ")
         lines.append(f"| {name} | {row['perplexity']:.3f} | {row['increase_pct']:+.2f}% | "
-                     f"{row['next_token_agreement']:.4f} | {row['bytes']:,} | {row['seconds'] or ''} |")
+                     f"{row['next_token_agreement']:.4f} | {row['bytes']:,} | {speed} | {row['seconds'] or ''} |")
     peer = r.get("llmcompressor") or {}
     if "perplexity" in peer:
         lines.append(f"| llm-compressor {peer['version']} GPTQ W4A16 g{peer['group']} | {peer['perplexity']:.3f} | "
                      f"{(peer['perplexity'] / r['rows']['fp32']['perplexity'] - 1) * 100:+.2f}% | | "
-                     f"{peer['bytes']:,} | {peer['seconds']} |")
+                     f"{peer['bytes']:,} | | | {peer['seconds']} |")
     elif peer:
         lines.append(f"\nllm-compressor: {peer.get('skipped')}")
     if r["failed"]:

@@ -454,8 +454,9 @@ def encode_module(model) -> Encoded:
     tensors, encodings, constants = encode_state(state)
     # Only versions above 1: a module without an entry loads as version 1 would (every torch state check is
     # `version is None or version < N` with N ≥ 2), and hundreds of `{"version": 1}` only bloat the header.
+    # A version that is not an int (Phi-3 models say "0.0.5") is a label of the model class, no torch layout.
     versions = {k: v for k, v in (getattr(state, "_metadata", None) or {}).items()
-                if v.get("version") is not None and v != {"version": 1}}
+                if type(v.get("version")) is int and v != {"version": 1}}
     return Encoded(tensors, encodings, constants, versions)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from modelzip_cli.checkpoint import compressed_tensors, legacy, shards
+from modelzip_cli.checkpoint.decoder_edits import Conv1DEdit
 from modelzip_cli.checkpoint.edits import Edit, replay_edits, validated_edits
 from modelzip_cli.checkpoint.format import (
     CHECKPOINT_SUFFIXES,
@@ -53,6 +54,7 @@ from modelzip_cli.errors import (
 )
 from modelzip_cli.files import Outputs, atomic_write, check_readable
 from modelzip_cli.limits import check_archive, check_memory, check_regular
+from modelzip_cli.nn import decoders
 from modelzip_cli.nn.surgery import to_dtype
 from modelzip_cli.zoo import ZOO
 
@@ -510,9 +512,19 @@ def load_checkpoint(path: str | Path, *, arch: str | None = None, arch_kwargs: d
     names it, `trusted_modules` (or MODELZIP_TRUSTED_MODULES) lists its module, or `trust_arch` says to
     trust whatever architecture the file records (the CLI's --trust-arch)."""
     with torch.inference_mode(False), trusting(trusted_modules):
-        return _load_checkpoint(Path(path), arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code,
-                                input_shape=input_shape, input_dtype=input_dtype, task=task, output_key=output_key,
-                                trust_arch=trust_arch)
+        return _linear_conv1d(_load_checkpoint(Path(path), arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code,
+                                               input_shape=input_shape, input_dtype=input_dtype, task=task,
+                                               output_key=output_key, trust_arch=trust_arch))
+
+
+def _linear_conv1d(loaded: Loaded) -> Loaded:
+    """A transformers model's Conv1D layers (GPT-2 and kin) become the nn.Linear they compute, recorded as an
+    edit, so every technique that handles Linears handles them and the output replays them."""
+    names = decoders.conv1d_layers(loaded.model)
+    if names and (loaded.manifest.arch or "").startswith("hf:"):
+        decoders.conv1d_to_linear(loaded.model, names)
+        loaded.manifest = loaded.manifest.with_edits([Conv1DEdit(modules=names)])
+    return loaded
 
 
 def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_code: bool,

@@ -12,49 +12,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from modelzip_cli.nn.decoders import Blocks, blocks_of  # noqa: F401  (the stack of blocks, found in nn/)
 
 
 class _Caught(Exception):
     """Raised by the pre-hook on the first block: the model need not run past it."""
 
 
-@dataclass
-class Blocks:
-    prefix: str  # qualified name of the ModuleList ("model.model.layers")
-    layers: nn.ModuleList
-
-    def name(self, i: int) -> str:
-        return f"{self.prefix}.{i}"
-
-
-def blocks_of(model: nn.Module, min_blocks: int = 2) -> Blocks | None:
-    """The model's stack of repeated blocks: the longest ModuleList whose children are all of one class
-    and each hold a weighted layer; None when there is none."""
-    best: Blocks | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < min_blocks:
-            continue
-        kinds = {type(child) for child in module}
-        weighted = all(any(getattr(m, "weight", None) is not None for m in child.modules()) for child in module)
-        if len(kinds) == 1 and weighted and (best is None or len(module) > len(best.layers)):
-            best = Blocks(name, module)
-    return best
-
-
 Inputs = list[tuple[tuple, dict]]  # per calibration batch: the block's positional and keyword arguments
+
+
+def _is_cache(value: object) -> bool:
+    """A transformers KV cache (GPT-2 passes it positionally)."""
+    return callable(getattr(value, "get_seq_length", None))
 
 
 def _clean(kwargs: dict) -> dict:
     """A block's keyword arguments without a KV cache: calibration passes must not grow one."""
     out = dict(kwargs)
-    if "past_key_values" in out:
-        out["past_key_values"] = None
-    if "past_key_value" in out:
-        out["past_key_value"] = None
+    for key in ("past_key_values", "past_key_value", "cache"):  # transformers 5 calls it `cache`
+        if key in out:
+            out[key] = None
     if "use_cache" in out:
         out["use_cache"] = False
     return out
@@ -67,7 +49,8 @@ def first_inputs(model: nn.Module, blocks: Blocks, batches: Iterable, forward: C
     seen: Inputs = []
 
     def catch(module, args, kwargs):
-        seen.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), _clean(kwargs)))
+        seen.append((tuple(a.detach() if isinstance(a, torch.Tensor) else None if _is_cache(a) else a for a in args),
+                     _clean(kwargs)))
         raise _Caught
 
     handle = blocks.layers[0].register_forward_pre_hook(catch, with_kwargs=True)

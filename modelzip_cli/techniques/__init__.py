@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from modelzip_cli.errors import UsageError
-from modelzip_cli.techniques import distill, lowrank, prune, quantize
+from modelzip_cli.techniques import distill, lowrank, prune, prune_decoder, quantize  # noqa: F401  (registers)
 from modelzip_cli.techniques.base import DATA_FLAGS, MethodConfig, Op, Result
 
 OPS: dict[str, Op] = {op.name: op for op in (distill.OP, prune.OP, lowrank.OP, quantize.OP)}

@@ -18,12 +18,13 @@ Without data, or where no single reading Linear is found, the L2 norm of the uni
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from modelzip_cli import tokens
@@ -40,7 +41,7 @@ from modelzip_cli.nn.surgery import (
     remove_heads,
 )
 from modelzip_cli.pipeline import sequential
-from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.context import Context, null_progress
 from modelzip_cli.pipeline.sequential import Hessian
 from modelzip_cli.techniques import recover
 from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection, handler, register
@@ -50,6 +51,7 @@ from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_module
 IMPORTANCE_ROWS = 256  # samples that measure unit and head importance
 CHUNK = 1 << 22  # elements per temporary (16 MB of float32): bounds extra memory whatever the model size
 BINS = 4096
+GRAPH_SECONDS = 600  # a dependency-graph search that runs longer is given up with one line (it can run for hours)
 
 
 class _PruneConfig(Recover, MethodConfig, Selection, FineTune):  # Recover first: its data needs win
@@ -99,7 +101,25 @@ class SparseGPTConfig(WandaConfig):
     damp: float = Field(0.01, gt=0, le=1)  # added to the Hessian's diagonal, as a share of its mean
 
 
-PruneConfig = MagnitudeConfig | StructuredConfig | GradualConfig | WandaConfig | SparseGPTConfig
+class LayersConfig(_PruneConfig):
+    """Remove whole blocks of a decoder, those that change their input least on calibration data (ShortGPT):
+    `ratio` of them, or `blocks` of them."""
+
+    method: ClassVar[str] = "layers"
+    ratio: float = Field(0.0, ge=0, lt=1)  # fraction of blocks (0 with `blocks`)
+    blocks: int | None = Field(None, ge=1)
+
+    def required_data(self) -> set[str]:
+        return {"calib_data"} | super().required_data()
+
+    @model_validator(mode="after")
+    def _ratio_or_blocks(self) -> LayersConfig:
+        if (self.blocks is None) == (self.ratio == 0):
+            raise ValueError("give one of ratio and blocks")
+        return self
+
+
+PruneConfig = MagnitudeConfig | StructuredConfig | GradualConfig | WandaConfig | SparseGPTConfig | LayersConfig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,6 +355,7 @@ class StructuredPruner:
     layers: list[tuple[str, nn.Module]]
     data: torch.Tensor | None = None  # inputs whose activations rank units and heads (None: weight norms)
     left: dict[str, list[str]] = field(default_factory=dict)  # why → the layers left as they were
+    progress: Callable = null_progress  # a bar over the dependency groups traced
 
     def __post_init__(self):
         selected = {n for n, _ in self.layers}
@@ -378,14 +399,21 @@ class StructuredPruner:
                                                                                          strict=True)]
         heads_todo = [t for t in heads_todo if t[1] > 0]
         readers = {}
-        for name, m, width, _ in todo:
-            with quiet_pruning():
-                group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(width)))
-            reason = self._blocker(group, selected)
-            if reason:
-                self._leave(name, reason)
-            else:
-                readers[name] = self._readers(group, width) if self.data is not None else []
+        start = time.monotonic()
+        with self.progress("dependency groups", len(todo)) as bar:
+            for done, (name, m, width, _) in enumerate(todo):
+                if time.monotonic() - start > GRAPH_SECONDS:
+                    raise UsageError(f"structured pruning gave up after {GRAPH_SECONDS} s tracing Torch-Pruning's "
+                                     f"dependency groups ({done} of {len(todo)} layers done)",
+                                     hint="select fewer layers with --include, or prune unstructured")
+                with quiet_pruning():
+                    group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(width)))
+                reason = self._blocker(group, selected)
+                if reason:
+                    self._leave(name, reason)
+                else:
+                    readers[name] = self._readers(group, width) if self.data is not None else []
+                bar.advance()
         moments = self._moments(readers, [b for b, _ in heads_todo])
         for block, remove in heads_todo:
             stats = moments.get(block["o"])
@@ -627,10 +655,22 @@ def _importance_data(ctx: Context) -> torch.Tensor | None:
     return None if data is None else data.inputs
 
 
+def _decoder_pruner(model: nn.Module, cfg: PruneConfig, ctx: Context):
+    """The decoder-aware pruner (prune_decoder.py) when the model is a decoder of known layout, else None."""
+    from modelzip_cli.techniques import prune_decoder
+
+    return prune_decoder.pruner(model, cfg, ctx)
+
+
 @register(StructuredConfig)
 def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> Result:
+    decoder = _decoder_pruner(model, cfg, ctx)
+    if decoder is not None:
+        from modelzip_cli.techniques import prune_decoder
+
+        return prune_decoder.prune_structured(model, cfg, ctx, decoder)
     pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
-                              _importance_data(ctx))
+                              _importance_data(ctx), progress=ctx.progress)
     teacher = recover.prepare(model, cfg, ctx)
     pruner.prune_to(cfg.ratio)
     notes = [*pruner.notes, f"structured pruning removed whole units: {len(pruner.history())} layer groups "
@@ -652,8 +692,9 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     teacher = recover.prepare(model, cfg, ctx)  # with --recover, every step fine-tunes against the input model
     structured = cfg.granularity == "structured"
     if structured:
-        pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
-                                  _importance_data(ctx))
+        pruner = _decoder_pruner(model, cfg, ctx) or StructuredPruner(
+            model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input), _importance_data(ctx),
+            progress=ctx.progress)
         pruner.check(cfg.ratio)
     else:
         weights = _selected_weights(model, cfg)

@@ -1,4 +1,4 @@
-"""`modelzip prune`: magnitude, wanda, sparsegpt, structured and gradual pruning."""
+"""`modelzip prune`: magnitude, wanda, sparsegpt, structured, layers and gradual pruning."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def prune(
     model: Input,
     ratio: Annotated[float | None, typer.Option("--ratio", help="fraction to remove, in [0, 1)")] = None,
     method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt | structured | "
-                                        "gradual")] = "magnitude",
+                                        "layers | gradual")] = "magnitude",
     scope: Annotated[str | None, typer.Option("--scope", help="magnitude, gradual: global (one threshold) | "
                                               "layer (default global)")] = None,
     granularity: Annotated[str | None, typer.Option("--granularity", help="gradual: unstructured (magnitude) | "
@@ -39,17 +39,19 @@ def prune(
                                                     "what ranks units and heads")] = None,
     calib_batches: Annotated[int | None, typer.Option("--calib-batches", help="wanda, sparsegpt: batches "
                                                       "(default 16)")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="layers: how many blocks to remove (instead of "
+                                               "--ratio)")] = None,
     plan: PlanFile = None,
     *, shared,
 ) -> None:
-    """Remove weights (magnitude; wanda and sparsegpt on data), whole units (structured), or reach the ratio
-    over steps (gradual)."""
+    """Remove weights (magnitude; wanda and sparsegpt on data), whole units (structured), whole decoder blocks
+    (layers), or reach the ratio over steps (gradual)."""
     if plan is not None:
         return run_plan("prune", model, plan, shared, shared.data, given(ratio=ratio, scope=scope,
                                                                           granularity=granularity, steps=steps))
-    if ratio is None:
+    if ratio is None and blocks is None:
         raise UsageError("prune needs --ratio R (or --plan PLAN)")
     values = given(ratio=ratio, scope=scope, granularity=granularity, steps=steps, calib_batches=calib_batches,
-                   include=shared.include, exclude=shared.exclude) | finetune_values(shared)
+                   blocks=blocks, include=shared.include, exclude=shared.exclude) | finetune_values(shared)
     technique("prune", method, model, shared, values, files={"data": shared.data, "calib_data": calib_data},
               gzip_output=True)
