@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -85,13 +86,17 @@ class Stored:
     dequantize: Callable[[], torch.Tensor]  # → the float32 weight (N, in)
 
 
+Runner = Callable[[torch.Tensor], torch.Tensor]  # x (..., in) → (..., out) in x's dtype, bias added
+
+
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    unsupported: Callable[[Geometry], str | None]  # why it cannot run this layer, or None
+    unsupported: Callable[[Geometry, Stored], str | None]  # why it cannot run this layer, or None
     pack: Callable[[Geometry, Stored], tuple]
-    # (geometry, packed, x (M, in), bias (out,) or None) → (M, out) in x's dtype
-    run: Callable[[Geometry, tuple, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    # (geometry, packed, bias (out,) or None, the inputs' dtype) → the layer's call, everything it can settle
+    # before seeing an input settled once: a call does no lookup, cast or allocation it does not need
+    bind: Callable[[Geometry, tuple, torch.Tensor | None, torch.dtype], Runner]
 
 
 def _int4_group(geo: Geometry) -> int | None:
@@ -107,18 +112,13 @@ def _int4_width(geo: Geometry, g: int) -> int:
     return geo.in_features if geo.in_features % g == 0 else geo.padded
 
 
-def _padded_input(geo: Geometry, x: torch.Tensor) -> torch.Tensor:
-    """(M, in) → (M, padded), contiguous: zeros against the stored weight's pad columns (exact)."""
-    return F.pad(x, (0, geo.padded - geo.in_features)) if geo.padded != geo.in_features else x.contiguous()
-
-
 def _unpacked_int4(geo: Geometry, qweight: torch.Tensor) -> torch.Tensor:
     """(N, cols) packed bytes → (N, padded) integers 0..15, low nibble first."""
     ints = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
     return ints[:, : geo.padded]
 
 
-def _int4_unsupported(geo: Geometry) -> str | None:
+def _int4_unsupported(geo: Geometry, w: Stored) -> str | None:
     if geo.bits != 4:
         return "int4 only"
     if _int4_group(geo) is None:
@@ -132,6 +132,7 @@ def _int4_pack(geo: Geometry, w: Stored) -> tuple:
     g = _int4_group(geo)
     width = _int4_width(geo, g)
     ints = _unpacked_int4(geo, w.qweight)[:, :width].to(torch.int32)  # (N, K)
+    # inner_k_tiles (the second argument) is ignored by the CPU packing: 1, 2, 4 and 8 timed alike
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints.contiguous(), 1)
     repeat = geo.group_size // g
     s = w.scales.float().repeat_interleave(repeat, dim=1)[:, : width // g]  # (N, K / g)
@@ -141,59 +142,118 @@ def _int4_pack(geo: Geometry, w: Stored) -> tuple:
     return packed, scales_and_zeros.to(torch.bfloat16).contiguous(), g, width
 
 
-def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A kernel's (M, out) result in x's dtype, plus the bias (added in that dtype, to a new tensor)."""
-    y = y.to(x.dtype)
-    return y if bias is None else y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))
+def _bias(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias to add to outputs of `dtype`: the parameter itself (detached) where the dtypes agree."""
+    return None if bias is None else bias.detach().to(dtype)
 
 
-def _int4_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _flat(run: Callable[[torch.Tensor], torch.Tensor], width: int, out: int) -> Runner:
+    """A 2-D kernel made to take any (..., width) input, as F.linear does."""
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return run(x)
+        return run(x.reshape(-1, width)).reshape(*x.shape[:-1], out)  # (..., in) → (M, in) → (..., out)
+    return call
+
+
+def _int4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
     weight, scales_and_zeros, g, width = packed
-    xk = F.pad(x, (0, width - geo.in_features)) if width != geo.in_features else x.contiguous()  # (M, K)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk.to(torch.bfloat16), weight, g, scales_and_zeros)
-    return _finish(y, x, bias)
+    mm, bf16, b, pad = torch.ops.aten._weight_int4pack_mm_for_cpu, torch.bfloat16, _bias(bias, dtype), \
+        (0, width - geo.in_features)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        xk = x.to(bf16) if pad[1] == 0 else F.pad(x, pad).to(bf16)  # (M, K)
+        y = mm(xk if xk.is_contiguous() else xk.contiguous(), weight, g, scales_and_zeros).to(dtype)
+        return y if b is None else y.add_(b)
+    return _flat(run, geo.in_features, geo.out_features)
 
 
-def _int8_unsupported(geo: Geometry) -> str | None:
+def _int8_unsupported(geo: Geometry, w: Stored) -> str | None:
     if geo.bits != 8:
         return "int8 only"
     if geo.group_size % 16:  # torch 2.13's kernel crashes on rows whose width is not a multiple of 16
         return f"group {geo.group_size} is not a multiple of 16 (the int8 kernel's block)"
+    if w.zero_points.any():  # modelzip writes symmetric int8; a file may hold zero points the kernel has no term for
+        return "zero points other than 0 (the int8 kernel's weights are symmetric)"
     return None
+
+
+def _aligned(q: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous copy: a tensor read from a file may start at any byte, and the int8 kernel's loads
+    need alignment (a weight loaded from safetensors crashed it where the same weight built in memory ran)."""
+    return q.clone(memory_format=torch.contiguous_format)
 
 
 def _int8_pack(geo: Geometry, w: Stored) -> tuple:
     q = w.qweight.reshape(geo.out_features, geo.groups, geo.group_size)  # (N, groups, G)
-    # a fresh copy: a tensor read from a file may start at any byte, and the kernel's loads need alignment
-    # (a weight loaded from safetensors crashed it where the same weight built in memory ran)
-    q = q.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (groups, N, G)
-    return q, w.scales.t().to(torch.bfloat16).contiguous()  # (groups, N)
+    return _aligned(q.transpose(0, 1)), w.scales.t().to(torch.bfloat16).contiguous()  # (groups, N, G), (groups, N)
 
 
-def _int8_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _int8_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
     q, scales = packed
-    rows = x.shape[0]
-    xg = _padded_input(geo, x).to(torch.bfloat16).reshape(rows, geo.groups, geo.group_size)  # (M, groups, G)
-    xg = xg.transpose(0, 1).contiguous()  # (groups, M, G)
-    y = torch.ops.aten._weight_int8pack_mm(xg[0], q[0], scales[0]).float()
-    for i in range(1, geo.groups):
-        y += torch.ops.aten._weight_int8pack_mm(xg[i], q[i], scales[i])
-    return _finish(y, x, bias)
+    mm, bf16, b, groups, pad = torch.ops.aten._weight_int8pack_mm, torch.bfloat16, _bias(bias, dtype), \
+        geo.groups, (0, geo.padded - geo.in_features)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        xg = (F.pad(x, pad) if pad[1] else x).to(bf16).reshape(x.shape[0], groups, -1)  # (M, groups, G)
+        xg = xg.transpose(0, 1).contiguous()  # (groups, M, G)
+        y = mm(xg[0], q[0], scales[0]).to(dtype if groups == 1 else torch.float32)
+        for i in range(1, groups):
+            y += mm(xg[i], q[i], scales[i])
+        y = y.to(dtype)
+        return y if b is None else y.add_(b)
+    return _flat(run, geo.in_features, geo.out_features)
 
 
-def _bf16_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _finish(F.linear(x.to(torch.bfloat16), packed[0]), x, bias)
+def _int8chan_unsupported(geo: Geometry, w: Stored) -> str | None:
+    if geo.bits != 8:
+        return "int8 only"
+    if geo.groups == 1:
+        return "one group per row already: int8pack runs it as stored"
+    if geo.in_features % 16:
+        return f"width {geo.in_features} is not a multiple of 16 (the int8 kernel's block)"
+    return None
 
 
-def _float_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, packed[0].to(x.dtype), bias)  # what the layer computed before it had kernels, bit for bit
+def _int8chan_pack(geo: Geometry, w: Stored) -> tuple:
+    """The stored weight requantized to one symmetric scale per output channel: |Δw| ≤ half that scale
+    (the largest group scale of the row), on top of the stored rounding."""
+    weight = w.dequantize()  # (N, in)
+    s = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+    q = torch.clamp(torch.round(weight / s[:, None]), -127, 127).to(torch.int8)
+    return _aligned(q), s.to(torch.bfloat16)
+
+
+def _int8chan_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    q, scales = packed
+    mm, bf16, b = torch.ops.aten._weight_int8pack_mm, torch.bfloat16, _bias(bias, dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        y = mm(x.to(bf16).contiguous(), q, scales).to(dtype)
+        return y if b is None else y.add_(b)
+    return _flat(run, geo.in_features, geo.out_features)
+
+
+def _bf16_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    weight, bf16, b = packed[0], torch.bfloat16, _bias(bias, dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # N-D as F.linear
+        y = F.linear(x.to(bf16), weight).to(dtype)
+        return y if b is None else y.add_(b)
+    return run
+
+
+def _float_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    # what the layer computed before it had kernels, bit for bit, with nothing else in the call
+    return functools.partial(F.linear, weight=packed[0].to(dtype), bias=_bias(bias, dtype))
 
 
 KERNEL_TABLE = {k.name: k for k in (
-    Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_run),
-    Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_run),
-    Kernel("bf16", lambda geo: None, lambda geo, w: (w.dequantize().to(torch.bfloat16),), _bf16_run),
-    Kernel("float", lambda geo: None, lambda geo, w: (w.dequantize(),), _float_run),
+    Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_bind),
+    Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_bind),
+    Kernel("int8chan", _int8chan_unsupported, _int8chan_pack, _int8chan_bind),
+    Kernel("bf16", lambda geo, w: None, lambda geo, w: (w.dequantize().to(torch.bfloat16),), _bf16_bind),
+    Kernel("float", lambda geo, w: None, lambda geo, w: (w.dequantize(),), _float_bind),
 )}
 
 
@@ -207,13 +267,15 @@ def available(name: str) -> bool:
     kernel = KERNEL_TABLE[name]
     try:
         with torch.no_grad():
-            y = kernel.run(geo, kernel.pack(geo, w), torch.ones(1, 64), None)
+            y = kernel.bind(geo, kernel.pack(geo, w), None, torch.float32)(torch.ones(1, 64))
     except Exception:  # a torch without the op, or a build/CPU it does not run on
         return False
     return tuple(y.shape) == (1, 16) and bool(torch.isfinite(y).all())
 
 
-_scoped: list[str] = []  # use_kernel() blocks, innermost last
+# use_kernel() blocks, innermost last, above None (no block): a layer's call reads SCOPE[-1] to know that the
+# kernel it bound is still the one to run
+SCOPE: list[str | None] = [None]
 
 
 @contextlib.contextmanager
@@ -222,18 +284,18 @@ def use_kernel(name: str) -> Iterator[None]:
     exported graph reproduces), whatever they chose."""
     if name not in KERNELS:
         raise ValueError(f"unknown weight-only kernel {name!r}")
-    _scoped.append(name)
+    SCOPE.append(name)
     try:
         yield
     finally:
-        _scoped.pop()
+        SCOPE.pop()
 
 
 def forced() -> str | None:
     """The kernel a use_kernel() block or MODELZIP_WO_KERNEL forces, or None (auto). An unknown name in the
-    environment is ignored as auto."""
-    if _scoped:
-        return _scoped[-1]
+    environment is ignored as auto. A layer reads the environment when it first runs on a call size."""
+    if SCOPE[-1] is not None:
+        return SCOPE[-1]
     name = os.environ.get(KERNEL_ENV, "auto")
     return name if name in KERNELS else None
 
@@ -246,11 +308,11 @@ def row_class(rows: int) -> int:
     raise AssertionError("the last row class takes every size")
 
 
-def candidates(geo: Geometry, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
+def candidates(geo: Geometry, w: Stored, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """The kernels that can run this layer on inputs of `dtype`, and why each other one cannot."""
     ok, why = [], {}
     for name, kernel in KERNEL_TABLE.items():
-        reason = kernel.unsupported(geo)
+        reason = kernel.unsupported(geo, w)
         if reason is None and name != "float" and dtype not in FAST_DTYPES:
             reason = f"{dtype} inputs stay in their own precision"
         if reason is None and not available(name):
@@ -272,13 +334,14 @@ def cache_path() -> Path:
 
 @functools.cache
 def machine_key() -> str:
-    """What a measurement holds for: the CPU (model and flags), torch's version and the core count."""
+    """What a measurement holds for: the CPU (model and flags), the kernels torch runs on it (its capability:
+    ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 code), torch's version and the core count."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
     cpu = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
-    text = "|".join([*cpu, torch.__version__, str(os.cpu_count())])
+    text = "|".join([*cpu, torch.backends.cpu.get_cpu_capability(), torch.__version__, str(os.cpu_count())])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -315,18 +378,46 @@ def _remembered(key: str) -> str | None:
 CHOICES: dict[tuple, str] = {}
 
 
-def _copies(packed: tuple, rows: int) -> list[tuple]:
-    """Copies of a packed weight to cycle through while timing: in a model, a layer's weights come from
-    memory, not from a cache warmed by the call before (a 576×576 fp32 GEMV measured 23 µs cache-hot and
-    164 µs cycling through 60 copies; int4pack 28 and 24). Few rows only: many rows are bound by arithmetic."""
+_LIVE: weakref.WeakSet[LayerKernels] = weakref.WeakSet()  # the kernels of every weight-only layer alive here
+
+
+def working_set() -> int:
+    """Bytes of the float32 weights of every weight-only layer alive in this process: whether a layer's
+    weights are still in cache when it runs again."""
+    return sum(4 * k.geo.in_features * k.geo.out_features for k in list(_LIVE))
+
+
+@functools.cache
+def l2_bytes() -> int:
+    """The CPU's L2 caches together (per core × cores), from sysfs; 1 MiB a core where it does not say."""
+    per_core = 1 << 20
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                per_core = int(size.rstrip("KMB")) << (20 if size.endswith("M") else 10)
+        except (OSError, ValueError):
+            pass
+    return per_core * (os.cpu_count() or 1)
+
+
+def _copies(packed: tuple, rows: int, cold: bool) -> list[tuple]:
+    """Copies of a packed weight to cycle through while timing, for a layer of a model too big for the L2
+    caches (`cold`): there a layer's weights come from memory, not from a cache warmed by the call before
+    (a 576×576 fp32 GEMV measured 23 µs cache-hot and 164 µs cycling through 60 copies; int4pack 28 and 24).
+    In a model that fits (the digits MLP, 0.8 MB) the weights stay hot, where float wins small layers
+    (64×512: int4pack 0.6× float hot, 1.3× cold). Few rows only: many rows are bound by arithmetic."""
     size = sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
-    count = 1 if rows >= ROW_CLASSES[-1][1] else max(1, min(PROBE_COPIES, PROBE_BYTES // max(size, 1)))
+    few = cold and rows < ROW_CLASSES[-1][1]
+    count = max(1, min(PROBE_COPIES, PROBE_BYTES // max(size, 1))) if few else 1
     return [packed] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in packed)
                        for _ in range(count - 1)]
 
 
-def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype) -> str:
-    """The fastest of `packs` on `rows` random rows, if it beats float by MARGIN; else float. One thread
+def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype, bias: torch.Tensor | None,
+           cold: bool) -> str:
+    """The fastest of `packs` on `rows` random rows, bias added as the layer adds it (free in float's
+    product, a pass of its own after a packed kernel), if it beats float by MARGIN; else float. One thread
     (where a busy machine's noise is smallest: two threads wait for each other whenever either is
     descheduled), interleaved rounds, the fastest round of each, each round a pass over copies."""
     x = torch.randn(rows, geo.in_features).to(dtype)
@@ -335,15 +426,15 @@ def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            copies = {name: _copies(packed, rows) for name, packed in packs.items()}
-            for name, packed in packs.items():  # warm-up: first calls allocate
-                KERNEL_TABLE[name].run(geo, packed, x, None)
+            calls = {name: [KERNEL_TABLE[name].bind(geo, each, bias, dtype) for each in _copies(packed, rows, cold)]
+                     for name, packed in packs.items()}
+            for each in calls.values():  # warm-up: first calls allocate
+                each[0](x)
             for _ in range(PROBE_ROUNDS):
-                for name, each in copies.items():
-                    run = KERNEL_TABLE[name].run
+                for name, each in calls.items():
                     t0 = time.perf_counter()
-                    for packed in each:
-                        run(geo, packed, x, None)
+                    for call in each:
+                        call(x)
                     best[name] = min(best[name], (time.perf_counter() - t0) / len(each))
     finally:
         torch.set_num_threads(old_threads)
@@ -351,15 +442,36 @@ def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype
     return fastest if best[fastest] * MARGIN < best.get("float", float("inf")) else "float"
 
 
-class LayerKernels:
-    """One weight-only layer's kernels: which runs each row class, and the packed tensors, built at first
-    use from the stored tensors and kept while those are the same tensors (a load or .to() clears it)."""
+def tracing() -> bool:
+    """Whether this call is being traced (torch.jit, torch.compile, torch.export): the graph should hold the
+    stored integers and their dequantization, not a kernel's packed copy."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
-    def __init__(self):
+
+FAST_ENTRIES = 64  # input sizes a layer remembers the call of (generation without a KV cache grows its input)
+
+
+class LayerKernels:
+    """One weight-only layer's kernels: which runs each row class, the packed tensors, built at first use
+    from the stored tensors and kept while those are the same tensors (a load, .to() or assignment clears
+    it), and the bound calls: `fast` maps an input's element count to the call that runs it, for inputs of
+    `dtype` under use_kernel block `scope`, so that a layer's forward is one lookup and the kernel."""
+
+    def __init__(self, geo: Geometry):
+        self.geo = geo
+        _LIVE.add(self)
         self._stored: Stored | None = None
         self.packed: dict[str, tuple[Stored, tuple]] = {}  # kernel → (the stored tensors it was packed from, packed)
         self.chosen: dict[tuple, str] = {}  # (row class, dtype, forced kernel or None) → kernel
         self.notes: dict[str, str] = {}  # kernel forced but unusable → why
+        self._forget_calls()
+
+    def _forget_calls(self) -> None:
+        self.bound: dict[tuple[str, torch.dtype], Runner] = {}
+        self.modes: dict[tuple, dict[int, Runner]] = {}  # (dtype, scope) → {input numel → call}
+        self.fast: dict[int, Runner] = {}
+        self.dtype: torch.dtype | None = None
+        self.scope: str | None = None
 
     def stored(self, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                dequantize: Callable[[], torch.Tensor]) -> Stored:
@@ -367,6 +479,7 @@ class LayerKernels:
         w = self._stored
         if w is None or w.qweight is not qweight or w.scales is not scales or w.zero_points is not zero_points:
             w = self._stored = Stored(qweight, scales, zero_points, dequantize)
+            self._forget_calls()
         return w
 
     def _pack(self, name: str, geo: Geometry, w: Stored) -> tuple:
@@ -376,24 +489,26 @@ class LayerKernels:
                 hit = self.packed[name] = (w, KERNEL_TABLE[name].pack(geo, w))
         return hit[1]
 
-    def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype) -> str:
+    def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype, bias: torch.Tensor | None) -> str:
         """The kernel for a call on `rows` rows of `dtype`: forced, else cached, else measured now."""
         cls, want = row_class(rows), forced()
         hit = self.chosen.get((cls, dtype, want))
         if hit is not None:
             return hit
-        ok, why = candidates(geo, dtype)
+        ok, why = candidates(geo, w, dtype)
         if want is not None:
             name = want if want in ok else "float"
             if want not in ok:
                 self.notes[want] = why[want]
         else:
-            key = (geo, cls, dtype)
-            text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."))))
+            cold = working_set() > l2_bytes()
+            key = (geo, cls, dtype, bias is not None, cold)
+            text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."),
+                                      "bias" * (bias is not None), "cold" if cold else "hot")))
             name = CHOICES.get(key) or _remembered(text)
             if name is None or name not in ok:
                 packs = {n: self._pack(n, geo, w) for n in ok}
-                name = _probe(geo, packs, ROW_CLASSES[cls][1], dtype)
+                name = _probe(geo, packs, ROW_CLASSES[cls][1], dtype, bias, cold)
                 _remember(text, name)
                 for loser in set(packs) - {name} - set(self.chosen.values()):
                     self.packed.pop(loser, None)  # keep only what runs
@@ -401,16 +516,26 @@ class LayerKernels:
         self.chosen[(cls, dtype, want)] = name
         return name
 
-    def run(self, geo: Geometry, w: Stored, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(M, in) → (M, out) in x's dtype, bias added."""
-        name = self.choose(geo, w, x.shape[0], x.dtype)
-        return KERNEL_TABLE[name].run(geo, self._pack(name, geo, w), x, bias)
+    def call(self, geo: Geometry, w: Stored, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) → (..., out) in x's dtype, bias added; the call is kept in `fast` for the next input
+        of this size."""
+        dtype, scope = x.dtype, SCOPE[-1]
+        name = self.choose(geo, w, x.numel() // geo.in_features, dtype, bias)
+        run = self.bound.get((name, dtype))
+        if run is None:
+            run = self.bound[name, dtype] = KERNEL_TABLE[name].bind(geo, self._pack(name, geo, w), bias, dtype)
+        if (dtype, scope) != (self.dtype, self.scope):
+            self.fast = self.modes.setdefault((dtype, scope), {})
+            self.dtype, self.scope = dtype, scope
+        if len(self.fast) < FAST_ENTRIES:
+            self.fast[x.numel()] = run
+        return run(x)
 
     def __deepcopy__(self, memo) -> LayerKernels:
-        return LayerKernels()
+        return LayerKernels(self.geo)
 
     def __getstate__(self) -> dict:
-        return {}
+        return {"geo": self.geo}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(state["geo"])
