@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import statistics
 import time
@@ -211,6 +212,60 @@ def _products(threads: int) -> dict:
     return out
 
 
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2"}  # torch runs its AVX2 kernels on this AVX-512 CPU
+AVX2_CHILD = ("import json; from bench.bench_int8 import weight_only_mlp; "
+              "print('AVX2_RESULT ' + json.dumps(weight_only_mlp()))")
+
+
+def weight_only_mlp(threads: int = 2) -> dict:
+    """fp32 against weight-only int4 / int8 (group 128) on the MLP at batch 1 and 64, interleaved medians,
+    with the kernel each layer ran on and torch's CPU capability: the section run again with AVX2 kernels."""
+    import torch
+    from torch import nn
+
+    from modelzip_cli.checkpoint import build_arch
+    from modelzip_cli.edits import WeightOnlyLinear
+    from modelzip_cli.measure import interleaved_latency, num_threads
+
+    torch.manual_seed(0)
+    fp32 = build_arch("zoo:mlp", MLP).eval()
+    models = {"fp32": fp32}
+    for bits in (4, 8):
+        m = copy.deepcopy(fp32)
+        for name, layer in list(m.named_modules()):
+            if isinstance(layer, nn.Linear):
+                parent, _, child = name.rpartition(".")
+                quantized = WeightOnlyLinear.from_float(layer, bits, 128)
+                setattr(m.get_submodule(parent) if parent else m, child, quantized)
+        models[f"weight-only int{bits} (group 128)"] = m.eval()
+    out: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads}
+    for batch in (1, 64):
+        x = torch.randn(batch, 1024)
+        with torch.inference_mode(), num_threads(threads):
+            for m in models.values():
+                m(x)  # first calls choose and pack
+        timings = [interleaved_latency(list(models.values()), [x] * len(models), threads=threads, min_rounds=5,
+                                       min_seconds=0.3) for _ in range(ROUNDS)]
+        ms = {name: statistics.median(t[i].median for t in timings) for i, name in enumerate(models)}
+        out[f"batch_{batch}"] = {name: {"ms": ms[name], "speedup_vs_fp32": ms["fp32"] / ms[name],
+                                        "kernels": _kernels(m, batch)} for name, m in models.items()}
+    return out
+
+
+def _avx2_section() -> dict:
+    """weight_only_mlp() in a child process whose torch runs its AVX2 kernels (an AVX2-only machine,
+    simulated: same caches and memory, no AVX-512, VNNI-512 or AMX code in torch's own kernels)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", AVX2_CHILD], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **AVX2_ENV})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("AVX2_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        return {"failed": proc.stderr[-2000:]}
+    return json.loads(line.removeprefix("AVX2_RESULT "))
+
+
 def run() -> dict:
     import torch
 
@@ -236,6 +291,7 @@ def run() -> dict:
     test = load_data(ROOT / "sample_models" / "digits_test.safetensors")
     calib = [x for x, _, _ in train.batches(32)][:16]
     results["digits"] = _compare(teacher, calib, test.inputs[:1], lambda b: batch_of(test.inputs, b), threads)
+    results["weight_only_avx2"] = {"env": AVX2_ENV, **_avx2_section()}
     return results
 
 
@@ -259,4 +315,15 @@ def summary(r: dict) -> str:
             lines.append("")
         if r[model]["failed"]:
             lines += [f"failed: {', '.join(r[model]['failed'])}", ""]
+    avx2 = r.get("weight_only_avx2")
+    if avx2 and "failed" in avx2:
+        lines += ["Weight-only on AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) failed: " + avx2["failed"][-300:], ""]
+    elif avx2:
+        lines += [f"Weight-only on the MLP with torch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2: an AVX2-only "
+                  f"machine simulated on this CPU; capability {avx2['cpu_capability']}), {avx2['threads']} threads:",
+                  "", "| model | batch | ms | vs fp32 | kernels |", "|---|---|---|---|---|"]
+        for batch in ("batch_1", "batch_64"):
+            lines += [f"| {name} | {batch.removeprefix('batch_')} | {v['ms']:.3f} | {v['speedup_vs_fp32']:.2f}× | "
+                      f"{', '.join((v['kernels'] or {}).values()) or '—'} |" for name, v in avx2[batch].items()]
+        lines.append("")
     return "\n".join(lines)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 KERNEL_ENV = "MODELZIP_WO_KERNEL"
-KERNELS = ("int4pack", "int8pack", "bf16", "float")
+KERNELS = ("int4pack", "int8pack", "int8chan", "int8dyn", "bf16", "float")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 CPU kernel takes
 # (largest row count of the class, rows the probe times it at): decoding one token, a few rows, a batch
 ROW_CLASSES = ((2, 1), (32, 16), (None, 128))
@@ -210,27 +210,65 @@ def _int8chan_unsupported(geo: Geometry, w: Stored) -> str | None:
         return "int8 only"
     if geo.groups == 1:
         return "one group per row already: int8pack runs it as stored"
-    if geo.in_features % 16:
-        return f"width {geo.in_features} is not a multiple of 16 (the int8 kernel's block)"
     return None
 
 
-def _int8chan_pack(geo: Geometry, w: Stored) -> tuple:
-    """The stored weight requantized to one symmetric scale per output channel: |Δw| ≤ half that scale
-    (the largest group scale of the row), on top of the stored rounding."""
+def _requantized(geo: Geometry, w: Stored) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored weight requantized to one symmetric int8 scale per output channel, (N, in) and (N,):
+    |Δw| ≤ half that scale (the largest group scale of the row), on top of the stored rounding."""
     weight = w.dequantize()  # (N, in)
     s = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
-    q = torch.clamp(torch.round(weight / s[:, None]), -127, 127).to(torch.int8)
-    return _aligned(q), s.to(torch.bfloat16)
+    return torch.clamp(torch.round(weight / s[:, None]), -127, 127).to(torch.int8), s
+
+
+def _int8chan_pack(geo: Geometry, w: Stored) -> tuple:
+    q, s = _requantized(geo, w)
+    # the kernel takes widths in blocks of 16 (torch 2.13 crashes on others): zero columns against zero inputs
+    return _aligned(F.pad(q, (0, -geo.in_features % 16))), s.to(torch.bfloat16)
 
 
 def _int8chan_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
     q, scales = packed
-    mm, bf16, b = torch.ops.aten._weight_int8pack_mm, torch.bfloat16, _bias(bias, dtype)
+    mm, bf16, b, pad = torch.ops.aten._weight_int8pack_mm, torch.bfloat16, _bias(bias, dtype), \
+        (0, q.shape[1] - geo.in_features)
 
     def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
-        y = mm(x.to(bf16).contiguous(), q, scales).to(dtype)
+        xk = x.to(bf16) if pad[1] == 0 else F.pad(x.to(bf16), pad)  # (M, K)
+        y = mm(xk if xk.is_contiguous() else xk.contiguous(), q, scales).to(dtype)
         return y if b is None else y.add_(b)
+    return _flat(run, geo.in_features, geo.out_features)
+
+
+def _int8dyn_unsupported(geo: Geometry, w: Stored) -> str | None:
+    if geo.bits != 8:  # int4 layers keep their activations in float (int4pack, bf16, float)
+        return "int8 only"
+    if geo.in_features % 8 or geo.out_features % 8:
+        return f"{geo.in_features}×{geo.out_features} is not a multiple of 8 (the int8 GEMM's block)"
+    return None
+
+
+def _int8dyn_pack(geo: Geometry, w: Stored) -> tuple:
+    """Per-channel symmetric int8 (K, N) for `_int_mm`, from the stored weight (requantized as int8chan's
+    unless it is per-channel int8 already: then exactly the stored integers), and its float32 scales."""
+    if geo.groups == 1 and not w.zero_points.any():
+        q, s = w.qweight[:, : geo.in_features], w.scales[:, 0].float()
+    else:
+        q, s = _requantized(geo, w)
+    return _aligned(q.t()), s.float()
+
+
+def _int8dyn_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    qt, w_scales = packed  # (K, N) int8, (N,)
+    b = None if bias is None else bias.detach().float()
+    int_mm = torch._int_mm
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        rows = x.float()
+        s = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)  # (M, 1): one scale per token
+        q = torch.round(rows / s).to(torch.int8)  # |q| ≤ 127
+        y = int_mm(q, qt).float().mul_(s * w_scales)  # (M, N)
+        y = y if b is None else y.add_(b)
+        return y.to(dtype)
     return _flat(run, geo.in_features, geo.out_features)
 
 
@@ -252,6 +290,7 @@ KERNEL_TABLE = {k.name: k for k in (
     Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_bind),
     Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_bind),
     Kernel("int8chan", _int8chan_unsupported, _int8chan_pack, _int8chan_bind),
+    Kernel("int8dyn", _int8dyn_unsupported, _int8dyn_pack, _int8dyn_bind),
     Kernel("bf16", lambda geo, w: None, lambda geo, w: (w.dequantize().to(torch.bfloat16),), _bf16_bind),
     Kernel("float", lambda geo, w: None, lambda geo, w: (w.dequantize(),), _float_bind),
 )}
