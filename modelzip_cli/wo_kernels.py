@@ -364,6 +364,7 @@ def candidates(geo: Geometry, w: Stored, dtype: torch.dtype) -> tuple[list[str],
 
 
 CACHE_ENV = "MODELZIP_CACHE_DIR"
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # what oneDNN's and MKL's kernels may use
 
 
 def cache_path() -> Path:
@@ -374,13 +375,15 @@ def cache_path() -> Path:
 @functools.cache
 def machine_key() -> str:
     """What a measurement holds for: the CPU (model and flags), the kernels torch runs on it (its capability:
-    ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 code), torch's version and the core count."""
+    ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 code; oneDNN's and MKL's own limits), torch's
+    version and the core count."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
     cpu = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
-    text = "|".join([*cpu, torch.backends.cpu.get_cpu_capability(), torch.__version__, str(os.cpu_count())])
+    limits = [os.environ.get(v, "") for v in ISA_LIMITS]
+    text = "|".join([*cpu, torch.backends.cpu.get_cpu_capability(), *limits, torch.__version__, str(os.cpu_count())])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -458,7 +461,8 @@ def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype
     """The fastest of `packs` on `rows` random rows, bias added as the layer adds it (free in float's
     product, a pass of its own after a packed kernel), if it beats float by MARGIN; else float. One thread
     (where a busy machine's noise is smallest: two threads wait for each other whenever either is
-    descheduled), interleaved rounds, the fastest round of each, each round a pass over copies."""
+    descheduled), timed by the CPU time of that thread (the time it waited for a core does not count),
+    interleaved rounds, the fastest round of each, each round a pass over copies."""
     x = torch.randn(rows, geo.in_features).to(dtype)
     best = {name: float("inf") for name in packs}
     old_threads = torch.get_num_threads()
@@ -471,10 +475,10 @@ def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype
                 each[0](x)
             for _ in range(PROBE_ROUNDS):
                 for name, each in calls.items():
-                    t0 = time.perf_counter()
+                    t0 = time.thread_time()
                     for call in each:
                         call(x)
-                    best[name] = min(best[name], (time.perf_counter() - t0) / len(each))
+                    best[name] = min(best[name], (time.thread_time() - t0) / len(each))
     finally:
         torch.set_num_threads(old_threads)
     fastest = min(best, key=best.get)
