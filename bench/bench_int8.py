@@ -1,6 +1,7 @@
 """int8 without torch.ao: modelzip's plain-int8 modules on each backend against fp32, the first wave's torch.ao
 paths, torchao's eager int8, and modelzip's weight-only int8 / int4 on the kernels measured fastest here
-(and forced onto the float fallback, for comparison), one run.
+(and forced onto the float fallback, the per-group int8 kernel and W8A8 `int8dyn`, for comparison), one
+run, and the weight-only MLP again with AVX2 kernels only (an AVX2 machine simulated).
 
 MLP 1024→4096→4096→1024 (random inputs, random calibration) and the digits teacher (its own test and
 train data), batch 1 and 64, 2 threads. Every model is timed in interleaved rounds (machine noise hits
@@ -118,16 +119,22 @@ def _models(fp32, calib, example) -> dict:
         m = weight_only(bits)
         models[f"weight-only int{bits} (group 128)"] = (m, "auto", None)
         models[f"weight-only int{bits} (group 128), float fallback forced"] = (copy.deepcopy(m), "auto", "wo-float")
+        if bits == 8:  # what the chooser passes over or may not choose
+            models["weight-only int8 (group 128), int8pack forced (one call per group)"] = \
+                (copy.deepcopy(m), "auto", "wo-int8pack")
+            models["weight-only int8 (group 128), int8dyn forced (W8A8: activations rounded per token)"] = \
+                (copy.deepcopy(m), "auto", "wo-int8dyn")
     return models
 
 
 @contextlib.contextmanager
 def _kernel(backend: str, kernel: str | None):
-    """The int8 backend and plain kernel a model runs under, or ("wo-float") weight-only on the float kernel."""
+    """The int8 backend and plain kernel a model runs under, or ("wo-NAME") weight-only on kernel NAME."""
     from modelzip_cli import int8, wo_kernels
 
-    with int8.use_backend(backend), int8.use_kernel("auto" if kernel in (None, "wo-float") else kernel):
-        with wo_kernels.use_kernel("float") if kernel == "wo-float" else contextlib.nullcontext():
+    weight_only = kernel is not None and kernel.startswith("wo-")
+    with int8.use_backend(backend), int8.use_kernel("auto" if kernel is None or weight_only else kernel):
+        with wo_kernels.use_kernel(kernel.removeprefix("wo-")) if weight_only else contextlib.nullcontext():
             yield
 
 

@@ -9,27 +9,46 @@ its own layout the first time a layer runs (kept in memory, never stored) and co
   (a wider group is written as several of these with the same scale) and widths N divisible by 16.
 - int8pack: torch's int8 weight kernel (`torch._weight_int8pack_mm`), bf16 activations. It takes one scale
   per output channel, so a grouped weight runs as one call per group, summed; groups of a multiple of 16.
+- int8chan: the same kernel in one call, on a grouped int8 weight requantized at packing to one symmetric
+  scale per output channel (the row's largest): each weight moves by at most half that scale, on top of
+  its stored rounding (the int8 GEMV is 8–32 calls of int8pack in one: 2.1× fp32 where int8pack gave 1.1×).
+- int8dyn: W8A8 from the W8A16 file: the weight as int8chan's (the stored integers where they are per
+  channel already), activations rounded to int8 per row at run time, `torch._int_mm`. That rounding
+  changes the numerics (relative error about 8e-3 on Gaussian activations; tests allow 2e-2), so it runs
+  only where forced (`MODELZIP_WO_KERNEL=int8dyn`), never by the probe's choice.
 - bf16: a dequantized bf16 copy of the weight (2 bytes per weight in memory), bf16 activations: where the
   CPU multiplies bf16 natively (AMX, AVX512-BF16) this beats fp32 once the product is compute-bound.
 - float: a dequantized copy in the input's dtype (4 bytes per weight for fp32), the float layer's own
   speed: the fallback, never slower than float.
 
+Tried and left out (measured on this Xeon with AVX-512 VNNI/BF16 and AMX, one thread, 4096×4096 at one row):
+the CPU packing's inner_k_tiles (1, 2, 4, 8: the same speed, it is ignored); int4pack on float32
+activations (0.1× fp32: the kernel's fp32 path is a slow loop); `_weight_int8pack_mm` on float32
+activations (0.3×); `_int_mm` at one row (0.7–0.9×); oneDNN's `qlinear_pointwise` (as fast as int8pack
+where it ran, no primitive for 576-wide layers); `_dyn_quant_matmul_4bit` (its x86 packing raises in torch
+2.13); torch.ao's dynamic linear (3–5×, but quantized dtypes, which modelzip no longer uses).
+
+A layer's call is bound once per input size, dtype and use_kernel block (`LayerKernels.call`): the packed
+tensors, cast bias and padding settled, the forward is one dict lookup and the kernel (a digits MLP at one
+row: 1.0× the float model, where a call that re-decided everything ran 0.6×).
+
 The choice: a call's row count falls in a size class (ROW_CLASSES); for each (bits, shape, group, class,
-dtype) every kernel that can run the layer is timed on the layer's own weights (`_probe`), and the
+dtype, bias) every kernel that can run the layer is timed on the layer's own weights (`_probe`), and the
 fastest is kept if it beat float by MARGIN: for the process (`CHOICES`) and in a file of measurements keyed
-by the machine (CPU model and flags, torch version, core count), `$MODELZIP_CACHE_DIR/wo_kernels.json`
-(default ~/.cache/modelzip), so that every process on one machine runs a layer on the same kernel and gives
-the same output bits. Delete the file to measure again; where it cannot be written, each process measures.
+by the machine (CPU model and flags, torch's CPU capability and oneDNN's/MKL's ISA limits, torch version,
+core count), `$MODELZIP_CACHE_DIR/wo_kernels.json` (default ~/.cache/modelzip), so that every process on
+one machine runs a layer on the same kernel and gives the same output bits. Delete the file to measure
+again; where it cannot be written, each process measures.
 
-The probe runs on one thread: on a machine whose cores other processes keep busy, two-thread timings
-are dominated by threads waiting for each other. The cost: such contention at run time hurts most the
-kernel that makes the most calls (int8pack, one per group: 0.05× fp32 measured on this shared 2-core
-machine while other jobs ran, 1.4× on one thread), which the probe does not see.
+The probe runs on one thread, timed by that thread's CPU time: on a machine whose cores other processes
+keep busy, wall-clock and two-thread timings are dominated by waiting. The cost: such contention at run
+time hurts most the kernel that makes the most calls (int8pack, one per group: 0.05× fp32 measured on
+this shared 2-core machine while other jobs ran, 1.4× on one thread), which the probe does not see.
 
-`MODELZIP_WO_KERNEL=<name>` forces a kernel for a process (a layer it cannot run falls back to float, with
-a note); `available()` answers whether this torch has a kernel that runs here. The bf16 kernels agree with
-the dequantize-and-matmul reference within bf16 rounding of the activations (relative error about 3e-3;
-tests allow 1e-2); float is exact.
+`MODELZIP_WO_KERNEL=<name>` forces a kernel for a process (read when a layer first runs on a call size; a
+layer it cannot run falls back to float, with a note); `available()` answers whether this torch has a
+kernel that runs here. The bf16 kernels agree with the dequantize-and-matmul reference within bf16
+rounding of the activations (relative error about 3e-3; tests allow 1e-2); float is exact.
 """
 
 from __future__ import annotations
@@ -97,6 +116,7 @@ class Kernel:
     # (geometry, packed, bias (out,) or None, the inputs' dtype) → the layer's call, everything it can settle
     # before seeing an input settled once: a call does no lookup, cast or allocation it does not need
     bind: Callable[[Geometry, tuple, torch.Tensor | None, torch.dtype], Runner]
+    auto: bool = True  # among those the probe may choose; else only where forced (numerics beyond bf16 rounding)
 
 
 def _int4_group(geo: Geometry) -> int | None:
@@ -290,7 +310,7 @@ KERNEL_TABLE = {k.name: k for k in (
     Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_bind),
     Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_bind),
     Kernel("int8chan", _int8chan_unsupported, _int8chan_pack, _int8chan_bind),
-    Kernel("int8dyn", _int8dyn_unsupported, _int8dyn_pack, _int8dyn_bind),
+    Kernel("int8dyn", _int8dyn_unsupported, _int8dyn_pack, _int8dyn_bind, auto=False),
     Kernel("bf16", lambda geo, w: None, lambda geo, w: (w.dequantize().to(torch.bfloat16),), _bf16_bind),
     Kernel("float", lambda geo, w: None, lambda geo, w: (w.dequantize(),), _float_bind),
 )}
@@ -549,8 +569,8 @@ class LayerKernels:
             text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."),
                                       "bias" * (bias is not None), "cold" if cold else "hot")))
             name = CHOICES.get(key) or _remembered(text)
-            if name is None or name not in ok:
-                packs = {n: self._pack(n, geo, w) for n in ok}
+            if name is None or name not in ok or not KERNEL_TABLE[name].auto:
+                packs = {n: self._pack(n, geo, w) for n in ok if KERNEL_TABLE[n].auto}
                 name = _probe(geo, packs, ROW_CLASSES[cls][1], dtype, bias, cold)
                 _remember(text, name)
                 for loser in set(packs) - {name} - set(self.chosen.values()):

@@ -520,8 +520,8 @@ NOTES = {
 WO_ROWS = (1, 16, 128)  # call sizes (rows) the weight-only kernel choice is reported at: decoding, few, a batch
 WO_KERNEL_NOTE = ("int4pack / int8pack: torch's packed int4 / int8 CPU kernels, bf16 activations; int8chan: the "
                   "int8 kernel on the weight requantized at load to one scale per output channel (adds at most "
-                  "half that scale of rounding per weight); int8dyn: W8A8, activations rounded to int8 per token "
-                  "at run time and multiplied by torch._int_mm (changes the numerics by that rounding); bf16: a "
+                  "half that scale of rounding per weight); int8dyn (only where MODELZIP_WO_KERNEL forces it): W8A8, "
+                  "activations rounded to int8 per token at run time, torch._int_mm; bf16: a "
                   "bf16 dequantized copy of the weight kept in memory; float: a dequantized copy in the input's "
                   "dtype (the float layer's own speed); MODELZIP_WO_KERNEL=<name> forces one")
 
