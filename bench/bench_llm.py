@@ -51,7 +51,7 @@ def _build() -> dict:
 
 def _kernels(model) -> dict:
     """Call size → kernel → number of weight-only layers running it."""
-    from modelzip_cli.edits import WeightOnlyEmbedding, WeightOnlyLinear
+    from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 
     out: dict = {}
     for m in model.modules():
@@ -71,8 +71,8 @@ def _decode_breakdown(model, prompt, tokens: int = 8) -> dict:
     import torch
     from torch import nn
 
-    from modelzip_cli.edits import WeightOnlyEmbedding, WeightOnlyLinear
-    from modelzip_cli.measure import causal_lm, num_threads
+    from modelzip_cli.measure.metrics import causal_lm, num_threads
+    from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
@@ -106,8 +106,8 @@ def _decode_breakdown(model, prompt, tokens: int = 8) -> dict:
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.measure import generation_speed
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.measure.metrics import generation_speed
 
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
