@@ -128,6 +128,16 @@ def test_layer_the_kernel_cannot_tile_falls_back_to_float(monkeypatch, bits, ker
     assert "multiple of 16" in layer.kernel_notes()[kernel] or "32" in layer.kernel_notes()[kernel]
 
 
+@pytest.mark.parametrize("group,probed", [(64, {"int8chan", "bf16", "float"}), (0, {"int8pack", "bf16", "float"})])
+def test_the_probe_chooses_among_one_call_kernels_that_keep_the_activations(monkeypatch, group, probed):
+    """Never int8dyn (it rounds activations: only where forced), never int8pack on a grouped weight (one call
+    per group: contention at run time puts it far behind what the probe saw)."""
+    seen = []
+    monkeypatch.setattr(wo_kernels, "_probe", lambda geo, packs, *args: seen.append(set(packs)) or "float")
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 8, group)
+    assert layer.kernel_for(1) == "float" and seen == [probed]
+
+
 def test_measurements_are_kept_per_cpu_capability(monkeypatch):
     """ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 kernels: its choices are measured anew."""
     key = wo_kernels.machine_key()

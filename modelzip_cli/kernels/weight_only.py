@@ -9,6 +9,7 @@ its own layout the first time a layer runs (kept in memory, never stored) and co
   (a wider group is written as several of these with the same scale) and widths N divisible by 16.
 - int8pack: torch's int8 weight kernel (`torch._weight_int8pack_mm`), bf16 activations. It takes one scale
   per output channel, so a grouped weight runs as one call per group, summed; groups of a multiple of 16.
+  The probe chooses it only for per-channel weights (one call); a grouped one runs on it where forced.
 - int8chan: the same kernel in one call, on a grouped int8 weight requantized at packing to one symmetric
   scale per output channel (the row's largest): each weight moves by at most half that scale, on top of
   its stored rounding (the int8 GEMV is 8–32 calls of int8pack in one: 2.1× fp32 where int8pack gave 1.1×).
@@ -43,7 +44,8 @@ again; where it cannot be written, each process measures.
 The probe runs on one thread, timed by that thread's CPU time: on a machine whose cores other processes
 keep busy, wall-clock and two-thread timings are dominated by waiting. The cost: such contention at run
 time hurts most the kernel that makes the most calls (int8pack, one per group: 0.05× fp32 measured on
-this shared 2-core machine while other jobs ran, 1.4× on one thread), which the probe does not see.
+this shared 2-core machine while other jobs ran, 1.4× on one thread), which the probe does not see: so it
+only chooses int8pack where that is one call.
 
 `MODELZIP_WO_KERNEL=<name>` forces a kernel for a process (read when a layer first runs on a call size; a
 layer it cannot run falls back to float, with a note); `available()` answers whether this torch has a
@@ -118,7 +120,8 @@ class Kernel:
     # (geometry, packed, bias (out,) or None, the inputs' dtype) → the layer's call, everything it can settle
     # before seeing an input settled once: a call does no lookup, cast or allocation it does not need
     bind: Callable[[Geometry, tuple, torch.Tensor | None, torch.dtype], Runner]
-    auto: bool = True  # among those the probe may choose; else only where forced (numerics beyond bf16 rounding)
+    # whether the probe may choose it for a layer; else it runs only where forced
+    auto: Callable[[Geometry], bool] = lambda geo: True
 
 
 def _int4_group(geo: Geometry) -> int | None:
@@ -310,9 +313,13 @@ def _float_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
 
 KERNEL_TABLE = {k.name: k for k in (
     Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_bind),
-    Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_bind),
+    # one call per group: a busy machine's contention at run time puts a many-call kernel far behind what the
+    # one-thread probe saw (MLP at 2 threads: 0.08× fp32 forced at batch 1; chosen on AVX2 at batch 64, 0.35×);
+    # int8chan is its one-call form
+    Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_bind, auto=lambda geo: geo.groups == 1),
     Kernel("int8chan", _int8chan_unsupported, _int8chan_pack, _int8chan_bind),
-    Kernel("int8dyn", _int8dyn_unsupported, _int8dyn_pack, _int8dyn_bind, auto=False),
+    # W8A8: rounding activations is a numerics change the user asks for, not the probe's to make
+    Kernel("int8dyn", _int8dyn_unsupported, _int8dyn_pack, _int8dyn_bind, auto=lambda geo: False),
     Kernel("bf16", lambda geo, w: None, lambda geo, w: (w.dequantize().to(torch.bfloat16),), _bf16_bind),
     Kernel("float", lambda geo, w: None, lambda geo, w: (w.dequantize(),), _float_bind),
 )}
@@ -561,8 +568,8 @@ class LayerKernels:
             text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."),
                                       "bias" * (bias is not None), "cold" if cold else "hot")))
             name = CHOICES.get(key) or _remembered(text)
-            if name is None or name not in ok or not KERNEL_TABLE[name].auto:
-                packs = {n: self._pack(n, geo, w) for n in ok if KERNEL_TABLE[n].auto}
+            if name is None or name not in ok or not KERNEL_TABLE[name].auto(geo):
+                packs = {n: self._pack(n, geo, w) for n in ok if KERNEL_TABLE[n].auto(geo)}
                 name = _probe(geo, packs, ROW_CLASSES[cls][1], dtype, bias, cold)
                 _remember(text, name)
                 for loser in set(packs) - {name} - set(self.chosen.values()):
