@@ -1,6 +1,7 @@
 """int8 without torch.ao: modelzip's plain-int8 modules on each backend against fp32, the first wave's torch.ao
 paths, torchao's eager int8, and modelzip's weight-only int8 / int4 on the kernels measured fastest here
-(and forced onto the float fallback, for comparison), one run.
+(and forced onto the float fallback, the per-group int8 kernel and W8A8 `int8dyn`, for comparison), one
+run, and the weight-only MLP again with AVX2 kernels only (an AVX2 machine simulated).
 
 MLP 1024→4096→4096→1024 (random inputs, random calibration) and the digits teacher (its own test and
 train data), batch 1 and 64, 2 threads. Every model is timed in interleaved rounds (machine noise hits
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import statistics
 import time
@@ -117,17 +119,23 @@ def _models(fp32, calib, example) -> dict:
         m = weight_only(bits)
         models[f"weight-only int{bits} (group 128)"] = (m, "auto", None)
         models[f"weight-only int{bits} (group 128), float fallback forced"] = (copy.deepcopy(m), "auto", "wo-float")
+        if bits == 8:  # what the chooser passes over or may not choose
+            models["weight-only int8 (group 128), int8pack forced (one call per group)"] = \
+                (copy.deepcopy(m), "auto", "wo-int8pack")
+            models["weight-only int8 (group 128), int8dyn forced (W8A8: activations rounded per token)"] = \
+                (copy.deepcopy(m), "auto", "wo-int8dyn")
     return models
 
 
 @contextlib.contextmanager
 def _kernel(backend: str, kernel: str | None):
-    """The int8 backend and plain kernel a model runs under, or ("wo-float") weight-only on the float kernel."""
+    """The int8 backend and plain kernel a model runs under, or ("wo-NAME") weight-only on kernel NAME."""
     from modelzip_cli.kernels import weight_only as wo_kernels
     from modelzip_cli.nn import int8
 
-    with int8.use_backend(backend), int8.use_kernel("auto" if kernel in (None, "wo-float") else kernel):
-        with wo_kernels.use_kernel("float") if kernel == "wo-float" else contextlib.nullcontext():
+    weight_only = kernel is not None and kernel.startswith("wo-")
+    with int8.use_backend(backend), int8.use_kernel("auto" if kernel is None or weight_only else kernel):
+        with wo_kernels.use_kernel(kernel.removeprefix("wo-")) if weight_only else contextlib.nullcontext():
             yield
 
 
@@ -212,6 +220,62 @@ def _products(threads: int) -> dict:
     return out
 
 
+# An AVX2-only machine simulated on this CPU: torch's own kernels (ATEN_CPU_CAPABILITY), oneDNN's (bf16 and int8
+# matmuls: it ignores torch's setting and used AMX without its own) and MKL's (fp32 GEMM) all limited to AVX2
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+AVX2_CHILD = ("import json; from bench.bench_int8 import weight_only_mlp; "
+              "print('AVX2_RESULT ' + json.dumps(weight_only_mlp()))")
+
+
+def weight_only_mlp(threads: int = 2) -> dict:
+    """fp32 against weight-only int4 / int8 (group 128) on the MLP at batch 1 and 64, interleaved medians,
+    with the kernel each layer ran on and torch's CPU capability: the section run again with AVX2 kernels."""
+    import torch
+    from torch import nn
+
+    from modelzip_cli.checkpoint.io import build_arch
+    from modelzip_cli.measure.metrics import interleaved_latency, num_threads
+    from modelzip_cli.nn.weight_only import WeightOnlyLinear
+
+    torch.manual_seed(0)
+    fp32 = build_arch("zoo:mlp", MLP).eval()
+    models = {"fp32": fp32}
+    for bits in (4, 8):
+        m = copy.deepcopy(fp32)
+        for name, layer in list(m.named_modules()):
+            if isinstance(layer, nn.Linear):
+                parent, _, child = name.rpartition(".")
+                quantized = WeightOnlyLinear.from_float(layer, bits, 128)
+                setattr(m.get_submodule(parent) if parent else m, child, quantized)
+        models[f"weight-only int{bits} (group 128)"] = m.eval()
+    out: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads}
+    for batch in (1, 64):
+        x = torch.randn(batch, 1024)
+        with torch.inference_mode(), num_threads(threads):
+            for m in models.values():
+                m(x)  # first calls choose and pack
+        timings = [interleaved_latency(list(models.values()), [x] * len(models), threads=threads, min_rounds=5,
+                                       min_seconds=0.3) for _ in range(ROUNDS)]
+        ms = {name: statistics.median(t[i].median for t in timings) for i, name in enumerate(models)}
+        out[f"batch_{batch}"] = {name: {"ms": ms[name], "speedup_vs_fp32": ms["fp32"] / ms[name],
+                                        "kernels": _kernels(m, batch)} for name, m in models.items()}
+    return out
+
+
+def _avx2_section() -> dict:
+    """weight_only_mlp() in a child process limited to AVX2 kernels (an AVX2-only machine, simulated: same
+    caches and memory, no AVX-512, VNNI-512 or AMX code)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", AVX2_CHILD], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **AVX2_ENV})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("AVX2_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        return {"failed": proc.stderr[-2000:]}
+    return json.loads(line.removeprefix("AVX2_RESULT "))
+
+
 def run() -> dict:
     import torch
 
@@ -238,6 +302,7 @@ def run() -> dict:
     test = load_data(ROOT / "sample_models" / "digits_test.safetensors")
     calib = [x for x, _, _ in train.batches(32)][:16]
     results["digits"] = _compare(teacher, calib, test.inputs[:1], lambda b: batch_of(test.inputs, b), threads)
+    results["weight_only_avx2"] = {"env": AVX2_ENV, **_avx2_section()}
     return results
 
 
@@ -261,4 +326,16 @@ def summary(r: dict) -> str:
             lines.append("")
         if r[model]["failed"]:
             lines += [f"failed: {', '.join(r[model]['failed'])}", ""]
+    avx2 = r.get("weight_only_avx2")
+    if avx2 and "failed" in avx2:
+        lines += ["Weight-only on AVX2 kernels only failed: " + avx2["failed"][-300:], ""]
+    elif avx2:
+        env = " ".join(f"{k}={v}" for k, v in avx2["env"].items())
+        lines += [f"Weight-only on the MLP with AVX2 kernels only ({env}: an AVX2-only machine simulated on this "
+                  f"CPU; torch's capability {avx2['cpu_capability']}), {avx2['threads']} threads:",
+                  "", "| model | batch | ms | vs fp32 | kernels |", "|---|---|---|---|---|"]
+        for batch in ("batch_1", "batch_64"):
+            lines += [f"| {name} | {batch.removeprefix('batch_')} | {v['ms']:.3f} | {v['speedup_vs_fp32']:.2f}× | "
+                      f"{', '.join((v['kernels'] or {}).values()) or '—'} |" for name, v in avx2[batch].items()]
+        lines.append("")
     return "\n".join(lines)

@@ -5,7 +5,9 @@ heads, 3 KV heads, vocab 49152, tied embeddings), saved as transformers saves it
 own `quantize --method weight-only` command (group 128: the 576-wide layers are 4.5 groups, padded to 5),
 then timed by `measure.generation_speed`: a 64-token prompt in one pass (prefill), then 32 tokens one at a
 time with the KV cache (decode), greedy, every model in turn in each of 5 rounds, medians. 2 threads. The
-kernel each weight-only layer runs on (measured on this machine) is counted per call size."""
+kernel each weight-only layer runs on (measured on this machine) is counted per call size, and a separate
+pass splits a decoded token's time into the output layer (lm_head: 28M of the model's 135M weights, float
+by default), the other Linears and everything else (attention, norms, rotary embedding, Python)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,48 @@ def _kernels(model) -> dict:
     return out
 
 
+def _decode_breakdown(model, prompt, tokens: int = 8) -> dict:
+    """Where one decoded token's time goes (ms a token): the output layer (lm_head), the other Linears
+    (weight-only or float), and everything else (attention, norms, rotary embedding, the model's Python),
+    timed by hooks around each Linear in a separate pass of `tokens` tokens (the hooks' own cost falls in
+    the Linears' share)."""
+    import torch
+    from torch import nn
+
+    from modelzip_cli.measure.metrics import causal_lm, num_threads
+    from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
+
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    spent = {"lm_head": 0.0, "other Linears": 0.0}
+    starts: dict = {}
+    hooks = []
+    for m in lm.modules():
+        if isinstance(m, (nn.Linear, WeightOnlyLinear)) and not isinstance(m, WeightOnlyEmbedding):
+            key = "lm_head" if m is head else "other Linears"
+            hooks.append(m.register_forward_pre_hook(lambda mod, args: starts.__setitem__(mod, time.perf_counter())))
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, key=key: spent.__setitem__(key, spent[key] + time.perf_counter() - starts[mod])))
+    try:
+        with torch.inference_mode(), num_threads(THREADS):
+            out = lm(input_ids=prompt, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = lm(input_ids=token, past_key_values=past, use_cache=True)  # a first decode step chooses kernels
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            spent.update(dict.fromkeys(spent, 0.0))  # decode only
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                out = lm(input_ids=token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            total = time.perf_counter() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    ms = {k: v / tokens * 1000 for k, v in spent.items()}
+    ms["everything else"] = total / tokens * 1000 - sum(ms.values())
+    return {k: round(v, 3) for k, v in ms.items()}
+
+
 def run() -> dict:
     import torch
 
@@ -83,18 +127,19 @@ def run() -> dict:
                       "prefill_vs_fp32": speed["prefill_tokens_per_s"] / fp32["prefill_tokens_per_s"],
                       "bytes": sum(f.stat().st_size for f in ([paths[name]] if paths[name].is_file()
                                                                else paths[name].glob("*.safetensors"))),
-                      "kernels": _kernels(model)}
+                      "kernels": _kernels(model), "decode_ms_per_token": _decode_breakdown(model, prompt)}
     from bench.bench_int8 import cpu_flags
 
-    return {"threads": THREADS, "config": CONFIG, "rounds": ROUNDS, "prompt_tokens": PROMPT,
-            "new_tokens": NEW_TOKENS, "build_and_quantize_s": round(built_s, 1), "cpu": cpu_flags(),
-            "models": rows}
+    return {"threads": THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "config": CONFIG,
+            "rounds": ROUNDS, "prompt_tokens": PROMPT, "new_tokens": NEW_TOKENS,
+            "build_and_quantize_s": round(built_s, 1), "cpu": cpu_flags(), "models": rows}
 
 
 def summary(r: dict) -> str:
     lines = [f"Random Llama decoder (30 × 576, vocab 49152, tied), {r['threads']} threads, {r['prompt_tokens']}-token "
              f"prompt then {r['new_tokens']} tokens greedily with the KV cache, median of {r['rounds']} interleaved "
-             f"rounds. CPU: {r['cpu']['model']}; {r['cpu']['summary']}.", "",
+             f"rounds. CPU: {r['cpu']['model']}; {r['cpu']['summary']}; torch's kernels: "
+             f"{r.get('cpu_capability', 'not recorded')}.", "",
              "| model | MB | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | kernels (layers) |",
              "|---|---|---|---|---|---|---|"]
     for name, v in r["models"].items():
@@ -103,4 +148,10 @@ def summary(r: dict) -> str:
         lines.append(f"| {name} | {v['bytes'] / 1e6:.0f} | {v['prefill_tokens_per_s']:.0f} | "
                      f"{v['prefill_vs_fp32']:.2f}× | {v['decode_tokens_per_s']:.1f} | {v['decode_vs_fp32']:.2f}× | "
                      f"{kernels} |")
+    shares = {name: v["decode_ms_per_token"] for name, v in r["models"].items() if "decode_ms_per_token" in v}
+    if shares:
+        parts = list(next(iter(shares.values())))
+        lines += ["", "Where a decoded token's time goes (ms, a separate pass timed by hooks around each Linear):", "",
+                  "| model | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{v[p]:.2f}" for p in parts) + " |" for name, v in shares.items()]
     return "\n".join(lines)

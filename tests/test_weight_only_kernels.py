@@ -19,6 +19,8 @@ from tests.conftest import DIGITS_TEACHER, DIGITS_TEST
 
 # The packed kernels take bf16 activations: measured relative error against the fp32 reference ≈ 3e-3.
 TOL = 1e-2
+# int8dyn rounds each row of activations to int8 (step = row max / 127): ≈ 8e-3 on Gaussian inputs
+TOL_W8A8 = 2e-2
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -47,15 +49,65 @@ def _check(layer: WeightOnlyLinear, kernel: str, tol: float) -> None:
         assert _rel(y, ref) <= tol, (kernel, shape)
 
 
-@pytest.mark.parametrize("bits,kernel", [(4, "int4pack"), (4, "bf16"), (8, "int8pack"), (8, "bf16")])
+@pytest.mark.parametrize("bits,kernel,tol", [(4, "int4pack", TOL), (4, "bf16", TOL), (8, "int8pack", TOL),
+                                              (8, "int8chan", TOL), (8, "int8dyn", TOL_W8A8), (8, "bf16", TOL)])
 @pytest.mark.parametrize("group", [32, 64, 128])
 # 200: not a whole number of groups (the stored weight is padded, so is the input); 576: 4.5 groups of 128, which
 # the int4 kernel takes as 9 groups of 64 (no padding)
 @pytest.mark.parametrize("width", [256, 200, 576])
-def test_kernel_matches_dequantize_and_matmul(monkeypatch, bits, kernel, group, width):
+def test_kernel_matches_dequantize_and_matmul(monkeypatch, bits, kernel, tol, group, width):
     torch.manual_seed(0)
     monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
-    _check(WeightOnlyLinear.from_float(nn.Linear(width, 48), bits, group).eval(), kernel, TOL)
+    _check(WeightOnlyLinear.from_float(nn.Linear(width, 48), bits, group).eval(), kernel, tol)
+
+
+def test_requantized_int8_weight_is_within_half_a_channel_step_of_the_stored_one():
+    """int8chan / int8dyn requantize a grouped int8 weight to one scale per output channel: the bound the
+    report's note states, checked on a weight whose groups have scales 100× apart."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 32)
+    with torch.no_grad():
+        linear.weight[:, :64] *= 100
+    layer = WeightOnlyLinear.from_float(linear, 8, 64)
+    q, s = wo_kernels._requantized(layer._geo, layer._stored())
+    stored = layer.dequantized_weight()
+    assert ((q.float() * s[:, None] - stored).abs() <= s[:, None] / 2 + 1e-6).all()
+    assert not torch.equal(q.float() * s[:, None], stored)  # it does round: the note is not hypothetical
+
+
+def test_a_layer_runs_the_kernel_its_call_needs_after_a_switch(monkeypatch):
+    """The bound call is kept per input size, dtype and use_kernel block: changing any of them, or the stored
+    tensors, gives what a fresh layer gives."""
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int4pack")
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64).eval()
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        packed = layer(x)
+        with wo_kernels.use_kernel("float"):
+            assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias))
+        assert torch.equal(layer(x), packed)
+        half = layer(x.bfloat16())
+        assert half.dtype == torch.bfloat16 and _rel(half.float(), packed) <= TOL
+        assert torch.equal(layer(x.reshape(3, 1, 256)).reshape(3, 64), packed)  # same size, another shape
+    other = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64)
+    layer.qweight, layer.scales = other.qweight.clone(), other.scales.clone()  # assigned, not copied into
+    with torch.inference_mode():
+        assert _rel(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias)) <= TOL
+    assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias))  # grad mode: bias trains
+
+
+def test_the_probe_times_weights_cold_only_in_a_model_too_big_for_the_l2_caches(monkeypatch):
+    """A model that fits the L2 caches keeps its weights hot between calls, where float wins small layers."""
+    packed = (torch.zeros(512, 64),)
+    assert len(wo_kernels._copies(packed, 1, cold=False)) == 1
+    assert len(wo_kernels._copies(packed, 1, cold=True)) == wo_kernels.PROBE_COPIES
+    assert len(wo_kernels._copies(packed, 128, cold=True)) == 1  # many rows: bound by arithmetic
+    before = wo_kernels.working_set()
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64)
+    assert wo_kernels.working_set() == before + 4 * 256 * 64
+    del layer
+    assert wo_kernels.working_set() == before
 
 
 @pytest.mark.parametrize("bits,kernel", [(4, "int4pack"), (8, "int8pack")])
@@ -74,6 +126,47 @@ def test_layer_the_kernel_cannot_tile_falls_back_to_float(monkeypatch, bits, ker
     layer = WeightOnlyLinear.from_float(nn.Linear(96, out), bits, group).eval()
     _check(layer, "float", 1e-6)
     assert "multiple of 16" in layer.kernel_notes()[kernel] or "32" in layer.kernel_notes()[kernel]
+
+
+@pytest.mark.parametrize("group,probed", [(64, {"int8chan", "bf16", "float"}), (0, {"int8pack", "bf16", "float"})])
+def test_the_probe_chooses_among_one_call_kernels_that_keep_the_activations(monkeypatch, group, probed):
+    """Never int8dyn (it rounds activations: only where forced), never int8pack on a grouped weight (one call
+    per group: contention at run time puts it far behind what the probe saw)."""
+    seen = []
+    monkeypatch.setattr(wo_kernels, "_probe", lambda geo, packs, *args: seen.append(set(packs)) or "float")
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 8, group)
+    assert layer.kernel_for(1) == "float" and seen == [probed]
+
+
+def test_measurements_are_kept_per_cpu_capability(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 kernels: its choices are measured anew."""
+    key = wo_kernels.machine_key()
+    wo_kernels.machine_key.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "SIMULATED")
+    try:
+        assert wo_kernels.machine_key() != key
+    finally:
+        wo_kernels.machine_key.cache_clear()
+
+
+@pytest.mark.parametrize("op,bits,gone", [("_weight_int4pack_mm_for_cpu", 4, ("int4pack",)),
+                                          ("_weight_int8pack_mm", 8, ("int8pack", "int8chan"))])
+def test_model_loaded_where_a_kernel_is_unavailable_runs_through_the_others(monkeypatch, op, bits, gone):
+    """A torch or CPU without torch's int4 or int8 kernel (simulated: the op raises) still runs the layer,
+    on what measures fastest among the kernels that run."""
+    torch.manual_seed(0)
+
+    def missing(*args, **kwargs):
+        raise RuntimeError(f"{op}: not implemented for this CPU")
+
+    monkeypatch.setattr(torch.ops.aten, op, missing)
+    assert not any(wo_kernels.available(k) for k in gone)
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), bits, 64).eval()
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        y = layer(x)
+    assert layer.kernel_for(3) not in gone
+    assert _rel(y, F.linear(x, layer.dequantized_weight(), layer.bias)) <= TOL_W8A8
 
 
 def test_unavailable_kernel_runs_through_the_fallback(monkeypatch):

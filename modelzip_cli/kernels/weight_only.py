@@ -9,27 +9,48 @@ its own layout the first time a layer runs (kept in memory, never stored) and co
   (a wider group is written as several of these with the same scale) and widths N divisible by 16.
 - int8pack: torch's int8 weight kernel (`torch._weight_int8pack_mm`), bf16 activations. It takes one scale
   per output channel, so a grouped weight runs as one call per group, summed; groups of a multiple of 16.
+  The probe chooses it only for per-channel weights (one call); a grouped one runs on it where forced.
+- int8chan: the same kernel in one call, on a grouped int8 weight requantized at packing to one symmetric
+  scale per output channel (the row's largest): each weight moves by at most half that scale, on top of
+  its stored rounding (the int8 GEMV is 8–32 calls of int8pack in one: 2.1× fp32 where int8pack gave 1.1×).
+- int8dyn: W8A8 from the W8A16 file: the weight as int8chan's (the stored integers where they are per
+  channel already), activations rounded to int8 per row at run time, `torch._int_mm`. That rounding
+  changes the numerics (relative error about 8e-3 on Gaussian activations; tests allow 2e-2), so it runs
+  only where forced (`MODELZIP_WO_KERNEL=int8dyn`), never by the probe's choice.
 - bf16: a dequantized bf16 copy of the weight (2 bytes per weight in memory), bf16 activations: where the
   CPU multiplies bf16 natively (AMX, AVX512-BF16) this beats fp32 once the product is compute-bound.
 - float: a dequantized copy in the input's dtype (4 bytes per weight for fp32), the float layer's own
   speed: the fallback, never slower than float.
 
+Tried and left out (measured on this Xeon with AVX-512 VNNI/BF16 and AMX, one thread, 4096×4096 at one row):
+the CPU packing's inner_k_tiles (1, 2, 4, 8: the same speed, it is ignored); int4pack on float32
+activations (0.1× fp32: the kernel's fp32 path is a slow loop); `_weight_int8pack_mm` on float32
+activations (0.3×); `_int_mm` at one row (0.7–0.9×); oneDNN's `qlinear_pointwise` (as fast as int8pack
+where it ran, no primitive for 576-wide layers); `_dyn_quant_matmul_4bit` (its x86 packing raises in torch
+2.13); torch.ao's dynamic linear (3–5×, but quantized dtypes, which modelzip no longer uses).
+
+A layer's call is bound once per input size, dtype and use_kernel block (`LayerKernels.call`): the packed
+tensors, cast bias and padding settled, the forward is one dict lookup and the kernel (a digits MLP at one
+row: 1.0× the float model, where a call that re-decided everything ran 0.6×).
+
 The choice: a call's row count falls in a size class (ROW_CLASSES); for each (bits, shape, group, class,
-dtype) every kernel that can run the layer is timed on the layer's own weights (`_probe`), and the
+dtype, bias) every kernel that can run the layer is timed on the layer's own weights (`_probe`), and the
 fastest is kept if it beat float by MARGIN: for the process (`CHOICES`) and in a file of measurements keyed
-by the machine (CPU model and flags, torch version, core count), `$MODELZIP_CACHE_DIR/wo_kernels.json`
-(default ~/.cache/modelzip), so that every process on one machine runs a layer on the same kernel and gives
-the same output bits. Delete the file to measure again; where it cannot be written, each process measures.
+by the machine (CPU model and flags, torch's CPU capability and oneDNN's/MKL's ISA limits, torch version,
+core count), `$MODELZIP_CACHE_DIR/wo_kernels.json` (default ~/.cache/modelzip), so that every process on
+one machine runs a layer on the same kernel and gives the same output bits. Delete the file to measure
+again; where it cannot be written, each process measures.
 
-The probe runs on one thread: on a machine whose cores other processes keep busy, two-thread timings
-are dominated by threads waiting for each other. The cost: such contention at run time hurts most the
-kernel that makes the most calls (int8pack, one per group: 0.05× fp32 measured on this shared 2-core
-machine while other jobs ran, 1.4× on one thread), which the probe does not see.
+The probe runs on one thread, timed by that thread's CPU time: on a machine whose cores other processes
+keep busy, wall-clock and two-thread timings are dominated by waiting. The cost: such contention at run
+time hurts most the kernel that makes the most calls (int8pack, one per group: 0.05× fp32 measured on
+this shared 2-core machine while other jobs ran, 1.4× on one thread), which the probe does not see: so it
+only chooses int8pack where that is one call.
 
-`MODELZIP_WO_KERNEL=<name>` forces a kernel for a process (a layer it cannot run falls back to float, with
-a note); `available()` answers whether this torch has a kernel that runs here. The bf16 kernels agree with
-the dequantize-and-matmul reference within bf16 rounding of the activations (relative error about 3e-3;
-tests allow 1e-2); float is exact.
+`MODELZIP_WO_KERNEL=<name>` forces a kernel for a process (read when a layer first runs on a call size; a
+layer it cannot run falls back to float, with a note); `available()` answers whether this torch has a
+kernel that runs here. The bf16 kernels agree with the dequantize-and-matmul reference within bf16
+rounding of the activations (relative error about 3e-3; tests allow 1e-2); float is exact.
 """
 
 from __future__ import annotations
@@ -40,6 +61,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -50,7 +72,7 @@ import torch.nn.functional as F
 from modelzip_cli.kernels import choice
 
 KERNEL_ENV = "MODELZIP_WO_KERNEL"
-KERNELS = ("int4pack", "int8pack", "bf16", "float")
+KERNELS = ("int4pack", "int8pack", "int8chan", "int8dyn", "bf16", "float")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 CPU kernel takes
 # (largest row count of the class, rows the probe times it at): decoding one token, a few rows, a batch
 ROW_CLASSES = ((2, 1), (32, 16), (None, 128))
@@ -87,13 +109,19 @@ class Stored:
     dequantize: Callable[[], torch.Tensor]  # → the float32 weight (N, in)
 
 
+Runner = Callable[[torch.Tensor], torch.Tensor]  # x (..., in) → (..., out) in x's dtype, bias added
+
+
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    unsupported: Callable[[Geometry], str | None]  # why it cannot run this layer, or None
+    unsupported: Callable[[Geometry, Stored], str | None]  # why it cannot run this layer, or None
     pack: Callable[[Geometry, Stored], tuple]
-    # (geometry, packed, x (M, in), bias (out,) or None) → (M, out) in x's dtype
-    run: Callable[[Geometry, tuple, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    # (geometry, packed, bias (out,) or None, the inputs' dtype) → the layer's call, everything it can settle
+    # before seeing an input settled once: a call does no lookup, cast or allocation it does not need
+    bind: Callable[[Geometry, tuple, torch.Tensor | None, torch.dtype], Runner]
+    # whether the probe may choose it for a layer; else it runs only where forced
+    auto: Callable[[Geometry], bool] = lambda geo: True
 
 
 def _int4_group(geo: Geometry) -> int | None:
@@ -109,18 +137,13 @@ def _int4_width(geo: Geometry, g: int) -> int:
     return geo.in_features if geo.in_features % g == 0 else geo.padded
 
 
-def _padded_input(geo: Geometry, x: torch.Tensor) -> torch.Tensor:
-    """(M, in) → (M, padded), contiguous: zeros against the stored weight's pad columns (exact)."""
-    return F.pad(x, (0, geo.padded - geo.in_features)) if geo.padded != geo.in_features else x.contiguous()
-
-
 def _unpacked_int4(geo: Geometry, qweight: torch.Tensor) -> torch.Tensor:
     """(N, cols) packed bytes → (N, padded) integers 0..15, low nibble first."""
     ints = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
     return ints[:, : geo.padded]
 
 
-def _int4_unsupported(geo: Geometry) -> str | None:
+def _int4_unsupported(geo: Geometry, w: Stored) -> str | None:
     if geo.bits != 4:
         return "int4 only"
     if _int4_group(geo) is None:
@@ -134,6 +157,7 @@ def _int4_pack(geo: Geometry, w: Stored) -> tuple:
     g = _int4_group(geo)
     width = _int4_width(geo, g)
     ints = _unpacked_int4(geo, w.qweight)[:, :width].to(torch.int32)  # (N, K)
+    # inner_k_tiles (the second argument) is ignored by the CPU packing: 1, 2, 4 and 8 timed alike
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(ints.contiguous(), 1)
     repeat = geo.group_size // g
     s = w.scales.float().repeat_interleave(repeat, dim=1)[:, : width // g]  # (N, K / g)
@@ -143,59 +167,161 @@ def _int4_pack(geo: Geometry, w: Stored) -> tuple:
     return packed, scales_and_zeros.to(torch.bfloat16).contiguous(), g, width
 
 
-def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A kernel's (M, out) result in x's dtype, plus the bias (added in that dtype, to a new tensor)."""
-    y = y.to(x.dtype)
-    return y if bias is None else y.add_(bias if bias.dtype == y.dtype else bias.to(y.dtype))
+def _bias(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias to add to outputs of `dtype`: the parameter itself (detached) where the dtypes agree."""
+    return None if bias is None else bias.detach().to(dtype)
 
 
-def _int4_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _flat(run: Callable[[torch.Tensor], torch.Tensor], width: int, out: int) -> Runner:
+    """A 2-D kernel made to take any (..., width) input, as F.linear does."""
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return run(x)
+        return run(x.reshape(-1, width)).reshape(*x.shape[:-1], out)  # (..., in) → (M, in) → (..., out)
+    return call
+
+
+def _int4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
     weight, scales_and_zeros, g, width = packed
-    xk = F.pad(x, (0, width - geo.in_features)) if width != geo.in_features else x.contiguous()  # (M, K)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk.to(torch.bfloat16), weight, g, scales_and_zeros)
-    return _finish(y, x, bias)
+    mm, bf16, b, pad = torch.ops.aten._weight_int4pack_mm_for_cpu, torch.bfloat16, _bias(bias, dtype), \
+        (0, width - geo.in_features)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        xk = x.to(bf16) if pad[1] == 0 else F.pad(x, pad).to(bf16)  # (M, K)
+        y = mm(xk if xk.is_contiguous() else xk.contiguous(), weight, g, scales_and_zeros).to(dtype)
+        return y if b is None else y.add_(b)
+    return _flat(run, geo.in_features, geo.out_features)
 
 
-def _int8_unsupported(geo: Geometry) -> str | None:
+def _int8_unsupported(geo: Geometry, w: Stored) -> str | None:
     if geo.bits != 8:
         return "int8 only"
     if geo.group_size % 16:  # torch 2.13's kernel crashes on rows whose width is not a multiple of 16
         return f"group {geo.group_size} is not a multiple of 16 (the int8 kernel's block)"
+    if w.zero_points.any():  # modelzip writes symmetric int8; a file may hold zero points the kernel has no term for
+        return "zero points other than 0 (the int8 kernel's weights are symmetric)"
     return None
+
+
+def _aligned(q: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous copy: a tensor read from a file may start at any byte, and the int8 kernel's loads
+    need alignment (a weight loaded from safetensors crashed it where the same weight built in memory ran)."""
+    return q.clone(memory_format=torch.contiguous_format)
 
 
 def _int8_pack(geo: Geometry, w: Stored) -> tuple:
     q = w.qweight.reshape(geo.out_features, geo.groups, geo.group_size)  # (N, groups, G)
-    # a fresh copy: a tensor read from a file may start at any byte, and the kernel's loads need alignment
-    # (a weight loaded from safetensors crashed it where the same weight built in memory ran)
-    q = q.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (groups, N, G)
-    return q, w.scales.t().to(torch.bfloat16).contiguous()  # (groups, N)
+    return _aligned(q.transpose(0, 1)), w.scales.t().to(torch.bfloat16).contiguous()  # (groups, N, G), (groups, N)
 
 
-def _int8_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _int8_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
     q, scales = packed
-    rows = x.shape[0]
-    xg = _padded_input(geo, x).to(torch.bfloat16).reshape(rows, geo.groups, geo.group_size)  # (M, groups, G)
-    xg = xg.transpose(0, 1).contiguous()  # (groups, M, G)
-    y = torch.ops.aten._weight_int8pack_mm(xg[0], q[0], scales[0]).float()
-    for i in range(1, geo.groups):
-        y += torch.ops.aten._weight_int8pack_mm(xg[i], q[i], scales[i])
-    return _finish(y, x, bias)
+    mm, bf16, b, groups, pad = torch.ops.aten._weight_int8pack_mm, torch.bfloat16, _bias(bias, dtype), \
+        geo.groups, (0, geo.padded - geo.in_features)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        xg = (F.pad(x, pad) if pad[1] else x).to(bf16).reshape(x.shape[0], groups, -1)  # (M, groups, G)
+        xg = xg.transpose(0, 1).contiguous()  # (groups, M, G)
+        y = mm(xg[0], q[0], scales[0]).to(dtype if groups == 1 else torch.float32)
+        for i in range(1, groups):
+            y += mm(xg[i], q[i], scales[i])
+        y = y.to(dtype)
+        return y if b is None else y.add_(b)
+    return _flat(run, geo.in_features, geo.out_features)
 
 
-def _bf16_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _finish(F.linear(x.to(torch.bfloat16), packed[0]), x, bias)
+def _int8chan_unsupported(geo: Geometry, w: Stored) -> str | None:
+    if geo.bits != 8:
+        return "int8 only"
+    if geo.groups == 1:
+        return "one group per row already: int8pack runs it as stored"
+    return None
 
 
-def _float_run(geo: Geometry, packed: tuple, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, packed[0].to(x.dtype), bias)  # what the layer computed before it had kernels, bit for bit
+def _requantized(geo: Geometry, w: Stored) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored weight requantized to one symmetric int8 scale per output channel, (N, in) and (N,):
+    |Δw| ≤ half that scale (the largest group scale of the row), on top of the stored rounding."""
+    weight = w.dequantize()  # (N, in)
+    s = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+    return torch.clamp(torch.round(weight / s[:, None]), -127, 127).to(torch.int8), s
+
+
+def _int8chan_pack(geo: Geometry, w: Stored) -> tuple:
+    q, s = _requantized(geo, w)
+    # the kernel takes widths in blocks of 16 (torch 2.13 crashes on others): zero columns against zero inputs
+    return _aligned(F.pad(q, (0, -geo.in_features % 16))), s.to(torch.bfloat16)
+
+
+def _int8chan_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    q, scales = packed
+    mm, bf16, b, pad = torch.ops.aten._weight_int8pack_mm, torch.bfloat16, _bias(bias, dtype), \
+        (0, q.shape[1] - geo.in_features)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        xk = x.to(bf16) if pad[1] == 0 else F.pad(x.to(bf16), pad)  # (M, K)
+        y = mm(xk if xk.is_contiguous() else xk.contiguous(), q, scales).to(dtype)
+        return y if b is None else y.add_(b)
+    return _flat(run, geo.in_features, geo.out_features)
+
+
+def _int8dyn_unsupported(geo: Geometry, w: Stored) -> str | None:
+    if geo.bits != 8:  # int4 layers keep their activations in float (int4pack, bf16, float)
+        return "int8 only"
+    if geo.in_features % 8 or geo.out_features % 8:
+        return f"{geo.in_features}×{geo.out_features} is not a multiple of 8 (the int8 GEMM's block)"
+    return None
+
+
+def _int8dyn_pack(geo: Geometry, w: Stored) -> tuple:
+    """Per-channel symmetric int8 (K, N) for `_int_mm`, from the stored weight (requantized as int8chan's
+    unless it is per-channel int8 already: then exactly the stored integers), and its float32 scales."""
+    if geo.groups == 1 and not w.zero_points.any():
+        q, s = w.qweight[:, : geo.in_features], w.scales[:, 0].float()
+    else:
+        q, s = _requantized(geo, w)
+    return _aligned(q.t()), s.float()
+
+
+def _int8dyn_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    qt, w_scales = packed  # (K, N) int8, (N,)
+    b = None if bias is None else bias.detach().float()
+    int_mm = torch._int_mm
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        rows = x.float()
+        s = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)  # (M, 1): one scale per token
+        q = torch.round(rows / s).to(torch.int8)  # |q| ≤ 127
+        y = int_mm(q, qt).float().mul_(s * w_scales)  # (M, N)
+        y = y if b is None else y.add_(b)
+        return y.to(dtype)
+    return _flat(run, geo.in_features, geo.out_features)
+
+
+def _bf16_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    weight, bf16, b = packed[0], torch.bfloat16, _bias(bias, dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # N-D as F.linear
+        y = F.linear(x.to(bf16), weight).to(dtype)
+        return y if b is None else y.add_(b)
+    return run
+
+
+def _float_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    # what the layer computed before it had kernels, bit for bit, with nothing else in the call
+    return functools.partial(F.linear, weight=packed[0].to(dtype), bias=_bias(bias, dtype))
 
 
 KERNEL_TABLE = {k.name: k for k in (
-    Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_run),
-    Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_run),
-    Kernel("bf16", lambda geo: None, lambda geo, w: (w.dequantize().to(torch.bfloat16),), _bf16_run),
-    Kernel("float", lambda geo: None, lambda geo, w: (w.dequantize(),), _float_run),
+    Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_bind),
+    # one call per group: a busy machine's contention at run time puts a many-call kernel far behind what the
+    # one-thread probe saw (MLP at 2 threads: 0.08× fp32 forced at batch 1; chosen on AVX2 at batch 64, 0.35×);
+    # int8chan is its one-call form
+    Kernel("int8pack", _int8_unsupported, _int8_pack, _int8_bind, auto=lambda geo: geo.groups == 1),
+    Kernel("int8chan", _int8chan_unsupported, _int8chan_pack, _int8chan_bind),
+    # W8A8: rounding activations is a numerics change the user asks for, not the probe's to make
+    Kernel("int8dyn", _int8dyn_unsupported, _int8dyn_pack, _int8dyn_bind, auto=lambda geo: False),
+    Kernel("bf16", lambda geo, w: None, lambda geo, w: (w.dequantize().to(torch.bfloat16),), _bf16_bind),
+    Kernel("float", lambda geo, w: None, lambda geo, w: (w.dequantize(),), _float_bind),
 )}
 
 
@@ -209,7 +335,7 @@ def available(name: str) -> bool:
     kernel = KERNEL_TABLE[name]
     try:
         with torch.no_grad():
-            y = kernel.run(geo, kernel.pack(geo, w), torch.ones(1, 64), None)
+            y = kernel.bind(geo, kernel.pack(geo, w), None, torch.float32)(torch.ones(1, 64))
     except Exception:  # a torch without the op, or a build/CPU it does not run on
         return False
     return tuple(y.shape) == (1, 16) and bool(torch.isfinite(y).all())
@@ -225,7 +351,7 @@ def use_kernel(name: str) -> contextlib.AbstractContextManager:
 
 def forced() -> str | None:
     """The kernel a use_kernel() block or MODELZIP_WO_KERNEL forces, or None (auto). An unknown name in the
-    environment is ignored as auto."""
+    environment is ignored as auto. A layer reads the environment when it first runs on a call size."""
     if scoped := choice.current().weight_only:
         return scoped
     name = os.environ.get(KERNEL_ENV, "auto")
@@ -240,11 +366,11 @@ def row_class(rows: int) -> int:
     raise AssertionError("the last row class takes every size")
 
 
-def candidates(geo: Geometry, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
+def candidates(geo: Geometry, w: Stored, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """The kernels that can run this layer on inputs of `dtype`, and why each other one cannot."""
     ok, why = [], {}
     for name, kernel in KERNEL_TABLE.items():
-        reason = kernel.unsupported(geo)
+        reason = kernel.unsupported(geo, w)
         if reason is None and name != "float" and dtype not in FAST_DTYPES:
             reason = f"{dtype} inputs stay in their own precision"
         if reason is None and not available(name):
@@ -257,6 +383,7 @@ def candidates(geo: Geometry, dtype: torch.dtype) -> tuple[list[str], dict[str, 
 
 
 CACHE_ENV = "MODELZIP_CACHE_DIR"
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # what oneDNN's and MKL's kernels may use
 
 
 def cache_path() -> Path:
@@ -266,13 +393,16 @@ def cache_path() -> Path:
 
 @functools.cache
 def machine_key() -> str:
-    """What a measurement holds for: the CPU (model and flags), torch's version and the core count."""
+    """What a measurement holds for: the CPU (model and flags), the kernels torch runs on it (its capability:
+    ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 code; oneDNN's and MKL's own limits), torch's
+    version and the core count."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
     cpu = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
-    text = "|".join([*cpu, torch.__version__, str(os.cpu_count())])
+    limits = [os.environ.get(v, "") for v in ISA_LIMITS]
+    text = "|".join([*cpu, torch.backends.cpu.get_cpu_capability(), *limits, torch.__version__, str(os.cpu_count())])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -309,51 +439,101 @@ def _remembered(key: str) -> str | None:
 CHOICES: dict[tuple, str] = {}
 
 
-def _copies(packed: tuple, rows: int) -> list[tuple]:
-    """Copies of a packed weight to cycle through while timing: in a model, a layer's weights come from
-    memory, not from a cache warmed by the call before (a 576×576 fp32 GEMV measured 23 µs cache-hot and
-    164 µs cycling through 60 copies; int4pack 28 and 24). Few rows only: many rows are bound by arithmetic."""
+_LIVE: weakref.WeakSet[LayerKernels] = weakref.WeakSet()  # the kernels of every weight-only layer alive here
+
+
+def working_set() -> int:
+    """Bytes of the float32 weights of every weight-only layer alive in this process: whether a layer's
+    weights are still in cache when it runs again."""
+    return sum(4 * k.geo.in_features * k.geo.out_features for k in list(_LIVE))
+
+
+@functools.cache
+def l2_bytes() -> int:
+    """The CPU's L2 caches together (per core × cores), from sysfs; 1 MiB a core where it does not say."""
+    per_core = 1 << 20
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                per_core = int(size.rstrip("KMB")) << (20 if size.endswith("M") else 10)
+        except (OSError, ValueError):
+            pass
+    return per_core * (os.cpu_count() or 1)
+
+
+def _copies(packed: tuple, rows: int, cold: bool) -> list[tuple]:
+    """Copies of a packed weight to cycle through while timing, for a layer of a model too big for the L2
+    caches (`cold`): there a layer's weights come from memory, not from a cache warmed by the call before
+    (a 576×576 fp32 GEMV measured 23 µs cache-hot and 164 µs cycling through 60 copies; int4pack 28 and 24).
+    In a model that fits (the digits MLP, 0.8 MB) the weights stay hot, where float wins small layers
+    (64×512: int4pack 0.6× float hot, 1.3× cold). Few rows only: many rows are bound by arithmetic."""
     size = sum(t.numel() * t.element_size() for t in packed if isinstance(t, torch.Tensor))
-    count = 1 if rows >= ROW_CLASSES[-1][1] else max(1, min(PROBE_COPIES, PROBE_BYTES // max(size, 1)))
+    few = cold and rows < ROW_CLASSES[-1][1]
+    count = max(1, min(PROBE_COPIES, PROBE_BYTES // max(size, 1))) if few else 1
     return [packed] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in packed)
                        for _ in range(count - 1)]
 
 
-def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype) -> str:
-    """The fastest of `packs` on `rows` random rows, if it beats float by MARGIN; else float. One thread
+def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype, bias: torch.Tensor | None,
+           cold: bool) -> str:
+    """The fastest of `packs` on `rows` random rows, bias added as the layer adds it (free in float's
+    product, a pass of its own after a packed kernel), if it beats float by MARGIN; else float. One thread
     (where a busy machine's noise is smallest: two threads wait for each other whenever either is
-    descheduled), interleaved rounds, the fastest round of each, each round a pass over copies."""
+    descheduled), timed by the CPU time of that thread (the time it waited for a core does not count),
+    interleaved rounds, the fastest round of each, each round a pass over copies."""
     x = torch.randn(rows, geo.in_features).to(dtype)
     best = {name: float("inf") for name in packs}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            copies = {name: _copies(packed, rows) for name, packed in packs.items()}
-            for name, packed in packs.items():  # warm-up: first calls allocate
-                KERNEL_TABLE[name].run(geo, packed, x, None)
+            calls = {name: [KERNEL_TABLE[name].bind(geo, each, bias, dtype) for each in _copies(packed, rows, cold)]
+                     for name, packed in packs.items()}
+            for each in calls.values():  # warm-up: first calls allocate
+                each[0](x)
             for _ in range(PROBE_ROUNDS):
-                for name, each in copies.items():
-                    run = KERNEL_TABLE[name].run
-                    t0 = time.perf_counter()
-                    for packed in each:
-                        run(geo, packed, x, None)
-                    best[name] = min(best[name], (time.perf_counter() - t0) / len(each))
+                for name, each in calls.items():
+                    t0 = time.thread_time()
+                    for call in each:
+                        call(x)
+                    best[name] = min(best[name], (time.thread_time() - t0) / len(each))
     finally:
         torch.set_num_threads(old_threads)
     fastest = min(best, key=best.get)
     return fastest if best[fastest] * MARGIN < best.get("float", float("inf")) else "float"
 
 
-class LayerKernels:
-    """One weight-only layer's kernels: which runs each row class, and the packed tensors, built at first
-    use from the stored tensors and kept while those are the same tensors (a load or .to() clears it)."""
+def tracing() -> bool:
+    """Whether this call is being traced (torch.jit, torch.compile, torch.export): the graph should hold the
+    stored integers and their dequantization, not a kernel's packed copy."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
-    def __init__(self):
+
+FAST_ENTRIES = 64  # input sizes a layer remembers the call of (generation without a KV cache grows its input)
+
+
+class LayerKernels:
+    """One weight-only layer's kernels: which runs each row class, the packed tensors, built at first use
+    from the stored tensors and kept while those are the same tensors (a load, .to() or assignment clears
+    it), and the bound calls: `fast` maps an input's element count to the call that runs it, for inputs of
+    `dtype` under use_kernel block `scope`, so that a layer's forward is one lookup and the kernel."""
+
+    def __init__(self, geo: Geometry):
+        self.geo = geo
+        _LIVE.add(self)
         self._stored: Stored | None = None
         self.packed: dict[str, tuple[Stored, tuple]] = {}  # kernel → (the stored tensors it was packed from, packed)
         self.chosen: dict[tuple, str] = {}  # (row class, dtype, forced kernel or None) → kernel
         self.notes: dict[str, str] = {}  # kernel forced but unusable → why
+        self._forget_calls()
+
+    def _forget_calls(self) -> None:
+        self.bound: dict[tuple[str, torch.dtype], Runner] = {}
+        self.modes: dict[tuple, dict[int, Runner]] = {}  # (dtype, scope) → {input numel → call}
+        self.fast: dict[int, Runner] = {}
+        self.dtype: torch.dtype | None = None
+        self.scope: str | None = None
 
     def stored(self, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                dequantize: Callable[[], torch.Tensor]) -> Stored:
@@ -361,6 +541,7 @@ class LayerKernels:
         w = self._stored
         if w is None or w.qweight is not qweight or w.scales is not scales or w.zero_points is not zero_points:
             w = self._stored = Stored(qweight, scales, zero_points, dequantize)
+            self._forget_calls()
         return w
 
     def _pack(self, name: str, geo: Geometry, w: Stored) -> tuple:
@@ -370,24 +551,26 @@ class LayerKernels:
                 hit = self.packed[name] = (w, KERNEL_TABLE[name].pack(geo, w))
         return hit[1]
 
-    def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype) -> str:
+    def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype, bias: torch.Tensor | None) -> str:
         """The kernel for a call on `rows` rows of `dtype`: forced, else cached, else measured now."""
         cls, want = row_class(rows), forced()
         hit = self.chosen.get((cls, dtype, want))
         if hit is not None:
             return hit
-        ok, why = candidates(geo, dtype)
+        ok, why = candidates(geo, w, dtype)
         if want is not None:
             name = want if want in ok else "float"
             if want not in ok:
                 self.notes[want] = why[want]
         else:
-            key = (geo, cls, dtype)
-            text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."))))
+            cold = working_set() > l2_bytes()
+            key = (geo, cls, dtype, bias is not None, cold)
+            text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."),
+                                      "bias" * (bias is not None), "cold" if cold else "hot")))
             name = CHOICES.get(key) or _remembered(text)
-            if name is None or name not in ok:
-                packs = {n: self._pack(n, geo, w) for n in ok}
-                name = _probe(geo, packs, ROW_CLASSES[cls][1], dtype)
+            if name is None or name not in ok or not KERNEL_TABLE[name].auto(geo):
+                packs = {n: self._pack(n, geo, w) for n in ok if KERNEL_TABLE[n].auto(geo)}
+                name = _probe(geo, packs, ROW_CLASSES[cls][1], dtype, bias, cold)
                 _remember(text, name)
                 for loser in set(packs) - {name} - set(self.chosen.values()):
                     self.packed.pop(loser, None)  # keep only what runs
@@ -395,16 +578,26 @@ class LayerKernels:
         self.chosen[(cls, dtype, want)] = name
         return name
 
-    def run(self, geo: Geometry, w: Stored, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(M, in) → (M, out) in x's dtype, bias added."""
-        name = self.choose(geo, w, x.shape[0], x.dtype)
-        return KERNEL_TABLE[name].run(geo, self._pack(name, geo, w), x, bias)
+    def call(self, geo: Geometry, w: Stored, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) → (..., out) in x's dtype, bias added; the call is kept in `fast` for the next input
+        of this size."""
+        dtype, scope = x.dtype, choice.current().weight_only
+        name = self.choose(geo, w, x.numel() // geo.in_features, dtype, bias)
+        run = self.bound.get((name, dtype))
+        if run is None:
+            run = self.bound[name, dtype] = KERNEL_TABLE[name].bind(geo, self._pack(name, geo, w), bias, dtype)
+        if (dtype, scope) != (self.dtype, self.scope):
+            self.fast = self.modes.setdefault((dtype, scope), {})
+            self.dtype, self.scope = dtype, scope
+        if len(self.fast) < FAST_ENTRIES:
+            self.fast[x.numel()] = run
+        return run(x)
 
     def __deepcopy__(self, memo) -> LayerKernels:
-        return LayerKernels()
+        return LayerKernels(self.geo)
 
     def __getstate__(self) -> dict:
-        return {}
+        return {"geo": self.geo}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__(state["geo"])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelzip_cli.errors import InputError
+from modelzip_cli.kernels import choice
 from modelzip_cli.kernels import weight_only as wo_kernels
 from modelzip_cli.nn.packed import PackedWeights
 
@@ -98,7 +99,7 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.scheme = f"int{bits} weight-only (group {self.group_size})"
         self._geo = wo_kernels.Geometry(bits, in_features, out_features, self.group_size, groups)
-        self._kernels = wo_kernels.LayerKernels()
+        self._kernels = wo_kernels.LayerKernels(self._geo)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int) -> WeightOnlyLinear:
@@ -158,28 +159,41 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
 
     def kernel_for(self, rows: int, dtype: torch.dtype = torch.float32) -> str:
         """The kernel a call on `rows` rows of `dtype` runs on (measured on first asking, then kept)."""
-        return self._kernels.choose(self._geo, self._stored(), rows, dtype)
+        return self._kernels.choose(self._geo, self._stored(), rows, dtype, self.bias)
 
     def kernel_notes(self) -> dict[str, str]:
         """kernel → why this layer could not run it (a kernel MODELZIP_WO_KERNEL forced)."""
         return dict(self._kernels.notes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the call bound for inputs of this size, dtype and use_kernel block (everything settled once), unless
+        # autograd or a trace must see the dequantization; anything else goes through _forward
+        k = self._kernels
+        run = k.fast.get(x.numel())
+        if run is not None and x.dtype == k.dtype and choice.current().weight_only == k.scope \
+                and not torch.is_grad_enabled() and not wo_kernels.tracing():
+            return run(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         differentiable = torch.is_grad_enabled() and (x.requires_grad or self.bias is not None
                                                       and self.bias.requires_grad)
-        traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        if differentiable or traced or x.numel() == 0 or x.device.type != "cpu" or self.qweight.device.type != "cpu":
+        if differentiable or wo_kernels.tracing() or x.numel() == 0 or not x.is_cpu or not self.qweight.is_cpu:
             # autograd, an export (the graph holds the stored integers and their dequantization), or not a CPU
             return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
-        y = self._kernels.run(self._geo, self._stored(), x.reshape(-1, self.in_features), self.bias)  # (M, out)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._kernels.call(self._geo, self._stored(), self.bias, x)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("qweight", "scales", "zero_points", "bias") and "_kernels" in self.__dict__:
+            self._kernels = wo_kernels.LayerKernels(self._geo)  # packed copies and bound calls follow the new tensor
+        super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: packed tensors must follow
-        self._kernels = wo_kernels.LayerKernels()
+        self._kernels = wo_kernels.LayerKernels(self._geo)
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernels = wo_kernels.LayerKernels()
+        self._kernels = wo_kernels.LayerKernels(self._geo)
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -507,9 +507,12 @@ NOTES = {
 }
 
 WO_ROWS = (1, 16, 128)  # call sizes (rows) the weight-only kernel choice is reported at: decoding, few, a batch
-WO_KERNEL_NOTE = ("int4pack / int8pack: torch's packed int4 / int8 CPU kernels, bf16 activations; bf16: a bf16 "
-                  "dequantized copy of the weight kept in memory; float: a dequantized copy in the input's dtype "
-                  "(the float layer's own speed)")
+WO_KERNEL_NOTE = ("int4pack / int8pack: torch's packed int4 / int8 CPU kernels, bf16 activations; int8chan: the "
+                  "int8 kernel on the weight requantized at load to one scale per output channel (adds at most "
+                  "half that scale of rounding per weight); int8dyn (only where MODELZIP_WO_KERNEL forces it): W8A8, "
+                  "activations rounded to int8 per token at run time, torch._int_mm; bf16: a "
+                  "bf16 dequantized copy of the weight kept in memory; float: a dequantized copy in the input's "
+                  "dtype (the float layer's own speed); MODELZIP_WO_KERNEL=<name> forces one")
 
 
 def _weight_only_kernel_note(model: nn.Module, layer_extra: dict[str, dict]) -> str:
