@@ -48,6 +48,7 @@ from modelzip_cli.measure import (
     predict,
     sqnr_db,
 )
+from modelzip_cli.techniques import smoothing
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 from modelzip_cli.techniques.sensitivity import Scorer, keep_float, layer_losses
@@ -65,9 +66,11 @@ class DynamicConfig(_QuantizeConfig):
     method: ClassVar[str] = "dynamic"
     backend: Backend = "auto"
     activations: Literal["per-token", "per-tensor"] = "per-token"
-    # auto: with --calib-data, each Linear takes the activation-outlier migration strength (SmoothQuant's
-    # alpha, 0 = none) whose output error measured least on the calibration inputs; off: none
-    smoothing: Literal["auto", "off"] = "auto"
+    # With --calib-data, activation outliers moved into the weights (SmoothQuant, techniques/smoothing.py) at
+    # the strength whose int8 outputs measured closest on the calibration inputs (0 = none): auto folds the
+    # scales into the norm or Linear that writes a layer's input where one can carry them, else keeps a
+    # smoothing tensor in the layer; fold: folded only; layer: a tensor in every layer, nothing folded; off: none
+    smoothing: Literal["auto", "fold", "layer", "off"] = "auto"
     calib_batches: int = Field(8, ge=1)  # calibration batches seen for activation ranges (smoothing)
     calib_batch_size: int = Field(32, ge=1)
 
@@ -77,7 +80,10 @@ class StaticConfig(_QuantizeConfig):
 
     method: ClassVar[str] = "static"
     backend: Backend = "auto"
-    observer: Literal["minmax", "percentile"] = "minmax"  # minmax measured better on the digits model
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"  # minmax measured better on the digits model
+    # auto (= fold): with the calibration data, activation outliers moved into the weights where the norm or
+    # Linear writing a layer's input can carry the scales (techniques/smoothing.py); off: none
+    smoothing: Literal["auto", "fold", "off"] = "auto"
     calib_batches: int = Field(100, ge=1)  # batches of calibration data run through the observers
     calib_batch_size: int = Field(32, ge=1)
 
@@ -231,23 +237,41 @@ def _best_smoothing(linear: nn.Linear, absmax: torch.Tensor, x: torch.Tensor, ac
 def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _names(model, cfg, *_types(cfg))
     smooth: dict[str, torch.Tensor] = {}
-    alphas: dict[str, dict] = {}
-    if cfg.smoothing == "auto" and ctx.calib_data is not None:
-        absmax, inputs = _calibration_inputs(model, [n for n in names if n], ctx, cfg)
-        for name in names:
-            if name not in inputs:
-                continue  # no calibration batch reached it
-            alpha, s, err = _best_smoothing(model.get_submodule(name), absmax[name], inputs[name], cfg.activations)
-            alphas[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
-            if s is not None:
-                smooth[name] = s
+    figures: dict[str, dict] = {}
+    notes: list[str] = []
+    if cfg.smoothing != "off" and ctx.calib_data is not None:
+        smooth, figures, notes = _dynamic_smoothing(model, names, cfg, ctx)
     for name in names:
         replace_module(model, name, int8.DynamicInt8Linear.from_float(model.get_submodule(name), cfg.activations,
                                                                       smooth.get(name)))
     edit = {"kind": "quantize_dynamic", "modules": names, "activations": cfg.activations}
     if smooth:  # (absent otherwise: a file without smoothing stays readable by a modelzip without it)
         edit["smoothed"] = [n for n in names if n in smooth]
-    return model, [edit], {"layer_extra": alphas}
+    return model, [edit], {"layer_extra": figures, "notes": notes}
+
+
+def _dynamic_smoothing(model: nn.Module, names: list[str], cfg: DynamicConfig, ctx: Context
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str]]:
+    """Fold smoothing scales where a writer can carry them (in place, in float), and choose per-layer scales
+    for the other layers: (name → per-layer scales, name → figures for its row, notes)."""
+    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+    with ctx.progress("calibrate", len(batches)) as bar:
+        groups = smoothing.find_groups(model, names, batches, sequential.forward, ctx.generator(),
+                                       progress=bar.advance)
+    folded, notes = [], []
+    if cfg.smoothing in ("auto", "fold"):
+        folded, notes = smoothing.fold_groups(model, groups, batches[0], smoothing.dynamic_output(cfg.activations))
+    smooth, figures = {}, {}
+    for group in groups:
+        for name in group.linears:
+            if group in folded:
+                figures[name] = dict(group.figures)
+            elif cfg.smoothing in ("auto", "layer"):
+                alpha, s, err = _best_smoothing(model.get_submodule(name), group.absmax, group.rows, cfg.activations)
+                figures[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
+                if s is not None:
+                    smooth[name] = s
+    return smooth, figures, notes
 
 
 def _converted(prepared: nn.Module, names: list[str], qat: bool, observer: str, reduced: bool
@@ -269,6 +293,9 @@ def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[
     if ctx.example_input is not None and (pairs := conv_batchnorm_pairs(model, ctx.example_input, set(names))):
         fold_batchnorm(model, pairs)
         folds = [{"kind": "fold_batchnorm", "pairs": pairs}]
+    notes, figures = [], {}
+    if cfg.smoothing != "off":
+        notes, figures = _static_smoothing(model, names, cfg, ctx)
     prepared = int8.prepare_static(model, names, cfg.observer, _reduced(cfg))
     batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
     with ctx.progress("calibrate", batches) as bar, torch.no_grad():
@@ -278,7 +305,26 @@ def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[
             prepared(x)
             bar.advance()
     quantized, edits = _converted(prepared, names, False, cfg.observer, _reduced(cfg))
-    return quantized, folds + edits, {}
+    return quantized, folds + edits, {"notes": notes, "layer_extra": figures}
+
+
+STATIC_SMOOTHING_BATCHES = 8  # calibration batches the smoothing scales are chosen on
+
+
+def _static_smoothing(model: nn.Module, names: list[str], cfg: StaticConfig, ctx: Context
+                      ) -> tuple[list[str], dict[str, dict]]:
+    """Fold smoothing scales into the norms and Linears that can carry them (static int8 layers hold no
+    smoothing tensor of their own): notes, and name → figures for its row."""
+    linears = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    if not linears:
+        return [], {}
+    batches = sequential.calibration_batches(model, ctx.calib_data, min(cfg.calib_batches, STATIC_SMOOTHING_BATCHES),
+                                             cfg.calib_batch_size)
+    with ctx.progress("smoothing", len(batches)) as bar:
+        groups = smoothing.find_groups(model, linears, batches, sequential.forward, ctx.generator(),
+                                       progress=bar.advance)
+    folded, notes = smoothing.fold_groups(model, groups, batches[0], smoothing.static_output(_reduced(cfg)))
+    return notes, {n: dict(g.figures) for g in folded for n in g.linears}
 
 
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
@@ -579,12 +625,17 @@ def measured_batch_n(ctx: Context) -> int:
     return DEFAULT_BATCH_N_TOKENS if tokens else DEFAULT_BATCH_N
 
 
+PROBE_TOKENS = 8192  # token windows the SQNR probe runs: a figure, not worth a pass over all the calibration data
+
+
 def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
     """Inputs for the SQNR probe and a note on where they came from. Integer inputs (token ids) are never
     perturbed as floats; with no data and no example input there is no probe."""
     source = ctx.calib_data or ctx.data
     if source is not None:
-        return source.inputs[:1024], f"SQNR measured on {min(1024, len(source))} samples of {source.path.name}"
+        x = source.inputs
+        n = 1024 if x.is_floating_point() else max(1, min(1024, PROBE_TOKENS // max(1, x.shape[-1])))
+        return x[:n], f"SQNR measured on {min(n, len(source))} samples of {source.path.name}"
     x = ctx.example_input
     if x is None:
         return None, "SQNR not measured: no data and no example input (pass --calib-data or --input-shape)"
