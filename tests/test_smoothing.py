@@ -185,3 +185,49 @@ def test_static_int8_of_the_decoder_keeps_perplexity_within_ten_percent(cli, tmp
     assert r.code == 0, r.stderr
     m = r.json["metrics"]
     assert m["output"]["perplexity"] <= 1.10 * m["input"]["perplexity"]
+
+
+OUTLIER = 60.0  # how much larger two channels of every norm's output are made (real decoders show 10–1000×)
+
+
+@pytest.fixture(scope="module")
+def outlier_decoder(tmp_path_factory):
+    """The sample decoder with the outlier channels real LLMs have: two channels of every norm's weight
+    multiplied by OUTLIER and the columns of the Linears reading them divided by it. The float model is the
+    same function; per-tensor int8 ranges of its norms' outputs are not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("outliers") / "tiny_llama"
+    shutil.copytree(DECODER, out)
+    sd = load_file(str(out / "model.safetensors"))
+    channels = [7, 50]
+    for i in range(4):
+        p = f"model.layers.{i}."
+        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            sd[p + norm + ".weight"][channels] *= OUTLIER
+            for r in readers:
+                sd[p + r + ".weight"][:, channels] /= OUTLIER
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_static_int8_with_outlier_channels_folds_them_away_and_a_doubled_perplexity_is_named(
+        cli, tmp_path, windows, held, outlier_decoder):
+    base = ["quantize", outlier_decoder, "--method", "static", "--calib-data", windows["calib"], "--calib-batches",
+            "2", "--calib-batch-size", "16", "--eval-data", held, "--json"]
+    r = cli(*base, "--smoothing", "off", "-o", tmp_path / "plain.safetensors")
+    assert r.code == 0, r.stderr
+    m = r.json["metrics"]
+    assert m["output"]["perplexity"] > 2 * m["input"]["perplexity"]  # what per-tensor ranges do to outliers
+    assert any(w.startswith("perplexity more than doubled") and f"{m['output']['perplexity']:.2f}" in w
+               for w in r.json["warnings"])
+    r = cli(*base, "-o", tmp_path / "smooth.safetensors")
+    assert r.code == 0, r.stderr
+    m = r.json["metrics"]
+    assert m["output"]["perplexity"] <= 1.10 * m["input"]["perplexity"], m
+    rows = {row["name"]: row for row in r.json["steps"][0]["layers"]}
+    assert rows["model.model.layers.0.self_attn.q_proj"]["smoothing_folded_into"] == \
+        "model.model.layers.0.input_layernorm"
