@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modelzip_cli import awq, int8
+from modelzip_cli.nn import int8
+from modelzip_cli.techniques import awq
 
 ALPHAS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # migration strengths tried per group; 0 = none
 ROWS = 2048  # input rows per group kept to measure each strength's output error
