@@ -50,6 +50,7 @@ from modelzip_cli.nn import int8
 from modelzip_cli.nn.surgery import replace_module
 from modelzip_cli.nn.weight_only import WeightOnlyLinear
 from modelzip_cli.pipeline.data import Dataset, as_model_input, float_dtype
+from modelzip_cli.tokens import ids_and_mask, pack
 
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
 DEFAULT_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes; ONNX Runtime 1.17 on runs it
@@ -121,7 +122,7 @@ class _TokenGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(torch.stack([input_ids, attention_mask], dim=1))  # (B, 2, L), hf.py's convention
+        return self.model(pack(input_ids, attention_mask))  # (B, 2, L)
 
 
 @torch.library.custom_op("modelzip::quantize_dequantize", mutates_args=())
@@ -394,7 +395,7 @@ def ort_quantize(float_path: Path, out: Path, scheme: str, calib: Dataset | None
 
 def _split(x: torch.Tensor, n_args: int) -> tuple[torch.Tensor, ...]:
     if n_args == 2:
-        return (x[:, 0], x[:, 1]) if x.ndim == 3 else (x, torch.ones_like(x))
+        return ids_and_mask(x)
     return (x.float() if x.is_floating_point() else x,)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from modelzip_cli.errors import InputError, UsageError, first_line
 from modelzip_cli.limits import check_memory, check_regular
+from modelzip_cli.tokens import ids_and_mask
 
 EXTRA_HINT = "pip install 'modelzip[onnx]'"
 MAX_TRIPS = 1 << 24  # a Loop's constant trip count: far beyond any real graph's
@@ -131,7 +132,7 @@ class OnnxModel(nn.Module):
 
     def feeds(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         if len(self.inputs) == 2:  # (input_ids, attention_mask)
-            ids, mask = (x[:, 0], x[:, 1]) if x.ndim == 3 else (x, torch.ones_like(x))
+            ids, mask = ids_and_mask(x)
             return {self.inputs[0][0]: ids.long().numpy(), self.inputs[1][0]: mask.long().numpy()}
         name, kind, _ = self.inputs[0]
         return {name: x.detach().cpu().numpy().astype(_NUMPY.get(kind, np.float32), copy=False)}

@@ -15,18 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelzip_cli.tokens import ids_and_mask
+
 BATCH = 4  # windows per forward: (4, L, V) logits of each model at a time
 
 
 def is_causal_lm(model: nn.Module) -> bool:
     return bool(getattr(model, "causal_lm", False))
 
-
-def ids_and_mask(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids with an all-ones mask, or the (B, 2, L) packing of ids over mask split in two."""
-    if x.ndim == 3:
-        return x[:, 0], x[:, 1]
-    return x, torch.ones_like(x)
 
 
 @torch.inference_mode()

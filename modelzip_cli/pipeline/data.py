@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelzip_cli import tokens
 from modelzip_cli.errors import InputError, first_line
 from modelzip_cli.limits import check_archive, check_memory, check_regular
 
@@ -113,7 +114,7 @@ def _with_mask(path: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
                          f"{tuple(ids.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}")
     if bool(((mask != 0) & (mask != 1)).any()):
         raise InputError(f"data file {path}: 'attention_mask' holds values other than 0 and 1")
-    return torch.stack([ids, mask.long()], dim=1)  # (N, 2, L)
+    return tokens.pack(ids, mask)
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:

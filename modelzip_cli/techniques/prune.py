@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from modelzip_cli import tokens
 from modelzip_cli.checkpoint.edits import Edit, HeadsEdit, MagnitudeEdit, StructuredEdit, UnstructuredEdit
 from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.checkpoint.layers import layer_table
@@ -256,7 +257,7 @@ def input_moments(model: nn.Module, inputs: torch.Tensor, readers: dict[str, int
     dtype = float_dtype(model)
     for i in range(0, inputs.shape[0], 32):
         batch = inputs[i:i + 32]
-        mask = batch[:, 1] if batch.ndim == 3 and not batch.is_floating_point() else None  # (B, 2, L): ids over mask
+        mask = tokens.mask_of(batch)
         hooks = [model.get_submodule(n).register_forward_pre_hook(
             lambda mod, args, n=n, mask=mask: record(n, mod, args, mask)) for n in readers]
         run_with_hooks(model, as_model_input(batch, dtype), hooks)
