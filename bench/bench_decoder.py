@@ -8,8 +8,10 @@ windows, calibration and held-out from different documents. Perplexity on every 
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
+from pathlib import Path
 
 from bench.common import WORK
 
@@ -29,7 +31,14 @@ def _rows(calib: str) -> dict[str, list[str]]:
         rows[f"GPTQ int4 g{g}"] = ["quantize", "--method", "gptq", "--bits", "4", "--group-size", str(g), *c]
         rows[f"AWQ int4 g{g}"] = ["quantize", "--method", "awq", "--bits", "4", "--group-size", str(g), *c]
     rows["RTN int8 g128"] = ["quantize", "--method", "weight-only", "--bits", "8", *DECODER_KEEP]
-    rows["W8A8 dynamic (smoothed)"] = ["quantize", "--method", "dynamic", *c, *DECODER_KEEP]
+    rows["W8A8 dynamic (smoothing folded into norms)"] = ["quantize", "--method", "dynamic", *c, *DECODER_KEEP]
+    rows["W8A8 dynamic (smoothing tensor per layer)"] = ["quantize", "--method", "dynamic", "--smoothing", "layer",
+                                                         *c, *DECODER_KEEP]
+    rows["W8A8 dynamic (no smoothing)"] = ["quantize", "--method", "dynamic", "--smoothing", "off", *c,
+                                           *DECODER_KEEP]
+    rows["W8A8 static (smoothing folded)"] = ["quantize", "--method", "static", *c, *DECODER_KEEP]
+    rows["W8A8 static (smoothing folded, MSE ranges)"] = ["quantize", "--method", "static", "--observer", "mse", *c,
+                                                          *DECODER_KEEP]
     rows["magnitude 50% (per layer)"] = ["prune", "--method", "magnitude", "--scope", "layer", "--ratio",
                                          str(RATIO), *SPARSE_KEEP]
     rows["Wanda 50%"] = ["prune", "--method", "wanda", "--ratio", str(RATIO), *c]
@@ -44,6 +53,10 @@ def _rows(calib: str) -> dict[str, list[str]]:
     rows["layers: 1 of 4 blocks (ShortGPT)"] = ["prune", "--method", "layers", "--blocks", "1", *c]
     rows["layers: 1 of 4 blocks + --recover"] = ["prune", "--method", "layers", "--blocks", "1", *c, "--recover",
                                                  "--data", c[1]]
+    every = ["--calib-batches", "32"]  # 32 × 8: every calibration window (the calibration split has 250)
+    rows["Wanda 50% (all calibration windows)"] = ["prune", "--method", "wanda", "--ratio", str(RATIO), *c, *every]
+    rows["SparseGPT 50% (all calibration windows)"] = ["prune", "--method", "sparsegpt", "--ratio", str(RATIO), *c,
+                                                       *every]
     return rows
 
 
@@ -60,16 +73,17 @@ def run() -> dict:
     windows = decoder.write_windows(work / "windows")
     held = load_data(windows["heldout"], require_targets=False).inputs
     model_dir = decoder.HERE / decoder.NAME
-    paths, seconds, failed = {"fp32": model_dir}, {}, {}
+    paths, seconds, step_seconds, failed = {"fp32": model_dir}, {}, {}, {}
     for name, args in _rows(str(windows["calib"])).items():
         out = work / (name.replace(" ", "_").replace("%", "").replace("(", "").replace(")", "") + ".safetensors")
         t0 = time.perf_counter()
         code = modelzip([args[0], str(model_dir), *args[1:], "-o", str(out), "--force", "--quiet"])
-        seconds[name] = round(time.perf_counter() - t0, 1)
+        seconds[name] = round(time.perf_counter() - t0, 2)
         if code != 0:
             failed[name] = code
             continue
         paths[name] = out
+        step_seconds[name] = json.loads(Path(f"{out}.json").read_text())["steps"][0]["duration_s"]
     from bench import peers
 
     peer = peers.llmcompressor_gptq(model_dir, windows["calib"], windows["heldout"], work / "llmcompressor", GROUP)
@@ -84,7 +98,7 @@ def run() -> dict:
         rows[name] = {"perplexity": round(f["perplexity"], 3),
                       "increase_pct": round((f["perplexity"] / base - 1) * 100, 2),
                       "next_token_agreement": round(f.get("next_token_agreement", 1.0), 4),
-                      "bytes": size, "seconds": seconds.get(name),
+                      "bytes": size, "seconds": seconds.get(name), "step_seconds": step_seconds.get(name),
                       "prefill_tokens_per_s": round(speed["prefill_tokens_per_s"], 1),
                       "decode_tokens_per_s": round(speed["decode_tokens_per_s"], 1)}
     return {"model": str(model_dir.relative_to(decoder.HERE.parent)), "heldout_windows": int(held.shape[0]),
@@ -95,20 +109,25 @@ def summary(r: dict) -> str:
     lines = [f"Sample decoder {r['model']}, perplexity on {r['heldout_windows']} held-out windows of "
              f"{r['window']} tokens.", "",
              "| model | perplexity | increase | next-token agreement | bytes | prefill tok/s | decode tok/s | "
-             "seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "seconds: load to save | seconds: the step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in r["rows"].items():
         speed = (f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.0f}"
                  if "decode_tokens_per_s" in row else " | ")
         lines.append(f"| {name} | {row['perplexity']:.3f} | {row['increase_pct']:+.2f}% | "
-                     f"{row['next_token_agreement']:.4f} | {row['bytes']:,} | {speed} | {row['seconds'] or ''} |")
+                     f"{row['next_token_agreement']:.4f} | {row['bytes']:,} | {speed} | {row['seconds'] or ''} | "
+                     f"{row.get('step_seconds') or ''} |")
     peer = r.get("llmcompressor") or {}
     if "perplexity" in peer:
         lines.append(f"| llm-compressor {peer['version']} GPTQ W4A16 g{peer['group']} | {peer['perplexity']:.3f} | "
                      f"{(peer['perplexity'] / r['rows']['fp32']['perplexity'] - 1) * 100:+.2f}% | | "
-                     f"{peer['bytes']:,} | | | {peer['seconds']} |")
+                     f"{peer['bytes']:,} | | | {peer.get('seconds_load_to_save', '')} | {peer['seconds']} |")
     elif peer:
         lines.append(f"\nllm-compressor: {peer.get('skipped')}")
     if r["failed"]:
         lines.append(f"\nfailed: {r['failed']}")
+    lines += ["", "Seconds, in one process with its imports done: *load to save* is modelzip's whole command (load, "
+              "the step, its SQNR probe and notes, write; no --eval-data) and llm-compressor's from_pretrained, "
+              "oneshot and save_pretrained; *the step* is modelzip's quantize/prune step (calibration passes, the "
+              "method, its SQNR probe and notes) and llm-compressor's oneshot (calibration passes and GPTQ)."]
     return "\n".join(lines)

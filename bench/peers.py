@@ -30,12 +30,14 @@ calib = load_file(calib_path)
 n = int(samples)
 ds = Dataset.from_dict({"input_ids": calib["inputs"][:n].tolist(),
                        "attention_mask": calib["attention_mask"][:n].tolist()})
+t_load = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 t0 = time.perf_counter()
 oneshot(model=model, dataset=ds, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
         max_seq_length=calib["inputs"].shape[1], num_calibration_samples=n)
 seconds = time.perf_counter() - t0
 model.save_pretrained(out_dir, save_compressed=True)
+whole = time.perf_counter() - t_load
 model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
 held = load_file(held_path)
 nll, tokens = 0.0, 0
@@ -45,7 +47,8 @@ with torch.inference_mode():
         valid = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
         nll += float(torch.nn.functional.cross_entropy(logits[valid], ids[:, 1:][valid], reduction="sum"))
         tokens += int(valid.sum())
-print("PEER " + json.dumps({"seconds": round(seconds, 1), "perplexity": math.exp(nll / tokens),
+print("PEER " + json.dumps({"seconds": round(seconds, 2), "seconds_load_to_save": round(whole, 2),
+                            "perplexity": math.exp(nll / tokens),
                             "version": llmcompressor.__version__}))
 """
 
@@ -73,7 +76,8 @@ def _venv(name: str, packages: list[str]) -> Path | str:
 def llmcompressor_gptq(model_dir: Path, calib: Path, held: Path, out: Path, group: int,
                        samples: int = 128) -> dict:
     """llm-compressor's GPTQ W4A16 (group 128, symmetric, lm_head float) of a causal LM directory on the
-    first `samples` calibration windows: its own wall time for `oneshot`, and the perplexity of the
+    first `samples` calibration windows: its own wall time for `oneshot` (calibration and GPTQ) and from loading
+    the model to its saved directory (imports done before either), and the perplexity of the
     compressed-tensors directory it saved, reloaded by transformers, on the held-out windows."""
     if group != 128:
         return {"skipped": "its W4A16 preset is group 128"}

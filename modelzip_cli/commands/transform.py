@@ -285,6 +285,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
         save_checkpoint(loaded.model, loaded.manifest, output, encoded=loaded.encoded, outputs=staged)
         written = staged.staged(output)
         report.output = file_info(output, count_parameters(loaded.model), read_from=written)
+        _size_warning(report)
         if gzip_output:
             report.output["gzip_bytes"] = gzip_bytes(written)
         if eval_data is not None:
@@ -437,6 +438,15 @@ def _latency_warnings(report: Report) -> None:
                                    f"(IQR {after.q1:.3f}–{after.q3:.3f}) vs {before.median:.3f} ms "
                                    f"(IQR {before.q1:.3f}–{before.q3:.3f}), {after.rounds} interleaved rounds, "
                                    f"{lat_out['threads']} threads")
+
+
+def _size_warning(report: Report) -> None:
+    """An output larger on disk than its input is said, with both sizes (a compressor that grows a file
+    has not compressed it)."""
+    before, after = (report.input or {}).get("bytes"), (report.output or {}).get("bytes")
+    if before and after and after > before:
+        report.warnings.append(f"the output is larger on disk than the input: {after:,} bytes vs {before:,} "
+                               f"({after / before:.2f}×)")
 
 
 def _perplexity_warning(report: Report) -> None:

@@ -10,7 +10,6 @@ calibrated in one whole-model pass instead (`blocks_of` returns None and the cal
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -85,16 +84,18 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
 
 def calibrate(model: nn.Module, batches: list, forward: Callable,
               per_block: Callable[[int, nn.Module, Inputs], None],
-              progress: Callable[[int, int], None] | None = None) -> Blocks | None:
+              progress: Callable[[int, int], None] | None = None, through_last: bool = True) -> Blocks | None:
     """Run `per_block(i, block, inputs)` on each block in order, then pass the inputs through the block as
-    `per_block` left it. Returns the stack, or None when the model has none (nothing was run)."""
+    `per_block` left it (not through the last one unless `through_last`: nothing may need its outputs).
+    Returns the stack, or None when the model has none (nothing was run)."""
     blocks = blocks_of(model)
     if blocks is None:
         return None
     inputs = first_inputs(model, blocks, batches, forward)
     for i, block in enumerate(blocks.layers):
         per_block(i, block, inputs)
-        inputs = run_block(block, inputs)
+        if through_last or i + 1 < len(blocks.layers):
+            inputs = run_block(block, inputs)
         if progress is not None:
             progress(i + 1, len(blocks.layers))
     return blocks
@@ -166,7 +167,8 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor],
             done.update(mine)
 
         if stack is not None:
-            calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance())
+            outside = any(not n.startswith(stack.prefix + ".") for n in names)  # needs the whole model after
+            calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance(), through_last=outside)
         rest = [n for n in names if n not in done]
         if rest:
             run(model, rest, lambda: [forward(model, x) for x in batches])
@@ -186,7 +188,6 @@ class Hessian:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, in)
         n = x.shape[0]
-        self.h *= self.rows / (self.rows + n)
+        self.h.mul_(self.rows / (self.rows + n))
         self.rows += n
-        x = x * math.sqrt(2 / self.rows)
-        self.h += x.T @ x
+        self.h.addmm_(x.T, x, alpha=2 / self.rows)  # no scaled copy of x

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from modelzip_cli.nn.weight_only import Quantized, group_params, to_ints
+from modelzip_cli.nn.weight_only import Quantized, group_params
 
 
 def _inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
@@ -91,24 +91,32 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
             scales[:, g], zeros[:, g] = group_params(w[:, g * group_size:(g + 1) * group_size], bits)
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_factor(h, w, damp)  # (in, in)
-    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
+    # The walk costs a dozen small ops per column, so it keeps them few: the integers are kept as floats in
+    # the order of work and the loss is summed once a block (½·Σ e², e the column errors already kept).
+    lo, hi = (-127, 127) if bits == 8 else (0, 15)
+    order = perm.tolist()
+    zero_f = zeros.float()
+    work = torch.empty(out, cols, device=w.device)  # (out, in): integers, columns in the order of work
     loss = 0.0
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])  # the stored column this step quantizes
+            col = order[i1 + i]  # the stored column this step quantizes
             g = col // group_size
             if not act_order and col % group_size == 0:  # a group starts: its scale from the updated weights
                 scales[:, g], zeros[:, g] = group_params(
                     torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size], bits)
-            q = to_ints(w1[:, i], scales[:, g], zeros[:, g], bits)
-            ints[:, col] = q
-            deq = (q - zeros[:, g]).float() * scales[:, g]
-            d = hinv1[i, i]
-            e = (w1[:, i] - deq) / d  # (out,)
-            loss += float(((w1[:, i] - deq) ** 2).sum() / d**2) / 2
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+                zero_f[:, g] = zeros[:, g]
+            scale, zero = scales[:, g], zero_f[:, g]
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / scale) + zero, lo, hi)  # (out,) integers as floats (to_ints)
+            work[:, i1 + i] = q
+            e = (x - (q - zero) * scale) / hinv1[i, i]  # (out,)
+            w1[:, i:] -= torch.outer(e, hinv1[i, i:])
             err1[:, i] = e
+        loss += float(err1.pow(2).sum()) / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
+    ints[:, perm] = work.to(torch.int64)
     return Quantized(ints, scales, zeros), loss

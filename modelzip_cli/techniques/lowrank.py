@@ -124,12 +124,34 @@ def _svd(w: torch.Tensor, rank: int, cfg: LowRankConfig, seed: int) -> tuple[tor
 def select(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor | None) -> tuple[list, list[str]]:
     """The Linears to factorize, and notes on what was left out."""
     layers = select_modules(model, include=cfg.include, exclude=cfg.exclude, types=(nn.Linear,), what="Linear")
+    notes = []
+    tied = _tied(model, [n for n, _ in layers if not (cfg.include and matches(n, cfg.include))])
+    if tied:  # two factors in place of a shared weight would store the weight's other user in full beside them
+        layers = [(n, m) for n, m in layers if n not in tied]
+        notes.append("left as they were, their weight shared with another module (tied embeddings), which "
+                     "factorizing would untie and store twice: " + ", ".join(f"{n} (with {o})" for n, o in
+                                                                          tied.items())
+                     + "; name them in --include to factorize them anyway")
     head = output_layer(model, example) if example is not None else None
     if head and not (cfg.include and matches(head, cfg.include)) and len(layers) > 1:
         # A low-rank classifier head caps the logits to an r-dimensional subspace: keep it unless asked.
         return ([(n, m) for n, m in layers if n != head],
-                [f"{head} (the output layer) left as it was; name it in --include to factorize it"])
-    return layers, []
+                [*notes, f"{head} (the output layer) left as it was; name it in --include to factorize it"])
+    return layers, notes
+
+
+def _tied(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Of the named Linears, those whose weight another module also holds: name → that module."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(module_name)
+    out = {}
+    for n in names:
+        others = [h for h in holders.get(id(model.get_submodule(n).weight), []) if h != n]
+        if others:
+            out[n] = others[0]
+    return out
 
 
 def plan(model: nn.Module, cfg: LowRankConfig, example: torch.Tensor | None) -> list[str]:

@@ -38,11 +38,11 @@ from modelzip_cli.measure.metrics import (
 from modelzip_cli.nn import int8
 from modelzip_cli.nn.surgery import conv_batchnorm_pairs, fold_batchnorm, replace_module
 from modelzip_cli.nn.weight_only import Quantized, WeightOnlyEmbedding, WeightOnlyLinear, check_embedding, rtn
-from modelzip_cli.pipeline import calib_stats, sequential
+from modelzip_cli.pipeline import sequential
 from modelzip_cli.pipeline.context import Context
 from modelzip_cli.pipeline.run import predict
 from modelzip_cli.pipeline.sequential import Hessian
-from modelzip_cli.techniques import awq
+from modelzip_cli.techniques import awq, smoothing
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection, handler, register
 from modelzip_cli.techniques.gptq import gptq
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
@@ -61,9 +61,11 @@ class DynamicConfig(_QuantizeConfig):
     method: ClassVar[str] = "dynamic"
     backend: Backend = "auto"
     activations: Literal["per-token", "per-tensor"] = "per-token"
-    # auto: with --calib-data, each Linear takes the activation-outlier migration strength (SmoothQuant's
-    # alpha, 0 = none) whose output error measured least on the calibration inputs; off: none
-    smoothing: Literal["auto", "off"] = "auto"
+    # With --calib-data, activation outliers moved into the weights (SmoothQuant, techniques/smoothing.py) at
+    # the strength whose int8 outputs measured closest on the calibration inputs (0 = none): auto folds the
+    # scales into the norm or Linear that writes a layer's input where one can carry them, else keeps a
+    # smoothing tensor in the layer; fold: folded only; layer: a tensor in every layer, nothing folded; off: none
+    smoothing: Literal["auto", "fold", "layer", "off"] = "auto"
     calib_batches: int = Field(8, ge=1)  # calibration batches seen for activation ranges (smoothing)
     calib_batch_size: int = Field(32, ge=1)
 
@@ -73,7 +75,10 @@ class StaticConfig(_QuantizeConfig):
 
     method: ClassVar[str] = "static"
     backend: Backend = "auto"
-    observer: Literal["minmax", "percentile"] = "minmax"  # minmax measured better on the digits model
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"  # minmax measured better on the digits model
+    # auto (= fold): with the calibration data, activation outliers moved into the weights where the norm or
+    # Linear writing a layer's input can carry the scales (techniques/smoothing.py); off: none
+    smoothing: Literal["auto", "fold", "off"] = "auto"
     calib_batches: int = Field(100, ge=1)  # batches of calibration data run through the observers
     calib_batch_size: int = Field(32, ge=1)
 
@@ -168,7 +173,6 @@ def _names(model: nn.Module, cfg: QuantizeConfig, types: tuple[type, ...], what:
 
 SMOOTH_ALPHAS = (0.0, 0.5, 0.65, 0.8, 0.9)  # migration strengths tried per layer; 0 = no smoothing
 SMOOTH_ROWS = 2048  # input rows per layer kept to measure each strength's output error
-SMOOTH_BY_BLOCK = True  # calibration statistics block by block (False: one whole-model pass, for comparison)
 PROBE_WINDOWS = 32  # token windows the SQNR probe runs (a causal LM's logits are vocabulary-wide per token)
 PROBE_BATCH = 2  # windows per probe forward: a 49k-token vocabulary makes 50 MB of logits for two
 
@@ -226,26 +230,39 @@ def best_smoothing(linear: nn.Linear, absmax: torch.Tensor, x: torch.Tensor, act
 def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _names(model, cfg, *_types(cfg))
     smooth: dict[str, torch.Tensor] = {}
-    alphas: dict[str, dict] = {}
-    notes = []
-    if cfg.smoothing == "auto" and ctx.calib_data is not None:
-        def choose(name: str, absmax: torch.Tensor, rows: torch.Tensor) -> None:
-            alpha, s, err = best_smoothing(model.get_submodule(name), absmax, rows, cfg.activations)
-            alphas[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
-            if s is not None:
-                smooth[name] = s
-
-        # Layers no calibration batch reached get no smoothing. Statistics block by block: one block's inputs
-        # in memory at a time, each strength tried on that layer's own recorded inputs.
-        batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-        how = calib_stats.layer_inputs(model, [n for n in names if n], batches, max(1, SMOOTH_ROWS // len(batches)),
-                                       ctx.generator, choose, ctx.progress, by_block=SMOOTH_BY_BLOCK)
-        notes.append(f"smoothing strengths chosen per layer on its calibration inputs, recorded {how}")
+    figures: dict[str, dict] = {}
+    notes: list[str] = []
+    if cfg.smoothing != "off" and ctx.calib_data is not None:
+        smooth, figures, notes = _dynamic_smoothing(model, names, cfg, ctx)
     for name in names:
         replace_module(model, name, int8.DynamicInt8Linear.from_float(model.get_submodule(name), cfg.activations,
                                                                       smooth.get(name)))
     edit = DynamicEdit(modules=names, activations=cfg.activations, smoothed=[n for n in names if n in smooth])
-    return model, [edit], {"layer_extra": alphas, "notes": notes}
+    return model, [edit], {"layer_extra": figures, "notes": notes}
+
+
+def _dynamic_smoothing(model: nn.Module, names: list[str], cfg: DynamicConfig, ctx: Context
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str]]:
+    """Fold smoothing scales where a writer can carry them (in place, in float), and choose per-layer scales
+    for the other layers: (name → per-layer scales, name → figures for its row, notes)."""
+    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+    with ctx.progress("calibrate", len(batches)) as bar:
+        groups = smoothing.find_groups(model, names, batches, sequential.forward, ctx.generator(),
+                                       progress=bar.advance)
+    folded, notes = [], []
+    if cfg.smoothing in ("auto", "fold"):
+        folded, notes = smoothing.fold_groups(model, groups, batches[0], smoothing.dynamic_output(cfg.activations))
+    smooth, figures = {}, {}
+    for group in groups:
+        for name in group.linears:
+            if group in folded:
+                figures[name] = dict(group.figures)
+            elif cfg.smoothing in ("auto", "layer"):
+                alpha, s, err = best_smoothing(model.get_submodule(name), group.absmax, group.rows, cfg.activations)
+                figures[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
+                if s is not None:
+                    smooth[name] = s
+    return smooth, figures, notes
 
 
 def _converted(prepared: nn.Module, names: list[str], qat: bool, observer: str, reduced: bool
@@ -268,11 +285,33 @@ def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[
     if ctx.example_input is not None and (pairs := conv_batchnorm_pairs(model, ctx.example_input, set(names))):
         fold_batchnorm(model, pairs)
         folds = [FoldEdit(pairs=pairs)]
+    notes, figures = [], {}
+    if cfg.smoothing != "off":
+        notes, figures = _static_smoothing(model, names, cfg, ctx)
     prepared = int8.prepare_static(model, names, cfg.observer, _reduced(cfg))
     batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
     ctx.calibrate(prepared, batches, cfg.calib_batch_size)
     quantized, edits = _converted(prepared, names, False, cfg.observer, _reduced(cfg))
-    return quantized, folds + edits, {}
+    return quantized, folds + edits, {"notes": notes, "layer_extra": figures}
+
+
+STATIC_SMOOTHING_BATCHES = 8  # calibration batches the smoothing scales are chosen on
+
+
+def _static_smoothing(model: nn.Module, names: list[str], cfg: StaticConfig, ctx: Context
+                      ) -> tuple[list[str], dict[str, dict]]:
+    """Fold smoothing scales into the norms and Linears that can carry them (static int8 layers hold no
+    smoothing tensor of their own): notes, and name → figures for its row."""
+    linears = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    if not linears:
+        return [], {}
+    batches = sequential.calibration_batches(model, ctx.calib_data, min(cfg.calib_batches, STATIC_SMOOTHING_BATCHES),
+                                             cfg.calib_batch_size)
+    with ctx.progress("smoothing", len(batches)) as bar:
+        groups = smoothing.find_groups(model, linears, batches, sequential.forward, ctx.generator(),
+                                       progress=bar.advance)
+    folded, notes = smoothing.fold_groups(model, groups, batches[0], smoothing.static_output(_reduced(cfg)))
+    return notes, {n: dict(g.figures) for g in folded for n in g.linears}
 
 
 @register(QATConfig)

@@ -53,11 +53,13 @@ def quantize(
                                                 "faster and torch.ao imports; default auto)")] = None,
     activations: Annotated[str | None, typer.Option("--activations", help="dynamic: per-token | per-tensor "
                                                     "activation scales (default per-token)")] = None,
-    observer: Annotated[str | None, typer.Option("--observer", help="static: minmax | percentile "
-                                                 "(default minmax)")] = None,
-    smoothing: Annotated[str | None, typer.Option("--smoothing", help="dynamic: auto (with --calib-data, move "
-                                                  "activation outliers into the weights where that measures "
-                                                  "better, per layer) | off (default auto)")] = None,
+    observer: Annotated[str | None, typer.Option("--observer", help="static: minmax | percentile | "
+                                                 "mse (the range rounding moves least) (default minmax)")] = None,
+    smoothing: Annotated[str | None, typer.Option("--smoothing", help="dynamic, static: with --calib-data, "
+                                                  "move activation outliers into the weights where that measures "
+                                                  "better: auto (folded into the norm or Linear writing a layer's "
+                                                  "input, else a tensor in the layer; static: folded only) | fold "
+                                                  "| layer | off (default auto)")] = None,
     embeddings: Annotated[bool, typer.Option("--embeddings", help="weight-only: also the Embedding tables")] = False,
     plan: PlanFile = None,
     *, shared,
