@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from modelzip_cli import int8, wo_kernels
+from modelzip_cli import int8, onnx_int4, wo_kernels
 from modelzip_cli.checkpoint import Loaded
 from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.edits import WeightOnlyLinear, replace_module
 from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.export_check import MIN_COSINE, MIN_COSINE_REQUANTIZED, agreement, apply_gate
 from modelzip_cli.files import Outputs, Target, check_targets
 from modelzip_cli.format import Manifest
 from modelzip_cli.hf import HFModel
@@ -160,7 +161,8 @@ def _onnx_translations() -> dict:
         return op.DequantizeLinear(q, scale, axis=0)
 
     ops = torch.ops.modelzip
-    return {ops.quantize_dequantize.default: qdq, ops.dequantize_weight.default: dequantize}
+    return {ops.quantize_dequantize.default: qdq, ops.dequantize_weight.default: dequantize,
+            **onnx_int4.translations()}
 
 
 class _QDQLinear(nn.Module):
@@ -176,6 +178,9 @@ class _QDQLinear(nn.Module):
         self.register_buffer("weight_scale", m.weight_scale.float().clone())
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
         self.input_qparams = m.input_qparams() if isinstance(m, int8._StaticInput) else None
+        # a smoothed dynamic layer stores W·diag(s): its input is multiplied by 1/s first, as int8.py runs it
+        smooth = m._buffers.get("input_smooth")
+        self.register_buffer("input_smooth", None if smooth is None else smooth.float().clone())
         for attr in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
                      "dilation", "groups"):  # model code may read them (transformers' TF-style padding does)
             if hasattr(m, attr):
@@ -187,6 +192,8 @@ class _QDQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
+        if self.input_smooth is not None:
+            x = x * self.input_smooth  # (..., K) · (K,)
         if self.input_qparams is not None:
             scale, zp = self.input_qparams
             if self.ops:
@@ -232,6 +239,11 @@ def scheme_of(manifest: Manifest) -> str | None:
     return None
 
 
+def _smoothed(manifest: Manifest) -> bool:
+    """Whether a dynamic int8 model has smoothed layers (its edit's `smoothed` list)."""
+    return any(edit.get("kind") == "quantize_dynamic" and edit.get("smoothed") for edit in manifest.edits)
+
+
 def int8_way(cfg: ExportConfig, scheme: str | None) -> str | None:
     """The --int8 way this export takes (None for a float model), or exit 2 naming one that works."""
     if scheme is None:
@@ -254,14 +266,18 @@ def int8_way(cfg: ExportConfig, scheme: str | None) -> str | None:
     return way
 
 
-def graph_module(model: nn.Module, way: str | None, fmt: str = "onnx") -> nn.Module:
-    """The module to trace: int8 layers swapped for their QDQ twins (qdq) or float parents (ort)."""
+def graph_module(model: nn.Module, way: str | None, fmt: str = "onnx", notes: list | None = None) -> nn.Module:
+    """The module to trace: int8 layers swapped for their QDQ twins (qdq) or float parents (ort), int4
+    weight-only Linears for MatMulNBits (ONNX, onnx_int4.py); what was done appended to `notes`."""
     import copy
 
     swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, (int8._Int8Weighted, WeightOnlyLinear))]
     if way is None or not swaps:
         return model
     model = copy.deepcopy(model)
+    if fmt == "onnx" and way != "ort":
+        (notes if notes is not None else []).extend(onnx_int4.swap_int4(model, replace_module))
+        swaps = [(n, m) for n, m in swaps if isinstance(m, int8._Int8Weighted)]  # int4 layers are swapped
     for name, m in swaps:
         if way == "ort":
             replace_module(model, name, _float_parent(m))
@@ -439,10 +455,15 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
         raise UsageError("no example input shape is known for this model", hint="pass --input-shape, e.g. 1,64")
     scheme = scheme_of(loaded.manifest)
     way = int8_way(cfg, scheme)
+    notes = []
+    if cfg.int8 == "auto" and way == "ort" and _smoothed(loaded.manifest):
+        way = "qdq"  # ONNX Runtime's quantizer knows no smoothing: it rounds the outliers smoothing moved away
+        notes.append("auto: smoothed dynamic int8 exported as qdq (ONNX Runtime's dynamic quantizer has no "
+                     "smoothing; it measured cosine 0.967 to modelzip's model on smoothed MiniLM)")
     if way == "ort" and scheme == "static" and calib is None:
         raise UsageError("--int8 ort on a static int8 model calibrates ONNX Runtime's quantizer on data",
                          hint="pass --calib-data FILE (the data the model was calibrated on), or --int8 qdq")
-    module = graph_module(loaded.model, way, cfg.format)
+    module = graph_module(loaded.model, way, cfg.format, notes)
     batch = 2 if cfg.dynamic_batch else loaded.manifest.input_shape[0]  # 2: a batch of 1 would be specialised
     args = example_args(loaded, batch)
     if tokens(loaded):
@@ -450,7 +471,6 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
     class_logits = outputs_class_logits(loaded.model)
     t0 = time.perf_counter()
     program = _trace(module, args, loaded, cfg)
-    notes = []
 
     def write(tmp: Path) -> None:
         if cfg.format == "pt2":
@@ -474,14 +494,12 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
     runner = (OnnxModel(output, written.read_bytes()) if cfg.format == "onnx"
               else Pt2Model(written, len(args), class_logits))
     checks = verify(loaded, runner, cfg, float_export=way is None)
-    if way is not None:
+    if way is not None and not (cfg.format == "onnx" and scheme == "weight-only int4"):  # (onnx_int4's notes)
         notes.append({"qdq": f"{scheme}: modelzip's own int8 weights and scales exported as "
                              "QuantizeLinear/DequantizeLinear (the numerics of modelzip's kernels)",
                       "ort": f"{scheme}: the float parent (dequantized weights) exported, then quantized by "
                              "ONNX Runtime's quantizer"
                              + (" on --calib-data" if scheme == "static" else "")}[way])
-    if cfg.format == "onnx" and scheme == "weight-only int4":
-        notes.append("int4 weight-only: the unpacking arithmetic is in the graph; ONNX Runtime computes in float")
     after = {"format": cfg.format, "parameters": count_parameters(loaded.model), "bytes": written.stat().st_size,
              "int8": way, "scheme": scheme,
              "inputs": ["input_ids", "attention_mask"] if len(args) == 2 else ["input"], "checks": checks}
@@ -502,8 +520,9 @@ def verify(loaded: Loaded, runner: nn.Module, cfg: ExportConfig, *, float_export
     for b in batches:
         for n in lengths:
             x = as_data_input(example_args(loaded, b, n, seed=1))
-            with torch.inference_mode(), int8.use_backend("plain"), wo_kernels.use_kernel("float"):
-                ref = loaded.model(x).float()  # the numerics the graph holds (weight-only: dequantized weights)
+            with torch.inference_mode(), int8.use_backend("plain"), int8.use_kernel("float"), \
+                    wo_kernels.use_kernel("float"):
+                ref = loaded.model(x).float()  # the numerics the graph holds (float activations, dequantized weights)
             try:
                 out = runner(x).float()
             except Exception as exc:
@@ -543,6 +562,22 @@ def measure_export(report: Report, loaded: Loaded, written: Written, data: Datas
     written.step.after["measured_on"] = str(data.path)
 
 
+def check_agreement(report: Report, loaded: Loaded, written: Written, data: Dataset) -> None:
+    """A quantized export against its PyTorch model (export_check.py). qdq holds modelzip's integers with float
+    activations, so it is compared with the model run on its float kernels (where modelzip's int8 kernel
+    quantizes activations, the report's fidelity, against the model as it runs here, differs by that rounding);
+    ort re-quantizes the float parent, so it is compared with the model as it runs, at a looser tolerance."""
+    way = written.step.after["int8"]
+    if way == "ort":
+        fid, min_cosine = report.metrics["output"]["fidelity"], MIN_COSINE_REQUANTIZED
+    else:
+        with int8.use_backend("plain"), int8.use_kernel("float"), wo_kernels.use_kernel("float"):
+            reference = predict(loaded.model, data.inputs)
+        fid = fidelity(reference, predict(written.runner, data.inputs), class_logits=False)
+        min_cosine = MIN_COSINE
+    apply_gate(report, agreement(fid, min_cosine=min_cosine), "the exported file")
+
+
 def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, calib_data: Path | None = None,
                       batch_n: int | None = None) -> Report:
     """`modelzip export`: load, export, verify, measure, write the file and its report together."""
@@ -566,6 +601,8 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
         report.output = file_info(output, count_parameters(loaded.model), read_from=staged.staged(output))
         measure_export(report, loaded, written, eval_data or example_dataset(loaded), opts.threads, batch_n)
         _gate(report, opts)
+        if written.step.after["int8"] is not None:  # quantized: held to export_check's tolerance
+            check_agreement(report, loaded, written, eval_data or example_dataset(loaded))
         report.summary = {"format": cfg.format, "int8": written.step.after["int8"],
                           "max_abs_diff": report.metrics["output"]["fidelity"]["max_abs_diff"],
                           "cosine_min": report.metrics["output"]["fidelity"]["cosine_min"]}

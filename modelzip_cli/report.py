@@ -203,6 +203,11 @@ def render(report: Report, console) -> None:
                  if "accuracy_drop" in g else []) + ([f"fidelity {g['fidelity']:.4f} (min {g['min_fidelity']})"]
                                                      if "fidelity" in g else []) + (
             [f"perplexity +{g['ppl_increase']:.2f}% (max {g['max_ppl_increase']}%)"] if "ppl_increase" in g else [])
+        if "export_agreement" in g:  # export_check.py: the exported file against its PyTorch model
+            a = g["export_agreement"]
+            parts.append(f"export perplexity {a['ppl_change_pct']:+.2f}% (max ±{a['max_ppl_pct']}%)"
+                         if a["criterion"] == "perplexity" else
+                         f"export cosine {a['cosine_mean']:.4f} (min {a['min_cosine']})")
         on = f" on {g['judged_on']}" if g.get("judged_on") else ""
         console.print(f"quality gate: {', '.join(parts)}{escape(on)} {status}")
     for w in report.warnings:
