@@ -612,7 +612,13 @@ def compare(
 @command(MODEL_OPTIONS, OUTPUT_OPTIONS, RUN_OPTIONS)
 def export(
     model: Input,
-    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) | pt2 (torch.export program)")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) | pt2 (torch.export program) | gguf "
+                                     "(llama.cpp; Llama, Mistral, Qwen2)")] = "onnx",
+    gguf_type: Annotated[str | None, typer.Option("--gguf-type", help="gguf: f16 | q8_0 | q4_0 | q4_1 | auto (f16 "
+                                                  "float, q8_0 int8, q4_1 int4: mapped without rounding again)")
+                         ] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="gguf: the directory holding the model's "
+                                                   "tokenizer (default: the input, when it is one)")] = None,
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, 18–23 (default 18)")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
                                                 help="batch size free at run time (token models: sequence "
@@ -625,12 +631,14 @@ def export(
     batch_size: LatencyBatch = None,
     *, shared,
 ) -> None:
-    """An ONNX graph or a .pt2 program of the model, verified by running it against the PyTorch model."""
+    """An ONNX graph, a .pt2 program or a GGUF file of the model, verified by running it against the PyTorch model."""
     from modelzip_cli.export import ExportConfig, export_checkpoint
 
     check_latency_batch(batch_size)
-    cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way))
-    emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size), shared)
+    cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way,
+                                   gguf_type=gguf_type))
+    emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size,
+                           tokenizer=tokenizer), shared)
 
 
 data_app = typer.Typer(no_args_is_help=True, context_settings=HELP_OPTIONS,

@@ -49,7 +49,7 @@ from modelzip_cli.onnxrun import EXTRA_HINT, META_CLASS_LOGITS, OnnxModel, requi
 from modelzip_cli.report import Report, Step, file_info
 from modelzip_cli.runner import CommonOptions, _gate, default_report, load_dataset, load_input
 
-SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "gguf": ".gguf"}
 DEFAULT_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes; ONNX Runtime 1.17 on runs it
 # scheme → the --int8 way `auto` takes: the faster unless it loses more than 0.01 of mean cosine to fp32
 # (bench/bench_export.py, all-MiniLM-L6-v2, batch 32 × 48, 2 threads; bench/results/export.json). dynamic: ort 2.50×
@@ -66,7 +66,8 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     op: Literal["export"] = "export"
-    format: Literal["onnx", "pt2"] = "onnx"
+    format: Literal["onnx", "pt2", "gguf"] = "onnx"
+    gguf_type: Literal["auto", "f16", "q8_0", "q4_0", "q4_1"] = "auto"  # gguf_export.py
     opset: int = Field(DEFAULT_OPSET, ge=18, le=23)
     dynamic_batch: bool = True
     int8: Literal["auto", "qdq", "ort"] = "auto"
@@ -86,6 +87,10 @@ class ExportConfig(BaseModel):
 
     def check_available(self) -> None:
         """The packages this format needs, or exit 2 naming the extra (before any work)."""
+        if self.format == "gguf":
+            from modelzip_cli.gguf_export import require_gguf
+
+            require_gguf()
         if self.format == "onnx":
             require_onnx("ONNX export")
             try:
@@ -104,7 +109,7 @@ def check_output_suffix(output: Path, fmt: str) -> None:
     if output.suffix != SUFFIXES[fmt]:
         raise UsageError(f"output {output}: suffix {output.suffix or '(none)'!r} does not match --format {fmt}",
                          hint=f"name it …{SUFFIXES[fmt]}, or pass --format "
-                              + next((f for f, s in SUFFIXES.items() if s == output.suffix), "onnx|pt2"))
+                              + next((f for f, s in SUFFIXES.items() if s == output.suffix), "onnx|pt2|gguf"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,10 +452,12 @@ class Written:
 
 
 def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Outputs, *,
-                 calib: Dataset | None = None) -> Written:
+                 calib: Dataset | None = None, tokenizer: Path | None = None) -> Written:
     """Export `loaded` into `output` (staged), run the written file on the example input at two batch sizes
     (two sequence lengths for token models) and refuse a float export that does not reproduce the model."""
     cfg.check_available()
+    if cfg.format == "gguf":
+        return export_gguf(loaded, cfg, output, staged, tokenizer)
     if loaded.manifest.input_shape is None:
         raise UsageError("no example input shape is known for this model", hint="pass --input-shape, e.g. 1,64")
     scheme = scheme_of(loaded.manifest)
@@ -503,6 +510,39 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
     after = {"format": cfg.format, "parameters": count_parameters(loaded.model), "bytes": written.stat().st_size,
              "int8": way, "scheme": scheme,
              "inputs": ["input_ids", "attention_mask"] if len(args) == 2 else ["input"], "checks": checks}
+    step = Step(op="export", config=cfg.to_dict(), before={"parameters": count_parameters(loaded.model)},
+                after=after, duration_s=duration, notes=notes)
+    return Written(output, runner, step)
+
+
+def export_gguf(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Outputs, tokenizer: Path | None) -> Written:
+    """A causal LM as GGUF (gguf_export.py), read back by the gguf reader (every tensor, its type) and loaded by
+    transformers' GGUF loader, which runs it for the figures and the agreement check; its tokenizer, rebuilt
+    from the file, must tokenize as the model's own."""
+    from modelzip_cli import gguf_export
+
+    config = dict(loaded.manifest.arch_kwargs.get("config") or {})
+    gguf_export.family(loaded.model, config)
+    folder = tokenizer or (loaded.path if loaded.path is not None and loaded.path.is_dir() else None)
+    if folder is None:
+        raise UsageError("--format gguf writes the tokenizer too: this checkpoint does not hold it",
+                         hint="pass --tokenizer DIR (the Hugging Face directory the model came from)")
+    scheme = scheme_of(loaded.manifest)
+    gguf_type = gguf_export.resolve_type(cfg.gguf_type, scheme)
+    t0 = time.perf_counter()
+    plans = []
+    written = staged.write(output, lambda tmp: plans.append(gguf_export.write_gguf(
+        loaded.model, config, gguf_type, Path(folder), tmp, output.stem)))
+    duration = round(time.perf_counter() - t0, 4)
+    plan = plans[0]
+    checks = [{"gguf_reader": gguf_export.read_back(written, plan)}]
+    runner, _ = gguf_export.load_gguf(written)
+    checks.append({"transformers": "AutoModelForCausalLM.from_pretrained(gguf_file=…) loaded it (dequantized)",
+                   "tokenizer": gguf_export.check_tokenizer(written, Path(folder))})
+    notes = [*plan.notes, "checked by the gguf reader and transformers' GGUF loader (dequantized to float32); "
+             "llama-cpp-python builds only from source here, so llama.cpp itself did not run it"]
+    after = {"format": "gguf", "gguf_type": gguf_type, "parameters": count_parameters(loaded.model),
+             "bytes": written.stat().st_size, "int8": None, "scheme": scheme, "tensors": plan.how, "checks": checks}
     step = Step(op="export", config=cfg.to_dict(), before={"parameters": count_parameters(loaded.model)},
                 after=after, duration_s=duration, notes=notes)
     return Written(output, runner, step)
@@ -568,6 +608,12 @@ def check_agreement(report: Report, loaded: Loaded, written: Written, data: Data
     quantizes activations, the report's fidelity, against the model as it runs here, differs by that rounding);
     ort re-quantizes the float parent, so it is compared with the model as it runs, at a looser tolerance."""
     way = written.step.after["int8"]
+    if written.step.after["format"] == "gguf":  # perplexity on token windows, else cosine, as the model runs
+        m = report.metrics
+        ppl = (m["input"].get("perplexity"), m["output"].get("perplexity"))
+        apply_gate(report, agreement(m["output"]["fidelity"], perplexity=ppl if None not in ppl else None),
+                   "the GGUF file (read by transformers)")
+        return
     if way == "ort":
         fid, min_cosine = report.metrics["output"]["fidelity"], MIN_COSINE_REQUANTIZED
     else:
@@ -579,7 +625,7 @@ def check_agreement(report: Report, loaded: Loaded, written: Written, data: Data
 
 
 def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, calib_data: Path | None = None,
-                      batch_n: int | None = None) -> Report:
+                      batch_n: int | None = None, tokenizer: Path | None = None) -> Report:
     """`modelzip export`: load, export, verify, measure, write the file and its report together."""
     cfg.check_available()
     output = opts.output or default_output(path, cfg.format)
@@ -588,7 +634,7 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
     if (opts.max_accuracy_drop is not None or opts.min_fidelity is not None) and opts.eval_data is None:
         raise UsageError("--max-accuracy-drop and --min-fidelity need --eval-data to measure on")
     check_targets([Target("output", output, (SUFFIXES[cfg.format],)), Target("report", report_path, (".json",))],
-                  inputs=[path, opts.eval_data, calib_data], force=opts.force)
+                  inputs=[path, opts.eval_data, calib_data, tokenizer], force=opts.force)
     with Outputs() as staged:
         loaded = load_input(path, opts)
         eval_data = load_dataset(opts.eval_data, loaded, require_targets=opts.max_accuracy_drop is not None)
@@ -596,12 +642,12 @@ def export_checkpoint(path: Path, cfg: ExportConfig, opts: CommonOptions, *, cal
         torch.manual_seed(opts.seed)
         report = Report(command="export", warnings=list(loaded.notes))
         report.input = file_info(path, count_parameters(loaded.model))
-        written = export_model(loaded, cfg, output, staged, calib=calib)
+        written = export_model(loaded, cfg, output, staged, calib=calib, tokenizer=tokenizer)
         report.steps = [written.step]
         report.output = file_info(output, count_parameters(loaded.model), read_from=staged.staged(output))
         measure_export(report, loaded, written, eval_data or example_dataset(loaded), opts.threads, batch_n)
         _gate(report, opts)
-        if written.step.after["int8"] is not None:  # quantized: held to export_check's tolerance
+        if written.step.after["int8"] is not None or cfg.format == "gguf":  # held to export_check's tolerance
             check_agreement(report, loaded, written, eval_data or example_dataset(loaded))
         report.summary = {"format": cfg.format, "int8": written.step.after["int8"],
                           "max_abs_diff": report.metrics["output"]["fidelity"]["max_abs_diff"],
