@@ -24,8 +24,6 @@ splitting regex names (`gpt-2`, `qwen2`, `llama-bpe`), its merges and special to
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,23 +34,15 @@ from torch import nn
 
 from modelzip_cli.edits import WeightOnlyLinear
 from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.gguf_read import EXTRA_HINT, load_gguf, require_gguf  # noqa: F401  (re-exported)
 from modelzip_cli.hf import HFModel, require_transformers, unwrap
 
 GGUF_TYPES = ("auto", "f16", "q8_0", "q4_0", "q4_1")
-EXTRA_HINT = "pip install 'modelzip[gguf]'"
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # config model_type → GGUF architecture
 BLOCK = 32  # Q8_0, Q4_0 and Q4_1 blocks
 # the splitting regex of a byte-level BPE tokenizer → llama.cpp's pre-tokenizer name (transformers' GGUF
 # reader knows the same names); a plain ByteLevel pre-tokenizer with its own regex is GPT-2's
 _GPT2_PRE = "gpt-2"
-
-
-def require_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise UsageError("GGUF export and .gguf models need the gguf package", hint=EXTRA_HINT) from None
-    return gguf
 
 
 def resolve_type(gguf_type: str, scheme: str | None) -> str:
@@ -328,24 +318,6 @@ def _tokenizer(writer, folder: Path, vocab_size: int, gguf) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Reading back
-
-
-def load_gguf(path: Path) -> tuple[HFModel, dict]:
-    """A .gguf file through transformers' GGUF loader (dequantized to float32), as a modelzip causal LM."""
-    require_gguf()
-    transformers = require_transformers()
-    path = Path(path)
-    try:  # (its tensor conversion draws a progress bar of its own on stderr)
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                      local_files_only=True, dtype=torch.float32)
-    except Exception as exc:  # transformers raises many types for a file it cannot read
-        raise InputError(f"{path}: transformers' GGUF loader cannot load it ({first_line(exc)})",
-                         hint="pass a GGUF file of a Llama, Mistral or Qwen2 model") from None
-    config = model.config.to_dict()
-    for key in ("transformers_version", "_name_or_path"):
-        config.pop(key, None)
-    return HFModel(model.eval(), task="causal-lm").eval(), config
 
 
 def read_back(path: Path, plan: Plan) -> dict:
