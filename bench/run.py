@@ -32,6 +32,7 @@ CASES = {
     "minilm_quant": "bench.bench_minilm_quant",
     "decoder": "bench.bench_decoder",
     "cnn_int8": "bench.bench_cnn_int8",
+    "export_formats": "bench.bench_export_formats",
 }
 
 
