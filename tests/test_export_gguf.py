@@ -158,7 +158,8 @@ def test_random_qwen2_and_mistral_configs(family, tmp_path):
         shutil.copy(DECODER / name, folder / name)
     loaded = load_checkpoint(folder)
     out = tmp_path / f"{family}.gguf"
-    plan = gguf_export.write_gguf(loaded.model, loaded.manifest.arch_kwargs["config"], "f16", folder, out, f"tiny-{family}")
+    config = loaded.manifest.arch_kwargs["config"]
+    plan = gguf_export.write_gguf(loaded.model, config, "f16", folder, out, f"tiny-{family}")
     assert gguf_export.read_back(out, plan)["architecture"] == ("qwen2" if family == "qwen2" else "llama")
     back, _ = gguf_export.load_gguf(out)
     ids = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(1))
