@@ -635,6 +635,11 @@ def export(
     from modelzip_cli.export import ExportConfig, export_checkpoint
 
     check_latency_batch(batch_size)
+    foreign = ([("--gguf-type", gguf_type), ("--tokenizer", tokenizer)] if fmt != "gguf" else
+               [("--int8", int8_way), ("--opset", opset), ("--calib-data", calib_data)])
+    for flag, value in foreign:
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to --format {fmt}", hint=f"drop {flag}")
     cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way,
                                    gguf_type=gguf_type))
     emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size,

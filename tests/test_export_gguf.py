@@ -177,3 +177,8 @@ def test_gguf_export_refuses_other_models(cli, tmp_path):
     r = cli("export", DIGITS_TEACHER, "--format", "gguf", "-o", tmp_path / "d.gguf")
     assert r.code == 2 and "Llama, Mistral and Qwen2" in one_line_error(r)
     assert not (tmp_path / "d.gguf").exists()
+    r = cli("export", DECODER, "--format", "onnx", "--gguf-type", "q8_0", "-o", tmp_path / "d.onnx")
+    assert r.code == 2 and "--gguf-type does not apply to --format onnx" in one_line_error(r)
+    r = cli("export", DECODER, "--format", "gguf", "--int8", "qdq", "-o", tmp_path / "d.gguf")
+    assert r.code == 2 and "--int8 does not apply" in one_line_error(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
