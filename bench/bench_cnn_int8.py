@@ -28,7 +28,7 @@ FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"
 def cpu_flags() -> dict:
     import torch
 
-    from modelzip_cli import int8
+    from modelzip_cli.nn import int8
 
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -74,8 +74,8 @@ def residual_cnn():
 
 def static_int8(model, calib):
     """modelzip's static quantization of `model` (the technique itself: BatchNorm folded, calibrated)."""
-    from modelzip_cli.context import Context
-    from modelzip_cli.format import Manifest
+    from modelzip_cli.checkpoint.format import Manifest
+    from modelzip_cli.pipeline.context import Context
     from modelzip_cli.techniques.quantize import StaticConfig, apply
 
     ctx = Context(calib_data=calib, example_input=calib.inputs[:1])
@@ -88,7 +88,7 @@ def onednn_convolutions(model):
     """Run `model`'s 2-d StaticInt8Conv layers on oneDNN's int8 convolution (fp32 output), inside the block."""
     import torch
 
-    from modelzip_cli import int8
+    from modelzip_cli.nn import int8
 
     originals = {}
     for m in model.modules():
@@ -119,9 +119,9 @@ def onednn_convolutions(model):
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import batch_of, fidelity, interleaved_latency, num_threads
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.measure.metrics import batch_of, fidelity, interleaved_latency, num_threads
+    from modelzip_cli.pipeline.data import load_data
     from sample_models import digit_images
 
     work = ROOT / "bench" / "work"

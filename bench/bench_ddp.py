@@ -52,15 +52,15 @@ def step_seconds(prefix: list[str], env: dict, batch: int, epochs: int, out: Pat
 
 
 def accuracy_of(checkpoint: Path) -> float:
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import evaluate
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.pipeline.data import load_data
+    from modelzip_cli.pipeline.run import evaluate
 
     return evaluate(load_checkpoint(checkpoint).model, load_data(SAMPLES / "mnist1d_test.safetensors"))["accuracy"]
 
 
 def run() -> dict:
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     n = len(load_data(SAMPLES / "mnist1d_train.safetensors"))
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was

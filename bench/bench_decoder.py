@@ -38,11 +38,11 @@ def _rows(calib: str) -> dict[str, list[str]]:
 
 
 def run() -> dict:
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.cli import run as modelzip
-    from modelzip_cli.data import load_data
-    from modelzip_cli.lm import lm_figures
-    from modelzip_cli.measure import num_threads
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.cli.app import run as modelzip
+    from modelzip_cli.measure.metrics import num_threads
+    from modelzip_cli.measure.perplexity import lm_figures
+    from modelzip_cli.pipeline.data import load_data
     from sample_models import decoder
 
     warnings.simplefilter("ignore")

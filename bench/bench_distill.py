@@ -50,10 +50,10 @@ CASES = {
 def run_case(teacher_name: str, data_name: str, arch: str, kwargs: dict, threads: int) -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import build_arch, load_checkpoint
-    from modelzip_cli.context import Context
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import evaluate
+    from modelzip_cli.checkpoint.io import build_arch, load_checkpoint
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import load_data
+    from modelzip_cli.pipeline.run import evaluate
     from modelzip_cli.techniques.distill import DistillConfig, apply
 
     teacher = load_checkpoint(ROOT / "sample_models" / f"{teacher_name}.safetensors")
@@ -82,7 +82,7 @@ def run_case(teacher_name: str, data_name: str, arch: str, kwargs: dict, threads
 def run() -> dict:
     import torch
 
-    from modelzip_cli.measure import default_threads
+    from modelzip_cli.measure.metrics import default_threads
 
     threads = default_threads()
     torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ ROUNDS = 5
 
 
 def _cli(*args) -> None:
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     code = run([str(a) for a in args] + ["--force", "-q"])
     if code != 0:
@@ -31,10 +31,11 @@ def _cli(*args) -> None:
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import fidelity, latency_ms, num_threads, predict
-    from modelzip_cli.onnxrun import OnnxModel
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.export.onnxrun import OnnxModel
+    from modelzip_cli.measure.metrics import fidelity, latency_ms, num_threads
+    from modelzip_cli.pipeline.data import load_data
+    from modelzip_cli.pipeline.run import predict
     from sample_models import text_sets
 
     folder = text_sets.minilm_dir()

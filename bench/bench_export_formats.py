@@ -22,7 +22,7 @@ ROUNDS = 5
 
 
 def _cli(*args) -> None:
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     code = run([str(a) for a in args] + ["--force", "-q"])
     if code != 0:
@@ -32,7 +32,7 @@ def _cli(*args) -> None:
 def _time(models: dict, x) -> dict[str, float]:
     import torch
 
-    from modelzip_cli.measure import latency_ms, num_threads
+    from modelzip_cli.measure.metrics import latency_ms, num_threads
 
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode(), num_threads(THREADS):
@@ -44,10 +44,11 @@ def _time(models: dict, x) -> dict[str, float]:
 
 
 def _minilm() -> dict:
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import fidelity, predict
-    from modelzip_cli.onnxrun import OnnxModel
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.export.onnxrun import OnnxModel
+    from modelzip_cli.measure.metrics import fidelity
+    from modelzip_cli.pipeline.data import load_data
+    from modelzip_cli.pipeline.run import predict
     from sample_models import text_sets
 
     folder = text_sets.minilm_dir()
@@ -81,10 +82,10 @@ def _minilm() -> dict:
 
 def _decoder() -> dict:
     from bench.common import ROOT
-    from modelzip_cli import gguf_export
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.lm import lm_figures
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.export import gguf as gguf_export
+    from modelzip_cli.measure.perplexity import lm_figures
+    from modelzip_cli.pipeline.data import load_data
     from sample_models import decoder
 
     folder = ROOT / "sample_models" / "tiny_llama"

@@ -11,7 +11,7 @@ from bench.common import in_child, median_of
 ROUNDS = 5
 
 MODELZIP = """
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 load_checkpoint(sys.argv[2])
 """
 

@@ -10,14 +10,14 @@ KWARGS = {"input_size": 4096, "hidden_sizes": [8192] * 5, "num_classes": 10, "dr
 
 MAKE = """
 import sys, torch
-from modelzip_cli.checkpoint import build_arch, save_model
+from modelzip_cli.checkpoint.io import build_arch, save_model
 torch.manual_seed(0)
 with torch.no_grad():
     save_model(build_arch("zoo:mlp", KWARGS), sys.argv[2])
 """
 INSPECT = """
 import sys
-from modelzip_cli.cli import run
+from modelzip_cli.cli.app import run
 rc = run(["inspect", sys.argv[2], "--json", "--quiet"])
 assert rc == 0
 """

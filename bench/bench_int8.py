@@ -54,8 +54,8 @@ def _models(fp32, calib, example) -> dict:
     import torch
     from torch import nn
 
-    from modelzip_cli import int8
-    from modelzip_cli.edits import WeightOnlyLinear
+    from modelzip_cli.nn import int8
+    from modelzip_cli.nn.weight_only import WeightOnlyLinear
 
     names = [n for n, m in fp32.named_modules() if isinstance(m, nn.Linear)]
 
@@ -123,7 +123,8 @@ def _models(fp32, calib, example) -> dict:
 @contextlib.contextmanager
 def _kernel(backend: str, kernel: str | None):
     """The int8 backend and plain kernel a model runs under, or ("wo-float") weight-only on the float kernel."""
-    from modelzip_cli import int8, wo_kernels
+    from modelzip_cli.kernels import weight_only as wo_kernels
+    from modelzip_cli.nn import int8
 
     with int8.use_backend(backend), int8.use_kernel("auto" if kernel in (None, "wo-float") else kernel):
         with wo_kernels.use_kernel("float") if kernel == "wo-float" else contextlib.nullcontext():
@@ -132,14 +133,14 @@ def _kernel(backend: str, kernel: str | None):
 
 def _kernels(model, rows: int) -> dict[str, str] | None:
     """Weight-only layer → the kernel a call on `rows` rows runs on; None for other models."""
-    from modelzip_cli.edits import WeightOnlyLinear
+    from modelzip_cli.nn.weight_only import WeightOnlyLinear
 
     found = {n: m.kernel_for(rows) for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
     return found or None
 
 
 def _time(model, x, threads: int, slow: bool) -> float:
-    from modelzip_cli.measure import latency_ms
+    from modelzip_cli.measure.metrics import latency_ms
 
     if slow:
         return latency_ms(model, x, threads=threads, warmup=0, min_repeats=3, min_seconds=0)
@@ -149,7 +150,7 @@ def _time(model, x, threads: int, slow: bool) -> float:
 def _compare(fp32, calib, example, inputs, threads: int) -> dict:
     import torch
 
-    from modelzip_cli.measure import num_threads, sqnr_db
+    from modelzip_cli.measure.metrics import num_threads, sqnr_db
 
     models = _models(fp32, calib, example)
     out: dict = {}
@@ -192,7 +193,7 @@ def _products(threads: int) -> dict:
     """One int8×int8→int32 product against the fp32 one, at the MLP's widest shape."""
     import torch
 
-    from modelzip_cli.measure import num_threads
+    from modelzip_cli.measure.metrics import num_threads
 
     out = {}
     with torch.inference_mode(), num_threads(threads):
@@ -214,10 +215,11 @@ def _products(threads: int) -> dict:
 def run() -> dict:
     import torch
 
-    from modelzip_cli import int8, load_model
-    from modelzip_cli.checkpoint import build_arch
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import batch_of
+    from modelzip_cli import load_model
+    from modelzip_cli.checkpoint.io import build_arch
+    from modelzip_cli.measure.metrics import batch_of
+    from modelzip_cli.nn import int8
+    from modelzip_cli.pipeline.data import load_data
 
     warnings.simplefilter("ignore")
     threads = 2

@@ -49,7 +49,7 @@ def _build() -> dict:
 
 def _kernels(model) -> dict:
     """Call size → kernel → number of weight-only layers running it."""
-    from modelzip_cli.edits import WeightOnlyEmbedding, WeightOnlyLinear
+    from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 
     out: dict = {}
     for m in model.modules():
@@ -64,8 +64,8 @@ def _kernels(model) -> dict:
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.measure import generation_speed
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.measure.metrics import generation_speed
 
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()

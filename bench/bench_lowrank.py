@@ -13,9 +13,9 @@ ROUNDS = 3
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import build_arch
-    from modelzip_cli.context import Context
-    from modelzip_cli.measure import default_threads, latency_ms
+    from modelzip_cli.checkpoint.io import build_arch
+    from modelzip_cli.measure.metrics import default_threads, latency_ms
+    from modelzip_cli.pipeline.context import Context
     from modelzip_cli.techniques.lowrank import LowRankConfig, lowrank
 
     threads = default_threads()

@@ -61,9 +61,9 @@ def _make(model_dir: Path, work: Path, sets: dict[str, Path]) -> dict[str, dict]
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import fidelity
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.measure.metrics import fidelity
+    from modelzip_cli.pipeline.data import load_data
     from sample_models import text_sets
 
     model_dir = text_sets.minilm_dir()

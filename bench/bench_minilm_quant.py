@@ -20,15 +20,15 @@ BATCH = 32
 
 
 def _time(model, x, backend: str) -> float:
-    from modelzip_cli import int8
-    from modelzip_cli.measure import latency_ms
+    from modelzip_cli.measure.metrics import latency_ms
+    from modelzip_cli.nn import int8
 
     with int8.use_backend(backend):
         return latency_ms(model, x, threads=THREADS, warmup=1, min_repeats=3, min_seconds=0)
 
 
 def _quantize(model_dir, out, method: str, values: dict, files: dict, min_fidelity=None, eval_data=None):
-    from modelzip_cli.runner import CommonOptions, run_technique
+    from modelzip_cli.commands.transform import CommonOptions, run_technique
     from modelzip_cli.techniques import make_config
 
     opts = CommonOptions(output=out, force=True, threads=THREADS, eval_data=eval_data, min_fidelity=min_fidelity)
@@ -41,10 +41,11 @@ def run() -> dict:
     import torch
     from torch import nn
 
-    from modelzip_cli import int8
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import fidelity, num_threads, predict
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.measure.metrics import fidelity, num_threads
+    from modelzip_cli.nn import int8
+    from modelzip_cli.pipeline.data import load_data
+    from modelzip_cli.pipeline.run import predict
     from sample_models import text_sets
 
     warnings.simplefilter("ignore")
@@ -138,10 +139,10 @@ def run() -> dict:
 def _analyze(model_dir, files, work) -> dict:
     """`analyze` with the default candidates on the analysis set ("recover" sentences, not held-out), its plan
     at --budget-fidelity 0.99 run by chain and scored on the held-out set."""
-    from modelzip_cli.analyze import AnalyzeOptions, run_analyze
-    from modelzip_cli.chain import parse_recipe, run_chain
-    from modelzip_cli.context import null_progress
-    from modelzip_cli.runner import CommonOptions
+    from modelzip_cli.commands.analyze import AnalyzeOptions, run_analyze
+    from modelzip_cli.commands.chain import parse_recipe, run_chain
+    from modelzip_cli.commands.transform import CommonOptions
+    from modelzip_cli.pipeline.context import null_progress
 
     plan = work / "plan.toml"
     t0 = time.perf_counter()

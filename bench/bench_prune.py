@@ -15,10 +15,10 @@ KWARGS = {"input_size": 4096, "hidden_sizes": [8192] * 5, "num_classes": 10, "dr
 
 LATENCY = """
 import json, sys, torch
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.context import Context
-from modelzip_cli.data import load_data
-from modelzip_cli.measure import batch_of, latency_ms
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.data import load_data
+from modelzip_cli.measure.metrics import batch_of, latency_ms
 from modelzip_cli.techniques.prune import StructuredConfig, apply
 loaded = load_checkpoint(sys.argv[2])
 x = batch_of(load_data(sys.argv[3]).inputs, 256)
@@ -33,14 +33,14 @@ print("LAT " + json.dumps(rows))
 
 MAKE = """
 import sys, torch
-from modelzip_cli.checkpoint import build_arch, save_model
+from modelzip_cli.checkpoint.io import build_arch, save_model
 torch.manual_seed(0)
 with torch.no_grad():
     save_model(build_arch("zoo:mlp", KWARGS), sys.argv[2])
 """
 MODELZIP = """
 import sys, torch
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 from modelzip_cli.techniques.prune import magnitude_prune
 from modelzip_cli.techniques.select import select_modules
 model = load_checkpoint(sys.argv[2]).model
@@ -53,7 +53,7 @@ print("PRUNE_S", time.perf_counter() - t0)
 SEED = """
 import sys, torch
 from torch.nn.utils import prune
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 model = load_checkpoint(sys.argv[2]).model
 import time; t0 = time.perf_counter()
 params = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -64,7 +64,7 @@ print("PRUNE_S", time.perf_counter() - t0)
 """
 LOAD_ONLY = """
 import sys
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 model = load_checkpoint(sys.argv[2]).model
 """
 

@@ -18,8 +18,8 @@ MLP = {"input_size": 1024, "hidden_sizes": [4096, 4096], "num_classes": 1024, "d
 
 
 def _modelzip(model, method: str, example, calib, path):
-    from modelzip_cli.checkpoint import Manifest, load_checkpoint, save_checkpoint
-    from modelzip_cli.context import Context
+    from modelzip_cli.checkpoint.io import Manifest, load_checkpoint, save_checkpoint
+    from modelzip_cli.pipeline.context import Context
     from modelzip_cli.techniques import make_config
     from modelzip_cli.techniques.quantize import apply
 
@@ -33,10 +33,10 @@ def _modelzip(model, method: str, example, calib, path):
 def run() -> dict:
     import torch
 
-    from modelzip_cli.checkpoint import build_arch, load_checkpoint
-    from modelzip_cli.context import Context
-    from modelzip_cli.data import Dataset, load_data
-    from modelzip_cli.measure import batch_of, default_threads, latency_ms
+    from modelzip_cli.checkpoint.io import build_arch, load_checkpoint
+    from modelzip_cli.measure.metrics import batch_of, default_threads, latency_ms
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import Dataset, load_data
     from modelzip_cli.techniques.quantize import StaticConfig, apply
 
     warnings.simplefilter("ignore")

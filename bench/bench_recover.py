@@ -83,9 +83,9 @@ def run() -> dict:
 def _interleaved(paths: dict[str, Path], data: Path) -> dict[str, float]:
     """name → median ms of one batch, every model timed once per round, ROUNDS rounds."""
     from bench.common import interleaved_medians
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.measure import latency_ms
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.measure.metrics import latency_ms
+    from modelzip_cli.pipeline.data import load_data
 
     x = load_data(data, require_targets=False).inputs[:BATCH].contiguous()
     models = {name: load_checkpoint(path).model for name, path in paths.items()}

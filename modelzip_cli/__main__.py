@@ -1,4 +1,4 @@
-from modelzip_cli.cli import main
+from modelzip_cli.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ import errno
 import re
 
 INTERNAL_ERROR = 3  # anything that is not a ModelzipError is a bug
+CORRUPT = "the file is corrupt or was not written by modelzip"  # the hint of every forged-file error
 
 
 class ModelzipError(Exception):

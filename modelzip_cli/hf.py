@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelzip_cli import tokens
 from modelzip_cli.errors import InputError, ModelzipError, UsageError, first_line
 from modelzip_cli.limits import check_memory, check_regular, parse, read_text
 
@@ -135,8 +136,8 @@ class HFModel(nn.Module):
         if x.is_floating_point():
             out = self.model(pixel_values=x)  # (B, C, H, W) images
         else:
-            if x.ndim == 3:  # (B, 2, L): ids over mask
-                x, mask = x[:, 0], x[:, 1]
+            mask = tokens.mask_of(x)
+            x = tokens.ids_and_mask(x)[0]
             out = self.model(input_ids=x, attention_mask=mask)
         return select_output(out, mask, self.output_key)
 

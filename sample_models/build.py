@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from modelzip_cli.checkpoint import build_arch, save_model
-from modelzip_cli.context import Context
-from modelzip_cli.data import load_data
-from modelzip_cli.measure import count_parameters, evaluate
-from modelzip_cli.train import TrainConfig, train
+from modelzip_cli.checkpoint.io import build_arch, save_model
+from modelzip_cli.checkpoint.layers import count_parameters
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.data import load_data
+from modelzip_cli.pipeline.run import evaluate
+from modelzip_cli.pipeline.train import TrainConfig, train
 from sample_models import decoder
 
 HERE = Path(__file__).parent

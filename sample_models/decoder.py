@@ -93,7 +93,7 @@ def write_texts(out_dir: Path) -> dict[str, Path]:
 
 def write_windows(out_dir: Path, length: int = WINDOW, tokenizer_dir: Path = HERE / NAME) -> dict[str, Path]:
     """NAME.safetensors per set: the windows `modelzip data text --pack` cuts from NAME.jsonl."""
-    from modelzip_cli import datamake
+    from modelzip_cli.commands import data as datamake
 
     return {name: datamake.packed_text(path, tokenizer_dir, out_dir / f"{name}.safetensors", max_length=length,
                                        force=True).paths[0]

@@ -21,7 +21,7 @@ def write(split: str, output: Path, limit: int | None = None, size: int = SIZE) 
     from PIL import Image
     from safetensors.torch import load_file
 
-    from modelzip_cli import datamake
+    from modelzip_cli.commands import data as datamake
 
     d = load_file(str(HERE / f"digits_{split}.safetensors"))
     x, y = d["inputs"][:limit], d["targets"][:limit]

@@ -95,7 +95,7 @@ def split() -> dict[str, list[str]]:
 def write(out_dir: Path, tokenizer_dir: Path | None = None, max_length: int = MAX_LENGTH) -> dict[str, Path]:
     """NAME.txt for every set and, tokenized by `modelzip data text` with the model's tokenizer,
     NAME.safetensors. Returns the data files."""
-    from modelzip_cli import datamake
+    from modelzip_cli.commands import data as datamake
 
     tokenizer_dir = tokenizer_dir or minilm_dir()
     if tokenizer_dir is None:

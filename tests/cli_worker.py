@@ -1,7 +1,7 @@
 """A long-lived process that runs many CLI invocations in-process under an address-space limit.
 
 Forking a fresh interpreter per case costs seconds (importing torch); one worker runs hundreds of
-cases through `modelzip_cli.cli.run` and answers, per case, the exit code, what it printed on stderr
+cases through `modelzip_cli.cli.app.run` and answers, per case, the exit code, what it printed on stderr
 and which files under a watched folder changed. RLIMIT_AS turns an attempt to allocate what a forged
 size field declares into an allocation error instead of a machine out of memory.
 
@@ -44,7 +44,7 @@ def serve(limit: int) -> None:
     os.dup2(2, 1)  # anything written to fd 1 from C code must not corrupt the channel
     import torch
 
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     torch.set_num_threads(1)  # many tiny cases: a second thread only adds contention
 

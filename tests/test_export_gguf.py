@@ -13,10 +13,10 @@ gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
 pytest.importorskip("transformers", reason="the hf extra is not installed")
 pytest.importorskip("accelerate", reason="the gguf extra is not installed")
 
-from modelzip_cli import gguf_export  # noqa: E402
-from modelzip_cli.checkpoint import load_checkpoint  # noqa: E402
-from modelzip_cli.data import load_data  # noqa: E402
-from modelzip_cli.lm import lm_figures  # noqa: E402
+from modelzip_cli.checkpoint.io import load_checkpoint  # noqa: E402
+from modelzip_cli.export import gguf as gguf_export  # noqa: E402
+from modelzip_cli.measure.perplexity import lm_figures  # noqa: E402
+from modelzip_cli.pipeline.data import load_data  # noqa: E402
 
 from .conftest import SAMPLES  # noqa: E402
 
@@ -40,7 +40,7 @@ def held(tmp_path_factory):
 @pytest.fixture(scope="module")
 def int4_g32(tmp_path_factory):
     """The sample decoder weight-only int4 with groups of 32 (asymmetric: a zero point per group)."""
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     out = tmp_path_factory.mktemp("gguf_int4") / "d4.safetensors"
     assert run(["quantize", str(DECODER), "--method", "weight-only", "--bits", "4", "--group-size", "32",
@@ -67,7 +67,8 @@ def test_sample_decoder_gguf_reads_back_within_one_percent(gguf_type, held, tmp_
     groups of 32: mapped without rounding again), so that both sides hold the same integers."""
     loaded = load_checkpoint(DECODER)
     if gguf_type == "q4_0":  # a modelzip int4 model on Q4_0's grid: quantized here, stored as weight-only layers
-        from modelzip_cli.edits import WeightOnlyLinear, replace_module
+        from modelzip_cli.nn.surgery import replace_module
+        from modelzip_cli.nn.weight_only import WeightOnlyLinear
 
         hf = loaded.model.model
         for name, m in list(hf.named_modules()):

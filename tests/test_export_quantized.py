@@ -13,9 +13,10 @@ import torch
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
 
-from modelzip_cli import int8, wo_kernels  # noqa: E402
-from modelzip_cli.checkpoint import load_checkpoint  # noqa: E402
-from modelzip_cli.data import load_data  # noqa: E402
+from modelzip_cli.checkpoint.io import load_checkpoint  # noqa: E402
+from modelzip_cli.kernels import weight_only as wo_kernels  # noqa: E402
+from modelzip_cli.nn import int8  # noqa: E402
+from modelzip_cli.pipeline.data import load_data  # noqa: E402
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST  # noqa: E402
 
@@ -39,7 +40,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def digits_int4(tmp_path_factory):
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     root = tmp_path_factory.mktemp("int4")
     assert run(["quantize", str(DIGITS_TEACHER), "--method", "weight-only", "--bits", "4", "--group-size", "32",
@@ -72,10 +73,10 @@ def test_int4_digits_mlp_exports_as_matmulnbits(cli, digits_int4, tmp_path):
 
 
 def test_a_disagreeing_export_is_exit_1_with_both_figures(cli, digits_int4, tmp_path, monkeypatch):
-    from modelzip_cli import export_check
+    from modelzip_cli.export import check as export_check
 
     monkeypatch.setattr(export_check, "MIN_COSINE", 1.5)  # no file can reach it
-    monkeypatch.setattr("modelzip_cli.export.MIN_COSINE", 1.5)
+    monkeypatch.setattr("modelzip_cli.commands.export.MIN_COSINE", 1.5)
     out = tmp_path / "d4.onnx"
     r = cli("export", digits_int4, "-o", out, "--json", "-q")
     assert r.code == 1
@@ -117,7 +118,7 @@ def test_smoothed_int8_minilm_qdq_agrees(cli, minilm_files):
     got = torch.from_numpy(ort_run(out, {"input_ids": data[:, 0].numpy(), "attention_mask": data[:, 1].numpy()}))
     assert float(cosine(got, float_kernels(model.model, data)).min()) >= 0.999
     # auto on a smoothed model takes qdq (ONNX Runtime's quantizer would round the outliers smoothing moved)
-    from modelzip_cli.export import _smoothed
+    from modelzip_cli.export.onnx import _smoothed
 
     assert _smoothed(model.manifest)
 

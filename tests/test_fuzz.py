@@ -84,7 +84,7 @@ class Corpus:
     """Real outputs of every technique, data files and recipes, made once per module."""
 
     def __init__(self, folder: Path, worker: Worker):
-        from modelzip_cli.data import load_data
+        from modelzip_cli.pipeline.data import load_data
         from modelzip_cli.zoo import MLP
 
         self.folder = folder

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from modelzip_cli import sequential
-from modelzip_cli.gptq import Hessian, gptq, rtn
+from modelzip_cli.nn.weight_only import rtn
+from modelzip_cli.pipeline import sequential
+from modelzip_cli.pipeline.sequential import Hessian
+from modelzip_cli.techniques.gptq import gptq
 
 
 def _correlated(n: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -113,7 +115,7 @@ def _magnitude(w: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def test_wanda_and_sparsegpt_keep_outputs_better_than_magnitude():
-    from modelzip_cli.gptq import sparsegpt, wanda
+    from modelzip_cli.techniques.gptq import sparsegpt, wanda
 
     x = _correlated(2048, 256)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
@@ -133,7 +135,7 @@ def test_wanda_and_sparsegpt_keep_outputs_better_than_magnitude():
 
 
 def test_awq_scales_folded_into_the_norm_leave_the_block_unchanged():
-    from modelzip_cli import awq
+    from modelzip_cli.techniques import awq
 
     model = _tiny_llama()
     block = model.model.layers[0]
@@ -154,7 +156,7 @@ def test_awq_scales_folded_into_the_norm_leave_the_block_unchanged():
 
 
 def test_awq_search_and_clipping_beat_round_to_nearest_on_outlier_channels():
-    from modelzip_cli import awq
+    from modelzip_cli.techniques import awq
 
     x = _correlated(2048, 256)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)) * 0.05

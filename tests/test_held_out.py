@@ -10,8 +10,8 @@ from tests.conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN
 
 
 def test_the_split_is_seeded_disjoint_and_whole():
-    from modelzip_cli.data import Dataset
-    from modelzip_cli.runner import split_held_out
+    from modelzip_cli.commands.transform import split_held_out
+    from modelzip_cli.pipeline.data import Dataset
 
     data = Dataset(inputs=torch.arange(11).float().unsqueeze(1), targets=torch.arange(11), path=DIGITS_TEST)
     tune, held = split_held_out(data, seed=3)

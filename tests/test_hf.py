@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face extra is not installed")
 
-from modelzip_cli.checkpoint import load_checkpoint, load_model  # noqa: E402
+from modelzip_cli.checkpoint.io import load_checkpoint, load_model  # noqa: E402
 from modelzip_cli.hf import select_output  # noqa: E402
 
 from .conftest import SAMPLES, one_line_error, run_fresh  # noqa: E402
@@ -91,7 +91,7 @@ def test_every_technique_on_every_family(cli, hf_dirs, family, technique):
         return
     loaded = load_checkpoint(out)
     assert loaded.manifest.arch.startswith("hf:") and loaded.manifest.arch_kwargs["config"]["model_type"]
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     with torch.inference_mode():
         RESULTS[str(out)] = (str(data), loaded.model(load_data(data, require_targets=False).inputs[:8]))
@@ -101,8 +101,8 @@ def test_outputs_reload_identically_in_a_fresh_process(hf_dirs):
     assert RESULTS, "the matrix wrote nothing"
     code = """
 import json, sys, torch
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.data import load_data
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.data import load_data
 out = {}
 for path, data in json.loads(sys.argv[1]).items():
     with torch.inference_mode():
@@ -244,7 +244,7 @@ def test_a_trained_mobilenet_v2_to_static_int8(cli, tmp_path):
     """The sample MobileNetV2 (depthwise convolutions, BatchNorm, ReLU6; a Hugging Face directory trained by
     sample_models/build.py on the digits as 32×32 images) to static int8, calibrated on training images and
     judged on held-out ones."""
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
     from sample_models import digit_images
 
     model_dir = SAMPLES / "mobilenet_v2_digits"
@@ -261,8 +261,8 @@ def test_a_trained_mobilenet_v2_to_static_int8(cli, tmp_path):
     assert sum(isinstance(m, torch.nn.Conv2d) for m in quantized.modules()) == 0  # every convolution is int8
     code = """
 import sys, torch
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.data import load_data
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.data import load_data
 with torch.inference_mode():
     torch.save(load_checkpoint(sys.argv[1]).model(load_data(sys.argv[2]).inputs[:64]), sys.argv[3])
 """
@@ -326,7 +326,7 @@ def test_pretrained_minilm_through_every_technique(cli, minilm, technique):
         model = load_model(out)
         for layer in model.encoder.layer:
             assert layer.attention.self.query.out_features == 9 * 32 and layer.intermediate.dense.out_features == 1152
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     with torch.inference_mode():
         MINILM_OUT[str(out)] = load_checkpoint(out).model(load_data(files["heldout"], require_targets=False).inputs[:8])
@@ -337,8 +337,8 @@ def test_pretrained_minilm_results_reload_identically(minilm):
         pytest.skip("no MiniLM result was made in this run")
     code = """
 import json, sys, torch
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.data import load_data
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.data import load_data
 x = load_data(sys.argv[1], require_targets=False).inputs[:8]
 with torch.inference_mode():
     torch.save({p: load_checkpoint(p).model(x) for p in json.loads(sys.argv[2])}, sys.argv[3])

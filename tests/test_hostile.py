@@ -57,7 +57,7 @@ def write_recipe(path: Path, steps: list[dict]) -> Path:
 
 def accuracy(path: Path, data: Path = DIGITS_TEST) -> float:
     """Accuracy of a checkpoint through the public API, inputs cast to the model's float dtype."""
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     model = load_model(path)
     floats = [t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
@@ -73,7 +73,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     import contextlib
     import io
 
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     d = tmp_path_factory.mktemp("outputs")
     made = {
@@ -446,7 +446,7 @@ def _data(path: Path, inputs: torch.Tensor, targets: torch.Tensor | None = None)
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("command", ["prune --data", "eval", "quantize --calib-data"])
 def test_non_finite_data_is_refused_naming_file_and_count(cli, tmp_path, value, command):
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     clean = load_data(DIGITS_TRAIN)
     inputs = clean.inputs.clone()
@@ -465,7 +465,7 @@ def test_non_finite_data_is_refused_naming_file_and_count(cli, tmp_path, value, 
 
 
 def test_negative_label_is_refused(cli, tmp_path):
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     clean = load_data(DIGITS_TEST)
     targets = clean.targets.clone()
@@ -653,7 +653,7 @@ def hook(event, args):
         os.kill(os.getpid(), plan["signal"])  # arrives in the middle of writing an output
 sys.addaudithook(hook)
 sys.argv = ["modelzip", *sys.argv[2:]]
-from modelzip_cli.cli import main
+from modelzip_cli.cli.app import main
 main()
 """
 
@@ -666,7 +666,7 @@ def _hooked(plan: dict, *argv) -> subprocess.Popen:
 
 def _pt_data(folder: Path) -> Path:
     """The training data as a .pt file: read through Python's open(), which the audit hook sees."""
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     d = load_data(DIGITS_TRAIN)
     path = folder / "train.pt"
@@ -782,7 +782,7 @@ def test_parse_errors_are_one_line(cli, argv):
 
 
 def test_baseline_without_targets_is_refused_before_training(cli, tmp_path):
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     unlabelled = _data(tmp_path / "u.safetensors", load_data(DIGITS_TRAIN).inputs)
     before = snapshot(tmp_path)

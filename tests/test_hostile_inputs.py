@@ -78,7 +78,7 @@ def static_int8(tmp_path_factory) -> Path:
     import contextlib
     import io
 
-    from modelzip_cli.cli import run
+    from modelzip_cli.cli.app import run
 
     out = tmp_path_factory.mktemp("static") / "static.safetensors"
     with contextlib.redirect_stderr(io.StringIO()) as err:
@@ -271,7 +271,7 @@ def test_nothing_hangs_on_a_fifo_or_a_loop(timed_worker, work, where):
 def test_a_graph_that_runs_too_long_is_stopped(cli, work, monkeypatch):
     """The time limit behind the Loop check: a loop bounded in a way the check cannot read is stopped."""
     pytest.importorskip("onnxruntime")
-    from modelzip_cli import onnxrun
+    from modelzip_cli.export import onnxrun
 
     monkeypatch.setattr(onnxrun, "MAX_TRIPS", 10**12)  # as if the loop's count were computed at run time
     monkeypatch.setattr(onnxrun, "RUN_LIMIT_S", 0.2)
@@ -317,7 +317,7 @@ def test_int8_data_widened_to_int64_is_checked_first(cli, work, monkeypatch):
 
 def test_images_are_streamed_into_one_tensor_sized_first(cli, work, monkeypatch):
     pytest.importorskip("PIL")
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     folder = _images(work / "imgs", per_class=3)
     monkeypatch.setenv("MODELZIP_MAX_MEMORY", "2M")
@@ -370,7 +370,7 @@ def test_short_text_lines_are_sized_before_tokenizing(cli, work, monkeypatch):
     monkeypatch.delenv("MODELZIP_MAX_MEMORY")
     r = cli("data", "text", work / "c.txt", "--tokenizer", tokenizer, "--max-length", "8", "-o", work / "t.safetensors")
     assert r.code == 0, r.stderr
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     assert load_data(work / "t.safetensors", require_targets=False).inputs.shape == (4000, 2, 8)
 
@@ -435,7 +435,7 @@ def _other_case(work: Path, case: str) -> list:
         import contextlib
         import io
 
-        from modelzip_cli.cli import run
+        from modelzip_cli.cli.app import run
 
         dynamic = work.parent / "dynamic.safetensors"
         with contextlib.redirect_stderr(io.StringIO()):

@@ -12,10 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modelzip_cli import int8, load_model
-from modelzip_cli.data import load_data
+from modelzip_cli import load_model
+from modelzip_cli.checkpoint.layers import count_parameters
 from modelzip_cli.errors import UsageError
-from modelzip_cli.measure import count_parameters, evaluate, sqnr_db
+from modelzip_cli.measure.metrics import sqnr_db
+from modelzip_cli.nn import int8
+from modelzip_cli.pipeline.data import load_data
+from modelzip_cli.pipeline.run import evaluate
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, MNIST1D_TEACHER, MNIST1D_TEST, MNIST1D_TRAIN
 
@@ -299,7 +302,7 @@ def test_mnist1d_cnn_static_loses_at_most_one_point():
 
 
 def _torch_ao():
-    from modelzip_cli import quant_backend
+    from modelzip_cli.kernels import torch_ao as quant_backend
 
     if not quant_backend.available():
         pytest.skip("torch.ao cannot be imported here (the plain backend is tested above)")
@@ -345,7 +348,7 @@ def test_auto_uses_torch_ao_only_where_it_measured_faster():
 def test_auto_probes_torch_ao_once_and_falls_back_to_plain_when_its_dtypes_fail(monkeypatch):
     """Issue 26 item 14: torch.ao imports but its quantized dtypes fail (as on a torch that removed them):
     `--backend auto` runs the plain kernels instead of failing on the first large layer."""
-    from modelzip_cli import quant_backend
+    from modelzip_cli.kernels import torch_ao as quant_backend
 
     def refuse(*args, **kwargs):
         raise RuntimeError("quantized dtypes are gone")

@@ -28,7 +28,7 @@ def _conv_net() -> nn.Module:
 
 
 def _static(model: nn.Module) -> nn.Module:
-    from modelzip_cli import int8
+    from modelzip_cli.nn import int8
 
     q = copy.deepcopy(model)
     for name in ("0", "2"):
@@ -37,7 +37,7 @@ def _static(model: nn.Module) -> nn.Module:
 
 
 def test_static_int8_convolutions_that_run_slower_are_named(monkeypatch):
-    from modelzip_cli import int8
+    from modelzip_cli.nn import int8
     from modelzip_cli.techniques.quantize import StaticConfig, conv_warnings
 
     reference = _conv_net()

@@ -36,7 +36,7 @@ def test_compare_same_file_twice_on_a_loaded_machine_claims_nothing(cli, busy_ma
 
 
 def test_latency_claims_need_a_difference_beyond_the_spread():
-    from modelzip_cli.measure import Timing, latency_change
+    from modelzip_cli.measure.metrics import Timing, latency_change
 
     tight_fast, tight_slow = Timing(1.0, 0.98, 1.02, 20), Timing(2.0, 1.95, 2.05, 20)
     assert latency_change(tight_fast, tight_slow) == "slower"
@@ -48,8 +48,8 @@ def test_latency_claims_need_a_difference_beyond_the_spread():
 
 def test_a_noisy_timing_is_no_slower_warning_but_one_noise_note():
     """The figures from the issue: a baseline inflated by load in one round is no 'output is slower'."""
-    from modelzip_cli.report import Report
-    from modelzip_cli.runner import _latency_warnings
+    from modelzip_cli.commands.transform import _latency_warnings
+    from modelzip_cli.measure.report import Report
 
     def block(median, q1, q3):
         return {"batch_1": median, "batch_1_iqr": [q1, q3], "batch_n": median, "batch_n_iqr": [q1, q3],

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelzip_cli import int8, wo_kernels
-from modelzip_cli.checkpoint import load_checkpoint, save_checkpoint
-from modelzip_cli.format import FORMAT_VERSION
-from modelzip_cli.measure import sqnr_db
+from modelzip_cli.checkpoint.format import FORMAT_VERSION
+from modelzip_cli.checkpoint.io import load_checkpoint, save_checkpoint
+from modelzip_cli.kernels import weight_only as wo_kernels
+from modelzip_cli.measure.metrics import sqnr_db
+from modelzip_cli.nn import int8
 
 V1 = Path(__file__).resolve().parent / "fixtures" / "v1"
 FIXTURES = ["digits_dynamic", "digits_static", "digits_qat", "digits_weight_only_8", "digits_weight_only_4",

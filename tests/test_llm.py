@@ -23,9 +23,9 @@ def windows(tmp_path_factory):
 
 
 def _perplexity(path, data, n: int = 96) -> float:
-    from modelzip_cli.checkpoint import load_checkpoint
-    from modelzip_cli.data import load_data
-    from modelzip_cli.lm import lm_figures
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.measure.perplexity import lm_figures
+    from modelzip_cli.pipeline.data import load_data
 
     model = load_checkpoint(path).model
     x = load_data(data, require_targets=False).inputs[:n]
@@ -33,8 +33,8 @@ def _perplexity(path, data, n: int = 96) -> float:
 
 
 def test_pack_cuts_documents_into_windows_and_splits_by_document(cli, tmp_path):
-    from modelzip_cli.data import load_data
-    from modelzip_cli.datamake import load_tokenizer
+    from modelzip_cli.commands.data import load_tokenizer
+    from modelzip_cli.pipeline.data import load_data
 
     docs = [f"Document number {i} says {'hello ' * (i + 3)}." for i in range(10)]
     corpus = tmp_path / "c.jsonl"

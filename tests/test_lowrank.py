@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.context import Context
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.context import Context
 from modelzip_cli.techniques.lowrank import LowRankConfig, _budget_ranks, _energy_rank, lowrank
 
 from .conftest import (

@@ -27,7 +27,7 @@ def test_torch_ao_is_imported_by_one_module_only():
     pattern = re.compile(r"^\s*(import|from)\s+(torch\.ao|torch\.quantization|torchao)\b|from torch import ao\b")
     importers = {p.name for p in PACKAGE.rglob("*.py") if any(pattern.search(line)
                                                                for line in p.read_text().splitlines())}
-    assert importers == {"quant_backend.py"}
+    assert importers == {"torch_ao.py"}
 
 
 def test_the_switch_blocks_torch_ao_and_quantized_dtypes():
@@ -35,7 +35,7 @@ def test_the_switch_blocks_torch_ao_and_quantized_dtypes():
         pytest.skip(f"runs inside the blocked subset ({BLOCK_TORCH_AO}=1)")
     import torch
 
-    from modelzip_cli import quant_backend
+    from modelzip_cli.kernels import torch_ao as quant_backend
 
     with pytest.raises(ImportError):
         import torch.ao.quantization  # noqa: F401

@@ -18,7 +18,7 @@ from tests.conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, ROOT, run_
 def _rendered(report) -> str:
     from rich.console import Console
 
-    from modelzip_cli.report import render
+    from modelzip_cli.measure.report import render
 
     out = io.StringIO()
     render(report, Console(file=out, width=400))
@@ -26,7 +26,7 @@ def _rendered(report) -> str:
 
 
 def test_a_step_config_is_one_whole_line():
-    from modelzip_cli.report import Report, Step
+    from modelzip_cli.measure.report import Report, Step
 
     names = [f"encoder.layer.{i // 6}.block.{i % 6}" for i in range(37)]
     step = Step(op="quantize", config={"method": "dynamic", "include": names, "exclude": None, "bits": 8},
@@ -48,8 +48,8 @@ def test_the_backend_note_names_each_layer_once(cli, tmp_path):
 
 def test_notes_speak_of_the_batch_the_table_uses():
     """Token inputs are timed at batch 32, not 256: the kernel note says the same N."""
-    from modelzip_cli.context import Context
-    from modelzip_cli.data import Dataset
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import Dataset
     from modelzip_cli.techniques.quantize import measured_batch_n
 
     tokens = Dataset(inputs=torch.zeros(8, 16, dtype=torch.long), targets=None, path=Path("t.safetensors"))
@@ -97,7 +97,7 @@ def test_the_demo_says_where_its_report_is_and_how_to_load_the_result():
 
 
 def test_readme_options_for_structured_pruning_exist(cli):
-    readme = (ROOT / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))  # README's pages
     paragraph = readme[readme.index("Structured pruning with data"):].split("\n\n")[0]
     flags = set(re.findall(r"`(--[a-z-]+)", paragraph))
     assert flags, paragraph

@@ -302,7 +302,7 @@ def save_file(tensors, filename, metadata=None):
 
 safetensors.torch.save_file = save_file
 sys.argv = ["modelzip", *sys.argv[1:]]
-from modelzip_cli.cli import main
+from modelzip_cli.cli.app import main
 main()
 """
 
@@ -361,7 +361,7 @@ def test_an_interrupt_raised_inside_a_destructor_still_stops_the_run(capsys):
     import signal
     import time
 
-    from modelzip_cli.cli import _signals_interrupt
+    from modelzip_cli.cli.app import _signals_interrupt
     from modelzip_cli.errors import Interrupted
 
     class SignalledWhileCollected:

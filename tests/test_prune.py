@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelzip_cli.checkpoint import build_arch, load_checkpoint, save_model
+from modelzip_cli.checkpoint.io import build_arch, load_checkpoint, save_model
 from modelzip_cli.techniques import prune as prune_mod
 from modelzip_cli.techniques.prune import cubic_schedule, kth_magnitude, zero_smallest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 from modelzip_cli.techniques.quantize import WeightOnlyLinear
 
 from .conftest import (
@@ -150,9 +150,9 @@ class _Recurrent(torch.nn.Module):
 
 
 def test_dynamic_quantizes_the_linears_of_a_recurrent_model_and_says_lstm_and_gru_stay_float():
-    from modelzip_cli import int8
-    from modelzip_cli.checkpoint import Manifest
-    from modelzip_cli.context import Context
+    from modelzip_cli.checkpoint.io import Manifest
+    from modelzip_cli.nn import int8
+    from modelzip_cli.pipeline.context import Context
     from modelzip_cli.techniques.quantize import DynamicConfig, apply
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modelzip_cli.checkpoint import load_checkpoint
+from modelzip_cli.checkpoint.io import load_checkpoint
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, DIGITS_TRAIN, fresh_outputs, one_line_error, run_fresh
 
@@ -137,14 +137,14 @@ def test_recovery_on_unlabelled_tokens_keeps_bf16_and_reloads(cli, bert, tmp_pat
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     code = """
 import sys, torch
-from modelzip_cli.checkpoint import load_checkpoint
-from modelzip_cli.data import load_data
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.data import load_data
 with torch.inference_mode():
     torch.save(load_checkpoint(sys.argv[1]).model(load_data(sys.argv[2], require_targets=False).inputs), sys.argv[3])
 """
     proc = run_fresh(code, str(out), str(bert / "heldout.safetensors"), str(tmp_path / "fresh.pt"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from modelzip_cli.data import load_data
+    from modelzip_cli.pipeline.data import load_data
 
     with torch.inference_mode():
         here = loaded.model(load_data(bert / "heldout.safetensors", require_targets=False).inputs)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from modelzip_cli.commands.transform import CommonOptions, default_output, run_transform
 from modelzip_cli.errors import OutputError, UsageError
-from modelzip_cli.report import Step
-from modelzip_cli.runner import CommonOptions, default_output, run_transform
+from modelzip_cli.measure.report import Step
 
 from .conftest import DIGITS_TEACHER, DIGITS_TEST, one_line_error, validate_report
 

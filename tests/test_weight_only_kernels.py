@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli import wo_kernels
-from modelzip_cli.checkpoint import load_checkpoint, save_checkpoint
-from modelzip_cli.data import load_data
-from modelzip_cli.edits import WeightOnlyLinear
-from modelzip_cli.measure import causal_lm
+from modelzip_cli.checkpoint.io import load_checkpoint, save_checkpoint
+from modelzip_cli.kernels import weight_only as wo_kernels
+from modelzip_cli.measure.metrics import causal_lm
+from modelzip_cli.nn.weight_only import WeightOnlyLinear
+from modelzip_cli.pipeline.data import load_data
 from tests.conftest import DIGITS_TEACHER, DIGITS_TEST
 
 # The packed kernels take bf16 activations: measured relative error against the fp32 reference ≈ 3e-3.

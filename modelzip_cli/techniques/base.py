@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from modelzip_cli.checkpoint.edits import Edit
+from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.errors import UsageError
-from modelzip_cli.format import Manifest
 
 # The data files a method may need (`required_data`): key → (what it is, its flag)
 DATA_FLAGS = {"data": ("training data", "--data"), "calib_data": ("calibration data", "--calib-data"),
@@ -43,8 +45,17 @@ class MethodConfig(BaseModel):
     def needs_targets(self) -> bool:
         return True
 
+    def input_files(self) -> list[Path]:
+        """Files the method reads besides the model and data (which no output may overwrite)."""
+        return []
+
     def to_dict(self) -> dict:
         return {**({"method": self.method} if self.method else {}), **self.model_dump()}
+
+    def to_recipe(self) -> dict:
+        """The recipe step that makes this config: op, method and the values that differ from the defaults."""
+        return {"op": self.op, **({"method": self.method} if self.method else {}),
+                **self.model_dump(exclude_defaults=True)}
 
 
 class Selection(BaseModel):
@@ -94,7 +105,7 @@ class Result:
     """What a technique hands back: the new model, the edits that rebuild it, and what it measured."""
 
     model: nn.Module
-    edits: list[dict] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the user should act on (the report's warnings)
     layers: list[dict] | None = None  # per-layer rows; None: the runner's standard table
@@ -106,6 +117,26 @@ class Result:
 
 ApplyFn = Callable[..., Result]  # (model, config, ctx, manifest) → Result
 PlanFn = Callable[..., list[str]]  # (model, config, example input or None) → names of the modules it changes
+Handler = Callable[..., Any]  # (model, config, ctx) → what the op's flow expects of its methods
+
+# The one registry of methods: config class → the function that runs it. The class is the dispatch key,
+# and registering one adds the method to its op (`Op.configs`), its CLI `--method` and recipes.
+HANDLERS: dict[type[MethodConfig], Handler] = {}
+
+
+def register(*configs: type[MethodConfig]) -> Callable[[Handler], Handler]:
+    """Decorate the function that runs `configs` (one or more config classes of one op)."""
+
+    def decorate(fn: Handler) -> Handler:
+        for cls in configs:
+            HANDLERS[cls] = fn
+        return fn
+
+    return decorate
+
+
+def handler(cfg: MethodConfig) -> Handler:
+    return HANDLERS[type(cfg)]
 
 
 @dataclass(frozen=True)
@@ -114,11 +145,19 @@ class Op:
 
     name: str
     tag: str  # the default output's infix: model.pt → model.TAG.pt
-    configs: dict[str, type[MethodConfig]]  # method → config class ("" for a single method)
-    apply: ApplyFn
+    apply: ApplyFn  # the op's flow around its method's handler
     plan: PlanFn | None = None
     float_only: bool = True  # refuses an already-quantized model (quantize too: no double quantization)
     default_method: str | None = None
+    quantizes: bool = False  # its output has integer layers: float-only steps cannot follow it
+    calibrates: bool = False  # in a chain, the chain's --data is its calibration data (training data for QAT)
+    fidelity_gate: bool = False  # --min-fidelity chooses what it does (layers kept float), not only judges it
+    replaces_model: Callable[..., tuple[nn.Module, Manifest]] | None = None  # dry run: (config, manifest) → new
+
+    @property
+    def configs(self) -> dict[str, type[MethodConfig]]:
+        """method → config class ("" for a single method), in the order they were registered."""
+        return {cls.method: cls for cls in HANDLERS if cls.op == self.name}
 
     def config(self, method: str | None, values: dict[str, Any], *, where: str) -> MethodConfig:
         """Build and validate the config for `method` from user values; every error names the option."""

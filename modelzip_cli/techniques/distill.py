@@ -23,14 +23,16 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from modelzip_cli import hf
-from modelzip_cli.checkpoint import build_arch, load_checkpoint
-from modelzip_cli.context import Context
+from modelzip_cli.checkpoint.edits import is_quantized
+from modelzip_cli.checkpoint.format import CHECKPOINT_SUFFIXES, Manifest
+from modelzip_cli.checkpoint.io import build_arch, load_checkpoint
+from modelzip_cli.checkpoint.layers import count_parameters
 from modelzip_cli.errors import InputError, UsageError, first_line
-from modelzip_cli.format import CHECKPOINT_SUFFIXES, Manifest
-from modelzip_cli.measure import count_parameters, evaluate
-from modelzip_cli.techniques.base import MethodConfig, Op, Result
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.run import evaluate
+from modelzip_cli.pipeline.train import LossFn, TrainConfig, train
+from modelzip_cli.techniques.base import MethodConfig, Op, Result, register
 from modelzip_cli.techniques.recover import Teacher
-from modelzip_cli.train import LossFn, TrainConfig, train
 
 
 class DistillConfig(MethodConfig):
@@ -66,6 +68,9 @@ class DistillConfig(MethodConfig):
     def needs_targets(self) -> bool:
         return self.alpha < 1 or self.baseline  # the baseline trains on labels alone
 
+    def input_files(self) -> list[Path]:
+        return [Path(self.student)] if is_checkpoint_path(self.student) else []
+
 
 def is_checkpoint_path(ref: str) -> bool:
     return Path(ref).suffix in CHECKPOINT_SUFFIXES
@@ -80,7 +85,7 @@ def load_student(cfg: DistillConfig, teacher_manifest: Manifest, seed: int,
         if cfg.student_kwargs:
             raise UsageError("--student-kwargs applies to an architecture, not to a checkpoint student")
         loaded = load_checkpoint(cfg.student, trust_code=ctx.trust_code)
-        if loaded.manifest.is_quantized():
+        if is_quantized(loaded.manifest):
             raise InputError(f"student {cfg.student} is quantized and cannot be trained", hint="start from float")
         return loaded.model, loaded.manifest
     ref, kwargs = hf_student(cfg, teacher_manifest)
@@ -201,4 +206,5 @@ def _baseline(result: Result, student: nn.Module, initial: dict, cfg: DistillCon
                         "accuracy points against the same student trained on labels alone")
 
 
-OP = Op("distill", "distilled", {"": DistillConfig}, apply)
+register(DistillConfig)(apply)
+OP = Op("distill", "distilled", apply, replaces_model=lambda cfg, manifest: load_student(cfg, manifest, 0))

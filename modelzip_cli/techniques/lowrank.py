@@ -13,12 +13,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from modelzip_cli.context import Context
-from modelzip_cli.edits import factorized, replace_module
+from modelzip_cli.checkpoint.edits import LowRankEdit
+from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.errors import UsageError
-from modelzip_cli.format import Manifest
+from modelzip_cli.nn.surgery import factorized, replace_module
+from modelzip_cli.pipeline.context import Context
 from modelzip_cli.techniques import recover
-from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
+from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection, register
 from modelzip_cli.techniques.select import matches, output_layer, select_modules
 
 RANDOMIZED_MIN_DIM = 1024  # below this the exact SVD is fast enough
@@ -183,7 +184,7 @@ def lowrank(model: nn.Module, cfg: LowRankConfig, ctx: Context) -> Result:
                                     label="recover" if cfg.recover else "fine-tune")
         after, more = recover.summary(teacher, model, history, before)
         notes += more
-    return Result(model, [{"kind": "lowrank", "ranks": edit_ranks}] if edit_ranks else [], notes=notes,
+    return Result(model, [LowRankEdit(ranks=edit_ranks)] if edit_ranks else [], notes=notes,
                   layers=rows, after=after)
 
 
@@ -191,4 +192,5 @@ def apply(model: nn.Module, cfg: LowRankConfig, ctx: Context, manifest: Manifest
     return lowrank(model, cfg, ctx)
 
 
-OP = Op("lowrank", "lowrank", {"": LowRankConfig}, apply, plan=plan)
+register(LowRankConfig)(apply)
+OP = Op("lowrank", "lowrank", apply, plan=plan)

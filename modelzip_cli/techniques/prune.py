@@ -26,9 +26,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import sequential
-from modelzip_cli.context import Context
-from modelzip_cli.edits import (
+from modelzip_cli import tokens
+from modelzip_cli.checkpoint.edits import Edit, HeadsEdit, MagnitudeEdit, StructuredEdit, UnstructuredEdit
+from modelzip_cli.checkpoint.format import Manifest
+from modelzip_cli.checkpoint.layers import layer_table
+from modelzip_cli.errors import UsageError
+from modelzip_cli.nn.surgery import (
     attention_blocks,
     dependency_graph,
     head_channels,
@@ -36,12 +39,12 @@ from modelzip_cli.edits import (
     quiet_pruning,
     remove_heads,
 )
-from modelzip_cli.errors import UsageError
-from modelzip_cli.format import Manifest
-from modelzip_cli.gptq import Hessian, sparsegpt, wanda
-from modelzip_cli.measure import layer_table
+from modelzip_cli.pipeline import sequential
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.sequential import Hessian
 from modelzip_cli.techniques import recover
-from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection
+from modelzip_cli.techniques.base import FineTune, MethodConfig, Op, Recover, Result, Selection, handler, register
+from modelzip_cli.techniques.gptq import sparsegpt, wanda
 from modelzip_cli.techniques.select import WEIGHTED, output_layer, select_modules, unsupported_layers
 
 IMPORTANCE_ROWS = 256  # samples that measure unit and head importance
@@ -236,8 +239,8 @@ class Moments:
 def input_moments(model: nn.Module, inputs: torch.Tensor, readers: dict[str, int]) -> dict[str, Moments]:
     """name → Moments of the input of each named Linear/Conv (`readers`: name → covariance block size, 0 for
     variances) over `inputs`, on real tokens only where the inputs carry an attention mask."""
-    from modelzip_cli.data import as_model_input, float_dtype
-    from modelzip_cli.edits import run_with_hooks
+    from modelzip_cli.nn.surgery import run_with_hooks
+    from modelzip_cli.pipeline.data import as_model_input, float_dtype
 
     moments = {name: Moments(block) for name, block in readers.items()}
 
@@ -254,7 +257,7 @@ def input_moments(model: nn.Module, inputs: torch.Tensor, readers: dict[str, int
     dtype = float_dtype(model)
     for i in range(0, inputs.shape[0], 32):
         batch = inputs[i:i + 32]
-        mask = batch[:, 1] if batch.ndim == 3 and not batch.is_floating_point() else None  # (B, 2, L): ids over mask
+        mask = tokens.mask_of(batch)
         hooks = [model.get_submodule(n).register_forward_pre_hook(
             lambda mod, args, n=n, mask=mask: record(n, mod, args, mask)) for n in readers]
         run_with_hooks(model, as_model_input(batch, dtype), hooks)
@@ -285,10 +288,10 @@ class StructuredPruner:
 
     def __post_init__(self):
         selected = {n for n, _ in self.layers}
-        blocks, notes = attention_blocks(self.model, self.example)
+        blocks, left = attention_blocks(self.model, self.example)
         self.blocks = [b for b in blocks if all(b[x] in selected for x in ("q", "k", "v", "o"))]
-        for note in notes:
-            self._leave(*note.split(": ", 1))
+        for name, why in left:
+            self._leave(name, why)
         in_blocks = {b[x] for b in self.blocks for x in ("q", "k", "v", "o")}
         self.layers = [(n, m) for n, m in self.layers if n not in in_blocks]
         self.heads0 = [self._heads(b) for b in self.blocks]
@@ -451,9 +454,9 @@ class StructuredPruner:
     def history(self) -> list:
         return [[n, bool(out), [int(i) for i in idxs]] for n, out, idxs in self.graph.pruning_history()]
 
-    def edits(self, ratio: float, **extra) -> list[dict]:
-        heads = [{"kind": "prune_heads", "ratio": ratio, "blocks": self.head_rows}] if self.head_rows else []
-        return [*heads, {"kind": "prune_structured", "ratio": ratio, **extra, "history": self.history()}]
+    def edits(self, ratio: float, **extra) -> list[Edit]:
+        heads = [HeadsEdit(ratio=ratio, blocks=self.head_rows)] if self.head_rows else []
+        return [*heads, StructuredEdit(ratio=ratio, **extra, history=self.history())]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,6 +516,7 @@ def _label(cfg: PruneConfig) -> str:
     return "recover" if cfg.recover else "fine-tune"
 
 
+@register(MagnitudeConfig)
 def prune_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> Result:
     teacher = recover.prepare(model, cfg, ctx)  # the input model's outputs, before pruning
     weights = _selected_weights(model, cfg)
@@ -520,7 +524,7 @@ def prune_magnitude(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> Res
     before = teacher.measure(model) if teacher else None
     history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label=_label(cfg), teacher=teacher)
     after, notes = recover.summary(teacher, model, history, before)
-    edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights)}
+    edit = MagnitudeEdit(ratio=cfg.ratio, scope=cfg.scope, layers=list(weights))
     notes = [f"magnitude pruning {ZEROES_ONLY}", *filter(None, [unsupported_layers(model)]), *notes]
     return Result(model, [edit], notes=notes, after=after)
 
@@ -537,6 +541,7 @@ def _llm_layers(model: nn.Module, cfg: PruneConfig) -> tuple[dict[str, torch.Ten
     return {n: w for n, w in weights.items() if n not in head}, head
 
 
+@register(WandaConfig, SparseGPTConfig)
 def prune_activation_aware(model: nn.Module, cfg: WandaConfig, ctx: Context) -> Result:
     """wanda and sparsegpt: each Linear pruned on its input statistics, block by block (sequential.py)."""
     teacher = recover.prepare(model, cfg, ctx)
@@ -556,7 +561,7 @@ def prune_activation_aware(model: nn.Module, cfg: WandaConfig, ctx: Context) -> 
     before = teacher.measure(model) if teacher else None
     history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label=_label(cfg), teacher=teacher)
     after, notes = recover.summary(teacher, model, history, before)
-    edit = {"kind": "prune_unstructured", "method": cfg.method, "ratio": cfg.ratio, "layers": list(weights)}
+    edit = UnstructuredEdit(method=cfg.method, ratio=cfg.ratio, layers=list(weights))
     what = ("the weights costing each layer's output least zeroed, the rest updated to make up for them"
             if isinstance(cfg, SparseGPTConfig) else "the least |w|·‖x‖ zeroed in every output row")
     notes = [f"{cfg.method}: {what}, on {sum(len(x) for x in batches)} calibration samples, {how}; it "
@@ -572,6 +577,7 @@ def _importance_data(ctx: Context) -> torch.Tensor | None:
     return None if data is None else data.inputs
 
 
+@register(StructuredConfig)
 def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> Result:
     pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
                               _importance_data(ctx))
@@ -590,6 +596,7 @@ def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float
     return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
 
 
+@register(GradualConfig)
 def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     schedule = cubic_schedule(cfg.ratio, cfg.steps)
     teacher = recover.prepare(model, cfg, ctx)  # with --recover, every step fine-tunes against the input model
@@ -612,28 +619,20 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     after, more = recover.summary(teacher, model, history, None)  # recovery ran at every step: no "before"
     if structured:
         return Result(model, pruner.edits(cfg.ratio, schedule=schedule), notes=pruner.notes + more, after=after)
-    edit = {"kind": "prune_magnitude", "ratio": cfg.ratio, "scope": cfg.scope, "layers": list(weights),
-            "schedule": schedule}
+    edit = MagnitudeEdit(ratio=cfg.ratio, scope=cfg.scope, layers=list(weights), schedule=schedule)
     return Result(model, [edit], notes=[f"gradual unstructured pruning {ZEROES_ONLY}", *more], after=after)
 
 
-PRUNERS: dict[type, Callable[..., Result]] = {
-    MagnitudeConfig: prune_magnitude,
-    StructuredConfig: prune_structured,
-    GradualConfig: prune_gradual,
-    WandaConfig: prune_activation_aware,
-    SparseGPTConfig: prune_activation_aware,
-}
 
 
 def apply(model: nn.Module, cfg: PruneConfig, ctx: Context, manifest: Manifest) -> Result:
     """Prune `model` in place; the result's layer rows also say each layer's shape and size before."""
     before = {row["name"]: row for row in layer_table(model, with_bytes=False)}
-    result = PRUNERS[type(cfg)](model, cfg, ctx)
+    result = handler(cfg)(model, cfg, ctx)
     after = layer_table(model, with_bytes=False)
     result.layer_extra = {row["name"]: {"shape_before": before.get(row["name"], {}).get("shape"),
                                         "params_before": before.get(row["name"], {}).get("params")} for row in after}
-    chosen = set(result.edits[0].get("layers", []))
+    chosen = set(getattr(result.edits[0], "layers", []))
     selected = [r for r in after if r["name"] in chosen]
     if selected:
         nnz = sum(r["nonzero"] for r in selected)
@@ -642,4 +641,4 @@ def apply(model: nn.Module, cfg: PruneConfig, ctx: Context, manifest: Manifest) 
     return result
 
 
-OP = Op("prune", "pruned", {c.method: c for c in PRUNERS}, apply, plan=plan, default_method="magnitude")
+OP = Op("prune", "pruned", apply, plan=plan, default_method="magnitude")

@@ -3,7 +3,7 @@
 dynamic, static and qat put modelzip's plain-int8 modules in place (int8.py: int8 weights and float scales
 as ordinary tensors, no torch.ao needed to write, read or run them). `--backend` chooses what runs them:
 plain (int8.py's own kernels), torch-ao (torch.ao's fbgemm kernels built from the same integers, where
-torch.ao can be imported; see quant_backend.py) or auto (torch.ao's kernels for the layers and batch sizes
+torch.ao can be imported; see kernels/torch_ao.py) or auto (torch.ao's kernels for the layers and batch sizes
 where they measured faster, plain elsewhere, never needing torch.ao). The file is the same whichever runs
 it. weight-only is modelzip's own too: integer weights with per-channel or per-group scales and zero
 points, int4 packed two per byte, run on the kernel measured fastest on the running machine for each
@@ -17,27 +17,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from modelzip_cli import awq, int8, sequential
-from modelzip_cli.context import Context
-from modelzip_cli.edits import (
-    WeightOnlyEmbedding,
-    WeightOnlyLinear,
-    check_embedding,
-    conv_batchnorm_pairs,
-    fold_batchnorm,
-    replace_module,
-)
+from modelzip_cli.checkpoint.edits import DynamicEdit, Edit, FoldEdit, StaticEdit, WeightOnlyEdit
+from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.errors import first_line
-from modelzip_cli.format import Manifest
-from modelzip_cli.gptq import Hessian, Quantized, gptq, rtn
-from modelzip_cli.measure import (
+from modelzip_cli.measure.metrics import (
     DEFAULT_BATCH_N,
     DEFAULT_BATCH_N_TOKENS,
     batch_of,
@@ -45,10 +34,18 @@ from modelzip_cli.measure import (
     default_threads,
     interleaved_latency,
     latency_change,
-    predict,
     sqnr_db,
 )
-from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection
+from modelzip_cli.nn import int8
+from modelzip_cli.nn.surgery import conv_batchnorm_pairs, fold_batchnorm, replace_module
+from modelzip_cli.nn.weight_only import Quantized, WeightOnlyEmbedding, WeightOnlyLinear, check_embedding, rtn
+from modelzip_cli.pipeline import sequential
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.run import predict
+from modelzip_cli.pipeline.sequential import Hessian
+from modelzip_cli.techniques import awq
+from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection, handler, register
+from modelzip_cli.techniques.gptq import gptq
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 from modelzip_cli.techniques.sensitivity import Scorer, keep_float, layer_losses
 
@@ -199,19 +196,14 @@ def _calibration_inputs(model: nn.Module, names: list[str], ctx: Context, cfg: D
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda layer, args, n=n: seen(layer, args, n))
              for n in names]
     try:
-        with ctx.progress("calibrate", batches) as bar, torch.no_grad():
-            for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size)):
-                if i >= batches:
-                    break
-                model(x)
-                bar.advance()
+        ctx.calibrate(model, batches, cfg.calib_batch_size)
     finally:
         for h in hooks:
             h.remove()
     return absmax, {n: torch.cat(r) for n, r in rows.items() if r}
 
 
-def _best_smoothing(linear: nn.Linear, absmax: torch.Tensor, x: torch.Tensor, act: str
+def best_smoothing(linear: nn.Linear, absmax: torch.Tensor, x: torch.Tensor, act: str
                     ) -> tuple[float, torch.Tensor | None, float]:
     """(alpha, scales or None, relative output error) of the strength whose int8 layer, run by the current
     backend, measured least error against the float layer on the inputs `x` (M, K)."""
@@ -228,6 +220,7 @@ def _best_smoothing(linear: nn.Linear, absmax: torch.Tensor, x: torch.Tensor, ac
     return best
 
 
+@register(DynamicConfig)
 def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _names(model, cfg, *_types(cfg))
     smooth: dict[str, torch.Tensor] = {}
@@ -237,24 +230,22 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tupl
         for name in names:
             if name not in inputs:
                 continue  # no calibration batch reached it
-            alpha, s, err = _best_smoothing(model.get_submodule(name), absmax[name], inputs[name], cfg.activations)
+            alpha, s, err = best_smoothing(model.get_submodule(name), absmax[name], inputs[name], cfg.activations)
             alphas[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
             if s is not None:
                 smooth[name] = s
     for name in names:
         replace_module(model, name, int8.DynamicInt8Linear.from_float(model.get_submodule(name), cfg.activations,
                                                                       smooth.get(name)))
-    edit = {"kind": "quantize_dynamic", "modules": names, "activations": cfg.activations}
-    if smooth:  # (absent otherwise: a file without smoothing stays readable by a modelzip without it)
-        edit["smoothed"] = [n for n in names if n in smooth]
+    edit = DynamicEdit(modules=names, activations=cfg.activations, smoothed=[n for n in names if n in smooth])
     return model, [edit], {"layer_extra": alphas}
 
 
 def _converted(prepared: nn.Module, names: list[str], qat: bool, observer: str, reduced: bool
                ) -> tuple[nn.Module, list]:
     quantized, unseen = int8.convert(prepared)
-    edit = {"kind": "quantize_static", "modules": [n for n in names if n not in unseen], "qat": qat,
-            "observer": observer, "reduced_range": reduced}
+    edit = StaticEdit(modules=[n for n in names if n not in unseen], qat=qat, observer=observer,
+                      reduced_range=reduced)
     return quantized, [edit]
 
 
@@ -263,27 +254,24 @@ def _reduced(cfg: StaticConfig | QATConfig) -> bool:
     return cfg.backend != "plain"
 
 
+@register(StaticConfig)
 def quantize_static(model: nn.Module, cfg: StaticConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _names(model, cfg, *_types(cfg))
     folds = []
     if ctx.example_input is not None and (pairs := conv_batchnorm_pairs(model, ctx.example_input, set(names))):
         fold_batchnorm(model, pairs)
-        folds = [{"kind": "fold_batchnorm", "pairs": pairs}]
+        folds = [FoldEdit(pairs=pairs)]
     prepared = int8.prepare_static(model, names, cfg.observer, _reduced(cfg))
     batches = min(cfg.calib_batches, math.ceil(len(ctx.calib_data) / cfg.calib_batch_size))
-    with ctx.progress("calibrate", batches) as bar, torch.no_grad():
-        for i, (x, _, _) in enumerate(ctx.calib_data.batches(cfg.calib_batch_size)):
-            if i >= batches:
-                break
-            prepared(x)
-            bar.advance()
+    ctx.calibrate(prepared, batches, cfg.calib_batch_size)
     quantized, edits = _converted(prepared, names, False, cfg.observer, _reduced(cfg))
     return quantized, folds + edits, {}
 
 
+@register(QATConfig)
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
+    from modelzip_cli.pipeline.train import TrainConfig, train
     from modelzip_cli.techniques.recover import Teacher
-    from modelzip_cli.train import TrainConfig, train
 
     names = _names(model, cfg, *_types(cfg))
     teacher = None
@@ -321,6 +309,7 @@ def _integer_weight_names(model: nn.Module, cfg: WeightOnlyConfig | GPTQConfig |
     return [n for n in names if n not in empty and n not in head], empty, head
 
 
+@register(WeightOnlyConfig)
 def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _integer_weight_names(model, cfg)[0]
     for name in names:
@@ -330,10 +319,10 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) 
             replace_module(model, name, WeightOnlyEmbedding.from_embedding(layer, cfg.bits, cfg.group_size))
         else:
             replace_module(model, name, WeightOnlyLinear.from_float(layer, cfg.bits, cfg.group_size))
-    return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
-                    "group_size": cfg.group_size}], {}
+    return model, [WeightOnlyEdit(modules=names, bits=cfg.bits, group_size=cfg.group_size)], {}
 
 
+@register(GPTQConfig)
 def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _integer_weight_names(model, cfg)[0]
     chosen: dict[str, tuple[Quantized, int]] = {}
@@ -358,8 +347,8 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
         q, group = chosen[n]
         replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
     notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
-    return model, [{"kind": "quantize_weight_only", "modules": done, "bits": cfg.bits,
-                    "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
+    edit = WeightOnlyEdit(modules=done, bits=cfg.bits, group_size=cfg.group_size)
+    return model, [edit], {"layer_extra": extra, "notes": notes}
 
 
 class _Producers:
@@ -434,6 +423,7 @@ def _awq_groups(block: nn.Module, prefix: str, names: list[str],
     return sorted(groups, key=lambda g: not (g[1] or "").endswith("up_proj"))
 
 
+@register(AWQConfig)
 def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _integer_weight_names(model, cfg)[0]
     batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
@@ -488,20 +478,12 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Mod
     if outside:
         notes.append("rounded to nearest, no scales or clipping (outside a stack of repeated blocks): "
                      + ", ".join(outside))
-    return model, [{"kind": "quantize_weight_only", "modules": names, "bits": cfg.bits,
-                    "group_size": cfg.group_size}], {"layer_extra": extra, "notes": notes}
+    edit = WeightOnlyEdit(modules=names, bits=cfg.bits, group_size=cfg.group_size)
+    return model, [edit], {"layer_extra": extra, "notes": notes}
 
 
 # method → (model, config, ctx) → (quantized model, edits for the manifest, extra figures: "after" (QAT's
 # training history), "layer_extra" (name → fields of its layer row))
-QUANTIZERS: dict[type, Callable[..., tuple[nn.Module, list[dict], dict]]] = {
-    DynamicConfig: quantize_dynamic,
-    StaticConfig: quantize_static,
-    QATConfig: quantize_qat,
-    WeightOnlyConfig: quantize_weight_only,
-    GPTQConfig: quantize_gptq,
-    AWQConfig: quantize_awq,
-}
 
 NOTES = {
     "dynamic": "int8 weights (per channel); activations quantized at run time where an int8 GEMM runs them "
@@ -598,10 +580,10 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
     backend = getattr(cfg, "backend", "plain")  # weight-only has one backend: its own
     with int8.use_backend(backend):
         reference = copy.deepcopy(model).eval()
-        quantized, edits, extra = QUANTIZERS[type(cfg)](model, cfg, ctx)
+        quantized, edits, extra = handler(cfg)(model, cfg, ctx)
         quantized.eval()
         notes = [NOTES[cfg.method], *extra.get("notes", []), *filter(None, [unsupported_layers(reference)])]
-        if folded := [p for e in edits if e["kind"] == "fold_batchnorm" for p in e["pairs"]]:
+        if folded := [p for e in edits if isinstance(e, FoldEdit) for p in e.pairs]:
             notes.append(f"{len(folded)} BatchNorm layers folded into the convolutions before them")
         after: dict = dict(extra.get("after", {}))
         layer_extra: dict[str, dict] = extra.get("layer_extra", {})
@@ -613,7 +595,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
             if head:
                 notes.append("left in float as language-model outputs (name them with --include to quantize): "
                              + ", ".join(head))
-        selected = set(edits[-1]["modules"])
+        selected = set(edits[-1].modules)
         still_float = [n for n in planned if n not in selected]
         if still_float:
             notes.append(f"left in float (no calibration or training batch reached them): {', '.join(still_float)}")
@@ -677,14 +659,14 @@ SENSITIVITY_SAMPLES = 64  # samples each one-layer sensitivity is measured on (t
 GATE_MARGIN = 0.2
 
 
-def _keep_float_for_fidelity(quantized: nn.Module, reference: nn.Module, edit: dict, ctx: Context,
+def _keep_float_for_fidelity(quantized: nn.Module, reference: nn.Module, edit: Edit, ctx: Context,
                              layer_extra: dict[str, dict]) -> dict:
     """--min-fidelity: rank the quantized layers by what each alone costs (1 − cosine on a few samples),
     then put back in float the fewest, most costly first, that bring the whole model to the gate on the
     selection data: --calib-data when given, else the tuning part of --eval-data (`ctx.tune_data`), never the
     data the gate is judged on. Updates `edit` and `layer_extra`."""
     data = ctx.calib_data or ctx.tune_data or ctx.eval_data
-    names = list(edit["modules"])
+    names = list(edit.modules)
     ranking = Scorer(reference, data.inputs[:SENSITIVITY_SAMPLES])
     with ctx.progress("sensitivity", len(names)) as bar:
         losses = layer_losses(reference, {n: quantized.get_submodule(n) for n in names}, ranking, bar)
@@ -693,11 +675,9 @@ def _keep_float_for_fidelity(quantized: nn.Module, reference: nn.Module, edit: d
     # On calibration data, aim inside the gate by a fifth of its allowed loss: held-out data differs a little
     target = ctx.min_fidelity if data is ctx.eval_data else 1 - (1 - ctx.min_fidelity) * (1 - GATE_MARGIN)
     floated, reached = keep_float(quantized, reference, names, losses, full, target)
-    edit["modules"] = [n for n in names if n not in floated]
-    if "smoothed" in edit:
-        edit["smoothed"] = [n for n in edit["smoothed"] if n not in floated]
-        if not edit["smoothed"]:
-            del edit["smoothed"]
+    edit.modules = [n for n in names if n not in floated]
+    if isinstance(edit, DynamicEdit):
+        edit.smoothed = [n for n in edit.smoothed if n not in floated]
     for n in names:
         layer_extra.setdefault(n, {})["fidelity_loss_alone"] = round(losses[n], 6)
     return {"min_fidelity": ctx.min_fidelity, "target": round(target, 6),
@@ -725,4 +705,4 @@ def _types(cfg: QuantizeConfig) -> tuple[tuple[type, ...], str]:
     return WEIGHTED, "Linear or Conv"
 
 
-OP = Op("quantize", "quantized", {c.method: c for c in QUANTIZERS}, apply, plan=plan)
+OP = Op("quantize", "quantized", apply, plan=plan, quantizes=True, calibrates=True, fidelity_gate=True)

@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelzip_cli.context import Context
-from modelzip_cli.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.errors import InputError
-from modelzip_cli.measure import evaluate, fidelity, outputs_class_logits, predict
-from modelzip_cli.train import LossFn, TrainConfig, cached_outputs, cross_entropy, train
+from modelzip_cli.measure.metrics import fidelity, outputs_class_logits
+from modelzip_cli.pipeline.context import Context
+from modelzip_cli.pipeline.data import Dataset, as_model_input, float_dtype
+from modelzip_cli.pipeline.run import evaluate, predict
+from modelzip_cli.pipeline.train import LossFn, TrainConfig, cached_outputs, cross_entropy, train
 
 CACHE_LIMIT_BYTES = 256 << 20  # teacher outputs up to this size are cached; larger ones are recomputed
 MEASURE_ROWS = 2048  # without --eval-data, fidelity is measured on at most this many training rows

@@ -44,7 +44,7 @@ def unsupported_layers(model: nn.Module) -> str | None:
 
 def output_layer(model: nn.Module, example) -> str | None:
     """Qualified name of the last weighted module in execution order: the classifier head."""
-    from modelzip_cli.edits import run_with_hooks
+    from modelzip_cli.nn.surgery import run_with_hooks
 
     order: list[str] = []
     run_with_hooks(model, example, [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from modelzip_cli.edits import replace_module
-from modelzip_cli.measure import fidelity, outputs_class_logits, predict
+from modelzip_cli.measure.metrics import fidelity, outputs_class_logits
+from modelzip_cli.nn.surgery import replace_module
+from modelzip_cli.pipeline.run import predict
 
 
 @contextlib.contextmanager

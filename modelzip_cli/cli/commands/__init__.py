@@ -1,0 +1,1 @@
+"""One file per command: options, the config they build, the one library call it makes."""

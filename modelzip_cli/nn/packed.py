@@ -1,0 +1,15 @@
+"""What every module that stores its weights packed (int8, weight-only int4/int8) shows the rest of modelzip."""
+
+from __future__ import annotations
+
+import torch
+
+
+class PackedWeights:
+    """Mixin: the dense weights (and bias) that parameter counts, layer tables and sparsity figures read."""
+
+    def logical_weights(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.dequantized_weight()}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach()
+        return out

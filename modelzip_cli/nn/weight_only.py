@@ -1,0 +1,207 @@
+"""Weight-only int4/int8 modules (W4A16, W8A16) and round-to-nearest.
+
+The stored format: integers (int4 packed two per byte, or int8), one float32 scale and one zero point per
+group of `group_size` input columns. The layer computes with the kernel that `kernels.weight_only` chose
+for this machine; replays build the same empty modules that the stored tensors then fill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelzip_cli.errors import InputError
+from modelzip_cli.kernels import weight_only as wo_kernels
+from modelzip_cli.nn.packed import PackedWeights
+
+
+@dataclass
+class Quantized:
+    """What GPTQ (or round-to-nearest) chose for one (out, in) weight."""
+
+    ints: torch.Tensor  # (out, in) int64: 0..15 for 4 bits, −127..127 for 8
+    scales: torch.Tensor  # (out, groups) float32
+    zero_points: torch.Tensor  # (out, groups) int64; 0 for 8 bits
+
+    def dequantized(self, group_size: int) -> torch.Tensor:
+        cols = self.ints.shape[1]
+        index = torch.arange(cols, device=self.ints.device) // group_size  # column → its group
+        return (self.ints - self.zero_points[:, index]).float() * self.scales[:, index]
+
+
+
+def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` (out, g): int4 asymmetric over [min, max] ∪ {0}, int8 symmetric."""
+    if bits == 8:
+        return w.abs().amax(-1).clamp(min=1e-12) / 127, torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, 15).to(torch.int64)
+
+
+
+def to_ints(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers for `w` (out,) or (out, g) under per-row scale and zero point."""
+    if w.ndim == 2:
+        scale, zero = scale[:, None], zero[:, None]
+    if bits == 8:
+        return torch.clamp(torch.round(w / scale), -127, 127).to(torch.int64)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 15).to(torch.int64)
+
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int) -> Quantized:
+    """Round to nearest, group by group: the baseline GPTQ improves on."""
+    w = weight.detach().float()
+    out, cols = w.shape
+    groups = math.ceil(cols / group_size)
+    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
+    scales = torch.empty(out, groups, device=w.device)
+    zeros = torch.empty(out, groups, dtype=torch.int64, device=w.device)
+    for g in range(groups):
+        part = w[:, g * group_size:(g + 1) * group_size]
+        scales[:, g], zeros[:, g] = group_params(part, bits)
+        ints[:, g * group_size:(g + 1) * group_size] = to_ints(part, scales[:, g], zeros[:, g], bits)
+    return Quantized(ints, scales, zeros)
+
+
+class WeightOnlyLinear(PackedWeights, nn.Module):
+    """A Linear whose weight is stored as int8, or int4 packed two per byte, with per-group scales. It runs
+    on the kernel measured fastest here for its shape and the call's row count (`kernel_for`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if 0 < group_size < in_features else in_features
+        groups = math.ceil(in_features / self.group_size)
+        padded = groups * self.group_size
+        cols = padded if bits == 8 else math.ceil(padded / 2)
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.int8 if bits == 8 else torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups))
+        self.register_buffer("zero_points", torch.zeros(out_features, groups, dtype=torch.int8))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scheme = f"int{bits} weight-only (group {self.group_size})"
+        self._geo = wo_kernels.Geometry(bits, in_features, out_features, self.group_size, groups)
+        self._kernels = wo_kernels.LayerKernels()
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, group_size: int) -> WeightOnlyLinear:
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
+        q._quantize_from(linear.weight)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, q: Quantized, bits: int, group_size: int) -> WeightOnlyLinear:
+        """The layer for integers chosen elsewhere (GPTQ), on this layer's groups."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
+        layer._store(q)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def _quantize_from(self, weight: torch.Tensor) -> None:
+        """Fill qweight, scales and zero points from a float (out, in) weight, rounding to nearest."""
+        self._store(rtn(weight, self.bits, self.group_size))
+
+    def _store(self, q: Quantized) -> None:
+        """Write integers (out, in), scales and zero points (out, groups) into the stored layout: columns
+        padded to whole groups (with the value a zero weight takes), int4 packed two per byte."""
+        pad = self.scales.shape[1] * self.group_size - self.in_features
+        ints = F.pad(q.ints, (0, pad), value=0) if self.bits == 8 else \
+            torch.cat([q.ints, q.zero_points[:, -1:].expand(-1, pad)], dim=1)
+        if self.bits == 8:
+            self.qweight.copy_(ints.to(torch.int8))
+        else:
+            if ints.shape[1] % 2:
+                ints = F.pad(ints, (0, 1))
+            ints = ints.to(torch.uint8)
+            self.qweight.copy_(ints[:, 0::2] | (ints[:, 1::2] << 4))  # two 4-bit values per byte
+        self.scales.copy_(q.scales)
+        self.zero_points.copy_(q.zero_points.to(torch.int8))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._dequantize(self.qweight, self.scales, self.zero_points)
+
+    def _dequantize(self, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+        """Float rows (R, in) from R stored rows: packed integers (R, cols), scales and zero points (R, groups)."""
+        rows = qweight.shape[0]
+        if self.bits == 8:
+            ints = qweight.float()
+        else:
+            ints = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(rows, -1)
+            ints = ints[:, : scales.shape[1] * self.group_size].float()
+        g = ints.reshape(rows, -1, self.group_size)  # (R, groups, group)
+        w = (g - zero_points.float()[..., None]) * scales.float()[..., None]
+        return w.reshape(rows, -1)[:, : self.in_features]
+
+    def _stored(self) -> wo_kernels.Stored:
+        b = self._buffers
+        return self._kernels.stored(b["qweight"], b["scales"], b["zero_points"], self.dequantized_weight)
+
+    def kernel_for(self, rows: int, dtype: torch.dtype = torch.float32) -> str:
+        """The kernel a call on `rows` rows of `dtype` runs on (measured on first asking, then kept)."""
+        return self._kernels.choose(self._geo, self._stored(), rows, dtype)
+
+    def kernel_notes(self) -> dict[str, str]:
+        """kernel → why this layer could not run it (a kernel MODELZIP_WO_KERNEL forced)."""
+        return dict(self._kernels.notes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or self.bias is not None
+                                                      and self.bias.requires_grad)
+        traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if differentiable or traced or x.numel() == 0 or x.device.type != "cpu" or self.qweight.device.type != "cpu":
+            # autograd, an export (the graph holds the stored integers and their dequantization), or not a CPU
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        y = self._kernels.run(self._geo, self._stored(), x.reshape(-1, self.in_features), self.bias)  # (M, out)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: packed tensors must follow
+        self._kernels = wo_kernels.LayerKernels()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernels = wo_kernels.LayerKernels()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.scheme}"
+
+
+
+class WeightOnlyEmbedding(WeightOnlyLinear):
+    """An Embedding whose table is stored as WeightOnlyLinear stores a weight (one row per token); a lookup
+    dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
+                 padding_idx: int | None = None):
+        super().__init__(embedding_dim, num_embeddings, False, bits, group_size)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.scheme = f"int{bits} weight-only embedding (group {self.group_size})"
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int) -> WeightOnlyEmbedding:
+        q = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size, emb.padding_idx)
+        q._quantize_from(emb.weight)
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)  # (...,) → (M,)
+        rows = self._dequantize(self.qweight[flat], self.scales[flat], self.zero_points[flat])  # (M, dim)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme}"
+
+
+
+def check_embedding(emb: nn.Embedding) -> None:
+    if emb.max_norm is not None:
+        raise InputError("weight-only quantization of an Embedding with max_norm (renormalized at lookup) is not "
+                         "supported", hint="leave it out with --exclude")

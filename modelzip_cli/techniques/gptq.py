@@ -1,0 +1,114 @@
+"""GPTQ and SparseGPT (Frantar et al. 2022, 2023), and Wanda's score (Sun et al. 2023).
+
+GPTQ: integer weights chosen column by column so that the layer's output on the
+calibration inputs moves least, each column's rounding error spread over the columns not yet quantized
+through the inverse Hessian of the layer's input, H = 2·XᵀX / n.
+
+The integers, scales and zero points are the weight-only format's (int4: 0..15 with a zero point per group,
+int8: symmetric ±127), so a GPTQ layer is a `WeightOnlyLinear` that every loader and exporter already reads.
+Groups are contiguous runs of `group_size` input columns in the stored order. Without `act_order` a group's
+scale is chosen when its first column is reached, from the already-updated weights (the paper's way); with
+`act_order` (columns taken in decreasing Hessian diagonal) every group's scale is fixed first from the
+original weights ("static groups"), so the file's layout never depends on the order of work.
+
+SparseGPT: the same column-by-column walk, zeroing instead of rounding: in each block of columns the
+weights with the least w² / [H⁻¹]ᵢᵢ are pruned and the error is spread the same way. Wanda: a weight's score
+is |w| times the norm of its input channel over the calibration set (√ of the Hessian's diagonal), and each
+output row keeps its highest scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from modelzip_cli.nn.weight_only import Quantized, group_params, to_ints
+
+
+def _inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened H⁻¹ (in, in); inputs that were always zero made exact (in place
+    on `h` and `w`)."""
+    dead = torch.diag(h) == 0  # inputs that were always zero: any value there is exact
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += torch.eye(h.shape[0], device=h.device) * damp * torch.mean(torch.diag(h))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, *, damp: float = 0.01,
+              block: int = 128) -> torch.Tensor:
+    """SparseGPT of one (out, in) weight given its input Hessian: the new weight, with `ratio` of each block
+    of columns zeroed and the other weights updated to keep the layer's output."""
+    w = weight.detach().float().clone()
+    out, cols = w.shape
+    hinv = _inverse_factor(hessian.float().clone(), w, damp)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        score = w1**2 / torch.diag(hinv1)[None, :] ** 2  # (out, block): the output error pruning each costs
+        k = int(score.numel() * ratio)
+        prune = torch.zeros_like(score, dtype=torch.bool)
+        if k:
+            prune.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            q = torch.where(prune[:, i], torch.zeros_like(w1[:, i]), w1[:, i])
+            e = (w1[:, i] - q) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w
+
+
+def wanda(weight: torch.Tensor, hessian: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The weight with, in every output row, the `ratio` of weights with the least |w|·‖x‖ zeroed."""
+    w = weight.detach().float().clone()
+    score = w.abs() * torch.diag(hessian).clamp(min=0).sqrt()[None, :]  # (out, in); H's diagonal ∝ ‖x_j‖²
+    k = int(w.shape[1] * ratio)
+    if k:
+        w.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, 0.0)
+    return w
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *, damp: float = 0.01,
+         act_order: bool = False, block: int = 128) -> tuple[Quantized, float]:
+    """GPTQ of one (out, in) weight given its input Hessian (in, in). Returns the integers and the summed
+    squared output error the rounding left (the paper's loss, ½·Σ err²/d), a figure for the report."""
+    w = weight.detach().float().clone()
+    out, cols = w.shape
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: any value there is exact
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    groups = math.ceil(cols / group_size)
+    scales = torch.empty(out, groups, device=w.device)
+    zeros = torch.empty(out, groups, dtype=torch.int64, device=w.device)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
+    if act_order:  # static groups, from the original weights in stored order
+        for g in range(groups):
+            scales[:, g], zeros[:, g] = group_params(w[:, g * group_size:(g + 1) * group_size], bits)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_factor(h, w, damp)  # (in, in)
+    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
+    loss = 0.0
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])  # the stored column this step quantizes
+            g = col // group_size
+            if not act_order and col % group_size == 0:  # a group starts: its scale from the updated weights
+                scales[:, g], zeros[:, g] = group_params(
+                    torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size], bits)
+            q = to_ints(w1[:, i], scales[:, g], zeros[:, g], bits)
+            ints[:, col] = q
+            deq = (q - zeros[:, g]).float() * scales[:, g]
+            d = hinv1[i, i]
+            e = (w1[:, i] - deq) / d  # (out,)
+            loss += float(((w1[:, i] - deq) ** 2).sum() / d**2) / 2
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return Quantized(ints, scales, zeros), loss
