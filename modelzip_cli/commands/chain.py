@@ -288,7 +288,7 @@ def run_export_step(step: ExportStep, path: Path, loaded, ctx, outputs, opts, ca
     figures = Report(command="export")
     measure_export(figures, loaded, written, ctx.eval_data or example_dataset(loaded), opts.threads)
     check_agreement(figures, loaded, written, ctx.eval_data or example_dataset(loaded))
-    agreement = (figures.gate or {}).get("export_agreement")
+    agreement = figures.gate.export_agreement if figures.gate is not None else None
     if agreement is not None and not agreement["passed"]:  # a chain cannot keep half its outputs: refused
         raise InputError(f"{step.label()}: {figures.warnings[-1].removeprefix('quality gate failed: ')}; nothing "
                          "was written", hint="export with another --int8 way, or a different format")
