@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from modelzip_cli.checkpoint.edits import validated_edits
+from modelzip_cli.checkpoint.edits import DynamicEdit, validated_edits
 from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.checkpoint.io import Loaded
 from modelzip_cli.checkpoint.layers import count_parameters
@@ -242,7 +242,7 @@ def scheme_of(manifest: Manifest) -> str | None:
 
 def _smoothed(manifest: Manifest) -> bool:
     """Whether a dynamic int8 model has smoothed layers (its edit's `smoothed` list)."""
-    return any(edit.get("kind") == "quantize_dynamic" and edit.get("smoothed") for edit in manifest.edits)
+    return any(isinstance(edit, DynamicEdit) and edit.smoothed for edit in validated_edits(manifest))
 
 
 def int8_way(cfg: ExportConfig, scheme: str | None) -> str | None:
