@@ -34,6 +34,7 @@ CASES = {
     "decoder": "bench.bench_decoder",
     "cnn_int8": "bench.bench_cnn_int8",
     "scale": "bench.bench_scale",
+    "export_formats": "bench.bench_export_formats",
 }
 
 

@@ -538,6 +538,8 @@ def _load_checkpoint(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
                                       input_dtype=input_dtype)
         check_finite(loaded.model, str(path))
         return loaded
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path, input_shape=input_shape, input_dtype=input_dtype)
     if hf.is_model_dir(path):
         loaded = _load_hf_dir(path, task=task, output_key=output_key, input_shape=input_shape, input_dtype=input_dtype)
         check_finite(loaded.model, str(path))  # as for every other input: NaN weights are refused, not quantized
@@ -618,6 +620,18 @@ def _load_compressed_dir(path: Path, *, task: str | None, output_key: str | None
                         input_dtype=input_dtype or dtype, edits=edits)
     model._modelzip_arch = (manifest.arch, kwargs)
     return Loaded(model=model, manifest=manifest, path=path, source="compressed-tensors", notes=notes)
+def _load_gguf(path: Path, *, input_shape: list[int] | None, input_dtype: str | None) -> Loaded:
+    """A .gguf file (checkpoint/gguf.py): dequantized on load into a plain transformers causal LM, said in a note."""
+    from modelzip_cli import hf
+    from modelzip_cli.checkpoint import gguf as gguf_read
+
+    model, config = gguf_read.load_gguf(path)
+    check_finite(model, str(path))
+    shape, dtype = hf.example_shape(config, "causal-lm")
+    manifest = Manifest(arch="hf:causal-lm", arch_kwargs={"config": config}, input_shape=list(input_shape or shape),
+                        input_dtype=input_dtype or dtype)
+    model._modelzip_arch = (manifest.arch, manifest.arch_kwargs)
+    return Loaded(model=model, manifest=manifest, path=path, source="gguf", notes=[gguf_read.NOTE.format(path=path)])
 
 
 def load_model(path: str | Path, **kwargs: Any) -> nn.Module:

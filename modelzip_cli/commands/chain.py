@@ -281,7 +281,7 @@ def export_target(step: ExportStep, input_path: Path, opts) -> Target:
 
 def run_export_step(step: ExportStep, path: Path, loaded, ctx, outputs, opts, calib):
     """Export the chain's final model, verified; measured against it on --eval-data (else the example input)."""
-    from modelzip_cli.commands.export import measure_export
+    from modelzip_cli.commands.export import check_agreement, measure_export
     from modelzip_cli.export.onnx import example_dataset, export_model
     from modelzip_cli.measure.report import Report
 
@@ -291,7 +291,14 @@ def run_export_step(step: ExportStep, path: Path, loaded, ctx, outputs, opts, ca
         raise type(exc)(f"{step.label()}: {exc.message}", hint=exc.hint) from None
     figures = Report(command="export")
     measure_export(figures, loaded, written, ctx.eval_data or example_dataset(loaded), opts.threads)
+    check_agreement(figures, loaded, written, ctx.eval_data or example_dataset(loaded))
+    agreement = figures.gate.export_agreement if figures.gate is not None else None
+    if agreement is not None and not agreement["passed"]:  # a chain cannot keep half its outputs: refused
+        raise InputError(f"{step.label()}: {figures.warnings[-1].removeprefix('quality gate failed: ')}; nothing "
+                         "was written", hint="export with another --int8 way, or a different format")
     record = written.step
+    if agreement is not None:
+        record.after["agreement"] = agreement
     record.config = {"step": step.index, **record.config}
     record.after["metrics"] = figures.metrics["output"]
     record.after["metrics_pytorch"] = figures.metrics["input"]

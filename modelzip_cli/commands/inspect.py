@@ -15,7 +15,7 @@ from typing import Any
 
 from modelzip_cli.checkpoint import shards
 from modelzip_cli.checkpoint.format import CHECKPOINT_SUFFIXES, MANIFEST_KEY, SEP, ManifestSchema, parse_manifest
-from modelzip_cli.errors import InputError
+from modelzip_cli.errors import InputError, UsageError
 from modelzip_cli.files import check_readable
 from modelzip_cli.measure.report import Report, file_info
 
@@ -176,6 +176,8 @@ def inspect_checkpoint(path: Path, *, trust_code: bool = False, hash_file: bool 
         report.model = {"format": fmt, "arch": arch, "arch_kwargs": {}, "input_shape": None, "parameters": params,
                         "edits": [], "layers": layers}
         return report
+    if path.suffix == ".gguf" and path.is_file():
+        return _inspect_gguf(path, report, hash_file)
     path = shards.resolve(path)
     infos, manifest = read_header(path, trust_code=trust_code)
     if manifest is not None and manifest.layers is not None:
@@ -195,4 +197,28 @@ def inspect_checkpoint(path: Path, *, trust_code: bool = False, hash_file: bool 
     report.model = {"format": fmt, "arch": m and m.arch, "arch_kwargs": m.arch_kwargs if m else {},
                     "input_shape": m and m.input_shape, "parameters": params, "edits": m.edits if m else [],
                     "layers": layers}
+    return report
+
+
+def _inspect_gguf(path: Path, report: Report, hash_file: bool) -> Report:
+    """A .gguf file from its header (the gguf reader maps the file; no tensor is dequantized): one row per
+    tensor with its GGUF type (F16, Q8_0, Q4_0, …) as the scheme."""
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("GGUF files need the gguf package", hint="pip install 'modelzip[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises its own types for a malformed file
+        raise InputError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0][:200] if str(exc) else exc})",
+                         hint="pass a .gguf file") from None
+    layers = [{"name": t.name, "type": "-", "shape": [int(d) for d in reversed(t.shape.tolist())],
+               "scheme": t.tensor_type.name, "params": int(t.n_elements), "nonzero": None, "sparsity": None,
+               "bytes": int(t.n_bytes)} for t in reader.tensors]
+    field = reader.fields.get("general.architecture")
+    arch = str(bytes(field.parts[-1]), "utf-8") if field is not None else None
+    params = sum(row["params"] for row in layers)
+    report.input = file_info(path, params, hash_file=hash_file)
+    report.model = {"format": "gguf", "arch": f"gguf:{arch}", "arch_kwargs": {}, "input_shape": None,
+                    "parameters": params, "edits": [], "layers": layers}
     return report

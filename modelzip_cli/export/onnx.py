@@ -36,11 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from modelzip_cli.checkpoint import compressed_tensors
-from modelzip_cli.checkpoint.edits import validated_edits
+from modelzip_cli.checkpoint.edits import DynamicEdit, validated_edits
 from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.checkpoint.io import Loaded
 from modelzip_cli.checkpoint.layers import count_parameters
 from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.export import onnx_int4
 from modelzip_cli.export.onnxrun import EXTRA_HINT, META_CLASS_LOGITS, OnnxModel, require_onnx
 from modelzip_cli.files import Outputs
 from modelzip_cli.hf import HFModel, require_transformers
@@ -53,7 +54,7 @@ from modelzip_cli.nn.weight_only import WeightOnlyLinear
 from modelzip_cli.pipeline.data import Dataset, as_model_input, float_dtype
 from modelzip_cli.tokens import ids_and_mask, pack
 
-SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "gguf": ".gguf"}
 DEFAULT_OPSET = 18  # the lowest opset torch's (dynamo) exporter writes; ONNX Runtime 1.17 on runs it
 # scheme → the --int8 way `auto` takes: the faster unless it loses more than 0.01 of mean cosine to fp32
 # (bench/bench_export.py, all-MiniLM-L6-v2, batch 32 × 48, 2 threads; bench/results/export.json). dynamic: ort 2.50×
@@ -70,7 +71,8 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     op: Literal["export"] = "export"
-    format: Literal["onnx", "pt2", "hf", "compressed-tensors"] = "onnx"
+    format: Literal["onnx", "pt2", "hf", "compressed-tensors", "gguf"] = "onnx"
+    gguf_type: Literal["auto", "f16", "q8_0", "q4_0", "q4_1"] = "auto"  # export/gguf.py
     opset: int = Field(DEFAULT_OPSET, ge=18, le=23)
     dynamic_batch: bool = True
     int8: Literal["auto", "qdq", "ort"] = "auto"
@@ -90,6 +92,10 @@ class ExportConfig(BaseModel):
 
     def check_available(self) -> None:
         """The packages this format needs, or exit 2 naming the extra (before any work)."""
+        if self.format == "gguf":
+            from modelzip_cli.checkpoint.gguf import require_gguf
+
+            require_gguf()
         if self.format == "onnx":
             require_onnx("ONNX export")
             try:
@@ -112,7 +118,7 @@ def check_output_suffix(output: Path, fmt: str) -> None:
     if output.suffix != SUFFIXES[fmt]:
         raise UsageError(f"output {output}: suffix {output.suffix or '(none)'!r} does not match --format {fmt}",
                          hint=f"name it …{SUFFIXES[fmt]}, or pass --format "
-                              + next((f for f, s in SUFFIXES.items() if s == output.suffix), "onnx|pt2"))
+                              + next((f for f, s in SUFFIXES.items() if s == output.suffix), "onnx|pt2|gguf"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,7 +175,8 @@ def _onnx_translations() -> dict:
         return op.DequantizeLinear(q, scale, axis=0)
 
     ops = torch.ops.modelzip
-    return {ops.quantize_dequantize.default: qdq, ops.dequantize_weight.default: dequantize}
+    return {ops.quantize_dequantize.default: qdq, ops.dequantize_weight.default: dequantize,
+            **onnx_int4.translations()}
 
 
 class _QDQLinear(nn.Module):
@@ -185,6 +192,9 @@ class _QDQLinear(nn.Module):
         self.register_buffer("weight_scale", m.weight_scale.float().clone())
         self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone(), requires_grad=False)
         self.input_qparams = m.input_qparams() if isinstance(m, int8._StaticInput) else None
+        # a smoothed dynamic layer stores W·diag(s): its input is multiplied by 1/s first, as nn/int8.py runs it
+        smooth = m._buffers.get("input_smooth")
+        self.register_buffer("input_smooth", None if smooth is None else smooth.float().clone())
         for attr in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
                      "dilation", "groups"):  # model code may read them (transformers' TF-style padding does)
             if hasattr(m, attr):
@@ -196,6 +206,8 @@ class _QDQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
+        if self.input_smooth is not None:
+            x = x * self.input_smooth  # (..., K) · (K,)
         if self.input_qparams is not None:
             scale, zp = self.input_qparams
             if self.ops:
@@ -233,6 +245,11 @@ def scheme_of(manifest: Manifest) -> str | None:
     return next((s for edit in validated_edits(manifest) if (s := edit.scheme())), None)
 
 
+def _smoothed(manifest: Manifest) -> bool:
+    """Whether a dynamic int8 model has smoothed layers (its edit's `smoothed` list)."""
+    return any(isinstance(edit, DynamicEdit) and edit.smoothed for edit in validated_edits(manifest))
+
+
 def int8_way(cfg: ExportConfig, scheme: str | None) -> str | None:
     """The --int8 way this export takes (None for a float model), or exit 2 naming one that works."""
     if scheme is None:
@@ -255,14 +272,18 @@ def int8_way(cfg: ExportConfig, scheme: str | None) -> str | None:
     return way
 
 
-def graph_module(model: nn.Module, way: str | None, fmt: str = "onnx") -> nn.Module:
-    """The module to trace: int8 layers swapped for their QDQ twins (qdq) or float parents (ort)."""
+def graph_module(model: nn.Module, way: str | None, fmt: str = "onnx", notes: list | None = None) -> nn.Module:
+    """The module to trace: int8 layers swapped for their QDQ twins (qdq) or float parents (ort), int4
+    weight-only Linears for MatMulNBits (ONNX, export/onnx_int4.py); what was done appended to `notes`."""
     import copy
 
     swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, (int8._Int8Weighted, WeightOnlyLinear))]
     if way is None or not swaps:
         return model
     model = copy.deepcopy(model)
+    if fmt == "onnx" and way != "ort":
+        (notes if notes is not None else []).extend(onnx_int4.swap_int4(model, replace_module))
+        swaps = [(n, m) for n, m in swaps if isinstance(m, int8._Int8Weighted)]  # int4 layers are swapped
     for name, m in swaps:
         if way == "ort":
             replace_module(model, name, _float_parent(m))
@@ -432,18 +453,25 @@ class Written:
 
 
 def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Outputs, *,
-                 calib: Dataset | None = None) -> Written:
+                 calib: Dataset | None = None, tokenizer: Path | None = None) -> Written:
     """Export `loaded` into `output` (staged), run the written file on the example input at two batch sizes
     (two sequence lengths for token models) and refuse a float export that does not reproduce the model."""
     cfg.check_available()
+    if cfg.format == "gguf":
+        return export_gguf(loaded, cfg, output, staged, tokenizer)
     if loaded.manifest.input_shape is None:
         raise UsageError("no example input shape is known for this model", hint="pass --input-shape, e.g. 1,64")
     scheme = scheme_of(loaded.manifest)
     way = int8_way(cfg, scheme)
+    notes = []
+    if cfg.int8 == "auto" and way == "ort" and _smoothed(loaded.manifest):
+        way = "qdq"  # ONNX Runtime's quantizer knows no smoothing: it rounds the outliers smoothing moved away
+        notes.append("auto: smoothed dynamic int8 exported as qdq (ONNX Runtime's dynamic quantizer has no "
+                     "smoothing; it measured cosine 0.967 to modelzip's model on smoothed MiniLM)")
     if way == "ort" and scheme == "static" and calib is None:
         raise UsageError("--int8 ort on a static int8 model calibrates ONNX Runtime's quantizer on data",
                          hint="pass --calib-data FILE (the data the model was calibrated on), or --int8 qdq")
-    module = graph_module(loaded.model, way, cfg.format)
+    module = graph_module(loaded.model, way, cfg.format, notes)
     batch = 2 if cfg.dynamic_batch else loaded.manifest.input_shape[0]  # 2: a batch of 1 would be specialised
     args = example_args(loaded, batch)
     if tokens(loaded):
@@ -451,7 +479,6 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
     class_logits = outputs_class_logits(loaded.model)
     t0 = time.perf_counter()
     program = _trace(module, args, loaded, cfg)
-    notes = []
 
     def write(tmp: Path) -> None:
         if cfg.format == "pt2":
@@ -475,17 +502,48 @@ def export_model(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Output
     runner = (OnnxModel(output, written.read_bytes()) if cfg.format == "onnx"
               else Pt2Model(written, len(args), class_logits))
     checks = verify(loaded, runner, cfg, float_export=way is None)
-    if way is not None:
+    if way is not None and not (cfg.format == "onnx" and scheme == "weight-only int4"):  # (onnx_int4's notes)
         notes.append({"qdq": f"{scheme}: modelzip's own int8 weights and scales exported as "
                              "QuantizeLinear/DequantizeLinear (the numerics of modelzip's kernels)",
                       "ort": f"{scheme}: the float parent (dequantized weights) exported, then quantized by "
                              "ONNX Runtime's quantizer"
                              + (" on --calib-data" if scheme == "static" else "")}[way])
-    if cfg.format == "onnx" and scheme == "weight-only int4":
-        notes.append("int4 weight-only: the unpacking arithmetic is in the graph; ONNX Runtime computes in float")
     after = {"format": cfg.format, "parameters": count_parameters(loaded.model), "bytes": written.stat().st_size,
              "int8": way, "scheme": scheme,
              "inputs": ["input_ids", "attention_mask"] if len(args) == 2 else ["input"], "checks": checks}
+    step = Step(op="export", config=cfg.to_dict(), before={"parameters": count_parameters(loaded.model)},
+                after=after, duration_s=duration, notes=notes)
+    return Written(output, runner, step)
+
+
+def export_gguf(loaded: Loaded, cfg: ExportConfig, output: Path, staged: Outputs, tokenizer: Path | None) -> Written:
+    """A causal LM as GGUF (export/gguf.py), read back by the gguf reader (every tensor, its type) and loaded by
+    transformers' GGUF loader, which runs it for the figures and the agreement check; its tokenizer, rebuilt
+    from the file, must tokenize as the model's own."""
+    from modelzip_cli.export import gguf as gguf_export
+
+    config = dict(loaded.manifest.arch_kwargs.get("config") or {})
+    gguf_export.family(loaded.model, config)
+    folder = tokenizer or (loaded.path if loaded.path is not None and loaded.path.is_dir() else None)
+    if folder is None:
+        raise UsageError("--format gguf writes the tokenizer too: this checkpoint does not hold it",
+                         hint="pass --tokenizer DIR (the Hugging Face directory the model came from)")
+    scheme = scheme_of(loaded.manifest)
+    gguf_type = gguf_export.resolve_type(cfg.gguf_type, scheme)
+    t0 = time.perf_counter()
+    plans = []
+    written = staged.write(output, lambda tmp: plans.append(gguf_export.write_gguf(
+        loaded.model, config, gguf_type, Path(folder), tmp, output.stem)))
+    duration = round(time.perf_counter() - t0, 4)
+    plan = plans[0]
+    checks = [{"gguf_reader": gguf_export.read_back(written, plan)}]
+    runner, _ = gguf_export.load_gguf(written)
+    checks.append({"transformers": "AutoModelForCausalLM.from_pretrained(gguf_file=…) loaded it (dequantized)",
+                   "tokenizer": gguf_export.check_tokenizer(written, Path(folder))})
+    notes = [*plan.notes, "checked by the gguf reader and transformers' GGUF loader (dequantized to float32); "
+             "llama-cpp-python builds only from source here, so llama.cpp itself did not run it"]
+    after = {"format": "gguf", "gguf_type": gguf_type, "parameters": count_parameters(loaded.model),
+             "bytes": written.stat().st_size, "int8": None, "scheme": scheme, "tensors": plan.how, "checks": checks}
     step = Step(op="export", config=cfg.to_dict(), before={"parameters": count_parameters(loaded.model)},
                 after=after, duration_s=duration, notes=notes)
     return Written(output, runner, step)
@@ -503,8 +561,9 @@ def verify(loaded: Loaded, runner: nn.Module, cfg: ExportConfig, *, float_export
     for b in batches:
         for n in lengths:
             x = as_data_input(example_args(loaded, b, n, seed=1))
-            with torch.inference_mode(), int8.use_backend("plain"), wo_kernels.use_kernel("float"):
-                ref = loaded.model(x).float()  # the numerics the graph holds (weight-only: dequantized weights)
+            with torch.inference_mode(), int8.use_backend("plain"), int8.use_kernel("float"), \
+                    wo_kernels.use_kernel("float"):
+                ref = loaded.model(x).float()  # the numerics the graph holds (float activations, dequantized weights)
             try:
                 out = runner(x).float()
             except Exception as exc:

@@ -42,6 +42,7 @@ class Gate:
     max_ppl_increase: float | None = None  # percent
     ppl_increase: float | None = None
     export_check: dict | None = None  # export --format hf | compressed-tensors: the written directory vs the model
+    export_agreement: dict | None = None  # export: the written file against its PyTorch model (export/check.py)
     failures: list[str] = field(default_factory=list)
 
     def fail(self, why: str) -> None:
@@ -230,6 +231,11 @@ def render(report: Report, console) -> None:
         if check and check.get("relative") is not None:  # export: the written directory loaded back in its runtime
             parts.append(f"export reproduces the model to {check['relative']:.1e} of max |output| "
                          f"(max {check['tolerance']:g})")
+        if g.export_agreement is not None:  # export/check.py: the exported file against its PyTorch model
+            a = g.export_agreement
+            parts.append(f"export perplexity {a['ppl_change_pct']:+.2f}% (max ±{a['max_ppl_pct']}%)"
+                         if a["criterion"] == "perplexity" else
+                         f"export cosine {a['cosine_mean']:.4f} (min {a['min_cosine']})")
         on = f" on {g.judged_on}" if g.judged_on else ""
         console.print(f"quality gate: {', '.join(parts)}{escape(on)} {status}")
     for w in report.warnings:
