@@ -25,7 +25,7 @@ def test_shell_completion_is_offered_and_shown(cli):
 
 @pytest.mark.parametrize("args,error,hint", [
     (["prune", "no-such-model.pt", "--ratio", "0.3"], "no-such-model.pt: no such file", "check the path"),
-    (["prune", str(DIGITS_TEACHER), "--bogus"], "No such option: --bogus", "see 'modelzip prune --help'"),
+    (["prune", str(DIGITS_TEACHER), "--zzzz"], "No such option: --zzzz", "see 'modelzip prune --help'"),
 ])
 def test_errors_under_json_are_a_json_object_on_stdout(cli, tmp_path, args, error, hint):
     r = cli(*args, "-o", tmp_path / "out.safetensors", "--json")

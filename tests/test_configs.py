@@ -69,6 +69,7 @@ def test_every_config_round_trips_through_its_report_form():
                 ("quantize", "awq"): {"group_size": 32, "calib_batches": 4},
                 ("prune", "wanda"): {"ratio": 0.5, "calib_batches": 2},
                 ("prune", "sparsegpt"): {"ratio": 0.5, "damp": 0.02, "recover": True},
+                ("prune", "layers"): {"blocks": 2},
                 ("lowrank", ""): {"energy": 0.9, "recover": True, "recover_loss": "cosine", "hidden_weight": 0.5,
                                   "max_samples": 100},
                 ("distill", ""): {"student": "zoo:mlp", "student_kwargs": {"hidden_sizes": [8]}, "loss": "cosine"}}

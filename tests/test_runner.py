@@ -36,7 +36,7 @@ def test_transform_writes_checkpoint_and_report_and_keeps_input(tmp_path):
     assert sha(DIGITS_TEACHER) == before
     assert out.exists() and (tmp_path / "out.safetensors.json").exists()
     validate_report(report.to_dict())
-    assert report.gate["passed"] and report.metrics["input"]["accuracy"] == report.metrics["output"]["accuracy"]
+    assert report.gate.passed and report.metrics["input"]["accuracy"] == report.metrics["output"]["accuracy"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 

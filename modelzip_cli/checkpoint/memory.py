@@ -32,6 +32,8 @@ class Estimate:
 
 def _header_values(path: Path) -> int:
     """Values the tensors of a safetensors file hold, from its header."""
+    if not Path(path).is_file():  # a FIFO or a device would block the read: not estimated, refused later
+        raise ValueError(f"{path} is not a regular file")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(min(n, 100_000_000)))
@@ -79,7 +81,7 @@ def hidden_size(path: Path) -> int | None:
 
 def calibration_tokens(path: Path | None) -> int:
     """Tokens (or samples) of a calibration file, from its safetensors header; 0 when unknown."""
-    if path is None or Path(path).suffix != ".safetensors":
+    if path is None or Path(path).suffix != ".safetensors" or not Path(path).is_file():
         return 0
     try:
         with open(path, "rb") as f:

@@ -206,6 +206,10 @@ def dense_model(loaded: Loaded, *, keep_quantized: bool) -> Dense:
         notes.append("config.json widths: " + ", ".join(f"{k} {config.get(k)} → {v}" for k, v in updates.items()))
     with torch.random.fork_rng():
         model = hf.build(task, {**config, **updates}, output_key).model
+    # transformers' Conv1D (GPT-2 and kin) holds the transpose of the Linear modelzip computes it as
+    conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    state = {k: v.t().contiguous() if k.endswith(".weight") and k.rpartition(".")[0] in conv1d else v
+             for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
