@@ -188,22 +188,29 @@ def read_index(path: Path) -> tuple[dict[str, Path], dict]:
     return files, metadata
 
 
+def raw_header(path: Path, size: int) -> tuple[dict, dict, int]:
+    """A safetensors file's header as stored: (tensor entries, metadata, header length). Raises ValueError (or
+    struct.error, RecursionError) on a length out of range or a header that is not a JSON object."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(100_000_000, size - 8):
+            raise ValueError("header length out of range")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("its metadata is not a JSON object")
+    return header, metadata, n
+
+
 def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
     """A safetensors file's tensor entries, its metadata, and where its data starts, every entry checked
     against the file's size (a forged offset or shape is one line, never a read past the end)."""
     check_regular(path, "checkpoint")
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(100_000_000, size - 8):
-                raise ValueError("header length out of range")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise ValueError("its metadata is not a JSON object")
+        header, metadata, n = raw_header(path, size)
         for name, e in header.items():
             shape, dtype, (start, end) = e["shape"], e["dtype"], e["data_offsets"]
             if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)

@@ -42,16 +42,7 @@ def _tensor_info(name: str, entry: Any) -> TensorInfo:
 def _safetensors_header(path: Path) -> tuple[list[TensorInfo], ManifestSchema | None]:
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(100_000_000, size - 8):
-                raise ValueError("header length out of range")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise ValueError("its metadata is not a JSON object")
+        header, meta, n = shards.raw_header(path, size)
         infos = [_tensor_info(k, v) for k, v in header.items()]
         end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
     except (ValueError, KeyError, TypeError, IndexError, struct.error, RecursionError) as exc:

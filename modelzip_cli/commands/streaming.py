@@ -45,7 +45,7 @@ from modelzip_cli.limits import gb
 from modelzip_cli.nn.surgery import to_dtype
 from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear, check_embedding
 from modelzip_cli.pipeline.context import null_progress
-from modelzip_cli.techniques.prune import CHUNK, ZEROES_ONLY, MagnitudeConfig, kth_magnitude, zero_smallest
+from modelzip_cli.techniques.prune import ZEROES_ONLY, MagnitudeConfig, kth_magnitude, zero_below, zero_smallest
 from modelzip_cli.techniques.quantize import WeightOnlyConfig, _integer_weight_names
 from modelzip_cli.techniques.select import select_modules
 
@@ -266,7 +266,7 @@ def magnitude(src: Source, cfg: MagnitudeConfig) -> tuple[Transform, list, set[s
 
     def global_(name: str, m: nn.Module) -> nn.Module:
         m = m.float()
-        left[0] = _zero_below(m.weight.data, threshold, left[0])
+        left[0] = zero_below(m.weight.data, threshold, left[0])
         return m
 
     return global_, [edit], set(names)
@@ -292,22 +292,6 @@ def global_threshold(src: Source, keys: list[str], k: int) -> tuple[float, int]:
     if k <= 0:
         return -1.0, 0  # nothing below: nothing zeroed
     return kth_magnitude([_Stored(src, key) for key in keys], k)
-
-
-@torch.no_grad()
-def _zero_below(t: torch.Tensor, threshold: float, ties: int) -> int:
-    """`prune.zero_smallest`'s zeroing for a known threshold: |w| below it, and the first `ties` equal to it in
-    storage order. Returns the ties left for the tensors after this one."""
-    flat = t.view(-1)
-    for i in range(0, flat.numel(), CHUNK):
-        c = flat[i:i + CHUNK]
-        a = c.abs()
-        c[a < threshold] = 0
-        if ties > 0:
-            idx = (a == threshold).nonzero().flatten()[:ties]
-            c[idx] = 0
-            ties -= idx.numel()
-    return ties
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -225,15 +225,23 @@ def zero_smallest(tensors: list[torch.Tensor], k: int) -> None:
         return
     threshold, ties = kth_magnitude(tensors, k)
     for t in tensors:
-        flat = t.view(-1)
-        for i in range(0, flat.numel(), CHUNK):
-            c = flat[i:i + CHUNK]
-            a = c.abs()
-            c[a < threshold] = 0
-            if ties > 0:
-                idx = (a == threshold).nonzero().flatten()[:ties]
-                c[idx] = 0
-                ties -= idx.numel()
+        ties = zero_below(t, threshold, ties)
+
+
+@torch.no_grad()
+def zero_below(t: torch.Tensor, threshold: float, ties: int) -> int:
+    """Zero |w| below `threshold` and the first `ties` equal to it, in storage order, in place. Returns the ties
+    left for the tensors after this one (the streamed path calls it one tensor at a time)."""
+    flat = t.view(-1)
+    for i in range(0, flat.numel(), CHUNK):
+        c = flat[i:i + CHUNK]
+        a = c.abs()
+        c[a < threshold] = 0
+        if ties > 0:
+            idx = (a == threshold).nonzero().flatten()[:ties]
+            c[idx] = 0
+            ties -= idx.numel()
+    return ties
 
 
 def magnitude_prune(weights: dict[str, torch.Tensor], ratio: float, scope: str) -> None:
