@@ -19,7 +19,7 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,11 +58,10 @@ class ExportStep:
     index: int
     config: ExportConfig
     output: str | None = None  # as the recipe names it: placed in the chain's output folder (`files.confined`)
-    op: str = "export"
-    OP: ClassVar[str] = "export"  # the recipe's op name of this step
+    op: str = "export"  # the recipe's op name of this step (ExportStep.op)
 
     def label(self) -> str:
-        return f"step {self.index} ({self.OP})"
+        return f"step {self.index} ({self.op})"
 
 
 def _read(path: Path, text: str | None = None) -> list:
@@ -118,7 +117,7 @@ def parse_step(index: int, item: object, folder: Path) -> RecipeStep | ExportSte
         raise UsageError(f"{where} is not a table of options")
     values = {str(k).replace("-", "_"): v for k, v in item.items()}
     op = values.pop("op", None)
-    if op == ExportStep.OP:
+    if op == ExportStep.op:
         output = values.pop("output", None)
         if output is not None and not isinstance(output, str):
             raise UsageError(f"{where} (export): output must be a file path")
