@@ -11,17 +11,23 @@ process whose own VmHWM is read when it ends (bench/common.py).
 4. W8A8 dynamic with smoothing on a random 30-block GQA decoder of hidden 576 (135 M-class), 128 × 128 tokens.
 
 The machine these run on is shared: figures are one run each, and the page cache holds part of the input.
+Every child is killed if its resident memory passes MAX_RSS_MB (others share the machine's 24 GB).
+
+MODELZIP_SCALE_CASES=mlp,dynamic,llama,gptq runs only those cases (any prefix of a case's name); the others'
+figures are carried from the last bench/results/scale.json, each case with the date it ran.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import WORK, in_child
+from bench.common import RESULTS, WORK, in_child
 
 LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
             "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -37,6 +43,7 @@ DECODER_576 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hi
                "tie_word_embeddings": True, "torch_dtype": "float32"}
 WINDOWS = 32  # GPTQ calibration windows of 512 tokens: 128 takes about an hour on 2 shared cores
 SHARD = 5 << 30
+MAX_RSS_MB = 8000  # a child past this is killed: the machine is shared
 
 GENERATE = """
 import json, sys, torch
@@ -100,9 +107,13 @@ def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def _child(code: str, *args: str) -> dict:
+    return in_child(code, *args, max_rss_mb=MAX_RSS_MB)
+
+
 def _modelzip(*args: str) -> dict:
     t0 = time.perf_counter()
-    result = in_child(CLI, *args, "--quiet", "--force")
+    result = in_child(CLI, *args, "--quiet", "--force", max_rss_mb=MAX_RSS_MB)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -110,10 +121,10 @@ def _modelzip(*args: str) -> dict:
 def _llama_7b(work: Path) -> dict:
     model = work / "llama7b"
     t0 = time.perf_counter()
-    gen = in_child(GENERATE, json.dumps(LLAMA_7B), str(model), str(SHARD))
+    gen = _child(GENERATE, json.dumps(LLAMA_7B), str(model), str(SHARD))
     size = _bytes(model)
     copied = work / "copy"
-    copy = in_child(COPY, str(model), str(copied))
+    copy = _child(COPY, str(model), str(copied))
     shutil.rmtree(copied)
     out = work / "int4.safetensors"
     int4 = _modelzip("quantize", str(model), "--method", "weight-only", "--bits", "4", "--group-size", "128",
@@ -137,9 +148,9 @@ def _llama_7b(work: Path) -> dict:
 
 def _gptq(work: Path) -> dict:
     model = work / "decoder1024"
-    in_child(GENERATE, json.dumps(DECODER_1024), str(model), str(SHARD))
+    _child(GENERATE, json.dumps(DECODER_1024), str(model), str(SHARD))
     windows = work / "windows.safetensors"
-    in_child(WINDOWS_FILE, str(windows), str(WINDOWS))
+    _child(WINDOWS_FILE, str(windows), str(WINDOWS))
     run = _modelzip("quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size", "128",
                     "--calib-data", str(windows), "--calib-batches", str(WINDOWS // 8), "--calib-batch-size", "8",
                     "-o", str(work / "gptq.safetensors"))
@@ -151,9 +162,9 @@ def _dynamic(work: Path) -> dict:
     """W8A8 dynamic with smoothing calibrated on 128 × 128 tokens, statistics block by block; the output layer
     (tied to the embedding) left float, as LLM tools leave it."""
     model = work / "decoder576"
-    in_child(GENERATE, json.dumps(DECODER_576), str(model), str(SHARD))
+    _child(GENERATE, json.dumps(DECODER_576), str(model), str(SHARD))
     windows = work / "windows128.safetensors"
-    in_child(WINDOWS_FILE.replace("512", "128"), str(windows), "128")
+    _child(WINDOWS_FILE.replace("512", "128"), str(windows), "128")
     run = _modelzip("quantize", str(model), "--method", "dynamic", "--calib-data", str(windows),
                     "--calib-batches", "4", "--calib-batch-size", "32", "--exclude", "model.lm_head",
                     "-o", str(work / "dynamic.safetensors"))
@@ -166,15 +177,8 @@ def _mlp(work: Path) -> dict:
 
     path = WORK / "big_mlp.safetensors"
     if not path.exists():
-        in_child(MAKE.replace("KWARGS", repr(KWARGS)), str(path))
-    import subprocess
-    import sys
-
-    from bench.common import CHILD
-
-    proc = subprocess.run([sys.executable, "-c", CHILD, MODELZIP, str(path)], capture_output=True, text=True,
-                          check=True)
-    lines = proc.stdout.splitlines()
+        _child(MAKE.replace("KWARGS", repr(KWARGS)), str(path))
+    lines = _child(MODELZIP, str(path))["stdout"].splitlines()
     inproc = json.loads(next(ln for ln in lines if ln.startswith("BENCH_RESULT ")).removeprefix("BENCH_RESULT "))
     prune_s = float(next(ln for ln in lines if ln.startswith("PRUNE_S")).split()[1])
     cli = _modelzip("prune", str(path), "--ratio", "0.5", "-o", str(work / "mlp.pruned.safetensors"))
@@ -183,18 +187,39 @@ def _mlp(work: Path) -> dict:
             "cli_streamed_s": round(cli["seconds"], 2), "cli_streamed_peak_rss_mb": round(cli["peak_rss_mb"])}
 
 
+CASES = (("mlp_1.21gb", "_mlp"), ("dynamic_30x576", "_dynamic"), ("llama_7b_shape", "_llama_7b"),
+         ("gptq_24x1024", "_gptq"))
+
+
+def _chosen() -> list[str]:
+    wanted = [w.strip() for w in os.environ.get("MODELZIP_SCALE_CASES", "").split(",") if w.strip()]
+    return [name for name, _ in CASES if not wanted or any(name.startswith(w) for w in wanted)]
+
+
+def _terminated(signum, frame):  # SIGTERM: unwind, so the temporary folders (13.5 GB) are removed
+    raise SystemExit(143)
+
+
 def run() -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, case in (("mlp_1.21gb", _mlp), ("dynamic_30x576", _dynamic), ("llama_7b_shape", _llama_7b),
-                       ("gptq_24x1024", _gptq)):
-        with tempfile.TemporaryDirectory(dir=WORK, prefix="scale-") as tmp:
-            try:
-                results[name] = case(Path(tmp))
-            except Exception as exc:  # one failing case still reports the others
-                results[name] = {"failed": str(exc).strip().splitlines()[-1][:400] if str(exc) else repr(exc)}
-        print(name, json.dumps(results[name]), flush=True)
-    return results
+    previous = RESULTS / "scale.json"
+    results = json.loads(previous.read_text())["results"] if previous.exists() else {}
+    chosen = _chosen()
+    old = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        for name, case in CASES:
+            if name not in chosen:
+                continue
+            with tempfile.TemporaryDirectory(dir=WORK, prefix="scale-") as tmp:
+                try:
+                    results[name] = globals()[case](Path(tmp))
+                except Exception as exc:  # one failing case still reports the others
+                    results[name] = {"failed": str(exc).strip().splitlines()[-1][:400] if str(exc) else repr(exc)}
+            results[name]["ran"] = time.strftime("%Y-%m-%d %H:%M")
+            print(name, json.dumps(results[name]), flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return {name: results[name] for name, _ in CASES if name in results}
 
 
 def summary(r: dict) -> str:

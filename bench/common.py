@@ -6,6 +6,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +25,44 @@ print("BENCH_RESULT " + json.dumps({"seconds": elapsed, "peak_rss_mb": hwm / 102
 """
 
 
-def in_child(code: str, *args: str) -> dict:
-    """Run `code` in a fresh Python; return its own wall time (after start-up) and peak RSS in MB."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, code, *args], capture_output=True, text=True)
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
+
+
+def in_child(code: str, *args: str, max_rss_mb: float | None = None) -> dict:
+    """Run `code` in a fresh Python; return its own wall time (after start-up) and peak RSS in MB. With
+    `max_rss_mb`, the child is killed as soon as its resident memory passes that (the machine is shared) and
+    this raises, saying so."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, code, *args], stdout=out, stderr=err, text=True)
+        over = 0.0
+        try:
+            while proc.poll() is None:
+                if max_rss_mb is not None and (rss := _rss_mb(proc.pid)) > max_rss_mb:
+                    over = rss
+                    proc.kill()
+                    proc.wait()
+                    break
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:  # interrupted: never leave a child behind
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if over:
+        raise RuntimeError(f"bench child killed at {over:.0f} MB resident (limit {max_rss_mb:.0f} MB)")
     if proc.returncode != 0:
-        raise RuntimeError(f"bench child failed:\n{proc.stderr[-3000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT "))
-    return json.loads(line.removeprefix("BENCH_RESULT "))
+        raise RuntimeError(f"bench child failed:\n{stderr[-3000:]}")
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("BENCH_RESULT "))
+    result = json.loads(line.removeprefix("BENCH_RESULT "))
+    result["stdout"] = stdout
+    return result
 
 
 def median_of(runs: list[dict], key: str) -> float:

@@ -64,8 +64,26 @@ def first_inputs(model: nn.Module, blocks: Blocks, batches: Iterable, forward: C
     return seen
 
 
-def _hidden(out) -> torch.Tensor:
+def hidden(out) -> torch.Tensor:
+    """A block's hidden states, from what it returns (a tensor, or a tuple that starts with them)."""
     return out[0] if isinstance(out, tuple | list) else out
+
+
+def first_sample(entry: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """One calibration batch's block arguments cut to its first sample: every tensor of two or more dimensions
+    whose first is the batch's (the hidden states', or the keywords' hidden states') is sliced to 1."""
+    args, kwargs = entry
+    states = args[0] if args else kwargs.get("hidden_states")
+    n = states.shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[0] == n:
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -74,10 +92,10 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     nxt: Inputs = []
     for args, kwargs in inputs:
         if args:
-            out = _hidden(block(*args, **kwargs))
+            out = hidden(block(*args, **kwargs))
             nxt.append(((out, *args[1:]), kwargs))
         else:
-            out = _hidden(block(**kwargs))
+            out = hidden(block(**kwargs))
             nxt.append(((), {**kwargs, "hidden_states": out}))
     return nxt
 

@@ -241,27 +241,41 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: Context) -> tupl
     return model, [edit], {"layer_extra": figures, "notes": notes}
 
 
+SMOOTH_BY_BLOCK = True  # smoothing block by block where the model has a stack (False: whole-model passes)
+
+
+def _smoothing(model: nn.Module, names: list[str], batches: list, run: smoothing.Int8Output, ctx: Context, *,
+               fold: bool, unfolded=None) -> tuple[list[smoothing.Group], list[str]]:
+    """`smoothing.by_block` with a progress bar: the groups, and the notes (how the statistics were taken)."""
+    stack = sequential.blocks_of(model) if SMOOTH_BY_BLOCK else None
+    with ctx.progress("smoothing", (len(stack.layers) if stack else 0) + 1) as bar:
+        groups, notes, how = smoothing.by_block(model, names, batches, sequential.forward, ctx.generator(), run,
+                                                fold=fold, unfolded=unfolded, progress=bar.advance,
+                                                blocks=SMOOTH_BY_BLOCK)
+        bar.advance()
+    return groups, [*notes, f"smoothing statistics on {sum(len(x) for x in batches)} calibration samples, {how}"]
+
+
 def _dynamic_smoothing(model: nn.Module, names: list[str], cfg: DynamicConfig, ctx: Context
                        ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[str]]:
     """Fold smoothing scales where a writer can carry them (in place, in float), and choose per-layer scales
-    for the other layers: (name → per-layer scales, name → figures for its row, notes)."""
+    for the other layers on their own recorded inputs: (name → per-layer scales, name → figures for its row,
+    notes)."""
     batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-    with ctx.progress("calibrate", len(batches)) as bar:
-        groups = smoothing.find_groups(model, names, batches, sequential.forward, ctx.generator(),
-                                       progress=bar.advance)
-    folded, notes = [], []
-    if cfg.smoothing in ("auto", "fold"):
-        folded, notes = smoothing.fold_groups(model, groups, batches[0], smoothing.dynamic_output(cfg.activations))
     smooth, figures = {}, {}
+
+    def per_layer(name: str, layer: nn.Module, group: smoothing.Group) -> None:
+        alpha, s, err = best_smoothing(layer, group.absmax, group.rows, cfg.activations)
+        figures[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
+        if s is not None:
+            smooth[name] = s
+
+    groups, notes = _smoothing(model, names, batches, smoothing.dynamic_output(cfg.activations), ctx,
+                               fold=cfg.smoothing in ("auto", "fold"),
+                               unfolded=per_layer if cfg.smoothing in ("auto", "layer") else None)
     for group in groups:
-        for name in group.linears:
-            if group in folded:
-                figures[name] = dict(group.figures)
-            elif cfg.smoothing in ("auto", "layer"):
-                alpha, s, err = best_smoothing(model.get_submodule(name), group.absmax, group.rows, cfg.activations)
-                figures[name] = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
-                if s is not None:
-                    smooth[name] = s
+        if "smoothing_folded_into" in group.figures:
+            figures.update({name: dict(group.figures) for name in group.linears})
     return smooth, figures, notes
 
 
@@ -307,11 +321,8 @@ def _static_smoothing(model: nn.Module, names: list[str], cfg: StaticConfig, ctx
         return [], {}
     batches = sequential.calibration_batches(model, ctx.calib_data, min(cfg.calib_batches, STATIC_SMOOTHING_BATCHES),
                                              cfg.calib_batch_size)
-    with ctx.progress("smoothing", len(batches)) as bar:
-        groups = smoothing.find_groups(model, linears, batches, sequential.forward, ctx.generator(),
-                                       progress=bar.advance)
-    folded, notes = smoothing.fold_groups(model, groups, batches[0], smoothing.static_output(_reduced(cfg)))
-    return notes, {n: dict(g.figures) for g in folded for n in g.linears}
+    groups, notes = _smoothing(model, linears, batches, smoothing.static_output(_reduced(cfg)), ctx, fold=True)
+    return notes, {n: dict(g.figures) for g in groups if "smoothing_folded_into" in g.figures for n in g.linears}
 
 
 @register(QATConfig)
@@ -610,14 +621,41 @@ def measured_batch_n(ctx: Context) -> int:
     return DEFAULT_BATCH_N_TOKENS if tokens else DEFAULT_BATCH_N
 
 
-def _sqnr(reference: nn.Module, quantized: nn.Module, x: torch.Tensor) -> float:
-    """`sqnr_db` of the two models' outputs on `x`, PROBE_BATCH samples at a time: never all outputs in memory."""
-    signal = noise = 0.0
+PROBE_KEEP_BYTES = 256 << 20  # float outputs of the unquantized model kept for the SQNR probe, at most
+
+
+def _reference_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's outputs on `x`, PROBE_BATCH samples at a time, before it is quantized: what the SQNR probe
+    compares against instead of a second copy of the model. Stops once PROBE_KEEP_BYTES are kept (always at least
+    one batch): a vocabulary-wide causal LM's logits are large."""
+    outputs: list[torch.Tensor] = []
+    kept = 0
     for i in range(0, x.shape[0], PROBE_BATCH):
-        a, b = predict(reference, x[i:i + PROBE_BATCH]), predict(quantized, x[i:i + PROBE_BATCH])
+        a = predict(model, x[i:i + PROBE_BATCH])
+        outputs.append(a)
+        kept += a.numel() * a.element_size()
+        if kept >= PROBE_KEEP_BYTES:
+            break
+    return outputs
+
+
+def _sqnr(reference: list[torch.Tensor], quantized: nn.Module, x: torch.Tensor) -> float:
+    """`sqnr_db` of the quantized model's outputs on `x` against the float outputs `reference` (one tensor per
+    PROBE_BATCH samples, from `_reference_outputs`): never all outputs of both models in memory."""
+    signal = noise = 0.0
+    for i, a in zip(range(0, x.shape[0], PROBE_BATCH), reference, strict=False):
+        b = predict(quantized, x[i:i + PROBE_BATCH])
         signal += float(a.pow(2).sum(dtype=torch.float64))
         noise += float((a - b).pow_(2).sum(dtype=torch.float64))
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def _needs_copy(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> bool:
+    """Whether the float model must stay beside the quantized one: --min-fidelity puts float layers back from
+    it, and static int8 convolutions are timed against it. Otherwise no copy is kept (a second model's bytes)."""
+    return ctx.min_fidelity is not None or (
+        not isinstance(cfg, DynamicConfig | WeightOnlyConfig | GPTQConfig | AWQConfig)
+        and any(isinstance(m, CONVS) for m in model.modules()))
 
 
 def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
@@ -639,39 +677,54 @@ def _probe_inputs(ctx: Context) -> tuple[torch.Tensor | None, str]:
 def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifest) -> Result:
     backend = getattr(cfg, "backend", "plain")  # weight-only has one backend: its own
     with int8.use_backend(backend):
-        reference = copy.deepcopy(model).eval()
+        model.eval()
+        # What the notes need of the float model, taken before the handler changes it in place
+        notes_before = list(filter(None, [unsupported_layers(model)]))
+        planned = _names(model, cfg, *_types(cfg))
+        empty = head = []
+        if isinstance(cfg, WeightOnlyConfig | GPTQConfig | AWQConfig):
+            planned, empty, head = _integer_weight_names(model, cfg)
+        recurrent = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+        reference = copy.deepcopy(model) if _needs_copy(model, cfg, ctx) else None
+        x, note = _probe_inputs(ctx)
+        expected = None
+        if x is not None:
+            try:  # a measurement: it never fails the step
+                expected = _reference_outputs(model, x)
+            except Exception as exc:
+                note = f"SQNR not measured: the probe could not run ({first_line(exc, 200)})"
         quantized, edits, extra = handler(cfg)(model, cfg, ctx)
         quantized.eval()
-        notes = [NOTES[cfg.method], *extra.get("notes", []), *filter(None, [unsupported_layers(reference)])]
+        notes = [NOTES[cfg.method], *extra.get("notes", []), *notes_before]
         if folded := [p for e in edits if isinstance(e, FoldEdit) for p in e.pairs]:
             notes.append(f"{len(folded)} BatchNorm layers folded into the convolutions before them")
         after: dict = dict(extra.get("after", {}))
         layer_extra: dict[str, dict] = extra.get("layer_extra", {})
-        planned = _names(reference, cfg, *_types(cfg))
-        if isinstance(cfg, WeightOnlyConfig | GPTQConfig | AWQConfig):
-            planned, empty, head = _integer_weight_names(reference, cfg)
-            if empty:
-                notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
-            if head:
-                notes.append("left in float as language-model outputs (name them with --include to quantize): "
-                             + ", ".join(head))
+        if empty:
+            notes.append(f"zero-width layers left as they are (no weight to quantize): {', '.join(empty)}")
+        if head:
+            notes.append("left in float as language-model outputs (name them with --include to quantize): "
+                         + ", ".join(head))
         selected = set(edits[-1].modules)
         still_float = [n for n in planned if n not in selected]
         if still_float:
             notes.append(f"left in float (no calibration or training batch reached them): {', '.join(still_float)}")
-        recurrent = [n for n, m in reference.named_modules() if isinstance(m, nn.RNNBase)]
         if recurrent and isinstance(cfg, DynamicConfig):
             notes.append(f"left in float (the plain int8 runtime has no recurrent kernel): {', '.join(recurrent)}")
         if ctx.min_fidelity is not None:
             kept = _keep_float_for_fidelity(quantized, reference, edits[-1], ctx, layer_extra)
             after["kept_float"] = kept
             notes.append(_kept_note(kept, ctx))
-        x, note = _probe_inputs(ctx)
-        if x is not None:
-            try:  # a measurement: it never fails the step
-                after["sqnr_db"] = round(_sqnr(reference, quantized, x), 3)
+        if expected is not None:
+            try:
+                after["sqnr_db"] = round(_sqnr(expected, quantized, x), 3)
+                probed = min(x.shape[0], PROBE_BATCH * len(expected))
+                if probed < x.shape[0]:
+                    note += f" (the first {probed}: the float outputs kept to compare are at most " \
+                            f"{PROBE_KEEP_BYTES >> 20} MB)"
             except Exception as exc:
                 note = f"SQNR not measured: the probe could not run ({first_line(exc, 200)})"
+        del expected
         notes.append(note)
         if int8.modules_of(quantized):
             notes.append(_backend_note(quantized, backend, (1, measured_batch_n(ctx))))
@@ -685,20 +738,20 @@ CONVS = (nn.Conv1d, nn.Conv2d)
 CONV_CHECK_BATCH = 64  # the larger batch int8 convolutions are timed at (a CNN at 256 costs seconds a round)
 
 
-def conv_warnings(reference: nn.Module, quantized: nn.Module, cfg: QuantizeConfig, x: torch.Tensor | None,
+def conv_warnings(reference: nn.Module | None, quantized: nn.Module, cfg: QuantizeConfig, x: torch.Tensor | None,
                   batch_n: int) -> list[str]:
     """Int8 that is not faster says so. Dynamic quantization leaves convolutions float; static int8
     convolutions compute in fp32 on their dequantized weights after rounding their input, so the whole model
     is timed against the float one (interleaved rounds, batch 1 and N) and a slowdown beyond the spread
     names them."""
     if isinstance(cfg, DynamicConfig):
-        convs = [n for n, m in reference.named_modules() if isinstance(m, CONVS)]
+        convs = [n for n, m in quantized.named_modules() if isinstance(m, CONVS)]  # dynamic leaves them float
         if not convs:
             return []
         return [f"dynamic quantization covers Linear layers only: the convolutions stay float ({names_list(convs)}); "
                 "--method static quantizes them too, calibrated on --calib-data"]
     convs = [n for n, m in quantized.named_modules() if isinstance(m, int8.StaticInt8Conv)]
-    if not convs or x is None:
+    if not convs or x is None or reference is None:
         return []
     slower = []
     for rows in (1, batch_n):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from modelzip_cli.nn import int8
+from modelzip_cli.pipeline import sequential
 from modelzip_cli.techniques import awq
 
 ALPHAS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # migration strengths tried per group; 0 = none
@@ -59,9 +60,12 @@ def _shared_parameters(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def find_groups(model: nn.Module, names: list[str], batches: list, forward: Callable,
                 generator: torch.Generator | None = None, rows: int = ROWS,
-                progress: Callable[[], None] | None = None) -> list[Group]:
+                progress: Callable[[], None] | None = None, shared: set[int] | None = None) -> list[Group]:
     """Run the calibration batches once and group the named Linears by the tensor they read, with its
-    per-channel absolute maximum, sampled rows, and the module its scales can fold into."""
+    per-channel absolute maximum, sampled rows, and the module its scales can fold into. The rows of batch b
+    are chosen by a generator seeded with `generator`'s seed + b: the same rows whether `model` is the whole
+    model or one block of it (`by_block`). `shared`: ids of tied parameters, when `model` is part of a larger
+    one."""
     writer: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) → (module, output kept alive this forward)
     calls: dict[str, int] = {}
     reads: dict[str, int] = {}  # Linear → its group's index
@@ -69,6 +73,8 @@ def find_groups(model: nn.Module, names: list[str], batches: list, forward: Call
     groups: list[dict] = []
     per_batch = max(1, rows // max(1, len(batches)))
     first = [True]
+    seed = generator.initial_seed() if generator is not None else 0
+    batch = [0]
 
     def new_forward(*_):
         writer.clear()
@@ -92,7 +98,7 @@ def find_groups(model: nn.Module, names: list[str], batches: list, forward: Call
             flat = x.detach().reshape(-1, x.shape[-1]).float()  # (..., K) → (M, K)
             m = flat.abs().amax(0)
             group["absmax"] = m if group["absmax"] is None else torch.maximum(group["absmax"], m)
-            pick = torch.randperm(flat.shape[0], generator=generator)[:per_batch]
+            pick = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed + batch[0]))[:per_batch]
             group["rows"].append(flat[pick])
             current.append((x, g))
         reads.setdefault(name, g)
@@ -103,8 +109,9 @@ def find_groups(model: nn.Module, names: list[str], batches: list, forward: Call
     handles += [m.register_forward_hook(lambda m, a, out, n=n: wrote(n, out)) for n, m in model.named_modules() if n]
     handles += [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: read(n, a[0])) for n in names]
     try:
-        for batch in batches:
-            forward(model, batch)
+        for b, x in enumerate(batches):
+            batch[0] = b
+            forward(model, x)
             first[0] = False
             if progress is not None:
                 progress()
@@ -113,7 +120,7 @@ def find_groups(model: nn.Module, names: list[str], batches: list, forward: Call
             h.remove()
         writer.clear()
         current.clear()
-    shared = _shared_parameters(model)
+    shared = _shared_parameters(model) if shared is None else shared
     out = []
     for g in groups:
         group = Group(g["linears"], g["absmax"], torch.cat(g["rows"]))
@@ -194,16 +201,17 @@ def static_output(reduced: bool) -> Int8Output:
     return run
 
 
-def output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, run: Int8Output) -> float:
+def output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, run: Int8Output,
+                 refs: list[torch.Tensor] | None = None) -> float:
     """Relative squared error, against the float outputs, of the int8 outputs of every weight reading x (M, K),
-    smoothed by s (the layer reads x / s with weight W·diag(s))."""
+    smoothed by s (the layer reads x / s with weight W·diag(s)). `refs`: the float outputs x @ Wᵀ, when known."""
     xs = x if s is None else x / s
     err = norm = 0.0
-    for w in weights:
+    for i, w in enumerate(weights):
         w = w.detach().float()
-        ref = x @ w.T  # (M, N)
+        ref = refs[i] if refs is not None else x @ w.T  # (M, N)
         y = run(xs, w if s is None else w * s).float()
-        err += float((y - ref).pow(2).sum())
+        err += float((y - ref).pow_(2).sum())
         norm += float(ref.pow(2).sum())
     return err / max(norm, 1e-30)
 
@@ -211,10 +219,11 @@ def output_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor |
 def best_alpha(group: Group, weights: list[torch.Tensor], run: Int8Output) -> tuple[float, torch.Tensor | None, float]:
     """(α, s or None for α = 0, relative output error) of the strength that keeps the group's int8 outputs
     closest to float on its calibration rows."""
+    refs = [group.rows @ w.detach().float().T for w in weights]  # (M, N) each: the same for every α
     best = (0.0, None, math.inf)
     for alpha in ALPHAS:
         s = scales(group.absmax, weights, alpha) if alpha else None
-        err = output_error(group.rows, weights, s, run)
+        err = output_error(group.rows, weights, s, run, refs)
         if err < best[2]:
             best = (alpha, s, err)
     return best
@@ -237,42 +246,121 @@ def fold_groups(model: nn.Module, groups: list[Group], check: torch.Tensor, run:
     must still compute `check` (one calibration sample) as before in float, else that fold is undone and the
     group left without producer. Returns the groups folded and the notes."""
     check = check[:1]
-    reference = _logits(model, check)
-    scale = reference.abs().max().clamp_min(1e-30)
-    folded, undone, worst = [], [], 0.0
-    for group in sorted((g for g in groups if g.producer), key=lambda g: not isinstance(
-            model.get_submodule(g.producer), nn.Linear)):
-        weights = [model.get_submodule(n).weight for n in group.linears]
-        alpha, s, err = best_alpha(group, weights, run)
-        group.figures = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
-        if s is None:
-            continue
-        touched = (group.producer, *group.linears)
-        saved = {n: {k: v.detach().clone() for k, v in model.get_submodule(n).named_parameters(recurse=False)}
-                 for n in touched}
-        fold(model, group, s)
-        diff = float((_logits(model, check) - reference).abs().max() / scale)
-        if not diff <= FLOAT_TOLERANCE:  # something else reads the producer's output (a residual stream)
-            for n, params in saved.items():
-                for k, v in params.items():
-                    getattr(model.get_submodule(n), k).copy_(v)
-            undone.append(group.producer)
-            group.producer, group.why_not = None, "folding changed the float model's output"
-            group.figures = {}
-            continue
-        worst = max(worst, diff)
-        group.figures["smoothing_folded_into"] = group.producer
-        folded.append(group)
-    notes = []
-    if folded:
-        into = sorted({g.producer for g in folded})
-        notes.append(f"activation smoothing (SmoothQuant) folded into {len(into)} norms or Linears for "
-                     f"{sum(len(g.linears) for g in folded)} layers, which keep no smoothing tensor; the folded "
-                     f"model checked in float after each fold: largest change {worst:.1e} of the largest output")
-    if undone:
-        notes.append("smoothing not folded where the float output changed (something else reads what they "
-                     "write): " + ", ".join(undone))
-    return folded, notes
+    folds = Folds()
+    folds.fold(model, groups, lambda: _logits(model, check), run)
+    return folds.folded, folds.notes()
+
+
+@dataclass
+class Folds:
+    """The folds made so far, over one model or block after block."""
+
+    folded: list[Group] = field(default_factory=list)
+    undone: list[str] = field(default_factory=list)
+    worst: float = 0.0
+
+    @torch.no_grad()
+    def fold(self, model: nn.Module, groups: list[Group], output: Callable[[], torch.Tensor], run: Int8Output,
+             prefix: str = "") -> None:
+        """`fold_groups` on `model` (the whole model or one block), checked on what `output()` computes; the
+        groups' names (and what is recorded) get `prefix`."""
+        reference = output()
+        scale = reference.abs().max().clamp_min(1e-30)
+        for group in sorted((g for g in groups if g.producer), key=lambda g: not isinstance(
+                model.get_submodule(g.producer), nn.Linear)):
+            weights = [model.get_submodule(n).weight for n in group.linears]
+            alpha, s, err = best_alpha(group, weights, run)
+            group.figures = {"smoothing_alpha": alpha, "output_error": round(err, 6)}
+            if s is None:
+                continue
+            touched = (group.producer, *group.linears)
+            saved = {n: {k: v.detach().clone() for k, v in model.get_submodule(n).named_parameters(recurse=False)}
+                     for n in touched}
+            fold(model, group, s)
+            diff = float((output() - reference).abs().max() / scale)
+            if not diff <= FLOAT_TOLERANCE:  # something else reads the producer's output (a residual stream)
+                for n, params in saved.items():
+                    for k, v in params.items():
+                        getattr(model.get_submodule(n), k).copy_(v)
+                self.undone.append(prefix + group.producer)
+                group.producer, group.why_not = None, "folding changed the float model's output"
+                group.figures = {}
+                continue
+            self.worst = max(self.worst, diff)
+            group.figures["smoothing_folded_into"] = prefix + group.producer
+            self.folded.append(group)
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.folded:
+            into = sorted({g.figures["smoothing_folded_into"] for g in self.folded})
+            notes.append(f"activation smoothing (SmoothQuant) folded into {len(into)} norms or Linears for "
+                         f"{sum(len(g.linears) for g in self.folded)} layers, which keep no smoothing tensor; the "
+                         f"folded model checked in float after each fold: largest change {self.worst:.1e} of the "
+                         "largest output")
+        if self.undone:
+            notes.append("smoothing not folded where the float output changed (something else reads what they "
+                         "write): " + ", ".join(self.undone))
+        return notes
+
+
+def by_block(model: nn.Module, names: list[str], batches: list, forward: Callable, generator: torch.Generator,
+             run: Int8Output, *, fold: bool, unfolded: Callable[[str, nn.Module, Group], None] | None = None,
+             progress=None, blocks: bool = True) -> tuple[list[Group], list[str], str]:
+    """Smoothing for the named Linears, one block of the model's stack at a time (pipeline/sequential.py):
+    each block's statistics (`find_groups`) are recorded on what the block receives, its folds made and checked
+    on the block's own output for one sample, `unfolded(name, layer, group)` called for each Linear of a group
+    left without a fold (a per-layer choice on that group's rows), and its rows dropped before the next block.
+    Memory holds one block's statistics and one block boundary's activations; the statistics are those of a
+    whole-model pass (a fold leaves the float outputs as they were). Layers outside the stack (or all, without
+    one or without `blocks`) in one whole-model pass at the end. Returns the groups (names in full, rows
+    dropped), the notes and how it ran."""
+    shared = _shared_parameters(model)
+    stack = sequential.blocks_of(model) if blocks else None
+    folds = Folds()
+    out: list[Group] = []
+    done: set[str] = set()
+
+    def handle(root: nn.Module, prefix: str, local: list[str], feed: list, fwd: Callable,
+               output: Callable[[], torch.Tensor]) -> None:
+        groups = find_groups(root, local, feed, fwd, generator, shared=shared)
+        if fold:
+            folds.fold(root, groups, output, run, prefix)
+        for g in groups:
+            if g not in folds.folded:
+                for n in g.linears if unfolded is not None else ():
+                    unfolded(prefix + n, root.get_submodule(n), g)
+            g.linears = [prefix + n for n in g.linears]
+            g.producer = prefix + g.producer if g.producer else g.producer
+            g.rows = g.rows[:0]  # dropped: the next block's rows take their place
+            out.append(g)
+
+    def per_block(i: int, block: nn.Module, inputs: sequential.Inputs) -> None:
+        prefix = stack.name(i) + "."
+        local = [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
+        done.update(prefix + n for n in local)
+        if not local:
+            return
+        args, kwargs = sequential.first_sample(inputs[0])
+        handle(block, prefix, local, inputs, lambda b, inp: b(*inp[0], **inp[1]),
+               lambda: sequential.hidden(block(*args, **kwargs)).float())
+        if bar is not None:
+            bar()
+
+    bar = progress
+    if stack is not None:
+        outside = any(n not in done and not n.startswith(stack.prefix + ".") for n in names)
+        sequential.calibrate(model, batches, forward, per_block, through_last=outside)
+    rest = [n for n in names if n not in done]
+    if rest:
+        check = batches[0][:1]
+        handle(model, "", rest, batches, forward, lambda: forward(model, check).float())
+    if stack is None:
+        how = "in one whole-model pass" + (" (no stack of repeated blocks found)" if blocks else "")
+    else:
+        how = f"block by block over the {len(stack.layers)} blocks of {stack.prefix}" + (
+            f", {len(rest)} layers outside them in one whole-model pass" if rest else "")
+    return out, folds.notes(), how
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

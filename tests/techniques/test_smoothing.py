@@ -237,3 +237,41 @@ def test_static_int8_with_outlier_channels_folds_them_away_and_a_doubled_perplex
         "model.model.layers.0.input_layernorm"
     before, after = _perplexities(outlier_decoder, out, held)
     assert after <= 1.10 * before, (before, after)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # outlier channels: smoothing has something to move
+            layer.input_layernorm.weight[3] = 20.0
+            layer.post_attention_layernorm.weight[5] = 20.0
+    return model
+
+
+def test_smoothing_block_by_block_equals_the_whole_model_pass():
+    """The layer-by-layer path (statistics, folds and per-layer scales one block at a time) gives the
+    whole-model path's smoothed model within float tolerance."""
+    from modelzip_cli.techniques import quantize
+
+    batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    models, chosen = [], []
+    for blocks in (False, True):
+        model = _tiny_llama()
+        names = _linears(model)
+        per_layer: dict[str, float] = {}
+        groups, notes, how = smoothing.by_block(
+            model, names, batches, lambda m, x: m(input_ids=x).logits, torch.Generator().manual_seed(0),
+            smoothing.dynamic_output("per-token"), fold=True, blocks=blocks,
+            unfolded=lambda n, layer, g, d=per_layer: d.__setitem__(
+                n, quantize.best_smoothing(layer, g.absmax, g.rows, "per-token")[0]))
+        assert ("block by block over the 3 blocks" in how) == blocks
+        models.append(model)
+        chosen.append(({n: g.figures.get("smoothing_alpha") for g in groups for n in g.linears}, per_layer))
+    assert chosen[0] == chosen[1]
+    assert any(chosen[0][0].values()) and set(chosen[0][1]) == {f"model.layers.{i}.self_attn.o_proj" for i in range(3)}
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
