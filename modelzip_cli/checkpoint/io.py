@@ -250,15 +250,11 @@ def float_dtype(state: dict[str, Any]) -> torch.dtype | None:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for every kind of corruption
-        raise InputError(f"{path}: not a readable safetensors file ({first_line(exc)})",
-                         hint="the file may be truncated or corrupt") from None
-    return tensors, metadata
+    """Every tensor of a safetensors file and its metadata, each entry checked against the file's size first
+    (`shards.read_header`). Plain reads into memory the tensors own: a memory map's pages would stay resident
+    beside the copies while the file is open (a second model's bytes at the peak)."""
+    files = shards.TensorFiles.of(path)
+    return dict(files.all()), files.metadata
 
 
 def read_torch(path: Path, *, trust_code: bool, mmap: bool = False) -> Any:
@@ -441,10 +437,19 @@ def one_float_dtype(model: nn.Module, where: str) -> str | None:
     return f"{where} mixes float dtypes ({mixed}): loaded as {str(dtype).removeprefix('torch.')}"
 
 
+FINITE_CHUNK = 1 << 22  # elements checked at a time: torch.isfinite's temporaries for a whole tensor cost 2× it
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite, a chunk at a time (no temporaries as large as `t`)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+
+
 def check_finite(model: nn.Module, where: str) -> None:
     """Non-finite weights make every technique fail or write garbage: refuse them, naming the tensors."""
     bad = [name for name, t in model.state_dict().items()
-           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t)]
     if bad:
         more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
         raise InputError(f"{where}: non-finite values (NaN or ±inf) in {', '.join(bad[:6])}{more}",

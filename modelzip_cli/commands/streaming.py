@@ -37,7 +37,7 @@ from modelzip_cli.checkpoint.format import (
     encode_state,
     parse_manifest,
 )
-from modelzip_cli.checkpoint.io import build_arch, manifest_json
+from modelzip_cli.checkpoint.io import all_finite, build_arch, manifest_json
 from modelzip_cli.checkpoint.layers import _logical_weights, layer_table
 from modelzip_cli.errors import InputError
 from modelzip_cli.files import Outputs
@@ -318,7 +318,7 @@ def _materialise(src: Source, name: str, module: nn.Module) -> nn.Module:
     prefix = f"{name}." if name else ""
     for key in _own_keys(module):
         t = src.read(prefix + key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise InputError(f"{src.path}: non-finite values (NaN or ±inf) in {prefix + key}",
                              hint="the checkpoint is corrupt, or the training that made it diverged")
         if key in m._parameters:

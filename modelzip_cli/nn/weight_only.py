@@ -24,14 +24,14 @@ from modelzip_cli.nn.packed import PackedWeights
 class Quantized:
     """What GPTQ (or round-to-nearest) chose for one (out, in) weight."""
 
-    ints: torch.Tensor  # (out, in) int64: 0..15 for 4 bits, −127..127 for 8
+    ints: torch.Tensor  # (out, in) integers (int64, or int8 / uint8 from `rtn`): 0..15 for 4 bits, −127..127 for 8
     scales: torch.Tensor  # (out, groups) float32
     zero_points: torch.Tensor  # (out, groups) int64; 0 for 8 bits
 
     def dequantized(self, group_size: int) -> torch.Tensor:
         cols = self.ints.shape[1]
         index = torch.arange(cols, device=self.ints.device) // group_size  # column → its group
-        return (self.ints - self.zero_points[:, index]).float() * self.scales[:, index]
+        return (self.ints.to(torch.int64) - self.zero_points[:, index]).float() * self.scales[:, index]
 
 
 
@@ -62,16 +62,19 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int) -> Quantized:
     groups = math.ceil(cols / group_size)
     if groups > 1 and cols % group_size == 0:  # every group at once, the same arithmetic as below
         wg = w.reshape(out, groups, group_size)  # (out, groups, size)
+        # One float temporary, rounded in place, then the narrowest integer type that holds the values (int8
+        # for 8 bits, uint8 for 4): the same integers as int64 at an eighth of the memory (a 7B model's MLP
+        # weight would otherwise take 360 MB per temporary)
         if bits == 8:
             scales = wg.abs().amax(-1).clamp(min=1e-12) / 127
             zeros = torch.zeros(out, groups, dtype=torch.int64, device=w.device)
-            ints = torch.clamp(torch.round(wg / scales[..., None]), -127, 127)
+            ints = torch.div(wg, scales[..., None]).round_().clamp_(-127, 127).to(torch.int8)
         else:
             lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
             scales = ((hi - lo) / 15).clamp(min=1e-12)
             zeros = torch.clamp(torch.round(-lo / scales), 0, 15).to(torch.int64)
-            ints = torch.clamp(torch.round(wg / scales[..., None]) + zeros[..., None], 0, 15)
-        return Quantized(ints.reshape(out, cols).to(torch.int64), scales, zeros)
+            ints = torch.div(wg, scales[..., None]).round_().add_(zeros[..., None]).clamp_(0, 15).to(torch.uint8)
+        return Quantized(ints.reshape(out, cols), scales, zeros)
     ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
     scales = torch.empty(out, groups, device=w.device)
     zeros = torch.empty(out, groups, dtype=torch.int64, device=w.device)
@@ -126,8 +129,10 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
         """Write integers (out, in), scales and zero points (out, groups) into the stored layout: columns
         padded to whole groups (with the value a zero weight takes), int4 packed two per byte."""
         pad = self.scales.shape[1] * self.group_size - self.in_features
-        ints = F.pad(q.ints, (0, pad), value=0) if self.bits == 8 else \
-            torch.cat([q.ints, q.zero_points[:, -1:].expand(-1, pad)], dim=1)
+        if self.bits == 8:
+            ints = F.pad(q.ints, (0, pad), value=0) if pad else q.ints
+        else:
+            ints = torch.cat([q.ints, q.zero_points[:, -1:].expand(-1, pad).to(q.ints.dtype)], dim=1) if pad else q.ints
         if self.bits == 8:
             self.qweight.copy_(ints.to(torch.int8))
         else:

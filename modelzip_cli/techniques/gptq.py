@@ -117,6 +117,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
             err1[:, i] = e
         loss += float(err1.pow(2).sum()) / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    ints = torch.empty(out, cols, dtype=torch.int64, device=w.device)
-    ints[:, perm] = work.to(torch.int64)
+    # int8 / uint8, not int64: a model's chosen integers are kept until its last block is done (8× the bytes)
+    ints = torch.empty(out, cols, dtype=torch.int8 if bits == 8 else torch.uint8, device=w.device)
+    ints[:, perm] = work.to(ints.dtype)
     return Quantized(ints, scales, zeros), loss

@@ -153,6 +153,23 @@ def _sample(tensors: list[torch.Tensor], total: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+class _Scratch:
+    """Buffers for one chunk's |w| and two masks, reused chunk after chunk (per dtype): no fresh temporaries
+    per chunk, and counts by count_nonzero (a bool tensor's sum is several times slower)."""
+
+    def __init__(self):
+        self._of: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(|c|, mask, mask), views of the buffers sized to the chunk `c`."""
+        if c.dtype not in self._of:
+            self._of[c.dtype] = (torch.empty(CHUNK, dtype=c.dtype), torch.empty(CHUNK, dtype=torch.bool),
+                                 torch.empty(CHUNK, dtype=torch.bool))
+        a, m1, m2 = (b[:c.numel()] for b in self._of[c.dtype])
+        torch.abs(c, out=a)
+        return a, m1, m2
+
+
 def _bracketed(tensors: list[torch.Tensor], k: int, total: int) -> tuple[float, int] | None:
     """The exact answer of `kth_magnitude` in one pass over the weights after a sample: the sample brackets the
     k-th smallest |w| in [lo, hi]; one pass counts the values below lo and keeps those inside, which are
@@ -163,23 +180,24 @@ def _bracketed(tensors: list[torch.Tensor], k: int, total: int) -> tuple[float, 
     i_lo, i_hi = math.floor(rank - spread), math.ceil(rank + spread)
     lo = float(sample[i_lo]) if i_lo >= 0 else 0.0
     hi = float(sample[i_hi]) if i_hi < n else math.inf
-    below = at_lo = kept = 0
+    below = kept = 0
     inside = []
+    scratch = _Scratch()
     for c in _chunks(tensors):
-        a = c.abs()
-        below += int((a < lo).sum())
-        at_lo += int((a == lo).sum())
-        inside.append(a[(a > lo) & (a <= hi)].float())
+        a, lt, window = scratch(c)
+        torch.lt(a, lo, out=lt)
+        below += int(torch.count_nonzero(lt))
+        torch.le(a, hi, out=window)
+        window.logical_xor_(lt)  # lo <= |w| <= hi (below lo implies below hi)
+        inside.append(a[window.nonzero().view(-1)].float())
         kept += inside[-1].numel()
         if kept > KEEP_AT_MOST:
             return None
-    if below < k <= below + at_lo:
-        return lo, k - below
     values = torch.sort(torch.cat(inside)).values
-    if not below + at_lo < k <= below + at_lo + values.numel():
+    if not below < k <= below + values.numel():
         return None
-    threshold = float(values[k - below - at_lo - 1])
-    smaller = below + at_lo + int(torch.searchsorted(values, torch.tensor([threshold]), right=False))
+    threshold = float(values[k - below - 1])
+    smaller = below + int(torch.searchsorted(values, torch.tensor([threshold]), right=False))
     return threshold, k - smaller
 
 
@@ -233,12 +251,16 @@ def zero_below(t: torch.Tensor, threshold: float, ties: int) -> int:
     """Zero |w| below `threshold` and the first `ties` equal to it, in storage order, in place. Returns the ties
     left for the tensors after this one (the streamed path calls it one tensor at a time)."""
     flat = t.view(-1)
+    scratch = _Scratch()
     for i in range(0, flat.numel(), CHUNK):
         c = flat[i:i + CHUNK]
-        a = c.abs()
-        c[a < threshold] = 0
+        a, m, _ = scratch(c)
+        if ties > 0:  # before zeroing: |w| of the chunk as it was
+            torch.eq(a, threshold, out=m)
+            idx = m.nonzero().view(-1)[:ties]
+        torch.lt(a, threshold, out=m)
+        c.masked_fill_(m, 0)
         if ties > 0:
-            idx = (a == threshold).nonzero().flatten()[:ties]
             c[idx] = 0
             ties -= idx.numel()
     return ties

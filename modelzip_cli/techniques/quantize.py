@@ -621,7 +621,7 @@ def measured_batch_n(ctx: Context) -> int:
     return DEFAULT_BATCH_N_TOKENS if tokens else DEFAULT_BATCH_N
 
 
-PROBE_KEEP_BYTES = 256 << 20  # float outputs of the unquantized model kept for the SQNR probe, at most
+PROBE_KEEP_BYTES = 128 << 20  # float outputs of the unquantized model kept for the SQNR probe, at most
 
 
 def _reference_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
