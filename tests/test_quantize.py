@@ -179,3 +179,37 @@ def test_pruned_then_quantized_weights_stay_compact(cli, tmp_path):
     assert sparse_q.stat().st_size < 0.6 * dense_q.stat().st_size
     model = load_checkpoint(sparse_q).model
     assert torch.equal(fresh_outputs(sparse_q, DIGITS_TEST, tmp_path), same_process_outputs(model, DIGITS_TEST))
+
+
+@pytest.mark.parametrize("method", ["dynamic", "weight-only"])
+def test_apply_keeps_no_copy_of_the_model_and_its_sqnr_is_the_copys(monkeypatch, method):
+    """The SQNR probe compares against float outputs kept before quantizing, not a deep copy of the model (a
+    second model's bytes at the peak): the same figure as against a copy, and no copy made."""
+    import copy
+    import math
+
+    from modelzip_cli.checkpoint.format import Manifest
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.techniques import quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    reference = copy.deepcopy(model)
+    ctx = Context(example_input=torch.randn(1, 32))
+    x, _ = quantize._probe_inputs(ctx)
+    cfg = quantize.DynamicConfig() if method == "dynamic" else quantize.WeightOnlyConfig(bits=4, group_size=16)
+
+    deepcopy = copy.deepcopy
+
+    def refused(obj, *args, **kwargs):
+        if obj is model:
+            raise AssertionError("quantize.apply copied the model")
+        return deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", refused)
+    result = quantize.apply(model, cfg, ctx, Manifest(arch=None))
+    monkeypatch.undo()
+    with torch.no_grad():
+        a, b = reference(x), result.model(x)
+    expected = 10 * math.log10(float(a.pow(2).sum(dtype=torch.float64)) / float((a - b).pow(2).sum(dtype=torch.float64)))
+    assert result.after["sqnr_db"] == pytest.approx(expected, abs=1e-2) and result.after["sqnr_db"] > 10
