@@ -384,8 +384,23 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
     names = _integer_weight_names(model, cfg)[0]
     chosen: dict[str, tuple[Quantized, int]] = {}
     extra: dict[str, dict] = {}
+    done: list[str] = []
+    stack = sequential.blocks_of(model)
+    # When every layer is in the stack, a block's layers become weight-only as soon as the next block starts
+    # (nothing runs them again): the float weights of finished blocks are not kept beside the rest
+    eager = stack is not None and all(n.startswith(stack.prefix + ".") for n in names)
+
+    def replace(upto: str | None) -> None:
+        """Put in place the weight-only layers chosen so far outside the block of `upto` (all, for None)."""
+        block = None if upto is None else upto[:len(stack.prefix) + 1] + upto[len(stack.prefix) + 1:].split(".")[0]
+        for n in [n for n in chosen if block is None or not n.startswith(block + ".")]:
+            q, group = chosen.pop(n)
+            replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
+            done.append(n)
 
     def process(name: str, layer: nn.Linear, hessian: Hessian) -> None:
+        if eager:
+            replace(name)
         group = cfg.group_size if 0 < cfg.group_size < layer.in_features else layer.in_features
         best = None
         for order in [cfg.act_order] if cfg.act_order is not None else [True, False]:
@@ -399,10 +414,8 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
 
     batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
     how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq")
-    done = [n for n in names if n in chosen]
-    for n in done:
-        q, group = chosen[n]
-        replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
+    replace(None)
+    done = [n for n in names if n in done]
     notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
     edit = WeightOnlyEdit(modules=done, bits=cfg.bits, group_size=cfg.group_size)
     return model, [edit], {"layer_extra": extra, "notes": notes}
