@@ -31,6 +31,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def _fresh_choices(monkeypatch, tmp_path):
     """Measurements of other tests (in memory or on disk) must not decide this test's kernels."""
     monkeypatch.setenv(wo_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(wo_kernels.KERNEL_ENV, raising=False)  # conftest pins the reference kernel elsewhere
     monkeypatch.setattr(wo_kernels, "CHOICES", {})
     wo_kernels.available.cache_clear()
     yield
