@@ -339,15 +339,13 @@ def by_block(model: nn.Module, names: list[str], batches: list, forward: Callabl
         prefix = stack.name(i) + "."
         local = [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
         done.update(prefix + n for n in local)
-        if not local:
-            return
-        args, kwargs = sequential.first_sample(inputs[0])
-        handle(block, prefix, local, inputs, lambda b, inp: b(*inp[0], **inp[1]),
-               lambda: sequential.hidden(block(*args, **kwargs)).float())
-        if bar is not None:
-            bar()
+        if local:
+            args, kwargs = sequential.first_sample(inputs[0])
+            handle(block, prefix, local, inputs, lambda b, inp: b(*inp[0], **inp[1]),
+                   lambda: sequential.hidden(block(*args, **kwargs)).float())
+        if progress is not None:
+            progress()
 
-    bar = progress
     if stack is not None:
         outside = any(n not in done and not n.startswith(stack.prefix + ".") for n in names)
         sequential.calibrate(model, batches, forward, per_block, through_last=outside)
