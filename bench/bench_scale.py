@@ -69,13 +69,19 @@ for k in state:
     size += sizes[k]
     plan.append(shard)
 g = torch.Generator().manual_seed(0)
+bases = {}  # one random tensor per shape, scaled differently for each tensor: random weights, generated quickly
 with Outputs() as out:
     w = shards.ShardWriter(folder / "model.safetensors", plan[-1] + 1,
                            [4096 + 200 * len(state)] * (plan[-1] + 1), out)
     for (k, t), s in zip(state.items(), plan):
         if s == len(w._shards):
             w.start(s)
-        value = torch.ones(t.shape) if k.endswith("norm.weight") else torch.randn(t.shape, generator=g) * 0.02
+        if k.endswith("norm.weight"):
+            value = torch.ones(t.shape)
+        else:
+            if tuple(t.shape) not in bases:
+                bases[tuple(t.shape)] = torch.randn(t.shape, generator=g)
+            value = bases[tuple(t.shape)] * (0.02 * (1 + 0.5 * torch.rand((), generator=g).item()))
         w.add(k, value.to(dtype))
     w.finish(None)
     out.commit()
@@ -118,32 +124,39 @@ def _modelzip(*args: str) -> dict:
     return result
 
 
+PARTIAL: dict = {}  # the figures of the case running, kept if it stops part way
+
+
+def _output_bytes(work: Path, stem: str) -> int:
+    """Bytes of an output written as `stem.safetensors`, or as shards beside its index (the report left out)."""
+    return sum(p.stat().st_size for p in work.glob(f"{stem}*.safetensors*") if p.name != f"{stem}.safetensors.json")
+
+
 def _llama_7b(work: Path) -> dict:
     model = work / "llama7b"
+    r = PARTIAL
     t0 = time.perf_counter()
     gen = _child(GENERATE, json.dumps(LLAMA_7B), str(model), str(SHARD))
-    size = _bytes(model)
+    r.update({"model_bytes": _bytes(model), "generate_s": round(time.perf_counter() - t0, 1),
+              "generate_peak_rss_mb": round(gen["peak_rss_mb"])})
     copied = work / "copy"
     copy = _child(COPY, str(model), str(copied))
     shutil.rmtree(copied)
-    out = work / "int4.safetensors"
+    r["copy_s"] = round(copy["seconds"], 1)
+    print("llama_7b_shape (so far)", json.dumps(r), flush=True)
     int4 = _modelzip("quantize", str(model), "--method", "weight-only", "--bits", "4", "--group-size", "128",
-                     "-o", str(out))
-    int4_bytes = _bytes(out) + sum(_bytes(p) for p in work.glob("int4-*.safetensors"))
+                     "-o", str(work / "int4.safetensors"))
+    r["int4_g128"] = {"seconds": round(int4["seconds"], 1), "peak_rss_mb": round(int4["peak_rss_mb"]),
+                      "output_bytes": _output_bytes(work, "int4")}
+    print("llama_7b_shape (so far)", json.dumps(r), flush=True)
     for p in work.glob("int4*"):
         p.unlink()
-    out = work / "pruned.safetensors"
-    pruned = _modelzip("prune", str(model), "--ratio", "0.5", "-o", str(out))
-    pruned_bytes = sum(_bytes(p) for p in work.glob("pruned*.safetensors*") if not p.name.endswith(".json"))
+    pruned = _modelzip("prune", str(model), "--ratio", "0.5", "-o", str(work / "pruned.safetensors"))
+    r["magnitude_50_global"] = {"seconds": round(pruned["seconds"], 1), "peak_rss_mb": round(pruned["peak_rss_mb"]),
+                                "output_bytes": _output_bytes(work, "pruned")}
     for p in work.glob("pruned*"):
         p.unlink()
-    return {"model_bytes": size, "generate_s": round(time.perf_counter() - t0, 1),
-            "generate_peak_rss_mb": round(gen["peak_rss_mb"]),
-            "copy_s": round(copy["seconds"], 1),
-            "int4_g128": {"seconds": round(int4["seconds"], 1), "peak_rss_mb": round(int4["peak_rss_mb"]),
-                          "output_bytes": int4_bytes},
-            "magnitude_50_global": {"seconds": round(pruned["seconds"], 1),
-                                    "peak_rss_mb": round(pruned["peak_rss_mb"]), "output_bytes": pruned_bytes}}
+    return dict(r)
 
 
 def _gptq(work: Path) -> dict:
@@ -205,18 +218,26 @@ def run() -> dict:
     previous = RESULTS / "scale.json"
     results = json.loads(previous.read_text())["results"] if previous.exists() else {}
     chosen = _chosen()
+    stopped = False
     old = signal.signal(signal.SIGTERM, _terminated)
     try:
         for name, case in CASES:
             if name not in chosen:
                 continue
+            PARTIAL.clear()
             with tempfile.TemporaryDirectory(dir=WORK, prefix="scale-") as tmp:
                 try:
                     results[name] = globals()[case](Path(tmp))
-                except Exception as exc:  # one failing case still reports the others
-                    results[name] = {"failed": str(exc).strip().splitlines()[-1][:400] if str(exc) else repr(exc)}
+                except Exception as exc:  # one failing case still reports the others, with what it measured
+                    why = str(exc).strip().splitlines()[-1][:400] if str(exc) else repr(exc)
+                    results[name] = {**PARTIAL, "failed": why}
+                except SystemExit:  # SIGTERM: what was measured is kept, the rest said to be stopped
+                    results[name] = {**PARTIAL, "failed": "stopped (SIGTERM) before the case ended"}
+                    stopped = True
             results[name]["ran"] = time.strftime("%Y-%m-%d %H:%M")
             print(name, json.dumps(results[name]), flush=True)
+            if stopped:
+                break
     finally:
         signal.signal(signal.SIGTERM, old)
     if previous.exists():  # another run may have recorded other cases meanwhile
@@ -230,15 +251,17 @@ def targets(r: dict) -> list[tuple[str, bool | None, str]]:
     mb = 2 ** 20
     out: list[tuple[str, bool | None, str]] = []
     s = r.get("llama_7b_shape", {})
-    if s and "failed" not in s:
-        int4, prune = s["int4_g128"], s["magnitude_50_global"]
+    if int4 := s.get("int4_g128"):
         out.append(("7B-shaped int4 g128: peak < 2 GB", int4["peak_rss_mb"] * mb < 2e9, f"{int4['peak_rss_mb']} MB"))
         out.append(("7B-shaped int4 g128: time < reading and writing the bytes twice (2 × copy)",
                     int4["seconds"] < 2 * s["copy_s"], f"{int4['seconds']} s vs 2 × {s['copy_s']} s"))
-        out.append(("7B-shaped magnitude 50% global: peak < 3 GB", prune["peak_rss_mb"] * mb < 3e9,
-                    f"{prune['peak_rss_mb']} MB"))
     else:
-        out.append(("7B-shaped checkpoint", None, str(s.get("failed", "not run"))))
+        out.append(("7B-shaped int4 g128", None, str(s.get("failed", "not run"))))
+    if prune := s.get("magnitude_50_global"):
+        out.append(("7B-shaped magnitude 50% global: peak < 3 GB", prune["peak_rss_mb"] * mb < 3e9,
+                    f"{prune['peak_rss_mb']} MB ({prune['seconds']} s)"))
+    else:
+        out.append(("7B-shaped magnitude 50% global", None, str(s.get("failed", "not run"))))
     g = r.get("gptq_24x1024", {})
     if g and "failed" not in g:
         out.append(("GPTQ 24 × 1024: peak < 2 × the model's bytes", g["peak_rss_mb"] * mb < 2 * g["model_bytes"],
@@ -281,7 +304,7 @@ def summary(r: dict) -> str:
     else:
         lines += [f"MLP: {m}", ""]
     s = r.get("llama_7b_shape", {})
-    if "failed" not in s and s:
+    if "failed" not in s and s and "magnitude_50_global" in s:
         lines += [f"Llama-7B-shaped bf16 checkpoint, {s['model_bytes'] / 1e9:.2f} GB (generated in "
                   f"{s['generate_s']} s at {s['generate_peak_rss_mb']} MB peak); a plain copy of its files took "
                   f"{s['copy_s']} s, so reading and writing its bytes twice takes about {2 * s['copy_s']:.0f} s:", "",
