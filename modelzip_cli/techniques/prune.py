@@ -636,13 +636,15 @@ def prune_activation_aware(model: nn.Module, cfg: WandaConfig, ctx: Context) -> 
         raise UsageError(f"{cfg.method} prunes Linear layers, and none is selected",
                          hint=unsupported_layers(model) or "select Linears with --include")
 
-    def process(name: str, layer: nn.Module, hessian: Hessian) -> None:
-        new = (sparsegpt(layer.weight, hessian.h, cfg.ratio, damp=cfg.damp) if isinstance(cfg, SparseGPTConfig)
-               else wanda(layer.weight, hessian.h, cfg.ratio))
-        layer.weight.data = new.to(layer.weight.dtype)
+    def process(names: list[str], layers: list[nn.Module], hessian: Hessian) -> None:
+        for layer in layers:  # one by one: SparseGPT picks its mask over a block of a layer's rows and columns
+            new = (sparsegpt(layer.weight, hessian.h, cfg.ratio, damp=cfg.damp) if isinstance(cfg, SparseGPTConfig)
+                   else wanda(layer.weight, hessian.h, cfg.ratio))
+            layer.weight.data = new.to(layer.weight.dtype)
 
-    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-    how = sequential.per_layer(model, list(weights), batches, process, ctx.progress, cfg.method)
+    with sequential.on_device(model, ctx.device):  # --device: calibration and updates where the weights are
+        batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+        how = sequential.per_layer(model, list(weights), batches, process, ctx.progress, cfg.method)
     weights = {n: model.get_submodule(n).weight for n in weights}
     before = teacher.measure(model) if teacher else None
     history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label=_label(cfg), teacher=teacher)
