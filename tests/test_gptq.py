@@ -217,3 +217,11 @@ def test_gptq_of_stacked_rows_is_gptq_of_each_layer(act_order):
         assert torch.equal(ints, alone.ints)
         torch.testing.assert_close(scales, alone.scales)
         assert float(part.sum()) == pytest.approx(alone_loss, rel=1e-4)
+
+
+def test_rebatched_windows_keep_every_sample_in_order():
+    batches = [torch.arange(i * 48, (i + 1) * 48).reshape(3, 2, 8) for i in range(5)]  # (B, 2, L): ids and mask
+    big = sequential.rebatched(batches)
+    assert len(big) == 1 and torch.equal(torch.cat(big), torch.cat(batches))
+    floats = [torch.randn(3, 4)]
+    assert sequential.rebatched(floats) is floats  # not token windows: as they are
