@@ -127,7 +127,10 @@ def calibration_batches(model: nn.Module, data, batches: int, batch_size: int) -
     return [x.to(device) for i, (x, _, _) in enumerate(data.batches(batch_size)) if i < batches]
 
 
-PASS_TOKENS = 8192  # token positions one block pass takes at once: a few small batches cost more than one
+# Token positions one block pass takes at once: a few small batches cost more than one (the sample decoder's
+# 128 windows of 128 tokens: 4 passes of 32, not 16 of 8), and no more than 8 windows of 512 (what the memory
+# bench's 24-block decoder of hidden 1024 ran with before), so a pass's activations do not grow there.
+PASS_TOKENS = 4096
 
 
 def rebatched(batches: list[torch.Tensor]) -> list[torch.Tensor]:
