@@ -1,4 +1,4 @@
-"""GGUF: the sample decoder and random Qwen2 / Mistral configs written as F16, Q8_0, Q4_0 and Q4_1, read back by
+"""GGUF: the sample decoder and random Qwen2 / Mistral / GPT-2 configs written as F16, Q8_0, Q4_0 and Q4_1, read back by
 the gguf reader and transformers' GGUF loader, and compared with modelzip's model on held-out windows; the
 direct maps of weight-only integers into GGUF blocks; .gguf files as inputs."""
 
@@ -172,11 +172,46 @@ def test_random_qwen2_and_mistral_configs(family, tmp_path):
         assert gguf_export.check_tokenizer(out, folder)["same_ids"]
 
 
+def test_random_gpt2_config_q8_0(tmp_path):
+    """GPT-2 (learned positions, LayerNorms, fused qkv, Conv1D weights stored as the Linears they compute): Q8_0
+    read back by the gguf reader and transformers' GGUF loader, perplexity within 1% of modelzip's model."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=2048, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path / "gpt2"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DECODER / name, folder / name)
+    loaded = load_checkpoint(folder)
+    out = tmp_path / "gpt2.gguf"
+    plan = gguf_export.write_gguf(loaded.model, loaded.manifest.arch_kwargs["config"], "q8_0", folder, out, "g")
+    back = gguf_export.read_back(out, plan)
+    assert back["architecture"] == "gpt2" and back["types"] == {"Q8_0": 9, "F32": 19}  # positions stay float
+    assert "output.weight" not in plan.how  # tied to token_embd, which llama.cpp reads in its place
+    # the reader's own dequantization of the fused qkv is modelzip's (out, in) weight, not Conv1D's transpose
+    reader = gguf.GGUFReader(str(out))
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_qkv.weight")
+    w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type)).reshape(192, 64)
+    ref = loaded.model.model.transformer.h[0].attn.c_attn.weight.detach()
+    assert (w - ref).abs().max() <= 0.01 * ref.abs().max()
+    model, back_config = gguf_export.load_gguf(out)  # n_positions and n_inner carried over from the metadata
+    assert (back_config["n_positions"], back_config["n_inner"]) == (64, 96)
+    ids = torch.randint(0, 2048, (8, 48), generator=torch.Generator().manual_seed(1))
+    ours, theirs = perplexities(loaded.model, model, ids)
+    assert abs(theirs / ours - 1) <= 0.01, (ours, theirs)
+    with torch.inference_mode():
+        a, b = loaded.model(ids), model(ids)
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()) >= 0.999
+    assert gguf_export.check_tokenizer(out, folder)["same_ids"]
+
+
 def test_gguf_export_refuses_other_models(cli, tmp_path):
     from .conftest import DIGITS_TEACHER, one_line_error
 
     r = cli("export", DIGITS_TEACHER, "--format", "gguf", "-o", tmp_path / "d.gguf")
-    assert r.code == 2 and "Llama, Mistral and Qwen2" in one_line_error(r)
+    assert r.code == 2 and "Llama, Mistral, Qwen2 and GPT-2" in one_line_error(r)
     assert not (tmp_path / "d.gguf").exists()
     r = cli("export", DECODER, "--format", "onnx", "--gguf-type", "q8_0", "-o", tmp_path / "d.onnx")
     assert r.code == 2 and "--gguf-type does not apply to --format onnx" in one_line_error(r)

@@ -2,7 +2,9 @@
 llama.cpp's tensor names and metadata (as its convert_hf_to_gguf.py writes them) and the tokenizer.
 
 Families: Llama and Mistral (GGUF architecture `llama`; the query and key rows permuted into llama.cpp's
-rotary layout, as the converter does) and Qwen2 (`qwen2`). Types (`--gguf-type`):
+rotary layout, as the converter does), Qwen2 (`qwen2`) and GPT-2 (`gpt2`: learned positions, LayerNorms
+with biases, one fused query-key-value projection; transformers' Conv1D weights are stored transposed, as the
+Linear they compute, the converter's layout). Types (`--gguf-type`):
 
 - `f16`: 2-D weights in float16, norms and biases float32 (the converter's `--outtype f16`);
 - `q8_0`: blocks of 32 weights, int8 with one float16 scale (symmetric);
@@ -38,7 +40,10 @@ from modelzip_cli.hf import HFModel, require_transformers, unwrap
 from modelzip_cli.nn.weight_only import WeightOnlyLinear
 
 GGUF_TYPES = ("auto", "f16", "q8_0", "q4_0", "q4_1")
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # config model_type → GGUF architecture
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}  # model_type → GGUF arch
+# GPT-2's config names → the names the rest of this module reads (GPT2Config.attribute_map)
+_GPT2_KEYS = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
+              "max_position_embeddings": "n_positions"}
 BLOCK = 32  # Q8_0, Q4_0 and Q4_1 blocks
 # the splitting regex of a byte-level BPE tokenizer → llama.cpp's pre-tokenizer name (transformers' GGUF
 # reader knows the same names); a plain ByteLevel pre-tokenizer with its own regex is GPT-2's
@@ -56,10 +61,19 @@ def family(loaded_model: nn.Module, config: dict) -> str:
     """The GGUF architecture of a causal LM, or exit 2 saying which models GGUF export takes."""
     model_type = config.get("model_type")
     if not isinstance(loaded_model, HFModel) or not loaded_model.causal_lm or model_type not in FAMILIES:
-        raise UsageError(f"--format gguf exports Llama, Mistral and Qwen2 causal LMs; this model is "
+        raise UsageError(f"--format gguf exports Llama, Mistral, Qwen2 and GPT-2 causal LMs; this model is "
                          f"{model_type or type(loaded_model).__name__}",
                          hint="export it with --format onnx or pt2")
     return FAMILIES[model_type]
+
+
+def _standard_keys(config: dict) -> dict:
+    """A GPT-2 config under the standard names (its MLP width: n_inner, else 4 × n_embd); others unchanged."""
+    if config.get("model_type") != "gpt2":
+        return config
+    out = {**config, **{k: config[v] for k, v in _GPT2_KEYS.items() if v in config}}
+    out["intermediate_size"] = config.get("n_inner") or 4 * int(config["n_embd"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +145,7 @@ def encode(name: str, weight: torch.Tensor, module: nn.Module | None, qtype_name
     w = weight.detach().float()
     if rows is not None:
         w = w[rows]
-    if w.ndim == 1:
+    if w.ndim == 1 or qtype_name == "f32":
         return Encoded(w.numpy().astype(np.float32), q.F32, "float")
     if qtype_name == "f16" or w.shape[-1] % BLOCK:
         return Encoded(w.numpy().astype(np.float16), q.F16, "float" if module is None else "requantized")
@@ -152,10 +166,12 @@ def _weights(hf: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Modul
         for key, t in m.logical_weights().items():
             tensors[f"{name}.{key}"] = t
         modules[f"{name}.weight"] = m
+    conv1d = {n for n, m in hf.named_modules() if type(m).__name__ == "Conv1D"}
     for name, t in hf.state_dict().items():
-        owner = name.rsplit(".", 1)[0]
+        owner, _, key = name.rpartition(".")
         if owner not in quantized and t.is_floating_point():
-            tensors[name] = t
+            # transformers' Conv1D (GPT-2) holds its weight (in, out): GGUF holds the Linear's (out, in)
+            tensors[name] = t.t() if owner in conv1d and key == "weight" else t
     return tensors, modules
 
 
@@ -172,6 +188,7 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
     """Write `model` (an HFModel causal LM of `config`) as GGUF at `path`."""
     gguf = require_gguf()
     arch_name = family(model, config)
+    config = _standard_keys(config)
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     hf = unwrap(model)
     blocks = int(config["num_hidden_layers"])
@@ -186,8 +203,8 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
     _metadata(writer, config, arch_name, name, gguf_type, gguf)
     _tokenizer(writer, tokenizer_dir, int(config["vocab_size"]), gguf)
     for hf_name, t in tensors.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue
+        if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
+            continue  # buffers: rotary frequencies, GPT-2's causal mask (older transformers)
         if tied and hf_name.startswith("lm_head."):
             continue  # llama.cpp reads the embedding table as the output layer when output.weight is absent
         gname = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -202,6 +219,8 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
             rows = _rotary_rows(t.shape[0], kv_heads)
         big = gname in ("token_embd.weight", "output.weight")
         qtype_name = "q8_0" if big and gguf_type in ("q4_0", "q4_1") else gguf_type
+        if gname == "position_embd.weight":  # GPT-2's learned positions: float32, as the converter keeps them
+            qtype_name = "f32"
         enc = encode(hf_name, t, modules.get(hf_name), qtype_name, rows, gguf)
         writer.add_tensor(gname, enc.data, raw_dtype=None if enc.qtype in (gguf.GGMLQuantizationType.F32,
                                                                           gguf.GGMLQuantizationType.F16)
@@ -246,6 +265,11 @@ def _metadata(writer, config: dict, arch_name: str, name: str, gguf_type: str, g
     heads = int(config["num_attention_heads"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    if arch_name == "gpt2":  # learned positions, LayerNorm (GPT2Model.set_gguf_parameters)
+        writer.add_layer_norm_eps(float(config.get("layer_norm_epsilon", 1e-5)))
+        writer.add_file_type(ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        return
     if (theta := _rope_theta(config)) is not None:
         writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))

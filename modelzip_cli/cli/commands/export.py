@@ -27,7 +27,7 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) | pt2 (torch.export program) | hf "
                                                   "(transformers directory) | compressed-tensors (quantized "
                                                   "directory: transformers, vLLM) | gguf (llama.cpp; Llama, "
-                                                  "Mistral, Qwen2)")] = "onnx",
+                                                  "Mistral, Qwen2, GPT-2)")] = "onnx",
     gguf_type: Annotated[str | None, typer.Option("--gguf-type", help="gguf: f16 | q8_0 | q4_0 | q4_1 | auto (f16 "
                                                   "float, q8_0 int8, q4_1 int4: mapped without rounding again)")
                          ] = None,
