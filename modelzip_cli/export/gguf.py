@@ -9,16 +9,19 @@ Linear they compute, the converter's layout). Types (`--gguf-type`):
 - `f16`: 2-D weights in float16, norms and biases float32 (the converter's `--outtype f16`);
 - `q8_0`: blocks of 32 weights, int8 with one float16 scale (symmetric);
 - `q4_0`: blocks of 32, 4-bit with one float16 scale, zero point 8 (symmetric);
-- `q4_1`: blocks of 32, 4-bit with a float16 scale and a float16 minimum (asymmetric: modelzip's int4).
+- `q4_1`: blocks of 32, 4-bit with a float16 scale and a float16 minimum (asymmetric: modelzip's int4);
+- `q4_k`: super-blocks of 256, eight 4-bit sub-blocks of 32 whose scales and minimums are 6-bit integers of two
+  float16 values (4.5 bits a weight; quantized by export/q4_k.py, since the `gguf` package cannot write K-quants);
+  a row whose length is not a multiple of 256 is Q5_0, as llama-quantize falls back;
 - `auto` (the default): f16 for a float model, q8_0 for weight-only int8, q4_1 for weight-only int4.
 
 From a modelzip weight-only model the stored integers map **directly** when the GGUF block fits inside one
 of its groups (the group size a multiple of 32) and the schemes agree: int8 (symmetric) → Q8_0, int4
 (asymmetric, a zero point per group) → Q4_1, int4 whose zero points are all 8 → Q4_0; the only rounding left is
 the scale (and minimum) stored as float16. Otherwise the weight is dequantized and **requantized** into the
-type (a second rounding; the notes say which layers). For q4_0 and q4_1 the embedding table and a separate
-output layer are Q8_0 (llama-quantize keeps them at Q6_K or better; the `gguf` package cannot write K-quants,
-whose quantizers it lacks: Q4_K is not offered). A row whose length is not a multiple of 32 is float16.
+type (a second rounding; the notes say which layers); Q4_K is always quantized from the float (dequantized)
+weight. For the 4-bit types the embedding table and a separate output layer are Q8_0 (llama-quantize keeps them
+at Q6_K or better, which this module cannot write). A row whose length is not a multiple of 32 is float16.
 
 Tokenizer: byte-level BPE (tokenizer.json), written as llama.cpp's `gpt2` model with the pre-tokenizer its
 splitting regex names (`gpt-2`, `qwen2`, `llama-bpe`), its merges and special tokens (gguf.SpecialVocab).
@@ -36,10 +39,12 @@ from torch import nn
 
 from modelzip_cli.checkpoint.gguf import EXTRA_HINT, load_gguf, require_gguf  # noqa: F401  (re-exported)
 from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.export import q4_k
 from modelzip_cli.hf import HFModel, require_transformers, unwrap
 from modelzip_cli.nn.weight_only import WeightOnlyLinear
 
-GGUF_TYPES = ("auto", "f16", "q8_0", "q4_0", "q4_1")
+GGUF_TYPES = ("auto", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
+FOUR_BIT = ("q4_0", "q4_1", "q4_k")
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}  # model_type → GGUF arch
 # GPT-2's config names → the names the rest of this module reads (GPT2Config.attribute_map)
 _GPT2_KEYS = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
@@ -149,6 +154,11 @@ def encode(name: str, weight: torch.Tensor, module: nn.Module | None, qtype_name
         return Encoded(w.numpy().astype(np.float32), q.F32, "float")
     if qtype_name == "f16" or w.shape[-1] % BLOCK:
         return Encoded(w.numpy().astype(np.float16), q.F16, "float" if module is None else "requantized")
+    if qtype_name == "q4_k":
+        how = "requantized" if module is not None else "float"
+        if w.shape[-1] % q4_k.QK_K:  # llama-quantize's fallback for a row that no super-block fits
+            return Encoded(gguf.quants.quantize(w.numpy().astype(np.float32), q.Q5_0), q.Q5_0, how)
+        return Encoded(q4_k.quantize(w.numpy()), q.Q4_K, how)
     target = {"q8_0": q.Q8_0, "q4_0": q.Q4_0, "q4_1": q.Q4_1}[qtype_name]
     if isinstance(module, WeightOnlyLinear):
         blocks = _direct(module, qtype_name, rows)
@@ -218,7 +228,7 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
         elif arch_name == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             rows = _rotary_rows(t.shape[0], kv_heads)
         big = gname in ("token_embd.weight", "output.weight")
-        qtype_name = "q8_0" if big and gguf_type in ("q4_0", "q4_1") else gguf_type
+        qtype_name = "q8_0" if big and gguf_type in FOUR_BIT else gguf_type
         if gname == "position_embd.weight":  # GPT-2's learned positions: float32, as the converter keeps them
             qtype_name = "f32"
         enc = encode(hf_name, t, modules.get(hf_name), qtype_name, rows, gguf)
@@ -239,9 +249,14 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
         plan.notes.append(f"{len(requant)} tensor(s) dequantized and requantized into the GGUF type (their "
                           f"grouping or scheme does not map onto its blocks): " + ", ".join(requant[:4])
                           + (" …" if len(requant) > 4 else ""))
-    if gguf_type in ("q4_0", "q4_1"):
-        plan.notes.append("token_embd (and output) in Q8_0, as llama-quantize keeps them above 4 bits (K-quants "
-                          "cannot be written by the gguf package)")
+    if gguf_type in FOUR_BIT:
+        plan.notes.append("token_embd (and output) in Q8_0, as llama-quantize keeps them above 4 bits (it takes "
+                          "Q6_K, which modelzip cannot write)")
+    fallback = sorted(n for n, h in plan.how.items() if gguf_type == "q4_k" and h.startswith("Q5_0"))
+    if fallback:
+        plan.notes.append(f"{len(fallback)} tensor(s) in Q5_0: their rows are not a multiple of Q4_K's 256 "
+                          "weights (llama-quantize's fallback): " + ", ".join(fallback[:4])
+                          + (" …" if len(fallback) > 4 else ""))
     return plan
 
 
@@ -254,7 +269,8 @@ def _rope_theta(config: dict) -> float | None:
 def _metadata(writer, config: dict, arch_name: str, name: str, gguf_type: str, gguf) -> None:
     """The converter's hyperparameters (TextModel / LlamaModel.set_gguf_parameters)."""
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[gguf_type]
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+             "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}[gguf_type]
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_block_count(int(config["num_hidden_layers"]))
