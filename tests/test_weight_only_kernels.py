@@ -12,7 +12,7 @@ from torch import nn
 
 from modelzip_cli.checkpoint.io import load_checkpoint, save_checkpoint
 from modelzip_cli.kernels import weight_only as wo_kernels
-from modelzip_cli.measure.metrics import causal_lm
+from modelzip_cli.measure.metrics import causal_lm, num_threads
 from modelzip_cli.nn.weight_only import WeightOnlyLinear
 from modelzip_cli.pipeline.data import load_data
 from tests.conftest import DIGITS_TEACHER, DIGITS_TEST
@@ -31,6 +31,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def _fresh_choices(monkeypatch, tmp_path):
     """Measurements of other tests (in memory or on disk) must not decide this test's kernels."""
     monkeypatch.setenv(wo_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(wo_kernels.KERNEL_ENV, raising=False)  # conftest pins the reference kernel elsewhere
     monkeypatch.setattr(wo_kernels, "CHOICES", {})
     wo_kernels.available.cache_clear()
     yield
@@ -287,3 +288,29 @@ def test_int8_weight_read_at_an_unaligned_address_runs(monkeypatch):
     storage[3:] = layer.qweight.flatten()
     layer.qweight = storage[3:].view(512, 64)  # (the buffer, at an odd address)
     _check(layer, "int8pack", TOL)
+
+
+@pytest.mark.parametrize("on_two_threads,expected", [({"int8chan": 2.0, "float": 1.0}, "float"),
+                                                     ({"int8chan": 0.5, "float": 1.0}, "int8chan")])
+def test_a_kernel_that_wins_on_one_thread_must_win_on_the_process_threads_too(monkeypatch, on_two_threads,
+                                                                               expected):
+    """The probe's one-thread winner is timed against float again on the threads the process runs with: a
+    kernel that does not spread over threads as float's GEMM does (int8chan on AVX2 kernels) loses there."""
+    timed = []
+
+    def fake(calls, x, threads, clock, rounds=wo_kernels.PROBE_ROUNDS):
+        timed.append((threads, set(calls)))
+        return {"int8chan": 0.1, "bf16": 0.5, "float": 1.0} if threads == 1 else on_two_threads
+
+    monkeypatch.setattr(wo_kernels, "_best_times", fake)
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 8, 64)
+    geo, w = layer._geo, layer._stored()
+    packs = {n: wo_kernels.KERNEL_TABLE[n].pack(geo, w) for n in ("int8chan", "bf16", "float")}
+    with num_threads(2):
+        assert wo_kernels._probe(geo, packs, 128, torch.float32, None, cold=False) == expected
+    assert timed == [(1, {"int8chan", "bf16", "float"}), (2, {"int8chan", "float"})]
+    timed.clear()
+    with num_threads(1):  # one thread: the first timing was on the process's threads already
+        assert wo_kernels._probe(geo, packs, 128, torch.float32, None, cold=False) == "int8chan"
+    assert timed == [(1, {"int8chan", "bf16", "float"})]
+
