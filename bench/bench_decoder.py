@@ -84,9 +84,7 @@ def run() -> dict:
             continue
         paths[name] = out
         step_seconds[name] = json.loads(Path(f"{out}.json").read_text())["steps"][0]["duration_s"]
-    from bench import peers
-
-    peer = peers.llmcompressor_gptq(model_dir, windows["calib"], windows["heldout"], work / "llmcompressor", GROUP)
+    peer, timing = _gptq_timing(model_dir, windows, work)
     with num_threads(2):
         models = [load_checkpoint(p).model for p in paths.values()]
         figures = lm_figures(models, held)
@@ -102,7 +100,55 @@ def run() -> dict:
                       "prefill_tokens_per_s": round(speed["prefill_tokens_per_s"], 1),
                       "decode_tokens_per_s": round(speed["decode_tokens_per_s"], 1)}
     return {"model": str(model_dir.relative_to(decoder.HERE.parent)), "heldout_windows": int(held.shape[0]),
-            "window": int(held.shape[-1]), "rows": rows, "failed": failed, "llmcompressor": peer}
+            "window": int(held.shape[-1]), "rows": rows, "failed": failed, "llmcompressor": peer,
+            "gptq_timing": timing}
+
+
+TIMING_ROUNDS = 3  # interleaved rounds of the GPTQ timing: a change in the machine's load falls on both tools
+
+
+def _gptq_timing(model_dir: Path, windows: dict, work: Path) -> tuple[dict, dict]:
+    """GPTQ int4 g128 on the same 128 calibration windows, modelzip and llm-compressor side by side in
+    interleaved rounds (medians): the method alone (modelzip's handler: calibration passes and GPTQ, as
+    llm-compressor's `oneshot`), and load to save (modelzip's whole command, which also measures SQNR and
+    writes notes; llm-compressor's from_pretrained, oneshot and save_pretrained). Returns the peer's first
+    result (its perplexity) and the medians."""
+    import statistics
+
+    from bench import peers
+    from modelzip_cli.checkpoint.io import load_checkpoint
+    from modelzip_cli.cli.app import run as modelzip
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import load_data
+    from modelzip_cli.techniques.base import handler
+    from modelzip_cli.techniques.quantize import GPTQConfig
+
+    cfg = GPTQConfig(bits=4, group_size=GROUP)
+    out = work / "timing_gptq.safetensors"
+    command = ["quantize", str(model_dir), "--method", "gptq", "--bits", "4", "--group-size", str(GROUP),
+               "--calib-data", str(windows["calib"]), "-o", str(out), "--force", "--quiet"]
+    times: dict[str, list[float]] = {}
+    first: dict = {}
+    modelzip(command)  # untimed: the process's first GPTQ pays for lazy imports and kernel choices
+    for _ in range(TIMING_ROUNDS):
+        model = load_checkpoint(model_dir).model
+        ctx = Context(calib_data=load_data(windows["calib"], require_targets=False))
+        t0 = time.perf_counter()
+        handler(cfg)(model, cfg, ctx)
+        times.setdefault("modelzip_method", []).append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if modelzip(command) != 0:
+            return first, {"skipped": "modelzip's GPTQ command failed"}
+        times.setdefault("modelzip_load_to_save", []).append(time.perf_counter() - t0)
+        step = json.loads(Path(f"{out}.json").read_text())["steps"][0]
+        times.setdefault("modelzip_step", []).append(step["duration_s"])
+        peer = peers.llmcompressor_gptq(model_dir, windows["calib"], windows["heldout"], work / "llmcompressor", GROUP)
+        first = first or peer
+        if "seconds" not in peer:
+            continue
+        times.setdefault("llmcompressor_oneshot", []).append(peer["seconds"])
+        times.setdefault("llmcompressor_load_to_save", []).append(peer["seconds_load_to_save"])
+    return first, {k: round(statistics.median(v), 2) for k, v in times.items()} | {"rounds": TIMING_ROUNDS}
 
 
 def summary(r: dict) -> str:
@@ -126,6 +172,14 @@ def summary(r: dict) -> str:
         lines.append(f"\nllm-compressor: {peer.get('skipped')}")
     if r["failed"]:
         lines.append(f"\nfailed: {r['failed']}")
+    t = r.get("gptq_timing") or {}
+    if "llmcompressor_oneshot" in t:
+        lines += ["", f"GPTQ int4 g{GROUP}, 128 calibration windows, median of {t['rounds']} interleaved rounds "
+                  "(seconds): | modelzip | llm-compressor |", "| --- | --- | --- |",
+                  f"| the method (calibration passes and GPTQ; llm-compressor's oneshot) | {t['modelzip_method']} | "
+                  f"{t['llmcompressor_oneshot']} |",
+                  f"| load to save | {t['modelzip_load_to_save']} (the step with its SQNR probe: "
+                  f"{t['modelzip_step']}) | {t['llmcompressor_load_to_save']} |"]
     lines += ["", "Seconds, in one process with its imports done: *load to save* is modelzip's whole command (load, "
               "the step, its SQNR probe and notes, write; no --eval-data) and llm-compressor's from_pretrained, "
               "oneshot and save_pretrained; *the step* is modelzip's quantize/prune step (calibration passes, the "

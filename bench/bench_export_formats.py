@@ -3,12 +3,14 @@
 - MiniLM (all-MiniLM-L6-v2, batch 32 × 48 held-out tokens, 2 threads): fp32 PyTorch, float ONNX, smoothed
   dynamic int8 as QDQ ONNX (`--int8 qdq`), int4 weight-only (groups of 32) as MatMulNBits ONNX; ONNX Runtime
   runs the files. Fidelity: cosine of the pooled embedding to fp32 PyTorch over the held-out set.
-- The sample decoder (sample_models/tiny_llama, batch 1 × 128 held-out tokens, 2 threads): fp32 PyTorch and GGUF
-  F16, Q8_0, Q4_0 (from the float model) and Q4_1 (from weight-only int4 g32, mapped directly). llama-cpp-python
+- The sample decoder (sample_models/tiny_llama, batch 1 × 128 held-out tokens, 2 threads): fp32 PyTorch, float
+  ONNX and int4 weight-only (g32) as MatMulNBits ONNX in ONNX Runtime, and GGUF F16, Q8_0, Q4_0 (from the float
+  model) and Q4_1 (from weight-only int4 g32, mapped directly). llama-cpp-python
   builds only from source here (no wheel), so the GGUF files run in transformers' GGUF loader, which
   dequantizes them to float32: their latency is fp32 PyTorch's, not llama.cpp's; the file size and the
   held-out perplexity are the GGUF's own.
-Every model is timed in the same interleaved rounds; medians.
+Every model is timed in the same interleaved rounds; medians. MiniLM has no GGUF row: `--format gguf` writes
+causal LMs. The `hf` and `compressed-tensors` directories of both models are bench_export_hf.py's.
 """
 
 from __future__ import annotations
@@ -81,10 +83,16 @@ def _minilm() -> dict:
     return rows
 
 
+def _checked(code: int) -> str:
+    # exit 1: written, but outside export/check.py's tolerance (Q4_0 rounds a float model a second time)
+    return "agrees" if code == 0 else "outside the export check's tolerance (exit 1)"
+
+
 def _decoder() -> dict:
     from bench.common import ROOT
     from modelzip_cli.checkpoint.io import load_checkpoint
     from modelzip_cli.export import gguf as gguf_export
+    from modelzip_cli.export.onnxrun import OnnxModel
     from modelzip_cli.measure.perplexity import lm_figures
     from modelzip_cli.pipeline.data import load_data
     from sample_models import decoder
@@ -95,25 +103,31 @@ def _decoder() -> dict:
     held = load_data(windows["heldout"], require_targets=False).inputs[:64]
     _cli("quantize", folder, "--method", "weight-only", "--bits", "4", "--group-size", "32", "-o",
          work / "d4.safetensors")
+    onnx = {"float ONNX": (folder, work / "decoder.onnx"),
+            "int4 MatMulNBits ONNX (from int4 g32)": (work / "d4.safetensors", work / "decoder.int4.onnx")}
+    checked = {label: _checked(_cli("export", source, "-o", out, allowed=(0, 1))) for label, (source, out) in
+               onnx.items()}
     files_ = {"GGUF F16": (folder, "f16"), "GGUF Q8_0": (folder, "q8_0"), "GGUF Q4_0 (from float)": (folder, "q4_0"),
               "GGUF Q4_1 (from int4 g32)": (work / "d4.safetensors", "q4_1")}
     models = {"fp32 PyTorch": load_checkpoint(folder).model}
     sizes = {"fp32 PyTorch": (folder / "model.safetensors").stat().st_size}
-    checked = {}
+    for label, (_, out) in onnx.items():
+        models[label] = OnnxModel(out)
+        sizes[label] = out.stat().st_size
     for label, (source, kind) in files_.items():
         out = work / f"decoder.{kind}.gguf"
-        # exit 1: written, but outside export/check.py's tolerance (Q4_0 rounds a float model a second time)
         code = _cli("export", source, "--format", "gguf", "--gguf-type", kind, "--tokenizer", folder, "-o", out,
                     allowed=(0, 1))
         models[label], _ = gguf_export.load_gguf(out)
         sizes[label] = out.stat().st_size
-        checked[label] = "agrees" if code == 0 else "outside the export check's tolerance (exit 1)"
+        checked[label] = _checked(code)
     latency = _time(models, held[:1])
     figures = lm_figures(list(models.values()), held)
     rows = {}
     for label, fig in zip(models, figures, strict=True):
         rows[label] = {"bytes": sizes[label], "latency_ms": latency[label], "perplexity": round(fig["perplexity"], 4),
-                       "runtime": "PyTorch" if label.startswith("fp32") else "transformers (GGUF dequantized)",
+                       "runtime": "PyTorch" if label.startswith("fp32") else "ONNX Runtime" if "ONNX" in label
+                       else "transformers (GGUF dequantized)",
                        **({"export_check": checked[label]} if label in checked else {})}
     return rows
 

@@ -1,4 +1,4 @@
-"""GGUF: the sample decoder and random Qwen2 / Mistral configs written as F16, Q8_0, Q4_0 and Q4_1, read back by
+"""GGUF: the sample decoder and random Qwen2 / Mistral / GPT-2 configs written as F16, Q8_0, Q4_0 and Q4_1, read back by
 the gguf reader and transformers' GGUF loader, and compared with modelzip's model on held-out windows; the
 direct maps of weight-only integers into GGUF blocks; .gguf files as inputs."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,14 +173,103 @@ def test_random_qwen2_and_mistral_configs(family, tmp_path):
         assert gguf_export.check_tokenizer(out, folder)["same_ids"]
 
 
+def test_random_gpt2_config_q8_0(tmp_path):
+    """GPT-2 (learned positions, LayerNorms, fused qkv, Conv1D weights stored as the Linears they compute): Q8_0
+    read back by the gguf reader and transformers' GGUF loader, perplexity within 1% of modelzip's model."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=2048, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path / "gpt2"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DECODER / name, folder / name)
+    loaded = load_checkpoint(folder)
+    out = tmp_path / "gpt2.gguf"
+    plan = gguf_export.write_gguf(loaded.model, loaded.manifest.arch_kwargs["config"], "q8_0", folder, out, "g")
+    back = gguf_export.read_back(out, plan)
+    assert back["architecture"] == "gpt2" and back["types"] == {"Q8_0": 9, "F32": 19}  # positions stay float
+    assert "output.weight" not in plan.how  # tied to token_embd, which llama.cpp reads in its place
+    # the reader's own dequantization of the fused qkv is modelzip's (out, in) weight, not Conv1D's transpose
+    reader = gguf.GGUFReader(str(out))
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_qkv.weight")
+    w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type)).reshape(192, 64)
+    ref = loaded.model.model.transformer.h[0].attn.c_attn.weight.detach()
+    assert (w - ref).abs().max() <= 0.01 * ref.abs().max()
+    model, back_config = gguf_export.load_gguf(out)  # n_positions and n_inner carried over from the metadata
+    assert (back_config["n_positions"], back_config["n_inner"]) == (64, 96)
+    ids = torch.randint(0, 2048, (8, 48), generator=torch.Generator().manual_seed(1))
+    ours, theirs = perplexities(loaded.model, model, ids)
+    assert abs(theirs / ours - 1) <= 0.01, (ours, theirs)
+    with torch.inference_mode():
+        a, b = loaded.model(ids), model(ids)
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()) >= 0.999
+    assert gguf_export.check_tokenizer(out, folder)["same_ids"]
+
+
 def test_gguf_export_refuses_other_models(cli, tmp_path):
     from .conftest import DIGITS_TEACHER, one_line_error
 
     r = cli("export", DIGITS_TEACHER, "--format", "gguf", "-o", tmp_path / "d.gguf")
-    assert r.code == 2 and "Llama, Mistral and Qwen2" in one_line_error(r)
+    assert r.code == 2 and "Llama, Mistral, Qwen2 and GPT-2" in one_line_error(r)
     assert not (tmp_path / "d.gguf").exists()
     r = cli("export", DECODER, "--format", "onnx", "--gguf-type", "q8_0", "-o", tmp_path / "d.onnx")
     assert r.code == 2 and "--gguf-type does not apply to --format onnx" in one_line_error(r)
+    r = cli("export", DECODER, "--format", "gguf", "--gguf-type", "Q6_K", "-o", tmp_path / "d.gguf")
+    assert r.code == 2 and "'q4_1' or 'q4_k', got 'q6_k'" in one_line_error(r)  # the types it writes, in one line
     r = cli("export", DECODER, "--format", "gguf", "--int8", "qdq", "-o", tmp_path / "d.gguf")
     assert r.code == 2 and "--int8 does not apply" in one_line_error(r)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_q4_k_blocks_round_trip_through_the_gguf_dequantizer():
+    """export/q4_k.py writes what gguf.quants.dequantize reads: weights on a Q4_K grid come back exactly, and
+    Gaussian weights keep Q4_1's signal-to-noise ratio (both 4-bit min-max, Q4_K's ranges on a 6-bit grid)."""
+    from modelzip_cli.export import q4_k
+
+    rng = np.random.default_rng(0)
+    n, q4k = 16, gguf.GGMLQuantizationType.Q4_K
+    d = rng.uniform(1e-3, 1e-2, n).astype(np.float16)
+    dmin = rng.uniform(1e-3, 1e-2, n).astype(np.float16)
+    sc, m, q = rng.integers(1, 64, (n, 8)), rng.integers(0, 64, (n, 8)), rng.integers(0, 16, (n, 8, 32))
+    sc[:, 3], m[:, 5], q[..., 0], q[..., 1] = 63, 63, 0, 15  # each range and the super-block's reach their ends
+    x = (d.astype(np.float32)[:, None, None] * sc[..., None] * q
+         - dmin.astype(np.float32)[:, None, None] * m[..., None]).reshape(2, -1).astype(np.float32)  # (2, 2048)
+    blocks = q4_k.quantize(x)
+    assert blocks.shape == (2, 8 * 144) and blocks.dtype == np.uint8
+    assert np.array_equal(gguf.quants.dequantize(blocks, q4k), x)
+    w = rng.standard_normal((64, 512)).astype(np.float32)
+
+    def sqnr(qtype, data) -> float:
+        back = gguf.quants.dequantize(data, qtype)
+        return float(10 * np.log10((w ** 2).sum() / ((w - back) ** 2).sum()))
+
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    assert sqnr(q4k, q4_k.quantize(w)) >= sqnr(q4_1, gguf.quants.quantize(w, q4_1)) - 0.2 >= 21
+    zero = q4_k.quantize(np.zeros((1, 256), np.float32))  # no range: no division by zero, zeros come back
+    assert np.array_equal(zero, np.zeros((1, 144), np.uint8)) and not gguf.quants.dequantize(zero, q4k).any()
+
+
+def test_q4_k_export_reads_back(tmp_path):
+    """A random Llama config wide enough for Q4_K's 256-weight rows (the MLP's 320-wide down projection falls
+    back to Q5_0): the reader sees the types, transformers' loader runs it close to modelzip's model."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=320, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DECODER / name, folder / name)
+    loaded = load_checkpoint(folder)
+    out = tmp_path / "q4k.gguf"
+    plan = gguf_export.write_gguf(loaded.model, loaded.manifest.arch_kwargs["config"], "q4_k", folder, out, "k")
+    assert gguf_export.read_back(out, plan)["types"] == {"Q4_K": 6, "Q5_0": 1, "Q8_0": 2, "F32": 3}
+    assert plan.how["blk.0.ffn_down.weight"] == "Q5_0 float" and any("Q5_0" in n for n in plan.notes)
+    model, _ = gguf_export.load_gguf(out)
+    ids = torch.randint(0, 2048, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = loaded.model(ids), model(ids)
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()) >= 0.99

@@ -174,6 +174,39 @@ def test_gpt2_float_export_and_uneven_widths_refused(cli, tmp_path, families):
         new_widths(model, _config("llama").to_dict())
 
 
+def test_prune_uniform_gives_a_standard_config(cli, tmp_path, families):
+    """A Llama whose first block's MLP was pruned alone has uneven widths: `export --format hf` says so in one line
+    (exit 2, nothing written). `prune --uniform` cuts every block to the narrowest block's share (units still
+    ranked within each block), and the directory loads in transformers with modelzip's logits."""
+    from modelzip_cli.checkpoint.io import load_checkpoint
+
+    from .conftest import one_line_error
+
+    uneven, even = tmp_path / "uneven.safetensors", tmp_path / "even.safetensors"
+    r = cli("prune", families["llama"], "--method", "structured", "--ratio", "0.25", "--include", "*layers.0.mlp*",
+            "-o", uneven, "-q")
+    assert r.code == 0, r.stderr
+    r = cli("export", uneven, "--format", "hf", "-o", tmp_path / "uneven-hf")
+    assert r.code == 2 and "layers differ in width (intermediate_size: 96 in" in one_line_error(r)
+    assert not (tmp_path / "uneven-hf").exists()
+    # --uniform with a selection that leaves some blocks' MLPs out: refused before any work
+    r = cli("prune", families["llama"], "--method", "structured", "--ratio", "0.5", "--uniform", "--include",
+            "*layers.0.mlp*", "-o", even)
+    assert r.code == 2 and "--uniform: the selection prunes the MLP of 1 of 2 blocks" in one_line_error(r)
+    r = cli("prune", uneven, "--method", "structured", "--ratio", "0.5", "--uniform", "-o", even, "--json", "-q")
+    assert r.code == 0, r.stderr
+    assert any("config updated: head_dim=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=48"
+               in n for n in r.json["steps"][0]["notes"])  # 96 → 48 and 128 → 48, not 64: one width
+    loaded = load_checkpoint(even)
+    folder = _write(loaded, "hf", tmp_path / "even-hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_key_value_heads"], config["num_attention_heads"]) == (48, 1, 2)
+    _no_modelzip_key(folder)
+    back = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    with torch.inference_mode():  # (in this process: the tests above load directories in a fresh one)
+        assert _relative(back(input_ids=IDS).logits, _logits(loaded.model)) <= 1e-3
+
+
 @pytest.mark.slow
 def test_w8a8_and_refusals(cli, tmp_path, families):
     d8 = tmp_path / "d8.safetensors"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +169,59 @@ def test_awq_search_and_clipping_beat_round_to_nearest_on_outlier_channels():
     clipped = awq.clip(w * s[None, :], x / s[None, :], 4, 128)
     q = rtn(clipped, 4, 128).dequantized(128) / s[None, :]
     assert ((x @ q.T - x @ w.T) ** 2).sum() / (x @ w.T).pow(2).sum() <= err * 1.0001
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "wanda", "sparsegpt"])
+def test_calibration_steps_run_on_the_context_device_and_come_back(method, monkeypatch):
+    """--device reaches every calibration step: the model is moved to ctx.device for the step (here the CPU,
+    through the same code path a GPU takes) and is where it was afterwards, every tensor of the result too."""
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import Dataset
+    from modelzip_cli.techniques.base import handler
+    from modelzip_cli.techniques.prune import SparseGPTConfig, WandaConfig
+    from modelzip_cli.techniques.quantize import AWQConfig, GPTQConfig
+
+    moves: list[torch.device] = []
+    real = sequential.on_device.__wrapped__
+
+    def spy(model, device):
+        moves.append(torch.device(device))
+        return real(model, device)
+
+    monkeypatch.setattr(sequential, "on_device", contextlib.contextmanager(spy))
+    cfg = {"gptq": GPTQConfig(group_size=16), "awq": AWQConfig(group_size=16), "wanda": WandaConfig(ratio=0.5),
+           "sparsegpt": SparseGPTConfig(ratio=0.5)}[method]
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    ctx = Context(calib_data=Dataset(inputs=ids, targets=None, path=Path("calib")), device=torch.device("cpu"))
+    out = handler(cfg)(_tiny_llama(), cfg, ctx)
+    model = out[0] if isinstance(out, tuple) else out.model
+    assert moves == [torch.device("cpu")]
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_of_stacked_rows_is_gptq_of_each_layer(act_order):
+    """q, k and v read one input: GPTQ of their stacked rows (one walk) gives each what a walk of its own gives."""
+    from modelzip_cli.techniques.gptq import gptq_rows
+
+    x = _correlated(512, 96)
+    h = Hessian(96)
+    h.add(x)
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(rows, 96, generator=g) for rows in (16, 8, 8)]
+    q, loss = gptq_rows(torch.cat(ws), h.h, 4, 32, act_order=act_order)
+    for w, ints, scales, part in zip(ws, q.ints.split([16, 8, 8]), q.scales.split([16, 8, 8]),
+                                     loss.split([16, 8, 8]), strict=True):
+        alone, alone_loss = gptq(w, h.h, 4, 32, act_order=act_order)
+        assert torch.equal(ints, alone.ints)
+        torch.testing.assert_close(scales, alone.scales)
+        assert float(part.sum()) == pytest.approx(alone_loss, rel=1e-4)
+
+
+def test_rebatched_windows_keep_every_sample_in_order():
+    batches = [torch.arange(i * 48, (i + 1) * 48).reshape(3, 2, 8) for i in range(5)]  # (B, 2, L): ids and mask
+    big = sequential.rebatched(batches)
+    assert len(big) == 1 and torch.equal(torch.cat(big), torch.cat(batches))
+    floats = [torch.randn(3, 4)]
+    assert sequential.rebatched(floats) is floats  # not token windows: as they are

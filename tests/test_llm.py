@@ -188,3 +188,17 @@ def test_compare_language_models_side_by_side(cli, tmp_path, held_small):
     assert first["next_token_agreement"] == 1.0 and 0.9 < second["next_token_agreement"] <= 1.0
     assert abs(second["perplexity"] / first["perplexity"] - 1) < 0.01  # int8 weight-only: near lossless
     assert second["fidelity"]["cosine_min"] > 0.99
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("step", [("quantize", "--method", "gptq"), ("quantize", "--method", "awq"),
+                                  ("prune", "--method", "wanda", "--ratio", "0.5"),
+                                  ("prune", "--method", "sparsegpt", "--ratio", "0.5"),
+                                  ("prune", "--method", "structured", "--ratio", "0.25", "--recover")])
+def test_device_cuda_without_cuda_is_one_line_and_exit_2(cli, tmp_path, windows, step):
+    out = tmp_path / "out.safetensors"
+    extra = ["--data", windows["calib"]] if "--recover" in step else []
+    r = cli(step[0], DECODER, *step[1:], "--calib-data", windows["calib"], *extra, "--device", "cuda", "-o", out)
+    assert r.code == 2 and "--device cuda" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2 and "Traceback" not in r.stderr  # the line and its hint
+    assert not out.exists() and not list(tmp_path.glob("*.json"))

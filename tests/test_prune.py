@@ -188,6 +188,41 @@ def test_structured_ranks_units_by_activations_and_keeps_the_mean_of_what_it_rem
         assert ("1 by activations" if data is not None else "1 by weight norms") in " ".join(pruner.notes)
 
 
+class _Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, width), torch.nn.Linear(width, 8)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def test_structured_uniform_keeps_one_width_per_role_in_a_stack_of_blocks():
+    """Outside decoders (the dependency-graph pruner): blocks 24 and 16 wide lose a quarter each (18 and 12), or
+    with uniform both keep 12, the narrowest block's share; a layer outside the stack is a role of its own."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([_Block(24), _Block(16)])
+            self.head = torch.nn.Linear(8, 20)
+            self.out = torch.nn.Linear(20, 3)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.out(torch.relu(self.head(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    for uniform, widths in ((False, [18, 12]), (True, [12, 12])):
+        m = Net()
+        layers = [(n, mod) for n, mod in m.named_modules() if n.endswith("up") or n == "head"]
+        pruner = prune_mod.StructuredPruner(m, x[:1], layers, uniform=uniform)
+        pruner.prune_to(0.25)
+        assert [b.up.out_features for b in m.blocks] == widths == [b.down.in_features for b in m.blocks]
+        assert m.head.out_features == 15 and m(x).shape == (4, 3)
+
+
 @pytest.mark.slow
 def test_gradual_keeps_more_accuracy_than_one_shot(cli, tmp_path):
     args = ["--ratio", "0.9", "--eval-data", DIGITS_TEST, "--json", "-q", "--seed", "0"]

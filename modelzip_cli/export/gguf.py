@@ -2,21 +2,26 @@
 llama.cpp's tensor names and metadata (as its convert_hf_to_gguf.py writes them) and the tokenizer.
 
 Families: Llama and Mistral (GGUF architecture `llama`; the query and key rows permuted into llama.cpp's
-rotary layout, as the converter does) and Qwen2 (`qwen2`). Types (`--gguf-type`):
+rotary layout, as the converter does), Qwen2 (`qwen2`) and GPT-2 (`gpt2`: learned positions, LayerNorms
+with biases, one fused query-key-value projection; transformers' Conv1D weights are stored transposed, as the
+Linear they compute, the converter's layout). Types (`--gguf-type`):
 
 - `f16`: 2-D weights in float16, norms and biases float32 (the converter's `--outtype f16`);
 - `q8_0`: blocks of 32 weights, int8 with one float16 scale (symmetric);
 - `q4_0`: blocks of 32, 4-bit with one float16 scale, zero point 8 (symmetric);
-- `q4_1`: blocks of 32, 4-bit with a float16 scale and a float16 minimum (asymmetric: modelzip's int4).
+- `q4_1`: blocks of 32, 4-bit with a float16 scale and a float16 minimum (asymmetric: modelzip's int4);
+- `q4_k`: super-blocks of 256, eight 4-bit sub-blocks of 32 whose scales and minimums are 6-bit integers of two
+  float16 values (4.5 bits a weight; quantized by export/q4_k.py, since the `gguf` package cannot write K-quants);
+  a row whose length is not a multiple of 256 is Q5_0, as llama-quantize falls back;
 - `auto` (the default): f16 for a float model, q8_0 for weight-only int8, q4_1 for weight-only int4.
 
 From a modelzip weight-only model the stored integers map **directly** when the GGUF block fits inside one
 of its groups (the group size a multiple of 32) and the schemes agree: int8 (symmetric) → Q8_0, int4
 (asymmetric, a zero point per group) → Q4_1, int4 whose zero points are all 8 → Q4_0; the only rounding left is
 the scale (and minimum) stored as float16. Otherwise the weight is dequantized and **requantized** into the
-type (a second rounding; the notes say which layers). For q4_0 and q4_1 the embedding table and a separate
-output layer are Q8_0 (llama-quantize keeps them at Q6_K or better; the `gguf` package cannot write K-quants,
-whose quantizers it lacks: Q4_K is not offered). A row whose length is not a multiple of 32 is float16.
+type (a second rounding; the notes say which layers); Q4_K is always quantized from the float (dequantized)
+weight. For the 4-bit types the embedding table and a separate output layer are Q8_0 (llama-quantize keeps them
+at Q6_K or better, which this module cannot write). A row whose length is not a multiple of 32 is float16.
 
 Tokenizer: byte-level BPE (tokenizer.json), written as llama.cpp's `gpt2` model with the pre-tokenizer its
 splitting regex names (`gpt-2`, `qwen2`, `llama-bpe`), its merges and special tokens (gguf.SpecialVocab).
@@ -34,11 +39,16 @@ from torch import nn
 
 from modelzip_cli.checkpoint.gguf import EXTRA_HINT, load_gguf, require_gguf  # noqa: F401  (re-exported)
 from modelzip_cli.errors import InputError, UsageError, first_line
+from modelzip_cli.export import q4_k
 from modelzip_cli.hf import HFModel, require_transformers, unwrap
 from modelzip_cli.nn.weight_only import WeightOnlyLinear
 
-GGUF_TYPES = ("auto", "f16", "q8_0", "q4_0", "q4_1")
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # config model_type → GGUF architecture
+GGUF_TYPES = ("auto", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
+FOUR_BIT = ("q4_0", "q4_1", "q4_k")
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}  # model_type → GGUF arch
+# GPT-2's config names → the names the rest of this module reads (GPT2Config.attribute_map)
+_GPT2_KEYS = {"num_hidden_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
+              "max_position_embeddings": "n_positions"}
 BLOCK = 32  # Q8_0, Q4_0 and Q4_1 blocks
 # the splitting regex of a byte-level BPE tokenizer → llama.cpp's pre-tokenizer name (transformers' GGUF
 # reader knows the same names); a plain ByteLevel pre-tokenizer with its own regex is GPT-2's
@@ -56,10 +66,19 @@ def family(loaded_model: nn.Module, config: dict) -> str:
     """The GGUF architecture of a causal LM, or exit 2 saying which models GGUF export takes."""
     model_type = config.get("model_type")
     if not isinstance(loaded_model, HFModel) or not loaded_model.causal_lm or model_type not in FAMILIES:
-        raise UsageError(f"--format gguf exports Llama, Mistral and Qwen2 causal LMs; this model is "
+        raise UsageError(f"--format gguf exports Llama, Mistral, Qwen2 and GPT-2 causal LMs; this model is "
                          f"{model_type or type(loaded_model).__name__}",
                          hint="export it with --format onnx or pt2")
     return FAMILIES[model_type]
+
+
+def _standard_keys(config: dict) -> dict:
+    """A GPT-2 config under the standard names (its MLP width: n_inner, else 4 × n_embd); others unchanged."""
+    if config.get("model_type") != "gpt2":
+        return config
+    out = {**config, **{k: config[v] for k, v in _GPT2_KEYS.items() if v in config}}
+    out["intermediate_size"] = config.get("n_inner") or 4 * int(config["n_embd"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,10 +150,15 @@ def encode(name: str, weight: torch.Tensor, module: nn.Module | None, qtype_name
     w = weight.detach().float()
     if rows is not None:
         w = w[rows]
-    if w.ndim == 1:
+    if w.ndim == 1 or qtype_name == "f32":
         return Encoded(w.numpy().astype(np.float32), q.F32, "float")
     if qtype_name == "f16" or w.shape[-1] % BLOCK:
         return Encoded(w.numpy().astype(np.float16), q.F16, "float" if module is None else "requantized")
+    if qtype_name == "q4_k":
+        how = "requantized" if module is not None else "float"
+        if w.shape[-1] % q4_k.QK_K:  # llama-quantize's fallback for a row that no super-block fits
+            return Encoded(gguf.quants.quantize(w.numpy().astype(np.float32), q.Q5_0), q.Q5_0, how)
+        return Encoded(q4_k.quantize(w.numpy()), q.Q4_K, how)
     target = {"q8_0": q.Q8_0, "q4_0": q.Q4_0, "q4_1": q.Q4_1}[qtype_name]
     if isinstance(module, WeightOnlyLinear):
         blocks = _direct(module, qtype_name, rows)
@@ -152,10 +176,12 @@ def _weights(hf: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Modul
         for key, t in m.logical_weights().items():
             tensors[f"{name}.{key}"] = t
         modules[f"{name}.weight"] = m
+    conv1d = {n for n, m in hf.named_modules() if type(m).__name__ == "Conv1D"}
     for name, t in hf.state_dict().items():
-        owner = name.rsplit(".", 1)[0]
+        owner, _, key = name.rpartition(".")
         if owner not in quantized and t.is_floating_point():
-            tensors[name] = t
+            # transformers' Conv1D (GPT-2) holds its weight (in, out): GGUF holds the Linear's (out, in)
+            tensors[name] = t.t() if owner in conv1d and key == "weight" else t
     return tensors, modules
 
 
@@ -172,6 +198,7 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
     """Write `model` (an HFModel causal LM of `config`) as GGUF at `path`."""
     gguf = require_gguf()
     arch_name = family(model, config)
+    config = _standard_keys(config)
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     hf = unwrap(model)
     blocks = int(config["num_hidden_layers"])
@@ -186,8 +213,8 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
     _metadata(writer, config, arch_name, name, gguf_type, gguf)
     _tokenizer(writer, tokenizer_dir, int(config["vocab_size"]), gguf)
     for hf_name, t in tensors.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue
+        if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
+            continue  # buffers: rotary frequencies, GPT-2's causal mask (older transformers)
         if tied and hf_name.startswith("lm_head."):
             continue  # llama.cpp reads the embedding table as the output layer when output.weight is absent
         gname = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -201,7 +228,9 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
         elif arch_name == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             rows = _rotary_rows(t.shape[0], kv_heads)
         big = gname in ("token_embd.weight", "output.weight")
-        qtype_name = "q8_0" if big and gguf_type in ("q4_0", "q4_1") else gguf_type
+        qtype_name = "q8_0" if big and gguf_type in FOUR_BIT else gguf_type
+        if gname == "position_embd.weight":  # GPT-2's learned positions: float32, as the converter keeps them
+            qtype_name = "f32"
         enc = encode(hf_name, t, modules.get(hf_name), qtype_name, rows, gguf)
         writer.add_tensor(gname, enc.data, raw_dtype=None if enc.qtype in (gguf.GGMLQuantizationType.F32,
                                                                           gguf.GGMLQuantizationType.F16)
@@ -220,9 +249,14 @@ def write_gguf(model: nn.Module, config: dict, gguf_type: str, tokenizer_dir: Pa
         plan.notes.append(f"{len(requant)} tensor(s) dequantized and requantized into the GGUF type (their "
                           f"grouping or scheme does not map onto its blocks): " + ", ".join(requant[:4])
                           + (" …" if len(requant) > 4 else ""))
-    if gguf_type in ("q4_0", "q4_1"):
-        plan.notes.append("token_embd (and output) in Q8_0, as llama-quantize keeps them above 4 bits (K-quants "
-                          "cannot be written by the gguf package)")
+    if gguf_type in FOUR_BIT:
+        plan.notes.append("token_embd (and output) in Q8_0, as llama-quantize keeps them above 4 bits (it takes "
+                          "Q6_K, which modelzip cannot write)")
+    fallback = sorted(n for n, h in plan.how.items() if gguf_type == "q4_k" and h.startswith("Q5_0"))
+    if fallback:
+        plan.notes.append(f"{len(fallback)} tensor(s) in Q5_0: their rows are not a multiple of Q4_K's 256 "
+                          "weights (llama-quantize's fallback): " + ", ".join(fallback[:4])
+                          + (" …" if len(fallback) > 4 else ""))
     return plan
 
 
@@ -235,7 +269,8 @@ def _rope_theta(config: dict) -> float | None:
 def _metadata(writer, config: dict, arch_name: str, name: str, gguf_type: str, gguf) -> None:
     """The converter's hyperparameters (TextModel / LlamaModel.set_gguf_parameters)."""
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[gguf_type]
+             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+             "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}[gguf_type]
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_block_count(int(config["num_hidden_layers"]))
@@ -246,6 +281,11 @@ def _metadata(writer, config: dict, arch_name: str, name: str, gguf_type: str, g
     heads = int(config["num_attention_heads"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    if arch_name == "gpt2":  # learned positions, LayerNorm (GPT2Model.set_gguf_parameters)
+        writer.add_layer_norm_eps(float(config.get("layer_norm_epsilon", 1e-5)))
+        writer.add_file_type(ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        return
     if (theta := _rope_theta(config)) is not None:
         writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))

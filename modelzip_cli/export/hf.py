@@ -132,7 +132,7 @@ def new_widths(inner: nn.Module, config: dict) -> dict:
             by = sorted(found.items(), key=lambda kv: kv[1])
             raise UsageError(f"the layers differ in width ({key}: {by[0][1]} in {by[0][0]}, {by[-1][1]} in "
                              f"{by[-1][0]}); a config.json holds one width for every layer",
-                             hint="prune every layer by the same ratio, or export --format onnx or pt2")
+                             hint="prune --method structured --uniform keeps them equal, or export --format onnx")
         value = values.pop()
         if config[key] is not None and value != config[key] or key == "n_inner" and config[key] is None \
                 and value != 4 * config.get("n_embd", 0):

@@ -72,7 +72,7 @@ class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     op: Literal["export"] = "export"
     format: Literal["onnx", "pt2", "hf", "compressed-tensors", "gguf"] = "onnx"
-    gguf_type: Literal["auto", "f16", "q8_0", "q4_0", "q4_1"] = "auto"  # export/gguf.py
+    gguf_type: Literal["auto", "f16", "q8_0", "q4_0", "q4_1", "q4_k"] = "auto"  # export/gguf.py
     opset: int = Field(DEFAULT_OPSET, ge=18, le=23)
     dynamic_batch: bool = True
     int8: Literal["auto", "qdq", "ort"] = "auto"

@@ -28,6 +28,9 @@ class Quantized:
     scales: torch.Tensor  # (out, groups) float32
     zero_points: torch.Tensor  # (out, groups) int64; 0 for 8 bits
 
+    def to(self, device: torch.device) -> Quantized:
+        return Quantized(self.ints.to(device), self.scales.to(device), self.zero_points.to(device))
+
     def dequantized(self, group_size: int) -> torch.Tensor:
         cols = self.ints.shape[1]
         index = torch.arange(cols, device=self.ints.device) // group_size  # column → its group

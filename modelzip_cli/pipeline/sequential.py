@@ -10,7 +10,8 @@ calibrated in one whole-model pass instead (`blocks_of` returns None and the cal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ def _clean(kwargs: dict) -> dict:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def first_inputs(model: nn.Module, blocks: Blocks, batches: Iterable, forward: Callable) -> Inputs:
     """The arguments the first block receives for each calibration batch (`forward(model, batch)` runs the
     model)."""
@@ -86,7 +87,7 @@ def first_sample(entry: tuple[tuple, dict]) -> tuple[tuple, dict]:
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     """The next block's arguments: this block's outputs in place of the hidden states, same keywords."""
     nxt: Inputs = []
@@ -119,6 +120,21 @@ def calibrate(model: nn.Module, batches: list, forward: Callable,
     return blocks
 
 
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The model moved to `device` (--device) for a calibration step, and back where it was afterwards, even
+    on an error: the step's passes, Hessians and updates all run where its weights are."""
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if home == torch.device(device):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
 def forward(model: nn.Module, x: torch.Tensor) -> object:
     return model(x)
 
@@ -127,6 +143,23 @@ def calibration_batches(model: nn.Module, data, batches: int, batch_size: int) -
     """The first `batches` batches of a calibration dataset, where the model is."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return [x.to(device) for i, (x, _, _) in enumerate(data.batches(batch_size)) if i < batches]
+
+
+# Token positions one block pass takes at once: a few small batches cost more than one (the sample decoder's
+# 128 windows of 128 tokens: 4 passes of 32, not 16 of 8), and no more than 8 windows of 512 (what the memory
+# bench's 24-block decoder of hidden 1024 ran with before), so a pass's activations do not grow there.
+PASS_TOKENS = 4096
+
+
+def rebatched(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same samples in batches of about PASS_TOKENS positions (token windows of one length; other inputs,
+    and windows of mixed lengths, as they are). Statistics summed over samples do not depend on the
+    batching, and a block pass over a few large batches runs faster than over many small ones."""
+    if not batches or any(b.is_floating_point() or b.shape[1:] != batches[0].shape[1:] for b in batches):
+        return batches
+    # (B, L) ids, or (B, 2, L) ids with their attention mask: L positions a sample
+    per = max(batches[0].shape[0], PASS_TOKENS // max(1, batches[0].shape[-1]))  # samples per batch
+    return list(torch.cat(batches).split(per))
 
 
 class Hessians:
@@ -155,28 +188,35 @@ class Hessians:
         self.current.clear()
 
 
-def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor],
-              process: Callable[[str, nn.Module, Hessian], None], progress, label: str) -> str:
+Process = Callable[[list[str], list[nn.Module], "Hessian"], None]  # layers that read one input, its Hessian
+
+
+def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], process: Process, progress,
+              label: str) -> str:
     """Accumulate each named layer's input Hessian on the calibration batches and hand it to
-    `process(name, layer, hessian)`, which changes the layer in place: block by block, each block on the
-    outputs of the blocks before it as `process` left them; layers outside the stack (or every layer, when
-    the model has none) in one whole-model pass at the end. Layers no batch reached are not processed.
-    Returns how it ran, for the notes."""
+    `process(names, layers, hessian)` (the layers that read the very same input together, in `names` order),
+    which changes the layers in place: block by block, each block on the outputs of the blocks before it as
+    `process` left them; layers outside the stack (or every layer, when the model has none) in one whole-model
+    pass at the end. Layers no batch reached are not processed. Returns how it ran, for the notes."""
 
     def run(root: nn.Module, layer_names: list[str], feed: Callable[[], object]) -> None:
         layers = {n: model.get_submodule(n) for n in layer_names}
         hessians = Hessians(root, layers)
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 feed()
         finally:
             hessians.remove()
-        for n, layer in layers.items():
+        shared: dict[int, list[str]] = {}  # id(Hessian) → the layers that read its input
+        for n in layers:
             if n in hessians.of:
-                with torch.no_grad():
-                    process(n, layer, hessians.of[n])
+                shared.setdefault(id(hessians.of[n]), []).append(n)
+        for group in shared.values():
+            with torch.no_grad():
+                process(group, [layers[n] for n in group], hessians.of[group[0]])
 
     stack = blocks_of(model)
+    batches = rebatched(batches)
     done: set[str] = set()
     with progress(label, (len(stack.layers) if stack else 0) + 1) as bar:
         def per_block(i: int, block: nn.Module, inputs: Inputs) -> None:

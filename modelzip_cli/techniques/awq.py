@@ -81,7 +81,7 @@ def clip(weight: torch.Tensor, x: torch.Tensor, bits: int, group: int) -> torch.
     for start in range(0, w.shape[1], group):
         wg, xg = w[:, start:start + group], x[:, start:start + group]  # (out, g), (M, g)
         ref = xg @ wg.T  # (M, out)
-        best_err = torch.full((w.shape[0],), float("inf"))
+        best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
         best = wg.clone()
         lo, hi = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
         for ratio in CLIP_RATIOS:

@@ -184,6 +184,8 @@ class Op:
 
 def describe(error: dict) -> str:
     """One pydantic error as one line naming the option."""
+    if not error.get("loc") and error["type"] == "value_error":  # a model validator's own sentence
+        return error["msg"].removeprefix("Value error, ")
     name = flag(str(error["loc"][0])) if error.get("loc") else "a value"
     value = error.get("input")
     if error["type"].endswith("_type") or error["type"] in {"int_from_float", "dict_type", "list_type"}:

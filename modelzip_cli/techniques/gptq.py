@@ -76,6 +76,14 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
          act_order: bool = False, block: int = 128) -> tuple[Quantized, float]:
     """GPTQ of one (out, in) weight given its input Hessian (in, in). Returns the integers and the summed
     squared output error the rounding left (the paper's loss, ½·Σ err²/d), a figure for the report."""
+    q, loss = gptq_rows(weight, hessian, bits, group_size, damp=damp, act_order=act_order, block=block)
+    return q, float(loss.sum())
+
+
+def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *, damp: float = 0.01,
+              act_order: bool = False, block: int = 128) -> tuple[Quantized, torch.Tensor]:
+    """`gptq` with its loss per output row (out,). Rows never mix: the weights of Linears that read the same
+    input (q, k and v) stacked into one run give each Linear what a run of its own would, for one walk."""
     w = weight.detach().float().clone()
     out, cols = w.shape
     h = hessian.float().clone()
@@ -97,25 +105,31 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     order = perm.tolist()
     zero_f = zeros.float()
     work = torch.empty(out, cols, device=w.device)  # (out, in): integers, columns in the order of work
-    loss = 0.0
+    if act_order:  # every column's scale and zero point known before the walk, in the order of work
+        scale_w, zero_w = scales[:, perm // group_size], zero_f[:, perm // group_size]  # (out, in)
+    loss = torch.zeros(out, device=w.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        d = torch.diag(hinv1).tolist()
         for i in range(i2 - i1):
-            col = order[i1 + i]  # the stored column this step quantizes
-            g = col // group_size
-            if not act_order and col % group_size == 0:  # a group starts: its scale from the updated weights
-                scales[:, g], zeros[:, g] = group_params(
-                    torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size], bits)
-                zero_f[:, g] = zeros[:, g]
-            scale, zero = scales[:, g], zero_f[:, g]
+            if act_order:
+                scale, zero = scale_w[:, i1 + i], zero_w[:, i1 + i]
+            else:
+                col = order[i1 + i]  # the stored column this step quantizes
+                g = col // group_size
+                if col % group_size == 0:  # a group starts: its scale from the updated weights
+                    scales[:, g], zeros[:, g] = group_params(
+                        torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_size], bits)
+                    zero_f[:, g] = zeros[:, g]
+                scale, zero = scales[:, g], zero_f[:, g]
             x = w1[:, i]
             q = torch.clamp(torch.round(x / scale) + zero, lo, hi)  # (out,) integers as floats (to_ints)
             work[:, i1 + i] = q
-            e = (x - (q - zero) * scale) / hinv1[i, i]  # (out,)
-            w1[:, i:] -= torch.outer(e, hinv1[i, i:])
+            e = (x - (q - zero) * scale) / d[i]  # (out,)
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
             err1[:, i] = e
-        loss += float(err1.pow(2).sum()) / 2
+        loss += err1.pow(2).sum(1) / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     # int8 / uint8, not int64: a model's chosen integers are kept until its last block is done (8× the bytes)
     ints = torch.empty(out, cols, dtype=torch.int8 if bits == 8 else torch.uint8, device=w.device)

@@ -18,6 +18,7 @@ Without data, or where no single reading Linear is found, the L2 norm of the uni
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from modelzip_cli.checkpoint.edits import Edit, HeadsEdit, MagnitudeEdit, Struct
 from modelzip_cli.checkpoint.format import Manifest
 from modelzip_cli.checkpoint.layers import layer_table
 from modelzip_cli.errors import UsageError
+from modelzip_cli.nn import decoders
 from modelzip_cli.nn.surgery import (
     attention_blocks,
     dependency_graph,
@@ -67,9 +69,12 @@ class MagnitudeConfig(_PruneConfig):
 
 
 class StructuredConfig(_PruneConfig):
-    """Remove whole units (neurons, channels) by L2 norm; layers physically shrink."""
+    """Remove whole units (neurons, channels) by L2 norm; layers physically shrink. `uniform`: every decoder
+    block keeps the same number of KV groups and MLP channels (units still ranked within each block), so that
+    the result has a standard config (prune_decoder.py)."""
 
     method: ClassVar[str] = "structured"
+    uniform: bool = False
 
 
 class GradualConfig(_PruneConfig):
@@ -79,6 +84,13 @@ class GradualConfig(_PruneConfig):
     granularity: Literal["unstructured", "structured"] = "unstructured"
     scope: Literal["global", "layer"] = "global"  # unstructured granularity only
     steps: int = Field(5, ge=1, le=1000)  # (a billion steps never ends)
+    uniform: bool = False  # structured granularity only: as StructuredConfig.uniform
+
+    @model_validator(mode="after")
+    def _uniform_is_structured(self) -> GradualConfig:
+        if self.uniform and self.granularity != "structured":
+            raise ValueError("--uniform applies to --granularity structured (whole units) only")
+        return self
 
 
 class WandaConfig(_PruneConfig):
@@ -386,6 +398,7 @@ class StructuredPruner:
     data: torch.Tensor | None = None  # inputs whose activations rank units and heads (None: weight norms)
     left: dict[str, list[str]] = field(default_factory=dict)  # why → the layers left as they were
     progress: Callable = null_progress  # a bar over the dependency groups traced
+    uniform: bool = False  # layers of one role (the same name but for block numbers) keep one width
 
     def __post_init__(self):
         selected = {n for n, _ in self.layers}
@@ -422,11 +435,13 @@ class StructuredPruner:
         self.check(fraction)
         selected = {n for n, _ in self.layers}
         skipped = {n for names in self.left.values() for n in names}
-        todo = [(name, m, _units(m), _units(m) - kept_units(self.original[name], fraction))
-                for name, m in self.layers if name not in skipped]
+        keep = self._kept(fraction)
+        todo = [(name, m, _units(m), _units(m) - keep[name]) for name, m in self.layers if name not in skipped]
         todo = [t for t in todo if t[3] > 0]
-        heads_todo = [(b, round(fraction * h0) - (h0 - self._heads(b))) for b, h0 in zip(self.blocks, self.heads0,
-                                                                                         strict=True)]
+        heads_keep = [h0 - round(fraction * h0) for h0 in self.heads0]
+        if self.uniform:
+            heads_keep = [min(heads_keep, default=0)] * len(heads_keep)
+        heads_todo = [(b, self._heads(b) - k) for b, k in zip(self.blocks, heads_keep, strict=True)]
         heads_todo = [t for t in heads_todo if t[1] > 0]
         readers = {}
         start = time.monotonic()
@@ -439,6 +454,10 @@ class StructuredPruner:
                 with quiet_pruning():
                     group = self.graph.get_pruning_group(m, _out_channels_fn(m), list(range(width)))
                 reason = self._blocker(group, selected)
+                if reason and self.uniform and any(name in names and len(names) > 1
+                                                   for names in self._roles().values()):
+                    raise UsageError(f"--uniform: {name} cannot be pruned ({reason}) while the layers like it "
+                                     "are, so their widths would differ", hint="drop --uniform")
                 if reason:
                     self._leave(name, reason)
                 else:
@@ -468,6 +487,28 @@ class StructuredPruner:
                 self._compensate_units(r, moments[n], idxs)
             with quiet_pruning():
                 self.graph.get_pruning_group(m, _out_channels_fn(m), idxs).prune()
+
+    def _roles(self) -> dict[str, list[str]]:
+        """Layers by their role in the model's stack of repeated blocks (decoders.blocks_of): the name with the
+        block's number starred (encoder.layer.3.intermediate.dense → encoder.layer.*.intermediate.dense);
+        a layer outside the stack is a role of its own."""
+        stack = decoders.blocks_of(self.model)
+        inside = re.compile(rf"{re.escape(stack.prefix)}\.\d+\.") if stack else None
+        out: dict[str, list[str]] = {}
+        for name in self.original:
+            key = inside.sub(f"{stack.prefix}.*.", name, count=1) if inside and inside.match(name) else name
+            out.setdefault(key, []).append(name)
+        return out
+
+    def _kept(self, fraction: float) -> dict[str, int]:
+        """Units each layer keeps: the share of its own width, or (uniform) the fewest any layer of its role
+        keeps."""
+        keep = {n: kept_units(n0, fraction) for n, n0 in self.original.items()}
+        if self.uniform:
+            for names in self._roles().values():
+                fewest = min(keep[n] for n in names)
+                keep.update(dict.fromkeys(names, fewest))
+        return keep
 
     def _readers(self, group, units: int) -> list[tuple[str, nn.Module]]:
         """The layers that read a layer's `units` one input channel each (what removing one cuts), from its
@@ -658,13 +699,15 @@ def prune_activation_aware(model: nn.Module, cfg: WandaConfig, ctx: Context) -> 
         raise UsageError(f"{cfg.method} prunes Linear layers, and none is selected",
                          hint=unsupported_layers(model) or "select Linears with --include")
 
-    def process(name: str, layer: nn.Module, hessian: Hessian) -> None:
-        new = (sparsegpt(layer.weight, hessian.h, cfg.ratio, damp=cfg.damp) if isinstance(cfg, SparseGPTConfig)
-               else wanda(layer.weight, hessian.h, cfg.ratio))
-        layer.weight.data = new.to(layer.weight.dtype)
+    def process(names: list[str], layers: list[nn.Module], hessian: Hessian) -> None:
+        for layer in layers:  # one by one: SparseGPT picks its mask over a block of a layer's rows and columns
+            new = (sparsegpt(layer.weight, hessian.h, cfg.ratio, damp=cfg.damp) if isinstance(cfg, SparseGPTConfig)
+                   else wanda(layer.weight, hessian.h, cfg.ratio))
+            layer.weight.data = new.to(layer.weight.dtype)
 
-    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-    how = sequential.per_layer(model, list(weights), batches, process, ctx.progress, cfg.method)
+    with sequential.on_device(model, ctx.device):  # --device: calibration and updates where the weights are
+        batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+        how = sequential.per_layer(model, list(weights), batches, process, ctx.progress, cfg.method)
     weights = {n: model.get_submodule(n).weight for n in weights}
     before = teacher.measure(model) if teacher else None
     history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label=_label(cfg), teacher=teacher)
@@ -700,7 +743,7 @@ def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context) -> R
 
         return prune_decoder.prune_structured(model, cfg, ctx, decoder)
     pruner = StructuredPruner(model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input),
-                              _importance_data(ctx), progress=ctx.progress)
+                              _importance_data(ctx), progress=ctx.progress, uniform=cfg.uniform)
     teacher = recover.prepare(model, cfg, ctx)
     pruner.prune_to(cfg.ratio)
     notes = [*pruner.notes, f"structured pruning removed whole units: {len(pruner.history())} layer groups "
@@ -724,7 +767,7 @@ def prune_gradual(model: nn.Module, cfg: GradualConfig, ctx: Context) -> Result:
     if structured:
         pruner = _decoder_pruner(model, cfg, ctx) or StructuredPruner(
             model, ctx.example_input, _structured_layers(model, cfg, ctx.example_input), _importance_data(ctx),
-            progress=ctx.progress)
+            progress=ctx.progress, uniform=cfg.uniform)
         pruner.check(cfg.ratio)
     else:
         weights = _selected_weights(model, cfg)

@@ -5,7 +5,11 @@
   stay one value for all layers and the output still loads as the family it was. Units are ranked, when
   there is data, by what they put into the projection that reads them — E[x_c²]·‖W[:, c]‖² summed over a
   unit's input channels of the output projection (o_proj, down_proj), the structured form of Wanda's
-  |w|·‖x‖ — else by the L2 norm of their weights.
+  |w|·‖x‖ — else by the L2 norm of their weights. Blocks that start with different widths each lose the share
+  of their own; `--uniform` instead keeps one count in every block (the narrowest block's), ranking units within
+  each block, and refuses (exit 2, before any work) a selection or a family whose widths could not then be
+  one config value: some blocks' attention or MLP selected and not others', or GPT-2's attention (its config
+  derives the head size from the head count).
 - `layers` removes whole blocks, those that change their input least on calibration data (ShortGPT's block
   influence, Men et al. 2024: 1 − cos(block input, block output), averaged over real tokens).
 """
@@ -57,8 +61,9 @@ def decoder_layout(model: nn.Module, cfg: StructuredConfig | GradualConfig | Lay
 class DecoderPruner:
     """Removes KV groups and MLP channels, the same number in every block, step by step (gradual)."""
 
-    def __init__(self, model: nn.Module, blocks: list[decoders.Block], data: torch.Tensor | None):
-        self.model, self.blocks, self.data = model, blocks, data
+    def __init__(self, model: nn.Module, blocks: list[decoders.Block], data: torch.Tensor | None,
+                 uniform: bool = False):
+        self.model, self.blocks, self.data, self.uniform = model, blocks, data, uniform
         self.kv0 = {b.name: b.attention.kv_heads for b in blocks if b.attention}
         self.width0 = {b.name: b.mlp.width for b in blocks if b.mlp}
         self.heads0 = {b.name: b.attention.heads for b in blocks if b.attention}
@@ -66,6 +71,19 @@ class DecoderPruner:
         if not self.kv0 and not self.width0:
             raise UsageError("no attention or MLP of a decoder block is selected",
                              hint="check --include / --exclude")
+        if uniform:
+            self._check_uniform()
+
+    def _check_uniform(self) -> None:
+        """--uniform: every block's attention and MLP selected, or none of them; no GPT-2 attention."""
+        for what, widths in (("attention", self.kv0), ("MLP", self.width0)):
+            if 0 < len(widths) < len(self.blocks):
+                raise UsageError(f"--uniform: the selection prunes the {what} of {len(widths)} of "
+                                 f"{len(self.blocks)} blocks, so their widths would differ",
+                                 hint="select every block's " + what + " (--include / --exclude), or drop --uniform")
+        if any(b.attention.q.linear.endswith(".c_attn") for b in self.blocks if b.attention):
+            raise UsageError("--uniform: GPT-2's config cannot hold fewer attention heads of the same size",
+                             hint="prune its MLPs only (--include '*mlp*'), or drop --uniform")
 
     def check(self, fraction: float) -> None:
         for name, kv in self.kv0.items():
@@ -74,8 +92,14 @@ class DecoderPruner:
                                  hint="lower --ratio, or --exclude that block's attention")
 
     def _targets(self, fraction: float) -> tuple[dict, dict]:
-        return ({n: kv - round(fraction * kv) for n, kv in self.kv0.items()},
-                {n: kept_units(w, fraction) for n, w in self.width0.items()})
+        """KV groups and MLP channels each block keeps: the share of its own, or (uniform) the fewest any
+        block keeps, in every block."""
+        kv = {n: kv - round(fraction * kv) for n, kv in self.kv0.items()}
+        width = {n: kept_units(w, fraction) for n, w in self.width0.items()}
+        if self.uniform:
+            kv = dict.fromkeys(kv, min(kv.values(), default=0))
+            width = dict.fromkeys(width, min(width.values(), default=0))
+        return kv, width
 
     def _activity(self) -> dict[str, torch.Tensor]:
         """Per output projection (o_proj, down_proj): E[x_c²]·‖W[:, c]‖² of each input channel."""
@@ -163,7 +187,7 @@ class DecoderPruner:
 
 def pruner(model: nn.Module, cfg: StructuredConfig | GradualConfig, ctx: Context) -> DecoderPruner | None:
     layout = decoder_layout(model, cfg)
-    return None if layout is None else DecoderPruner(model, layout[1], _importance_data(ctx))
+    return None if layout is None else DecoderPruner(model, layout[1], _importance_data(ctx), cfg.uniform)
 
 
 def prune_structured(model: nn.Module, cfg: StructuredConfig, ctx: Context, dp: DecoderPruner) -> Result:

@@ -44,7 +44,7 @@ from modelzip_cli.pipeline.run import predict
 from modelzip_cli.pipeline.sequential import Hessian
 from modelzip_cli.techniques import awq, smoothing
 from modelzip_cli.techniques.base import MethodConfig, Op, Result, Selection, handler, register
-from modelzip_cli.techniques.gptq import gptq
+from modelzip_cli.techniques.gptq import gptq_rows
 from modelzip_cli.techniques.select import WEIGHTED, select_modules, unsupported_layers
 from modelzip_cli.techniques.sensitivity import Scorer, keep_float, layer_losses
 
@@ -128,9 +128,9 @@ class GPTQConfig(_QuantizeConfig):
     group_size: int = Field(128, ge=0)  # input channels sharing one scale; 0 = one scale per output channel
     # True: columns in decreasing Hessian diagonal, group scales fixed first (llm-compressor's default); False:
     # stored order, each group's scale chosen when it is reached; None: per layer, whichever order leaves the
-    # lower GPTQ loss. On the sample decoder act-order won at group 128 (+0.27 % perplexity against +0.49 %) and
-    # lost at group 32 (+0.25 % against +0.12 %).
-    act_order: bool | None = None
+    # lower GPTQ loss (GPTQ run twice, so only when asked). On the sample decoder act-order won at group 128
+    # (+0.27 % perplexity against +0.49 %) and lost at group 32 (+0.25 % against +0.12 %).
+    act_order: bool | None = True
     damp: float = Field(0.01, gt=0, le=1)  # added to the Hessian's diagonal, as a share of its mean
     calib_batches: int = Field(16, ge=1)  # calibration batches the Hessians are accumulated over
     calib_batch_size: int = Field(8, ge=1)
@@ -174,7 +174,8 @@ def _names(model: nn.Module, cfg: QuantizeConfig, types: tuple[type, ...], what:
 SMOOTH_ALPHAS = (0.0, 0.5, 0.65, 0.8, 0.9)  # migration strengths tried per layer; 0 = no smoothing
 SMOOTH_ROWS = 2048  # input rows per layer kept to measure each strength's output error
 PROBE_WINDOWS = 32  # token windows the SQNR probe runs (a causal LM's logits are vocabulary-wide per token)
-PROBE_BATCH = 2  # windows per probe forward: a 49k-token vocabulary makes 50 MB of logits for two
+PROBE_BATCH = 2  # windows in the probe's first forward: a 49k-token vocabulary makes 50 MB of logits for two
+PROBE_VALUES = 12_500_000  # output values per later probe forward (50 MB of float32), as many samples as fit
 
 
 def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -384,38 +385,34 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
     names = _integer_weight_names(model, cfg)[0]
     chosen: dict[str, tuple[Quantized, int]] = {}
     extra: dict[str, dict] = {}
-    done: list[str] = []
-    stack = sequential.blocks_of(model)
-    # When every layer is in the stack, a block's layers become weight-only as soon as the next block starts
-    # (nothing runs them again): the float weights of finished blocks are not kept beside the rest
-    eager = stack is not None and all(n.startswith(stack.prefix + ".") for n in names)
 
-    def replace(upto: str | None) -> None:
-        """Put in place the weight-only layers chosen so far outside the block of `upto` (all, for None)."""
-        block = None if upto is None else upto[:len(stack.prefix) + 1] + upto[len(stack.prefix) + 1:].split(".")[0]
-        for n in [n for n in chosen if block is None or not n.startswith(block + ".")]:
-            q, group = chosen.pop(n)
-            replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
-            done.append(n)
-
-    def process(name: str, layer: nn.Linear, hessian: Hessian) -> None:
-        if eager:
-            replace(name)
-        group = cfg.group_size if 0 < cfg.group_size < layer.in_features else layer.in_features
+    def process(group_names: list[str], layers: list[nn.Linear], hessian: Hessian) -> None:
+        """GPTQ of the Linears that read one input (q, k, v; gate, up), their rows stacked: one walk."""
+        width = layers[0].in_features
+        group = cfg.group_size if 0 < cfg.group_size < width else width
+        weight = torch.cat([layer.weight for layer in layers])  # (Σ out, in)
         best = None
         for order in [cfg.act_order] if cfg.act_order is not None else [True, False]:
-            q, loss = gptq(layer.weight, hessian.h, cfg.bits, group, damp=cfg.damp, act_order=order)
-            if best is None or loss < best[1]:
+            q, loss = gptq_rows(weight, hessian.h, cfg.bits, group, damp=cfg.damp, act_order=order)
+            if best is None or float(loss.sum()) < float(best[1].sum()):
                 best = q, loss, order
         q, loss, order = best
-        chosen[name] = q, group
-        extra[name] = {"gptq_loss": round(loss, 6), "gptq_order": "activation" if order else "stored"}
-        layer.weight.data = q.dequantized(group).to(layer.weight.dtype)  # what the next blocks will see
+        rows = [layer.out_features for layer in layers]
+        parts = zip(q.ints.split(rows), q.scales.split(rows), q.zero_points.split(rows), loss.split(rows), strict=True)
+        for name, layer, (ints, scales, zeros, layer_loss) in zip(group_names, layers, parts, strict=True):
+            chosen[name] = Quantized(ints, scales, zeros), group
+            extra[name] = {"gptq_loss": round(float(layer_loss.sum()), 6),
+                           "gptq_order": "activation" if order else "stored"}
+            layer.weight.data = chosen[name][0].dequantized(group).to(layer.weight.dtype)  # what later blocks see
 
-    batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-    how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq")
-    replace(None)
-    done = [n for n in names if n in done]
+    with sequential.on_device(model, ctx.device):  # --device: calibration and GPTQ where the weights are
+        batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
+        how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq")
+    done = [n for n in names if n in chosen]
+    for n in done:
+        q, group = chosen[n]
+        layer = model.get_submodule(n)
+        replace_module(model, n, WeightOnlyLinear.from_quantized(layer, q.to(layer.weight.device), cfg.bits, group))
     notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
     edit = WeightOnlyEdit(modules=done, bits=cfg.bits, group_size=cfg.group_size)
     return model, [edit], {"layer_extra": extra, "notes": notes}
@@ -519,9 +516,10 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Mod
         for members, producer in _awq_groups(block, prefix, mine, seen):
             slot = seen.reads.get(members[0])
             x = torch.cat(seen.inputs[slot]) if slot is not None and seen.inputs[slot] else None
-            q, figures = awq.scale_and_round({n: model.get_submodule(n) for n in members},
-                                             model.get_submodule(producer) if producer else None, x, cfg.bits,
-                                             {n: group_of(n) for n in members})
+            with torch.no_grad():
+                q, figures = awq.scale_and_round({n: model.get_submodule(n) for n in members},
+                                                 model.get_submodule(producer) if producer else None, x, cfg.bits,
+                                                 {n: group_of(n) for n in members})
             for n in members:
                 chosen[n] = q[n], group_of(n)
                 extra[n] = {**figures, "awq_folded_into": producer} if producer else {"awq_folded_into": None}
@@ -530,15 +528,17 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Mod
         bar.advance()
 
     stack = sequential.blocks_of(model)
-    with ctx.progress("awq", (len(stack.layers) if stack else 0)) as bar:
+    with ctx.progress("awq", (len(stack.layers) if stack else 0)) as bar, sequential.on_device(model, ctx.device):
         if stack is not None:
+            batches = [x.to(ctx.device) for x in batches]
             sequential.calibrate(model, batches, sequential.forward, per_block)
     outside = [n for n in names if n not in chosen]
     for n in outside:  # outside the stack: no scales, no clipping, round to nearest
         chosen[n] = rtn(model.get_submodule(n).weight, cfg.bits, group_of(n)), group_of(n)
     for n in names:
         q, group = chosen[n]
-        replace_module(model, n, WeightOnlyLinear.from_quantized(model.get_submodule(n), q, cfg.bits, group))
+        layer = model.get_submodule(n)
+        replace_module(model, n, WeightOnlyLinear.from_quantized(layer, q.to(layer.weight.device), cfg.bits, group))
     plain = [n for n in names if n not in outside and not (extra.get(n) or {}).get("awq_folded_into")]
     notes = [f"AWQ on {sum(len(x) for x in batches)} calibration samples, scales folded into "
              f"{len(set(folded))} norms or Linears" + (f" over the {len(stack.layers)} blocks of {stack.prefix}"
@@ -637,27 +637,28 @@ def measured_batch_n(ctx: Context) -> int:
 PROBE_KEEP_BYTES = 128 << 20  # float outputs of the unquantized model kept for the SQNR probe, at most
 
 
-def _reference_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The model's outputs on `x`, PROBE_BATCH samples at a time, before it is quantized: what the SQNR probe
-    compares against instead of a second copy of the model. Stops once PROBE_KEEP_BYTES are kept (always at least
-    one batch): a vocabulary-wide causal LM's logits are large."""
-    outputs: list[torch.Tensor] = []
-    kept = 0
-    for i in range(0, x.shape[0], PROBE_BATCH):
-        a = predict(model, x[i:i + PROBE_BATCH])
-        outputs.append(a)
+def _reference_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """The model's outputs on `x` before it is quantized, as (start, stop, outputs of x[start:stop]): PROBE_BATCH
+    samples first, then as many as make PROBE_VALUES output values at a time; what the SQNR probe compares
+    against instead of a second copy of the model. Stops once PROBE_KEEP_BYTES are kept (always at least one
+    forward): a vocabulary-wide causal LM's logits are large."""
+    outputs: list[tuple[int, int, torch.Tensor]] = []
+    kept, i, step = 0, 0, PROBE_BATCH
+    while i < x.shape[0] and kept < PROBE_KEEP_BYTES:
+        a = predict(model, x[i:i + step])
+        outputs.append((i, min(i + step, x.shape[0]), a))
         kept += a.numel() * a.element_size()
-        if kept >= PROBE_KEEP_BYTES:
-            break
+        i += step
+        step = max(PROBE_BATCH, PROBE_VALUES * a.shape[0] // max(1, a.numel()))  # samples per PROBE_VALUES
     return outputs
 
 
-def _sqnr(reference: list[torch.Tensor], quantized: nn.Module, x: torch.Tensor) -> float:
-    """`sqnr_db` of the quantized model's outputs on `x` against the float outputs `reference` (one tensor per
-    PROBE_BATCH samples, from `_reference_outputs`): never all outputs of both models in memory."""
+def _sqnr(reference: list[tuple[int, int, torch.Tensor]], quantized: nn.Module, x: torch.Tensor) -> float:
+    """`sqnr_db` of the quantized model's outputs against the float outputs `reference` (from
+    `_reference_outputs`), slice by slice: never all outputs of both models in memory."""
     signal = noise = 0.0
-    for i, a in zip(range(0, x.shape[0], PROBE_BATCH), reference, strict=False):
-        b = predict(quantized, x[i:i + PROBE_BATCH])
+    for start, stop, a in reference:
+        b = predict(quantized, x[start:stop])
         signal += float(a.pow(2).sum(dtype=torch.float64))
         noise += float((a - b).pow_(2).sum(dtype=torch.float64))
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
@@ -731,7 +732,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context, manifest: Manifes
         if expected is not None:
             try:
                 after["sqnr_db"] = round(_sqnr(expected, quantized, x), 3)
-                probed = min(x.shape[0], PROBE_BATCH * len(expected))
+                probed = expected[-1][1]
                 if probed < x.shape[0]:
                     note += f" (the first {probed}: the float outputs kept to compare are at most " \
                             f"{PROBE_KEEP_BYTES >> 20} MB)"

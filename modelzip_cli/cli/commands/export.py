@@ -27,9 +27,10 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime) | pt2 (torch.export program) | hf "
                                                   "(transformers directory) | compressed-tensors (quantized "
                                                   "directory: transformers, vLLM) | gguf (llama.cpp; Llama, "
-                                                  "Mistral, Qwen2)")] = "onnx",
-    gguf_type: Annotated[str | None, typer.Option("--gguf-type", help="gguf: f16 | q8_0 | q4_0 | q4_1 | auto (f16 "
-                                                  "float, q8_0 int8, q4_1 int4: mapped without rounding again)")
+                                                  "Mistral, Qwen2, GPT-2)")] = "onnx",
+    gguf_type: Annotated[str | None, typer.Option("--gguf-type", help="gguf: f16 | q8_0 | q4_0 | q4_1 | q4_k | auto "
+                                                  "(f16 float, q8_0 int8, q4_1 int4: mapped without rounding "
+                                                  "again); any case")
                          ] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="gguf: the directory holding the model's "
                                                    "tokenizer (default: the input, when it is one)")] = None,
@@ -58,6 +59,6 @@ def export(
         if value is not None:
             raise UsageError(f"{flag} does not apply to --format {fmt}", hint=f"drop {flag}")
     cfg = ExportConfig.parse(given(format=fmt, opset=opset, dynamic_batch=dynamic_batch, int8=int8_way,
-                                   gguf_type=gguf_type))
+                                   gguf_type=gguf_type and gguf_type.lower()))
     emit(export_checkpoint(model, cfg, common_options(shared), calib_data=calib_data, batch_n=batch_size,
                            tokenizer=tokenizer), shared)

@@ -41,6 +41,9 @@ def prune(
                                                       "(default 16)")] = None,
     blocks: Annotated[int | None, typer.Option("--blocks", help="layers: how many blocks to remove (instead of "
                                                "--ratio)")] = None,
+    uniform: Annotated[bool, typer.Option("--uniform", help="structured: keep one width in every block (the same "
+                                          "heads and intermediate size), so export --format hf gives a standard "
+                                          "config")] = False,
     plan: PlanFile = None,
     *, shared,
 ) -> None:
@@ -48,10 +51,12 @@ def prune(
     (layers), or reach the ratio over steps (gradual)."""
     if plan is not None:
         return run_plan("prune", model, plan, shared, shared.data, given(ratio=ratio, scope=scope,
-                                                                          granularity=granularity, steps=steps))
+                                                                          granularity=granularity, steps=steps,
+                                                                          uniform=uniform or None))
     if ratio is None and blocks is None:
         raise UsageError("prune needs --ratio R (or --plan PLAN)")
     values = given(ratio=ratio, scope=scope, granularity=granularity, steps=steps, calib_batches=calib_batches,
-                   blocks=blocks, include=shared.include, exclude=shared.exclude) | finetune_values(shared)
+                   blocks=blocks, uniform=uniform or None, include=shared.include,
+                   exclude=shared.exclude) | finetune_values(shared)
     technique("prune", method, model, shared, values, files={"data": shared.data, "calib_data": calib_data},
               gzip_output=True)

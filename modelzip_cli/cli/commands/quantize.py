@@ -31,7 +31,8 @@ def quantize(
                                                    "scale, 0 = per channel (default 128)")] = None,
     act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="gptq: columns in "
                                                    "decreasing activation energy, group scales fixed first "
-                                                   "(default: per layer, the order with the lower GPTQ loss)")] = None,
+                                                   "(default); --no-act-order: stored order, each group's scale "
+                                                   "chosen when it is reached")] = None,
     damp: Annotated[float | None, typer.Option("--damp", help="gptq: Hessian dampening, a share of its mean "
                                                "diagonal (default 0.01)")] = None,
     calib_data: Annotated[Path | None, typer.Option("--calib-data", help="static: calibration data; dynamic: "
