@@ -150,6 +150,17 @@ def test_measurements_are_kept_per_cpu_capability(monkeypatch):
         wo_kernels.machine_key.cache_clear()
 
 
+def test_new_probe_rules_measure_again(monkeypatch):
+    """What an older probe chose (kept in the file of measurements) is not reused once its rules change."""
+    key = wo_kernels.machine_key()
+    wo_kernels.machine_key.cache_clear()
+    monkeypatch.setattr(wo_kernels, "PROBE_VERSION", wo_kernels.PROBE_VERSION + 1)
+    try:
+        assert wo_kernels.machine_key() != key
+    finally:
+        wo_kernels.machine_key.cache_clear()
+
+
 @pytest.mark.parametrize("op,bits,gone", [("_weight_int4pack_mm_for_cpu", 4, ("int4pack",)),
                                           ("_weight_int8pack_mm", 8, ("int8pack", "int8chan"))])
 def test_model_loaded_where_a_kernel_is_unavailable_runs_through_the_others(monkeypatch, op, bits, gone):

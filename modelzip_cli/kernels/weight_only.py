@@ -81,6 +81,9 @@ PROBE_BYTES, PROBE_COPIES = 64 << 20, 64  # the weight copies a few-row probe cy
 # A kernel replaces float only when it measured this many times faster: a near tie under a busy machine's
 # noise must not pick a kernel that is slower in fact, nor flip the choice (and its rounding) between runs.
 MARGIN = 1.25
+# How the probe decides (part of the machine's key in the file of measurements): a change to its rules must
+# measure again, not reuse what the old rules chose. 2: a one-thread winner is confirmed on the process's threads.
+PROBE_VERSION = 2
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # inputs the bf16 kernels may round
 
 
@@ -395,14 +398,15 @@ def cache_path() -> Path:
 def machine_key() -> str:
     """What a measurement holds for: the CPU (model and flags), the kernels torch runs on it (its capability:
     ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 code; oneDNN's and MKL's own limits), torch's
-    version and the core count."""
+    version, the core count and the probe's rules (PROBE_VERSION)."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         info = []
     cpu = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
     limits = [os.environ.get(v, "") for v in ISA_LIMITS]
-    text = "|".join([*cpu, torch.backends.cpu.get_cpu_capability(), *limits, torch.__version__, str(os.cpu_count())])
+    text = "|".join([*cpu, torch.backends.cpu.get_cpu_capability(), *limits, torch.__version__, str(os.cpu_count()),
+                     f"probe {PROBE_VERSION}"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
