@@ -324,4 +324,8 @@ def test_a_kernel_that_wins_on_one_thread_must_win_on_the_process_threads_too(mo
     with num_threads(1):  # one thread: the first timing was on the process's threads already
         assert wo_kernels._probe(geo, packs, 128, torch.float32, None, cold=False) == "int8chan"
     assert timed == [(1, {"int8chan", "bf16", "float"})]
+    timed.clear()
+    with num_threads(2):  # one row: bound by reading the weights, where one thread's ranking holds
+        assert wo_kernels._probe(geo, packs, 1, torch.float32, None, cold=False) == "int8chan"
+    assert timed == [(1, {"int8chan", "bf16", "float"})]
 

@@ -82,8 +82,9 @@ PROBE_BYTES, PROBE_COPIES = 64 << 20, 64  # the weight copies a few-row probe cy
 # noise must not pick a kernel that is slower in fact, nor flip the choice (and its rounding) between runs.
 MARGIN = 1.25
 # How the probe decides (part of the machine's key in the file of measurements): a change to its rules must
-# measure again, not reuse what the old rules chose. 2: a one-thread winner is confirmed on the process's threads.
-PROBE_VERSION = 2
+# measure again, not reuse what the old rules chose. 3: a one-thread winner on many rows is confirmed on the
+# process's threads.
+PROBE_VERSION = 3
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # inputs the bf16 kernels may round
 
 
@@ -509,10 +510,12 @@ def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype
     descheduled), timed by the CPU time of that thread (the time it waited for a core does not count),
     interleaved rounds, the fastest round of each, each round a pass over copies.
 
-    A winner other than float is then timed against float once more on the threads the process runs with
-    (wall clock, the fastest round): a kernel that does not spread over threads as float's GEMM does wins
-    on one thread and loses on two (int8chan at 128 rows on AVX2 kernels: chosen, and the MLP ran 0.72×
-    fp32). It stays only if it is still faster there."""
+    On many rows (arithmetic-bound), a winner other than float is then timed against float once more on the
+    threads the process runs with (wall clock, the fastest round): a kernel that does not spread over threads
+    as float's GEMM does wins on one thread and loses on two (int8chan at 128 rows on AVX2 kernels: chosen,
+    and the MLP ran 0.72× fp32). It stays only if it is still faster there. Few rows are bound by reading
+    the weights, where one thread's ranking held on two (confirming there moved 60 of a decoder's 210 layers
+    to float, and its decode went from 1.68× to 1.47× fp32)."""
     x = torch.randn(rows, geo.in_features).to(dtype)
     calls = {name: [KERNEL_TABLE[name].bind(geo, each, bias, dtype) for each in _copies(packed, rows, cold)]
              for name, packed in packs.items()}
@@ -523,7 +526,7 @@ def _probe(geo: Geometry, packs: dict[str, tuple], rows: int, dtype: torch.dtype
     if fastest == "float" or best[fastest] * MARGIN >= best["float"]:
         return "float"
     threads = torch.get_num_threads()
-    if threads > 1:
+    if threads > 1 and rows >= ROW_CLASSES[-1][1]:  # many rows: bound by arithmetic, which threads share
         both = _best_times({fastest: calls[fastest], "float": calls["float"]}, x, threads, time.perf_counter)
         if both[fastest] >= both["float"]:
             return "float"
