@@ -144,6 +144,18 @@ def test_export_command_checks_the_gguf_and_it_is_an_input(cli, int4_g32, tmp_pa
     assert load_checkpoint(q).manifest.arch == "hf:causal-lm"
 
 
+def _random_folder(config, folder):
+    """A random model of `config` saved as transformers saves it, the sample decoder's tokenizer beside it,
+    loaded as modelzip loads it."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DECODER / name, folder / name)
+    return load_checkpoint(folder)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_random_qwen2_and_mistral_configs(family, tmp_path):
     """Tiny random models of the other families (the sample decoder's tokenizer beside them)."""
@@ -152,13 +164,8 @@ def test_random_qwen2_and_mistral_configs(family, tmp_path):
     common = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     config = (transformers.Qwen2Config(**common) if family == "qwen2" else transformers.MistralConfig(**common))
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
     folder = tmp_path / family
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DECODER / name, folder / name)
-    loaded = load_checkpoint(folder)
+    loaded = _random_folder(config, folder)
     out = tmp_path / f"{family}.gguf"
     config = loaded.manifest.arch_kwargs["config"]
     plan = gguf_export.write_gguf(loaded.model, config, "f16", folder, out, f"tiny-{family}")
@@ -180,12 +187,8 @@ def test_random_gpt2_config_q8_0(tmp_path):
 
     config = transformers.GPT2Config(vocab_size=2048, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
     folder = tmp_path / "gpt2"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DECODER / name, folder / name)
-    loaded = load_checkpoint(folder)
+    loaded = _random_folder(config, folder)
     out = tmp_path / "gpt2.gguf"
     plan = gguf_export.write_gguf(loaded.model, loaded.manifest.arch_kwargs["config"], "q8_0", folder, out, "g")
     back = gguf_export.read_back(out, plan)
@@ -258,12 +261,8 @@ def test_q4_k_export_reads_back(tmp_path):
 
     config = transformers.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=320, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
     folder = tmp_path / "llama"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DECODER / name, folder / name)
-    loaded = load_checkpoint(folder)
+    loaded = _random_folder(config, folder)
     out = tmp_path / "q4k.gguf"
     plan = gguf_export.write_gguf(loaded.model, loaded.manifest.arch_kwargs["config"], "q4_k", folder, out, "k")
     assert gguf_export.read_back(out, plan)["types"] == {"Q4_K": 6, "Q5_0": 1, "Q8_0": 2, "F32": 3}
