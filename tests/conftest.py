@@ -167,6 +167,19 @@ with torch.inference_mode():
 """
 
 
+# {checkpoint: data} as JSON in argv[1] → each model's outputs on the first 8 samples, saved to argv[2]
+FRESH_OUTPUTS_MANY = """
+import json, sys, torch
+from modelzip_cli.checkpoint.io import load_checkpoint
+from modelzip_cli.pipeline.data import load_data
+out = {}
+for path, data in json.loads(sys.argv[1]).items():
+    with torch.inference_mode():
+        out[path] = load_checkpoint(path).model(load_data(data, require_targets=False).inputs[:8])
+torch.save(out, sys.argv[2])
+"""
+
+
 def fresh_outputs(checkpoint: Path, data: Path, tmp_path: Path):
     """The model's outputs on the first 64 samples of `data`, computed in a fresh process."""
     import torch

@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face extra is not installed")
 
-from .conftest import DIGITS_TEACHER, one_line_error, run_fresh  # noqa: E402
+from .conftest import DIGITS_TEACHER, FRESH_OUTPUTS_MANY, one_line_error, run_fresh  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +37,6 @@ TECHNIQUES = {
     "weight-only-4": ["quantize", "--method", "weight-only", "--bits", "4"],
 }
 STEP_LIMIT_S = 60  # the issue's bound on these tiny models; generous, so a slow shared machine does not fail it
-
-RELOAD = """
-import json, sys, torch
-from modelzip_cli.checkpoint.io import load_checkpoint
-from modelzip_cli.pipeline.data import load_data
-out = {}
-for path, data in json.loads(sys.argv[1]).items():
-    with torch.inference_mode():
-        out[path] = load_checkpoint(path).model(load_data(data, require_targets=False).inputs[:8])
-torch.save(out, sys.argv[2])
-"""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,7 +95,7 @@ def test_every_llm_technique_exits_0_or_2_within_a_minute(cli, root, family):
 def test_every_output_reloads_in_a_fresh_process_with_identical_logits(root):
     assert RESULTS, "the matrix wrote nothing"
     dest = root / "fresh.pt"
-    proc = run_fresh(RELOAD, json.dumps({k: v[0] for k, v in RESULTS.items()}), str(dest))
+    proc = run_fresh(FRESH_OUTPUTS_MANY, json.dumps({k: v[0] for k, v in RESULTS.items()}), str(dest))
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh = torch.load(dest, weights_only=True)
     for path, (_, logits) in RESULTS.items():

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face extr
 from modelzip_cli.checkpoint.io import load_checkpoint, load_model  # noqa: E402
 from modelzip_cli.hf import select_output  # noqa: E402
 
-from .conftest import SAMPLES, one_line_error, run_fresh  # noqa: E402
+from .conftest import FRESH_OUTPUTS_MANY, SAMPLES, one_line_error, run_fresh  # noqa: E402
 
 FAMILIES = {  # name: (Auto class, model_type, small config, data kind)
     "bert": ("AutoModelForSequenceClassification", "bert",
@@ -99,18 +99,8 @@ def test_every_technique_on_every_family(cli, hf_dirs, family, technique):
 
 def test_outputs_reload_identically_in_a_fresh_process(hf_dirs):
     assert RESULTS, "the matrix wrote nothing"
-    code = """
-import json, sys, torch
-from modelzip_cli.checkpoint.io import load_checkpoint
-from modelzip_cli.pipeline.data import load_data
-out = {}
-for path, data in json.loads(sys.argv[1]).items():
-    with torch.inference_mode():
-        out[path] = load_checkpoint(path).model(load_data(data, require_targets=False).inputs[:8])
-torch.save(out, sys.argv[2])
-"""
     dest = hf_dirs / "fresh.pt"
-    proc = run_fresh(code, json.dumps({k: v[0] for k, v in RESULTS.items()}), str(dest))
+    proc = run_fresh(FRESH_OUTPUTS_MANY, json.dumps({k: v[0] for k, v in RESULTS.items()}), str(dest))
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh = torch.load(dest, weights_only=True)
     for path, (_, outputs) in RESULTS.items():
