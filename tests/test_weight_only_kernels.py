@@ -329,3 +329,20 @@ def test_a_kernel_that_wins_on_one_thread_must_win_on_the_process_threads_too(mo
         assert wo_kernels._probe(geo, packs, 1, torch.float32, None, cold=False) == "int8chan"
     assert timed == [(1, {"int8chan", "bf16", "float"})]
 
+
+
+@pytest.mark.parametrize("bits, width", [(4, 200), (4, 256), (8, 200)])
+def test_layer_table_figures_of_a_packed_layer_equal_its_dense_weight(bits, width):
+    """The layer table counts a weight-only layer's zeros from its integers (no dense copy): the same counts."""
+    from modelzip_cli.checkpoint.layers import layer_table
+
+    torch.manual_seed(0)
+    linear = nn.Linear(width, 48)
+    linear.weight.data[:, :40] = 0  # whole zero groups and zeros inside groups
+    linear.weight.data[::3] *= (torch.rand(16, width) > 0.5)
+    q = WeightOnlyLinear.from_float(linear, bits, 64)
+    w = q.dequantized_weight()
+    row = layer_table(nn.Sequential(q), with_bytes=False)[0]
+    assert row["shape"] == list(w.shape) == [48, width]
+    assert row["nonzero"] == int(torch.count_nonzero(w)) < w.numel()
+    assert row["params"] == w.numel() + 48

@@ -13,3 +13,8 @@ class PackedWeights:
         if self.bias is not None:
             out["bias"] = self.bias.detach()
         return out
+
+    def weight_figures(self) -> tuple[list[int], int]:
+        """The dense weight's shape and its number of non-zero values (what a layer table shows)."""
+        w = self.dequantized_weight()
+        return list(w.shape), int(torch.count_nonzero(w))

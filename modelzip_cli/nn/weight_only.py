@@ -149,6 +149,15 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self._dequantize(self.qweight, self.scales, self.zero_points)
 
+    def weight_figures(self) -> tuple[list[int], int]:
+        """Shape and non-zeros without dequantizing: a weight is zero where its integer equals its group's
+        zero point (0 for int8; scales are positive), and padding columns hold that value."""
+        rows, groups = self.scales.shape
+        zp = self.zero_points.to(self.qweight.dtype)[..., None]
+        g = self.qweight.reshape(rows, groups, -1)  # a byte's two int4 values are in the same (even) group
+        parts = [g] if self.bits == 8 else [g & 0x0F, g >> 4]
+        return [self.out_features, self.in_features], sum(int(torch.count_nonzero(p != zp)) for p in parts)
+
     def _dequantize(self, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
         """Float rows (R, in) from R stored rows: packed integers (R, cols), scales and zero points (R, groups)."""
         rows = qweight.shape[0]
