@@ -83,7 +83,8 @@ def _torch_ao_linear(module: nn.Module) -> nn.Module:
             scale = module.weight_scale.detach().double()
             return scale, torch.zeros(scale.shape, dtype=torch.int64)
 
-    w, b = module.float_params()  # qweight · scale: re-quantized by the same scale, the integers come back
+    # qweight · scale, re-quantized by the same scale: the integers come back. Not kept (fbgemm packs its own)
+    w, b = module.float_params(keep=False)
     float_linear = nn.Linear(module.in_features, module.out_features, b is not None)
     with torch.no_grad():
         float_linear.weight.copy_(w)

@@ -190,18 +190,28 @@ class _Int8Weighted(PackedWeights, nn.Module):
             if bias is not None:
                 self.bias.copy_(bias.detach())
 
-    def float_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(float32 weight = qweight · scale, float32 bias), computed once and kept until the buffers change."""
+    def float_params(self, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float32 weight = qweight · scale, float32 bias), computed once and kept until the buffers change;
+        without `keep`, computed and not kept (a kernel that packs its own copy: 4 bytes a weight saved)."""
         q, scale, bias = self._buffers["qweight"], self._buffers["weight_scale"], self._parameters["bias"]
 
         def build():
             w = q.float() * scale.float().reshape((-1,) + (1,) * (q.ndim - 1))
             return w, None if bias is None else bias.float()
 
+        hit = self._derived.values.get("float")
+        if not keep and (hit is None or not all(map(operator.is_, hit[0], (q, scale, bias)))):
+            with torch.no_grad():
+                return build()
         return self._derived.get("float", (q, scale, bias), build)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.float_params()[0]
+
+    def weight_figures(self) -> tuple[list[int], int]:
+        """Shape and non-zeros from the integers (scales are positive): no float copy built or kept."""
+        q = self._buffers["qweight"]
+        return list(q.shape), int(torch.count_nonzero(q))
 
     @property
     def weight(self) -> torch.Tensor:

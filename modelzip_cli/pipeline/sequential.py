@@ -11,6 +11,8 @@ calibrated in one whole-model pass instead (`blocks_of` returns None and the cal
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -115,9 +117,28 @@ def calibrate(model: nn.Module, batches: list, forward: Callable,
         per_block(i, block, inputs)
         if through_last or i + 1 < len(blocks.layers):
             inputs = run_block(block, inputs)
+        give_back_freed_memory()
         if progress is not None:
             progress(i + 1, len(blocks.layers))
     return blocks
+
+
+def give_back_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc `malloc_trim`; elsewhere nothing). Each block pass
+    frees its activations and kernels' temporaries, and glibc keeps freed pages resident: over a 30-block
+    decoder's calibration that grew the resident size by 0.8 GB (bench `scale`, W8A8 dynamic of the
+    135M-class decoder, peak 2.2 GB; 1.7 GB with this)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

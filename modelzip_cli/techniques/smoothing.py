@@ -332,7 +332,8 @@ def by_block(model: nn.Module, names: list[str], batches: list, forward: Callabl
                     unfolded(prefix + n, root.get_submodule(n), g)
             g.linears = [prefix + n for n in g.linears]
             g.producer = prefix + g.producer if g.producer else g.producer
-            g.rows = g.rows[:0]  # dropped: the next block's rows take their place
+            # dropped: the next block's rows take their place (a new empty tensor: a slice would keep the storage)
+            g.rows = g.rows.new_empty((0, g.rows.shape[-1]))
             out.append(g)
 
     def per_block(i: int, block: nn.Module, inputs: sequential.Inputs) -> None:
