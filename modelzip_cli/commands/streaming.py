@@ -385,9 +385,6 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
                 out = transform(name, real)
                 if src.dtype != torch.float32:  # the output keeps the input's float dtype
                     to_dtype(out, src.dtype)
-                if isinstance(cfg, MagnitudeConfig):
-                    nnz += int(torch.count_nonzero(out.weight))
-                    numel += out.weight.numel()
                 versions = {k: v for k, v in versions.items() if k != name and not k.startswith(prefix)}
                 versions.update(_versions(out, name))
             state = {k: v for k, v in _own_state(out).items() if k not in tied}
@@ -401,6 +398,9 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
             row = layer_table(out, names={""}, encoded=Encoded(tensors, enc, const, {}))
             for r in row:
                 r["name"] = name or "(root)"
+                if name in selected and isinstance(cfg, MagnitudeConfig):  # the pruned weight's figures
+                    nnz += r["nonzero"]
+                    numel += math.prod(r["shape"])
             rows.extend(row)
             if tied or out is real:  # float as it was: cheap to count again, ties left out
                 _count(after, out, tied)
