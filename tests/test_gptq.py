@@ -225,3 +225,46 @@ def test_rebatched_windows_keep_every_sample_in_order():
     assert len(big) == 1 and torch.equal(torch.cat(big), torch.cat(batches))
     floats = [torch.randn(3, 4)]
     assert sequential.rebatched(floats) is floats  # not token windows: as they are
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "wanda", "sparsegpt", "dynamic"])
+def test_offloaded_activations_give_the_same_model_and_leave_no_file(method, tmp_path, monkeypatch):
+    """--offload-activations: block boundaries go to files under the folder (read back a batch at a time) and
+    the calibrated model is the one calibration in memory gives, bit for bit; the files are gone afterwards."""
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import Dataset
+    from modelzip_cli.techniques.base import handler
+    from modelzip_cli.techniques.prune import SparseGPTConfig, WandaConfig
+    from modelzip_cli.techniques.quantize import AWQConfig, DynamicConfig, GPTQConfig
+
+    cfg = {"gptq": GPTQConfig(group_size=16), "awq": AWQConfig(group_size=16), "wanda": WandaConfig(ratio=0.5),
+           "sparsegpt": SparseGPTConfig(ratio=0.5), "dynamic": DynamicConfig(smoothing="auto", exclude=["lm_head"])}[method]
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    written: list[Path] = []
+    append = sequential.Offloaded.append
+
+    def spy(self, entry):
+        append(self, entry)
+        written.append(self.entries[-1][0])
+        assert all(isinstance(v, Path | str | tuple | dict) for v in self.entries[-1])  # no tensor kept here
+
+    monkeypatch.setattr(sequential.Offloaded, "append", spy)
+    states = []
+    for offload in (None, tmp_path):
+        ctx = Context(calib_data=Dataset(inputs=ids, targets=None, path=Path("calib")), offload=offload)
+        out = handler(cfg)(_tiny_llama(), cfg, ctx)
+        model = out[0] if isinstance(out, tuple) else out.model
+        states.append({k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)})
+    assert written and all(p.parent.parent == tmp_path for p in written)
+    assert list(tmp_path.iterdir()) == []
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_offload_folder_that_is_not_a_folder_is_refused(cli, tmp_path):
+    from tests.conftest import DIGITS_TEACHER
+
+    r = cli("quantize", str(DIGITS_TEACHER), "--method", "dynamic", "--offload-activations", str(tmp_path / "missing"),
+            "-o", str(tmp_path / "out.safetensors"))
+    assert r.code == 2 and "not a folder" in r.stderr and not (tmp_path / "out.safetensors").exists()

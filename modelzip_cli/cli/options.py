@@ -119,6 +119,13 @@ Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | aut
 
 
 
+OffloadActivations = Annotated[Path | None, typer.Option(
+    "--offload-activations", help="a folder where layer-by-layer calibration (GPTQ, AWQ, smoothing, Wanda, "
+    "SparseGPT) keeps the activations between blocks, read back one batch at a time: memory holds one batch's "
+    "instead of the whole calibration set's; the files are removed afterwards")]
+
+
+
 Json = Annotated[bool, typer.Option("--json", help="print the report JSON to stdout")]
 
 
@@ -214,6 +221,10 @@ FINETUNE_OPTIONS = _options(data=(Data, None), finetune_epochs=(FinetuneEpochs, 
                             batch_size=(BatchSize, None), max_samples=(MaxSamples, None), recover=(Recover, False),
                             recover_loss=(RecoverLoss, None), temperature=(RecoverTemperature, None),
                             hidden_weight=(HiddenWeight, None))
+
+
+
+CALIBRATION_OPTIONS = _options(offload_activations=(OffloadActivations, None))
 
 
 
@@ -361,6 +372,12 @@ def common_options(shared: SimpleNamespace) -> CommonOptions:
                                 "max_accuracy_drop", "min_fidelity", "max_ppl_increase", "threads", "arch", "task",
                                 "output_key",
                                 "device") if k in g}
+    if g.get("offload_activations") is not None:
+        folder = g["offload_activations"]
+        if not folder.is_dir():
+            raise UsageError(f"--offload-activations {folder}: not a folder",
+                             hint="name an existing folder with room for one block boundary's activations")
+        fields["offload_activations"] = folder
     if g.get("max_memory") is not None:
         from modelzip_cli.limits import parse_size
 

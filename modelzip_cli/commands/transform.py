@@ -70,6 +70,7 @@ class CommonOptions:
     task: str | None = None  # a Hugging Face directory's task (its Auto class)
     output_key: str | None = None  # which output to compare, when the model's output is not one tensor
     max_memory: int | None = None  # bytes: refuse a run estimated to peak above it (memory.py)
+    offload_activations: Path | None = None  # a folder calibration keeps block activations in (sequential.py)
 
 
 def output_tag(command: str) -> str:
@@ -243,6 +244,7 @@ def run_transform(command: str, input_path: Path, opts: CommonOptions, apply: Ap
     with outputs or Outputs() as staged:
         ctx = context or Context()
         ctx.device = distributed.resolve_device(opts.device)
+        ctx.offload = opts.offload_activations
         loaded = load_input(input_path, opts)
         for op in ops:
             check_applicable(op, loaded)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -42,6 +43,7 @@ class Context:
     trusted_refs: frozenset[str] = frozenset()  # architectures the user named on the command line
     trust_code: bool = False  # --trust-code: pickled modules the technique reads may be unpickled
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where training runs (--device)
+    offload: Path | None = None  # --offload-activations: the folder layer-by-layer calibration keeps activations in
     # --min-fidelity of a quantize command: layers that cost most fidelity are left float until it is met
     min_fidelity: float | None = None
     # what --min-fidelity chooses those layers on without --calib-data: a part of --eval-data the gate never sees

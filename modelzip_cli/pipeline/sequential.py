@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +28,54 @@ class _Caught(Exception):
     """Raised by the pre-hook on the first block: the model need not run past it."""
 
 
-Inputs = list[tuple[tuple, dict]]  # per calibration batch: the block's positional and keyword arguments
+Entry = tuple[tuple, dict]  # one calibration batch's block arguments: positional and keyword
+
+
+class Offloaded:
+    """A block boundary's activations kept in files (`--offload-activations DIR`): each calibration batch's
+    hidden states in one safetensors file of a folder modelzip made (and removes), the batch's other
+    arguments (attention mask, position embeddings: the same for every block) in memory. Read back one batch
+    at a time, so memory holds one batch's hidden states instead of the whole calibration set's."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.entries: list[tuple[Path, str, tuple | None, dict]] = []
+
+    def append(self, entry: Entry) -> None:
+        from safetensors.torch import save_file
+
+        args, kwargs = entry
+        states = args[0] if args else kwargs["hidden_states"]
+        path = self.folder / f"{next(_FILES)}.safetensors"
+        save_file({"hidden_states": states.detach().contiguous()}, str(path))
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        self.entries.append((path, str(states.device), args[1:] if args else None, rest))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> Entry:
+        from safetensors.torch import load_file
+
+        path, device, rest, kwargs = self.entries[i]
+        states = load_file(str(path), device=device)["hidden_states"]
+        return ((states, *rest), kwargs) if rest is not None else ((), {**kwargs, "hidden_states": states})
+
+    def __iter__(self) -> Iterator[Entry]:
+        return (self[i] for i in range(len(self)))
+
+    def like(self) -> Offloaded:
+        """An empty boundary in the same folder (the next block's inputs)."""
+        return Offloaded(self.folder)
+
+    def drop(self) -> None:
+        for path, *_ in self.entries:
+            path.unlink(missing_ok=True)
+        self.entries.clear()
+
+
+_FILES = itertools.count()
+Inputs = list[Entry] | Offloaded  # per calibration batch: the block's positional and keyword arguments
 
 
 def _is_cache(value: object) -> bool:
@@ -45,10 +95,11 @@ def _clean(kwargs: dict) -> dict:
 
 
 @torch.inference_mode()
-def first_inputs(model: nn.Module, blocks: Blocks, batches: Iterable, forward: Callable) -> Inputs:
+def first_inputs(model: nn.Module, blocks: Blocks, batches: Iterable, forward: Callable,
+                 folder: Path | None = None) -> Inputs:
     """The arguments the first block receives for each calibration batch (`forward(model, batch)` runs the
-    model)."""
-    seen: Inputs = []
+    model); kept in files under `folder` when one is given (`Offloaded`)."""
+    seen: Inputs = Offloaded(folder) if folder is not None else []
 
     def catch(module, args, kwargs):
         seen.append((tuple(a.detach() if isinstance(a, torch.Tensor) else None if _is_cache(a) else a for a in args),
@@ -91,8 +142,9 @@ def first_sample(entry: tuple[tuple, dict]) -> tuple[tuple, dict]:
 
 @torch.inference_mode()
 def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
-    """The next block's arguments: this block's outputs in place of the hidden states, same keywords."""
-    nxt: Inputs = []
+    """The next block's arguments: this block's outputs in place of the hidden states, same keywords (in
+    files beside the inputs' when they are offloaded)."""
+    nxt: Inputs = inputs.like() if isinstance(inputs, Offloaded) else []
     for args, kwargs in inputs:
         if args:
             out = hidden(block(*args, **kwargs))
@@ -103,23 +155,46 @@ def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     return nxt
 
 
+@torch.inference_mode()
+def feed(block: nn.Module, inputs: Inputs) -> None:
+    """Run the block on every batch for what its hooks record, keeping none of its outputs."""
+    for args, kwargs in inputs:
+        block(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def activations_folder(offload: Path | None) -> Iterator[Path | None]:
+    """A fresh folder under `offload` for one calibration's block boundaries, removed afterwards whatever
+    happens (None without --offload-activations)."""
+    if offload is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(dir=offload, prefix="modelzip-activations-") as folder:
+        yield Path(folder)
+
+
 def calibrate(model: nn.Module, batches: list, forward: Callable,
               per_block: Callable[[int, nn.Module, Inputs], None],
-              progress: Callable[[int, int], None] | None = None, through_last: bool = True) -> Blocks | None:
+              progress: Callable[[int, int], None] | None = None, through_last: bool = True,
+              offload: Path | None = None) -> Blocks | None:
     """Run `per_block(i, block, inputs)` on each block in order, then pass the inputs through the block as
     `per_block` left it (not through the last one unless `through_last`: nothing may need its outputs).
+    `offload`: a folder the block boundaries' activations are kept in, one batch in memory at a time.
     Returns the stack, or None when the model has none (nothing was run)."""
     blocks = blocks_of(model)
     if blocks is None:
         return None
-    inputs = first_inputs(model, blocks, batches, forward)
-    for i, block in enumerate(blocks.layers):
-        per_block(i, block, inputs)
-        if through_last or i + 1 < len(blocks.layers):
-            inputs = run_block(block, inputs)
-        give_back_freed_memory()
-        if progress is not None:
-            progress(i + 1, len(blocks.layers))
+    with activations_folder(offload) as folder:
+        inputs = first_inputs(model, blocks, batches, forward, folder)
+        for i, block in enumerate(blocks.layers):
+            per_block(i, block, inputs)
+            if through_last or i + 1 < len(blocks.layers):
+                done, inputs = inputs, run_block(block, inputs)
+                if isinstance(done, Offloaded):
+                    done.drop()
+            give_back_freed_memory()
+            if progress is not None:
+                progress(i + 1, len(blocks.layers))
     return blocks
 
 
@@ -213,7 +288,7 @@ Process = Callable[[list[str], list[nn.Module], "Hessian"], None]  # layers that
 
 
 def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], process: Process, progress,
-              label: str) -> str:
+              label: str, offload: Path | None = None) -> str:
     """Accumulate each named layer's input Hessian on the calibration batches and hand it to
     `process(names, layers, hessian)` (the layers that read the very same input together, in `names` order),
     which changes the layers in place: block by block, each block on the outputs of the blocks before it as
@@ -242,12 +317,13 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], p
     with progress(label, (len(stack.layers) if stack else 0) + 1) as bar:
         def per_block(i: int, block: nn.Module, inputs: Inputs) -> None:
             mine = [n for n in names if n.startswith(stack.name(i) + ".")]
-            run(block, mine, lambda: run_block(block, inputs))
+            run(block, mine, lambda: feed(block, inputs))
             done.update(mine)
 
         if stack is not None:
             outside = any(not n.startswith(stack.prefix + ".") for n in names)  # needs the whole model after
-            calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance(), through_last=outside)
+            calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance(), through_last=outside,
+                      offload=offload)
         rest = [n for n in names if n not in done]
         if rest:
             run(model, rest, lambda: [forward(model, x) for x in batches])

@@ -707,7 +707,7 @@ def prune_activation_aware(model: nn.Module, cfg: WandaConfig, ctx: Context) -> 
 
     with sequential.on_device(model, ctx.device):  # --device: calibration and updates where the weights are
         batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-        how = sequential.per_layer(model, list(weights), batches, process, ctx.progress, cfg.method)
+        how = sequential.per_layer(model, list(weights), batches, process, ctx.progress, cfg.method, ctx.offload)
     weights = {n: model.get_submodule(n).weight for n in weights}
     before = teacher.measure(model) if teacher else None
     history = _fine_tune(model, cfg, ctx, masks=_masks(weights), label=_label(cfg), teacher=teacher)

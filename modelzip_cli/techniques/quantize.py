@@ -252,7 +252,7 @@ def _smoothing(model: nn.Module, names: list[str], batches: list, run: smoothing
     with ctx.progress("smoothing", (len(stack.layers) if stack else 0) + 1) as bar:
         groups, notes, how = smoothing.by_block(model, names, batches, sequential.forward, ctx.generator(), run,
                                                 fold=fold, unfolded=unfolded, progress=bar.advance,
-                                                blocks=SMOOTH_BY_BLOCK)
+                                                blocks=SMOOTH_BY_BLOCK, offload=ctx.offload)
         bar.advance()
     return groups, [*notes, f"smoothing statistics on {sum(len(x) for x in batches)} calibration samples, {how}"]
 
@@ -407,7 +407,7 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
 
     with sequential.on_device(model, ctx.device):  # --device: calibration and GPTQ where the weights are
         batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-        how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq")
+        how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq", ctx.offload)
     done = [n for n in names if n in chosen]
     for n in done:
         q, group = chosen[n]
@@ -508,7 +508,7 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Mod
         mine = [n for n in names if n.startswith(prefix)]
         seen = _Producers(block, {n[len(prefix):]: block.get_submodule(n[len(prefix):]) for n in mine}, per_batch)
         try:
-            sequential.run_block(block, inputs)
+            sequential.feed(block, inputs)
         finally:
             seen.remove()
         seen.producer = {prefix + k: v for k, v in seen.producer.items()}
@@ -531,7 +531,7 @@ def quantize_awq(model: nn.Module, cfg: AWQConfig, ctx: Context) -> tuple[nn.Mod
     with ctx.progress("awq", (len(stack.layers) if stack else 0)) as bar, sequential.on_device(model, ctx.device):
         if stack is not None:
             batches = [x.to(ctx.device) for x in batches]
-            sequential.calibrate(model, batches, sequential.forward, per_block)
+            sequential.calibrate(model, batches, sequential.forward, per_block, offload=ctx.offload)
     outside = [n for n in names if n not in chosen]
     for n in outside:  # outside the stack: no scales, no clipping, round to nearest
         chosen[n] = rtn(model.get_submodule(n).weight, cfg.bits, group_of(n)), group_of(n)

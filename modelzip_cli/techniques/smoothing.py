@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -306,7 +307,7 @@ class Folds:
 
 def by_block(model: nn.Module, names: list[str], batches: list, forward: Callable, generator: torch.Generator,
              run: Int8Output, *, fold: bool, unfolded: Callable[[str, nn.Module, Group], None] | None = None,
-             progress=None, blocks: bool = True) -> tuple[list[Group], list[str], str]:
+             progress=None, blocks: bool = True, offload: Path | None = None) -> tuple[list[Group], list[str], str]:
     """Smoothing for the named Linears, one block of the model's stack at a time (pipeline/sequential.py):
     each block's statistics (`find_groups`) are recorded on what the block receives, its folds made and checked
     on the block's own output for one sample, `unfolded(name, layer, group)` called for each Linear of a group
@@ -349,7 +350,7 @@ def by_block(model: nn.Module, names: list[str], batches: list, forward: Callabl
 
     if stack is not None:
         outside = any(n not in done and not n.startswith(stack.prefix + ".") for n in names)
-        sequential.calibrate(model, batches, forward, per_block, through_last=outside)
+        sequential.calibrate(model, batches, forward, per_block, through_last=outside, offload=offload)
     rest = [n for n in names if n not in done]
     if rest:
         check = batches[0][:1]

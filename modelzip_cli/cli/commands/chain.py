@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from modelzip_cli.cli.options import (
+    CALIBRATION_OPTIONS,
     TRANSFORM_OPTIONS,
     Input,
     command,
@@ -17,7 +18,7 @@ from modelzip_cli.cli.options import (
 )
 
 
-@command(TRANSFORM_OPTIONS)
+@command(CALIBRATION_OPTIONS, TRANSFORM_OPTIONS)
 def chain(
     model: Input,
     recipe: Annotated[Path, typer.Option("--recipe", help="TOML or JSON recipe: \\[\\[steps]] with op and options")],

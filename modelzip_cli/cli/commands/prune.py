@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from modelzip_cli.cli.options import (
+    CALIBRATION_OPTIONS,
     FINETUNE_OPTIONS,
     SELECT_OPTIONS,
     TRANSFORM_OPTIONS,
@@ -22,7 +23,7 @@ from modelzip_cli.cli.options import (
 from modelzip_cli.errors import UsageError
 
 
-@command(SELECT_OPTIONS, FINETUNE_OPTIONS, TRANSFORM_OPTIONS)
+@command(SELECT_OPTIONS, FINETUNE_OPTIONS, CALIBRATION_OPTIONS, TRANSFORM_OPTIONS)
 def prune(
     model: Input,
     ratio: Annotated[float | None, typer.Option("--ratio", help="fraction to remove, in [0, 1)")] = None,

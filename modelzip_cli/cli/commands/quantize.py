@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from modelzip_cli.cli.options import (
+    CALIBRATION_OPTIONS,
     SELECT_OPTIONS,
     TRANSFORM_OPTIONS,
     Input,
@@ -20,7 +21,7 @@ from modelzip_cli.cli.options import (
 from modelzip_cli.errors import UsageError
 
 
-@command(SELECT_OPTIONS, TRANSFORM_OPTIONS)
+@command(SELECT_OPTIONS, CALIBRATION_OPTIONS, TRANSFORM_OPTIONS)
 def quantize(
     model: Input,
     method: Annotated[str | None, typer.Option("--method", help="dynamic | static | qat | weight-only | "
