@@ -157,3 +157,19 @@ def test_streamed_nan_writes_nothing(cli, monkeypatch, tmp_path):
     result = cli("prune", bad, "--ratio", "0.5", "-o", out, "-q")
     assert result.code == 2 and "non-finite" in one_line_error(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_max_memory_estimate_leaves_out_offloaded_activations(tmp_path):
+    """--offload-activations keeps the block boundaries on disk: the estimate counts the model alone."""
+    from safetensors.torch import save_file
+
+    from modelzip_cli.checkpoint import memory
+    from tests.conftest import SAMPLES
+
+    calib = tmp_path / "calib.safetensors"
+    save_file({"inputs": torch.zeros(512, 256, dtype=torch.int64)}, str(calib))
+    decoder = SAMPLES / "tiny_llama"
+    held = memory.whole_model(decoder, calib)
+    offloaded = memory.whole_model(decoder, calib, offloaded=True)
+    assert held.bytes - offloaded.bytes == 16 * 512 * 256 * memory.hidden_size(decoder)
+    assert offloaded.bytes == memory.whole_model(decoder).bytes

@@ -92,11 +92,12 @@ def calibration_tokens(path: Path | None) -> int:
         return 0
 
 
-def whole_model(path: Path, calib: Path | None = None) -> Estimate | None:
+def whole_model(path: Path, calib: Path | None = None, offloaded: bool = False) -> Estimate | None:
+    """`offloaded`: --offload-activations keeps the block boundaries on disk (one batch in memory, not counted)."""
     values = input_values(path)
     if values is None:
         return None
-    activations = 4 * 4 * calibration_tokens(calib) * (hidden_size(path) or 0)
+    activations = 0 if offloaded else 4 * 4 * calibration_tokens(calib) * (hidden_size(path) or 0)
     how = f"{WHOLE_COPIES} float32 copies of {values:,} values"
     if activations:
         how += f", and {gb(activations)} of calibration activations"

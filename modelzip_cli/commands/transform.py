@@ -216,7 +216,8 @@ def run_technique(cfg: MethodConfig, model: Path, opts: CommonOptions, *, files:
     src = stream_source(cfg, model, opts, files)
     if src is not None:
         return run_streamed(cfg, model, src, opts, progress)
-    memory.check(opts.max_memory, memory.whole_model(model, files.get("calib_data")), cfg.op)
+    estimate = memory.whole_model(model, files.get("calib_data"), offloaded=opts.offload_activations is not None)
+    memory.check(opts.max_memory, estimate, cfg.op)
 
     def prepare(loaded: Loaded, ctx: Context) -> None:
         load_step_data(loaded, ctx, data=files.get("data"), val_data=files.get("val_data"),
