@@ -50,13 +50,16 @@ def _check(layer: WeightOnlyLinear, kernel: str, tol: float) -> None:
         assert _rel(y, ref) <= tol, (kernel, shape)
 
 
-@pytest.mark.parametrize("bits,kernel,tol", [(4, "int4pack", TOL), (4, "bf16", TOL), (8, "int8pack", TOL),
+@pytest.mark.parametrize("bits,kernel,tol", [(4, "vnni4", TOL_W8A8), (4, "int4pack", TOL), (4, "bf16", TOL),
+                                              (8, "int8pack", TOL),
                                               (8, "int8chan", TOL), (8, "int8dyn", TOL_W8A8), (8, "bf16", TOL)])
 @pytest.mark.parametrize("group", [32, 64, 128])
 # 200: not a whole number of groups (the stored weight is padded, so is the input); 576: 4.5 groups of 128, which
 # the int4 kernel takes as 9 groups of 64 (no padding)
 @pytest.mark.parametrize("width", [256, 200, 576])
 def test_kernel_matches_dequantize_and_matmul(monkeypatch, bits, kernel, tol, group, width):
+    if not wo_kernels.available(kernel):
+        pytest.skip(f"{kernel} does not run here")
     torch.manual_seed(0)
     monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
     _check(WeightOnlyLinear.from_float(nn.Linear(width, 48), bits, group).eval(), kernel, tol)
@@ -195,7 +198,7 @@ def test_unavailable_kernel_runs_through_the_fallback(monkeypatch):
     ref = F.linear(x, layer.dequantized_weight(), layer.bias)
     with torch.inference_mode():
         auto = layer(x)  # measured among the kernels that run
-    assert layer.kernel_for(3) in ("bf16", "float") and _rel(auto, ref) <= TOL
+    assert layer.kernel_for(3) in ("vnni4", "bf16", "float") and _rel(auto, ref) <= TOL_W8A8
     monkeypatch.setenv(wo_kernels.KERNEL_ENV, "int4pack")
     forced = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64).eval()
     forced.load_state_dict(layer.state_dict())
@@ -346,3 +349,44 @@ def test_layer_table_figures_of_a_packed_layer_equal_its_dense_weight(bits, widt
     assert row["shape"] == list(w.shape) == [48, width]
     assert row["nonzero"] == int(torch.count_nonzero(w)) < w.numel()
     assert row["params"] == w.numel() + 48
+
+
+def test_without_a_c_compiler_vnni4_is_unavailable_and_a_forced_layer_runs_on_float(monkeypatch, tmp_path):
+    """modelzip's own C kernel is built on first use: where that cannot be (no compiler, here a CC that does not
+    exist, and no library built before), it is unavailable with the reason, and a layer forced onto it runs."""
+    from modelzip_cli.kernels import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(wo_kernels.CACHE_ENV, str(tmp_path))
+    native.wo4_vnni.cache_clear()
+    wo_kernels.available.cache_clear()
+    try:
+        if native._cpu_flags() >= set(native.VNNI_FLAGS):
+            assert native.wo4_vnni()[0] is None and "could not build" in native.wo4_vnni()[1]
+        assert not wo_kernels.available("vnni4")
+        monkeypatch.setenv(wo_kernels.KERNEL_ENV, "vnni4")
+        layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64).eval()
+        x = torch.randn(3, 256)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias))
+        assert layer.kernel_for(3) == "float" and "vnni4" in layer.kernel_notes()
+    finally:
+        native.wo4_vnni.cache_clear()
+        wo_kernels.available.cache_clear()
+
+
+def test_vnni4_library_is_built_once_under_the_hash_of_its_source(monkeypatch, tmp_path):
+    from modelzip_cli.kernels import native
+
+    if not native._cpu_flags() >= set(native.VNNI_FLAGS):
+        pytest.skip("no AVX-512 VNNI here")
+    monkeypatch.setenv(wo_kernels.CACHE_ENV, str(tmp_path))
+    lib, why = native._build("wo4_vnni.c", native.CFLAGS)
+    assert lib is not None, why
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("wo4_vnni-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    assert native._build("wo4_vnni.c", native.CFLAGS)[0] is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert native._build("wo4_vnni.c", (*native.CFLAGS, "-DPREFETCH=256"))[0] is not None
+    assert len(list((tmp_path / "native").iterdir())) == 2  # other flags: another library

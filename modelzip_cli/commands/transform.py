@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,11 +349,18 @@ def run_streamed(cfg: MethodConfig, model: Path, src, opts: CommonOptions, progr
     output, report_path = resolve_outputs(cfg.op, [model], opts)
     memory.check(opts.max_memory, memory.Estimate(streaming.streamed_peak(src), "one module at a time, streamed"),
                  cfg.op)
-    with Outputs() as staged:
+    stop = threading.Event()  # an error ends the hashing at once
+    with Outputs() as staged, ThreadPoolExecutor(1) as pool:
+        # The input's sha256 while the modules stream: hashlib lets go of the GIL, and the bytes are read anyway
+        hashed = pool.submit(file_info, shards.resolve(model), stop=stop)
         torch.manual_seed(opts.seed)
-        result = streaming.run_streamed(src, cfg, output, staged, progress=progress)
+        try:
+            result = streaming.run_streamed(src, cfg, output, staged, progress=progress)
+        except BaseException:
+            stop.set()
+            raise
         report = Report(command=cfg.op)
-        report.input = file_info(shards.resolve(model), result.before["parameters"])
+        report.input = {**hashed.result(), "parameters": result.before["parameters"]}
         report.input["bytes"] = disk_total(shards.resolve(model))
         report.output = file_info(result.path, result.after["parameters"], read_from=staged.staged(result.path))
         report.output["bytes"] = result.bytes

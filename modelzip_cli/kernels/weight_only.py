@@ -4,6 +4,15 @@ The file format does not change: int8 weights, or int4 packed two per byte (low 
 float32 scales and int8 zero points, the weight padded to whole groups. A kernel packs those tensors into
 its own layout the first time a layer runs (kept in memory, never stored) and computes the layer:
 
+- vnni4: modelzip's own C kernel (wo4_vnni.c, built by the machine's C compiler on first use: native.py) on
+  AVX-512 VNNI: the stored int4 bytes as they are (no copy), activations rounded to int8 per group of the
+  layer's own group size (scale max|x| / 127, as llama.cpp's Q4 × Q8 dot products do), one vpdpbusd per 64
+  weights. The rounding is finer than int8dyn's per row, and an outlier channel (LLM activations have them)
+  coarsens only its own group's scale, not the whole row's: relative error about 5e-3 on Gaussian activations,
+  the bf16 kernels' order (3e-3; tests allow 2e-2), so the probe may choose it (int8dyn only where forced).
+  Groups of 32, 64 or a multiple of 128. At one row it reads
+  half a byte per weight where torch's int4 kernel is bound by its unpacking (MLP at batch 1, 2 threads: see
+  bench `int8`).
 - int4pack: torch's packed int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`), bf16 activations. Its
   dequantization is (q − 8)·s + z, so z = (8 − zero point)·s. It takes groups of 32, 64, 128 or 256
   (a wider group is written as several of these with the same scale) and widths N divisible by 16.
@@ -37,9 +46,9 @@ The choice: a call's row count falls in a size class (ROW_CLASSES); for each (bi
 dtype, bias) every kernel that can run the layer is timed on the layer's own weights (`_probe`), and the
 fastest is kept if it beat float by MARGIN: for the process (`CHOICES`) and in a file of measurements keyed
 by the machine (CPU model and flags, torch's CPU capability and oneDNN's/MKL's ISA limits, torch version,
-core count), `$MODELZIP_CACHE_DIR/wo_kernels.json` (default ~/.cache/modelzip), so that every process on
-one machine runs a layer on the same kernel and gives the same output bits. Delete the file to measure
-again; where it cannot be written, each process measures.
+core count, the C kernels' source), `$MODELZIP_CACHE_DIR/wo_kernels.json` (default ~/.cache/modelzip), so
+that every process on one machine runs a layer on the same kernel and gives the same output bits. Delete the
+file to measure again; where it cannot be written, each process measures.
 
 The probe runs on one thread, timed by that thread's CPU time: on a machine whose cores other processes
 keep busy, wall-clock and two-thread timings are dominated by waiting. The cost: such contention at run
@@ -69,10 +78,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modelzip_cli.kernels import choice
+from modelzip_cli.kernels import choice, native
 
 KERNEL_ENV = "MODELZIP_WO_KERNEL"
-KERNELS = ("int4pack", "int8pack", "int8chan", "int8dyn", "bf16", "float")
+KERNELS = ("vnni4", "int4pack", "int8pack", "int8chan", "int8dyn", "bf16", "float")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 CPU kernel takes
 # (largest row count of the class, rows the probe times it at): decoding one token, a few rows, a batch
 ROW_CLASSES = ((2, 1), (32, 16), (None, 128))
@@ -83,8 +92,8 @@ PROBE_BYTES, PROBE_COPIES = 64 << 20, 64  # the weight copies a few-row probe cy
 MARGIN = 1.25
 # How the probe decides (part of the machine's key in the file of measurements): a change to its rules must
 # measure again, not reuse what the old rules chose. 3: a one-thread winner on many rows is confirmed on the
-# process's threads.
-PROBE_VERSION = 3
+# process's threads. 4: vnni4 joined the kernels.
+PROBE_VERSION = 4
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # inputs the bf16 kernels may round
 
 
@@ -301,6 +310,47 @@ def _int8dyn_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype
     return _flat(run, geo.in_features, geo.out_features)
 
 
+VNNI4_GROUPS = (32, 64)  # and any multiple of 128 (wo4_vnni.c: one masked load for 32 and 64, else 64 bytes)
+
+
+def _vnni4_unsupported(geo: Geometry, w: Stored) -> str | None:
+    if geo.bits != 4:
+        return "int4 only"
+    if geo.group_size not in VNNI4_GROUPS and geo.group_size % 128:
+        return f"group {geo.group_size} is not 32, 64 or a multiple of 128"
+    if native.wo4_vnni()[0] is None:
+        return native.wo4_vnni()[1]
+    return None
+
+
+def _vnni4_pack(geo: Geometry, w: Stored) -> tuple:
+    # the stored integers as they are (no copy of the weight), and each group's scale · zero point
+    scales = w.scales.float().contiguous()
+    return w.qweight.contiguous(), scales, (scales * w.zero_points.float()).contiguous()
+
+
+def _vnni4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    qweight, scales, zero_terms = packed
+    fn = native.wo4_vnni()[0]
+    k, n, g = geo.padded, geo.out_features, geo.group_size
+    pad = (0, k - geo.in_features)
+    b = None if bias is None else bias.detach().float().contiguous()
+    addresses = (qweight.data_ptr(), scales.data_ptr(), zero_terms.data_ptr())
+    b_address = None if b is None else b.data_ptr()
+    threads = torch.get_num_threads
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
+        xf = x.float() if pad[1] == 0 else F.pad(x.float(), pad)  # padding columns: zero activations
+        xf = xf if xf.is_contiguous() else xf.contiguous()
+        m = xf.shape[0]
+        y = torch.empty(m, n)
+        scratch = torch.empty(m * k + 8 * m * (k // g), dtype=torch.uint8)
+        fn(*addresses, xf.data_ptr(), b_address, y.data_ptr(), scratch.data_ptr(), m, n, k, g, threads())
+        return y if dtype == torch.float32 else y.to(dtype)
+    run.keep = (qweight, scales, zero_terms, b)  # the addresses above stay valid as long as the call lives
+    return _flat(run, geo.in_features, geo.out_features)
+
+
 def _bf16_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
     weight, bf16, b = packed[0], torch.bfloat16, _bias(bias, dtype)
 
@@ -316,6 +366,7 @@ def _float_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
 
 
 KERNEL_TABLE = {k.name: k for k in (
+    Kernel("vnni4", _vnni4_unsupported, _vnni4_pack, _vnni4_bind),
     Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_bind),
     # one call per group: a busy machine's contention at run time puts a many-call kernel far behind what the
     # one-thread probe saw (MLP at 2 threads: 0.08× fp32 forced at batch 1; chosen on AVX2 at batch 64, 0.35×);
@@ -332,7 +383,7 @@ KERNEL_TABLE = {k.name: k for k in (
 @functools.cache
 def available(name: str) -> bool:
     """Whether torch has kernel `name` and it runs on this machine (a tiny call, once per process)."""
-    geo = Geometry(4 if name == "int4pack" else 8, 64, 16, 32, 2)
+    geo = Geometry(4 if name in ("vnni4", "int4pack") else 8, 64, 16, 32, 2)
     cols = 32 if geo.bits == 4 else 64
     w = Stored(torch.zeros(16, cols, dtype=torch.uint8 if geo.bits == 4 else torch.int8), torch.ones(16, 2),
                torch.zeros(16, 2, dtype=torch.int8), lambda: torch.zeros(16, 64))
@@ -399,7 +450,7 @@ def cache_path() -> Path:
 def machine_key() -> str:
     """What a measurement holds for: the CPU (model and flags), the kernels torch runs on it (its capability:
     ATEN_CPU_CAPABILITY=avx2 makes an AVX-512 machine run AVX2 code; oneDNN's and MKL's own limits), torch's
-    version, the core count and the probe's rules (PROBE_VERSION)."""
+    version, the core count, the probe's rules (PROBE_VERSION) and modelzip's own C kernels' source."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -407,7 +458,7 @@ def machine_key() -> str:
     cpu = [ln for ln in info if ln.startswith(("model name", "flags"))][:2]
     limits = [os.environ.get(v, "") for v in ISA_LIMITS]
     text = "|".join([*cpu, torch.backends.cpu.get_cpu_capability(), *limits, torch.__version__, str(os.cpu_count()),
-                     f"probe {PROBE_VERSION}"])
+                     f"probe {PROBE_VERSION}", native.sources_key()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -85,10 +86,11 @@ def _jsonable(obj: Any) -> Any:
 
 
 def file_info(path: Path, parameters: int | None = None, *, hash_file: bool = True,
-              read_from: Path | None = None) -> dict:
+              read_from: Path | None = None, stop: threading.Event | None = None) -> dict:
     """Path, sha256 (streamed, 1 MB at a time), parameters and bytes of a file — or of a model directory,
     whose hash covers every file's relative name and contents in order. `read_from`: where its bytes are
-    now (an output staged under a temporary name until the run commits)."""
+    now (an output staged under a temporary name until the run commits). `stop`: set by another thread, the
+    hashing ends early (its result unused)."""
     digest = None
     source = Path(read_from or path)
     if hash_file:
@@ -99,6 +101,8 @@ def file_info(path: Path, parameters: int | None = None, *, hash_file: bool = Tr
             with open(item, "rb") as f:
                 for chunk in iter(lambda f=f: f.read(1 << 20), b""):
                     h.update(chunk)
+                    if stop is not None and stop.is_set():
+                        return {}
         digest = h.hexdigest()
     return {"path": str(path), "sha256": digest, "parameters": parameters, "bytes": disk_bytes(source)}
 

@@ -284,6 +284,14 @@ class Hessians:
         self.current.clear()
 
 
+BY_BLOCK = True  # False: per_layer calibrates in one whole-model pass (the bench's baseline for block by block)
+
+
+def _feed_model(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    for x in batches:  # outputs dropped as they come (a vocabulary's logits per batch)
+        forward(model, x)
+
+
 Process = Callable[[list[str], list[nn.Module], "Hessian"], None]  # layers that read one input, its Hessian
 
 
@@ -311,7 +319,7 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], p
             with torch.no_grad():
                 process(group, [layers[n] for n in group], hessians.of[group[0]])
 
-    stack = blocks_of(model)
+    stack = blocks_of(model) if BY_BLOCK else None
     batches = rebatched(batches)
     done: set[str] = set()
     with progress(label, (len(stack.layers) if stack else 0) + 1) as bar:
@@ -326,7 +334,7 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], p
                       offload=offload)
         rest = [n for n in names if n not in done]
         if rest:
-            run(model, rest, lambda: [forward(model, x) for x in batches])
+            run(model, rest, lambda: _feed_model(model, batches))
         bar.advance()
     if stack is None:
         return "in one whole-model pass (no stack of repeated blocks found)"

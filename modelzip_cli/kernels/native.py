@@ -1,0 +1,98 @@
+"""modelzip's own C kernels: built from the package's source by the machine's C compiler the first time they
+are needed, kept in the cache folder, loaded with ctypes. Nothing else is compiled or loaded: the source is
+the file shipped in this package, and the library's name carries the hash of that source and of the flags,
+so a changed source or compiler builds anew. Where there is no compiler, the build fails, or the CPU lacks the
+instructions, the kernel is unavailable (`why_not` says why) and weight-only layers run on torch's kernels.
+
+- wo4_vnni.c: int4 weights × int8 activations (rounded per group) on AVX-512 VNNI, OpenMP over output rows.
+  The OpenMP runtime it links by name (libgomp.so.1) is the one torch has loaded already: one thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what wo4_vnni.c's instructions need (/proc/cpuinfo)
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120
+SOURCES = ("wo4_vnni.c",)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _cache_dir() -> Path:
+    from modelzip_cli.kernels.weight_only import cache_path
+
+    return cache_path().parent / "native"
+
+
+def _build(source: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
+    """The library of `source` (a file of this package), built once per source and flags; (None, why) where
+    it cannot be."""
+    text = resources.files("modelzip_cli.kernels").joinpath(source).read_bytes()
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return None, "no C compiler (gcc or cc) to build it"
+    key = hashlib.sha256(text + "\0".join(flags).encode() + compiler.encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    lib = folder / f"{Path(source).stem}-{key}.so"
+    if not lib.is_file():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src = Path(tmp) / source
+                src.write_bytes(text)
+                built = Path(tmp) / lib.name
+                proc = subprocess.run([compiler, *flags, str(src), "-o", str(built)], capture_output=True,
+                                      text=True, timeout=COMPILE_TIMEOUT_S)
+                if proc.returncode != 0:
+                    return None, f"the C compiler failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+                os.replace(built, lib)  # atomic: another process sees no library or the whole one
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"could not build it ({exc})"
+    try:
+        return ctypes.CDLL(str(lib)), ""
+    except OSError as exc:
+        return None, f"could not load it ({exc})"
+
+
+@functools.cache
+def sources_key() -> str:
+    """A hash of the C sources: a measurement of their kernels holds for this code only."""
+    files = resources.files("modelzip_cli.kernels")
+    return hashlib.sha256(b"".join(files.joinpath(s).read_bytes() for s in SOURCES)).hexdigest()[:16]
+
+
+@functools.cache
+def wo4_vnni() -> tuple[object | None, str]:
+    """(the C function `wo4_vnni`, "") or (None, why it is unavailable here)."""
+    import torch
+
+    missing = [f for f in VNNI_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):  # ATEN_CPU_CAPABILITY limits it too
+        return None, f"torch runs {torch.backends.cpu.get_cpu_capability()} code here"
+    lib, why = _build("wo4_vnni.c", CFLAGS)
+    if lib is None:
+        return None, why
+    fn = lib.wo4_vnni
+    p, i = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i]
+    fn.restype = None
+    return fn, ""

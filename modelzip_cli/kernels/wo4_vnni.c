@@ -1,0 +1,108 @@
+// vnni4: a weight-only int4 layer on AVX-512 VNNI (kernels/weight_only.py builds this file with the C compiler
+// and loads it with ctypes; nothing else calls it).
+//
+// y = x · Wᵀ + bias with W[n, k] = (q[n, k] − zp[n, g]) · s[n, g], k in group g, the stored layout as it is:
+// q packed two per byte (low nibble = even column), s float32 and zp int8 per (row, group). x is rounded to
+// int8 per group of the layer's own group size (xs = max|x| / 127 over the group), as llama.cpp's Q4 × Q8 dot
+// products do, so that one vpdpbusd multiplies and adds 64 weights by 64 activations:
+//   y[m, n] = Σ_g s[n, g] · xs[m, g] · (Σ_k q[n, k] · xq[m, k] − zp[n, g] · Σ_k xq[m, k]) + bias[n].
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#ifndef PREFETCH
+#define PREFETCH 512
+#endif
+
+
+// x (M, K) float32 → xe, xo (M, K/2) int8 (even and odd columns, as the nibbles are), xs (M, G) float32 scales,
+// d (M, G) float32: each scale times the sum of its group's int8 values.
+static void round_activations(const float *x, int M, int K, int GS, int8_t *xe, int8_t *xo, float *xs, float *d) {
+    const int groups = K / GS;
+    for (int m = 0; m < M; m++) {
+        for (int g = 0; g < groups; g++) {
+            const float *v = x + (int64_t)m * K + (int64_t)g * GS;
+            float amax = 0.f;
+            for (int k = 0; k < GS; k++) amax = fmaxf(amax, fabsf(v[k]));
+            float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
+            int32_t sum = 0;
+            int8_t *e = xe + (int64_t)m * (K / 2) + (int64_t)g * (GS / 2);
+            int8_t *o = xo + (int64_t)m * (K / 2) + (int64_t)g * (GS / 2);
+            for (int k = 0; k < GS; k += 2) {
+                int a = (int)lrintf(v[k] * inv), b = (int)lrintf(v[k + 1] * inv);
+                e[k / 2] = (int8_t)a;
+                o[k / 2] = (int8_t)b;
+                sum += a + b;
+            }
+            xs[(int64_t)m * groups + g] = scale;
+            d[(int64_t)m * groups + g] = scale * (float)sum;
+        }
+    }
+}
+
+// R output rows from row n0 for activation row m: R weight streams in flight and 2·R independent vpdpbusd
+// chains (one chain waits on its own latency, about 5 cycles an instruction), each activation load shared by them.
+static inline __attribute__((always_inline)) void rows_dot(
+        const uint8_t *qw, const float *scales, const float *zs, const int8_t *e, const int8_t *o, const float *xs,
+        const float *d, const float *bias, float *y, int n0, int half, int groups, int gb, __mmask64 part,
+        int step, const int R) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i lo[4], hi[4];
+        for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_si512();
+        for (int r = 0; r < R; r++)  // the lines PREFETCH bytes ahead in each row: memory latency hidden
+            _mm_prefetch((const char *)(qw + (int64_t)(n0 + r) * half + g * gb + PREFETCH), _MM_HINT_T1);
+        for (int j = g * gb; j < (g + 1) * gb; j += step) {
+            const __m512i xe_j = _mm512_maskz_loadu_epi8(part, e + j), xo_j = _mm512_maskz_loadu_epi8(part, o + j);
+            for (int r = 0; r < R; r++) {
+                const __m512i w = _mm512_maskz_loadu_epi8(part, qw + (int64_t)(n0 + r) * half + j);
+                lo[r] = _mm512_dpbusd_epi32(lo[r], _mm512_and_si512(w, low), xe_j);
+                hi[r] = _mm512_dpbusd_epi32(hi[r], _mm512_and_si512(_mm512_srli_epi16(w, 4), low), xo_j);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const float s = scales[(int64_t)(n0 + r) * groups + g] * xs[g];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo[r], hi[r])), _mm512_set1_ps(s), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {  // the zero points' part, Σ_g zs[n, g] · d[g], 16 groups at a time
+        __m512 z = _mm512_setzero_ps();
+        const float *zs_n = zs + (int64_t)(n0 + r) * groups;
+        for (int g = 0; g < groups; g += 16) {
+            const __mmask16 k = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+            z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zs_n + g), _mm512_maskz_loadu_ps(k, d + g), z);
+        }
+        y[n0 + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], z)) + (bias ? bias[n0 + r] : 0.f);
+    }
+}
+
+// zs: (N, G) float32 scale · zero point of each group (the layer's constant, made once at packing).
+// scratch: at least M·K + 8·M·(K/GS) bytes. GS: 32, 64 or a multiple of 128; K a multiple of GS.
+void wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const float *x, const float *bias,
+              float *y, uint8_t *scratch, int M, int N, int K, int GS, int threads) {
+    const int half = K / 2, groups = K / GS, gb = GS / 2;  // packed bytes per row, per group
+    int8_t *xe = (int8_t *)scratch, *xo = xe + (int64_t)M * half;
+    float *xs = (float *)(xo + (int64_t)M * half);
+    float *d = xs + (int64_t)M * groups;  // xs · (sum of the group's int8 activations): what zs multiplies
+    round_activations(x, M, K, GS, xe, xo, xs, d);
+    const __mmask64 part = gb >= 64 ? ~0ull : gb == 32 ? 0xFFFFFFFFull : 0xFFFFull;  // groups of 64, 32: one load
+    const int step = gb >= 64 ? 64 : gb;
+    const int blocks = (N + 3) / 4;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int blk = 0; blk < blocks; blk++) {
+        const int n0 = blk * 4;
+        for (int m = 0; m < M; m++) {
+            const int8_t *e = xe + (int64_t)m * half, *o = xo + (int64_t)m * half;
+            const float *xs_m = xs + (int64_t)m * groups, *d_m = d + (int64_t)m * groups;
+            float *y_m = y + (int64_t)m * N;
+            if (N - n0 >= 4) {
+                rows_dot(qw, scales, zs, e, o, xs_m, d_m, bias, y_m, n0, half, groups, gb, part, step, 4);
+            } else {
+                for (int n = n0; n < N; n++)
+                    rows_dot(qw, scales, zs, e, o, xs_m, d_m, bias, y_m, n, half, groups, gb, part, step, 1);
+            }
+        }
+    }
+}
