@@ -10,6 +10,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#define PARALLEL_FROM (1 << 18)  // multiply-adds (M · N · K) from which the product is shared among threads
+
 #ifndef PREFETCH
 #define PREFETCH 512
 #endif
@@ -90,7 +92,8 @@ void wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const flo
     const __mmask64 part = gb >= 64 ? ~0ull : gb == 32 ? 0xFFFFFFFFull : 0xFFFFull;  // groups of 64, 32: one load
     const int step = gb >= 64 ? 64 : gb;
     const int blocks = (N + 3) / 4;
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    // a small layer runs on the calling thread: waking the others costs more than its whole product
+    #pragma omp parallel for num_threads(threads) schedule(static) if ((int64_t)M * N * K >= PARALLEL_FROM)
     for (int blk = 0; blk < blocks; blk++) {
         const int n0 = blk * 4;
         for (int m = 0; m < M; m++) {
