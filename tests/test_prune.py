@@ -55,6 +55,22 @@ def test_kth_magnitude_in_chunks_and_narrowing(monkeypatch):
         assert kth_magnitude(tensors, k)[0] == float(torch.kthvalue(flat, k).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kth_magnitude_with_heavy_ties_counts_distinct_values(monkeypatch, dtype):
+    """The path after the sample's bracket missed: millions of tied bf16 magnitudes are counted per distinct
+    value (merged when more than KEEP_AT_MOST are held), the same threshold and ties as a full sort."""
+    monkeypatch.setattr(prune_mod, "_bracketed", lambda *a: None)
+    monkeypatch.setattr(prune_mod, "KEEP_AT_MOST", 64)
+    monkeypatch.setattr(prune_mod, "CHUNK", 100_000)
+    g = torch.Generator().manual_seed(2)
+    tensors = [(torch.randn(1_500_000, generator=g) * 0.02).to(dtype), torch.randn(700, 300, generator=g).to(dtype)]
+    flat = torch.cat([t.flatten() for t in tensors]).abs()
+    for k in (1, 777, flat.numel() // 2, flat.numel()):
+        threshold, ties = kth_magnitude(tensors, k)
+        assert threshold == float(torch.sort(flat.float()).values[k - 1])
+        assert ties == k - int((flat < threshold).sum())
+
+
 def test_cubic_schedule():
     s = cubic_schedule(0.9, 5)
     assert len(s) == 5 and s[-1] == pytest.approx(0.9) and all(a < b for a, b in zip(s, s[1:], strict=False))
