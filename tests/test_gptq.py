@@ -238,7 +238,8 @@ def test_offloaded_activations_give_the_same_model_and_leave_no_file(method, tmp
     from modelzip_cli.techniques.quantize import AWQConfig, DynamicConfig, GPTQConfig
 
     cfg = {"gptq": GPTQConfig(group_size=16), "awq": AWQConfig(group_size=16), "wanda": WandaConfig(ratio=0.5),
-           "sparsegpt": SparseGPTConfig(ratio=0.5), "dynamic": DynamicConfig(smoothing="auto", exclude=["lm_head"])}[method]
+           "sparsegpt": SparseGPTConfig(ratio=0.5),
+           "dynamic": DynamicConfig(smoothing="auto", exclude=["lm_head"])}[method]
     ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
     written: list[Path] = []
     append = sequential.Offloaded.append
