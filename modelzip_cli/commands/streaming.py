@@ -45,6 +45,7 @@ from modelzip_cli.limits import gb
 from modelzip_cli.nn.surgery import to_dtype
 from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear, check_embedding
 from modelzip_cli.pipeline.context import null_progress
+from modelzip_cli.pipeline.sequential import give_back_freed_memory
 from modelzip_cli.techniques.prune import ZEROES_ONLY, MagnitudeConfig, kth_magnitude, zero_below, zero_smallest
 from modelzip_cli.techniques.quantize import WeightOnlyConfig, _integer_weight_names
 from modelzip_cli.techniques.select import select_modules
@@ -408,6 +409,7 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
                 after["parameters"] += sum(r["params"] for r in row)
             after["bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
             del real, out, tensors
+            give_back_freed_memory()  # each module's temporaries differ in size: freed pages would pile up
             bar.advance()
     text = manifest_json(manifest, encodings, constants, versions, rows)
     path = writer.finish(text)
