@@ -252,22 +252,35 @@ def kth_magnitude(tensors: list[torch.Tensor], k: int) -> tuple[float, int]:
 
 
 def _distinct_counts(parts) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sorted distinct values of the tensors `parts` together, and how often each occurs."""
+    """The sorted distinct values of the tensors `parts` (magnitudes: no sign, no NaN) together, and how often
+    each occurs. 16-bit floats are counted per bit pattern in one table of 32768 counts (a non-negative float's
+    pattern sorts as its value), nothing else kept, whatever the number of parts (with a list of per-part
+    unique values instead, the threshold pass of a 7B-shaped bf16 model peaked at 6.5 GB)."""
+    table: torch.Tensor | None = None
     values: list[torch.Tensor] = []
     counts: list[torch.Tensor] = []
-
-    def merged() -> tuple[torch.Tensor, torch.Tensor]:
-        u, where = torch.unique(torch.cat(values), return_inverse=True)
-        return u, torch.zeros(u.numel(), dtype=torch.int64).index_add_(0, where, torch.cat(counts))
-
+    dtype = None
     for part in parts:
+        dtype = part.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            n = torch.bincount(part.view(torch.int16).to(torch.int32), minlength=1 << 15)
+            table = n if table is None else table.add_(n)
+            continue
         u, n = torch.unique(part, return_counts=True)
         values.append(u)
         counts.append(n)
         if sum(v.numel() for v in values) > KEEP_AT_MOST:
-            u, n = merged()
+            u, n = _merged(values, counts)
             values, counts = [u], [n]
-    return merged()
+    if table is not None:
+        patterns = table.nonzero().view(-1)
+        return patterns.to(torch.int16).view(dtype), table[patterns]
+    return _merged(values, counts)
+
+
+def _merged(values: list[torch.Tensor], counts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    u, where = torch.unique(torch.cat(values), return_inverse=True)
+    return u, torch.zeros(u.numel(), dtype=torch.int64).index_add_(0, where, torch.cat(counts))
 
 
 @torch.no_grad()
