@@ -318,9 +318,7 @@ def _vnni4_unsupported(geo: Geometry, w: Stored) -> str | None:
         return "int4 only"
     if geo.group_size not in VNNI4_GROUPS and geo.group_size % 128:
         return f"group {geo.group_size} is not 32, 64 or a multiple of 128"
-    if native.wo4_vnni()[0] is None:
-        return native.wo4_vnni()[1]
-    return None
+    return native.wo4_vnni()[1] or None  # the reason it cannot run here, or "" when it can
 
 
 def _vnni4_pack(geo: Geometry, w: Stored) -> tuple:
