@@ -43,7 +43,7 @@ from modelzip_cli.errors import InputError
 from modelzip_cli.files import Outputs
 from modelzip_cli.limits import gb
 from modelzip_cli.nn.surgery import to_dtype
-from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear, check_embedding
+from modelzip_cli.nn.weight_only import NATIVE_DTYPES, WeightOnlyEmbedding, WeightOnlyLinear, check_embedding
 from modelzip_cli.pipeline.context import null_progress
 from modelzip_cli.pipeline.sequential import give_back_freed_memory
 from modelzip_cli.techniques.prune import ZEROES_ONLY, MagnitudeConfig, kth_magnitude, zero_below, zero_smallest
@@ -240,7 +240,8 @@ def weight_only(src: Source, cfg: WeightOnlyConfig) -> tuple[Transform, list, se
     names = _integer_weight_names(src.model, cfg)[0]
 
     def transform(name: str, m: nn.Module) -> nn.Module:
-        m = m.float()
+        if m.weight.dtype not in NATIVE_DTYPES:  # bfloat16 and float32 are read as they are (no float32 copy)
+            m = m.float()
         if isinstance(m, nn.Embedding):
             check_embedding(m)
             return WeightOnlyEmbedding.from_embedding(m, cfg.bits, cfg.group_size)

@@ -6,6 +6,8 @@ instructions, the kernel is unavailable (`why_not` says why) and weight-only lay
 
 - wo4_vnni.c: int4 weights × int8 activations (rounded per group) on AVX-512 VNNI, OpenMP over output rows.
   The OpenMP runtime it links by name (libgomp.so.1) is the one torch has loaded already: one thread pool.
+- rtn.c: round-to-nearest int4/int8 in one pass over a float32 or bfloat16 weight, the same bits as torch's
+  reference (`nn.weight_only.rtn`); portable C (no instruction set named), so it builds wherever gcc runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")  # what wo4_vnni.c's instructions need (/proc/cpuinfo)
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
-SOURCES = ("wo4_vnni.c",)
+RTN_CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off")  # no fused or reassociated arithmetic
+SOURCES = ("wo4_vnni.c",)  # the kernels whose speed the weight-only probe measures
 
 
 def _cpu_flags() -> set[str]:
@@ -96,3 +99,16 @@ def wo4_vnni() -> tuple[object | None, str]:
     fn.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i]
     fn.restype = None
     return fn, ""
+
+
+@functools.cache
+def rtn() -> ctypes.CDLL | None:
+    """The library of rtn.c (functions rtn4, rtn8, count4), or None where it cannot be built or loaded."""
+    lib = _build("rtn.c", RTN_CFLAGS)[0]
+    if lib is None:
+        return None
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.rtn4.argtypes, lib.rtn4.restype = [p, i, n, n, n, p, p, p, i], i
+    lib.rtn8.argtypes, lib.rtn8.restype = [p, i, n, n, n, p, p, i], i
+    lib.count4.argtypes, lib.count4.restype = [p, p, n, n, n, i], n
+    return lib

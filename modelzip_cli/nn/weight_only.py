@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelzip_cli.errors import InputError
-from modelzip_cli.kernels import choice
+from modelzip_cli.kernels import choice, native
 from modelzip_cli.kernels import weight_only as wo_kernels
 from modelzip_cli.nn.packed import PackedWeights
 
@@ -88,6 +88,10 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int) -> Quantized:
     return Quantized(ints, scales, zeros)
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what kernels/rtn.c reads, by its dtype code
+NATIVE_MAX_GROUP = 1 << 14  # a group is widened on the C stack: at most 64 KB
+
+
 class WeightOnlyLinear(PackedWeights, nn.Module):
     """A Linear whose weight is stored as int8, or int4 packed two per byte, with per-group scales. It runs
     on the kernel measured fastest here for its shape and the call's row count (`kernel_for`)."""
@@ -126,7 +130,33 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
 
     def _quantize_from(self, weight: torch.Tensor) -> None:
         """Fill qweight, scales and zero points from a float (out, in) weight, rounding to nearest."""
-        self._store(rtn(weight, self.bits, self.group_size))
+        if not self._quantize_natively(weight):
+            self._store(rtn(weight, self.bits, self.group_size))
+
+    def _quantize_natively(self, weight: torch.Tensor) -> bool:
+        """`rtn` and `_store` in one pass of modelzip's C code (kernels/rtn.c) over a float32 or bfloat16
+        weight, written straight into the stored tensors: the same bits, without the float32 copy, the
+        temporaries and the packing pass (a 4096 × 11008 bf16 weight: 0.07 s where torch took 0.25 s). False
+        where it does not apply (another dtype or device, groups that do not tile the width, no C compiler,
+        a value that is not finite): then torch's `rtn` does it."""
+        w, g = weight.detach(), self.group_size
+        if w.device.type != "cpu" or w.dtype not in NATIVE_DTYPES or self.in_features % g or g % 2 \
+                or g > NATIVE_MAX_GROUP or self.qweight.device.type != "cpu":
+            return False
+        lib = native.rtn()
+        if lib is None:
+            return False
+        w = w.contiguous()
+        rows, cols = w.shape
+        dtype, threads = NATIVE_DTYPES.index(w.dtype), torch.get_num_threads()
+        if self.bits == 4:
+            rc = lib.rtn4(w.data_ptr(), dtype, rows, cols, g, self.qweight.data_ptr(), self.scales.data_ptr(),
+                          self.zero_points.data_ptr(), threads)
+        else:
+            self.zero_points.zero_()
+            rc = lib.rtn8(w.data_ptr(), dtype, rows, cols, g, self.qweight.data_ptr(), self.scales.data_ptr(),
+                          threads)
+        return rc == 0
 
     def _store(self, q: Quantized) -> None:
         """Write integers (out, in), scales and zero points (out, groups) into the stored layout: columns
@@ -153,6 +183,13 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
         """Shape and non-zeros without dequantizing: a weight is zero where its integer equals its group's
         zero point (0 for int8; scales are positive), and padding columns hold that value."""
         rows, groups = self.scales.shape
+        q, zps = self.qweight, self.zero_points
+        if self.bits == 4 and q.is_cpu and q.is_contiguous() and zps.is_contiguous() and zps.is_cpu \
+                and q.shape[1] % groups == 0 \
+                and (lib := native.rtn()) is not None:  # one pass in C, no temporaries (7 ms for 45 M weights)
+            count = lib.count4(q.data_ptr(), zps.data_ptr(), rows, groups, q.shape[1] // groups,
+                               torch.get_num_threads())
+            return [self.out_features, self.in_features], int(count)
         zp = self.zero_points.to(self.qweight.dtype)[..., None]
         g = self.qweight.reshape(rows, groups, -1)  # a byte's two int4 values are in the same (even) group
         parts = [g] if self.bits == 8 else [g & 0x0F, g >> 4]

@@ -1,0 +1,86 @@
+"""kernels/rtn.c: round-to-nearest in C gives the bits of torch's reference (`nn.weight_only.rtn`)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from modelzip_cli.kernels import native
+from modelzip_cli.nn.weight_only import WeightOnlyLinear, rtn
+
+HAVE_CC = bool(shutil.which("gcc") or shutil.which("cc"))
+
+
+def _reference(weight: torch.Tensor, bits: int, group: int) -> WeightOnlyLinear:
+    out, cols = weight.shape
+    layer = WeightOnlyLinear(cols, out, False, bits, group)
+    layer._store(rtn(weight, bits, layer.group_size))
+    return layer
+
+
+def _hard_weight(out: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian rows and the rows that test the clamps and ties: zeros, all positive, all negative, constant,
+    values on the rounding boundaries (x.5 steps of a scale, and a zero point of 6.5), a huge and a tiny group."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out, cols, generator=g) * 0.02
+    w[0] = 0
+    w[1] = w[1].abs() + 0.5
+    w[2] = -w[2].abs() - 0.5
+    w[3] = 0.25
+    w[4] = torch.arange(cols) % 31 * 0.5 - 7.5  # halves: round-half-to-even decides
+    w[5] = w[5] * 1e6
+    w[6] = w[6] * 1e-14
+    w[7] = torch.arange(cols) % 31 * 0.5 - 6.5  # [−6.5, 8.5]: scale 1, zero point round(6.5) = 6, half to even
+    return w.to(dtype)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler here")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_native_rtn_gives_the_bits_of_torchs_reference(bits, dtype, group):
+    weight = _hard_weight(40, 256, dtype)
+    layer = WeightOnlyLinear(256, 40, False, bits, group)
+    assert layer._quantize_natively(weight)  # the C pass ran (group 256: one group per row)
+    ref = _reference(weight, bits, group)
+    for name in ("qweight", "scales", "zero_points"):
+        assert torch.equal(getattr(layer, name), getattr(ref, name)), name
+    assert layer.weight_figures() == ref.weight_figures() == ([40, 256], int(torch.count_nonzero(
+        ref.dequantized_weight())))
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler here")
+def test_what_the_c_pass_does_not_take_goes_to_torch_with_the_same_result():
+    """A width the groups do not tile, float16, a value that is not finite: torch's rtn decides."""
+    ragged = _hard_weight(16, 576, torch.float32)
+    layer = WeightOnlyLinear(576, 16, False, 4, 128)
+    assert not layer._quantize_natively(ragged)
+    half = _hard_weight(16, 256, torch.float16)
+    assert not WeightOnlyLinear(256, 16, False, 4, 64)._quantize_natively(half)
+    bad = _hard_weight(16, 256, torch.float32)
+    bad[9, 77] = float("nan")
+    assert not WeightOnlyLinear(256, 16, False, 4, 64)._quantize_natively(bad)
+    for w, group in ((ragged, 128), (half, 64)):
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear.weight.data = w
+        got, ref = WeightOnlyLinear.from_float(linear, 4, group), _reference(w, 4, group)
+        assert torch.equal(got.qweight, ref.qweight) and torch.equal(got.scales, ref.scales)
+
+
+def test_without_a_c_compiler_weight_only_quantization_runs_on_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MODELZIP_CACHE_DIR", str(tmp_path))
+    native.rtn.cache_clear()
+    try:
+        weight = _hard_weight(24, 128, torch.bfloat16)
+        layer = WeightOnlyLinear(128, 24, False, 4, 32)
+        assert native.rtn() is None and not layer._quantize_natively(weight)
+        linear = nn.Linear(128, 24, bias=False)
+        linear.weight.data = weight
+        got, ref = WeightOnlyLinear.from_float(linear, 4, 32), _reference(weight, 4, 32)
+        assert torch.equal(got.qweight, ref.qweight) and got.weight_figures() == ref.weight_figures()
+    finally:
+        native.rtn.cache_clear()
