@@ -266,8 +266,10 @@ def _store(name: str, t: torch.Tensor, tensors: dict, encodings: dict) -> None:
     import numpy as np
     import torch
 
+    from modelzip_cli.kernels.native import count_nonzero
+
     if t.dtype != torch.bool and t.numel() >= 256:
-        nnz = int(torch.count_nonzero(t))
+        nnz = count_nonzero(t)
         if _sparse_pays(t, nnz):
             mask = (t != 0).flatten().numpy()
             encodings[name] = {"codec": "bitmask", "shape": list(t.shape),

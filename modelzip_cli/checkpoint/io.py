@@ -53,6 +53,7 @@ from modelzip_cli.errors import (
     first_line,
 )
 from modelzip_cli.files import Outputs, atomic_write, check_readable
+from modelzip_cli.kernels import native
 from modelzip_cli.limits import check_archive, check_memory, check_regular
 from modelzip_cli.nn import decoders
 from modelzip_cli.nn.surgery import to_dtype
@@ -443,6 +444,8 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0:
         return True
     t = t.detach()
+    if (fast := native.all_finite(t)) is not None:
+        return fast
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8: no aminmax
         t = t.float()
     lo, hi = torch.aminmax(t)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from modelzip_cli.checkpoint.format import Encoded, encode_module, encode_state
+from modelzip_cli.kernels.native import count_nonzero
 
 
 def _logical_weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,7 +91,7 @@ def _weight_figures(module: nn.Module) -> tuple[list[int], int, int] | None:
     if not weights:
         return None
     w = weights.get("weight", next(iter(weights.values())))
-    return list(w.shape), sum(t.numel() for t in weights.values()), int(torch.count_nonzero(w))
+    return list(w.shape), sum(t.numel() for t in weights.values()), count_nonzero(w.detach())
 
 
 def layer_table(model: nn.Module, names: set[str] | None = None, encoded: Encoded | None = None, *,

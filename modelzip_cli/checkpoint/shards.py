@@ -18,7 +18,9 @@ import json
 import math
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +90,14 @@ class ShardWriter:
     """Writes a checkpoint's tensors as they come into `shards` files, staged in `outputs` (renamed into place
     when the run commits). One shard: `path` itself, the manifest in its metadata; several: shards named as
     transformers names them and an index holding the manifest. `rooms[i]`: header bytes reserved in shard i
-    (an upper bound of what its header will hold); a header that outgrows it is rewritten, slower, not lost."""
+    (an upper bound of what its header will hold); a header that outgrows it is rewritten, slower, not lost.
+
+    The bytes are written by a thread of the writer's own, in order, while the caller goes on to the next tensor
+    (at most WRITE_BEHIND bytes waiting): a streamed run computes while the previous module's bytes go to the
+    disk. An error of a write is raised by the next call that waits for it (`add` past the limit, a shard's
+    close, `finish`)."""
+
+    WRITE_BEHIND = 256 << 20
 
     def __init__(self, path: Path, shards: int, rooms: list[int], outputs: Outputs):
         self.path, self.outputs, self.n = Path(path), outputs, shards
@@ -98,6 +107,9 @@ class ShardWriter:
         self._shards: list[_Shard] = []
         self._rooms = [8 * math.ceil(r / 8) for r in rooms]  # data starts 8-byte aligned
         self.weight_map: dict[str, str] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future, int]] = deque()  # writes queued, and their bytes
+        self._queued = 0
 
     def start(self, i: int) -> None:
         """Begin shard `i` (in order); the previous one is closed."""
@@ -116,8 +128,8 @@ class ShardWriter:
         t = t.detach().contiguous().cpu()
         dtype = _DTYPES[str(t.dtype).removeprefix("torch.")]
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        shard.file.write(memoryview(data))
         nbytes = t.numel() * t.element_size()
+        self._write(shard.file, memoryview(data), nbytes)  # the view keeps t alive until it is written
         shard.entries[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [shard.end, shard.end + nbytes]}
         shard.end += nbytes
         self.weight_map[name] = self.targets[len(self._shards) - 1].name
@@ -138,9 +150,30 @@ class ShardWriter:
         self.outputs.write(target, lambda tmp: tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False)))
         return target
 
+    def _write(self, f, data: memoryview, nbytes: int) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="modelzip-write")
+        self._pending.append((self._pool.submit(f.write, data), nbytes))
+        self._queued += nbytes
+        while self._queued > self.WRITE_BEHIND:
+            self._wait_one()
+
+    def _wait_one(self) -> None:
+        done, nbytes = self._pending.popleft()
+        self._queued -= nbytes
+        done.result()  # a write's error, raised here
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._wait_one()
+
     def _close(self, shard: _Shard, metadata: dict[str, str]) -> None:
         if shard.file is None:
             return
+        self._drain()  # every byte of the shard written before its header
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         header = json.dumps({"__metadata__": {"format": "pt", **metadata}, **shard.entries},
                             separators=(",", ":"), ensure_ascii=False).encode()
         f = shard.file

@@ -7,7 +7,9 @@ instructions, the kernel is unavailable (`why_not` says why) and weight-only lay
 - wo4_vnni.c: int4 weights × int8 activations (rounded per group) on AVX-512 VNNI, OpenMP over output rows.
   The OpenMP runtime it links by name (libgomp.so.1) is the one torch has loaded already: one thread pool.
 - rtn.c: round-to-nearest int4/int8 in one pass over a float32 or bfloat16 weight, the same bits as torch's
-  reference (`nn.weight_only.rtn`); portable C (no instruction set named), so it builds wherever gcc runs.
+  reference (`nn.weight_only.rtn`), and counts of non-zero values (a streamed 7B model's figures and the
+  checkpoint format's sparse-or-dense choice count every weight); portable C (no instruction set named), so it
+  builds wherever gcc runs.
 """
 
 from __future__ import annotations
@@ -111,4 +113,36 @@ def rtn() -> ctypes.CDLL | None:
     lib.rtn4.argtypes, lib.rtn4.restype = [p, i, n, n, n, p, p, p, i], i
     lib.rtn8.argtypes, lib.rtn8.restype = [p, i, n, n, n, p, p, i], i
     lib.count4.argtypes, lib.count4.restype = [p, p, n, n, n, i], n
+    lib.nonzero.argtypes, lib.nonzero.restype = [p, n, i, i, i], n
+    lib.nonfinite.argtypes, lib.nonfinite.restype = [p, n, i, ctypes.c_uint64, i], n
     return lib
+
+
+COUNT_FROM = 1 << 16  # elements from which a count goes to C (below, torch's call costs less than ctypes')
+
+
+def count_nonzero(t) -> int:
+    """`torch.count_nonzero(t)` as an int, in one pass of rtn.c where it can (a contiguous CPU tensor of real
+    numbers, 64 K elements or more): a 45 M-element bfloat16 weight in a few ms where torch took 30 ms."""
+    import torch
+
+    if t.numel() < COUNT_FROM or not t.is_cpu or not t.is_contiguous() or t.is_complex() or t.dtype == torch.bool \
+            or t.element_size() not in (1, 2, 4, 8) or (lib := rtn()) is None:
+        return int(torch.count_nonzero(t))
+    return int(lib.nonzero(t.data_ptr(), t.numel(), t.element_size(), int(t.is_floating_point()),
+                           torch.get_num_threads()))
+
+
+EXPONENTS = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
+
+
+def all_finite(t) -> bool | None:
+    """Whether every value of a float tensor is finite, in one pass of rtn.c (a contiguous CPU tensor of
+    float16, bfloat16, float32 or float64, 64 K elements or more: 5 ms for 45 M bfloat16 values where torch's
+    aminmax took 20); None where it does not apply."""
+    import torch
+
+    exponent = EXPONENTS.get(str(t.dtype).removeprefix("torch."))
+    if exponent is None or t.numel() < COUNT_FROM or not t.is_cpu or not t.is_contiguous() or (lib := rtn()) is None:
+        return None
+    return lib.nonfinite(t.data_ptr(), t.numel(), t.element_size(), exponent, torch.get_num_threads()) == 0

@@ -7,94 +7,137 @@
 // w is (rows, cols) float32 (dtype 0) or bfloat16 (dtype 1, widened exactly); every group of `group` columns
 // in a row gets a scale and a zero point. A group with a value that is not finite stops the pass: the caller
 // falls back to torch, which decides what such a weight gives.
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-static inline float load(const void *w, int dtype, int64_t i) {
-    if (dtype == 0) return ((const float *)w)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+// Every loop below is written so that the compiler's vector code runs it without changing a result (no
+// -ffast-math): minimum and maximum as integers on the floats' bits mapped to an order-preserving integer,
+// finiteness as an integer test of the exponent bits, and rounding half to even as (x + 1.5·2²³) − 1.5·2²³,
+// exact for |x| < 2²² in the default rounding mode (|w / s| ≤ 127 here), which rintf is where the CPU has no
+// vector rounding instruction (x86-64's baseline has none).
+#define MAGIC 12582912.f  // 1.5 · 2^23
+
+// A row's work compiled for AVX-512, AVX2 and the baseline, the CPU's best chosen when the library loads (glibc's
+// ifunc): the same arithmetic in wider vectors, the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+static inline int32_t ordered(uint32_t bits) {  // a float's bits → an integer in the float's order (not NaN)
+    int32_t i = (int32_t)bits;
+    return i ^ ((i >> 31) & 0x7FFFFFFF);
+}
+
+static inline float from_ordered(int32_t i) {
+    uint32_t bits = (uint32_t)(i ^ ((i >> 31) & 0x7FFFFFFF));
     float f;
     memcpy(&f, &bits, 4);
     return f;
 }
 
+// One group's values as float32 (f) and their bits (u); returns whether every value is finite.
+static inline int widen(const void *w, int dtype, int64_t base, int64_t n, uint32_t *u, float *f) {
+    if (dtype == 0) {
+        memcpy(u, (const float *)w + base, 4 * n);
+    } else {
+        const uint16_t *h = (const uint16_t *)w + base;
+        for (int64_t k = 0; k < n; k++) u[k] = (uint32_t)h[k] << 16;
+    }
+    memcpy(f, u, 4 * n);
+    uint32_t special = 0;
+    for (int64_t k = 0; k < n; k++) special |= (u[k] & 0x7F800000u) == 0x7F800000u;
+    return !special;
+}
+
+static inline float round_even(float x) { return (x + MAGIC) - MAGIC; }
+
 // int4, asymmetric over [min, max] ∪ {0}: s = max((hi − lo) / 15, 1e-12), z = clamp(round(−lo / s), 0, 15),
 // q = clamp(round(w / s) + z, 0, 15), packed two per byte, the even column in the low nibble.
 // q is (rows, cols / 2) uint8, scales (rows, cols / group) float32, zero points int8. Returns 0, or −1 if a value
 // is not finite. cols and group even, group divides cols.
+static CLONES void rtn4_row(const void *w, int dtype, int64_t r, int64_t cols, int64_t group, uint8_t *q,
+                            float *scales, int8_t *zero_points, int *bad) {
+    const int64_t groups = cols / group;
+    uint32_t u[group];  // the group widened once: the pass reads the weight's memory once
+    float f[group];
+    uint8_t t[group];
+    for (int64_t g = 0; g < groups; g++) {
+        if (!widen(w, dtype, r * cols + g * group, group, u, f)) {
+            *bad = 1;
+            return;
+        }
+        int32_t lo_i = 0, hi_i = 0;  // +0: the clamps lo ≤ 0 ≤ hi
+        for (int64_t k = 0; k < group; k++) {
+            int32_t o = ordered(u[k]);
+            lo_i = o < lo_i ? o : lo_i;
+            hi_i = o > hi_i ? o : hi_i;
+        }
+        const float lo = from_ordered(lo_i), hi = from_ordered(hi_i);
+        float s = (hi - lo) / 15.f;
+        s = s < 1e-12f ? 1e-12f : s;
+        float z = round_even(-lo / s);
+        z = z < 0.f ? 0.f : (z > 15.f ? 15.f : z);
+        scales[r * groups + g] = s;
+        zero_points[r * groups + g] = (int8_t)z;
+        for (int64_t k = 0; k < group; k++) {
+            float a = round_even(f[k] / s) + z;
+            a = a < 0.f ? 0.f : a;
+            a = a > 15.f ? 15.f : a;
+            t[k] = (uint8_t)(int32_t)a;
+        }
+        uint8_t *out = q + (r * cols + g * group) / 2;
+        for (int64_t k = 0; k < group / 2; k++) out[k] = (uint8_t)(t[2 * k] | (t[2 * k + 1] << 4));
+    }
+}
+
 int rtn4(const void *w, int dtype, int64_t rows, int64_t cols, int64_t group, uint8_t *q, float *scales,
          int8_t *zero_points, int threads) {
-    const int64_t groups = cols / group;
     int bad = 0;
     #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
-    for (int64_t r = 0; r < rows; r++) {
-        float v[group];  // the group widened once: the pass reads the weight's memory once
-        for (int64_t g = 0; g < groups && !bad; g++) {
-            const int64_t base = r * cols + g * group;
-            float lo = 0.f, hi = 0.f;  // the clamps: lo ≤ 0 ≤ hi
-            int finite = 1;
-            for (int64_t k = 0; k < group; k++) {
-                float x = load(w, dtype, base + k);
-                v[k] = x;
-                finite &= isfinite(x) != 0;
-                lo = x < lo ? x : lo;
-                hi = x > hi ? x : hi;
-            }
-            if (!finite) {
-                bad = 1;
-                break;
-            }
-            float s = (hi - lo) / 15.f;
-            s = s < 1e-12f ? 1e-12f : s;
-            float z = nearbyintf(-lo / s);
-            z = z < 0.f ? 0.f : (z > 15.f ? 15.f : z);
-            scales[r * groups + g] = s;
-            zero_points[r * groups + g] = (int8_t)z;
-            uint8_t *out = q + (r * cols + g * group) / 2;
-            for (int64_t k = 0; k < group; k += 2) {
-                float a = nearbyintf(v[k] / s) + z, b = nearbyintf(v[k + 1] / s) + z;
-                a = a < 0.f ? 0.f : (a > 15.f ? 15.f : a);
-                b = b < 0.f ? 0.f : (b > 15.f ? 15.f : b);
-                out[k / 2] = (uint8_t)((uint8_t)a | ((uint8_t)b << 4));
-            }
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        if (!bad) rtn4_row(w, dtype, r, cols, group, q, scales, zero_points, &bad);
     return bad ? -1 : 0;
 }
 
 // int8, symmetric: s = max(max |w|, 1e-12) / 127, q = clamp(round(w / s), −127, 127); q (rows, cols) int8,
 // scales (rows, cols / group) float32 (zero points are 0). Returns 0, or −1 if a value is not finite.
-int rtn8(const void *w, int dtype, int64_t rows, int64_t cols, int64_t group, int8_t *q, float *scales,
-         int threads) {
+static CLONES void rtn8_row(const void *w, int dtype, int64_t r, int64_t cols, int64_t group, int8_t *q,
+                            float *scales, int *bad) {
     const int64_t groups = cols / group;
-    int bad = 0;
-    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
-    for (int64_t r = 0; r < rows; r++) {
-        float v[group];
-        for (int64_t g = 0; g < groups && !bad; g++) {
-            const int64_t base = r * cols + g * group;
-            float amax = 0.f;
-            int finite = 1;
-            for (int64_t k = 0; k < group; k++) {
-                float x = load(w, dtype, base + k);
-                v[k] = x;
-                finite &= isfinite(x) != 0;
-                float a = fabsf(x);
-                amax = a > amax ? a : amax;
-            }
-            if (!finite) {
-                bad = 1;
-                break;
-            }
-            float s = (amax < 1e-12f ? 1e-12f : amax) / 127.f;
-            scales[r * groups + g] = s;
-            for (int64_t k = 0; k < group; k++) {
-                float a = nearbyintf(v[k] / s);
-                q[base + k] = (int8_t)(a < -127.f ? -127.f : (a > 127.f ? 127.f : a));
-            }
+    uint32_t u[group];
+    float f[group];
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t base = r * cols + g * group;
+        if (!widen(w, dtype, base, group, u, f)) {
+            *bad = 1;
+            return;
+        }
+        uint32_t top = 0;  // |w|'s bits: an unsigned integer in |w|'s order
+        for (int64_t k = 0; k < group; k++) {
+            uint32_t a = u[k] & 0x7FFFFFFFu;
+            top = a > top ? a : top;
+        }
+        float amax;
+        memcpy(&amax, &top, 4);
+        const float s = (amax < 1e-12f ? 1e-12f : amax) / 127.f;
+        scales[r * groups + g] = s;
+        for (int64_t k = 0; k < group; k++) {
+            float a = round_even(f[k] / s);
+            a = a < -127.f ? -127.f : a;
+            a = a > 127.f ? 127.f : a;
+            q[base + k] = (int8_t)(int32_t)a;
         }
     }
+}
+
+int rtn8(const void *w, int dtype, int64_t rows, int64_t cols, int64_t group, int8_t *q, float *scales,
+         int threads) {
+    int bad = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
+    for (int64_t r = 0; r < rows; r++)
+        if (!bad) rtn8_row(w, dtype, r, cols, group, q, scales, &bad);
     return bad ? -1 : 0;
 }
 
@@ -114,5 +157,62 @@ int64_t count4(const uint8_t *q, const int8_t *zero_points, int64_t rows, int64_
             count += 2 * gbytes - same;
         }
     }
+    return count;
+}
+
+// How many of n values of `size` bytes (1, 2, 4 or 8) are not zero: torch.count_nonzero's answer, where a float
+// (is_float) is zero at +0 and −0 (the sign bit masked off) and an integer at 0. Counted in blocks of BLOCK
+// values into a counter as wide as the values, so that the compiler's vector code compares and adds in the
+// values' own lanes.
+#define BLOCK 32768
+#define COUNT_BLOCKS(T, MASK)                                                                  \
+    {                                                                                          \
+        const T *v = p, mask = (T)(MASK);                                                      \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(+:count)")   \
+        for (int64_t b = 0; b < blocks; b++) {                                                 \
+            const int64_t end = b * BLOCK + BLOCK < n ? b * BLOCK + BLOCK : n;                 \
+            uint32_t zeros = 0;                                                                \
+            for (int64_t i = b * BLOCK; i < end; i++) zeros += (v[i] & mask) == 0;             \
+            count += (end - b * BLOCK) - zeros;                                                \
+        }                                                                                      \
+    }
+
+int64_t nonzero(const void *p, int64_t n, int size, int is_float, int threads) {
+    int64_t count = 0;
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (size == 1)
+        COUNT_BLOCKS(uint8_t, 0xFF)
+    else if (size == 2)
+        COUNT_BLOCKS(uint16_t, is_float ? 0x7FFF : 0xFFFF)
+    else if (size == 4)
+        COUNT_BLOCKS(uint32_t, is_float ? 0x7FFFFFFFu : 0xFFFFFFFFu)
+    else
+        COUNT_BLOCKS(uint64_t, is_float ? 0x7FFFFFFFFFFFFFFFull : ~0ull)
+    return count;
+}
+
+// How many of n floats are not finite (NaN or ±inf: every exponent bit set): `size` bytes each (2, 4 or 8),
+// `exponent` the mask of the format's exponent bits (float16 0x7C00, bfloat16 0x7F80, float32 0x7F800000, ...).
+#define COUNT_SPECIAL(T)                                                                       \
+    {                                                                                          \
+        const T *v = p, e = (T)exponent;                                                       \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(+:count)")   \
+        for (int64_t b = 0; b < blocks; b++) {                                                 \
+            const int64_t end = b * BLOCK + BLOCK < n ? b * BLOCK + BLOCK : n;                 \
+            uint32_t special = 0;                                                              \
+            for (int64_t i = b * BLOCK; i < end; i++) special += (v[i] & e) == e;              \
+            count += special;                                                                  \
+        }                                                                                      \
+    }
+
+int64_t nonfinite(const void *p, int64_t n, int size, uint64_t exponent, int threads) {
+    int64_t count = 0;
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (size == 2)
+        COUNT_SPECIAL(uint16_t)
+    else if (size == 4)
+        COUNT_SPECIAL(uint32_t)
+    else
+        COUNT_SPECIAL(uint64_t)
     return count;
 }

@@ -48,6 +48,7 @@ from torch import nn
 
 from modelzip_cli.errors import UsageError
 from modelzip_cli.kernels import choice, torch_ao
+from modelzip_cli.kernels.native import count_nonzero
 from modelzip_cli.nn.packed import PackedWeights
 
 KERNEL_ENV = "MODELZIP_INT8_KERNEL"
@@ -210,7 +211,7 @@ class _Int8Weighted(PackedWeights, nn.Module):
     def weight_figures(self) -> tuple[list[int], int]:
         """Shape and non-zeros from the integers (scales are positive): no float copy built or kept."""
         q = self._buffers["qweight"]
-        return list(q.shape), int(torch.count_nonzero(q))
+        return list(q.shape), count_nonzero(q)
 
     @property
     def weight(self) -> torch.Tensor:

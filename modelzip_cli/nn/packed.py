@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from modelzip_cli.kernels.native import count_nonzero
+
 
 class PackedWeights:
     """Mixin: the dense weights (and bias) that parameter counts, layer tables and sparsity figures read."""
@@ -17,4 +19,4 @@ class PackedWeights:
     def weight_figures(self) -> tuple[list[int], int]:
         """The dense weight's shape and its number of non-zero values (what a layer table shows)."""
         w = self.dequantized_weight()
-        return list(w.shape), int(torch.count_nonzero(w))
+        return list(w.shape), count_nonzero(w)

@@ -84,3 +84,31 @@ def test_without_a_c_compiler_weight_only_quantization_runs_on_torch(monkeypatch
         assert torch.equal(got.qweight, ref.qweight) and got.weight_figures() == ref.weight_figures()
     finally:
         native.rtn.cache_clear()
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.uint8,
+                                   torch.int8, torch.int16, torch.int32, torch.int64])
+def test_counts_in_c_are_torchs(dtype):
+    """Non-zeros (−0.0 is zero, NaN is not) and, for floats, whether every value is finite: the C pass's answer
+    is torch's, at the end of a block and of the tensor too."""
+    n = native.COUNT_FROM + 32768 + 5  # a ragged last block
+    g = torch.Generator().manual_seed(1)
+    t = (torch.randn(n, generator=g) * 3).to(dtype)
+    t[::3] = 0
+    if dtype.is_floating_point:
+        t[1::7] = -0.0
+        t[5] = float("nan")
+    assert native.rtn() is not None
+    assert native.count_nonzero(t) == int(torch.count_nonzero(t))
+    if not dtype.is_floating_point:
+        assert native.all_finite(t) is None
+        return
+    t[5] = 1.0
+    assert native.all_finite(t) is True
+    t[-1] = torch.finfo(dtype).max  # finite, every exponent bit but one set
+    assert native.all_finite(t) is True
+    for bad, where in ((float("nan"), -1), (float("inf"), 32768), (-float("inf"), 0)):
+        u = t.clone()
+        u[where] = bad
+        assert native.all_finite(u) is False
