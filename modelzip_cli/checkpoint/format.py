@@ -260,7 +260,7 @@ def _sparse_pays(t: torch.Tensor, nnz: int) -> bool:
     return n >= 256 and (n / 8 + nnz * t.element_size()) <= 0.9 * n * t.element_size()
 
 
-def _store(name: str, t: torch.Tensor, tensors: dict, encodings: dict) -> None:
+def _store(name: str, t: torch.Tensor, tensors: dict, encodings: dict, nnz: int | None = None) -> None:
     """Store one plain tensor: as a bitmask plus its non-zero values when that is smaller, else dense.
     Applies to float weights zeroed by pruning and to the integer weights they become once quantized."""
     import numpy as np
@@ -269,7 +269,7 @@ def _store(name: str, t: torch.Tensor, tensors: dict, encodings: dict) -> None:
     from modelzip_cli.kernels.native import count_nonzero
 
     if t.dtype != torch.bool and t.numel() >= 256:
-        nnz = count_nonzero(t)
+        nnz = count_nonzero(t) if nnz is None else nnz
         if _sparse_pays(t, nnz):
             mask = (t != 0).flatten().numpy()
             encodings[name] = {"codec": "bitmask", "shape": list(t.shape),
@@ -298,8 +298,10 @@ class QInts:
         return (self.ints.float() - self.zero_point.float().reshape(shape)) * self.scale.float().reshape(shape)
 
 
-def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, Any]]:
-    """Split a state dict into stored tensors, per-tensor encodings and JSON constants."""
+def encode_state(state: dict[str, Any], nonzeros: dict[str, int] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, Any]]:
+    """Split a state dict into stored tensors, per-tensor encodings and JSON constants. `nonzeros`: the
+    non-zero counts of some of its tensors, known already (a streamed run counts them as it reads them)."""
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
@@ -341,7 +343,7 @@ def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
         seen_storage.add(ptr)
         if t.numel():
             seen_tensor[key] = name
-        _store(name, t, tensors, encodings)
+        _store(name, t, tensors, encodings, (nonzeros or {}).get(name))
     return tensors, encodings, constants
 
 

@@ -42,6 +42,7 @@ from modelzip_cli.checkpoint.io import all_finite, build_arch, manifest_json
 from modelzip_cli.checkpoint.layers import _logical_weights, layer_table
 from modelzip_cli.errors import InputError
 from modelzip_cli.files import Outputs
+from modelzip_cli.kernels import native
 from modelzip_cli.limits import gb
 from modelzip_cli.nn.surgery import to_dtype
 from modelzip_cli.nn.weight_only import NATIVE_DTYPES, WeightOnlyEmbedding, WeightOnlyLinear, check_embedding
@@ -321,20 +322,26 @@ def _read_own(src: Source, name: str, module: nn.Module) -> dict[str, torch.Tens
     return {key: src.read(prefix + key) for key in _own_keys(module)}
 
 
-def _materialise(src: Source, name: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of `module` with its own tensors (`_read_own`) in place of meta ones (its children stay on meta)."""
+def _materialise(src: Source, name: str, module: nn.Module, tensors: dict[str, torch.Tensor],
+                 ) -> tuple[nn.Module, dict[str, int]]:
+    """A copy of `module` with its own tensors (`_read_own`) in place of meta ones (its children stay on meta),
+    and the non-zero counts of those the finiteness check counted in the same pass."""
     m = copy.deepcopy(module)
     prefix = f"{name}." if name else ""
+    nonzeros: dict[str, int] = {}
     for key in _own_keys(module):
         t = tensors.pop(key)
-        if t.is_floating_point() and not all_finite(t):
+        scanned = native.scan(t) if t.is_floating_point() else None
+        if scanned is not None:
+            nonzeros[key] = scanned[0]
+        if t.is_floating_point() and not (scanned[1] if scanned is not None else all_finite(t)):
             raise InputError(f"{src.path}: non-finite values (NaN or ±inf) in {prefix + key}",
                              hint="the checkpoint is corrupt, or the training that made it diverged")
         if key in m._parameters:
             m._parameters[key] = nn.Parameter(t, requires_grad=False)
         else:
             m._buffers[key] = t
-    return m
+    return m, nonzeros
 
 
 def _shard_plan(src: Source, owners: list[tuple[str, nn.Module]], shard_bytes: int) -> list[int]:
@@ -390,11 +397,11 @@ def run_streamed(src: Source, cfg, output: Path, outputs: Outputs, *, progress=n
             prefix = f"{name}." if name else ""
             tensors = ahead.result()
             ahead = reader.submit(_read_own, src, *owners[i + 1]) if i + 1 < len(owners) else None
-            real = _materialise(src, name, module, tensors)
+            real, nonzeros = _materialise(src, name, module, tensors)
             tied = {k for k in _own_keys(module) if prefix + k in src.tied}
             _count(before, real, tied)
             before["bytes"] += sum(t.numel() * t.element_size() for t in encode_state(
-                {k: v for k, v in _own_state(real).items() if k not in tied})[0].values())
+                {k: v for k, v in _own_state(real).items() if k not in tied}, nonzeros)[0].values())
             out = real
             if name in selected:
                 out = transform(name, real)

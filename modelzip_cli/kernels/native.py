@@ -105,16 +105,17 @@ def wo4_vnni() -> tuple[object | None, str]:
 
 @functools.cache
 def rtn() -> ctypes.CDLL | None:
-    """The library of rtn.c (functions rtn4, rtn8, count4), or None where it cannot be built or loaded."""
+    """The library of rtn.c (rtn4, rtn8, count4, nonzero, nonfinite, scan), or None where it cannot be built."""
     lib = _build("rtn.c", RTN_CFLAGS)[0]
     if lib is None:
         return None
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.rtn4.argtypes, lib.rtn4.restype = [p, i, n, n, n, p, p, p, i], i
-    lib.rtn8.argtypes, lib.rtn8.restype = [p, i, n, n, n, p, p, i], i
+    lib.rtn4.argtypes, lib.rtn4.restype = [p, i, n, n, n, p, p, p, i], n
+    lib.rtn8.argtypes, lib.rtn8.restype = [p, i, n, n, n, p, p, i], n
     lib.count4.argtypes, lib.count4.restype = [p, p, n, n, n, i], n
     lib.nonzero.argtypes, lib.nonzero.restype = [p, n, i, i, i], n
     lib.nonfinite.argtypes, lib.nonfinite.restype = [p, n, i, ctypes.c_uint64, i], n
+    lib.scan.argtypes, lib.scan.restype = [p, n, i, ctypes.c_uint64, ctypes.POINTER(ctypes.c_int64), i], n
     return lib
 
 
@@ -146,3 +147,17 @@ def all_finite(t) -> bool | None:
     if exponent is None or t.numel() < COUNT_FROM or not t.is_cpu or not t.is_contiguous() or (lib := rtn()) is None:
         return None
     return lib.nonfinite(t.data_ptr(), t.numel(), t.element_size(), exponent, torch.get_num_threads()) == 0
+
+
+def scan(t) -> tuple[int, bool] | None:
+    """(`count_nonzero(t)`, `all_finite(t)`) in one pass over a float tensor (what a streamed run asks of each
+    tensor it reads: the finiteness check and the input's stored size), or None where rtn.c does not apply."""
+    import torch
+
+    exponent = EXPONENTS.get(str(t.dtype).removeprefix("torch."))
+    if exponent is None or t.numel() < COUNT_FROM or not t.is_cpu or not t.is_contiguous() or (lib := rtn()) is None:
+        return None
+    special = ctypes.c_int64(0)
+    nonzero = lib.scan(t.data_ptr(), t.numel(), t.element_size(), exponent, ctypes.byref(special),
+                       torch.get_num_threads())
+    return int(nonzero), special.value == 0

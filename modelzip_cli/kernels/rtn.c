@@ -55,18 +55,20 @@ static inline float round_even(float x) { return (x + MAGIC) - MAGIC; }
 
 // int4, asymmetric over [min, max] ∪ {0}: s = max((hi − lo) / 15, 1e-12), z = clamp(round(−lo / s), 0, 15),
 // q = clamp(round(w / s) + z, 0, 15), packed two per byte, the even column in the low nibble.
-// q is (rows, cols / 2) uint8, scales (rows, cols / group) float32, zero points int8. Returns 0, or −1 if a value
-// is not finite. cols and group even, group divides cols.
-static CLONES void rtn4_row(const void *w, int dtype, int64_t r, int64_t cols, int64_t group, uint8_t *q,
-                            float *scales, int8_t *zero_points, int *bad) {
+// q is (rows, cols / 2) uint8, scales (rows, cols / group) float32, zero points int8. Returns the number of
+// non-zero weights (integer ≠ zero point), or −1 if a value is not finite. cols and group even, group divides
+// cols.
+static CLONES int64_t rtn4_row(const void *w, int dtype, int64_t r, int64_t cols, int64_t group, uint8_t *q,
+                               float *scales, int8_t *zero_points, int *bad) {
     const int64_t groups = cols / group;
     uint32_t u[group];  // the group widened once: the pass reads the weight's memory once
     float f[group];
     uint8_t t[group];
+    int64_t nonzero = 0;
     for (int64_t g = 0; g < groups; g++) {
         if (!widen(w, dtype, r * cols + g * group, group, u, f)) {
             *bad = 1;
-            return;
+            return 0;
         }
         int32_t lo_i = 0, hi_i = 0;  // +0: the clamps lo ≤ 0 ≤ hi
         for (int64_t k = 0; k < group; k++) {
@@ -87,32 +89,40 @@ static CLONES void rtn4_row(const void *w, int dtype, int64_t r, int64_t cols, i
             a = a > 15.f ? 15.f : a;
             t[k] = (uint8_t)(int32_t)a;
         }
+        const uint8_t zi = (uint8_t)z;
+        uint32_t same = 0;  // weights that are zero: their integer is the zero point
+        for (int64_t k = 0; k < group; k++) same += t[k] == zi;
+        nonzero += group - same;
         uint8_t *out = q + (r * cols + g * group) / 2;
         for (int64_t k = 0; k < group / 2; k++) out[k] = (uint8_t)(t[2 * k] | (t[2 * k + 1] << 4));
     }
+    return nonzero;
 }
 
-int rtn4(const void *w, int dtype, int64_t rows, int64_t cols, int64_t group, uint8_t *q, float *scales,
-         int8_t *zero_points, int threads) {
+int64_t rtn4(const void *w, int dtype, int64_t rows, int64_t cols, int64_t group, uint8_t *q, float *scales,
+             int8_t *zero_points, int threads) {
     int bad = 0;
-    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
+    int64_t nonzero = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad) reduction(+:nonzero)
     for (int64_t r = 0; r < rows; r++)
-        if (!bad) rtn4_row(w, dtype, r, cols, group, q, scales, zero_points, &bad);
-    return bad ? -1 : 0;
+        if (!bad) nonzero += rtn4_row(w, dtype, r, cols, group, q, scales, zero_points, &bad);
+    return bad ? -1 : nonzero;
 }
 
 // int8, symmetric: s = max(max |w|, 1e-12) / 127, q = clamp(round(w / s), −127, 127); q (rows, cols) int8,
-// scales (rows, cols / group) float32 (zero points are 0). Returns 0, or −1 if a value is not finite.
-static CLONES void rtn8_row(const void *w, int dtype, int64_t r, int64_t cols, int64_t group, int8_t *q,
-                            float *scales, int *bad) {
+// scales (rows, cols / group) float32 (zero points are 0). Returns the number of non-zero integers, or −1 if a
+// value is not finite.
+static CLONES int64_t rtn8_row(const void *w, int dtype, int64_t r, int64_t cols, int64_t group, int8_t *q,
+                               float *scales, int *bad) {
     const int64_t groups = cols / group;
     uint32_t u[group];
     float f[group];
+    int64_t nonzero = 0;
     for (int64_t g = 0; g < groups; g++) {
         const int64_t base = r * cols + g * group;
         if (!widen(w, dtype, base, group, u, f)) {
             *bad = 1;
-            return;
+            return 0;
         }
         uint32_t top = 0;  // |w|'s bits: an unsigned integer in |w|'s order
         for (int64_t k = 0; k < group; k++) {
@@ -129,16 +139,21 @@ static CLONES void rtn8_row(const void *w, int dtype, int64_t r, int64_t cols, i
             a = a > 127.f ? 127.f : a;
             q[base + k] = (int8_t)(int32_t)a;
         }
+        uint32_t zeros = 0;
+        for (int64_t k = 0; k < group; k++) zeros += q[base + k] == 0;
+        nonzero += group - zeros;
     }
+    return nonzero;
 }
 
-int rtn8(const void *w, int dtype, int64_t rows, int64_t cols, int64_t group, int8_t *q, float *scales,
-         int threads) {
+int64_t rtn8(const void *w, int dtype, int64_t rows, int64_t cols, int64_t group, int8_t *q, float *scales,
+             int threads) {
     int bad = 0;
-    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad)
+    int64_t nonzero = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(|:bad) reduction(+:nonzero)
     for (int64_t r = 0; r < rows; r++)
-        if (!bad) rtn8_row(w, dtype, r, cols, group, q, scales, &bad);
-    return bad ? -1 : 0;
+        if (!bad) nonzero += rtn8_row(w, dtype, r, cols, group, q, scales, &bad);
+    return bad ? -1 : nonzero;
 }
 
 // How many of a (rows, groups · gbytes) int4 weight's values differ from their group's zero point (int8,
@@ -160,59 +175,83 @@ int64_t count4(const uint8_t *q, const int8_t *zero_points, int64_t rows, int64_
     return count;
 }
 
-// How many of n values of `size` bytes (1, 2, 4 or 8) are not zero: torch.count_nonzero's answer, where a float
-// (is_float) is zero at +0 and −0 (the sign bit masked off) and an integer at 0. Counted in blocks of BLOCK
-// values into a counter as wide as the values, so that the compiler's vector code compares and adds in the
-// values' own lanes.
+// Counts over n values of 2, 4 or 8 bytes (1 for nonzero), block by block in parallel: in each block of BLOCK
+// values, how many are not zero (the sign bit masked off for floats: −0 is zero) and how many are not finite
+// (every exponent bit set), counted into counters as narrow as the values' lanes allow, so that the compiler's
+// vector code compares and adds in those lanes. Each block's loop is compiled for AVX-512, AVX2 and the
+// baseline (CLONES).
 #define BLOCK 32768
-#define COUNT_BLOCKS(T, MASK)                                                                  \
-    {                                                                                          \
-        const T *v = p, mask = (T)(MASK);                                                      \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(+:count)")   \
-        for (int64_t b = 0; b < blocks; b++) {                                                 \
-            const int64_t end = b * BLOCK + BLOCK < n ? b * BLOCK + BLOCK : n;                 \
-            uint32_t zeros = 0;                                                                \
-            for (int64_t i = b * BLOCK; i < end; i++) zeros += (v[i] & mask) == 0;             \
-            count += (end - b * BLOCK) - zeros;                                                \
-        }                                                                                      \
+
+#define BLOCK_COUNTS(T, C)                                                                                 \
+    static CLONES void counts_##T(const T *v, int64_t n, T mask, T exponent, uint32_t *zeros,             \
+                                  uint32_t *special) {                                                     \
+        C z = 0, e = 0;                                                                                    \
+        for (int64_t i = 0; i < n; i++) {                                                                  \
+            z += (v[i] & mask) == 0;                                                                       \
+            e += (v[i] & exponent) == exponent;                                                            \
+        }                                                                                                  \
+        *zeros = z;                                                                                        \
+        *special = e;                                                                                      \
+    }
+BLOCK_COUNTS(uint8_t, uint16_t)  // counters of 16 bits hold a block's count (BLOCK < 2^16)
+BLOCK_COUNTS(uint16_t, uint16_t)
+BLOCK_COUNTS(uint32_t, uint32_t)
+BLOCK_COUNTS(uint64_t, uint64_t)
+
+#define COUNT_ALL(T)                                                                                       \
+    {                                                                                                      \
+        const T *v = p;                                                                                    \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(+:zeros, specials)")     \
+        for (int64_t b = 0; b < blocks; b++) {                                                             \
+            const int64_t start = b * BLOCK, len = start + BLOCK < n ? BLOCK : n - start;                  \
+            uint32_t z, e;                                                                                 \
+            counts_##T(v + start, len, (T)mask, (T)exponent, &z, &e);                                      \
+            zeros += z;                                                                                    \
+            specials += e;                                                                                 \
+        }                                                                                                  \
     }
 
-int64_t nonzero(const void *p, int64_t n, int size, int is_float, int threads) {
-    int64_t count = 0;
+// The non-zero count of n values of `size` bytes (mask: the bits that make a value non-zero), and in
+// *nonfinite_out how many have every bit of `exponent` set (a plain count passes 0, which every value matches,
+// and ignores it).
+static int64_t count_all(const void *p, int64_t n, int size, uint64_t mask, uint64_t exponent,
+                         int64_t *nonfinite_out, int threads) {
+    int64_t zeros = 0, specials = 0;
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     if (size == 1)
-        COUNT_BLOCKS(uint8_t, 0xFF)
+        COUNT_ALL(uint8_t)
     else if (size == 2)
-        COUNT_BLOCKS(uint16_t, is_float ? 0x7FFF : 0xFFFF)
+        COUNT_ALL(uint16_t)
     else if (size == 4)
-        COUNT_BLOCKS(uint32_t, is_float ? 0x7FFFFFFFu : 0xFFFFFFFFu)
+        COUNT_ALL(uint32_t)
     else
-        COUNT_BLOCKS(uint64_t, is_float ? 0x7FFFFFFFFFFFFFFFull : ~0ull)
-    return count;
+        COUNT_ALL(uint64_t)
+    *nonfinite_out = specials;
+    return n - zeros;
+}
+
+static uint64_t sign_off(int size, int is_float) {  // the bits that make a value non-zero
+    const uint64_t all = size == 8 ? ~0ull : (1ull << (8 * size)) - 1;
+    return is_float ? all >> 1 : all;
+}
+
+// How many of n values of `size` bytes (1, 2, 4 or 8) are not zero: torch.count_nonzero's answer, where a float
+// (is_float) is zero at +0 and −0 and an integer at 0.
+int64_t nonzero(const void *p, int64_t n, int size, int is_float, int threads) {
+    int64_t ignored;
+    return count_all(p, n, size, sign_off(size, is_float), 0, &ignored, threads);
 }
 
 // How many of n floats are not finite (NaN or ±inf: every exponent bit set): `size` bytes each (2, 4 or 8),
 // `exponent` the mask of the format's exponent bits (float16 0x7C00, bfloat16 0x7F80, float32 0x7F800000, ...).
-#define COUNT_SPECIAL(T)                                                                       \
-    {                                                                                          \
-        const T *v = p, e = (T)exponent;                                                       \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) reduction(+:count)")   \
-        for (int64_t b = 0; b < blocks; b++) {                                                 \
-            const int64_t end = b * BLOCK + BLOCK < n ? b * BLOCK + BLOCK : n;                 \
-            uint32_t special = 0;                                                              \
-            for (int64_t i = b * BLOCK; i < end; i++) special += (v[i] & e) == e;              \
-            count += special;                                                                  \
-        }                                                                                      \
-    }
-
 int64_t nonfinite(const void *p, int64_t n, int size, uint64_t exponent, int threads) {
-    int64_t count = 0;
-    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    if (size == 2)
-        COUNT_SPECIAL(uint16_t)
-    else if (size == 4)
-        COUNT_SPECIAL(uint32_t)
-    else
-        COUNT_SPECIAL(uint64_t)
-    return count;
+    int64_t special;
+    count_all(p, n, size, sign_off(size, 1), exponent, &special, threads);
+    return special;
+}
+
+// nonzero() and nonfinite() of a float tensor in one pass: returns the non-zero count, *nonfinite_out the
+// non-finite one.
+int64_t scan(const void *p, int64_t n, int size, uint64_t exponent, int64_t *nonfinite_out, int threads) {
+    return count_all(p, n, size, sign_off(size, 1), exponent, nonfinite_out, threads);
 }

@@ -154,13 +154,17 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
         rows, cols = w.shape
         dtype, threads = NATIVE_DTYPES.index(w.dtype), torch.get_num_threads()
         if self.bits == 4:
-            rc = lib.rtn4(w.data_ptr(), dtype, rows, cols, g, self.qweight.data_ptr(), self.scales.data_ptr(),
+            nonzero = lib.rtn4(w.data_ptr(), dtype, rows, cols, g, self.qweight.data_ptr(), self.scales.data_ptr(),
                           self.zero_points.data_ptr(), threads)
         else:
             self.zero_points.zero_()
-            rc = lib.rtn8(w.data_ptr(), dtype, rows, cols, g, self.qweight.data_ptr(), self.scales.data_ptr(),
-                          threads)
-        return rc == 0
+            nonzero = lib.rtn8(w.data_ptr(), dtype, rows, cols, g, self.qweight.data_ptr(), self.scales.data_ptr(),
+                               threads)
+        if nonzero < 0:
+            return False
+        q, zps = self.qweight, self.zero_points
+        self._counted = (q, q._version, zps, zps._version, nonzero)  # weight_figures without another pass
+        return True
 
     def _store(self, q: Quantized) -> None:
         """Write integers (out, in), scales and zero points (out, groups) into the stored layout: columns
@@ -188,6 +192,10 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
         zero point (0 for int8; scales are positive), and padding columns hold that value."""
         rows, groups = self.scales.shape
         q, zps = self.qweight, self.zero_points
+        counted = self.__dict__.get("_counted")
+        if counted is not None and counted[0] is q and counted[2] is zps and counted[1] == q._version \
+                and counted[3] == zps._version:  # counted as it was written, unchanged since
+            return [self.out_features, self.in_features], counted[4]
         if self.bits == 4 and q.is_cpu and q.is_contiguous() and zps.is_contiguous() and zps.is_cpu \
                 and q.shape[1] % groups == 0 \
                 and (lib := native.rtn()) is not None:  # one pass in C, no temporaries (7 ms for 45 M weights)
@@ -244,10 +252,12 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
     def __setattr__(self, name: str, value) -> None:
         if name in ("qweight", "scales", "zero_points", "bias") and "_kernels" in self.__dict__:
             self._kernels = wo_kernels.LayerKernels(self._geo)  # packed copies and bound calls follow the new tensor
+            self.__dict__.pop("_counted", None)  # nor keep the old tensor alive
         super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: packed tensors must follow
         self._kernels = wo_kernels.LayerKernels(self._geo)
+        self.__dict__.pop("_counted", None)
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):

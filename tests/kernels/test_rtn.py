@@ -112,3 +112,24 @@ def test_counts_in_c_are_torchs(dtype):
         u = t.clone()
         u[where] = bad
         assert native.all_finite(u) is False
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler here")
+def test_scan_counts_and_checks_in_one_pass_and_rtn_counts_what_it_wrote():
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.bfloat16, torch.float32):
+        t = torch.randn(native.COUNT_FROM + 77, generator=g).to(dtype)
+        t[::5] = 0
+        t[1::9] = -0.0
+        assert native.scan(t) == (int(torch.count_nonzero(t)), True)
+        t[-1] = float("inf")
+        assert native.scan(t) == (int(torch.count_nonzero(t)), False)
+    weight = _hard_weight(64, 512, torch.bfloat16)
+    for bits in (4, 8):
+        layer = WeightOnlyLinear(512, 64, False, bits, 128)
+        assert layer._quantize_natively(weight)
+        counted = layer.weight_figures()  # the count rtn.c returned as it wrote the integers
+        del layer.__dict__["_counted"]
+        assert counted == layer.weight_figures() == _reference(weight, bits, 128).weight_figures()
+        layer.qweight.zero_()  # changed in place: counted again, not remembered
+        assert layer.weight_figures()[1] == int(torch.count_nonzero(layer.dequantized_weight())) != counted[1]
