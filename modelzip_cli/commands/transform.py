@@ -34,7 +34,6 @@ from modelzip_cli.measure.metrics import (
     latency_change,
     model_metrics,
     noise_note,
-    num_threads,
     outputs_class_logits,
     timing_of,
 )
@@ -356,11 +355,7 @@ def run_streamed(cfg: MethodConfig, model: Path, src, opts: CommonOptions, progr
         hashed = pool.submit(file_info, shards.resolve(model), stop=stop)
         torch.manual_seed(opts.seed)
         try:
-            # the input's hash takes a core of its own: the passes over each module run on the others (8 blocks of
-            # the 7B-shaped model, 2 cores: 16.6 s, where passes on 2 threads waited for the one the hash had
-            # descheduled: 18.3 s)
-            with num_threads(max(1, torch.get_num_threads() - 1)):
-                result = streaming.run_streamed(src, cfg, output, staged, progress=progress)
+            result = streaming.run_streamed(src, cfg, output, staged, progress=progress, hashing=True)
         except BaseException:
             stop.set()
             raise
