@@ -266,7 +266,66 @@ def load_dir(path: Path, task: str | None, output_key: str | None) -> tuple[HFMo
     config = model.config.to_dict()
     for key in ("transformers_version", "_name_or_path"):  # where and by what it was made: not the model's
         config.pop(key, None)
+    own_memory(model)
     return HFModel(model.float() if not _float_dtype(model) else model, output_key, task).eval(), config
+
+
+MADV_DONTNEED = 4
+
+
+def _mapped_files() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of .safetensors files."""
+    ranges = []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return ranges
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[-1].endswith(".safetensors"):
+            lo, _, hi = parts[0].partition("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def own_memory(model: nn.Module) -> int:
+    """Move every parameter and buffer that transformers left in a memory map of its safetensors files into
+    memory of its own, giving each one's pages of the map back as it goes; returns the bytes moved.
+
+    A mapped weight stays resident while any tensor of the model uses the map: a calibration step that gives
+    layers new tensors (GPTQ's dequantized weights) or replaces them (int4 modules) kept the whole float model
+    mapped beside them (the 24-block decoder of bench `scale`: 4.5 GB peak for a 1.36 GB model). Parameter
+    objects are kept (tied weights stay one Parameter); only their storage changes. Where /proc/self/maps or
+    madvise is missing, the tensors are copied all the same and the map's pages go when the map does."""
+    import ctypes
+    import mmap
+
+    ranges = _mapped_files()
+    if not ranges:
+        return 0
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        madvise = None
+    page = mmap.PAGESIZE
+    moved = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for t in table.values():
+                    if t is None or t.device.type != "cpu" or not t.numel():
+                        continue
+                    start = t.untyped_storage().data_ptr()
+                    size = t.untyped_storage().nbytes()
+                    if not any(lo <= start < hi for lo, hi in ranges):
+                        continue
+                    t.data = t.data.clone()  # the Parameter or buffer object itself, now in memory of its own
+                    moved += size
+                    first, last = -(-start // page) * page, (start + size) // page * page  # whole pages only
+                    if madvise is not None and last > first:
+                        madvise(first, last - first, MADV_DONTNEED)  # the map's copy: never read again
+    return moved
 
 
 def check_files(path: Path) -> None:

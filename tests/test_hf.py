@@ -112,6 +112,25 @@ def test_load_model_returns_the_transformers_module(hf_dirs):
     assert isinstance(model, transformers.PreTrainedModel) and not model.training
 
 
+def test_loaded_weights_live_in_memory_of_their_own_not_in_the_files_map(hf_dirs):
+    """transformers maps model.safetensors and leaves the weights in the map, which then stays resident while any
+    weight uses it (GPTQ's replaced layers kept a whole float model there); modelzip moves them out, same values."""
+    from safetensors.torch import load_file
+
+    from modelzip_cli import hf
+
+    bert, gpt2 = load_model(hf_dirs / "bert"), load_model(hf_dirs / "gpt2")
+    stored = load_file(str(hf_dirs / "bert" / "model.safetensors"))
+    maps = hf._mapped_files()
+    assert maps  # transformers still maps the files: what is checked below is modelzip's doing
+    for model in (bert, gpt2):
+        for name, t in model.state_dict().items():
+            assert not any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in maps), name
+    same = [k for k in bert.state_dict() if k in stored]
+    assert len(same) > 10 and all(torch.equal(bert.state_dict()[k], stored[k]) for k in same)
+    assert gpt2.get_output_embeddings().weight is gpt2.get_input_embeddings().weight  # tied: one Parameter
+
+
 def test_compared_output_rule():
     hidden = torch.tensor([[[1.0, 1.0], [3.0, 5.0], [100.0, 100.0]]])  # (1, 3, 2); the last token is padding
     mask = torch.tensor([[1, 1, 0]])

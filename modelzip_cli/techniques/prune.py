@@ -738,7 +738,7 @@ def prune_activation_aware(model: nn.Module, cfg: WandaConfig, ctx: Context) -> 
         for layer in layers:  # one by one: SparseGPT picks its mask over a block of a layer's rows and columns
             new = (sparsegpt(layer.weight, hessian.h, cfg.ratio, damp=cfg.damp) if isinstance(cfg, SparseGPTConfig)
                    else wanda(layer.weight, hessian.h, cfg.ratio))
-            layer.weight.data = new.to(layer.weight.dtype)
+            layer.weight.data.copy_(new)  # in place: a loaded weight's memory map stays resident (quantize_gptq)
 
     with sequential.on_device(model, ctx.device):  # --device: calibration and updates where the weights are
         batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)

@@ -383,7 +383,7 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) 
 @register(GPTQConfig)
 def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _integer_weight_names(model, cfg)[0]
-    chosen: dict[str, tuple[Quantized, int]] = {}
+    chosen: dict[str, WeightOnlyLinear] = {}  # packed as soon as chosen: half a byte a weight until the end
     extra: dict[str, dict] = {}
 
     def process(group_names: list[str], layers: list[nn.Linear], hessian: Hessian) -> None:
@@ -400,19 +400,18 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
         rows = [layer.out_features for layer in layers]
         parts = zip(q.ints.split(rows), q.scales.split(rows), q.zero_points.split(rows), loss.split(rows), strict=True)
         for name, layer, (ints, scales, zeros, layer_loss) in zip(group_names, layers, parts, strict=True):
-            chosen[name] = Quantized(ints, scales, zeros), group
+            chosen_q = Quantized(ints, scales, zeros)
+            chosen[name] = WeightOnlyLinear.from_quantized(layer, chosen_q.to(torch.device("cpu")), cfg.bits, group)
             extra[name] = {"gptq_loss": round(float(layer_loss.sum()), 6),
                            "gptq_order": "activation" if order else "stored"}
-            layer.weight.data = chosen[name][0].dequantized(group).to(layer.weight.dtype)  # what later blocks see
+            layer.weight.data.copy_(chosen_q.dequantized(group))  # what later blocks see, in the weight's memory
 
     with sequential.on_device(model, ctx.device):  # --device: calibration and GPTQ where the weights are
         batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
         how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq", ctx.offload)
     done = [n for n in names if n in chosen]
     for n in done:
-        q, group = chosen[n]
-        layer = model.get_submodule(n)
-        replace_module(model, n, WeightOnlyLinear.from_quantized(layer, q.to(layer.weight.device), cfg.bits, group))
+        replace_module(model, n, chosen.pop(n))
     notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
     edit = WeightOnlyEdit(modules=done, bits=cfg.bits, group_size=cfg.group_size)
     return model, [edit], {"layer_extra": extra, "notes": notes}
