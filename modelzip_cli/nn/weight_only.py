@@ -32,9 +32,14 @@ class Quantized:
         return Quantized(self.ints.to(device), self.scales.to(device), self.zero_points.to(device))
 
     def dequantized(self, group_size: int) -> torch.Tensor:
-        cols = self.ints.shape[1]
-        index = torch.arange(cols, device=self.ints.device) // group_size  # column → its group
-        return (self.ints.to(torch.int64) - self.zero_points[:, index]).float() * self.scales[:, index]
+        """(ints − zero point) · scale, (out, in) float32: group by group, so that the only temporary as large
+        as the weight is the result (integers and zero points are exact in float32)."""
+        out, cols = self.ints.shape
+        w = self.ints.float()  # the result, written in place
+        for g, start in enumerate(range(0, cols, group_size)):
+            part = w[:, start:start + group_size]
+            part.sub_(self.zero_points[:, g:g + 1].float()).mul_(self.scales[:, g:g + 1])
+        return w
 
 
 
