@@ -143,9 +143,13 @@ def first_sample(entry: tuple[tuple, dict]) -> tuple[tuple, dict]:
 @torch.inference_mode()
 def run_block(block: nn.Module, inputs: Inputs) -> Inputs:
     """The next block's arguments: this block's outputs in place of the hidden states, same keywords (in
-    files beside the inputs' when they are offloaded)."""
+    files beside the inputs' when they are offloaded). The inputs are used up: a list gives each batch's
+    entry up as its output is made, so memory holds one boundary and a batch, not two boundaries."""
     nxt: Inputs = inputs.like() if isinstance(inputs, Offloaded) else []
-    for args, kwargs in inputs:
+    for i in range(len(inputs)):
+        args, kwargs = inputs[i]
+        if not isinstance(inputs, Offloaded):
+            inputs[i] = None  # the batch's hidden states go as soon as the block has read them
         if args:
             out = hidden(block(*args, **kwargs))
             nxt.append(((out, *args[1:]), kwargs))
@@ -188,6 +192,7 @@ def calibrate(model: nn.Module, batches: list, forward: Callable,
         inputs = first_inputs(model, blocks, batches, forward, folder)
         for i, block in enumerate(blocks.layers):
             per_block(i, block, inputs)
+            give_back_freed_memory()  # the statistics pass's and the method's temporaries, before the outputs'
             if through_last or i + 1 < len(blocks.layers):
                 done, inputs = inputs, run_block(block, inputs)
                 if isinstance(done, Offloaded):
