@@ -1,5 +1,6 @@
-// Round-to-nearest weight-only quantization in one pass over the weight (nn/weight_only.py calls it through
-// kernels/native.py, with ctypes; nothing else does). Each function gives exactly the integers, scales and zero
+// Passes over a whole weight in C, called through kernels/native.py with ctypes: round-to-nearest weight-only
+// quantization (nn/weight_only.py), and counts of non-zero and non-finite values (the checkpoint format, layer
+// tables, finiteness checks, streamed runs). rtn4 and rtn8 give exactly the integers, scales and zero
 // points of `weight_only.rtn` (the torch reference: the same float32 operations in the same order, IEEE
 // division, rounding half to even), so a layer quantized here or by torch has the same bits. Built without
 // -ffast-math and with -ffp-contract=off: no reassociated or fused arithmetic.
@@ -242,16 +243,9 @@ int64_t nonzero(const void *p, int64_t n, int size, int is_float, int threads) {
     return count_all(p, n, size, sign_off(size, is_float), 0, &ignored, threads);
 }
 
-// How many of n floats are not finite (NaN or ±inf: every exponent bit set): `size` bytes each (2, 4 or 8),
-// `exponent` the mask of the format's exponent bits (float16 0x7C00, bfloat16 0x7F80, float32 0x7F800000, ...).
-int64_t nonfinite(const void *p, int64_t n, int size, uint64_t exponent, int threads) {
-    int64_t special;
-    count_all(p, n, size, sign_off(size, 1), exponent, &special, threads);
-    return special;
-}
-
-// nonzero() and nonfinite() of a float tensor in one pass: returns the non-zero count, *nonfinite_out the
-// non-finite one.
+// A float tensor's non-zero count, and in *nonfinite_out how many of its values are not finite (NaN or ±inf:
+// every exponent bit set), in one pass: `size` bytes a value (2, 4 or 8), `exponent` the mask of the format's
+// exponent bits (float16 0x7C00, bfloat16 0x7F80, float32 0x7F800000, ...).
 int64_t scan(const void *p, int64_t n, int size, uint64_t exponent, int64_t *nonfinite_out, int threads) {
     return count_all(p, n, size, sign_off(size, 1), exponent, nonfinite_out, threads);
 }

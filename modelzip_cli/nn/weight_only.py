@@ -34,7 +34,7 @@ class Quantized:
     def dequantized(self, group_size: int) -> torch.Tensor:
         """(ints − zero point) · scale, (out, in) float32: group by group, so that the only temporary as large
         as the weight is the result (integers and zero points are exact in float32)."""
-        out, cols = self.ints.shape
+        cols = self.ints.shape[1]
         w = self.ints.float()  # the result, written in place
         for g, start in enumerate(range(0, cols, group_size)):
             part = w[:, start:start + group_size]
