@@ -227,6 +227,41 @@ def test_rebatched_windows_keep_every_sample_in_order():
     assert sequential.rebatched(floats) is floats  # not token windows: as they are
 
 
+def test_rebatched_splits_to_the_pass_size_and_pass_size_follows_the_widest_layer():
+    batches = [torch.arange(i * 64, (i + 1) * 64).reshape(8, 8) for i in range(2)]  # 16 windows of 8 tokens
+    small = sequential.rebatched(batches, tokens=24)
+    assert [len(b) for b in small] == [3] * 5 + [1] and torch.equal(torch.cat(small), torch.cat(batches))
+    wide = nn.Sequential(nn.Linear(8, 4096), nn.Linear(4096, 8))
+    assert sequential.pass_tokens(wide) == sequential.PASS_BYTES // (4 * 4096)
+    assert sequential.pass_tokens(nn.Linear(8, 8)) == sequential.PASS_TOKENS
+
+
+def test_gptq_puts_each_blocks_packed_layers_in_once_calibration_is_past_it(monkeypatch):
+    """The float weights of a block go as soon as the next block's inputs are made, not at the end: when block
+    i is calibrated, every block before it already holds its packed layers."""
+    from modelzip_cli.nn.weight_only import WeightOnlyLinear
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import Dataset
+    from modelzip_cli.techniques.base import handler
+    from modelzip_cli.techniques.quantize import GPTQConfig
+
+    model = _tiny_llama()
+    seen: list[list[int]] = []  # at each block's calibration: the blocks already packed
+    real = sequential.feed
+
+    def spy(block, inputs):
+        seen.append([i for i, b in enumerate(model.model.layers) if isinstance(b.mlp.down_proj, WeightOnlyLinear)])
+        return real(block, inputs)
+
+    monkeypatch.setattr(sequential, "feed", spy)
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    ctx = Context(calib_data=Dataset(inputs=ids, targets=None, path=Path("calib")))
+    cfg = GPTQConfig(group_size=16)
+    out = handler(cfg)(model, cfg, ctx)
+    assert seen == [[], [0], [0, 1]]
+    assert all(isinstance(m, WeightOnlyLinear) for n, m in out[0].named_modules() if n.endswith("_proj"))
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "wanda", "sparsegpt", "dynamic"])
 def test_offloaded_activations_give_the_same_model_and_leave_no_file(method, tmp_path, monkeypatch):
     """--offload-activations: block boundaries go to files under the folder (read back a batch at a time) and

@@ -40,5 +40,5 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> to
     model.eval()
     device = device_of(model)
     inputs = as_model_input(inputs, float_dtype(model))
-    return torch.cat([model(inputs[i:i + batch_size].to(device)).float()
-                      for i in range(0, inputs.shape[0], batch_size)])
+    outputs = [model(inputs[i:i + batch_size].to(device)).float() for i in range(0, inputs.shape[0], batch_size)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # one batch: no copy (a causal LM's logits)

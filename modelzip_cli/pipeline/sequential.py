@@ -250,16 +250,27 @@ def calibration_batches(model: nn.Module, data, batches: int, batch_size: int) -
 # 128 windows of 128 tokens: 4 passes of 32, not 16 of 8), and no more than 8 windows of 512 (what the memory
 # bench's 24-block decoder of hidden 1024 ran with before), so a pass's activations do not grow there.
 PASS_TOKENS = 4096
+# ... and no more than make PASS_BYTES of the block's widest Linear output (float32): a pass's temporaries are a
+# few such tensors. The 24-block decoder of hidden 1024 (intermediate 2816): 2048 positions a pass, its swing in
+# resident memory about 250 MB instead of 500 (bench `scale`, GPTQ); the sample decoder keeps 4096.
+PASS_BYTES = 24 << 20
 
 
-def rebatched(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The same samples in batches of about PASS_TOKENS positions (token windows of one length; other inputs,
+def pass_tokens(block: nn.Module) -> int:
+    """Token positions a calibration pass through `block` takes at once (PASS_TOKENS, PASS_BYTES)."""
+    widest = max((m.weight.shape[0] for m in block.modules()
+                  if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2), default=1)
+    return max(1, min(PASS_TOKENS, PASS_BYTES // (4 * widest)))
+
+
+def rebatched(batches: list[torch.Tensor], tokens: int = PASS_TOKENS) -> list[torch.Tensor]:
+    """The same samples in batches of about `tokens` positions (token windows of one length; other inputs,
     and windows of mixed lengths, as they are). Statistics summed over samples do not depend on the
     batching, and a block pass over a few large batches runs faster than over many small ones."""
     if not batches or any(b.is_floating_point() or b.shape[1:] != batches[0].shape[1:] for b in batches):
         return batches
     # (B, L) ids, or (B, 2, L) ids with their attention mask: L positions a sample
-    per = max(batches[0].shape[0], PASS_TOKENS // max(1, batches[0].shape[-1]))  # samples per batch
+    per = max(1, tokens // max(1, batches[0].shape[-1]))  # samples per batch
     return list(torch.cat(batches).split(per))
 
 
@@ -301,12 +312,18 @@ Process = Callable[[list[str], list[nn.Module], "Hessian"], None]  # layers that
 
 
 def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], process: Process, progress,
-              label: str, offload: Path | None = None) -> str:
+              label: str, offload: Path | None = None,
+              finished: Callable[[list[str]], None] | None = None) -> str:
     """Accumulate each named layer's input Hessian on the calibration batches and hand it to
     `process(names, layers, hessian)` (the layers that read the very same input together, in `names` order),
     which changes the layers in place: block by block, each block on the outputs of the blocks before it as
     `process` left them; layers outside the stack (or every layer, when the model has none) in one whole-model
-    pass at the end. Layers no batch reached are not processed. Returns how it ran, for the notes."""
+    pass at the end. Layers no batch reached are not processed. Returns how it ran, for the notes.
+
+    `finished(names)`: called with a block's processed layers once nothing will run them again during the
+    calibration (after the next block's inputs are made, when no layer outside the stack needs the whole
+    model afterwards): the caller may replace them then (GPTQ puts its packed int4 layers in, so the float
+    weights go block by block instead of staying to the end)."""
 
     def run(root: nn.Module, layer_names: list[str], feed: Callable[[], object]) -> None:
         layers = {n: model.get_submodule(n) for n in layer_names}
@@ -325,18 +342,25 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], p
                 process(group, [layers[n] for n in group], hessians.of[group[0]])
 
     stack = blocks_of(model) if BY_BLOCK else None
-    batches = rebatched(batches)
+    batches = rebatched(batches, pass_tokens(stack.layers[0]) if stack is not None else PASS_TOKENS)
     done: set[str] = set()
     with progress(label, (len(stack.layers) if stack else 0) + 1) as bar:
-        def per_block(i: int, block: nn.Module, inputs: Inputs) -> None:
-            mine = [n for n in names if n.startswith(stack.name(i) + ".")]
-            run(block, mine, lambda: feed(block, inputs))
-            done.update(mine)
-
         if stack is not None:
             outside = any(not n.startswith(stack.prefix + ".") for n in names)  # needs the whole model after
+            pending: list[str] = []  # the block before's layers, until its outputs are made
+
+            def per_block(i: int, block: nn.Module, inputs: Inputs) -> None:
+                if pending and finished is not None:
+                    finished(pending)
+                mine = [n for n in names if n.startswith(stack.name(i) + ".")]
+                run(block, mine, lambda: feed(block, inputs))
+                done.update(mine)
+                pending[:] = [] if outside else mine
+
             calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance(), through_last=outside,
                       offload=offload)
+            if pending and finished is not None:
+                finished(pending)
         rest = [n for n in names if n not in done]
         if rest:
             run(model, rest, lambda: _feed_model(model, batches))

@@ -383,7 +383,7 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig, ctx: Context) 
 @register(GPTQConfig)
 def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.Module, list, dict]:
     names = _integer_weight_names(model, cfg)[0]
-    chosen: dict[str, WeightOnlyLinear] = {}  # packed as soon as chosen: half a byte a weight until the end
+    chosen: dict[str, WeightOnlyLinear] = {}  # packed as soon as chosen: half a byte a weight until put in
     extra: dict[str, dict] = {}
 
     def process(group_names: list[str], layers: list[nn.Linear], hessian: Hessian) -> None:
@@ -406,12 +406,18 @@ def quantize_gptq(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> tuple[nn.M
                            "gptq_order": "activation" if order else "stored"}
             layer.weight.data.copy_(chosen_q.dequantized(group))  # what later blocks see, in the weight's memory
 
+    def put_in(done: list[str]) -> None:
+        """The packed layers in place of the float ones: each block's as soon as calibration is past it (its
+        float weights freed then, not at the end: the 24-block decoder of hidden 1024, bench `scale`)."""
+        for n in done:
+            replace_module(model, n, chosen.pop(n))
+
     with sequential.on_device(model, ctx.device):  # --device: calibration and GPTQ where the weights are
         batches = sequential.calibration_batches(model, ctx.calib_data, cfg.calib_batches, cfg.calib_batch_size)
-        how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq", ctx.offload)
-    done = [n for n in names if n in chosen]
-    for n in done:
-        replace_module(model, n, chosen.pop(n))
+        how = sequential.per_layer(model, names, batches, process, ctx.progress, "gptq", ctx.offload,
+                                   finished=put_in)
+    put_in(list(chosen))
+    done = [n for n in names if n in extra]
     notes = [f"GPTQ on {sum(len(x) for x in batches)} calibration samples ({len(batches)} batches), {how}"]
     edit = WeightOnlyEdit(modules=done, bits=cfg.bits, group_size=cfg.group_size)
     return model, [edit], {"layer_extra": extra, "notes": notes}
@@ -639,16 +645,20 @@ PROBE_KEEP_BYTES = 128 << 20  # float outputs of the unquantized model kept for 
 def _reference_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
     """The model's outputs on `x` before it is quantized, as (start, stop, outputs of x[start:stop]): PROBE_BATCH
     samples first, then as many as make PROBE_VALUES output values at a time; what the SQNR probe compares
-    against instead of a second copy of the model. Stops once PROBE_KEEP_BYTES are kept (always at least one
-    forward): a vocabulary-wide causal LM's logits are large."""
+    against instead of a second copy of the model. Keeps at most PROBE_KEEP_BYTES (always at least one forward):
+    a vocabulary-wide causal LM's logits are large (2 windows of 512 tokens over 32000 words: 125 MB; a second
+    forward, taken while fewer than PROBE_KEEP_BYTES were kept, made it 250 MB)."""
     outputs: list[tuple[int, int, torch.Tensor]] = []
     kept, i, step = 0, 0, PROBE_BATCH
-    while i < x.shape[0] and kept < PROBE_KEEP_BYTES:
+    while i < x.shape[0]:
         a = predict(model, x[i:i + step])
         outputs.append((i, min(i + step, x.shape[0]), a))
         kept += a.numel() * a.element_size()
         i += step
         step = max(PROBE_BATCH, PROBE_VALUES * a.shape[0] // max(1, a.numel()))  # samples per PROBE_VALUES
+        per_sample = a.numel() * a.element_size() // max(1, a.shape[0])
+        if kept + per_sample * min(step, x.shape[0] - i) > PROBE_KEEP_BYTES:
+            break
     return outputs
 
 
@@ -657,9 +667,10 @@ def _sqnr(reference: list[tuple[int, int, torch.Tensor]], quantized: nn.Module, 
     `_reference_outputs`), slice by slice: never all outputs of both models in memory."""
     signal = noise = 0.0
     for start, stop, a in reference:
-        b = predict(quantized, x[start:stop])
         signal += float(a.pow(2).sum(dtype=torch.float64))
-        noise += float((a - b).pow_(2).sum(dtype=torch.float64))
+        b = predict(quantized, x[start:stop])
+        with torch.inference_mode():  # (b is an inference tensor) in b's memory: no third logits-sized tensor
+            noise += float(b.sub_(a).pow_(2).sum(dtype=torch.float64))
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
