@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 demo: install
 	bash sample_models/demo.sh
 
+# Up to four workers (pytest-xdist: one a core, two on this 2-core machine); a file whose tests read what
+# its earlier tests made runs on one worker (xdist_group).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 bench: install
 	$(BIN)/pip install -q -e '.[dev,bench]'

@@ -61,6 +61,15 @@ def _block_torch_ao() -> None:
 if os.environ.get(BLOCK_TORCH_AO) == "1":
     _block_torch_ao()
 
+# Under pytest-xdist (`make test` runs a worker a core) a worker and every process it starts compute on one
+# thread: two workers of two threads each on this 2-core machine fought for the cores (12.5 minutes, against
+# 8.5 on one thread each), and a fresh process must use the thread count of the process whose outputs it
+# reproduces bit for bit (a float sum's order follows the threads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
 # Weight-only kernel measurements (wo_kernels.py) go to a folder of this test run, which the fresh processes
 # it starts inherit, never to the user's ~/.cache; removed at exit.
 if "MODELZIP_CACHE_DIR" not in os.environ:

@@ -45,7 +45,7 @@ def test_static_int8_convolutions_that_run_slower_are_named(monkeypatch):
     plain = int8.StaticInt8Conv.forward
 
     def slow(self, x):
-        time.sleep(0.01)  # an int8 convolution 10 ms slower than its float original, whatever the load
+        time.sleep(0.05)  # an int8 convolution 50 ms slower than its float original, whatever the load
         return plain(self, x)
 
     monkeypatch.setattr(int8.StaticInt8Conv, "forward", slow)
