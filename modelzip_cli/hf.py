@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,15 @@ def require_transformers():
     huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at import: it may have been imported before
     transformers.logging.set_verbosity_error()  # its warnings are not the user's business here
     transformers.logging.disable_progress_bar()
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     return transformers
+
+
+# Where torchao is installed, transformers imports it with its model classes, and that import logs to stderr on
+# every command: the CUDA extensions a CPU build cannot load ("Failed to load …_C_mxfp8…") and torch's notice
+# that torchao registers Enum subclasses the deprecated way. Neither is the user's business.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def is_model_dir(path: Path) -> bool:

@@ -384,3 +384,14 @@ def test_hub_is_offline_whatever_the_environment_said(monkeypatch):
     hf.require_transformers()
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert huggingface_hub.constants.is_offline_mode()
+
+
+def test_a_hugging_face_command_writes_nothing_to_stderr_but_its_own(hf_dirs):
+    """transformers imports torchao where it is installed (a bench extra; LLM users often have it), and that
+    import logged CUDA libraries a CPU build cannot load and a deprecation notice on every command."""
+    from .conftest import run_modelzip
+
+    r = run_modelzip("quantize", hf_dirs / "gpt2", "--method", "weight-only", "-o", hf_dirs / "quiet.safetensors",
+                     "--force", "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr
