@@ -12,9 +12,11 @@
 
 #define PARALLEL_FROM (1 << 18)  // multiply-adds (M · N · K) from which the product is shared among threads
 
-#ifndef PREFETCH
-#define PREFETCH 512
-#endif
+// Rows prefetched this many blocks (of 4 rows) ahead, group by group: the weights come from memory at the
+// speed of the summing rather than of each line's latency. A fixed 512 bytes ahead in the row (what this was)
+// fell on the block's own rows where rows are short: 1024→4096 from memory took 409 µs a call on one thread
+// (int4pack 322), 263 µs with this; 1536→576 83 → 60 µs.
+#define AHEAD_BLOCKS 2
 
 
 // x (M, K) float32 → xe, xo (M, K/2) int8 (even and odd columns, as the nibbles are), xs (M, G) float32 scales,
@@ -46,7 +48,7 @@ static void round_activations(const float *x, int M, int K, int GS, int8_t *xe, 
 // chains (one chain waits on its own latency, about 5 cycles an instruction), each activation load shared by them.
 static inline __attribute__((always_inline)) void rows_dot(
         const uint8_t *qw, const float *scales, const float *zs, const int8_t *e, const int8_t *o, const float *xs,
-        const float *d, const float *bias, float *y, int n0, int half, int groups, int gb, __mmask64 part,
+        const float *d, const float *bias, float *y, int n0, int N, int half, int groups, int gb, __mmask64 part,
         int step, const int R) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[4];
@@ -54,8 +56,11 @@ static inline __attribute__((always_inline)) void rows_dot(
     for (int g = 0; g < groups; g++) {
         __m512i lo[4], hi[4];
         for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_si512();
-        for (int r = 0; r < R; r++)  // the lines PREFETCH bytes ahead in each row: memory latency hidden
-            _mm_prefetch((const char *)(qw + (int64_t)(n0 + r) * half + g * gb + PREFETCH), _MM_HINT_T1);
+        for (int r = 0; r < R; r++) {  // this group of the rows AHEAD_BLOCKS blocks on: memory latency hidden
+            const int64_t ahead = (int64_t)n0 + AHEAD_BLOCKS * 4 + r;
+            if (ahead < N)
+                _mm_prefetch((const char *)(qw + ahead * half + g * gb), _MM_HINT_T1);
+        }
         for (int j = g * gb; j < (g + 1) * gb; j += step) {
             const __m512i xe_j = _mm512_maskz_loadu_epi8(part, e + j), xo_j = _mm512_maskz_loadu_epi8(part, o + j);
             for (int r = 0; r < R; r++) {
@@ -101,10 +106,10 @@ void wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const flo
             const float *xs_m = xs + (int64_t)m * groups, *d_m = d + (int64_t)m * groups;
             float *y_m = y + (int64_t)m * N;
             if (N - n0 >= 4) {
-                rows_dot(qw, scales, zs, e, o, xs_m, d_m, bias, y_m, n0, half, groups, gb, part, step, 4);
+                rows_dot(qw, scales, zs, e, o, xs_m, d_m, bias, y_m, n0, N, half, groups, gb, part, step, 4);
             } else {
                 for (int n = n0; n < N; n++)
-                    rows_dot(qw, scales, zs, e, o, xs_m, d_m, bias, y_m, n, half, groups, gb, part, step, 1);
+                    rows_dot(qw, scales, zs, e, o, xs_m, d_m, bias, y_m, n, N, half, groups, gb, part, step, 1);
             }
         }
     }
