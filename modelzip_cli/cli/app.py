@@ -84,16 +84,21 @@ def _signals_interrupt() -> Iterator[None]:
         yield
         return
     first: list[int] = []
+    lost: list[bool] = []  # the first signal's Interrupted was raised in a destructor: the next signal raises it
 
     def handler(signum, frame):
-        if first:  # the run is already stopping
+        if first and not lost:  # the run is already stopping
             return
+        if lost:  # the first signal, sent again (or a second one that came before it): still the first's exit code
+            lost.clear()
+            raise Interrupted(first[0])
         first.append(signum)
         raise Interrupted(signum)
 
     def unraisable(info):  # raised where nothing can catch it (a destructor): no traceback; send it again a
         if isinstance(info.exc_value, Interrupted) and first:  # moment later, to arrive outside the destructor
-            threading.Timer(0.01, os.kill, args=(os.getpid(), first.pop())).start()
+            lost.append(True)  # (a SIGTERM right behind a SIGINT took the first's place here: exit 143, not 130)
+            threading.Timer(0.01, os.kill, args=(os.getpid(), first[0])).start()
         else:
             previous_hook(info)
 
