@@ -47,6 +47,12 @@ _ARCH_SUFFIXES = (("ForSequenceClassification", "sequence-classification"),
 EXAMPLE_TOKENS = 32  # example sequence length when nothing else says
 
 
+# Where torchao is installed, transformers imports it with its model classes, and that import logs to stderr on
+# every command: the CUDA extensions a CPU build cannot load ("Failed to load …_C_mxfp8…") and torch's notice
+# that torchao registers Enum subclasses the deprecated way. Neither is the user's business.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def require_transformers():
     import os
 
@@ -65,12 +71,6 @@ def require_transformers():
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     return transformers
-
-
-# Where torchao is installed, transformers imports it with its model classes, and that import logs to stderr on
-# every command: the CUDA extensions a CPU build cannot load ("Failed to load …_C_mxfp8…") and torch's notice
-# that torchao registers Enum subclasses the deprecated way. Neither is the user's business.
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def is_model_dir(path: Path) -> bool:

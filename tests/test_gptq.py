@@ -262,6 +262,23 @@ def test_gptq_puts_each_blocks_packed_layers_in_once_calibration_is_past_it(monk
     assert all(isinstance(m, WeightOnlyLinear) for n, m in out[0].named_modules() if n.endswith("_proj"))
 
 
+def test_gptq_leaves_a_layer_no_batch_reaches_float():
+    """A Linear in a block that the forward never calls has no Hessian: it stays as it is, the rest are packed."""
+    from modelzip_cli.nn.weight_only import WeightOnlyLinear
+    from modelzip_cli.pipeline.context import Context
+    from modelzip_cli.pipeline.data import Dataset
+    from modelzip_cli.techniques.base import handler
+    from modelzip_cli.techniques.quantize import GPTQConfig
+
+    model = _tiny_llama()
+    model.model.layers[0].unused = nn.Linear(32, 32)
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = GPTQConfig(group_size=16)
+    out, [edit], _ = handler(cfg)(model, cfg, Context(calib_data=Dataset(inputs=ids, targets=None, path=Path("c"))))
+    assert type(out.model.layers[0].unused) is nn.Linear and "model.layers.0.unused" not in edit.modules
+    assert isinstance(out.model.layers[0].mlp.down_proj, WeightOnlyLinear)
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "wanda", "sparsegpt", "dynamic"])
 def test_offloaded_activations_give_the_same_model_and_leave_no_file(method, tmp_path, monkeypatch):
     """--offload-activations: block boundaries go to files under the folder (read back a batch at a time) and

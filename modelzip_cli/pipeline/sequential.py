@@ -325,7 +325,8 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], p
     model afterwards): the caller may replace them then (GPTQ puts its packed int4 layers in, so the float
     weights go block by block instead of staying to the end)."""
 
-    def run(root: nn.Module, layer_names: list[str], feed: Callable[[], object]) -> None:
+    def run(root: nn.Module, layer_names: list[str], feed: Callable[[], object]) -> list[str]:
+        """Process the named layers that `feed` reached; returns their names."""
         layers = {n: model.get_submodule(n) for n in layer_names}
         hessians = Hessians(root, layers)
         try:
@@ -340,6 +341,7 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], p
         for group in shared.values():
             with torch.no_grad():
                 process(group, [layers[n] for n in group], hessians.of[group[0]])
+        return [n for group in shared.values() for n in group]
 
     stack = blocks_of(model) if BY_BLOCK else None
     batches = rebatched(batches, pass_tokens(stack.layers[0]) if stack is not None else PASS_TOKENS)
@@ -347,20 +349,20 @@ def per_layer(model: nn.Module, names: list[str], batches: list[torch.Tensor], p
     with progress(label, (len(stack.layers) if stack else 0) + 1) as bar:
         if stack is not None:
             outside = any(not n.startswith(stack.prefix + ".") for n in names)  # needs the whole model after
-            pending: list[str] = []  # the block before's layers, until its outputs are made
+            processed: dict[int, list[str]] = {}  # block → its layers processed, until its outputs are made
 
             def per_block(i: int, block: nn.Module, inputs: Inputs) -> None:
-                if pending and finished is not None:
-                    finished(pending)
                 mine = [n for n in names if n.startswith(stack.name(i) + ".")]
-                run(block, mine, lambda: feed(block, inputs))
+                processed[i] = run(block, mine, lambda: feed(block, inputs))
                 done.update(mine)
-                pending[:] = [] if outside else mine
 
-            calibrate(model, batches, forward, per_block, progress=lambda *_: bar.advance(), through_last=outside,
-                      offload=offload)
-            if pending and finished is not None:
-                finished(pending)
+            def past(blocks_done: int, _total: int) -> None:  # the block's outputs are made (or not needed)
+                bar.advance()
+                layers = processed.pop(blocks_done - 1)
+                if finished is not None and not outside:
+                    finished(layers)
+
+            calibrate(model, batches, forward, per_block, progress=past, through_last=outside, offload=offload)
         rest = [n for n in names if n not in done]
         if rest:
             run(model, rest, lambda: _feed_model(model, batches))
