@@ -23,9 +23,9 @@ demo: install
 	bash sample_models/demo.sh
 
 # Up to four workers (pytest-xdist: one a core, two on this 2-core machine); a file whose tests read what
-# its earlier tests made runs on one worker (xdist_group).
+# its earlier tests made runs on one worker (tests/conftest.py, ONE_WORKER).
 test: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 bench: install
 	$(BIN)/pip install -q -e '.[dev,bench]'

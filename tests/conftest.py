@@ -214,3 +214,24 @@ def one_line_error(result: Result) -> str:
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     return lines[0]
+
+
+# Test files whose later tests read what their earlier tests made in the same process (a fresh-process check of
+# every output the matrix wrote): pytest-xdist runs each on one worker. Its own `xdist_group` mark cannot say
+# this with pytest 9 (xdist 3.8 tags the group onto `item._nodeid`, which pytest 9 no longer reads: the groups
+# were split across workers), so the scheduler is given the grouping itself.
+ONE_WORKER = {"tests/test_hf.py", "tests/test_decoder_matrix.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesTogether(LoadScopeScheduling):
+        """Each test on its own, as `--dist load`, but a file of ONE_WORKER as one unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return file if file in ONE_WORKER else nodeid
+
+    return FilesTogether(config, log)
+

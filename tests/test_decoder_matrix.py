@@ -14,8 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the Hugging Face extr
 
 from .conftest import DIGITS_TEACHER, FRESH_OUTPUTS_MANY, one_line_error, run_fresh  # noqa: E402
 
-# one pytest-xdist worker: the fresh-process check reads what the matrix before it made in this process
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_decoder_matrix")]
+pytestmark = pytest.mark.slow  # one pytest-xdist worker runs it: conftest.ONE_WORKER
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
              max_position_embeddings=64)

@@ -16,9 +16,6 @@ from modelzip_cli.hf import select_output  # noqa: E402
 
 from .conftest import FRESH_OUTPUTS_MANY, SAMPLES, one_line_error, run_fresh  # noqa: E402
 
-# One pytest-xdist worker runs this file: its fresh-process checks read what the tests before them made here.
-pytestmark = pytest.mark.xdist_group("test_hf")
-
 FAMILIES = {  # name: (Auto class, model_type, small config, data kind)
     "bert": ("AutoModelForSequenceClassification", "bert",
              dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
