@@ -98,8 +98,8 @@ def wo4_vnni() -> tuple[object | None, str]:
         return None, why
     fn = lib.wo4_vnni
     p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i]
-    fn.restype = None
+    fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i]
+    fn.restype = i  # 0, or -1: no memory for the activations' scratch
     return fn, ""
 
 

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PARALLEL_FROM (1 << 18)  // multiply-adds (M · N · K) from which the product is shared among threads
 
@@ -19,27 +20,44 @@
 #define AHEAD_BLOCKS 2
 
 
-// x (M, K) float32 → xe, xo (M, K/2) int8 (even and odd columns, as the nibbles are), xs (M, G) float32 scales,
-// d (M, G) float32: each scale times the sum of its group's int8 values.
-static void round_activations(const float *x, int M, int K, int GS, int8_t *xe, int8_t *xo, float *xs, float *d) {
+// x (M, Kx) float32, read as (M, K) with zeros past column Kx (a layer whose width is not a whole number of
+// groups: the stored weight is padded, the input is not) → xe, xo (M, K/2) int8 (even and odd columns, as the
+// nibbles are), xs (M, G) float32 scales, d (M, G) float32: each scale times the sum of its group's int8 values.
+// 16 columns at a time; v · (1 / scale) rounded to nearest even, as lrintf in the default rounding mode.
+static void round_activations(const float *x, int M, int K, int Kx, int GS, int8_t *xe, int8_t *xo, float *xs,
+                              float *d) {
     const int groups = K / GS;
+    // 32 consecutive floats → their 16 even and 16 odd columns
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (int m = 0; m < M; m++) {
+        const float *row = x + (int64_t)m * Kx;
         for (int g = 0; g < groups; g++) {
-            const float *v = x + (int64_t)m * K + (int64_t)g * GS;
-            float amax = 0.f;
-            for (int k = 0; k < GS; k++) amax = fmaxf(amax, fabsf(v[k]));
-            float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
-            int32_t sum = 0;
-            int8_t *e = xe + (int64_t)m * (K / 2) + (int64_t)g * (GS / 2);
-            int8_t *o = xo + (int64_t)m * (K / 2) + (int64_t)g * (GS / 2);
-            for (int k = 0; k < GS; k += 2) {
-                int a = (int)lrintf(v[k] * inv), b = (int)lrintf(v[k + 1] * inv);
-                e[k / 2] = (int8_t)a;
-                o[k / 2] = (int8_t)b;
-                sum += a + b;
+            const int k0 = g * GS;
+            __m512 amax = _mm512_setzero_ps();
+            for (int k = k0; k < k0 + GS; k += 16) {
+                const int left = Kx - k;
+                const __mmask16 in = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, row + k)));
+            }
+            const float top = _mm512_reduce_max_ps(amax);
+            const float scale = top > 0.f ? top / 127.f : 1.f;
+            const __m512 inv = _mm512_set1_ps(1.f / scale);
+            __m512i sum = _mm512_setzero_si512();
+            int8_t *e = xe + (int64_t)m * (K / 2) + k0 / 2, *o = xo + (int64_t)m * (K / 2) + k0 / 2;
+            for (int k = k0; k < k0 + GS; k += 32) {
+                const int left = Kx - k;
+                const __mmask16 in0 = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                const __mmask16 in1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                const __m512 a = _mm512_maskz_loadu_ps(in0, row + k), b = _mm512_maskz_loadu_ps(in1, row + k + 16);
+                const __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, even, b), inv));
+                const __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, odd, b), inv));
+                _mm_storeu_si128((__m128i *)(e + (k - k0) / 2), _mm512_cvtsepi32_epi8(qe));
+                _mm_storeu_si128((__m128i *)(o + (k - k0) / 2), _mm512_cvtsepi32_epi8(qo));
+                sum = _mm512_add_epi32(sum, _mm512_add_epi32(qe, qo));
             }
             xs[(int64_t)m * groups + g] = scale;
-            d[(int64_t)m * groups + g] = scale * (float)sum;
+            d[(int64_t)m * groups + g] = scale * (float)_mm512_reduce_add_epi32(sum);
         }
     }
 }
@@ -86,14 +104,17 @@ static inline __attribute__((always_inline)) void rows_dot(
 }
 
 // zs: (N, G) float32 scale · zero point of each group (the layer's constant, made once at packing).
-// scratch: at least M·K + 8·M·(K/GS) bytes. GS: 32, 64 or a multiple of 128; K a multiple of GS.
-void wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const float *x, const float *bias,
-              float *y, uint8_t *scratch, int M, int N, int K, int GS, int threads) {
+// x: (M, Kx) float32, Kx ≤ K; GS: 32, 64 or a multiple of 128; K a multiple of GS (and of 32).
+// Returns 0, or -1 where the activations' scratch (M·K + 8·M·(K/GS) bytes) could not be allocated.
+int wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const float *x, const float *bias,
+             float *y, int M, int N, int K, int Kx, int GS, int threads) {
     const int half = K / 2, groups = K / GS, gb = GS / 2;  // packed bytes per row, per group
+    uint8_t *scratch = malloc((size_t)M * K + 8 * (size_t)M * groups);
+    if (!scratch) return -1;
     int8_t *xe = (int8_t *)scratch, *xo = xe + (int64_t)M * half;
     float *xs = (float *)(xo + (int64_t)M * half);
     float *d = xs + (int64_t)M * groups;  // xs · (sum of the group's int8 activations): what zs multiplies
-    round_activations(x, M, K, GS, xe, xo, xs, d);
+    round_activations(x, M, K, Kx, GS, xe, xo, xs, d);
     const __mmask64 part = gb >= 64 ? ~0ull : gb == 32 ? 0xFFFFFFFFull : 0xFFFFull;  // groups of 64, 32: one load
     const int step = gb >= 64 ? 64 : gb;
     const int blocks = (N + 3) / 4;
@@ -113,4 +134,6 @@ void wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const flo
             }
         }
     }
+    free(scratch);
+    return 0;
 }
