@@ -65,6 +65,20 @@ def test_kernel_matches_dequantize_and_matmul(monkeypatch, bits, kernel, tol, gr
     _check(WeightOnlyLinear.from_float(nn.Linear(width, 48), bits, group).eval(), kernel, tol)
 
 
+@pytest.mark.parametrize("kernel", ["vnni4", "int4pack", "float"])
+def test_an_input_of_the_wrong_width_raises_as_float_does_even_at_a_known_size(monkeypatch, kernel):
+    """The bound call is found by the input's element count: (2, 288) has the count of (1, 576), and the C
+    kernel reads rows of the layer's width without a check of its own."""
+    if not wo_kernels.available(kernel):
+        pytest.skip(f"{kernel} does not run here")
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
+    layer = WeightOnlyLinear.from_float(nn.Linear(576, 64), 4, 128).eval()
+    with torch.inference_mode():
+        layer(torch.randn(1, 576))
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 288))
+
+
 def test_requantized_int8_weight_is_within_half_a_channel_step_of_the_stored_one():
     """int8chan / int8dyn requantize a grouped int8 weight to one scale per output channel: the bound the
     report's note states, checked on a weight whose groups have scales 100× apart."""
