@@ -344,7 +344,8 @@ def _vnni4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
     # nothing it need not: no padding copy, no reshape, one allocation
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != width:  # as F.linear would: C reads rows of `width` floats and nothing checks them
-            raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} inputs to a {width}-wide layer)")
+            raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} inputs to a "
+                               f"{width}-wide layer)")
         xf = x if x.dtype == fp32 else x.float()
         xf = xf if xf.is_contiguous() else xf.contiguous()
         y = torch.empty(*x.shape[:-1], n)
