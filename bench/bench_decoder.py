@@ -85,6 +85,7 @@ def run() -> dict:
         paths[name] = out
         step_seconds[name] = json.loads(Path(f"{out}.json").read_text())["steps"][0]["duration_s"]
     peer, timing = _gptq_timing(model_dir, windows, work)
+    spread = _channel_spread(model_dir, load_data(windows["calib"], require_targets=False).inputs)
     with num_threads(2):
         models = [load_checkpoint(p).model for p in paths.values()]
         figures = lm_figures(models, held)
@@ -101,7 +102,36 @@ def run() -> dict:
                       "decode_tokens_per_s": round(speed["decode_tokens_per_s"], 1)}
     return {"model": str(model_dir.relative_to(decoder.HERE.parent)), "heldout_windows": int(held.shape[0]),
             "window": int(held.shape[-1]), "rows": rows, "failed": failed, "llmcompressor": peer,
-            "gptq_timing": timing}
+            "gptq_timing": timing, "channel_spread": spread}
+
+
+def _channel_spread(model_dir: Path, calib) -> dict[str, float]:
+    """Linear kind (q_proj, …) → max / median of its input channels' norms over the calibration windows, the
+    median over the blocks: how far the sample has the outlier channels (LLM.int8()'s outlier features) that
+    Wanda's |w|·‖x‖ and AWQ's scales are built on. Near 1, ‖x‖ is about the same for every channel and Wanda
+    ranks weights as magnitude does."""
+    import statistics
+
+    import torch
+
+    from modelzip_cli.checkpoint.io import load_checkpoint
+
+    model = load_checkpoint(model_dir).model
+    sums: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, n=n: sums.__setitem__(n, sums.get(n, 0) + args[0].detach().float().pow(2)
+                                                .reshape(-1, args[0].shape[-1]).sum(0)))
+        for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    with torch.inference_mode():
+        for i in range(0, len(calib), 16):
+            model(calib[i:i + 16])
+    for h in hooks:
+        h.remove()
+    kinds: dict[str, list[float]] = {}
+    for n, total in sums.items():
+        norms = total.sqrt()
+        kinds.setdefault(n.rsplit(".", 1)[-1], []).append(float(norms.max() / norms.median()))
+    return {kind: round(statistics.median(v), 2) for kind, v in kinds.items()}
 
 
 TIMING_ROUNDS = 3  # interleaved rounds of the GPTQ timing: a change in the machine's load falls on both tools
@@ -180,6 +210,11 @@ def summary(r: dict) -> str:
                   f"{t['llmcompressor_oneshot']} |",
                   f"| load to save | {t['modelzip_load_to_save']} (the step with its SQNR probe: "
                   f"{t['modelzip_step']}) | {t['llmcompressor_load_to_save']} |"]
+    if spread := r.get("channel_spread"):
+        lines += ["", "Input channels of each Linear on the calibration windows, the largest norm over the median "
+                  "(median over the blocks): " + ", ".join(f"{k} {v:.2f}" for k, v in spread.items()) + ". Wanda's "
+                  "|w|·‖x‖ and AWQ's scales gain where a few channels are many times the median (the outlier "
+                  "features of large LLMs); where every channel is near the median, Wanda ranks as magnitude does."]
     lines += ["", "Seconds, in one process with its imports done: *load to save* is modelzip's whole command (load, "
               "the step, its SQNR probe and notes, write; no --eval-data) and llm-compressor's from_pretrained, "
               "oneshot and save_pretrained; *the step* is modelzip's quantize/prune step (calibration passes, the "
