@@ -51,7 +51,7 @@ def _check(layer: WeightOnlyLinear, kernel: str, tol: float) -> None:
 
 
 @pytest.mark.parametrize("bits,kernel,tol", [(4, "vnni4", TOL_W8A8), (4, "int4pack", TOL), (4, "bf16", TOL),
-                                              (8, "int8pack", TOL),
+                                              (8, "vnni8", TOL_W8A8), (8, "int8pack", TOL),
                                               (8, "int8chan", TOL), (8, "int8dyn", TOL_W8A8), (8, "bf16", TOL)])
 @pytest.mark.parametrize("group", [32, 64, 128])
 # 200: not a whole number of groups (the stored weight is padded, so is the input); 576: 4.5 groups of 128, which
@@ -65,18 +65,31 @@ def test_kernel_matches_dequantize_and_matmul(monkeypatch, bits, kernel, tol, gr
     _check(WeightOnlyLinear.from_float(nn.Linear(width, 48), bits, group).eval(), kernel, tol)
 
 
-@pytest.mark.parametrize("kernel", ["vnni4", "int4pack", "float"])
-def test_an_input_of_the_wrong_width_raises_as_float_does_even_at_a_known_size(monkeypatch, kernel):
+@pytest.mark.parametrize("bits,kernel", [(4, "vnni4"), (4, "int4pack"), (4, "float"), (8, "vnni8")])
+def test_an_input_of_the_wrong_width_raises_as_float_does_even_at_a_known_size(monkeypatch, bits, kernel):
     """The bound call is found by the input's element count: (2, 288) has the count of (1, 576), and the C
     kernel reads rows of the layer's width without a check of its own."""
     if not wo_kernels.available(kernel):
         pytest.skip(f"{kernel} does not run here")
     monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
-    layer = WeightOnlyLinear.from_float(nn.Linear(576, 64), 4, 128).eval()
+    layer = WeightOnlyLinear.from_float(nn.Linear(576, 64), bits, 128).eval()
     with torch.inference_mode():
         layer(torch.randn(1, 576))
         with pytest.raises(RuntimeError):
             layer(torch.randn(2, 288))
+
+
+def test_vnni8_takes_zero_points_and_large_groups(monkeypatch):
+    """A file may hold int8 zero points (modelzip writes 0) and one group per row of any multiple of 16: vnni8
+    computes (q − zp)·s all the same (the zero points' term and the activations' +128 offset are taken off)."""
+    if not wo_kernels.available("vnni8"):
+        pytest.skip("vnni8 does not run here")
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, "vnni8")
+    for width, group in [(256, 64), (576, 576), (1040, 1040)]:
+        layer = WeightOnlyLinear.from_float(nn.Linear(width, 40), 8, group).eval()
+        layer.zero_points = torch.randint(-20, 20, layer.zero_points.shape, dtype=torch.int8)
+        _check(layer, "vnni8", TOL_W8A8)
 
 
 def test_requantized_int8_weight_is_within_half_a_channel_step_of_the_stored_one():
@@ -153,6 +166,7 @@ def test_the_probe_chooses_among_one_call_kernels_that_keep_the_activations(monk
     seen = []
     monkeypatch.setattr(wo_kernels, "_probe", lambda geo, packs, *args: seen.append(set(packs)) or "float")
     layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 8, group)
+    probed = probed | ({"vnni8"} if wo_kernels.available("vnni8") else set())  # per group, as the weights are
     assert layer.kernel_for(1) == "float" and seen == [probed]
 
 
@@ -372,14 +386,15 @@ def test_without_a_c_compiler_vnni4_is_unavailable_and_a_forced_layer_runs_on_fl
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv(wo_kernels.CACHE_ENV, str(tmp_path))
-    native.wo4_vnni.cache_clear()
-    wo_kernels.available.cache_clear()
+    caches = (native._vnni, native.wo4_vnni, native.wo8_vnni, wo_kernels.available)
+    for cache in caches:
+        cache.cache_clear()
     try:
-        assert native.wo4_vnni()[0] is None
+        assert native.wo4_vnni()[0] is None and native.wo8_vnni()[0] is None
         if native._cpu_flags() >= set(native.VNNI_FLAGS) and torch.backends.cpu.get_cpu_capability() in ("AVX512",
                                                                                                           "AMX"):
             assert "could not build" in native.wo4_vnni()[1]
-        assert not wo_kernels.available("vnni4")
+        assert not wo_kernels.available("vnni4") and not wo_kernels.available("vnni8")
         monkeypatch.setenv(wo_kernels.KERNEL_ENV, "vnni4")
         layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), 4, 64).eval()
         x = torch.randn(3, 256)
@@ -387,8 +402,8 @@ def test_without_a_c_compiler_vnni4_is_unavailable_and_a_forced_layer_runs_on_fl
             assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias))
         assert layer.kernel_for(3) == "float" and "vnni4" in layer.kernel_notes()
     finally:
-        native.wo4_vnni.cache_clear()
-        wo_kernels.available.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
 
 
 def test_vnni4_library_is_built_once_under_the_hash_of_its_source(monkeypatch, tmp_path):

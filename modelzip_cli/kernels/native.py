@@ -4,7 +4,8 @@ the file shipped in this package, and the library's name carries the hash of tha
 so a changed source or compiler builds anew. Where there is no compiler, the build fails, or the CPU lacks the
 instructions, the kernel is unavailable (`why_not` says why) and weight-only layers run on torch's kernels.
 
-- wo4_vnni.c: int4 weights × int8 activations (rounded per group) on AVX-512 VNNI, OpenMP over output rows.
+- wo4_vnni.c: int4 and int8 weights × int8 activations (rounded per group) on AVX-512 VNNI, OpenMP over output
+  rows (`wo4_vnni`, `wo8_vnni`).
   The OpenMP runtime it links by name (libgomp.so.1) is the one torch has loaded already: one thread pool.
 - rtn.c: round-to-nearest int4/int8 in one pass over a float32 or bfloat16 weight, the same bits as torch's
   reference (`nn.weight_only.rtn`), and counts of non-zero and non-finite values (a streamed 7B model's figures,
@@ -84,8 +85,8 @@ def sources_key() -> str:
 
 
 @functools.cache
-def wo4_vnni() -> tuple[object | None, str]:
-    """(the C function `wo4_vnni`, "") or (None, why it is unavailable here)."""
+def _vnni() -> tuple[ctypes.CDLL | None, str]:
+    """The library of wo4_vnni.c, or (None, why it is unavailable here)."""
     import torch
 
     missing = [f for f in VNNI_FLAGS if f not in _cpu_flags()]
@@ -93,13 +94,32 @@ def wo4_vnni() -> tuple[object | None, str]:
         return None, f"the CPU lacks {', '.join(missing)}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):  # ATEN_CPU_CAPABILITY limits it too
         return None, f"torch runs {torch.backends.cpu.get_cpu_capability()} code here"
-    lib, why = _build("wo4_vnni.c", CFLAGS)
+    return _build("wo4_vnni.c", CFLAGS)
+
+
+@functools.cache
+def wo4_vnni() -> tuple[object | None, str]:
+    """(the C function `wo4_vnni`, "") or (None, why it is unavailable here)."""
+    lib, why = _vnni()
     if lib is None:
         return None, why
     fn = lib.wo4_vnni
     p, i = ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i]
     fn.restype = i  # 0, or -1: no memory for the activations' scratch
+    return fn, ""
+
+
+@functools.cache
+def wo8_vnni() -> tuple[object | None, str]:
+    """(the C function `wo8_vnni`, "") or (None, why it is unavailable here)."""
+    lib, why = _vnni()
+    if lib is None:
+        return None, why
+    fn = lib.wo8_vnni
+    p, i = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i]
+    fn.restype = i
     return fn, ""
 
 

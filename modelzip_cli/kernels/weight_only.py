@@ -16,6 +16,11 @@ its own layout the first time a layer runs (kept in memory, never stored) and co
   in C) and allocates only its output: the small layers of a decoding step are bound by the call, not the
   product (576→192 on one row: 23 µs a call with a padding copy, reshapes and a scratch tensor, 11 µs without;
   the 30 × 576 decoder's decode went from 1.69× to 2.35× fp32, bench `llm`).
+- vnni8: the same C file's int8 kernel: the stored int8 weights as they are, activations rounded to int8 per
+  group as vnni4's and offset by 128 (vpdpbusd multiplies unsigned by signed bytes; the 128 · Σ q it adds is
+  a per-(row, group) constant made at packing, so are the zero points' terms). Relative error about 6e-3
+  (int8chan's 4e-3); groups of a multiple of 16, zero points allowed. MLP at batch 1: 3.4× fp32 where int8chan
+  gave 2.3× (bench `int8`); the 30 × 576 decoder's decode 1.51× where it was 1.31×.
 - int4pack: torch's packed int4 CPU kernel (`torch._weight_int4pack_mm_for_cpu`), bf16 activations. Its
   dequantization is (q − 8)·s + z, so z = (8 − zero point)·s. It takes groups of 32, 64, 128 or 256
   (a wider group is written as several of these with the same scale) and widths N divisible by 16.
@@ -84,7 +89,7 @@ import torch.nn.functional as F
 from modelzip_cli.kernels import choice, native
 
 KERNEL_ENV = "MODELZIP_WO_KERNEL"
-KERNELS = ("vnni4", "int4pack", "int8pack", "int8chan", "int8dyn", "bf16", "float")
+KERNELS = ("vnni4", "vnni8", "int4pack", "int8pack", "int8chan", "int8dyn", "bf16", "float")
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 CPU kernel takes
 # (largest row count of the class, rows the probe times it at): decoding one token, a few rows, a batch
 ROW_CLASSES = ((2, 1), (32, 16), (None, 128))
@@ -95,8 +100,8 @@ PROBE_BYTES, PROBE_COPIES = 64 << 20, 64  # the weight copies a few-row probe cy
 MARGIN = 1.25
 # How the probe decides (part of the machine's key in the file of measurements): a change to its rules must
 # measure again, not reuse what the old rules chose. 3: a one-thread winner on many rows is confirmed on the
-# process's threads. 4: vnni4 joined the kernels.
-PROBE_VERSION = 4
+# process's threads. 4: vnni4 joined the kernels. 5: vnni8 did.
+PROBE_VERSION = 5
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # inputs the bf16 kernels may round
 
 
@@ -356,6 +361,50 @@ def _vnni4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
     return run
 
 
+VNNI8_GROUP = 16  # wo8_vnni rounds activations 16 at a time: groups of a multiple of 16
+
+
+def _vnni8_unsupported(geo: Geometry, w: Stored) -> str | None:
+    if geo.bits != 8:
+        return "int8 only"
+    if geo.group_size % VNNI8_GROUP:
+        return f"group {geo.group_size} is not a multiple of {VNNI8_GROUP}"
+    return native.wo8_vnni()[1] or None
+
+
+def _vnni8_pack(geo: Geometry, w: Stored) -> tuple:
+    # the stored integers as they are; per (row, group) its scale, scale · 128 · Σ q (what the activations'
+    # +128 offset adds: wo4_vnni.c) and scale · zero point
+    scales = w.scales.float().contiguous()
+    sums = w.qweight.reshape(geo.out_features, geo.groups, geo.group_size).sum(-1, dtype=torch.int64).float()
+    return (w.qweight.contiguous(), scales, (scales * 128 * sums).contiguous(),
+            (scales * w.zero_points.float()).contiguous())
+
+
+def _vnni8_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    qweight, scales, offsets, zero_terms = packed
+    fn = native.wo8_vnni()[0]
+    k, width, n, g = geo.padded, geo.in_features, geo.out_features, geo.group_size
+    b = None if bias is None else bias.detach().float().contiguous()
+    addresses = (qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), zero_terms.data_ptr())
+    b_address = None if b is None else b.data_ptr()
+    threads, fp32 = torch.get_num_threads, torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # any (..., in) input as it is, as vnni4's
+        if x.shape[-1] != width:
+            raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} inputs to a "
+                               f"{width}-wide layer)")
+        xf = x if x.dtype == fp32 else x.float()
+        xf = xf if xf.is_contiguous() else xf.contiguous()
+        y = torch.empty(*x.shape[:-1], n)
+        if fn(*addresses[:3], addresses[3], xf.data_ptr(), b_address, y.data_ptr(), xf.numel() // width, n, k,
+              width, g, threads()):
+            raise MemoryError("no memory for the int8 kernel's activations")
+        return y if dtype == fp32 else y.to(dtype)
+    run.keep = (qweight, scales, offsets, zero_terms, b)
+    return run
+
+
 def _bf16_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
     weight, bf16, b = packed[0], torch.bfloat16, _bias(bias, dtype)
 
@@ -372,6 +421,7 @@ def _float_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
 
 KERNEL_TABLE = {k.name: k for k in (
     Kernel("vnni4", _vnni4_unsupported, _vnni4_pack, _vnni4_bind),
+    Kernel("vnni8", _vnni8_unsupported, _vnni8_pack, _vnni8_bind),
     Kernel("int4pack", _int4_unsupported, _int4_pack, _int4_bind),
     # one call per group: a busy machine's contention at run time puts a many-call kernel far behind what the
     # one-thread probe saw (MLP at 2 threads: 0.08× fp32 forced at batch 1; chosen on AVX2 at batch 64, 0.35×);

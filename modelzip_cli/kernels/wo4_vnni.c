@@ -1,5 +1,5 @@
-// vnni4: a weight-only int4 layer on AVX-512 VNNI (kernels/weight_only.py builds this file with the C compiler
-// and loads it with ctypes; nothing else calls it).
+// vnni4 and vnni8: weight-only int4 and int8 layers on AVX-512 VNNI (kernels/weight_only.py builds this file
+// with the C compiler and loads it with ctypes; nothing else calls it). vnni8 is at the end.
 //
 // y = x · Wᵀ + bias with W[n, k] = (q[n, k] − zp[n, g]) · s[n, g], k in group g, the stored layout as it is:
 // q packed two per byte (low nibble = even column), s float32 and zp int8 per (row, group). x is rounded to
@@ -135,5 +135,122 @@ int wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const floa
         }
     }
     free(scratch);
+    return 0;
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// vnni8: W[n, k] = (q[n, k] − zp[n, g]) · s[n, g] with q int8 (N, K) as stored. vpdpbusd multiplies unsigned by
+// signed bytes, so the activations go in as xq + 128 (1..255) and the 128 · Σ_k q[n, k] that adds is taken off:
+//   y[m, n] = Σ_g s[n, g] · xs[m, g] · (Σ_k q · (xq + 128) − 128 · Σ_k q[n, k] − zp[n, g] · Σ_k xq) + bias[n]
+// with c[n, g] = s[n, g] · 128 · Σ_k q[n, k] and zs[n, g] = s[n, g] · zp[n, g], made once at packing.
+
+// x (M, Kx) → xu (M, K) uint8 = xq + 128 (zeros past Kx: xq 0), xs and d as round_activations'.
+static void round_activations_u8(const float *x, int M, int K, int Kx, int GS, uint8_t *xu, float *xs, float *d) {
+    const int groups = K / GS;
+    const __m512i offset = _mm512_set1_epi32(128);
+    for (int m = 0; m < M; m++) {
+        const float *row = x + (int64_t)m * Kx;
+        for (int g = 0; g < groups; g++) {
+            const int k0 = g * GS;
+            __m512 amax = _mm512_setzero_ps();
+            for (int k = k0; k < k0 + GS; k += 16) {
+                const int left = Kx - k;
+                const __mmask16 in = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, row + k)));
+            }
+            const float top = _mm512_reduce_max_ps(amax);
+            const float scale = top > 0.f ? top / 127.f : 1.f;
+            const __m512 inv = _mm512_set1_ps(1.f / scale);
+            __m512i sum = _mm512_setzero_si512();
+            for (int k = k0; k < k0 + GS; k += 16) {
+                const int left = Kx - k;
+                const __mmask16 in = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, row + k), inv));
+                sum = _mm512_add_epi32(sum, q);
+                _mm_storeu_si128((__m128i *)(xu + (int64_t)m * K + k), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q, offset)));
+            }
+            xs[(int64_t)m * groups + g] = scale;
+            d[(int64_t)m * groups + g] = scale * (float)_mm512_reduce_add_epi32(sum);
+        }
+    }
+}
+
+// R output rows from n0 for one activation row: two vpdpbusd chains a row (64-byte chunks alternate).
+static inline __attribute__((always_inline)) void rows_dot8(
+        const int8_t *qw, const float *scales, const float *cs, const float *zs, const uint8_t *xu, const float *xs,
+        const float *d, const float *bias, float *y, int n0, int N, int K, int groups, int GS, const int R) {
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __mmask64 tail = GS % 64 ? (__mmask64)((1ull << (GS % 64)) - 1) : ~0ull;
+    for (int g = 0; g < groups; g++) {
+        const int k0 = g * GS;
+        for (int r = 0; r < R; r++) {  // this group of the rows AHEAD_BLOCKS blocks on
+            const int64_t ahead = (int64_t)n0 + AHEAD_BLOCKS * 4 + r;
+            if (ahead < N)
+                for (int k = 0; k < GS; k += 64)
+                    _mm_prefetch((const char *)(qw + ahead * K + k0 + k), _MM_HINT_T1);
+        }
+        __m512i a[4], b[4];
+        for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_si512();
+        int k = 0;
+        for (; k + 128 <= GS; k += 128) {
+            const __m512i x0 = _mm512_loadu_si512(xu + k0 + k), x1 = _mm512_loadu_si512(xu + k0 + k + 64);
+            for (int r = 0; r < R; r++) {
+                const int8_t *w = qw + (int64_t)(n0 + r) * K + k0 + k;
+                a[r] = _mm512_dpbusd_epi32(a[r], x0, _mm512_loadu_si512(w));
+                b[r] = _mm512_dpbusd_epi32(b[r], x1, _mm512_loadu_si512(w + 64));
+            }
+        }
+        for (; k < GS; k += 64) {  // a last 64 bytes, or fewer
+            const __mmask64 in = k + 64 <= GS ? ~0ull : tail;
+            const __m512i x0 = _mm512_maskz_loadu_epi8(in, xu + k0 + k);
+            for (int r = 0; r < R; r++)
+                a[r] = _mm512_dpbusd_epi32(a[r], x0, _mm512_maskz_loadu_epi8(in, qw + (int64_t)(n0 + r) * K + k0 + k));
+        }
+        for (int r = 0; r < R; r++) {
+            const float s = scales[(int64_t)(n0 + r) * groups + g] * xs[g];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[r], b[r])), _mm512_set1_ps(s), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {  // Σ_g c[n, g] · xs[g] + zs[n, g] · d[g], 16 groups at a time
+        __m512 z = _mm512_setzero_ps();
+        const float *cs_n = cs + (int64_t)(n0 + r) * groups, *zs_n = zs + (int64_t)(n0 + r) * groups;
+        for (int g = 0; g < groups; g += 16) {
+            const __mmask16 k = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+            z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, cs_n + g), _mm512_maskz_loadu_ps(k, xs + g), z);
+            z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zs_n + g), _mm512_maskz_loadu_ps(k, d + g), z);
+        }
+        y[n0 + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], z)) + (bias ? bias[n0 + r] : 0.f);
+    }
+}
+
+// qw (N, K) int8; scales, cs, zs (N, K/GS) float32; x (M, Kx) float32, Kx ≤ K; GS a multiple of 16, K of GS.
+// Returns 0, or -1 where the activations' scratch (M·K + 8·M·(K/GS) bytes) could not be allocated.
+int wo8_vnni(const int8_t *qw, const float *scales, const float *cs, const float *zs, const float *x,
+             const float *bias, float *y, int M, int N, int K, int Kx, int GS, int threads) {
+    const int groups = K / GS;
+    uint8_t *xu = malloc((size_t)M * K + 8 * (size_t)M * groups);
+    if (!xu) return -1;
+    float *xs = (float *)(xu + (int64_t)M * K);
+    float *d = xs + (int64_t)M * groups;
+    round_activations_u8(x, M, K, Kx, GS, xu, xs, d);
+    const int blocks = (N + 3) / 4;
+    #pragma omp parallel for num_threads(threads) schedule(static) if ((int64_t)M * N * K >= PARALLEL_FROM)
+    for (int blk = 0; blk < blocks; blk++) {
+        const int n0 = blk * 4;
+        for (int m = 0; m < M; m++) {
+            const uint8_t *xu_m = xu + (int64_t)m * K;
+            const float *xs_m = xs + (int64_t)m * groups, *d_m = d + (int64_t)m * groups;
+            float *y_m = y + (int64_t)m * N;
+            if (N - n0 >= 4) {
+                rows_dot8(qw, scales, cs, zs, xu_m, xs_m, d_m, bias, y_m, n0, N, K, groups, GS, 4);
+            } else {
+                for (int n = n0; n < N; n++)
+                    rows_dot8(qw, scales, cs, zs, xu_m, xs_m, d_m, bias, y_m, n, N, K, groups, GS, 1);
+            }
+        }
+    }
+    free(xu);
     return 0;
 }
