@@ -12,6 +12,7 @@ from torch import nn
 
 from modelzip_cli.checkpoint.io import load_checkpoint, save_checkpoint
 from modelzip_cli.kernels import weight_only as wo_kernels
+from modelzip_cli.kernels.weight_only import Stored
 from modelzip_cli.measure.metrics import causal_lm, num_threads
 from modelzip_cli.nn.weight_only import WeightOnlyLinear
 from modelzip_cli.pipeline.data import load_data
@@ -90,6 +91,41 @@ def test_vnni8_takes_zero_points_and_large_groups(monkeypatch):
         layer = WeightOnlyLinear.from_float(nn.Linear(width, 40), 8, group).eval()
         layer.zero_points = torch.randint(-20, 20, layer.zero_points.shape, dtype=torch.int8)
         _check(layer, "vnni8", TOL_W8A8)
+
+
+@pytest.mark.parametrize("bits,kernel", [(4, "vnni4"), (8, "vnni8")])
+def test_c_kernels_write_float32_cpu_outputs_whatever_torchs_defaults_and_refuse_other_devices(monkeypatch, bits,
+                                                                                              kernel):
+    """The C code writes float32 into the output's address: a float64 default dtype made it read garbage back,
+    and an input on another device (meta here, CUDA alike) of a size seen before reached the C code by the
+    bound call and crashed the process."""
+    if not wo_kernels.available(kernel):
+        pytest.skip(f"{kernel} does not run here")
+    torch.manual_seed(0)
+    monkeypatch.setenv(wo_kernels.KERNEL_ENV, kernel)
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 32), bits, 64).eval()
+    x = torch.randn(2, 256)
+    ref = F.linear(x, layer.dequantized_weight(), layer.bias)
+    with torch.inference_mode():
+        layer(x)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            y = layer(x)
+        finally:
+            torch.set_default_dtype(before)
+        assert y.dtype == torch.float32 and _rel(y, ref) <= TOL_W8A8
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 256, device="meta"))
+
+
+def test_vnni_kernels_refuse_groups_whose_int32_sums_could_wrap():
+    w = Stored(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int8), lambda: torch.zeros(1, 1))
+    for bits, kernel in [(8, "vnni8"), (4, "vnni4")]:
+        top = wo_kernels.VNNI_MAX_GROUP[bits]
+        unsupported = wo_kernels.KERNEL_TABLE[kernel].unsupported
+        assert "wider" in unsupported(wo_kernels.Geometry(bits, top * 2, 16, top * 2, 1), w)
+        assert "wider" not in (unsupported(wo_kernels.Geometry(bits, top, 16, top, 1), w) or "")
 
 
 def test_requantized_int8_weight_is_within_half_a_channel_step_of_the_stored_one():

@@ -318,6 +318,9 @@ def _int8dyn_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype
     return _flat(run, geo.in_features, geo.out_features)
 
 
+# The widest group whose int32 sums cannot wrap: each of 16 lanes adds GS/16 (int8) or GS/32 (int4, two chains)
+# products of at most 255·128 (vnni8's offset activations) or 15·127: a whole row of 1 M int8 columns as one group
+VNNI_MAX_GROUP = {8: 1 << 20, 4: 1 << 24}
 VNNI4_GROUPS = (32, 64)  # and any multiple of 128 (wo4_vnni.c: one masked load for 32 and 64, else 64 bytes)
 
 
@@ -326,6 +329,8 @@ def _vnni4_unsupported(geo: Geometry, w: Stored) -> str | None:
         return "int4 only"
     if geo.group_size not in VNNI4_GROUPS and geo.group_size % 128:
         return f"group {geo.group_size} is not 32, 64 or a multiple of 128"
+    if geo.group_size > VNNI_MAX_GROUP[4]:
+        return f"group {geo.group_size} is wider than {VNNI_MAX_GROUP[4]} (the kernel's int32 sums of a group)"
     return native.wo4_vnni()[1] or None  # the reason it cannot run here, or "" when it can
 
 
@@ -353,7 +358,7 @@ def _vnni4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
                                f"{width}-wide layer)")
         xf = x if x.dtype == fp32 else x.float()
         xf = xf if xf.is_contiguous() else xf.contiguous()
-        y = torch.empty(*x.shape[:-1], n)
+        y = torch.empty(*x.shape[:-1], n, dtype=fp32, device="cpu")  # what C writes, whatever torch's defaults
         if fn(*addresses, xf.data_ptr(), b_address, y.data_ptr(), xf.numel() // width, n, k, width, g, threads()):
             raise MemoryError("no memory for the int4 kernel's activations")
         return y if dtype == fp32 else y.to(dtype)
@@ -369,6 +374,8 @@ def _vnni8_unsupported(geo: Geometry, w: Stored) -> str | None:
         return "int8 only"
     if geo.group_size % VNNI8_GROUP:
         return f"group {geo.group_size} is not a multiple of {VNNI8_GROUP}"
+    if geo.group_size > VNNI_MAX_GROUP[8]:
+        return f"group {geo.group_size} is wider than {VNNI_MAX_GROUP[8]} (the kernel's int32 sums of a group)"
     return native.wo8_vnni()[1] or None
 
 
@@ -396,7 +403,7 @@ def _vnni8_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
                                f"{width}-wide layer)")
         xf = x if x.dtype == fp32 else x.float()
         xf = xf if xf.is_contiguous() else xf.contiguous()
-        y = torch.empty(*x.shape[:-1], n)
+        y = torch.empty(*x.shape[:-1], n, dtype=fp32, device="cpu")  # what C writes, whatever torch's defaults
         if fn(*addresses[:3], addresses[3], xf.data_ptr(), b_address, y.data_ptr(), xf.numel() // width, n, k,
               width, g, threads()):
             raise MemoryError("no memory for the int8 kernel's activations")

@@ -241,7 +241,7 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
         # autograd or a trace must see the dequantization; anything else goes through _forward
         k = self._kernels
         run = k.fast.get(x.numel())
-        if run is not None and x.dtype == k.dtype and choice.current().weight_only == k.scope \
+        if run is not None and x.dtype == k.dtype and x.is_cpu and choice.current().weight_only == k.scope \
                 and not torch.is_grad_enabled() and not wo_kernels.tracing():
             return run(x)
         return self._forward(x)
