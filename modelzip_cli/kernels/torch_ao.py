@@ -37,7 +37,7 @@ class _Probe:
     in_features, out_features = 8, 4
     weight_scale = torch.ones(4)
 
-    def float_params(self) -> tuple[torch.Tensor, None]:
+    def float_params(self, keep: bool = True) -> tuple[torch.Tensor, None]:  # the plain modules' signature
         return torch.ones(4, 8), None
 
 
