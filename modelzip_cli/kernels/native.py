@@ -97,30 +97,28 @@ def _vnni() -> tuple[ctypes.CDLL | None, str]:
     return _build("wo4_vnni.c", CFLAGS)
 
 
-@functools.cache
-def wo4_vnni() -> tuple[object | None, str]:
-    """(the C function `wo4_vnni`, "") or (None, why it is unavailable here)."""
+def _vnni_function(name: str, pointers: int) -> tuple[object | None, str]:
+    """(C function `name` of wo4_vnni.c taking `pointers` pointers then six ints, returning 0 or -1 where it found
+    no memory for its scratch, "") or (None, why it is unavailable here)."""
     lib, why = _vnni()
     if lib is None:
         return None, why
-    fn = lib.wo4_vnni
-    p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i]
-    fn.restype = i  # 0, or -1: no memory for the activations' scratch
+    fn = getattr(lib, name)
+    fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * 6
+    fn.restype = ctypes.c_int
     return fn, ""
+
+
+@functools.cache
+def wo4_vnni() -> tuple[object | None, str]:
+    """(the C function `wo4_vnni`, "") or (None, why it is unavailable here)."""
+    return _vnni_function("wo4_vnni", 6)
 
 
 @functools.cache
 def wo8_vnni() -> tuple[object | None, str]:
     """(the C function `wo8_vnni`, "") or (None, why it is unavailable here)."""
-    lib, why = _vnni()
-    if lib is None:
-        return None, why
-    fn = lib.wo8_vnni
-    p, i = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i]
-    fn.restype = i
-    return fn, ""
+    return _vnni_function("wo8_vnni", 7)
 
 
 @functools.cache

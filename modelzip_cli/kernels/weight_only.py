@@ -340,18 +340,19 @@ def _vnni4_pack(geo: Geometry, w: Stored) -> tuple:
     return w.qweight.contiguous(), scales, (scales * w.zero_points.float()).contiguous()
 
 
-def _vnni4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
-    qweight, scales, zero_terms = packed
-    fn = native.wo4_vnni()[0]
+def _vnni_runner(fn, geo: Geometry, constants: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> Runner:
+    """The call of a wo4_vnni.c kernel `fn` over the layer's packed `constants` (their addresses passed first).
+
+    Any (..., in) input as it is: the C code reads the columns past `in` of a padded group as zeros, and the
+    call costs a decoding step's small layers more than their product (576→192: 7 µs of 16), so it does
+    nothing it need not: no padding copy, no reshape, one allocation."""
     k, width, n, g = geo.padded, geo.in_features, geo.out_features, geo.group_size
     b = None if bias is None else bias.detach().float().contiguous()
-    addresses = (qweight.data_ptr(), scales.data_ptr(), zero_terms.data_ptr())
+    addresses = tuple(t.data_ptr() for t in constants)
     b_address = None if b is None else b.data_ptr()
     threads, fp32 = torch.get_num_threads, torch.float32
 
-    # any (..., in) input as it is: the C code reads the columns past `in` of a padded group as zeros, and the
-    # call costs a decoding step's small layers more than their product (576→192: 7 µs of 16), so it does
-    # nothing it need not: no padding copy, no reshape, one allocation
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != width:  # as F.linear would: C reads rows of `width` floats and nothing checks them
             raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} inputs to a "
@@ -360,10 +361,14 @@ def _vnni4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: 
         xf = xf if xf.is_contiguous() else xf.contiguous()
         y = torch.empty(*x.shape[:-1], n, dtype=fp32, device="cpu")  # what C writes, whatever torch's defaults
         if fn(*addresses, xf.data_ptr(), b_address, y.data_ptr(), xf.numel() // width, n, k, width, g, threads()):
-            raise MemoryError("no memory for the int4 kernel's activations")
+            raise MemoryError(f"no memory for the int{geo.bits} kernel's activations")
         return y if dtype == fp32 else y.to(dtype)
-    run.keep = (qweight, scales, zero_terms, b)  # the addresses above stay valid as long as the call lives
+    run.keep = (*constants, b)  # the addresses above stay valid as long as the call lives
     return run
+
+
+def _vnni4_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
+    return _vnni_runner(native.wo4_vnni()[0], geo, packed, bias, dtype)  # qweight, scales, scale · zero point
 
 
 VNNI8_GROUP = 16  # wo8_vnni rounds activations 16 at a time: groups of a multiple of 16
@@ -389,27 +394,7 @@ def _vnni8_pack(geo: Geometry, w: Stored) -> tuple:
 
 
 def _vnni8_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:
-    qweight, scales, offsets, zero_terms = packed
-    fn = native.wo8_vnni()[0]
-    k, width, n, g = geo.padded, geo.in_features, geo.out_features, geo.group_size
-    b = None if bias is None else bias.detach().float().contiguous()
-    addresses = (qweight.data_ptr(), scales.data_ptr(), offsets.data_ptr(), zero_terms.data_ptr())
-    b_address = None if b is None else b.data_ptr()
-    threads, fp32 = torch.get_num_threads, torch.float32
-
-    def run(x: torch.Tensor) -> torch.Tensor:  # any (..., in) input as it is, as vnni4's
-        if x.shape[-1] != width:
-            raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} inputs to a "
-                               f"{width}-wide layer)")
-        xf = x if x.dtype == fp32 else x.float()
-        xf = xf if xf.is_contiguous() else xf.contiguous()
-        y = torch.empty(*x.shape[:-1], n, dtype=fp32, device="cpu")  # what C writes, whatever torch's defaults
-        if fn(*addresses[:3], addresses[3], xf.data_ptr(), b_address, y.data_ptr(), xf.numel() // width, n, k,
-              width, g, threads()):
-            raise MemoryError("no memory for the int8 kernel's activations")
-        return y if dtype == fp32 else y.to(dtype)
-    run.keep = (qweight, scales, offsets, zero_terms, b)
-    return run
+    return _vnni_runner(native.wo8_vnni()[0], geo, packed, bias, dtype)  # qweight, scales, offsets, zero terms
 
 
 def _bf16_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype: torch.dtype) -> Runner:

@@ -20,6 +20,21 @@
 #define AHEAD_BLOCKS 2
 
 
+// The lanes of 16 values from k that lie inside a row of Kx (columns past it, of a padded group, read as zeros).
+static inline __mmask16 inside(int k, int Kx) {
+    const int left = Kx - k;
+    return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
+
+// The int8 step of the group of GS columns from k0 of a row of Kx: max|x| / 127 (1 where the group is all zeros).
+static inline float group_scale(const float *row, int k0, int GS, int Kx) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int k = k0; k < k0 + GS; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(inside(k, Kx), row + k)));
+    const float top = _mm512_reduce_max_ps(amax);
+    return top > 0.f ? top / 127.f : 1.f;
+}
+
 // x (M, Kx) float32, read as (M, K) with zeros past column Kx (a layer whose width is not a whole number of
 // groups: the stored weight is padded, the input is not) → xe, xo (M, K/2) int8 (even and odd columns, as the
 // nibbles are), xs (M, G) float32 scales, d (M, G) float32: each scale times the sum of its group's int8 values.
@@ -34,22 +49,13 @@ static void round_activations(const float *x, int M, int K, int Kx, int GS, int8
         const float *row = x + (int64_t)m * Kx;
         for (int g = 0; g < groups; g++) {
             const int k0 = g * GS;
-            __m512 amax = _mm512_setzero_ps();
-            for (int k = k0; k < k0 + GS; k += 16) {
-                const int left = Kx - k;
-                const __mmask16 in = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, row + k)));
-            }
-            const float top = _mm512_reduce_max_ps(amax);
-            const float scale = top > 0.f ? top / 127.f : 1.f;
+            const float scale = group_scale(row, k0, GS, Kx);
             const __m512 inv = _mm512_set1_ps(1.f / scale);
             __m512i sum = _mm512_setzero_si512();
             int8_t *e = xe + (int64_t)m * (K / 2) + k0 / 2, *o = xo + (int64_t)m * (K / 2) + k0 / 2;
             for (int k = k0; k < k0 + GS; k += 32) {
-                const int left = Kx - k;
-                const __mmask16 in0 = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                const __mmask16 in1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
-                const __m512 a = _mm512_maskz_loadu_ps(in0, row + k), b = _mm512_maskz_loadu_ps(in1, row + k + 16);
+                const __m512 a = _mm512_maskz_loadu_ps(inside(k, Kx), row + k);
+                const __m512 b = _mm512_maskz_loadu_ps(inside(k + 16, Kx), row + k + 16);
                 const __m512i qe = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, even, b), inv));
                 const __m512i qo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, odd, b), inv));
                 _mm_storeu_si128((__m128i *)(e + (k - k0) / 2), _mm512_cvtsepi32_epi8(qe));
@@ -96,7 +102,7 @@ static inline __attribute__((always_inline)) void rows_dot(
         __m512 z = _mm512_setzero_ps();
         const float *zs_n = zs + (int64_t)(n0 + r) * groups;
         for (int g = 0; g < groups; g += 16) {
-            const __mmask16 k = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+            const __mmask16 k = inside(g, groups);
             z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zs_n + g), _mm512_maskz_loadu_ps(k, d + g), z);
         }
         y[n0 + r] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], z)) + (bias ? bias[n0 + r] : 0.f);
@@ -153,20 +159,11 @@ static void round_activations_u8(const float *x, int M, int K, int Kx, int GS, u
         const float *row = x + (int64_t)m * Kx;
         for (int g = 0; g < groups; g++) {
             const int k0 = g * GS;
-            __m512 amax = _mm512_setzero_ps();
-            for (int k = k0; k < k0 + GS; k += 16) {
-                const int left = Kx - k;
-                const __mmask16 in = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, row + k)));
-            }
-            const float top = _mm512_reduce_max_ps(amax);
-            const float scale = top > 0.f ? top / 127.f : 1.f;
+            const float scale = group_scale(row, k0, GS, Kx);
             const __m512 inv = _mm512_set1_ps(1.f / scale);
             __m512i sum = _mm512_setzero_si512();
             for (int k = k0; k < k0 + GS; k += 16) {
-                const int left = Kx - k;
-                const __mmask16 in = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, row + k), inv));
+                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(inside(k, Kx), row + k), inv));
                 sum = _mm512_add_epi32(sum, q);
                 _mm_storeu_si128((__m128i *)(xu + (int64_t)m * K + k), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q, offset)));
             }
@@ -217,7 +214,7 @@ static inline __attribute__((always_inline)) void rows_dot8(
         __m512 z = _mm512_setzero_ps();
         const float *cs_n = cs + (int64_t)(n0 + r) * groups, *zs_n = zs + (int64_t)(n0 + r) * groups;
         for (int g = 0; g < groups; g += 16) {
-            const __mmask16 k = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+            const __mmask16 k = inside(g, groups);
             z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, cs_n + g), _mm512_maskz_loadu_ps(k, xs + g), z);
             z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zs_n + g), _mm512_maskz_loadu_ps(k, d + g), z);
         }
