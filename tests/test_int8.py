@@ -15,6 +15,7 @@ from torch import nn
 from modelzip_cli import load_model
 from modelzip_cli.checkpoint.layers import count_parameters
 from modelzip_cli.errors import UsageError
+from modelzip_cli.kernels import weight_only as wo_kernels
 from modelzip_cli.measure.metrics import sqnr_db
 from modelzip_cli.nn import int8
 from modelzip_cli.pipeline.data import load_data
@@ -346,13 +347,62 @@ def test_torch_ao_backend_runs_the_stored_integers():
 def test_auto_uses_torch_ao_only_where_it_measured_faster():
     _torch_ao()
     teacher = load_model(DIGITS_TEACHER)
-    q = int8.quantize_dynamic(teacher, _linear_names(teacher))
+    q = int8.quantize_dynamic(teacher, _linear_names(teacher), act="per-tensor")
     with int8.use_backend("auto"):
         assert set(int8.kernels_for(q, 1).values()) == {int8.kernel()}  # batch 1: tiny products, plain
         assert int8.kernels_for(q, 256)["layers.3"] == "torch-ao"  # 256·512·256 MACs
         assert int8.kernels_for(q, 256)["layers.9"] == int8.kernel()  # 128 → 10
     with int8.use_backend("plain"):
         assert set(int8.kernels_for(q, 256).values()) == {int8.kernel()}
+
+
+def test_auto_keeps_per_token_layers_on_their_own_numerics_where_int_mm_is_fast():
+    """fbgemm rounds a dynamic layer's activations per tensor to 7 bits; where `_int_mm` runs (VNNI) auto
+    leaves a per-token layer on the plain kernels (int_mm or vnni8, the same numerics); elsewhere (no int8
+    GEMM) torch.ao is still the only fast one."""
+    _torch_ao()
+    torch.manual_seed(0)
+    lin = nn.Linear(1024, 1024)  # above AUTO_MIN_WEIGHTS
+    per_token = nn.Sequential(int8.DynamicInt8Linear.from_float(lin))
+    x = torch.randn(64, 1024)
+    with int8.use_backend("auto"), torch.no_grad():
+        with int8.use_kernel("int_mm"):
+            assert int8.kernels_for(per_token, 64)["0"] in ("int_mm", "vnni8")
+            with int8.use_backend("plain"):
+                plain = per_token(x)
+            assert torch.equal(per_token(x), plain)
+        with int8.use_kernel("float"):
+            assert int8.kernels_for(per_token, 64) == {"0": "torch-ao"}
+    with int8.use_backend("torch-ao"), int8.use_kernel("int_mm"):  # asked for by name: as asked
+        assert int8.kernels_for(per_token, 64) == {"0": "torch-ao"}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("width", [128, 576, 200])
+def test_per_token_layer_runs_its_numerics_on_every_kernel(rows, width):
+    """The kernels a per-token dynamic layer may run (vnni8 where the VNNI kernel builds and the width is a
+    multiple of 16, `_int_mm`) all compute int8 activations per row times the int8 weight: the reference
+    below, to float rounding; and the probe's choice is one of them."""
+    if not int8.int_mm_is_fast():
+        pytest.skip("no fast _int_mm here: per-token layers run the float kernel")
+    torch.manual_seed(rows + width)
+    dyn = int8.DynamicInt8Linear.from_float(nn.Linear(width, 96))
+    x = torch.randn(2, rows, width) * torch.linspace(0.1, 4, width)  # channels of different ranges
+    flat = x.reshape(-1, width)
+    s = flat.abs().amax(1, keepdim=True) / 127
+    ref = (torch.round(flat / s) @ dyn.qweight.float().t()) * (s * dyn.weight_scale) + dyn.bias
+    kernels, geo, stored = dyn._per_token_kernels()
+    with int8.use_backend("plain"), int8.use_kernel("int_mm"), torch.no_grad():
+        y = dyn(x)
+        chosen = kernels.choose(geo, stored, 2 * rows, torch.float32, dyn.bias)
+        assert chosen in int8.PER_TOKEN_KERNELS
+        torch.testing.assert_close(y.reshape(-1, 96), ref, rtol=1e-5, atol=1e-4)
+        for name in int8.PER_TOKEN_KERNELS:
+            kernel = wo_kernels.KERNEL_TABLE[name]
+            if kernel.unsupported(geo, stored) is None and wo_kernels.available(name):
+                run = kernel.bind(geo, kernel.pack(geo, stored), dyn.bias, torch.float32)
+                torch.testing.assert_close(run(x).reshape(-1, 96), ref, rtol=1e-5, atol=1e-4)
+        assert (width % 16 == 0) or chosen == "int8dyn"  # vnni8 takes groups of a multiple of 16
 
 
 def test_auto_probes_torch_ao_once_and_falls_back_to_plain_when_its_dtypes_fail(monkeypatch):
@@ -376,5 +426,5 @@ def test_auto_probes_torch_ao_once_and_falls_back_to_plain_when_its_dtypes_fail(
             plain = dyn(x)
         with int8.use_backend("auto"):
             assert torch.equal(dyn(x), plain)
-            assert int8.kernels_for(nn.Sequential(dyn), 64) == {"0": int8.kernel()}
+            assert int8.kernels_for(nn.Sequential(dyn), 64)["0"] in (int8.kernel(), "vnni8")
     assert not quant_backend.available()

@@ -646,8 +646,13 @@ class LayerKernels:
     it), and the bound calls: `fast` maps an input's element count to the call that runs it, for inputs of
     `dtype` under use_kernel block `scope`, so that a layer's forward is one lookup and the kernel."""
 
-    def __init__(self, geo: Geometry):
+    def __init__(self, geo: Geometry, among: tuple[str, ...] | None = None):
         self.geo = geo
+        # the only kernels this layer may run (None: every kernel, float the fallback). A W8A8 layer's are the
+        # ones with its own numerics (int8 activations per row: vnni8 with one group a row, int8dyn); they are
+        # chosen by the probe whatever their `auto`, never forced by MODELZIP_WO_KERNEL, and with none able
+        # to run a call `choose` answers None (the layer computes it itself)
+        self.among = among
         _LIVE.add(self)
         self._stored: Stored | None = None
         self.packed: dict[str, tuple[Stored, tuple]] = {}  # kernel → (the stored tensors it was packed from, packed)
@@ -678,25 +683,33 @@ class LayerKernels:
                 hit = self.packed[name] = (w, KERNEL_TABLE[name].pack(geo, w))
         return hit[1]
 
-    def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype, bias: torch.Tensor | None) -> str:
-        """The kernel for a call on `rows` rows of `dtype`: forced, else cached, else measured now."""
-        cls, want = row_class(rows), forced()
-        hit = self.chosen.get((cls, dtype, want))
-        if hit is not None:
-            return hit
+    def choose(self, geo: Geometry, w: Stored, rows: int, dtype: torch.dtype, bias: torch.Tensor | None
+               ) -> str | None:
+        """The kernel for a call on `rows` rows of `dtype`: forced, else cached, else measured now (None: a
+        layer limited to kernels of its own numerics that none of them can run)."""
+        cls, want = row_class(rows), None if self.among else forced()
+        if (cls, dtype, want) in self.chosen:
+            return self.chosen[cls, dtype, want]
         ok, why = candidates(geo, w, dtype)
+        if self.among is not None:
+            ok = [n for n in ok if n in self.among]
+            if not ok:
+                self.chosen[(cls, dtype, want)] = None
+                return None
         if want is not None:
             name = want if want in ok else "float"
             if want not in ok:
                 self.notes[want] = why[want]
         else:
             cold = working_set() > l2_bytes()
-            key = (geo, cls, dtype, bias is not None, cold)
+            key = (geo, cls, dtype, bias is not None, cold, self.among)
+            allowed = [n for n in ok if self.among is not None or KERNEL_TABLE[n].auto(geo)]
             text = "/".join(map(str, (*astuple(geo), cls, str(dtype).removeprefix("torch."),
-                                      "bias" * (bias is not None), "cold" if cold else "hot")))
+                                      "bias" * (bias is not None), "cold" if cold else "hot",
+                                      *(["among " + "+".join(self.among)] if self.among else []))))
             name = CHOICES.get(key) or _remembered(text)
-            if name is None or name not in ok or not KERNEL_TABLE[name].auto(geo):
-                packs = {n: self._pack(n, geo, w) for n in ok if KERNEL_TABLE[n].auto(geo)}
+            if name is None or name not in allowed:
+                packs = {n: self._pack(n, geo, w) for n in allowed}
                 name = _probe(geo, packs, ROW_CLASSES[cls][1], dtype, bias, cold)
                 _remember(text, name)
                 for loser in set(packs) - {name} - set(self.chosen.values()):
@@ -721,10 +734,10 @@ class LayerKernels:
         return run(x)
 
     def __deepcopy__(self, memo) -> LayerKernels:
-        return LayerKernels(self.geo)
+        return LayerKernels(self.geo, self.among)
 
     def __getstate__(self) -> dict:
-        return {"geo": self.geo}
+        return {"geo": self.geo, "among": self.among}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["geo"])
+        self.__init__(state["geo"], state.get("among"))

@@ -24,11 +24,19 @@ kept (4 bytes per weight in memory; the file stays int8):
 
 `MODELZIP_INT8_KERNEL=int_mm|float` overrides the choice for a process, `use_kernel()` inside one.
 
+A dynamic per-token layer on the int_mm kernel computes its product with whichever of `_int_mm` and
+modelzip's VNNI C kernel (vnni8 of kernels/weight_only.py, the whole row as one group: the same int8
+activations, max|x| / 127 per row, the same integer sums) measured faster on this machine for the call's row
+count: `_int_mm` is slow on one row (MLP at batch 1: 1.6× fp32 on `_int_mm`), where vnni8 reads the weight
+once (see bench `int8`). The two agree to float rounding.
+
 Backends. "plain" runs only the kernels above. A module that can reach a faster int8 GEMM registers it
 in kernels/torch_ao.py (torch.ao's fbgemm kernels, the only fast int8 GEMM on an AVX2
 CPU, built from these same int8 tensors); "torch-ao" uses it for every layer it covers, "auto" (the
 default) only for products large enough to gain from it (AUTO_MIN_MACS, AUTO_MIN_WEIGHTS: measured in
-bench/bench_int8.py), and both fall back to the plain kernels when it is missing or cannot be imported.
+bench/bench_int8.py) and never for a per-token layer where `_int_mm` is fast (fbgemm would round its
+activations per tensor, to 7 bits), and both fall back to the plain kernels when it is missing or cannot be
+imported.
 `use_backend()` chooses.
 """
 
@@ -48,12 +56,14 @@ from torch import nn
 
 from modelzip_cli.errors import UsageError
 from modelzip_cli.kernels import choice, torch_ao
+from modelzip_cli.kernels import weight_only as wo_kernels
 from modelzip_cli.kernels.native import count_nonzero
 from modelzip_cli.nn.packed import PackedWeights
 
 KERNEL_ENV = "MODELZIP_INT8_KERNEL"
 KERNELS = ("auto", "int_mm", "float")
 ACTIVATIONS = ("per-token", "per-tensor")  # dynamic activation granularity
+PER_TOKEN_KERNELS = ("vnni8", "int8dyn")  # kernels/weight_only.py's with a per-token layer's exact numerics
 WMAX = 127  # weights and dynamic activations: symmetric, -128 unused so that negation stays exact
 AMIN, AMAX = -128, 127  # static activations: affine, full int8 range
 EPS = torch.finfo(torch.float32).tiny
@@ -226,6 +236,11 @@ class _Int8Weighted(PackedWeights, nn.Module):
         weights = self.in_features * self.out_features  # (Linear layers only call this)
         if chosen == "auto" and rows * weights < AUTO_MIN_MACS and weights < AUTO_MIN_WEIGHTS:
             return None
+        if chosen == "auto" and getattr(self, "act", None) == "per-token" and kernel() == "int_mm":
+            # torch.ao's dynamic kernel rounds activations per tensor, to 7 bits: where an int8 GEMM runs the
+            # layer's own per-token numerics, auto keeps them (the sample decoder's W8A8: +0.52% perplexity on
+            # fbgemm, +0.03% per token; and `_int_mm` / vnni8 were the faster at 64 rows and at one: bench `int8`)
+            return None
         kinds = {DynamicInt8Linear: "dynamic", StaticInt8Linear: "static"}
         kind = kinds.get(type(self))
         if kind is None:
@@ -293,12 +308,35 @@ class DynamicInt8Linear(_Int8Weighted):
         if kernel() == "float":  # no int8 GEMM: activations stay float (see the module docstring)
             w, b = self.float_params()
             return F.linear(x, w, b) if x.dtype == torch.float32 else F.linear(x.float(), w, b).to(x.dtype)
+        if self.act == "per-token" and x.is_cpu and x.numel() and not torch.is_grad_enabled() \
+                and not wo_kernels.tracing():
+            kernels, geo, stored = self._per_token_kernels()
+            run = kernels.fast.get(x.numel()) if x.dtype == kernels.dtype else None
+            if run is not None:
+                return run(x)
+            if kernels.choose(geo, stored, x.numel() // self.in_features, x.dtype, self.bias) is not None:
+                return kernels.call(geo, stored, self.bias, x)
         rows = x.reshape(-1, self.in_features).float()  # (..., K) → (M, K)
         s = _row_scales(rows, self.act)  # (M, 1) or (1, 1)
         q = torch.round(rows / s).to(torch.int8)  # |q| ≤ 127
         y = torch._int_mm(q, self.qweight.t()).float() * (s * self.weight_scale.float())  # (M, N)
         y = y if self.bias is None else y + self.bias.float()
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _per_token_kernels(self) -> tuple[wo_kernels.LayerKernels, wo_kernels.Geometry, wo_kernels.Stored]:
+        """The kernels that compute this layer's own numerics (int8 activations rounded per row, max|x| / 127,
+        times the int8 weights): `_int_mm` (int8dyn) or modelzip's VNNI kernel with the whole row as one
+        group (vnni8), whichever measured faster here for the call's row count (kernels/weight_only.py's
+        probe: vnni8 at a few rows, where `_int_mm` is slow; see bench `int8`). Kept while the buffers are
+        the same tensors."""
+        q, scale = self._buffers["qweight"], self._buffers["weight_scale"]
+
+        def build():
+            geo = wo_kernels.Geometry(8, self.in_features, self.out_features, self.in_features, 1)
+            stored = wo_kernels.Stored(q, scale.float().reshape(-1, 1), torch.zeros(q.shape[0], 1, dtype=torch.int8),
+                                       lambda: self.float_params()[0])
+            return wo_kernels.LayerKernels(geo, among=PER_TOKEN_KERNELS), geo, stored
+        return self._derived.get("per-token", (q, scale, self._parameters["bias"]), build)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.scheme}"
@@ -690,15 +728,20 @@ def convert(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, unseen
 
 
-KERNEL_NAMES_NOTE = ("torch-ao: torch.ao's fbgemm int8 GEMM; int_mm: torch._int_mm; "
-                     "float: fp32 matmul on the int8 weights")
+KERNEL_NAMES_NOTE = ("torch-ao: torch.ao's fbgemm int8 GEMM; int_mm: torch._int_mm; vnni8: modelzip's AVX-512 "
+                     "VNNI kernel, the same per-token numerics as int_mm; float: fp32 matmul on the int8 weights")
 
 
 def kernels_for(model: nn.Module, rows: int) -> dict[str, str]:
     """name → the kernel each plain-int8 layer runs for a call on `rows` rows, under the current backend."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, DynamicInt8Linear | StaticInt8Linear):
+        if isinstance(m, DynamicInt8Linear) and m.act == "per-token" and m.accelerated(rows) is None \
+                and kernel() == "int_mm":
+            kernels, geo, stored = m._per_token_kernels()
+            chosen = kernels.choose(geo, stored, rows, torch.float32, m.bias)
+            out[name] = "vnni8" if chosen == "vnni8" else "int_mm"
+        elif isinstance(m, DynamicInt8Linear | StaticInt8Linear):
             out[name] = "torch-ao" if m.accelerated(rows) is not None else kernel()
         elif isinstance(m, _Int8Weighted):
             out[name] = "float"
