@@ -29,6 +29,11 @@ ROWS = {  # name → modelzip arguments after the model (data files substituted)
     "prune gradual structured 0.25": ["prune", "--method", "gradual", "--granularity", "structured", "--ratio",
                                       "0.25", "--steps", "2", "--data", "{calib}", "--finetune-epochs", "1",
                                       "--recover"],
+    # unstructured 50 % three ways: this pretrained model has the outlier channels of trained transformers (the
+    # sample decoder has none), where Wanda's |w|·‖x‖ and SparseGPT's Hessian can gain over magnitude
+    "prune magnitude 0.5 (per layer)": ["prune", "--ratio", "0.5", "--scope", "layer"],
+    "prune wanda 0.5": ["prune", "--method", "wanda", "--ratio", "0.5", "--calib-data", "{calib}"],
+    "prune sparsegpt 0.5": ["prune", "--method", "sparsegpt", "--ratio", "0.5", "--calib-data", "{calib}"],
     "lowrank energy 0.95": ["lowrank", "--energy", "0.95"],
     "quantize dynamic int8": ["quantize", "--method", "dynamic"],
     "quantize static int8": ["quantize", "--method", "static", "--calib-data", "{calib}"],

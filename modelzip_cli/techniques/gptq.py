@@ -36,22 +36,37 @@ def _inverse_factor(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tens
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
+# Columns whose pruning mask is chosen at once, from the weights as the updates of the columns before have left
+# them (the paper's adaptive mask selection, Bs = 128 there on layers 768 to 12,288 wide). Chosen every 32: on
+# the sample decoder, whose layers are 128 and 384 wide (128 is a whole row there: one mask, never adapted),
+# held-out perplexity at 50 % +3.60 % with 128, +2.84 % 64, +2.55 % 32, +2.91 % 16; on the same architecture
+# trained on ten times the text +33.9 % with 128, +30.2 % with 32; all-MiniLM-L6-v2 (384 and 1,536 wide)
+# embedding cosine 0.9188 with 128, 0.9209 with 32.
+MASK_BLOCK = 32
+
+
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, *, damp: float = 0.01,
-              block: int = 128) -> torch.Tensor:
-    """SparseGPT of one (out, in) weight given its input Hessian: the new weight, with `ratio` of each block
-    of columns zeroed and the other weights updated to keep the layer's output."""
+              block: int = 128, mask_block: int = MASK_BLOCK) -> torch.Tensor:
+    """SparseGPT of one (out, in) weight given its input Hessian: the new weight, with `ratio` of each run of
+    `mask_block` columns zeroed and the other weights updated to keep the layer's output (updates applied
+    lazily, `block` columns at a time)."""
     w = weight.detach().float().clone()
     out, cols = w.shape
     hinv = _inverse_factor(hessian.float().clone(), w, damp)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
-        score = w1**2 / torch.diag(hinv1)[None, :] ** 2  # (out, block): the output error pruning each costs
-        k = int(score.numel() * ratio)
-        prune = torch.zeros_like(score, dtype=torch.bool)
-        if k:
-            prune.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+        d = torch.diag(hinv1)
+        prune = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
+            if i % mask_block == 0:  # the next run's mask, from the weights as updated so far
+                j = min(i + mask_block, i2 - i1)
+                score = w1[:, i:j] ** 2 / d[None, i:j] ** 2  # (out, run): the output error pruning each costs
+                k = int(score.numel() * ratio)
+                if k:
+                    run = torch.zeros_like(score, dtype=torch.bool)
+                    run.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+                    prune[:, i:j] = run
             q = torch.where(prune[:, i], torch.zeros_like(w1[:, i]), w1[:, i])
             e = (w1[:, i] - q) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
