@@ -158,6 +158,19 @@ def test_sparsegpt_chooses_its_mask_run_by_run_on_the_updated_weights():
     assert err(adaptive) < err(once)
 
 
+@pytest.mark.parametrize("shape", [(1, 100), (48, 200), (64, 576), (7, 33)])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.75])
+def test_sparsegpt_prunes_the_layers_exact_share(shape, ratio):
+    """Each run's share of zeros is what brings the layer's count to int(out · in · ratio): rounding down run by
+    run (one short in each of 18 runs of 32 on a 576-wide layer) never adds up."""
+    from modelzip_cli.techniques.gptq import sparsegpt
+
+    out, cols = shape
+    g = torch.Generator().manual_seed(out + cols)
+    w, x = torch.randn(out, cols, generator=g), torch.randn(400, cols, generator=g)
+    assert int((sparsegpt(w, 2 * x.T @ x / 400, ratio) == 0).sum()) == int(out * cols * ratio)
+
+
 def test_awq_scales_folded_into_the_norm_leave_the_block_unchanged():
     from modelzip_cli.techniques import awq
 

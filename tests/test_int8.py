@@ -405,6 +405,51 @@ def test_per_token_layer_runs_its_numerics_on_every_kernel(rows, width):
         assert (width % 16 == 0) or chosen == "int8dyn"  # vnni8 takes groups of a multiple of 16
 
 
+def _per_token_reference(dyn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, dyn.in_features).float()
+    s = flat.abs().amax(1, keepdim=True).clamp_min(int8.EPS) / 127
+    return (torch.round(flat / s) @ dyn.qweight.float().t()) * (s * dyn.weight_scale) + dyn.bias
+
+
+def test_per_token_layer_rounds_a_half_step_as_torch_does_on_one_row_and_many():
+    """x / s, not x · (1 / s): at a half step the two pick different integers (−63 against −64 below), and a
+    token's output would depend on the call's row count (vnni8 on one row, `_int_mm` on many)."""
+    if not int8.int_mm_is_fast():
+        pytest.skip("no fast _int_mm here: per-token layers run the float kernel")
+    torch.manual_seed(0)
+    dyn = int8.DynamicInt8Linear.from_float(nn.Linear(16, 8))
+    x = torch.zeros(1, 16)
+    x[0, 0], x[0, 1] = 4.625, -2.3125  # x1 = −max/2: −63.5 steps
+    bf = torch.randn(128, 576).to(torch.bfloat16)  # bf16 rows land on half steps often
+    wide = int8.DynamicInt8Linear.from_float(nn.Linear(576, 64))
+    with int8.use_backend("plain"), int8.use_kernel("int_mm"), torch.no_grad():
+        torch.testing.assert_close(dyn(x), _per_token_reference(dyn, x), rtol=1e-5, atol=1e-5)
+        batch = wide(bf).float()
+        alone = torch.cat([wide(row[None]) for row in bf]).float()
+    torch.testing.assert_close(alone, batch, rtol=0, atol=1e-2)  # bf16 output rounding only
+    torch.testing.assert_close(batch, _per_token_reference(wide, bf.float()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 20, 130])
+def test_per_token_layer_follows_weights_written_in_place(rows):
+    """A kernel's packed copy is rebuilt when the stored integers or scales are written in place (their
+    version counters): the layer computes with what it holds now."""
+    torch.manual_seed(rows)
+    dyn = int8.DynamicInt8Linear.from_float(nn.Linear(256, 64))
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        dyn(x)
+        dyn.qweight.copy_(-dyn.qweight)
+        dyn.weight_scale.mul_(3)
+        dyn.bias.add_(1)
+        y = dyn(x)
+    if int8.kernel() == "float":
+        w = dyn.qweight.float() * dyn.weight_scale[:, None]
+        torch.testing.assert_close(y, x @ w.t() + dyn.bias, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(y, _per_token_reference(dyn, x), rtol=1e-4, atol=1e-4)
+
+
 def test_auto_probes_torch_ao_once_and_falls_back_to_plain_when_its_dtypes_fail(monkeypatch):
     """Issue 26 item 14: torch.ao imports but its quantized dtypes fail (as on a torch that removed them):
     `--backend auto` runs the plain kernels instead of failing on the first large layer."""

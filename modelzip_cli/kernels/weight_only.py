@@ -103,6 +103,7 @@ MARGIN = 1.25
 # process's threads. 4: vnni4 joined the kernels. 5: vnni8 did.
 PROBE_VERSION = 5
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # inputs the bf16 kernels may round
+TINY = torch.finfo(torch.float32).tiny  # the smallest activation step (nn/int8.py's per-token layers' EPS)
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ def _int8dyn_bind(geo: Geometry, packed: tuple, bias: torch.Tensor | None, dtype
 
     def run(x: torch.Tensor) -> torch.Tensor:  # (M, in) → (M, out)
         rows = x.float()
-        s = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)  # (M, 1): one scale per token
+        s = rows.abs().amax(dim=1, keepdim=True).clamp_(min=TINY).div_(127)  # (M, 1): one scale per token
         q = torch.round(rows / s).to(torch.int8)  # |q| ≤ 127
         y = int_mm(q, qt).float().mul_(s * w_scales)  # (M, N)
         y = y if b is None else y.add_(b)

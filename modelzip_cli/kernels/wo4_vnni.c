@@ -149,9 +149,14 @@ int wo4_vnni(const uint8_t *qw, const float *scales, const float *zs, const floa
 // vnni8: W[n, k] = (q[n, k] − zp[n, g]) · s[n, g] with q int8 (N, K) as stored. vpdpbusd multiplies unsigned by
 // signed bytes, so the activations go in as xq + 128 (1..255) and the 128 · Σ_k q[n, k] that adds is taken off:
 //   y[m, n] = Σ_g s[n, g] · xs[m, g] · (Σ_k q · (xq + 128) − 128 · Σ_k q[n, k] − zp[n, g] · Σ_k xq) + bias[n]
-// with c[n, g] = s[n, g] · 128 · Σ_k q[n, k] and zs[n, g] = s[n, g] · zp[n, g], made once at packing.
+// with c[n, g] = s[n, g] · 128 · Σ_k q[n, k] and zs[n, g] = s[n, g] · zp[n, g], made once at packing. The offset's
+// term is taken off in float, after the groups are summed: where it is most of the sum (a row of weights of one
+// sign) the result carries float rounding of the offset sum, about 1e-7 of 128 · Σ|q| · s · xs (relative 4e-5
+// of the output on a 4096-wide row of positive weights), far below the int8 rounding of the activations.
 
-// x (M, Kx) → xu (M, K) uint8 = xq + 128 (zeros past Kx: xq 0), xs and d as round_activations'.
+// x (M, Kx) → xu (M, K) uint8 = xq + 128 (zeros past Kx: xq 0), xs and d as round_activations'. v / scale (a
+// division, not a product with 1 / scale: a per-token int8 layer's `_int_mm` path rounds torch's x / s, and the
+// two must pick the same integers, also at a half step) rounded to nearest even.
 static void round_activations_u8(const float *x, int M, int K, int Kx, int GS, uint8_t *xu, float *xs, float *d) {
     const int groups = K / GS;
     const __m512i offset = _mm512_set1_epi32(128);
@@ -160,10 +165,10 @@ static void round_activations_u8(const float *x, int M, int K, int Kx, int GS, u
         for (int g = 0; g < groups; g++) {
             const int k0 = g * GS;
             const float scale = group_scale(row, k0, GS, Kx);
-            const __m512 inv = _mm512_set1_ps(1.f / scale);
+            const __m512 step = _mm512_set1_ps(scale);
             __m512i sum = _mm512_setzero_si512();
             for (int k = k0; k < k0 + GS; k += 16) {
-                const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(inside(k, Kx), row + k), inv));
+                const __m512i q = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(inside(k, Kx), row + k), step));
                 sum = _mm512_add_epi32(sum, q);
                 _mm_storeu_si128((__m128i *)(xu + (int64_t)m * K + k), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q, offset)));
             }

@@ -28,16 +28,15 @@ A dynamic per-token layer on the int_mm kernel computes its product with whichev
 modelzip's VNNI C kernel (vnni8 of kernels/weight_only.py, the whole row as one group: the same int8
 activations, max|x| / 127 per row, the same integer sums) measured faster on this machine for the call's row
 count: `_int_mm` is slow on one row (MLP at batch 1: 1.6× fp32 on `_int_mm`), where vnni8 reads the weight
-once (see bench `int8`). The two agree to float rounding.
+once (see bench `int8`). Both round x / s to the same integers; their sums agree to float rounding.
 
 Backends. "plain" runs only the kernels above. A module that can reach a faster int8 GEMM registers it
 in kernels/torch_ao.py (torch.ao's fbgemm kernels, the only fast int8 GEMM on an AVX2
 CPU, built from these same int8 tensors); "torch-ao" uses it for every layer it covers, "auto" (the
 default) only for products large enough to gain from it (AUTO_MIN_MACS, AUTO_MIN_WEIGHTS: measured in
-bench/bench_int8.py) and never for a per-token layer where `_int_mm` is fast (fbgemm would round its
-activations per tensor, to 7 bits), and both fall back to the plain kernels when it is missing or cannot be
-imported.
-`use_backend()` chooses.
+bench/bench_int8.py) and never for a per-token layer where the int8 kernel is `_int_mm` (a CPU with VNNI, or
+MODELZIP_INT8_KERNEL=int_mm: fbgemm would round its activations per tensor, to 7 bits), and both fall back
+to the plain kernels when it is missing or cannot be imported. `use_backend()` chooses.
 """
 
 from __future__ import annotations
@@ -153,20 +152,33 @@ def _row_scales(x: torch.Tensor, act: str) -> torch.Tensor:
     return amax.clamp_min(EPS) / WMAX
 
 
+def _versions(sources: tuple) -> tuple:
+    """Each source tensor's version counter (bumped by every in-place write), None where it has none (an
+    inference tensor, or None)."""
+    out = []
+    for t in sources:
+        try:
+            out.append(t._version if isinstance(t, torch.Tensor) else None)
+        except RuntimeError:  # inference tensors keep no version counter
+            out.append(None)
+    return tuple(out)
+
+
 class _Derived:
-    """Float tensors derived from a module's buffers (dequantized weight, float bias, row sums), kept while
-    those buffers are the same tensors (load_state_dict and .to() also clear it); copies and pickles as
-    empty."""
+    """Float tensors derived from a module's buffers (dequantized weight, float bias, row sums, a kernel's
+    packed copy), kept while those buffers are the same tensors, unwritten (a write in place, e.g.
+    `qweight.copy_(...)`, bumps a tensor's version: rebuilt; load_state_dict and .to() also clear it); copies
+    and pickles as empty."""
 
     def __init__(self):
-        self.values: dict[str, tuple[tuple, object]] = {}
+        self.values: dict[str, tuple[tuple, tuple, object]] = {}
 
     def get(self, name: str, sources: tuple, build):
         hit = self.values.get(name)
-        if hit is None or not all(map(operator.is_, hit[0], sources)):
+        if hit is None or not all(map(operator.is_, hit[0], sources)) or hit[1] != _versions(sources):
             with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable with autograd later
-                hit = self.values[name] = (sources, build())
-        return hit[1]
+                hit = self.values[name] = (sources, _versions(sources), build())
+        return hit[2]
 
     def __deepcopy__(self, memo) -> _Derived:
         return _Derived()

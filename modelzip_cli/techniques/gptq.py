@@ -62,7 +62,8 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, *, damp
             if i % mask_block == 0:  # the next run's mask, from the weights as updated so far
                 j = min(i + mask_block, i2 - i1)
                 score = w1[:, i:j] ** 2 / d[None, i:j] ** 2  # (out, run): the output error pruning each costs
-                k = int(score.numel() * ratio)
+                # the run's share of the layer's int(out · cols · ratio) zeros, so that rounding never adds up
+                k = int(out * (i1 + j) * ratio) - int(out * (i1 + i) * ratio)
                 if k:
                     run = torch.zeros_like(score, dtype=torch.bool)
                     run.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
