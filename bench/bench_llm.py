@@ -1,4 +1,4 @@
-"""Decoding speed of weight-only int4 / int8 on a decoder LLM: prefill and decode tokens/s against fp32.
+"""Decoding speed of weight-only int4 / int8 and W8A8 on a decoder LLM: prefill and decode tokens/s against fp32.
 
 A random Llama-architecture decoder shaped like a 135M model (30 blocks, hidden 576, intermediate 1536, 9
 heads, 3 KV heads, vocab 49152, tied embeddings), saved as transformers saves it, quantized by modelzip's
@@ -22,10 +22,13 @@ THREADS = 2
 CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
 PROMPT, NEW_TOKENS, ROUNDS = 64, 32, 5
-VARIANTS = {  # name → (file stem, flags); by default the output layer (lm_head, tied) stays float
-    "weight-only int4 (group 128)": ("q4", ["--bits", "4"]),
-    "weight-only int4 (group 128), lm_head too": ("q4-all", ["--bits", "4", "--include", "*"]),
-    "weight-only int8 (group 128)": ("q8", ["--bits", "8"]),
+WO = ["--method", "weight-only", "--group-size", "128"]
+VARIANTS = {  # name → (file stem, quantize flags); by default the output layer (lm_head, tied) stays float
+    "weight-only int4 (group 128)": ("q4", [*WO, "--bits", "4"]),
+    "weight-only int4 (group 128), lm_head too": ("q4-all", [*WO, "--bits", "4", "--include", "*"]),
+    "weight-only int8 (group 128)": ("q8", [*WO, "--bits", "8"]),
+    # W8A8: int8 activations rounded per token at run time (no calibration data here: no smoothing)
+    "W8A8 dynamic (per-token activations)": ("w8a8", ["--method", "dynamic", "--exclude", "model.lm_head"]),
 }
 
 
@@ -42,24 +45,25 @@ def _build() -> dict:
     paths = {"fp32": fp32}
     for name, (stem, flags) in VARIANTS.items():
         out = root / f"{stem}.safetensors"
-        cmd = [sys.executable, "-m", "modelzip_cli", "quantize", str(fp32), "--method", "weight-only", *flags,
-               "--group-size", "128", "-o", str(out), "--force", "-q"]
+        cmd = [sys.executable, "-m", "modelzip_cli", "quantize", str(fp32), *flags, "-o", str(out), "--force", "-q"]
         subprocess.run(cmd, check=True)
         paths[name] = out
     return paths
 
 
 def _kernels(model) -> dict:
-    """Call size → kernel → number of weight-only layers running it."""
+    """Call size → kernel → number of weight-only or int8 layers running it."""
+    from modelzip_cli.nn import int8
     from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 
     out: dict = {}
-    for m in model.modules():
-        if isinstance(m, WeightOnlyLinear) and not isinstance(m, WeightOnlyEmbedding):
-            for rows in (1, PROMPT):
-                k = m.kernel_for(rows)
-                out.setdefault(f"{rows}_rows", {}).setdefault(k, 0)
-                out[f"{rows}_rows"][k] += 1
+    for rows in (1, PROMPT):
+        kernels = [m.kernel_for(rows) for m in model.modules()
+                   if isinstance(m, WeightOnlyLinear) and not isinstance(m, WeightOnlyEmbedding)]
+        kernels += list(int8.kernels_for(model, rows).values())
+        for k in kernels:
+            out.setdefault(f"{rows}_rows", {}).setdefault(k, 0)
+            out[f"{rows}_rows"][k] += 1
     return out
 
 
@@ -72,6 +76,7 @@ def _decode_breakdown(model, prompt, tokens: int = 8) -> dict:
     from torch import nn
 
     from modelzip_cli.measure.metrics import causal_lm, num_threads
+    from modelzip_cli.nn.int8 import DynamicInt8Linear
     from modelzip_cli.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 
     lm = causal_lm(model)
@@ -80,7 +85,7 @@ def _decode_breakdown(model, prompt, tokens: int = 8) -> dict:
     starts: dict = {}
     hooks = []
     for m in lm.modules():
-        if isinstance(m, (nn.Linear, WeightOnlyLinear)) and not isinstance(m, WeightOnlyEmbedding):
+        if isinstance(m, (nn.Linear, WeightOnlyLinear, DynamicInt8Linear)) and not isinstance(m, WeightOnlyEmbedding):
             key = "lm_head" if m is head else "other Linears"
             hooks.append(m.register_forward_pre_hook(lambda mod, args: starts.__setitem__(mod, time.perf_counter())))
             hooks.append(m.register_forward_hook(
