@@ -459,3 +459,25 @@ def test_vnni4_library_is_built_once_under_the_hash_of_its_source(monkeypatch, t
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     assert native._build("wo4_vnni.c", (*native.CFLAGS, "-DPREFETCH=256"))[0] is not None
     assert len(list((tmp_path / "native").iterdir())) == 2  # other flags: another library
+
+
+@pytest.mark.parametrize("kernel", ["float", "bf16", "vnni4", "vnni8", "int4pack", "int8chan"])
+@pytest.mark.parametrize("rows", [1, 20])
+def test_weights_written_in_place_are_the_weights_that_run(kernel, rows):
+    """A kernel's packed copy and bound call are rebuilt when the stored integers, scales, zero points or bias
+    are written in place (version counters), so the layer never runs a weight it no longer holds."""
+    bits = 4 if kernel in ("vnni4", "int4pack") else 8
+    if not wo_kernels.available(kernel):
+        pytest.skip(f"{kernel} does not run here")
+    torch.manual_seed(rows)
+    layer = WeightOnlyLinear.from_float(nn.Linear(256, 64), bits, 128)
+    x = torch.randn(rows, 256)
+    with wo_kernels.use_kernel(kernel), torch.no_grad():
+        layer(x)
+        layer(x)  # the bound call of this size is kept now
+        layer.qweight.copy_(layer.qweight.flip(0))
+        layer.scales.mul_(2)
+        layer.zero_points.copy_(layer.zero_points.flip(0))
+        layer.bias.add_(1)
+        ref = F.linear(x, layer.dequantized_weight(), layer.bias)
+        assert _rel(layer(x), ref) < 2e-2

@@ -46,7 +46,8 @@ activations (0.3×); `_int_mm` at one row (0.7–0.9×); oneDNN's `qlinear_point
 where it ran, no primitive for 576-wide layers); `_dyn_quant_matmul_4bit` (its x86 packing raises in torch
 2.13); torch.ao's dynamic linear (3–5×, but quantized dtypes, which modelzip no longer uses).
 
-A layer's call is bound once per input size, dtype and use_kernel block (`LayerKernels.call`): the packed
+A layer's call is bound once per input size, dtype and use_kernel block (`LayerKernels.call`), and rebound
+when a stored tensor or the bias is replaced or written in place (version counters, `versions`): the packed
 tensors, cast bias and padding settled, the forward is one dict lookup and the kernel (a digits MLP at one
 row: 1.0× the float model, where a call that re-decided everything ran 0.6×).
 
@@ -638,6 +639,19 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def versions(*tensors: torch.Tensor | None) -> tuple:
+    """Each tensor's version counter (bumped by every write in place: `qweight.copy_(…)`), None for None or an
+    inference tensor (which keeps no counter): a layer's packed copies and bound calls are rebuilt when these
+    change, so a weight written in place is the weight that runs."""
+    out = []
+    for t in tensors:
+        try:
+            out.append(None if t is None else t._version)
+        except RuntimeError:
+            out.append(None)
+    return tuple(out)
+
+
 FAST_ENTRIES = 64  # input sizes a layer remembers the call of (generation without a KV cache grows its input)
 
 
@@ -656,6 +670,7 @@ class LayerKernels:
         self.among = among
         _LIVE.add(self)
         self._stored: Stored | None = None
+        self.versions: tuple | None = None  # the stored tensors' and bias's version counters when they were taken
         self.packed: dict[str, tuple[Stored, tuple]] = {}  # kernel → (the stored tensors it was packed from, packed)
         self.chosen: dict[tuple, str] = {}  # (row class, dtype, forced kernel or None) → kernel
         self.notes: dict[str, str] = {}  # kernel forced but unusable → why
@@ -669,12 +684,15 @@ class LayerKernels:
         self.scope: str | None = None
 
     def stored(self, qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-               dequantize: Callable[[], torch.Tensor]) -> Stored:
-        """The layer's stored tensors, as one object kept while they are the same tensors (packs follow it)."""
-        w = self._stored
-        if w is None or w.qweight is not qweight or w.scales is not scales or w.zero_points is not zero_points:
+               dequantize: Callable[[], torch.Tensor], bias: torch.Tensor | None = None) -> Stored:
+        """The layer's stored tensors, as one object kept while they are the same tensors, unwritten (packs and
+        bound calls follow it; `versions` is what the layer's forward compares before a bound call)."""
+        w, now = self._stored, versions(qweight, scales, zero_points, bias)
+        if w is None or w.qweight is not qweight or w.scales is not scales or w.zero_points is not zero_points \
+                or now != self.versions:
             w = self._stored = Stored(qweight, scales, zero_points, dequantize)
             self._forget_calls()
+            self.versions = now
         return w
 
     def _pack(self, name: str, geo: Geometry, w: Stored) -> tuple:

@@ -226,7 +226,7 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
 
     def _stored(self) -> wo_kernels.Stored:
         b = self._buffers
-        return self._kernels.stored(b["qweight"], b["scales"], b["zero_points"], self.dequantized_weight)
+        return self._kernels.stored(b["qweight"], b["scales"], b["zero_points"], self.dequantized_weight, self.bias)
 
     def kernel_for(self, rows: int, dtype: torch.dtype = torch.float32) -> str:
         """The kernel a call on `rows` rows of `dtype` runs on (measured on first asking, then kept)."""
@@ -239,10 +239,12 @@ class WeightOnlyLinear(PackedWeights, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the call bound for inputs of this size, dtype and use_kernel block (everything settled once), unless
         # autograd or a trace must see the dequantization; anything else goes through _forward
-        k = self._kernels
+        # and the stored tensors unwritten since (their version counters: 0.3 µs of a decoding call's 11)
+        k, b = self._kernels, self._buffers
         run = k.fast.get(x.numel())
         if run is not None and x.dtype == k.dtype and x.is_cpu and choice.current().weight_only == k.scope \
-                and not torch.is_grad_enabled() and not wo_kernels.tracing():
+                and not torch.is_grad_enabled() and not wo_kernels.tracing() \
+                and k.versions == wo_kernels.versions(b["qweight"], b["scales"], b["zero_points"], self.bias):
             return run(x)
         return self._forward(x)
 
