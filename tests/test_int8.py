@@ -430,6 +430,32 @@ def test_per_token_layer_rounds_a_half_step_as_torch_does_on_one_row_and_many():
     torch.testing.assert_close(batch, _per_token_reference(wide, bf.float()), rtol=1e-2, atol=1e-2)
 
 
+def test_per_token_bound_call_is_left_when_the_kernel_choice_changes():
+    """A per-token call bound under one kernel choice is not taken under another: `use_kernel("float")` runs
+    the float kernel (activations not rounded), `use_backend("torch-ao")` fbgemm's, grad mode the reference."""
+    if not int8.int_mm_is_fast():
+        pytest.skip("no fast _int_mm here: per-token layers run the float kernel")
+    torch.manual_seed(0)
+    dyn = int8.DynamicInt8Linear.from_float(nn.Linear(1024, 1024))
+    x = torch.randn(3, 1024)
+    with torch.no_grad():
+        dyn(x)
+        assert dyn._derived.fast is not None  # bound
+        torch.testing.assert_close(dyn(x), _per_token_reference(dyn, x), rtol=1e-5, atol=1e-4)
+        with int8.use_backend("plain"), int8.use_kernel("float"):
+            torch.testing.assert_close(dyn(x), x @ dyn.dequantized_weight().t() + dyn.bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dyn(x), _per_token_reference(dyn, x), rtol=1e-5, atol=1e-4)  # grad mode
+    if torch_ao_usable():
+        with int8.use_backend("torch-ao"), torch.no_grad():
+            assert not torch.equal(dyn(x), _per_token_reference(dyn, x))  # per tensor, 7 bits
+
+
+def torch_ao_usable() -> bool:
+    from modelzip_cli.kernels import torch_ao
+
+    return torch_ao.available()
+
+
 @pytest.mark.parametrize("rows", [1, 20, 130])
 def test_per_token_layer_follows_weights_written_in_place(rows):
     """A kernel's packed copy is rebuilt when the stored integers or scales are written in place (their

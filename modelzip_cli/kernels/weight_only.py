@@ -647,7 +647,7 @@ def versions(*tensors: torch.Tensor | None) -> tuple:
     for t in tensors:
         try:
             out.append(None if t is None else t._version)
-        except RuntimeError:
+        except RuntimeError:  # an inference tensor
             out.append(None)
     return tuple(out)
 
