@@ -377,6 +377,12 @@ def test_auto_keeps_per_token_layers_on_their_own_numerics_where_int_mm_is_fast(
         assert int8.kernels_for(per_token, 64) == {"0": "torch-ao"}
 
 
+def _per_token_reference(dyn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, dyn.in_features).float()
+    s = flat.abs().amax(1, keepdim=True).clamp_min(int8.EPS) / 127
+    return (torch.round(flat / s) @ dyn.qweight.float().t()) * (s * dyn.weight_scale) + dyn.bias
+
+
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("width", [128, 576, 200])
 def test_per_token_layer_runs_its_numerics_on_every_kernel(rows, width):
@@ -388,9 +394,7 @@ def test_per_token_layer_runs_its_numerics_on_every_kernel(rows, width):
     torch.manual_seed(rows + width)
     dyn = int8.DynamicInt8Linear.from_float(nn.Linear(width, 96))
     x = torch.randn(2, rows, width) * torch.linspace(0.1, 4, width)  # channels of different ranges
-    flat = x.reshape(-1, width)
-    s = flat.abs().amax(1, keepdim=True) / 127
-    ref = (torch.round(flat / s) @ dyn.qweight.float().t()) * (s * dyn.weight_scale) + dyn.bias
+    ref = _per_token_reference(dyn, x)
     kernels, geo, stored = dyn._per_token_kernels()
     with int8.use_backend("plain"), int8.use_kernel("int_mm"), torch.no_grad():
         y = dyn(x)
@@ -403,12 +407,6 @@ def test_per_token_layer_runs_its_numerics_on_every_kernel(rows, width):
                 run = kernel.bind(geo, kernel.pack(geo, stored), dyn.bias, torch.float32)
                 torch.testing.assert_close(run(x).reshape(-1, 96), ref, rtol=1e-5, atol=1e-4)
         assert (width % 16 == 0) or chosen == "int8dyn"  # vnni8 takes groups of a multiple of 16
-
-
-def _per_token_reference(dyn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1, dyn.in_features).float()
-    s = flat.abs().amax(1, keepdim=True).clamp_min(int8.EPS) / 127
-    return (torch.round(flat / s) @ dyn.qweight.float().t()) * (s * dyn.weight_scale) + dyn.bias
 
 
 def test_per_token_layer_rounds_a_half_step_as_torch_does_on_one_row_and_many():
@@ -445,15 +443,11 @@ def test_per_token_bound_call_is_left_when_the_kernel_choice_changes():
         with int8.use_backend("plain"), int8.use_kernel("float"):
             torch.testing.assert_close(dyn(x), x @ dyn.dequantized_weight().t() + dyn.bias, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dyn(x), _per_token_reference(dyn, x), rtol=1e-5, atol=1e-4)  # grad mode
-    if torch_ao_usable():
-        with int8.use_backend("torch-ao"), torch.no_grad():
-            assert not torch.equal(dyn(x), _per_token_reference(dyn, x))  # per tensor, 7 bits
-
-
-def torch_ao_usable() -> bool:
     from modelzip_cli.kernels import torch_ao
 
-    return torch_ao.available()
+    if torch_ao.available():
+        with int8.use_backend("torch-ao"), torch.no_grad():
+            assert not torch.equal(dyn(x), _per_token_reference(dyn, x))  # per tensor, 7 bits
 
 
 @pytest.mark.parametrize("rows", [1, 20, 130])

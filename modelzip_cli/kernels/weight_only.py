@@ -672,7 +672,7 @@ class LayerKernels:
         self._stored: Stored | None = None
         self.versions: tuple | None = None  # the stored tensors' and bias's version counters when they were taken
         self.packed: dict[str, tuple[Stored, tuple]] = {}  # kernel → (the stored tensors it was packed from, packed)
-        self.chosen: dict[tuple, str] = {}  # (row class, dtype, forced kernel or None) → kernel
+        self.chosen: dict[tuple, str | None] = {}  # (row class, dtype, forced kernel or None) → kernel
         self.notes: dict[str, str] = {}  # kernel forced but unusable → why
         self._forget_calls()
 

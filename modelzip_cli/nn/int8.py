@@ -152,10 +152,7 @@ def _row_scales(x: torch.Tensor, act: str) -> torch.Tensor:
     return amax.clamp_min(EPS) / WMAX
 
 
-def _versions(sources: tuple) -> tuple:
-    """Each source tensor's version counter (bumped by every in-place write), None where it has none (an
-    inference tensor, or None)."""
-    return wo_kernels.versions(*sources)
+_MISSING = object()
 
 
 class _Derived:
@@ -165,17 +162,25 @@ class _Derived:
     and pickles as empty."""
 
     def __init__(self):
-        self.values: dict[str, tuple[tuple, tuple, object]] = {}
-        # DynamicInt8Linear's bound per-token calls: (kernel choice, LayerKernels, qweight, weight_scale, bias,
-        # input_smooth, their versions) as they were when bound
+        self.values: dict[str, tuple[tuple, tuple, object]] = {}  # name → (sources, their versions, value)
+        # DynamicInt8Linear's bound per-token calls: (the kernel choice they were bound under, the LayerKernels
+        # of its "per-token" value that holds them)
         self.fast: tuple | None = None
 
-    def get(self, name: str, sources: tuple, build):
+    def fresh(self, name: str, sources: tuple) -> object:
+        """The value kept for `name` if it was made from these very tensors, unwritten since; else _MISSING."""
         hit = self.values.get(name)
-        if hit is None or not all(map(operator.is_, hit[0], sources)) or hit[1] != _versions(sources):
-            with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable with autograd later
-                hit = self.values[name] = (sources, _versions(sources), build())
+        if hit is None or not all(map(operator.is_, hit[0], sources)) or hit[1] != wo_kernels.versions(*sources):
+            return _MISSING
         return hit[2]
+
+    def get(self, name: str, sources: tuple, build):
+        value = self.fresh(name, sources)
+        if value is _MISSING:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable with autograd later
+                value = build()
+            self.values[name] = (sources, wo_kernels.versions(*sources), value)
+        return value
 
     def __deepcopy__(self, memo) -> _Derived:
         return _Derived()
@@ -314,11 +319,11 @@ class DynamicInt8Linear(_Int8Weighted):
         # are bound by the call: 4.5 µs a call above the kernel through the checks below, 1.5 µs this way)
         f = self._derived.fast
         if f is not None and f[0] is choice.current():
-            run, b = f[1].fast.get(x.numel()), self._buffers
+            run = f[1].fast.get(x.numel())
             if run is not None and x.dtype == f[1].dtype and x.is_cpu and not torch.is_grad_enabled() \
-                    and b["qweight"] is f[2] and b["weight_scale"] is f[3] and self._parameters["bias"] is f[4] \
-                    and b.get("input_smooth") is f[5] and f[6] == _versions(f[2:6]) and not wo_kernels.tracing():
-                return run(x if f[5] is None else x * f[5].to(x.dtype))
+                    and not wo_kernels.tracing() \
+                    and self._derived.fresh("per-token", self._per_token_sources()) is not _MISSING:
+                return run(x * self.input_smooth.to(x.dtype) if self.smoothed else x)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,9 +340,7 @@ class DynamicInt8Linear(_Int8Weighted):
             kernels, geo, stored = self._per_token_kernels()
             if kernels.choose(geo, stored, x.numel() // self.in_features, x.dtype, self.bias) is not None:
                 y = kernels.call(geo, stored, self.bias, x)
-                sources = (self._buffers["qweight"], self._buffers["weight_scale"], self._parameters["bias"],
-                           self._buffers.get("input_smooth"))
-                self._derived.fast = (choice.current(), kernels, *sources, _versions(sources))
+                self._derived.fast = (choice.current(), kernels)
                 return y
         rows = x.reshape(-1, self.in_features).float()  # (..., K) → (M, K)
         s = _row_scales(rows, self.act)  # (M, 1) or (1, 1)
@@ -350,16 +353,22 @@ class DynamicInt8Linear(_Int8Weighted):
         """The kernels that compute this layer's own numerics (int8 activations rounded per row, max|x| / 127,
         times the int8 weights): `_int_mm` (int8dyn) or modelzip's VNNI kernel with the whole row as one
         group (vnni8), whichever measured faster here for the call's row count (kernels/weight_only.py's
-        probe: vnni8 at a few rows, where `_int_mm` is slow; see bench `int8`). Kept while the buffers are
-        the same tensors."""
-        q, scale = self._buffers["qweight"], self._buffers["weight_scale"]
+        probe: vnni8 at a few rows, where `_int_mm` is slow; see bench `int8`). Kept while the buffers (and
+        the bias and smoothing, which its bound calls hold) are the same tensors, unwritten."""
+        sources = self._per_token_sources()
+        q, scale = sources[:2]
 
         def build():
+            self._derived.fast = None  # bound calls of the kernels this replaces
             geo = wo_kernels.Geometry(8, self.in_features, self.out_features, self.in_features, 1)
             stored = wo_kernels.Stored(q, scale.float().reshape(-1, 1), torch.zeros(q.shape[0], 1, dtype=torch.int8),
                                        lambda: self.float_params()[0])
             return wo_kernels.LayerKernels(geo, among=PER_TOKEN_KERNELS), geo, stored
-        return self._derived.get("per-token", (q, scale, self._parameters["bias"]), build)
+        return self._derived.get("per-token", sources, build)
+
+    def _per_token_sources(self) -> tuple:
+        b = self._buffers
+        return b["qweight"], b["weight_scale"], self._parameters["bias"], b.get("input_smooth")
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.scheme}"
